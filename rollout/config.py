@@ -1,0 +1,224 @@
+"""Model and TiDAR settings, read from an HF model directory and validated on construction.
+
+Design decisions:
+- One dataclass per concern: `ModelConfig` (the decoder's shape, from `config.json`) and
+  `TidarConfig` (mask token id, block length, acceptance levels, from `tidar_config.json` or a
+  `"tidar"` entry of `config.json`).
+- Only the Llama / Qwen2 / Qwen3 dense family is accepted. Anything the decoder would silently
+  compute differently from HF (sliding windows, other activations, unknown RoPE types) is refused
+  at load time with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+TIDAR_CONFIG_FILE = "tidar_config.json"
+
+
+class UnsupportedModelError(ValueError):
+    """The model directory or its config describes something this decoder does not implement."""
+
+
+@dataclass(slots=True, frozen=True)
+class RopeConfig:
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn
+
+    def __post_init__(self):
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope_scaling.rope_type {self.rope_type!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        if not self.theta > 0:
+            raise UnsupportedModelError(f"rope_theta must be > 0, got {self.theta}")
+        if self.rope_type != "default" and not self.factor > 0:
+            raise UnsupportedModelError(f"rope_scaling.factor must be > 0, got {self.factor}")
+
+
+@dataclass(slots=True, frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model_type {self.model_type!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise UnsupportedModelError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})")
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict) -> ModelConfig:
+        """Builds the config from an HF `config.json` dict (transformers 4 or 5 layout)."""
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"config.json model_type {model_type!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
+            if key not in cfg:
+                raise UnsupportedModelError(f"config.json lacks the required field {key!r}")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"config.json hidden_act {act!r} is not supported (only 'silu')")
+        if cfg.get("use_sliding_window") or any(
+                t == "sliding_attention" for t in cfg.get("layer_types") or ()):
+            raise UnsupportedModelError("config.json enables sliding-window attention, which is not supported")
+        if model_type == "llama" and cfg.get("pretraining_tp", 1) != 1:
+            raise UnsupportedModelError("config.json pretraining_tp != 1 is not supported")
+        num_heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+        attention_bias = bool(cfg.get("attention_bias", False))
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope=_rope_from_hf_dict(cfg),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=False if model_type == "qwen2" else attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type == "llama" else False,
+            qk_norm=model_type == "qwen3",
+            eos_token_ids=eos_ids,
+        )
+
+
+def _rope_from_hf_dict(cfg: dict) -> RopeConfig:
+    # transformers 5 keeps everything in rope_parameters; 4 has rope_theta + rope_scaling.
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise UnsupportedModelError("config.json has per-layer-type RoPE parameters, which are not supported")
+    if (params.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise UnsupportedModelError("config.json partial_rotary_factor != 1 is not supported")
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    original = params.get("original_max_position_embeddings",
+                          cfg.get("original_max_position_embeddings"))
+    if rope_type in ("llama3", "yarn") and original is None:
+        original = cfg.get("max_position_embeddings", 2048)
+    factor = params.get("factor")
+    if factor is None:
+        factor = (cfg.get("max_position_embeddings", 2048) / original) if rope_type == "yarn" else 1.0
+    return RopeConfig(
+        theta=float(theta),
+        rope_type=rope_type,
+        factor=float(factor),
+        original_max_position_embeddings=original,
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        attention_factor=params.get("attention_factor"),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+@dataclass(slots=True, frozen=True)
+class TidarConfig:
+    """How the model drafts: `block_size` mask tokens per block, `levels` the acceptance levels
+    that get a pre-drafted block each step (None: all of 1..block_size)."""
+    mask_token_id: int
+    block_size: int
+    levels: tuple[int, ...] | None = field(default=None)
+
+    def __post_init__(self):
+        if self.block_size < 2:
+            raise ValueError(f"block_size must be >= 2, got {self.block_size}")
+        if self.mask_token_id < 0:
+            raise ValueError(f"mask_token_id must be >= 0, got {self.mask_token_id}")
+        if self.levels is not None:
+            levels = tuple(self.levels)
+            if not levels or levels != tuple(sorted(set(levels))):
+                raise ValueError(f"levels must be a non-empty increasing list, got {list(levels)}")
+            if levels[0] != 1 or levels[-1] > self.block_size:
+                raise ValueError(
+                    f"levels must start at 1 and stay <= block_size ({self.block_size}), got {list(levels)}")
+
+    @property
+    def level_set(self) -> tuple[int, ...]:
+        return self.levels if self.levels is not None else tuple(range(1, self.block_size + 1))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UnsupportedModelError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_tidar_config(model_dir: Path, hf_cfg: dict, mask_token_id: int | None,
+                      block_size: int | None, levels: tuple[int, ...] | None = None) -> TidarConfig:
+    """TiDAR settings from `tidar_config.json` (or config.json's "tidar" entry); arguments override."""
+    stored: dict = {}
+    if (model_dir / TIDAR_CONFIG_FILE).exists():
+        stored = read_json(model_dir / TIDAR_CONFIG_FILE)
+    elif isinstance(hf_cfg.get("tidar"), dict):
+        stored = hf_cfg["tidar"]
+    mask = mask_token_id if mask_token_id is not None else stored.get("mask_token_id")
+    block = block_size if block_size is not None else stored.get("block_size")
+    if mask is None:
+        raise UnsupportedModelError(
+            f"{model_dir} has no TiDAR mask token: add {TIDAR_CONFIG_FILE} with mask_token_id, "
+            "or pass mask_token_id=")
+    if block is None:
+        raise UnsupportedModelError(
+            f"{model_dir} has no TiDAR block length: add {TIDAR_CONFIG_FILE} with block_size, "
+            "or pass block_size=")
+    lv = levels if levels is not None else stored.get("levels")
+    return TidarConfig(mask_token_id=int(mask), block_size=int(block),
+                       levels=tuple(lv) if lv is not None else None)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0

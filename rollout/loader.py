@@ -1,0 +1,69 @@
+"""Loading an HF model directory (config.json + *.safetensors) into our decoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig, UnsupportedModelError, read_json
+from .model import Decoder
+from .rope import inverse_frequencies
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / SAFETENSORS_INDEX
+    if index.exists():
+        names = sorted(set(read_json(index).get("weight_map", {}).values()))
+        missing = [n for n in names if not (model_dir / n).exists()]
+        if missing:
+            raise UnsupportedModelError(f"{model_dir} lacks weight files named in {SAFETENSORS_INDEX}: {missing}")
+        return [model_dir / n for n in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModelError(f"{model_dir} has no *.safetensors weight files")
+    return files
+
+
+def read_model_config(model_dir: str | Path) -> tuple[Path, dict, ModelConfig]:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    if not (model_dir / "config.json").exists():
+        raise UnsupportedModelError(f"{model_dir} has no config.json")
+    hf_cfg = read_json(model_dir / "config.json")
+    return model_dir, hf_cfg, ModelConfig.from_hf_dict(hf_cfg)
+
+
+def load_decoder(model_dir: Path, cfg: ModelConfig, device: torch.device | str,
+                 dtype: torch.dtype) -> Decoder:
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    expected = {name: p for name, p in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    state: dict[str, torch.Tensor] = {}
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name in expected:
+                    state[name] = f.get_tensor(name)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise UnsupportedModelError(f"{model_dir} weights lack {len(missing)} tensors: {shown}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UnsupportedModelError(
+                f"{model_dir}: tensor {name} has shape {list(tensor.shape)}, "
+                f"config.json implies {list(expected[name].shape)}")
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.load_state_dict(state, strict=False)
+    # to_empty left the RoPE buffer uninitialised, and .to(dtype) would have rounded it.
+    model.inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)[0].to(device)
+    return model.eval()

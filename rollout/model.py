@@ -1,0 +1,131 @@
+"""Our decoder for the Llama / Qwen2 / Qwen3 dense family.
+
+Design decisions:
+- Module and parameter names mirror HF's (`model.layers.0.self_attn.q_proj.weight`, ...), so an
+  HF state dict loads with a strict key check and weight pushes can use HF names unchanged.
+- The model knows only token ids, explicit position ids, the slot of each row in the KV cache,
+  the in-step visibility and which in-step tokens to commit to the cache. The TiDAR step layout
+  (drafts + mask blocks) is built elsewhere (`step_layout`) and is just data here.
+- Numerics follow HF: RMSNorm in float32, RoPE cos/sin in float32, SDPA attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attend
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .rope import apply_rotary, inverse_frequencies, rotary_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.num_heads, self.num_kv_heads, self.head_dim = (
+            layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch,
+                cache: KVCache) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)
+        out = attend(q, k, v, cache, self.layer, batch.slots, batch.prefix_lens, batch.positions,
+                     batch.step_visible, batch.write)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, batch: StepBatch, cache: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class StepBatch:
+    """The tensors one forward needs besides the token ids (all on the model's device).
+
+    slots [B]: cache slot of each row; prefix_lens [B]: committed cache length of each row;
+    positions [B, T]: position id of each in-step token; step_visible [B, T, T]: which in-step
+    keys each in-step query sees; write [B, T]: which in-step tokens are written to the cache.
+    """
+    __slots__ = ("slots", "prefix_lens", "positions", "step_visible", "write")
+
+    def __init__(self, slots, prefix_lens, positions, step_visible, write):
+        self.slots, self.prefix_lens, self.positions = slots, prefix_lens, positions
+        self.step_visible, self.write = step_visible, write
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderStack(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        inv_freq, self.rope_scaling = inverse_frequencies(cfg.rope, cfg.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: KVCache) -> torch.Tensor:
+        """input_ids [B, T] -> final hidden states [B, T, hidden] (apply `logits` where needed)."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(batch.positions, self.inv_freq, self.rope_scaling, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, batch, cache)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

@@ -1,0 +1,73 @@
+"""What a caller asks for (`SamplingParams`) and what it gets back (`Completion`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SAMPLERS = ("lossless", "mixed", "ar")
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingParams:
+    """Per-request decoding settings.
+
+    sampler: "lossless" (TiDAR, exact), "mixed" (TiDAR verified against
+        softmax(w*l_AR + (1-w)*l_diff): faster, not exact; w = 1 is lossless), "ar" (one token
+        per forward through the same engine).
+    temperature 0 is greedy; top_k 0 disables top-k; top_p 1 disables top-p. The same processing
+    applies to the target and the draft distributions. At temperature 0 there is nothing to
+    relax, so `mixed` verifies against the greedy AR target and equals `lossless`.
+    seed: None draws fresh entropy; an int makes the whole call reproducible.
+    """
+    sampler: str = "lossless"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    n: int = 1
+    seed: int | None = None
+    mix_weight: float = 0.5
+    stop_token_ids: tuple[int, ...] = field(default=())
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n}")
+        if not 0 <= self.mix_weight <= 1:
+            raise ValueError(f"mix_weight must be in [0, 1], got {self.mix_weight}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+@dataclass(slots=True)
+class Completion:
+    """One sampled trajectory.
+
+    logprobs: log p_target(token) under the AR policy after temperature/top-k/top-p (what a
+        trainer uses as the old/behaviour log-prob for lossless and ar).
+    behavior_logprobs: log-prob under the distribution the token was actually drawn from; equals
+        `logprobs` except for `mixed` at temperature > 0.
+    from_draft: per token, True if it was an accepted draft, False if sampled by the verifier.
+    """
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    behavior_logprobs: list[float] = field(default_factory=list)
+    from_draft: list[bool] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_forward_passes: int = 0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.token_ids) / max(self.num_forward_passes, 1)
