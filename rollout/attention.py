@@ -12,6 +12,11 @@ import torch.nn.functional as F
 
 from .kv_cache import KVCache
 
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # FlexAttention arrived in torch 2.5; older builds use the dense path only
+    BlockMask, flex_attention = None, None
+
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
            slots: torch.Tensor, prefix_lens: torch.Tensor, positions: torch.Tensor,
@@ -28,3 +33,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
                                          enable_gqa=q.shape[1] != k.shape[1])
     cache.write(layer, slots, positions, write, k, v)
     return out
+
+
+def attend_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """Whole-sequence attention without a cache (training): q [B, H, S, D], k, v [B, Hkv, S, D].
+
+    `mask` is a FlexAttention BlockMask (memory-lean: no dense S x S mask) or a dense bool
+    [S, S] / [B, S, S] tensor (the reference, for small S and tests)."""
+    gqa = q.shape[1] != k.shape[1]
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

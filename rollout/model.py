@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend
+from .attention import attend, attend_sequence
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .rope import apply_rotary, inverse_frequencies, rotary_cos_sin
@@ -47,8 +47,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch,
-                cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                batch: StepBatch | SequenceBatch, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -57,8 +57,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q.transpose(1, 2), cos, sin)
         k = apply_rotary(k.transpose(1, 2), cos, sin)
-        out = attend(q, k, v, cache, self.layer, batch.slots, batch.prefix_lens, batch.positions,
-                     batch.step_visible, batch.write)
+        if cache is None:
+            out = attend_sequence(q, k, v, batch.mask)
+        else:
+            out = attend(q, k, v, cache, self.layer, batch.slots, batch.prefix_lens, batch.positions,
+                         batch.step_visible, batch.write)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -81,7 +84,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, batch: StepBatch, cache: KVCache) -> torch.Tensor:
+    def forward(self, x, cos, sin, batch: StepBatch | SequenceBatch, cache: KVCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -108,6 +111,15 @@ class StepBatch:
         self.step_visible, self.write = step_visible, write
 
 
+class SequenceBatch:
+    """A whole sequence with no cache (training): positions [B, S] and the attention mask
+    (a FlexAttention BlockMask, or a dense bool [S, S] / [B, S, S] tensor)."""
+    __slots__ = ("positions", "mask")
+
+    def __init__(self, positions, mask):
+        self.positions, self.mask = positions, mask
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -119,8 +131,10 @@ class Decoder(nn.Module):
         inv_freq, self.rope_scaling = inverse_frequencies(cfg.rope, cfg.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: KVCache) -> torch.Tensor:
-        """input_ids [B, T] -> final hidden states [B, T, hidden] (apply `logits` where needed)."""
+    def forward(self, input_ids: torch.Tensor, batch: StepBatch | SequenceBatch,
+                cache: KVCache | None) -> torch.Tensor:
+        """input_ids [B, T] -> final hidden states [B, T, hidden] (apply `logits` where needed).
+        With a cache: one decode/prefill step (StepBatch). Without: a training sequence."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(batch.positions, self.inv_freq, self.rope_scaling, x.dtype)
         for layer in self.model.layers:
