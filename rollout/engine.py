@@ -114,6 +114,24 @@ class Engine:
         if bad_stop:
             raise ValueError(f"stop_token_ids has {bad_stop[0]} outside the vocabulary [0, {V})")
 
+    def forward_logits(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
+        """Teacher-forced causal forward through the engine's own path: for each sequence, the
+        raw next-token logits [len, V] (float32) at every position."""
+        lens = [len(t) for t in token_ids]
+        cache = KVCache(self.config.num_layers, len(token_ids), self.config.num_kv_heads, max(lens),
+                        self.config.head_dim, self.dtype, self.device)
+        positions, visible, write = prefill_layout(lens, 0)
+        ids = torch.zeros(len(token_ids), max(lens), dtype=torch.long)
+        for b, t in enumerate(token_ids):
+            ids[b, :len(t)] = torch.tensor(t)
+        dev = self.device
+        batch = StepBatch(torch.tensor(cache.allocate(len(token_ids)), device=dev),
+                          torch.zeros(len(token_ids), dtype=torch.long, device=dev),
+                          positions.to(dev), visible.to(dev), write.to(dev))
+        with torch.inference_mode():
+            hidden = self.model(ids.to(dev), batch, cache)
+            return [self.model.logits(hidden[b, :n]) for b, n in enumerate(lens)]
+
     # ---------------------------------------------------------------- generation
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         """Samples `params.n` completions for every prompt. Returns [prompt][sample]."""

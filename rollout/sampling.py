@@ -19,14 +19,15 @@ import torch
 
 
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Logits [..., V] -> log-probabilities [..., V] (float32) after temperature, top-k, top-p.
+    """Logits [..., V] -> log-probabilities [..., V] after temperature, top-k, top-p (float32,
+    or float64 for float64 input).
 
     Order and tie handling follow HF's logits warpers: top-k keeps every token whose logit ties
     the k-th largest; top-p keeps the smallest set of most likely tokens whose mass reaches
     top_p (always at least one). temperature 0 is treated as 1 here: greedy decoding picks the
     argmax, and the log-probs it reports are those of the unscaled (filtered) distribution.
     """
-    x = logits.float()
+    x = logits if logits.dtype == torch.float64 else logits.float()
     if temperature > 0:
         x = x / temperature
     if 0 < top_k < x.shape[-1]:

@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+from rollout import Engine
+from rollout.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Qwen2-shaped random model, vocab 16 (mask id 15, EOS 1), block length 4."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2", vocab_size=16, block_size=4)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_dir):
+    return Engine.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_dir):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+PROMPTS = [[2, 3, 4], [5, 6, 7, 8, 9, 10, 11], [12], [3, 3, 3, 3, 9]]

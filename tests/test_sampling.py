@@ -1,0 +1,143 @@
+"""The lossless rule, checked exactly (float64 enumeration) rather than statistically."""
+
+import pytest
+import torch
+
+from rollout.sampling import (acceptance_probability, mixed_logits, policy_distribution, process_logits,
+                              residual_distribution, sample_from, verify_drafts)
+
+V = 7
+
+
+def one_step_output_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """P(output = x) when a draft d ~ q is verified against p, enumerated over every d."""
+    out = torch.zeros_like(p)
+    residual = residual_distribution(p, q)
+    for d in range(p.numel()):
+        if q[d] == 0:
+            continue
+        a = acceptance_probability(p[d:d + 1], q[d:d + 1])[0]
+        out[d] += q[d] * a
+        out += q[d] * (1 - a) * residual
+    return out
+
+
+def random_logits(gen, scale=3.0):
+    return torch.randn(V, generator=gen, dtype=torch.float64) * scale
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 3, 1.0), (1.0, 0, 0.8), (0.9, 4, 0.7), (1.0, 1, 1.0)])
+def test_lossless_one_step_equals_target_by_enumeration(temperature, top_k, top_p):
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        p, _ = policy_distribution(random_logits(gen).double(), temperature, top_k, top_p)
+        q, _ = policy_distribution(random_logits(gen).double(), temperature, top_k, top_p)
+        p, q = p.double(), q.double()
+        assert torch.allclose(one_step_output_distribution(p, q), p, atol=1e-12, rtol=0)
+
+
+def test_lossless_with_one_hot_drafts_equals_target():
+    gen = torch.Generator().manual_seed(1)
+    for d in range(V):
+        p = torch.softmax(random_logits(gen), -1)
+        q = torch.zeros(V, dtype=torch.float64)
+        q[d] = 1.0
+        assert torch.allclose(one_step_output_distribution(p, q), p, atol=1e-12, rtol=0)
+
+
+def test_lossless_with_disjoint_supports_equals_target():
+    p = torch.tensor([0.5, 0.5, 0, 0, 0, 0, 0], dtype=torch.float64)
+    q = torch.tensor([0, 0, 0.25, 0.25, 0.5, 0, 0], dtype=torch.float64)
+    assert torch.allclose(one_step_output_distribution(p, q), p, atol=1e-12, rtol=0)
+
+
+def test_greedy_target_and_draft_accept_only_the_argmax():
+    logits_p = torch.tensor([0.1, 2.0, -1.0, 0.3, 0.0, 0.0, 0.5])
+    p, _ = policy_distribution(logits_p, 0.0, 0, 1.0)
+    for d in range(V):
+        q = torch.zeros(V)
+        q[d] = 1.0
+        out = one_step_output_distribution(p.double(), q.double())
+        assert out.argmax() == 1 and out[1] == 1.0
+
+
+def test_residual_of_equal_distributions_falls_back_to_target():
+    p = torch.softmax(torch.randn(V, dtype=torch.float64), -1)
+    assert torch.equal(residual_distribution(p, p), p)
+
+
+def test_sample_from_partitions_unit_interval_by_probability():
+    probs = torch.tensor([0.0, 0.25, 0.0, 0.5, 0.25], dtype=torch.float64)
+    u = (torch.arange(10_000, dtype=torch.float64) + 0.5) / 10_000
+    ids = sample_from(probs.expand(len(u), -1), u)
+    freq = torch.bincount(ids, minlength=5).double() / len(u)
+    assert torch.allclose(freq, probs, atol=1e-4)
+    assert freq[0] == 0 and freq[2] == 0
+
+
+def test_verify_drafts_accepts_below_threshold_and_rejects_at_it():
+    gen = torch.Generator().manual_seed(2)
+    p = torch.softmax(random_logits(gen), -1).float()
+    q = torch.softmax(random_logits(gen), -1).float()
+    d = int(torch.argmax(q / p))  # a draft with acceptance probability < 1
+    a = float(acceptance_probability(p[d:d + 1], q[d:d + 1]))
+    assert a < 1
+    drafts = torch.tensor([[d]])
+    target = torch.stack([p, p])[None]  # [1, 2, V]: verify position, bonus position
+    for u_acc, expect in ((a * 0.999, 1), (a, 0)):
+        accepted, _ = verify_drafts(drafts, q[None, None], target, torch.tensor([1]),
+                                    torch.tensor([[u_acc]]), torch.tensor([0.5]))
+        assert int(accepted) == expect
+
+
+def test_verify_drafts_samples_residual_after_rejection():
+    p = torch.tensor([0.1, 0.6, 0.3, 0, 0, 0, 0])
+    q = torch.tensor([0.5, 0.2, 0.3, 0, 0, 0, 0])
+    residual = residual_distribution(p, q)  # mass only on token 1
+    assert residual[1] == 1
+    target = torch.stack([p, p])[None]
+    for u in (0.0, 0.3, 0.99):
+        accepted, token = verify_drafts(torch.tensor([[0]]), q[None, None], target, torch.tensor([1]),
+                                        torch.tensor([[0.9999]]), torch.tensor([u]))
+        assert int(accepted) == 0 and int(token) == 1
+
+
+def test_verify_drafts_bonus_comes_from_the_last_target_position():
+    p = torch.tensor([0.2, 0.8, 0, 0, 0, 0, 0])
+    bonus = torch.tensor([0, 0, 0, 0, 0, 1.0, 0])
+    q = p.clone()  # identical: always accepted
+    accepted, token = verify_drafts(torch.tensor([[1, 1]]), torch.stack([q, q])[None],
+                                    torch.stack([p, p, bonus])[None], torch.tensor([2]),
+                                    torch.tensor([[0.5, 0.5]]), torch.tensor([0.3]))
+    assert int(accepted) == 2 and int(token) == 5
+
+
+def test_verify_drafts_stops_at_invalid_drafts():
+    p = torch.softmax(torch.randn(V), -1)
+    accepted, _ = verify_drafts(torch.tensor([[0, 0, 0]]), torch.stack([p] * 3)[None], torch.stack([p] * 4)[None],
+                                torch.tensor([1]), torch.zeros(1, 3), torch.tensor([0.5]))
+    assert int(accepted) == 1
+
+
+def test_process_logits_matches_hf_warpers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(3)) * 2
+    for t, k, p in ((0.7, 0, 1.0), (1.0, 10, 1.0), (1.2, 0, 0.85), (0.8, 7, 0.6)):
+        x = TemperatureLogitsWarper(t)(None, logits.clone())
+        if k:
+            x = TopKLogitsWarper(k)(None, x)
+        if p < 1:
+            x = TopPLogitsWarper(p)(None, x)
+        ref = torch.log_softmax(x, -1)
+        ours = process_logits(logits, t, k, p)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+        finite = torch.isfinite(ref)
+        assert torch.allclose(ours[finite], ref[finite], atol=1e-6)
+
+
+def test_mixed_logits_at_weight_one_are_exactly_the_ar_logits():
+    ar, diff = torch.randn(3, V), torch.randn(3, V)
+    assert torch.equal(mixed_logits(ar, diff, 1.0), ar)
