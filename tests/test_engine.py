@@ -1,0 +1,116 @@
+"""Engine behaviour: greedy equality, log-prob parity with HF, seeds, batching, stopping."""
+
+import pytest
+import torch
+
+from rollout import Engine, SamplingParams
+from rollout.sampling import process_logits
+
+from conftest import PROMPTS
+
+
+def tokens(outs):
+    return [[c.token_ids for c in group] for group in outs]
+
+
+@pytest.mark.parametrize("block_size,levels", [(None, None), (None, (1, 3)), (6, None), (6, (1, 2, 5))])
+def test_greedy_tidar_equals_greedy_ar(tiny_dir, block_size, levels):
+    engine = Engine.from_pretrained(tiny_dir, block_size=block_size, levels=levels)
+    ar = tokens(engine.generate(PROMPTS, SamplingParams(sampler="ar", temperature=0, max_tokens=30)))
+    for sampler in ("lossless", "mixed"):
+        out = engine.generate(PROMPTS, SamplingParams(sampler=sampler, temperature=0, max_tokens=30, mix_weight=0.3))
+        assert tokens(out) == ar, sampler
+    assert engine.last_stats.tokens_per_forward > 1
+
+
+def test_greedy_ar_equals_hf_generate(engine, hf_model):
+    ours = engine.generate(PROMPTS, SamplingParams(sampler="ar", temperature=0, max_tokens=20))
+    for prompt, group in zip(PROMPTS, ours):
+        ref = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, min_new_tokens=20,
+                                pad_token_id=0, eos_token_id=None)
+        assert group[0].token_ids == ref[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("sampler", ["ar", "lossless", "mixed"])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 6, 0.9), (0.0, 0, 1.0)])
+def test_logprobs_match_teacher_forced_hf(engine, hf_model, sampler, temperature, top_k, top_p):
+    params = SamplingParams(sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p,
+                            max_tokens=25, n=2, seed=5)
+    outs = engine.generate(PROMPTS, params)
+    for prompt, group in zip(PROMPTS, outs):
+        for c in group:
+            ids = torch.tensor([prompt + c.token_ids])
+            with torch.no_grad():
+                logits = hf_model(ids).logits[0, len(prompt) - 1:-1]
+            ref = process_logits(logits, temperature, top_k, top_p).gather(-1, torch.tensor(c.token_ids)[:, None])
+            ref, ours = ref.squeeze(-1), torch.tensor(c.logprobs)
+            # Only `mixed` can emit a token that top-k/top-p removed from p: log p = -inf on both sides.
+            assert torch.equal(torch.isinf(ref), torch.isinf(ours))
+            assert sampler == "mixed" or torch.isfinite(ours).all()
+            finite = torch.isfinite(ref)
+            assert (ref[finite] - ours[finite]).abs().max().item() <= 1e-5
+            if sampler != "mixed" or temperature == 0:
+                assert c.behavior_logprobs == c.logprobs
+
+
+def test_mixed_at_weight_one_is_identical_to_lossless(engine):
+    lossless = engine.generate(PROMPTS, SamplingParams(sampler="lossless", max_tokens=30, n=3, seed=9))
+    mixed = engine.generate(PROMPTS, SamplingParams(sampler="mixed", mix_weight=1.0, max_tokens=30, n=3, seed=9))
+    for a, b in zip(sum(lossless, []), sum(mixed, [])):
+        assert (a.token_ids, a.logprobs, a.behavior_logprobs, a.from_draft) == (
+            b.token_ids, b.logprobs, b.behavior_logprobs, b.from_draft)
+
+
+def test_mixed_reports_its_behaviour_logprobs(engine):
+    outs = engine.generate(PROMPTS, SamplingParams(sampler="mixed", mix_weight=0.3, max_tokens=30, seed=2))
+    differs = [blp != lp for c in sum(outs, []) for blp, lp in zip(c.behavior_logprobs, c.logprobs)]
+    assert any(differs) and not all(differs)
+
+
+@pytest.mark.parametrize("sampler", ["ar", "lossless", "mixed"])
+def test_same_seed_same_output_different_seed_different_output(engine, sampler):
+    def run(seed):
+        return tokens(engine.generate(PROMPTS, SamplingParams(sampler=sampler, max_tokens=20, n=2, seed=seed)))
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_n_samples_per_prompt_differ(engine):
+    outs = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=20, n=6, seed=0))
+    assert len(outs) == 1 and len(outs[0]) == 6
+    assert len({tuple(c.token_ids) for c in outs[0]}) > 1
+    assert [c.sample_index for c in outs[0]] == list(range(6))
+
+
+def test_rows_accept_different_numbers_of_drafts(engine):
+    outs = engine.generate(PROMPTS * 4, SamplingParams(max_tokens=40, seed=3))
+    passes = {c.num_forward_passes for c in sum(outs, [])}
+    assert len(passes) > 1
+    assert all(c.num_forward_passes < 40 for c in sum(outs, []))
+    stats = engine.last_stats
+    assert stats.generated_tokens == 40 * len(PROMPTS) * 4
+    assert 0 < stats.acceptance_by_position[0] <= 1
+
+
+def test_ar_takes_one_forward_per_token(engine):
+    c = engine.generate([PROMPTS[1]], SamplingParams(sampler="ar", max_tokens=12, seed=0))[0][0]
+    assert c.num_forward_passes == 12 and not any(c.from_draft)
+
+
+def test_stop_token_ends_the_completion(engine):
+    outs = engine.generate(PROMPTS * 3, SamplingParams(max_tokens=60, n=2, seed=4, stop_token_ids=(1, 6)))
+    stopped = [c for c in sum(outs, []) if c.finish_reason == "stop"]
+    assert stopped
+    for c in sum(outs, []):
+        hits = [i for i, t in enumerate(c.token_ids) if t in (1, 6)]
+        if c.finish_reason == "stop":
+            assert hits == [len(c.token_ids) - 1]
+        else:
+            assert c.finish_reason == "length" and not hits and len(c.token_ids) == 60
+        assert len(c.token_ids) == len(c.logprobs) == len(c.behavior_logprobs) == len(c.from_draft)
+
+
+def test_max_tokens_is_exact_even_mid_block(engine):
+    for max_tokens in (1, 2, 5, 7):
+        outs = engine.generate(PROMPTS, SamplingParams(max_tokens=max_tokens, seed=1, temperature=0.5))
+        assert all(len(c.token_ids) == max_tokens and c.finish_reason == "length" for c in sum(outs, []))
