@@ -1,0 +1,548 @@
+"""Turning an autoregressive HF checkpoint into a TiDAR model (`convert`), and training a small
+AR model from scratch to convert (`pretrain`).
+
+Design decisions:
+- Both train our own `Decoder` (its parameter names are HF's) and write a plain HF directory:
+  config.json via transformers' config classes, model.safetensors, the tokenizer files, and for
+  TiDAR models tidar_config.json. `Engine.from_pretrained` and `AutoModelForCausalLM` load it.
+- The mask token is a dedicated special token "<|mask|>" appended to the vocabulary (embedding
+  and lm_head rows initialised to the mean row) unless the caller names a reserved id; EOS and
+  pad are refused, since a mask that means "end" corrupts both the drafts and stop handling.
+- One loop serves both jobs: AdamW, linear warmup then cosine decay to 10% of the peak rate,
+  gradient accumulation, bf16 autocast on CUDA (fp32 elsewhere), a checkpoint (model,
+  optimizer, step, RNG) under out_dir/checkpoint/ that `resume=True` continues from. The batch of
+  a step is a function of (seed, step, rank), so a resumed run sees the data it would have seen.
+- Multi-GPU through torchrun (WORLD_SIZE > 1): DistributedDataParallel over the objective
+  module, each rank drawing its own windows; rank 0 evaluates and writes files. Launch with
+      torchrun --nproc_per_node 8 -m rollout.convert convert --base BASE --corpus DATA --out OUT ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import TIDAR_CONFIG_FILE, ModelConfig
+from .corpus import Corpus, fixed_windows, open_corpus, pack_tokens, sample_windows
+from .loader import load_decoder, read_model_config
+from .model import Decoder
+from .training import CausalLoss, HybridLoss, ar_perplexity
+
+log = logging.getLogger(__name__)
+
+MASK_TOKEN = "<|mask|>"
+EOS_TOKEN = "<|endoftext|>"
+CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.json"
+EVAL_WINDOWS = 64
+QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                           r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TrainSettings:
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    warmup: int
+    grad_accum: int = 1
+    seed: int = 0
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    checkpoint_every: int = 250
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup <= self.steps:
+            raise ValueError(f"warmup must be in [0, steps={self.steps}], got {self.warmup}")
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(self.steps - self.warmup, 1)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+# ---------------------------------------------------------------- distributed
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: str | torch.device) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return _Dist(0, 1, torch.device(device))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    return _Dist(dist.get_rank(), world, dev)
+
+
+def _barrier(d: _Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------- the loop
+def _train(objective: nn.Module, model: Decoder, tokens: torch.Tensor, s: TrainSettings, out_dir: Path,
+           resume: bool, d: _Dist, progress: bool) -> dict:
+    """Runs `s.steps` optimiser steps of `objective` (returns loss or (loss, ce_ar, ce_diff))."""
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    ckpt = ckpt_dir / "state.pt"
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=s.lr, betas=(0.9, 0.95), fused=d.device.type == "cuda")
+    start, history, elapsed = 0, [], 0.0
+    if ckpt.exists():
+        if not resume:
+            raise FileExistsError(f"{ckpt} exists: pass resume=True (--resume) to continue it, or remove it")
+        state = torch.load(ckpt, map_location=d.device, weights_only=False)
+        if state["settings"] != dataclasses.asdict(s):
+            raise ValueError(f"{ckpt} was written with settings {state['settings']}, "
+                             f"which differ from this run's {dataclasses.asdict(s)}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, history, elapsed = state["step"], state["history"], state["elapsed"]
+        torch.set_rng_state(state["rng"])
+        log.info("resuming from %s at step %d", ckpt, start)
+    elif resume:
+        log.info("no checkpoint at %s: starting from step 0", ckpt)
+
+    wrapped = objective
+    if d.world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
+                else contextlib.nullcontext())
+    tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * d.world
+    bar = None
+    if progress and d.main:
+        from tqdm import tqdm
+        bar = tqdm(total=s.steps, initial=start, unit="step", dynamic_ncols=True)
+
+    def save(step: int) -> None:
+        if d.main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                        "history": history, "elapsed": elapsed, "rng": torch.get_rng_state(),
+                        "settings": dataclasses.asdict(s)}, ckpt.with_suffix(".tmp"))
+            os.replace(ckpt.with_suffix(".tmp"), ckpt)
+        _barrier(d)
+
+    resumed_elapsed = elapsed
+    model.train()
+    for step in range(start, s.steps):
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = s.lr_at(step)
+        sums: dict[str, float] = {}
+        for micro in range(s.grad_accum):
+            g = torch.Generator().manual_seed(
+                s.seed * 1_000_003 + (step * s.grad_accum + micro) * d.world + d.rank)
+            x = sample_windows(tokens, s.batch_size, s.seq_len, g).to(d.device)
+            sync = (wrapped.no_sync() if d.world > 1 and micro < s.grad_accum - 1
+                    else contextlib.nullcontext())
+            with sync:
+                with autocast:
+                    out = wrapped(x)
+                parts = {"loss": out[0], "ar": out[1], "diff": out[2]} if isinstance(out, tuple) else {
+                    "loss": out, "ar": out}
+                (parts["loss"] / s.grad_accum).backward()
+            for key, v in parts.items():
+                sums[key] = sums.get(key, 0.0) + float(v.detach()) / s.grad_accum
+        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if d.world > 1:
+            reduced = torch.tensor(list(sums.values()), device=d.device)
+            dist.all_reduce(reduced)
+            sums = dict(zip(sums, (reduced / d.world).tolist()))
+        elapsed += time.perf_counter() - t0
+        history.append({"step": step + 1, "lr": s.lr_at(step), "grad_norm": grad_norm,
+                        **{k: round(v, 5) for k, v in sums.items()}})
+        rate = tokens_per_step * (step + 1 - start) / max(elapsed - resumed_elapsed, 1e-9)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if k != "loss"} | {"tok/s": f"{rate:,.0f}"})
+        elif d.main and ((step + 1) % 50 == 0 or step + 1 == s.steps):
+            log.info("step %d/%d %s", step + 1, s.steps, " ".join(f"{k}={v:.4f}" for k, v in sums.items()))
+        if (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
+            save(step + 1)
+    if bar is not None:
+        bar.close()
+    save(s.steps)
+    model.eval()
+    return {"steps": s.steps, "train_tokens": tokens_per_step * s.steps, "train_seconds": round(elapsed, 1),
+            "final": history[-1] if history else {}, "history_every_50": history[49::50]}
+
+
+# ---------------------------------------------------------------- data
+def _training_tokens(corpus: Corpus, tokenizer, eos_id: int, s: TrainSettings, world: int,
+                     max_tokens: int) -> torch.Tensor:
+    wanted = min(s.steps * s.grad_accum * s.batch_size * s.seq_len * world + s.seq_len, max_tokens)
+    return pack_tokens(corpus.texts("train", s.seed), _encoder(tokenizer), eos_id, wanted)
+
+
+def _heldout_windows(corpus: Corpus, tokenizer, eos_id: int, seq_len: int) -> torch.Tensor | None:
+    if not corpus.heldout:
+        log.warning("corpus %s has no held-out documents: skipping held-out perplexity", corpus.name)
+        return None
+    tokens = pack_tokens(corpus.texts("heldout", 0), _encoder(tokenizer), eos_id, EVAL_WINDOWS * seq_len)
+    if tokens.numel() < seq_len:
+        log.warning("held-out split has only %d tokens: skipping held-out perplexity", tokens.numel())
+        return None
+    return fixed_windows(tokens, seq_len, EVAL_WINDOWS)
+
+
+def _encoder(tokenizer):
+    # Corpus text that spells "<|endoftext|>" or "<|mask|>" must not become the special token.
+    def encode(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return encode
+
+
+# ---------------------------------------------------------------- saving
+def _save_model(model: Decoder, hf_config, tokenizer, out_dir: Path, tidar: dict | None,
+                dtype: torch.dtype = torch.float32) -> None:
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_config.vocab_size = model.config.vocab_size
+    hf_config.architectures = [type(hf_config).__name__.replace("Config", "ForCausalLM")]
+    hf_config.save_pretrained(out_dir)
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(out_dir)
+    if tidar is not None:
+        (out_dir / TIDAR_CONFIG_FILE).write_text(json.dumps(tidar, indent=2) + "\n")
+
+
+def _write_metrics(out_dir: Path, metrics: dict) -> None:
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- mask token
+def resize_vocab(model: Decoder, vocab_size: int) -> Decoder:
+    """A copy of `model` with `vocab_size` rows; new embedding / lm_head rows are the mean row."""
+    old = model.config.vocab_size
+    if vocab_size <= old:
+        return model
+    cfg = dataclasses.replace(model.config, vocab_size=vocab_size)
+    device = model.lm_head.weight.device
+    with torch.device(device):
+        new = Decoder(cfg)
+    state = model.state_dict()
+    with torch.no_grad():
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            w = state[name]
+            state[name] = torch.cat((w, w.mean(0, keepdim=True).expand(vocab_size - old, -1)))
+    new.load_state_dict(state)
+    return new.to(model.lm_head.weight.dtype)
+
+
+def add_mask_token(model: Decoder, tokenizer, mask_token_id: int | None) -> tuple[Decoder, int]:
+    """Returns (model with room for the mask token, its id). A given id must be a reserved token
+    of the vocabulary, not EOS or pad; otherwise "<|mask|>" is added to the tokenizer."""
+    forbidden = {t for t in (*model.config.eos_token_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                 if t is not None}
+    if mask_token_id is not None:
+        if not 0 <= mask_token_id < model.config.vocab_size:
+            raise ValueError(f"mask_token_id must be in [0, {model.config.vocab_size}), got {mask_token_id}")
+        if mask_token_id in forbidden:
+            raise ValueError(f"mask_token_id {mask_token_id} is the model's EOS/pad token "
+                             f"(ids {sorted(forbidden)}); pick a reserved unused id or omit it to add {MASK_TOKEN}")
+        return model, mask_token_id
+    from tokenizers import AddedToken
+
+    if MASK_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(MASK_TOKEN, special=True, normalized=False)])
+    mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    if mask_id in forbidden:
+        raise ValueError(f"the tokenizer maps {MASK_TOKEN} to EOS/pad id {mask_id}")
+    return resize_vocab(model, max(mask_id + 1, model.config.vocab_size)), mask_id
+
+
+# ---------------------------------------------------------------- convert
+def convert(base_dir: str | Path, corpus: str | Path | Corpus, out_dir: str | Path, *, block_size: int = 8,
+            steps: int, batch_size: int, seq_len: int, lr: float = 1e-4, warmup: int = 0, grad_accum: int = 1,
+            mask_token_id: int | None = None, alpha: float = 1.0, seed: int = 0, resume: bool = False,
+            device: str | torch.device | None = None, max_corpus_tokens: int = 200_000_000,
+            checkpoint_every: int = 250, progress: bool = False) -> dict:
+    """Trains the AR checkpoint in `base_dir` with the TiDAR hybrid objective on `corpus` and
+    writes a TiDAR model directory to `out_dir`. Returns the metrics (also in out_dir/metrics.json):
+    training time and tokens, final losses, held-out AR perplexity of base and converted model."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2, got {block_size}")
+    s = TrainSettings(steps, batch_size, seq_len, lr, warmup, grad_accum, seed, checkpoint_every=checkpoint_every)
+    d = _init_distributed(device or default_device())
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    model_dir, _, cfg = read_model_config(base_dir)
+    corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{model_dir} has no loadable tokenizer (tokenizer.json): {e}") from None
+    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (cfg.eos_token_ids or (None,))[0]
+    if eos_id is None:
+        raise ValueError(f"{model_dir}: neither the tokenizer nor config.json names an EOS token")
+    if mask_token_id is not None and mask_token_id in {eos_id, tokenizer.pad_token_id, *cfg.eos_token_ids}:
+        raise ValueError(f"mask_token_id {mask_token_id} is the model's EOS/pad token; pick a reserved unused id "
+                         f"or omit it to add {MASK_TOKEN}")
+    torch.manual_seed(seed)
+    model = load_decoder(model_dir, cfg, d.device, torch.float32)
+    heldout = _heldout_windows(corpus, tokenizer, eos_id, seq_len) if d.main else None
+    base_ppl = ar_perplexity(model, heldout) if heldout is not None else None
+    model, mask_id = add_mask_token(model, tokenizer, mask_token_id)
+    tokens = _training_tokens(corpus, tokenizer, eos_id, s, d.world, max_corpus_tokens)
+    log.info("converting %s: %d parameters, mask token %d, block %d, %d corpus tokens",
+             model_dir, sum(p.numel() for p in model.parameters()), mask_id, block_size, tokens.numel())
+    objective = HybridLoss(model, mask_id, block_size, alpha)
+    summary = _train(objective, model, tokens, s, out_dir, resume, d, progress)
+    metrics = {}
+    if d.main:
+        converted_ppl = ar_perplexity(model, heldout) if heldout is not None else None
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        _save_model(model, hf_config, tokenizer, out_dir, {"mask_token_id": mask_id, "block_size": block_size})
+        base_metrics = model_dir / METRICS_FILE
+        metrics = {
+            "conversion": {"base": str(model_dir), "corpus": corpus.name, "block_size": block_size,
+                           "mask_token_id": mask_id, "alpha": alpha, "seed": seed, "lr": lr, "warmup": warmup,
+                           "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
+                           "world_size": d.world, "device": str(d.device), **summary},
+            "heldout_ar_perplexity": {"base": base_ppl, "converted": converted_ppl,
+                                      "windows": None if heldout is None else list(heldout.shape)},
+        }
+        if base_metrics.exists():
+            metrics["base_training"] = json.loads(base_metrics.read_text()).get("pretraining")
+        _write_metrics(out_dir, metrics)
+    _barrier(d)
+    return metrics
+
+
+# ---------------------------------------------------------------- pretrain
+def train_tokenizer(texts, vocab_size: int, max_chars: int = 20_000_000):
+    """A byte-level BPE tokenizer trained on up to `max_chars` characters of `texts`, with
+    "<|endoftext|>" as EOS and pad. Returns a transformers PreTrainedTokenizerFast."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 257 + 1:
+        raise ValueError(f"vocab_size must be >= 258 for a byte-level BPE, got {vocab_size}")
+
+    def limited():
+        seen = 0
+        for t in texts:
+            yield t
+            seen += len(t)
+            if seen >= max_chars:
+                return
+
+    # Qwen2's pre-tokenizer exactly: transformers 5 rebuilds it from config.json's model_type when
+    # loading, so any other choice would tokenize differently once saved beside a qwen2 config.
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(limited(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+
+
+def init_weights(model: Decoder, std: float = 0.02) -> None:
+    """GPT-2 style init: normal(std) matrices, output projections scaled by 1/sqrt(2 * layers)."""
+    out_scale = 1 / math.sqrt(2 * model.config.num_layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, std * out_scale)
+            else:
+                p.normal_(0.0, std)
+
+
+def pretrain(out_dir: str | Path, corpus: str | Path | Corpus, *, vocab_size: int = 4096, hidden_size: int = 256,
+             num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 704,
+             max_position_embeddings: int = 1024, steps: int, batch_size: int, seq_len: int, lr: float = 2e-3,
+             warmup: int = 100, grad_accum: int = 1, seed: int = 0, tokenizer_chars: int = 20_000_000,
+             resume: bool = False, device: str | torch.device | None = None,
+             max_corpus_tokens: int = 200_000_000, checkpoint_every: int = 250, progress: bool = False) -> dict:
+    """Trains a small Qwen2-shaped AR model and its tokenizer from scratch on `corpus`; writes an HF
+    directory (no TiDAR config: `convert` it next). Returns the metrics (also out_dir/metrics.json)."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    s = TrainSettings(steps, batch_size, seq_len, lr, warmup, grad_accum, seed, checkpoint_every=checkpoint_every)
+    d = _init_distributed(device or default_device())
+    out_dir = Path(out_dir)
+    corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
+    tok_dir = out_dir / CHECKPOINT_DIR / "tokenizer"
+    t0 = time.perf_counter()
+    if d.main and not (resume and (tok_dir / "tokenizer.json").exists()):
+        train_tokenizer(corpus.texts("train", seed), vocab_size, tokenizer_chars).save_pretrained(tok_dir)
+    _barrier(d)
+    tokenizer_seconds = time.perf_counter() - t0
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    eos_id = tokenizer.eos_token_id
+    hf_config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+        eos_token_id=eos_id, bos_token_id=eos_id, pad_token_id=eos_id)
+    cfg = ModelConfig.from_hf_dict({**hf_config.to_dict(), "model_type": "qwen2"})
+    torch.manual_seed(seed)
+    with torch.device(d.device):
+        model = Decoder(cfg)
+    init_weights(model)
+    tokens = _training_tokens(corpus, tokenizer, eos_id, s, d.world, max_corpus_tokens)
+    log.info("pretraining: %d parameters, vocab %d, %d corpus tokens",
+             sum(p.numel() for p in model.parameters()), cfg.vocab_size, tokens.numel())
+    summary = _train(CausalLoss(model), model, tokens, s, out_dir, resume, d, progress)
+    metrics = {}
+    if d.main:
+        heldout = _heldout_windows(corpus, tokenizer, eos_id, seq_len)
+        _save_model(model, hf_config, tokenizer, out_dir, None)
+        metrics = {"pretraining": {
+            "corpus": corpus.name, "train_documents": len(corpus.train), "heldout_documents": len(corpus.heldout),
+            "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": cfg.vocab_size,
+            "hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads,
+            "num_kv_heads": num_kv_heads, "intermediate_size": intermediate_size, "seed": seed, "lr": lr,
+            "warmup": warmup, "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
+            "corpus_pool_tokens": tokens.numel(), "tokenizer_seconds": round(tokenizer_seconds, 1),
+            "device": str(d.device), "world_size": d.world, **summary,
+            "heldout_ar_perplexity": ar_perplexity(model, heldout) if heldout is not None else None}}
+        _write_metrics(out_dir, metrics)
+    _barrier(d)
+    return metrics
+
+
+# ---------------------------------------------------------------- command line
+def _common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", required=True,
+                   help="a folder of text files, a .jsonl file with a 'text' field, or 'python-sources' "
+                        "(this interpreter's stdlib + site-packages .py files)")
+    p.add_argument("--out", required=True, help="output model directory (checkpoints go to OUT/checkpoint/)")
+    p.add_argument("--steps", type=int, required=True, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per process")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
+    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps before the cosine decay")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and windows")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/ if present")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
+    p.add_argument("--max-corpus-tokens", type=int, default=200_000_000,
+                   help="cap on the tokenized training pool held in memory")
+
+
+def _setup(args) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def main_convert(argv: list[str] | None = None) -> dict:
+    """`rollout convert`: AR checkpoint + corpus -> TiDAR model directory."""
+    p = argparse.ArgumentParser(prog="rollout convert", description=convert.__doc__)
+    p.add_argument("--base", required=True, help="HF directory of the AR model (config.json, safetensors, tokenizer)")
+    _common_flags(p)
+    p.add_argument("--block-size", type=int, default=8, help="TiDAR block length k (mask tokens per block)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of the AR loss: (alpha*AR + diff)/(1+alpha)")
+    p.add_argument("--mask-token-id", type=int, default=None,
+                   help="use this reserved vocabulary id as the mask (default: add a new <|mask|> token)")
+    args = p.parse_args(argv)
+    _setup(args)
+    return convert(args.base, args.corpus, args.out, block_size=args.block_size, steps=args.steps,
+                   batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
+                   grad_accum=args.grad_accum, mask_token_id=args.mask_token_id, alpha=args.alpha,
+                   seed=args.seed, resume=args.resume, device=args.device,
+                   max_corpus_tokens=args.max_corpus_tokens, checkpoint_every=args.checkpoint_every,
+                   progress=True)
+
+
+def main_pretrain(argv: list[str] | None = None) -> dict:
+    """`rollout pretrain`: train a small Qwen2-shaped AR model and tokenizer from scratch."""
+    p = argparse.ArgumentParser(prog="rollout pretrain", description=pretrain.__doc__)
+    _common_flags(p)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (EOS included)")
+    p.add_argument("--hidden-size", type=int, default=256, help="model width")
+    p.add_argument("--num-layers", type=int, default=4, help="decoder layers")
+    p.add_argument("--num-heads", type=int, default=4, help="attention heads")
+    p.add_argument("--num-kv-heads", type=int, default=2, help="key/value heads (grouped-query attention)")
+    p.add_argument("--intermediate-size", type=int, default=704, help="MLP hidden width")
+    p.add_argument("--max-position-embeddings", type=int, default=1024, help="context length written to config.json")
+    p.add_argument("--tokenizer-chars", type=int, default=20_000_000,
+                   help="characters of training text the tokenizer is learnt from")
+    args = p.parse_args(argv)
+    _setup(args)
+    return pretrain(args.out, args.corpus, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                    num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                    intermediate_size=args.intermediate_size, max_position_embeddings=args.max_position_embeddings,
+                    steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                    warmup=args.warmup, grad_accum=args.grad_accum, seed=args.seed,
+                    tokenizer_chars=args.tokenizer_chars, resume=args.resume, device=args.device,
+                    max_corpus_tokens=args.max_corpus_tokens, checkpoint_every=args.checkpoint_every,
+                    progress=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"convert": main_convert, "pretrain": main_pretrain}
+    if not argv or argv[0] not in commands:
+        sys.exit("usage: python -m rollout.convert {convert,pretrain} [--help] ...")
+    commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()
