@@ -490,9 +490,9 @@ def _setup(args) -> None:
         torch.set_num_threads(args.threads)
 
 
-def main_convert(argv: list[str] | None = None) -> dict:
-    """`rollout convert`: AR checkpoint + corpus -> TiDAR model directory."""
-    p = argparse.ArgumentParser(prog="rollout convert", description=convert.__doc__)
+def convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rollout convert", description="Convert an autoregressive HF checkpoint "
+                                "into a TiDAR model with the hybrid AR + block-diffusion objective.")
     p.add_argument("--base", required=True, help="HF directory of the AR model (config.json, safetensors, tokenizer)")
     _common_flags(p)
     p.add_argument("--block-size", type=int, default=8, help="TiDAR block length k (mask tokens per block)")
@@ -500,7 +500,12 @@ def main_convert(argv: list[str] | None = None) -> dict:
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the AR loss: (alpha*AR + diff)/(1+alpha)")
     p.add_argument("--mask-token-id", type=int, default=None,
                    help="use this reserved vocabulary id as the mask (default: add a new <|mask|> token)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main_convert(argv: list[str] | None = None) -> dict:
+    """`rollout convert`: AR checkpoint + corpus -> TiDAR model directory."""
+    args = convert_parser().parse_args(argv)
     _setup(args)
     return convert(args.base, args.corpus, args.out, block_size=args.block_size, steps=args.steps,
                    batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
@@ -510,9 +515,9 @@ def main_convert(argv: list[str] | None = None) -> dict:
                    progress=True)
 
 
-def main_pretrain(argv: list[str] | None = None) -> dict:
-    """`rollout pretrain`: train a small Qwen2-shaped AR model and tokenizer from scratch."""
-    p = argparse.ArgumentParser(prog="rollout pretrain", description=pretrain.__doc__)
+def pretrain_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rollout pretrain", description="Train a small Qwen2-shaped autoregressive "
+                                "model and its byte-level BPE tokenizer from scratch (then `rollout convert` it).")
     _common_flags(p)
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (EOS included)")
@@ -524,7 +529,12 @@ def main_pretrain(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-position-embeddings", type=int, default=1024, help="context length written to config.json")
     p.add_argument("--tokenizer-chars", type=int, default=20_000_000,
                    help="characters of training text the tokenizer is learnt from")
-    args = p.parse_args(argv)
+    return p
+
+
+def main_pretrain(argv: list[str] | None = None) -> dict:
+    """`rollout pretrain`: train a small Qwen2-shaped AR model and tokenizer from scratch."""
+    args = pretrain_parser().parse_args(argv)
     _setup(args)
     return pretrain(args.out, args.corpus, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                     num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,

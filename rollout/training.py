@@ -49,12 +49,13 @@ def training_mask(seq_len: int, block_size: int, device: torch.device | str):
     """The attention mask of the doubled sequence: a BlockMask on CUDA, dense bool elsewhere."""
     device = torch.device(device)
     if device.type == "cuda":
-        return _block_mask(seq_len, block_size, device)
+        return training_block_mask(seq_len, block_size, device)
     return training_visible(seq_len, block_size).to(device)
 
 
 @lru_cache(maxsize=8)
-def _block_mask(seq_len: int, block_size: int, device: torch.device):
+def training_block_mask(seq_len: int, block_size: int, device: torch.device):
+    """The FlexAttention BlockMask of `training_mask_rule` (no dense (2S)^2 tensor)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q, kv):
