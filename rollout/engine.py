@@ -33,6 +33,9 @@ from .step_layout import ar_layout, decode_layout, prefill_layout
 
 log = logging.getLogger(__name__)
 
+# Prefill rows are chunked so that one chunk's dense [rows, T, T] mask stays under this many entries.
+PREFILL_MASK_BUDGET = 1 << 26
+
 
 @dataclass
 class GenerationStats:
@@ -117,20 +120,38 @@ class Engine:
     def forward_logits(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
         """Teacher-forced causal forward through the engine's own path: for each sequence, the
         raw next-token logits [len, V] (float32) at every position."""
-        lens = [len(t) for t in token_ids]
-        cache = KVCache(self.config.num_layers, len(token_ids), self.config.num_kv_heads, max(lens),
-                        self.config.head_dim, self.dtype, self.device)
-        positions, visible, write = prefill_layout(lens, 0)
-        ids = torch.zeros(len(token_ids), max(lens), dtype=torch.long)
-        for b, t in enumerate(token_ids):
-            ids[b, :len(t)] = torch.tensor(t)
-        dev = self.device
-        batch = StepBatch(torch.tensor(cache.allocate(len(token_ids)), device=dev),
-                          torch.zeros(len(token_ids), dtype=torch.long, device=dev),
-                          positions.to(dev), visible.to(dev), write.to(dev))
+        cache = KVCache(self.config.num_layers, len(token_ids), self.config.num_kv_heads,
+                        max(map(len, token_ids)), self.config.head_dim, self.dtype, self.device)
         with torch.inference_mode():
+            hidden = self._prefill_hidden(token_ids, 0, cache, cache.allocate(len(token_ids)))
+            return [self.model.logits(h) for h in hidden]
+
+    def _prefill_hidden(self, prompts: list[list[int]], block: int, cache: KVCache, slots: list[int]
+                        ) -> list[torch.Tensor]:
+        """Prefills each prompt into its slot, followed by `block` mask tokens (0: none), in
+        chunks that bound the dense mask. Returns per prompt the hidden states [len + block, H]."""
+        out, start, dev = [], 0, self.device
+        while start < len(prompts):
+            end, longest = start, 0
+            while end < len(prompts):
+                longest = max(longest, len(prompts[end]) + block)
+                if end > start and ((end + 1 - start) * longest ** 2 > PREFILL_MASK_BUDGET):
+                    break
+                end += 1
+            chunk, lens = prompts[start:end], [len(p) for p in prompts[start:end]]
+            positions, visible, write = prefill_layout(lens, block)
+            P = max(lens)
+            ids = torch.full((len(chunk), P + block), self.tidar.mask_token_id, dtype=torch.long)
+            for b, p in enumerate(chunk):
+                ids[b, :len(p)] = torch.tensor(p)
+            chunk_slots = torch.tensor(slots[start:end], device=dev)
+            batch = StepBatch(chunk_slots, torch.zeros(len(chunk), dtype=torch.long, device=dev),
+                              positions.to(dev), visible.to(dev), write.to(dev))
             hidden = self.model(ids.to(dev), batch, cache)
-            return [self.model.logits(hidden[b, :n]) for b, n in enumerate(lens)]
+            cache.lengths[chunk_slots] = torch.tensor(lens, device=dev)
+            out += [torch.cat((hidden[b, :n], hidden[b, P:])) for b, n in enumerate(lens)]
+            start = end
+        return out
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
@@ -176,17 +197,8 @@ class Engine:
                  completions: list[Completion], generators, stats: GenerationStats) -> _Rows:
         n, dev, V = params.n, self.device, self.config.vocab_size
         lens = [len(p) for p in prompts]
-        block = k if k > 1 else 0
-        positions, visible, write = prefill_layout(lens, block)
-        P = max(lens)
-        ids = torch.full((len(prompts), P + block), self.tidar.mask_token_id, dtype=torch.long)
-        for b, p in enumerate(prompts):
-            ids[b, :len(p)] = torch.tensor(p)
         prompt_slots = cache.allocate(len(prompts))
-        batch = StepBatch(torch.tensor(prompt_slots, device=dev), torch.zeros(len(prompts), dtype=torch.long, device=dev),
-                          positions.to(dev), visible.to(dev), write.to(dev))
-        hidden = self.model(ids.to(dev), batch, cache)
-        cache.lengths[batch.slots] = torch.tensor(lens, device=dev)
+        hidden = self._prefill_hidden(prompts, k if k > 1 else 0, cache, prompt_slots)
         stats.forward_passes += 1
 
         # Fan each prompt out to its n samples: sample 0 keeps the prompt's slot.
@@ -195,9 +207,8 @@ class Engine:
             others = cache.allocate(n - 1)
             cache.copy_prefix(s, others, int(cache.lengths[s]))
             slots += [s] + others
-        src = torch.arange(len(prompts), device=dev).repeat_interleave(n)
-        last = torch.tensor(lens, device=dev)[src] - 1
-        ar_logits = self.model.logits(hidden[src, last])  # [R, V]
+        src = [i for i in range(len(prompts)) for _ in range(n)]
+        ar_logits = self.model.logits(torch.stack([hidden[i][lens[i] - 1] for i in src]))  # [R, V]
         row_ids = list(range(len(completions)))
         u = self._uniforms(generators, row_ids, k)
         probs, logprobs = policy_distribution(ar_logits, params.temperature, params.top_k, params.top_p)
@@ -209,7 +220,7 @@ class Engine:
         draft_logits = torch.zeros(R, k, V, device=dev)
         if k > 1:
             # Mask slot 0 sits at the position of `first`; slots 1..k-1 draft the positions after it.
-            draft_logits[:, 1:] = self.model.logits(hidden[src, P + 1:])
+            draft_logits[:, 1:] = self.model.logits(torch.stack([hidden[i][lens[i] + 1:] for i in src]))
             drafts[:, 1:] = self._draw_drafts(draft_logits[:, 1:], params, u[:, 1:])
         rows = _Rows(torch.tensor(slots, device=dev), drafts, draft_logits,
                      torch.full((R,), k, dtype=torch.long, device=dev), row_ids)

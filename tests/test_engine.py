@@ -114,3 +114,11 @@ def test_max_tokens_is_exact_even_mid_block(engine):
     for max_tokens in (1, 2, 5, 7):
         outs = engine.generate(PROMPTS, SamplingParams(max_tokens=max_tokens, seed=1, temperature=0.5))
         assert all(len(c.token_ids) == max_tokens and c.finish_reason == "length" for c in sum(outs, []))
+
+
+def test_chunked_prefill_gives_the_same_samples(engine, monkeypatch):
+    import rollout.engine
+    params = SamplingParams(max_tokens=12, n=2, seed=7)
+    whole = tokens(engine.generate(PROMPTS, params))
+    monkeypatch.setattr(rollout.engine, "PREFILL_MASK_BUDGET", 1)  # one prompt per chunk
+    assert tokens(engine.generate(PROMPTS, params)) == whole
