@@ -304,6 +304,25 @@ def add_mask_token(model: Decoder, tokenizer, mask_token_id: int | None) -> tupl
 
 
 # ---------------------------------------------------------------- convert
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _load_tokenizer(model_dir: Path, cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    # transformers 5 builds an empty tokenizer from config.json alone, so check for files first.
+    if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{model_dir} has no loadable tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{model_dir} has no loadable tokenizer: {e}") from None
+    if len(tokenizer) > cfg.vocab_size:
+        raise ValueError(f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but config.json vocab_size "
+                         f"is {cfg.vocab_size}")
+    return tokenizer
+
+
 def convert(base_dir: str | Path, corpus: str | Path | Corpus, out_dir: str | Path, *, block_size: int = 8,
             steps: int, batch_size: int, seq_len: int, lr: float = 1e-4, warmup: int = 0, grad_accum: int = 1,
             mask_token_id: int | None = None, alpha: float = 1.0, seed: int = 0, resume: bool = False,
@@ -312,7 +331,7 @@ def convert(base_dir: str | Path, corpus: str | Path | Corpus, out_dir: str | Pa
     """Trains the AR checkpoint in `base_dir` with the TiDAR hybrid objective on `corpus` and
     writes a TiDAR model directory to `out_dir`. Returns the metrics (also in out_dir/metrics.json):
     training time and tokens, final losses, held-out AR perplexity of base and converted model."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")
@@ -321,10 +340,7 @@ def convert(base_dir: str | Path, corpus: str | Path | Corpus, out_dir: str | Pa
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     model_dir, _, cfg = read_model_config(base_dir)
     corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{model_dir} has no loadable tokenizer (tokenizer.json): {e}") from None
+    tokenizer = _load_tokenizer(model_dir, cfg)
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (cfg.eos_token_ids or (None,))[0]
     if eos_id is None:
         raise ValueError(f"{model_dir}: neither the tokenizer nor config.json names an EOS token")
