@@ -1,0 +1,101 @@
+"""How many tokens a trained TiDAR model commits per forward, on held-out prompts.
+
+Prompts are the first --prompt-len tokens of --prompts held-out documents of --corpus (the same
+hash split `rollout convert` used, so the model never trained on them). Each sampler generates
+--max-tokens tokens per prompt with no stop token; reported per sampler: mean tokens per forward
+(per row, the prefill forward included), acceptance rate by draft position, wall time. Also
+checks that greedy lossless output equals greedy AR output token for token.
+
+    python benchmarks/acceptance.py --model rollout/default_model
+    python benchmarks/acceptance.py --model OUT --corpus data.jsonl --update-metrics
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from rollout import Engine, SamplingParams
+from rollout.corpus import open_corpus
+
+RUNS = [  # (name, sampler, temperature)
+    ("ar_t0", "ar", 0.0),
+    ("lossless_t0", "lossless", 0.0),
+    ("lossless_t1", "lossless", 1.0),
+    ("mixed_w0.5_t1", "mixed", 1.0),
+]
+
+
+def heldout_prompts(model_dir: Path, corpus: str, count: int, prompt_len: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = []
+    for text in open_corpus(corpus).texts("heldout", seed=0):
+        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if len(ids) >= prompt_len:
+            prompts.append(ids[:prompt_len])
+        if len(prompts) == count:
+            return prompts
+    raise ValueError(f"the held-out split of {corpus} has only {len(prompts)} documents of >= {prompt_len} tokens")
+
+
+def measure(engine: Engine, prompts: list[list[int]], sampler: str, temperature: float, args) -> tuple[dict, list]:
+    params = SamplingParams(sampler=sampler, temperature=temperature, max_tokens=args.max_tokens,
+                            seed=args.seed, mix_weight=args.mix_weight)
+    t0 = time.perf_counter()
+    out = engine.generate(prompts, params)
+    seconds = time.perf_counter() - t0
+    stats = engine.last_stats
+    per_prompt = [c[0].tokens_per_forward for c in out]
+    result = {"sampler": sampler, "temperature": temperature,
+              "mix_weight": args.mix_weight if sampler == "mixed" else None,
+              "tokens_per_forward": round(stats.tokens_per_forward, 3),
+              "tokens_per_forward_min_max": [round(min(per_prompt), 3), round(max(per_prompt), 3)],
+              "acceptance_by_position": [round(a, 3) for a in stats.acceptance_by_position],
+              "generated_tokens": stats.generated_tokens, "seconds": round(seconds, 2)}
+    return result, [c[0].token_ids for c in out]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="TiDAR model directory (config.json, tidar_config.json, ...)")
+    p.add_argument("--corpus", default="python-sources", help="corpus whose held-out split gives the prompts")
+    p.add_argument("--prompts", type=int, default=16, help="number of held-out prompts")
+    p.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
+    p.add_argument("--mix-weight", type=float, default=0.5, help="AR weight w of the mixed sampler")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--update-metrics", action="store_true", help="write the results into MODEL/metrics.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = Path(args.model)
+    engine = Engine.from_pretrained(model_dir, device=args.device)
+    prompts = heldout_prompts(model_dir, args.corpus, args.prompts, args.prompt_len)
+    results, outputs = {}, {}
+    for name, sampler, temperature in RUNS:
+        results[name], outputs[name] = measure(engine, prompts, sampler, temperature, args)
+    report = {"model": str(model_dir), "corpus": args.corpus, "prompts": len(prompts), "prompt_len": args.prompt_len,
+              "max_tokens": args.max_tokens, "seed": args.seed, "block_size": engine.tidar.block_size,
+              "device": args.device, "host": platform.processor() or platform.machine(),
+              "torch_threads": torch.get_num_threads(),
+              "greedy_lossless_equals_ar": outputs["lossless_t0"] == outputs["ar_t0"], "runs": results}
+    print(json.dumps(report, indent=2))
+    if args.update_metrics:
+        path = model_dir / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.exists() else {}
+        metrics["acceptance"] = report
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
