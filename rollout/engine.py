@@ -18,6 +18,7 @@ import numbers
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,7 @@ class Engine:
         self.ar_layout = ar_layout().to(self.device)
         self.levels = torch.tensor(tidar.level_set, device=self.device)
         self.last_stats = GenerationStats()
+        self.weight_version = 0  # the policy version every emitted token is tagged with
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu",
@@ -156,29 +158,46 @@ class Engine:
     # ---------------------------------------------------------------- generation
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         """Samples `params.n` completions for every prompt. Returns [prompt][sample]."""
+        done = sorted(self.generate_iter(prompt_token_ids, params),
+                      key=lambda c: (c.prompt_index, c.sample_index))
+        n = params.n
+        return [done[i * n:(i + 1) * n] for i in range(len(prompt_token_ids))]
+
+    def generate_iter(self, prompt_token_ids: list[list[int]], params: SamplingParams,
+                      should_abort: Callable[[], bool] | None = None) -> Iterator[Completion]:
+        """Yields each completion as soon as it finishes. `should_abort` is polled between steps:
+        when it returns True the running completions end with finish_reason "abort", keeping the
+        tokens they have. Input is validated before anything runs."""
         self.validate(prompt_token_ids, params)
         prompts = [[int(t) for t in p] for p in prompt_token_ids]
         k = self.tidar.block_size if params.sampler != "ar" else 1
-        n = params.n
-        completions = [Completion(i, j) for i in range(len(prompts)) for j in range(n)]
-        generators = self._row_generators(len(prompts), n, params.seed)
+        completions = [Completion(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        generators = self._row_generators(len(prompts), params.n, params.seed)
         cache = KVCache(self.config.num_layers, len(completions), self.config.num_kv_heads,
                         max(map(len, prompts)) + params.max_tokens + k + 1, self.config.head_dim,
                         self.dtype, self.device)
         stats = GenerationStats(sampler=params.sampler, rows=len(completions),
                                 draft_attempts=[0] * (k - 1), draft_accepts=[0] * (k - 1))
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            rows = self._prefill(prompts, params, k, cache, completions, generators, stats)
-            t1 = time.perf_counter()
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                rows, finished = self._prefill(prompts, params, k, cache, completions, generators, stats)
+            stats.prefill_seconds = time.perf_counter() - t0
+            yield from (completions[r] for r in finished)
             while rows.ids:
-                rows = self._decode_step(rows, params, k, cache, completions, generators, stats)
-            stats.decode_seconds = time.perf_counter() - t1
-            stats.prefill_seconds = t1 - t0
-        stats.generated_tokens = sum(len(c.token_ids) for c in completions)
-        stats.row_forward_passes = sum(c.num_forward_passes for c in completions)
-        self.last_stats = stats
-        return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
+                if should_abort is not None and should_abort():
+                    for r in rows.ids:
+                        completions[r].finish_reason = "abort"
+                    yield from (completions[r] for r in rows.ids)
+                    break
+                with torch.inference_mode():
+                    rows, finished = self._decode_step(rows, params, k, cache, completions, generators, stats)
+                yield from (completions[r] for r in finished)
+        finally:
+            stats.decode_seconds = time.perf_counter() - t0 - stats.prefill_seconds
+            stats.generated_tokens = sum(len(c.token_ids) for c in completions)
+            stats.row_forward_passes = sum(c.num_forward_passes for c in completions)
+            self.last_stats = stats
 
     def _row_generators(self, num_prompts: int, n: int, seed: int | None) -> list[torch.Generator]:
         base = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
@@ -194,7 +213,8 @@ class Engine:
         return u.to(self.device)
 
     def _prefill(self, prompts, params: SamplingParams, k: int, cache: KVCache,
-                 completions: list[Completion], generators, stats: GenerationStats) -> _Rows:
+                 completions: list[Completion], generators, stats: GenerationStats
+                 ) -> tuple[_Rows, list[int]]:
         n, dev, V = params.n, self.device, self.config.vocab_size
         lens = [len(p) for p in prompts]
         prompt_slots = cache.allocate(len(prompts))
@@ -238,7 +258,8 @@ class Engine:
         return sample_from(q.reshape(B * m, V), u.reshape(B * m)).view(B, m)
 
     def _decode_step(self, rows: _Rows, params: SamplingParams, k: int, cache: KVCache,
-                     completions: list[Completion], generators, stats: GenerationStats) -> _Rows:
+                     completions: list[Completion], generators, stats: GenerationStats
+                 ) -> tuple[_Rows, list[int]]:
         layout = self.tidar_layout if k > 1 else self.ar_layout
         B, T, dev = len(rows.ids), layout.num_tokens, self.device
         prefix = cache.lengths[rows.slots]
@@ -327,6 +348,7 @@ class Engine:
             c.logprobs.append(lp)
             c.behavior_logprobs.append(blp)
             c.from_draft.append(fd)
+            c.policy_versions.append(self.weight_version)
             if t in stop:
                 c.finish_reason = "stop"
                 return True
@@ -335,10 +357,10 @@ class Engine:
                 return True
         return False
 
-    def _drop_finished(self, rows: _Rows, done: list[bool], cache: KVCache) -> _Rows:
+    def _drop_finished(self, rows: _Rows, done: list[bool], cache: KVCache) -> tuple[_Rows, list[int]]:
+        """Frees the slots of finished rows. Returns the remaining rows and the finished row ids."""
         if not any(done):
-            return rows
-        finished = [int(s) for s, d in zip(rows.slots.tolist(), done) if d]
-        cache.free(finished)
+            return rows, []
+        cache.free([int(s) for s, d in zip(rows.slots.tolist(), done) if d])
         keep = torch.tensor([not d for d in done], device=self.device)
-        return rows.keep(keep, [r for r, d in zip(rows.ids, done) if not d])
+        return rows.keep(keep, [r for r, d in zip(rows.ids, done) if not d]), [r for r, d in zip(rows.ids, done) if d]

@@ -58,6 +58,8 @@ class Completion:
     behavior_logprobs: log-prob under the distribution the token was actually drawn from; equals
         `logprobs` except for `mixed` at temperature > 0.
     from_draft: per token, True if it was an accepted draft, False if sampled by the verifier.
+    policy_versions: per token, the weight version of the engine that sampled it.
+    finish_reason: "stop", "length" or "abort".
     """
     prompt_index: int
     sample_index: int
@@ -65,6 +67,7 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)
     behavior_logprobs: list[float] = field(default_factory=list)
     from_draft: list[bool] = field(default_factory=list)
+    policy_versions: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     num_forward_passes: int = 0
 

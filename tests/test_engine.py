@@ -122,3 +122,32 @@ def test_chunked_prefill_gives_the_same_samples(engine, monkeypatch):
     whole = tokens(engine.generate(PROMPTS, params))
     monkeypatch.setattr(rollout.engine, "PREFILL_MASK_BUDGET", 1)  # one prompt per chunk
     assert tokens(engine.generate(PROMPTS, params)) == whole
+
+
+def test_generate_iter_yields_each_completion_once_as_it_finishes(engine):
+    params = SamplingParams(max_tokens=30, n=2, seed=1, stop_token_ids=(1,))
+    streamed = list(engine.generate_iter(PROMPTS, params))
+    assert sorted((c.prompt_index, c.sample_index) for c in streamed) == [
+        (i, j) for i in range(len(PROMPTS)) for j in range(2)]
+    assert tokens([[c] for c in sorted(streamed, key=lambda c: (c.prompt_index, c.sample_index))]) == [
+        [c.token_ids] for c in sum(engine.generate(PROMPTS, params), [])]
+    passes = [c.num_forward_passes for c in streamed]  # finishing order = step order
+    assert passes == sorted(passes) and len(set(passes)) > 1
+
+
+def test_abort_ends_running_completions_with_their_tokens(engine):
+    steps = iter(range(1000))
+    outs = list(engine.generate_iter(PROMPTS, SamplingParams(max_tokens=50, seed=1),
+                                     should_abort=lambda: next(steps) >= 3))
+    assert len(outs) == len(PROMPTS)
+    assert all(c.finish_reason == "abort" and 0 < len(c.token_ids) < 50 for c in outs)
+    assert all(len(c.policy_versions) == len(c.token_ids) for c in outs)
+
+
+def test_tokens_are_tagged_with_the_weight_version(engine):
+    engine.weight_version = 7
+    try:
+        c = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=9, seed=0))[0][0]
+    finally:
+        engine.weight_version = 0
+    assert c.policy_versions == [7] * 9
