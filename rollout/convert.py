@@ -8,10 +8,8 @@ Design decisions:
 - The mask token is a dedicated special token "<|mask|>" appended to the vocabulary (embedding
   and lm_head rows initialised to the mean row) unless the caller names a reserved id; EOS and
   pad are refused, since a mask that means "end" corrupts both the drafts and stop handling.
-- One loop serves both jobs: AdamW, linear warmup then cosine decay to 10% of the peak rate,
-  gradient accumulation, bf16 autocast on CUDA (fp32 elsewhere), a checkpoint (model,
-  optimizer, step, RNG) under out_dir/checkpoint/ that `resume=True` continues from. The batch of
-  a step is a function of (seed, step, rank), so a resumed run sees the data it would have seen.
+- Both run `training.train` (AdamW, warmup + cosine, gradient accumulation, resumable
+  checkpoints under out_dir/checkpoint/, bf16 autocast on CUDA).
 - Multi-GPU through torchrun (WORLD_SIZE > 1): DistributedDataParallel over the objective
   module, each rank drawing its own windows; rank 0 evaluates and writes files. Launch with
       torchrun --nproc_per_node 8 -m rollout.convert convert --base BASE --corpus DATA --out OUT ...
@@ -20,199 +18,31 @@ Design decisions:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from .config import TIDAR_CONFIG_FILE, ModelConfig
-from .corpus import Corpus, fixed_windows, open_corpus, pack_tokens, sample_windows
+from .corpus import Corpus, fixed_windows, open_corpus, pack_tokens
 from .loader import load_decoder, read_model_config
 from .model import Decoder
-from .training import CausalLoss, HybridLoss, ar_perplexity
+from .training import (CHECKPOINT_DIR, CausalLoss, HybridLoss, TrainSettings, ar_perplexity, barrier, default_device,
+                       init_distributed, train)
 
 log = logging.getLogger(__name__)
 
 MASK_TOKEN = "<|mask|>"
 EOS_TOKEN = "<|endoftext|>"
-CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.json"
 EVAL_WINDOWS = 64
 QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                            r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TrainSettings:
-    steps: int
-    batch_size: int
-    seq_len: int
-    lr: float
-    warmup: int
-    grad_accum: int = 1
-    seed: int = 0
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    checkpoint_every: int = 250
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup <= self.steps:
-            raise ValueError(f"warmup must be in [0, steps={self.steps}], got {self.warmup}")
-
-    def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(self.steps - self.warmup, 1)
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-# ---------------------------------------------------------------- distributed
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Dist:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device: str | torch.device) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return _Dist(0, 1, torch.device(device))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-        backend = "nccl"
-    else:
-        dev, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
-    return _Dist(dist.get_rank(), world, dev)
-
-
-def _barrier(d: _Dist) -> None:
-    if d.world > 1:
-        dist.barrier()
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# ---------------------------------------------------------------- the loop
-def _train(objective: nn.Module, model: Decoder, tokens: torch.Tensor, s: TrainSettings, out_dir: Path,
-           resume: bool, d: _Dist, progress: bool) -> dict:
-    """Runs `s.steps` optimiser steps of `objective` (returns loss or (loss, ce_ar, ce_diff))."""
-    ckpt_dir = out_dir / CHECKPOINT_DIR
-    ckpt = ckpt_dir / "state.pt"
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=s.lr, betas=(0.9, 0.95), fused=d.device.type == "cuda")
-    start, history, elapsed = 0, [], 0.0
-    if ckpt.exists():
-        if not resume:
-            raise FileExistsError(f"{ckpt} exists: pass resume=True (--resume) to continue it, or remove it")
-        state = torch.load(ckpt, map_location=d.device, weights_only=False)
-        if state["settings"] != dataclasses.asdict(s):
-            raise ValueError(f"{ckpt} was written with settings {state['settings']}, "
-                             f"which differ from this run's {dataclasses.asdict(s)}")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, history, elapsed = state["step"], state["history"], state["elapsed"]
-        torch.set_rng_state(state["rng"])
-        log.info("resuming from %s at step %d", ckpt, start)
-    elif resume:
-        log.info("no checkpoint at %s: starting from step 0", ckpt)
-
-    wrapped = objective
-    if d.world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(
-            objective, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
-                else contextlib.nullcontext())
-    tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * d.world
-    bar = None
-    if progress and d.main:
-        from tqdm import tqdm
-        bar = tqdm(total=s.steps, initial=start, unit="step", dynamic_ncols=True)
-
-    def save(step: int) -> None:
-        if d.main:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                        "history": history, "elapsed": elapsed, "rng": torch.get_rng_state(),
-                        "settings": dataclasses.asdict(s)}, ckpt.with_suffix(".tmp"))
-            os.replace(ckpt.with_suffix(".tmp"), ckpt)
-        _barrier(d)
-
-    resumed_elapsed = elapsed
-    model.train()
-    for step in range(start, s.steps):
-        t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = s.lr_at(step)
-        sums: dict[str, float] = {}
-        for micro in range(s.grad_accum):
-            g = torch.Generator().manual_seed(
-                s.seed * 1_000_003 + (step * s.grad_accum + micro) * d.world + d.rank)
-            x = sample_windows(tokens, s.batch_size, s.seq_len, g).to(d.device)
-            sync = (wrapped.no_sync() if d.world > 1 and micro < s.grad_accum - 1
-                    else contextlib.nullcontext())
-            with sync:
-                with autocast:
-                    out = wrapped(x)
-                parts = {"loss": out[0], "ar": out[1], "diff": out[2]} if isinstance(out, tuple) else {
-                    "loss": out, "ar": out}
-                (parts["loss"] / s.grad_accum).backward()
-            for key, v in parts.items():
-                sums[key] = sums.get(key, 0.0) + float(v.detach()) / s.grad_accum
-        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if d.world > 1:
-            reduced = torch.tensor(list(sums.values()), device=d.device)
-            dist.all_reduce(reduced)
-            sums = dict(zip(sums, (reduced / d.world).tolist()))
-        elapsed += time.perf_counter() - t0
-        history.append({"step": step + 1, "lr": s.lr_at(step), "grad_norm": grad_norm,
-                        **{k: round(v, 5) for k, v in sums.items()}})
-        rate = tokens_per_step * (step + 1 - start) / max(elapsed - resumed_elapsed, 1e-9)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if k != "loss"} | {"tok/s": f"{rate:,.0f}"})
-        elif d.main and ((step + 1) % 50 == 0 or step + 1 == s.steps):
-            log.info("step %d/%d %s", step + 1, s.steps, " ".join(f"{k}={v:.4f}" for k, v in sums.items()))
-        if (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
-            save(step + 1)
-    if bar is not None:
-        bar.close()
-    save(s.steps)
-    model.eval()
-    return {"steps": s.steps, "train_tokens": tokens_per_step * s.steps, "train_seconds": round(elapsed, 1),
-            "final": history[-1] if history else {}, "history_every_50": history[49::50]}
 
 
 # ---------------------------------------------------------------- data
@@ -256,6 +86,12 @@ def _save_model(model: Decoder, hf_config, tokenizer, out_dir: Path, tidar: dict
     tokenizer.save_pretrained(out_dir)
     if tidar is not None:
         (out_dir / TIDAR_CONFIG_FILE).write_text(json.dumps(tidar, indent=2) + "\n")
+
+
+def _stored_dtype(hf_cfg: dict) -> torch.dtype:
+    """The dtype the base checkpoint declares (half-precision bases stay half), else float32."""
+    name = str(hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
 def _write_metrics(out_dir: Path, metrics: dict) -> None:
@@ -336,9 +172,9 @@ def convert(base_dir: str | Path, corpus: str | Path | Corpus, out_dir: str | Pa
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")
     s = TrainSettings(steps, batch_size, seq_len, lr, warmup, grad_accum, seed, checkpoint_every=checkpoint_every)
-    d = _init_distributed(device or default_device())
+    d = init_distributed(device or default_device())
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    model_dir, _, cfg = read_model_config(base_dir)
+    model_dir, hf_cfg, cfg = read_model_config(base_dir)
     corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
     tokenizer = _load_tokenizer(model_dir, cfg)
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (cfg.eos_token_ids or (None,))[0]
@@ -356,15 +192,17 @@ def convert(base_dir: str | Path, corpus: str | Path | Corpus, out_dir: str | Pa
     log.info("converting %s: %d parameters, mask token %d, block %d, %d corpus tokens",
              model_dir, sum(p.numel() for p in model.parameters()), mask_id, block_size, tokens.numel())
     objective = HybridLoss(model, mask_id, block_size, alpha)
-    summary = _train(objective, model, tokens, s, out_dir, resume, d, progress)
+    summary = train(objective, model, tokens, s, out_dir, resume, d, progress)
     metrics = {}
     if d.main:
         converted_ppl = ar_perplexity(model, heldout) if heldout is not None else None
         hf_config = AutoConfig.from_pretrained(model_dir)
-        _save_model(model, hf_config, tokenizer, out_dir, {"mask_token_id": mask_id, "block_size": block_size})
+        _save_model(model, hf_config, tokenizer, out_dir, {"mask_token_id": mask_id, "block_size": block_size},
+                    _stored_dtype(hf_cfg))
         base_metrics = model_dir / METRICS_FILE
         metrics = {
-            "conversion": {"base": str(model_dir), "corpus": corpus.name, "block_size": block_size,
+            "conversion": {"base": str(model_dir), "corpus": corpus.name, "train_documents": len(corpus.train),
+                           "heldout_documents": len(corpus.heldout), "block_size": block_size,
                            "mask_token_id": mask_id, "alpha": alpha, "seed": seed, "lr": lr, "warmup": warmup,
                            "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
                            "world_size": d.world, "device": str(d.device), **summary},
@@ -374,7 +212,7 @@ def convert(base_dir: str | Path, corpus: str | Path | Corpus, out_dir: str | Pa
         if base_metrics.exists():
             metrics["base_training"] = json.loads(base_metrics.read_text()).get("pretraining")
         _write_metrics(out_dir, metrics)
-    _barrier(d)
+    barrier(d)
     return metrics
 
 
@@ -436,14 +274,14 @@ def pretrain(out_dir: str | Path, corpus: str | Path | Corpus, *, vocab_size: in
     from transformers import AutoTokenizer, Qwen2Config
 
     s = TrainSettings(steps, batch_size, seq_len, lr, warmup, grad_accum, seed, checkpoint_every=checkpoint_every)
-    d = _init_distributed(device or default_device())
+    d = init_distributed(device or default_device())
     out_dir = Path(out_dir)
     corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
     tok_dir = out_dir / CHECKPOINT_DIR / "tokenizer"
     t0 = time.perf_counter()
     if d.main and not (resume and (tok_dir / "tokenizer.json").exists()):
         train_tokenizer(corpus.texts("train", seed), vocab_size, tokenizer_chars).save_pretrained(tok_dir)
-    _barrier(d)
+    barrier(d)
     tokenizer_seconds = time.perf_counter() - t0
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     eos_id = tokenizer.eos_token_id
@@ -461,7 +299,7 @@ def pretrain(out_dir: str | Path, corpus: str | Path | Corpus, *, vocab_size: in
     tokens = _training_tokens(corpus, tokenizer, eos_id, s, d.world, max_corpus_tokens)
     log.info("pretraining: %d parameters, vocab %d, %d corpus tokens",
              sum(p.numel() for p in model.parameters()), cfg.vocab_size, tokens.numel())
-    summary = _train(CausalLoss(model), model, tokens, s, out_dir, resume, d, progress)
+    summary = train(CausalLoss(model), model, tokens, s, out_dir, resume, d, progress)
     metrics = {}
     if d.main:
         heldout = _heldout_windows(corpus, tokenizer, eos_id, seq_len)
@@ -476,7 +314,7 @@ def pretrain(out_dir: str | Path, corpus: str | Path | Corpus, *, vocab_size: in
             "device": str(d.device), "world_size": d.world, **summary,
             "heldout_ar_perplexity": ar_perplexity(model, heldout) if heldout is not None else None}}
         _write_metrics(out_dir, metrics)
-    _barrier(d)
+    barrier(d)
     return metrics
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rollout.convert as convert_module
+import rollout.training as training_module
 from rollout import Engine, SamplingParams
 from rollout.config import TIDAR_CONFIG_FILE
 from rollout.convert import (MASK_TOKEN, convert, convert_parser, pretrain, pretrain_parser,
@@ -114,7 +114,7 @@ def test_resumed_run_equals_uninterrupted_run(base_dir, jsonl_corpus, tmp_path, 
     convert(base_dir, jsonl_corpus, tmp_path / "full", **settings)
 
     calls = {"n": 0}
-    real = convert_module.sample_windows
+    real = training_module.sample_windows
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -122,10 +122,10 @@ def test_resumed_run_equals_uninterrupted_run(base_dir, jsonl_corpus, tmp_path, 
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "sample_windows", interrupted)
+    monkeypatch.setattr(training_module, "sample_windows", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(base_dir, jsonl_corpus, tmp_path / "resumed", **settings)
-    monkeypatch.setattr(convert_module, "sample_windows", real)
+    monkeypatch.setattr(training_module, "sample_windows", real)
     assert torch.load(tmp_path / "resumed" / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
     convert(base_dir, jsonl_corpus, tmp_path / "resumed", resume=True, **settings)
     full = load_file(tmp_path / "full" / "model.safetensors")
