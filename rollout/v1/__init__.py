@@ -1,0 +1,1 @@
+"""Generated gRPC / protobuf code for protos/rollout/v1 (written by setup.py at build time)."""
