@@ -1,4 +1,4 @@
-"""Command line: `python -m rollout generate` (the main job), `convert`, `pretrain`.
+"""Command line: `python -m rollout generate` (the main job), `serve`, `convert`, `pretrain`.
 
 `generate` decodes a few prompts with each sampler (ar, lossless, mixed) on the same model and
 prints what was generated and how fast: tokens per forward, draft acceptance by position and
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
     g.set_defaults(func=_generate)
-    for name in ("convert", "pretrain"):
+    for name in ("convert", "pretrain", "serve"):
         c = sub.add_parser(name, help=f"{name} a model (see `python -m rollout {name} --help`)", add_help=False)
         c.add_argument("rest", nargs=argparse.REMAINDER)
         c.set_defaults(func=lambda a, name=name: _delegate(name, a.rest))
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _delegate(name: str, argv: list[str]) -> int:
+    if name == "serve":
+        from .serve import main_serve
+        return main_serve(argv)
     from . import convert
     return getattr(convert, f"main_{name}")(argv)
 

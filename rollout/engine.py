@@ -14,7 +14,6 @@ Design decisions:
 from __future__ import annotations
 
 import hashlib
-import numbers
 import logging
 import os
 import time
@@ -28,7 +27,7 @@ from .config import ModelConfig, TidarConfig, load_tidar_config
 from .kv_cache import KVCache
 from .loader import load_decoder, read_model_config
 from .model import Decoder, StepBatch
-from .params import Completion, SamplingParams
+from .params import Completion, SamplingParams, validate_prompts
 from .sampling import mixed_logits, policy_distribution, sample_from, verify_drafts
 from .step_layout import ar_layout, decode_layout, prefill_layout
 
@@ -100,24 +99,8 @@ class Engine:
 
     # ---------------------------------------------------------------- validation
     def validate(self, prompts: list[list[int]], params: SamplingParams) -> None:
-        V, ctx = self.config.vocab_size, self.config.max_position_embeddings
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError("prompt_token_ids must be a non-empty list of prompts")
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt_token_ids[{i}] is empty")
-            bad = [t for t in p if not (isinstance(t, numbers.Integral) and 0 <= t < V)]
-            if bad:
-                raise ValueError(f"prompt_token_ids[{i}] has token id {bad[0]!r} outside the vocabulary [0, {V})")
-            if self.tidar.mask_token_id in p:
-                raise ValueError(f"prompt_token_ids[{i}] contains the mask token id {self.tidar.mask_token_id}")
-            if len(p) + params.max_tokens > ctx:
-                raise ValueError(
-                    f"prompt_token_ids[{i}] has {len(p)} tokens; with max_tokens={params.max_tokens} "
-                    f"that exceeds the model's context of {ctx} (max_position_embeddings)")
-        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < V]
-        if bad_stop:
-            raise ValueError(f"stop_token_ids has {bad_stop[0]} outside the vocabulary [0, {V})")
+        validate_prompts(prompts, params, self.config.vocab_size, self.config.max_position_embeddings,
+                         self.tidar.mask_token_id)
 
     def forward_logits(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
         """Teacher-forced causal forward through the engine's own path: for each sequence, the
@@ -164,10 +147,12 @@ class Engine:
         return [done[i * n:(i + 1) * n] for i in range(len(prompt_token_ids))]
 
     def generate_iter(self, prompt_token_ids: list[list[int]], params: SamplingParams,
-                      should_abort: Callable[[], bool] | None = None) -> Iterator[Completion]:
+                      should_abort: Callable[[], bool] | None = None,
+                      on_first_token: Callable[[], None] | None = None) -> Iterator[Completion]:
         """Yields each completion as soon as it finishes. `should_abort` is polled between steps:
         when it returns True the running completions end with finish_reason "abort", keeping the
-        tokens they have. Input is validated before anything runs."""
+        tokens they have. `on_first_token` is called once the prefill has sampled every row's
+        first token. Input is validated before anything runs."""
         self.validate(prompt_token_ids, params)
         prompts = [[int(t) for t in p] for p in prompt_token_ids]
         k = self.tidar.block_size if params.sampler != "ar" else 1
@@ -183,6 +168,8 @@ class Engine:
             with torch.inference_mode():
                 rows, finished = self._prefill(prompts, params, k, cache, completions, generators, stats)
             stats.prefill_seconds = time.perf_counter() - t0
+            if on_first_token is not None:
+                on_first_token()
             yield from (completions[r] for r in finished)
             while rows.ids:
                 if should_abort is not None and should_abort():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 SAMPLERS = ("lossless", "mixed", "ar")
@@ -74,3 +75,25 @@ class Completion:
     @property
     def tokens_per_forward(self) -> float:
         return len(self.token_ids) / max(self.num_forward_passes, 1)
+
+
+def validate_prompts(prompts: list[list[int]], params: SamplingParams, vocab_size: int, context: int,
+                     mask_token_id: int) -> None:
+    """Raises ValueError naming the offending prompt / field and the limit."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompt_token_ids must be a non-empty list of prompts")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt_token_ids[{i}] is empty")
+        bad = [t for t in p if not (isinstance(t, numbers.Integral) and 0 <= t < vocab_size)]
+        if bad:
+            raise ValueError(f"prompt_token_ids[{i}] has token id {bad[0]!r} outside the vocabulary [0, {vocab_size})")
+        if mask_token_id in p:
+            raise ValueError(f"prompt_token_ids[{i}] contains the mask token id {mask_token_id}")
+        if len(p) + params.max_tokens > context:
+            raise ValueError(
+                f"prompt_token_ids[{i}] has {len(p)} tokens; with max_tokens={params.max_tokens} "
+                f"that exceeds the model's context of {context} (max_position_embeddings)")
+    bad_stop = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
+    if bad_stop:
+        raise ValueError(f"stop_token_ids has {bad_stop[0]} outside the vocabulary [0, {vocab_size})")

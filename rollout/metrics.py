@@ -1,0 +1,72 @@
+"""Prometheus metrics of the front end and of each replica (prometheus_client).
+
+Each object owns its own registry and, when given a port (0 = any free port), serves it over
+HTTP at /metrics; `address` says where.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .engine import GenerationStats
+from .params import Completion
+
+
+def _serve(registry: CollectorRegistry, port: int | None) -> str:
+    if port is None:
+        return ""
+    server, _ = start_http_server(port, registry=registry)
+    return f"{socket.gethostname()}:{server.server_port}"
+
+
+class ReplicaMetrics:
+    def __init__(self, replica: str, port: int | None = None):
+        self.registry = r = CollectorRegistry()
+        self.tokens = Counter("rollout_replica_generated_tokens", "Tokens generated", registry=r)
+        self.forwards = Counter("rollout_replica_row_forward_passes", "Forward passes per row, summed", registry=r)
+        self.tokens_per_forward = Gauge("rollout_replica_tokens_per_forward", "Tokens per forward, last request",
+                                        registry=r)
+        self.acceptance = Gauge("rollout_replica_draft_acceptance", "Acceptance rate by draft position, last request",
+                                ["position"], registry=r)
+        self.level_set = Gauge("rollout_replica_level_set_size", "Pre-draft levels in use", registry=r)
+        self.weight_version = Gauge("rollout_replica_weight_version", "Weight version served", registry=r)
+        self.weight_swap_seconds = Histogram("rollout_replica_weight_swap_seconds", "Time to swap weights",
+                                             registry=r)
+        self.aborts = Counter("rollout_replica_aborts", "Abort requests received", registry=r)
+        self.restarts = Gauge("rollout_replica_restarted", "1 if this replica process is a Ray restart", registry=r)
+        self.finished = Counter("rollout_replica_trajectories", "Finished trajectories", ["finish_reason"],
+                                registry=r)
+        self.address = _serve(r, port)
+        self.replica = replica
+
+    def observe_completion(self, c: Completion) -> None:
+        self.finished.labels(c.finish_reason).inc()
+        self.tokens.inc(len(c.token_ids))
+        self.forwards.inc(c.num_forward_passes)
+
+    def observe_stats(self, s: GenerationStats) -> None:
+        self.tokens_per_forward.set(s.tokens_per_forward)
+        for i, a in enumerate(s.acceptance_by_position):
+            self.acceptance.labels(str(i + 1)).set(a)
+        self.level_set.set(len(s.acceptance_by_position))
+
+
+class FrontendMetrics:
+    def __init__(self, port: int | None = None):
+        self.registry = r = CollectorRegistry()
+        self.queue_depth = Gauge("rollout_queue_depth", "Requests admitted and waiting for a replica", registry=r)
+        self.running = Gauge("rollout_running_requests", "Requests running on replicas", registry=r)
+        self.requests = Counter("rollout_requests", "Requests by gRPC status", ["method", "code"], registry=r)
+        self.tokens = Counter("rollout_generated_tokens", "Tokens returned to callers", registry=r)
+        self.tokens_per_forward = Gauge("rollout_tokens_per_forward", "Tokens per forward, last request", registry=r)
+        self.acceptance = Gauge("rollout_draft_acceptance", "Acceptance rate by draft position, last request",
+                                ["position"], registry=r)
+        self.weight_version = Gauge("rollout_weight_version", "Current policy version", registry=r)
+        self.weight_push_seconds = Histogram("rollout_weight_push_seconds", "UpdateWeights duration", registry=r)
+        self.weight_push_bytes = Counter("rollout_weight_push_bytes", "Bytes received by UpdateWeights", registry=r)
+        self.retries = Counter("rollout_redispatches", "Requests re-dispatched after a replica failure", registry=r)
+        self.replica_restarts = Counter("rollout_replica_failures", "Replica actor deaths seen", registry=r)
+        self.aborts = Counter("rollout_aborts", "Requests aborted (cancel, deadline, shutdown)", registry=r)
+        self.address = _serve(r, port)

@@ -1,0 +1,166 @@
+"""GeneratorReplica: one engine on one device, hosted as a Ray actor.
+
+Design decisions:
+- The class is plain Python (testable without Ray); `replica_actor_class` wraps it with
+  `ray.remote` as a threaded actor: one thread runs a request while others can abort it,
+  report status or stage weights. A lock makes requests and weight swaps take turns, so a
+  request runs on one weight version from start to end (never a mix).
+- `generate` is a generator: Ray streams each finished trajectory to the caller as it is
+  yielded. Aborting sets a flag the engine polls between steps; the running trajectories come
+  back with finish reason "abort" and the tokens they had.
+- Weight updates are two-phase: `stage_weights` verifies names, shapes, dtypes and finiteness
+  and prepares the tensors; `commit_weights` swaps them in between requests and bumps the
+  version. `discard_weights` drops a stage. Nothing changes until commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import torch
+
+from .engine import Engine
+from .metrics import ReplicaMetrics
+from .params import SamplingParams
+from .wire import completion_to_record
+
+log = logging.getLogger(__name__)
+
+
+class WeightMismatchError(ValueError):
+    """A pushed state dict does not fit the served model."""
+
+
+class GeneratorReplica:
+    def __init__(self, model_dir: str, name: str, device: str | None = None, dtype: str | None = None,
+                 metrics_port: int | None = None):
+        on_gpu = torch.cuda.is_available()  # true on ROCm builds too (HIP devices)
+        self.device = device or ("cuda" if on_gpu else "cpu")
+        torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device != "cpu" else torch.float32)
+        self.name, self.model_dir = name, model_dir
+        self.engine = Engine.from_pretrained(model_dir, device=self.device, dtype=torch_dtype)
+        self._lock = threading.Lock()
+        self._abort: dict[str, threading.Event] = {}
+        self._running: set[str] = set()
+        self._staged: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.restarts = _actor_restarts()
+        port = metrics_port if metrics_port is not None else int(os.environ.get("ROLLOUT_REPLICA_METRICS_PORT", "0"))
+        self.metrics = ReplicaMetrics(name, port)
+        self.metrics.weight_version.set(0)
+        self.metrics.restarts.set(self.restarts)
+        log.info("replica %s ready on %s (%s), restarts=%d", name, self.device, torch_dtype, self.restarts)
+
+    # ------------------------------------------------------------------ requests
+    def generate(self, request_id: str, prompts: list[list[int]], params: dict):
+        """Yields one record per finished trajectory, then a final {"stats": ...} record."""
+        sampling = SamplingParams(**params)
+        abort = self._abort.setdefault(request_id, threading.Event())
+        try:
+            with self._lock:
+                if abort.is_set():
+                    return
+                self._running.add(request_id)
+                yield {"started": time.time(), "weight_version": self.engine.weight_version}
+                first_token_at = []
+                for c in self.engine.generate_iter(prompts, sampling, should_abort=abort.is_set,
+                                                   on_first_token=lambda: first_token_at.append(time.time())):
+                    record = completion_to_record(c)
+                    record["first_token_at"] = first_token_at[0] if first_token_at else time.time()
+                    record["finished_at"] = time.time()
+                    self.metrics.observe_completion(c)
+                    yield record
+                stats = self.engine.last_stats
+                self.metrics.observe_stats(stats)
+                yield {"stats": dict(tokens_per_forward=stats.tokens_per_forward,
+                                     acceptance_by_position=stats.acceptance_by_position,
+                                     generated_tokens=stats.generated_tokens)}
+        finally:
+            self._running.discard(request_id)
+            self._abort.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self._abort.setdefault(request_id, threading.Event()).set()
+        self.metrics.aborts.inc()
+
+    def status(self) -> dict:
+        node = ""
+        try:
+            import ray
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        except ImportError:
+            pass
+        return dict(name=self.name, node_id=node, ready=True, weight_version=self.engine.weight_version,
+                    running_requests=len(self._running), restarts=self.restarts,
+                    metrics_address=self.metrics.address, device=self.device,
+                    block_size=self.engine.tidar.block_size, levels=list(self.engine.tidar.level_set))
+
+    # ------------------------------------------------------------------ weights
+    def stage_weights(self, version: int, tensors: dict[str, torch.Tensor]) -> int:
+        """Verifies a full state dict (HF names) and keeps it ready for commit. Returns its bytes."""
+        model = self.engine.model
+        expected = model.state_dict()
+        if model.config.tie_word_embeddings:
+            expected.pop("lm_head.weight", None)
+            tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise WeightMismatchError(f"weight names differ from the model: missing {missing[:5]}, "
+                                      f"unexpected {extra[:5]}")
+        staged, nbytes = {}, 0
+        for name, t in tensors.items():
+            if tuple(t.shape) != tuple(expected[name].shape):
+                raise WeightMismatchError(f"{name}: shape {list(t.shape)}, the model has {list(expected[name].shape)}")
+            if not t.is_floating_point():
+                raise WeightMismatchError(f"{name}: dtype {t.dtype} is not a floating-point type")
+            if not torch.isfinite(t).all():
+                raise WeightMismatchError(f"{name}: contains NaN or Inf")
+            staged[name] = t.to(device=self.device, dtype=expected[name].dtype)
+            nbytes += t.numel() * t.element_size()
+        self._staged = (version, staged)
+        return nbytes
+
+    def commit_weights(self, version: int) -> int:
+        """Swaps the staged weights in between requests; the new version applies to every later token."""
+        if self._staged is None or self._staged[0] != version:
+            raise RuntimeError(f"no staged weights for version {version} on replica {self.name}")
+        started = time.perf_counter()
+        with self._lock:
+            _, staged = self._staged
+            params = self.engine.model.state_dict()
+            with torch.no_grad():
+                for name, t in staged.items():
+                    params[name].copy_(t)
+            self.engine.weight_version = version
+            self._staged = None
+        self.metrics.weight_version.set(version)
+        self.metrics.weight_swap_seconds.observe(time.perf_counter() - started)
+        log.info("replica %s now serves weight version %d", self.name, version)
+        return version
+
+    def discard_weights(self) -> None:
+        self._staged = None
+
+    def load_weights(self, version: int, tensors: dict[str, torch.Tensor]) -> int:
+        """Stage + commit in one call (a restarted replica catching up to the current version)."""
+        self.stage_weights(version, tensors)
+        return self.commit_weights(version)
+
+
+def _actor_restarts() -> int:
+    try:
+        import ray
+        if ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed:
+            return 1
+    except (ImportError, AttributeError, RuntimeError):
+        pass
+    return 0
+
+
+def replica_actor_class(num_gpus: float):
+    """GeneratorReplica as a Ray actor class: restarted by Ray when its process dies."""
+    import ray
+    return ray.remote(num_gpus=num_gpus, num_cpus=1, max_restarts=-1, max_task_retries=0,
+                      max_concurrency=16)(GeneratorReplica)

@@ -1,0 +1,252 @@
+"""Router: admits requests, places them on replicas, survives replica failures.
+
+Design decisions:
+- Placement: the live replica with the fewest outstanding tokens (prompt + max_tokens, times
+  n, over the requests assigned to it). All samples of a prompt go to one replica in one engine
+  call, so they share the prompt's prefill.
+- Admission: at most `max_queue` requests wait beyond one running per replica; the next one is
+  refused at once (QueueFullError -> RESOURCE_EXHAUSTED) rather than queued without bound.
+- Failures: when a replica's actor dies, Ray restarts it. The trajectories already streamed back
+  are kept; the samples still missing are dispatched again (to any live replica, the restarted
+  one included once it has caught up with the current weights). Each trajectory reaches the
+  caller exactly once.
+- Every wait has a deadline: the request's own, else `request_timeout`.
+- Weight pushes are two-phase over all replicas (stage everywhere, then commit everywhere), so
+  a push that fails anywhere changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from .metrics import FrontendMetrics
+from .params import SamplingParams
+
+log = logging.getLogger(__name__)
+REPLICA_FAILURES = (RayActorError, ActorUnavailableError)
+
+
+class QueueFullError(RuntimeError):
+    pass
+
+
+class DeadlineExceededError(TimeoutError):
+    pass
+
+
+class NoReplicaError(RuntimeError):
+    pass
+
+
+@dataclass
+class ReplicaSlot:
+    actor: object
+    name: str
+    outstanding_tokens: int = 0
+    running: int = 0
+    version: int | None = None  # last version known to be served; None: unknown (e.g. restarted)
+    failures: int = 0
+    turn: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+
+
+@dataclass
+class SubRequest:
+    prompt_indices: list[int]       # into the caller's prompts
+    sample_indices: list[list[int]]  # per prompt: the caller's sample index of each engine sample
+    seed: int | None
+
+
+class Router:
+    def __init__(self, actors: list, names: list[str], metrics: FrontendMetrics, max_queue: int = 64,
+                 request_timeout: float = 600.0, control_timeout: float = 120.0):
+        self.replicas = [ReplicaSlot(a, n) for a, n in zip(actors, names)]
+        self.metrics, self.max_queue = metrics, max_queue
+        self.request_timeout, self.control_timeout = request_timeout, control_timeout
+        self.version = 0
+        self.weights_ref = None
+        self.admitted = 0
+        self.waiting = 0
+        self.last_stats: dict = {}
+        self._push_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ readiness / status
+    async def wait_ready(self, timeout: float) -> None:
+        refs = [r.actor.status.remote() for r in self.replicas]
+        done = await asyncio.wait_for(asyncio.gather(*refs), timeout)
+        for r, st in zip(self.replicas, done):
+            r.version = st["weight_version"]
+
+    async def replica_status(self) -> list[dict]:
+        async def one(r: ReplicaSlot) -> dict:
+            try:
+                st = await asyncio.wait_for(r.actor.status.remote(), self.control_timeout)
+            except (*REPLICA_FAILURES, asyncio.TimeoutError) as e:
+                st = dict(name=r.name, ready=False, error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+            st.update(outstanding_tokens=r.outstanding_tokens, restarts=r.failures)
+            return st
+        return list(await asyncio.gather(*(one(r) for r in self.replicas)))
+
+    # ------------------------------------------------------------------ generation
+    async def generate(self, prompts: list[list[int]], params: SamplingParams, deadline: float | None = None
+                       ) -> AsyncIterator[tuple[dict, str]]:
+        """Yields (record, replica name) per trajectory, with the caller's prompt/sample indices.
+        `deadline` is a time.monotonic() value. The first record of a replica run is preceded
+        by a {"started": ...} marker record."""
+        if self.admitted >= self.max_queue + len(self.replicas):
+            raise QueueFullError(f"queue full: {self.admitted} requests admitted "
+                                 f"(max_queue={self.max_queue} + {len(self.replicas)} running)")
+        deadline = deadline or time.monotonic() + self.request_timeout
+        self.admitted += 1
+        try:
+            pending = [SubRequest(list(range(len(prompts))), [list(range(params.n))] * len(prompts), params.seed)]
+            attempts = 0
+            while pending:
+                sub = pending.pop(0)
+                missing = {(p, s) for p, samples in zip(sub.prompt_indices, sub.sample_indices) for s in samples}
+                try:
+                    async for record, name in self._run_on_replica(sub, prompts, params, deadline):
+                        missing.discard((record.get("prompt_index"), record.get("sample_index")))
+                        yield record, name
+                except REPLICA_FAILURES as e:
+                    attempts += 1
+                    self.metrics.retries.inc()
+                    if attempts > 3 * len(self.replicas):
+                        raise NoReplicaError(f"gave up after {attempts} replica failures: {e}") from e
+                    pending = self._regroup(missing, sub.seed, attempts) + pending
+        finally:
+            self.admitted -= 1
+
+    @staticmethod
+    def _regroup(missing: set[tuple[int, int]], seed: int | None, attempt: int) -> list[SubRequest]:
+        """Missing (prompt, sample) pairs -> sub-requests whose prompts all lack the same count."""
+        per_prompt: dict[int, list[int]] = {}
+        for p, s in sorted(missing):
+            per_prompt.setdefault(p, []).append(s)
+        by_count: dict[int, SubRequest] = {}
+        for p, samples in per_prompt.items():
+            sub = by_count.setdefault(len(samples), SubRequest([], [], None if seed is None else seed + attempt))
+            sub.prompt_indices.append(p)
+            sub.sample_indices.append(samples)
+        return list(by_count.values())
+
+    def _pick(self) -> ReplicaSlot:
+        return min(self.replicas, key=lambda r: (r.outstanding_tokens, r.running))
+
+    async def _run_on_replica(self, sub: SubRequest, prompts, params: SamplingParams, deadline: float):
+        n = len(sub.sample_indices[0])
+        sub_prompts = [prompts[i] for i in sub.prompt_indices]
+        cost = sum(len(p) + params.max_tokens for p in sub_prompts) * n
+        replica = self._pick()
+        replica.outstanding_tokens += cost
+        request_id = uuid.uuid4().hex
+        gen = None
+        self.waiting += 1
+        self.metrics.queue_depth.set(self.waiting)
+        try:
+            await asyncio.wait_for(replica.turn.acquire(), _left(deadline))
+        except asyncio.TimeoutError:
+            replica.outstanding_tokens -= cost
+            raise DeadlineExceededError("deadline passed while waiting for a replica") from None
+        finally:
+            self.waiting -= 1
+            self.metrics.queue_depth.set(self.waiting)
+        replica.running += 1
+        self.metrics.running.set(sum(r.running for r in self.replicas))
+        try:
+            try:
+                await self._ensure_version(replica, deadline)
+            except REPLICA_FAILURES:
+                replica.version = None
+                replica.failures += 1
+                self.metrics.replica_restarts.inc()
+                raise
+            sub_params = dict(_params_dict(params), n=n, seed=sub.seed)
+            gen = replica.actor.generate.remote(request_id, sub_prompts, sub_params)
+            while True:
+                try:
+                    ref = await asyncio.wait_for(gen.__anext__(), _left(deadline))
+                    record = await asyncio.wait_for(ref, _left(deadline))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise DeadlineExceededError("deadline passed during generation") from None
+                if "stats" in record:
+                    self.last_stats = record["stats"]
+                    continue
+                if "started" not in record:
+                    p = record["prompt_index"]
+                    record["sample_index"] = sub.sample_indices[p][record["sample_index"]]
+                    record["prompt_index"] = sub.prompt_indices[p]
+                yield record, replica.name
+        except REPLICA_FAILURES:
+            replica.version = None
+            replica.failures += 1
+            self.metrics.replica_restarts.inc()
+            log.warning("replica %s failed during request %s; re-dispatching", replica.name, request_id)
+            raise
+        except BaseException:
+            if gen is not None:  # cancelled, deadline, or the caller stopped reading: free the work
+                replica.actor.abort.remote(request_id)
+                self.metrics.aborts.inc()
+            raise
+        finally:
+            replica.running -= 1
+            replica.outstanding_tokens -= cost
+            self.metrics.running.set(sum(r.running for r in self.replicas))
+            replica.turn.release()
+
+    async def _ensure_version(self, replica: ReplicaSlot, deadline: float) -> None:
+        """A replica that restarted (or missed a push) loads the current weights before work."""
+        if replica.version == self.version:
+            return
+        st = await asyncio.wait_for(replica.actor.status.remote(), _left(deadline))
+        if st["weight_version"] != self.version and self.weights_ref is not None:
+            await asyncio.wait_for(replica.actor.load_weights.remote(self.version, self.weights_ref),
+                                   _left(deadline))
+        replica.version = self.version
+
+    # ------------------------------------------------------------------ weights
+    async def push_weights(self, tensors: dict, version: int | None = None) -> int:
+        """Stages `tensors` on every replica, then commits everywhere. Returns the new version."""
+        async with self._push_lock:
+            new_version = self.version + 1
+            if version not in (None, 0, new_version):
+                raise ValueError(f"version must be the next version {new_version}, got {version}")
+            ref = ray.put(tensors)
+            try:
+                await asyncio.wait_for(asyncio.gather(
+                    *(r.actor.stage_weights.remote(new_version, ref) for r in self.replicas)), self.control_timeout)
+            except BaseException:
+                await asyncio.gather(*(r.actor.discard_weights.remote() for r in self.replicas),
+                                     return_exceptions=True)
+                raise
+            results = await asyncio.wait_for(asyncio.gather(
+                *(r.actor.commit_weights.remote(new_version) for r in self.replicas), return_exceptions=True),
+                self.request_timeout)
+            self.version, self.weights_ref = new_version, ref
+            for r, res in zip(self.replicas, results):
+                # A replica that died between stage and commit catches up before its next request.
+                r.version = new_version if res == new_version else None
+            self.metrics.weight_version.set(new_version)
+            return new_version
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceededError("deadline passed")
+    return left
+
+
+def _params_dict(p: SamplingParams) -> dict:
+    return dict(sampler=p.sampler, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                max_tokens=p.max_tokens, n=p.n, seed=p.seed, mix_weight=p.mix_weight,
+                stop_token_ids=p.stop_token_ids)

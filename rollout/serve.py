@@ -1,0 +1,139 @@
+"""`rollout serve`: the rollout service on a Ray cluster.
+
+    python -m rollout serve --model DIR --replicas N --port P [--address auto|ray://HOST:10001]
+
+Joins a running Ray cluster (`--address auto` or a ray:// address) or starts a local one,
+places one GeneratorReplica per GPU (one per CPU slot when the cluster has no GPUs) with a
+placement group that spreads them over nodes, and serves gRPC. SIGTERM / SIGINT: health goes
+NOT_SERVING, no new RPCs are admitted, in-flight ones get `--grace` seconds to finish (then they
+are cancelled and their replica work aborted), and the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .config import load_tidar_config
+from .loader import read_model_config
+from .metrics import FrontendMetrics
+from .replica import replica_actor_class
+from .router import Router
+from .service import RolloutServicer, set_serving, start_server
+
+log = logging.getLogger(__name__)
+
+
+class RolloutService:
+    """Replicas + router + gRPC server, started and stopped as one unit (tests use it directly)."""
+
+    def __init__(self, model_dir: str | Path, replicas: int = 1, port: int = 50051, host: str = "[::]",
+                 auth_token: str | None = None, tls: tuple[bytes, bytes] | None = None,
+                 metrics_port: int | None = None, max_queue: int = 64, request_timeout: float = 600.0,
+                 ready_timeout: float = 600.0, placement_strategy: str = "SPREAD",
+                 gpus_per_replica: float | None = None, replica_metrics_port: int | None = None):
+        self.model_dir = str(Path(model_dir).resolve())
+        _, hf_cfg, self.config = read_model_config(self.model_dir)
+        self.tidar = load_tidar_config(Path(self.model_dir), hf_cfg, None, None)
+        self.num_replicas, self.port, self.host, self.auth_token, self.tls = replicas, port, host, auth_token, tls
+        self.metrics_port, self.max_queue, self.request_timeout = metrics_port, max_queue, request_timeout
+        self.ready_timeout, self.placement_strategy = ready_timeout, placement_strategy
+        self.gpus_per_replica, self.replica_metrics_port = gpus_per_replica, replica_metrics_port
+        self.server = self.health = self.router = self.pg = None
+        self.actors: list = []
+
+    def _place_replicas(self) -> None:
+        gpus = self.gpus_per_replica
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= self.num_replicas else 0.0
+        bundle = {"CPU": 1.0, **({"GPU": gpus} if gpus else {})}
+        self.pg = placement_group([bundle] * self.num_replicas, strategy=self.placement_strategy)
+        ray.get(self.pg.ready(), timeout=self.ready_timeout)
+        cls = replica_actor_class(gpus)
+        for i in range(self.num_replicas):
+            name = f"replica-{i}"
+            self.actors.append(cls.options(
+                name=name, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)
+            ).remote(self.model_dir, name, metrics_port=self.replica_metrics_port))
+
+    async def start(self) -> int:
+        """Starts everything; returns the bound gRPC port. Health is SERVING once replicas answer."""
+        metrics = FrontendMetrics(self.metrics_port)
+        self._place_replicas()
+        self.router = Router(self.actors, [f"replica-{i}" for i in range(self.num_replicas)], metrics,
+                             max_queue=self.max_queue, request_timeout=self.request_timeout)
+        servicer = RolloutServicer(self.router, self.config, self.tidar, Path(self.model_dir).name,
+                                   self.auth_token, metrics)
+        self.server, self.health, self.port = await start_server(servicer, self.port, self.host, self.tls)
+        await self.router.wait_ready(self.ready_timeout)
+        await set_serving(self.health, True)
+        log.info("serving %s on port %d with %d replicas", self.model_dir, self.port, self.num_replicas)
+        return self.port
+
+    async def stop(self, grace: float = 30.0) -> None:
+        if self.health is not None:
+            await set_serving(self.health, False)
+        if self.server is not None:
+            await self.server.stop(grace)
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+        self.actors, self.pg = [], None
+
+
+async def _serve_until_signal(service: RolloutService, grace: float) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    await stop.wait()
+    log.info("signal received: draining for up to %.0f s", grace)
+    await service.stop(grace)
+
+
+def main_serve(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="rollout serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory (HF files + tidar_config.json)")
+    p.add_argument("--replicas", type=int, default=1, help="generator replicas (one per GPU)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port")
+    p.add_argument("--host", default="[::]", help="address to bind")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster: 'auto' (running cluster), 'ray://HOST:10001', or omit for a local one")
+    p.add_argument("--auth-token-file", type=Path, help="file holding the bearer token for UpdateWeights")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables TLS with --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="PEM private key")
+    p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus port of the front end")
+    p.add_argument("--replica-metrics-port", type=int, default=None,
+                   help="Prometheus port on each replica (default: any free port, see GetStatus)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait beyond one per replica")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="deadline of requests that set none (s)")
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="time allowed for replicas to load (s)")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight RPCs get at shutdown")
+    p.add_argument("--placement", default="SPREAD", choices=["SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK"],
+                   help="placement-group strategy for the replicas")
+    args = p.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    token = args.auth_token_file.read_text().strip() if args.auth_token_file else None
+    if token is None:
+        log.warning("no --auth-token-file: UpdateWeights will refuse every call")
+    tls = (args.tls_cert.read_bytes(), args.tls_key.read_bytes()) if args.tls_cert else None
+    ray.init(address=args.address, namespace="tidar-rollout")
+    service = RolloutService(args.model, args.replicas, args.port, args.host, token, tls, args.metrics_port,
+                             args.max_queue, args.request_timeout, args.ready_timeout, args.placement,
+                             replica_metrics_port=args.replica_metrics_port)
+    try:
+        asyncio.run(_serve_until_signal(service, args.grace))
+    finally:
+        ray.shutdown()
+    return 0

@@ -1,0 +1,199 @@
+"""The gRPC front end: validation, status codes, auth, health, reflection, TLS.
+
+Design decisions:
+- Requests are validated here, against the model's config, before anything reaches a replica:
+  a malformed request costs the replicas nothing and can never take one down.
+- Status codes: INVALID_ARGUMENT (bad field, named in the message), RESOURCE_EXHAUSTED (queue
+  full), DEADLINE_EXCEEDED, CANCELLED (the client went away: its work is aborted on the replica),
+  UNAUTHENTICATED (mutating RPC without the bearer token), FAILED_PRECONDITION (policy version
+  older than the caller requires), UNAVAILABLE (no replica could serve).
+- The health service reports NOT_SERVING until every replica has answered once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from ray.exceptions import RayTaskError
+
+from .config import ModelConfig, TidarConfig
+from .metrics import FrontendMetrics
+from .params import validate_prompts
+from .router import DeadlineExceededError, NoReplicaError, QueueFullError, Router
+from .v1 import rollout_pb2 as pb
+from .v1 import rollout_pb2_grpc as pb_grpc
+from .wire import WeightAssembler, params_from_proto, record_to_trajectory
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RolloutService"].full_name
+
+
+class RolloutServicer(pb_grpc.RolloutServiceServicer):
+    def __init__(self, router: Router, config: ModelConfig, tidar: TidarConfig, model_name: str,
+                 auth_token: str | None, metrics: FrontendMetrics):
+        self.router, self.config, self.tidar, self.model_name = router, config, tidar, model_name
+        self.auth_token, self.metrics = auth_token, metrics
+
+    # ------------------------------------------------------------------ helpers
+    def _parse(self, request: pb.GenerateRequest, context):
+        if not request.prompts:
+            raise ValueError("prompts must hold at least one prompt")
+        if not request.HasField("params"):
+            raise ValueError("params is required (at least params.max_tokens)")
+        params = params_from_proto(request.params)
+        prompts = [list(p.token_ids) for p in request.prompts]
+        validate_prompts(prompts, params, self.config.vocab_size, self.config.max_position_embeddings,
+                         self.tidar.mask_token_id)
+        if request.timeout_seconds < 0:
+            raise ValueError(f"timeout_seconds must be >= 0, got {request.timeout_seconds}")
+        if request.min_policy_version > self.router.version:
+            raise PermissionError(f"served policy version {self.router.version} is older than "
+                                  f"min_policy_version {request.min_policy_version}")
+        deadline = None
+        remaining = context.time_remaining()
+        if remaining is not None:
+            deadline = time.monotonic() + remaining
+        if request.timeout_seconds > 0:
+            own = time.monotonic() + request.timeout_seconds
+            deadline = own if deadline is None else min(deadline, own)
+        return prompts, params, deadline
+
+    async def _trajectories(self, request, context, method: str):
+        accepted = time.time()
+        prompts, params, deadline = self._parse(request, context)
+        started = accepted
+        async for record, replica in self.router.generate(prompts, params, deadline):
+            if "started" in record:
+                started = record["started"]
+                continue
+            timings = dict(queue_seconds=max(started - accepted, 0.0),
+                           first_token_seconds=max(record["first_token_at"] - accepted, 0.0),
+                           total_seconds=max(record["finished_at"] - accepted, 0.0))
+            self.metrics.tokens.inc(len(record["token_ids"]))
+            yield record_to_trajectory(record, request.group_id, replica, timings)
+        stats = self.router.last_stats
+        if stats:
+            self.metrics.tokens_per_forward.set(stats["tokens_per_forward"])
+            for i, a in enumerate(stats["acceptance_by_position"]):
+                self.metrics.acceptance.labels(str(i + 1)).set(a)
+
+    async def _fail(self, context, method: str, e: BaseException):
+        code, msg = _status_of(e)
+        self.metrics.requests.labels(method, code.name).inc()
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", method, exc_info=e)
+        await context.abort(code, msg)
+
+    # ------------------------------------------------------------------ RPCs
+    async def Generate(self, request, context):
+        try:
+            trajectories = [t async for t in self._trajectories(request, context, "Generate")]
+        except asyncio.CancelledError:
+            self.metrics.requests.labels("Generate", "CANCELLED").inc()
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status for the caller
+            await self._fail(context, "Generate", e)
+        self.metrics.requests.labels("Generate", "OK").inc()
+        trajectories.sort(key=lambda t: (t.prompt_index, t.sample_index))
+        return pb.GenerateResponse(trajectories=trajectories)
+
+    async def GenerateStream(self, request, context):
+        try:
+            async for t in self._trajectories(request, context, "GenerateStream"):
+                yield t
+        except asyncio.CancelledError:
+            self.metrics.requests.labels("GenerateStream", "CANCELLED").inc()
+            raise
+        except Exception as e:  # noqa: BLE001
+            await self._fail(context, "GenerateStream", e)
+        self.metrics.requests.labels("GenerateStream", "OK").inc()
+
+    async def UpdateWeights(self, request_iterator, context):
+        if not self._authorized(context):
+            self.metrics.requests.labels("UpdateWeights", "UNAUTHENTICATED").inc()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "UpdateWeights needs 'authorization: Bearer <token>' metadata with the server's token")
+        started = time.perf_counter()
+        assembler = WeightAssembler()
+        try:
+            async for chunk in request_iterator:
+                assembler.add(chunk)
+            tensors = assembler.finish()
+            version = await self.router.push_weights(tensors, assembler.version)
+        except Exception as e:  # noqa: BLE001
+            await self._fail(context, "UpdateWeights", e)
+        seconds = time.perf_counter() - started
+        self.metrics.weight_push_seconds.observe(seconds)
+        self.metrics.weight_push_bytes.inc(assembler.num_bytes)
+        self.metrics.requests.labels("UpdateWeights", "OK").inc()
+        return pb.UpdateWeightsResponse(version=version, num_tensors=len(tensors), num_bytes=assembler.num_bytes,
+                                        seconds=seconds)
+
+    async def GetStatus(self, request, context):
+        replicas = await self.router.replica_status()
+        stats = self.router.last_stats or {}
+        return pb.StatusResponse(
+            model=self.model_name, weight_version=self.router.version,
+            replicas=[pb.ReplicaStatus(name=r["name"], node_id=r.get("node_id", ""), ready=r.get("ready", False),
+                                       weight_version=r.get("weight_version", -1),
+                                       running_requests=r.get("running_requests", 0),
+                                       outstanding_tokens=r["outstanding_tokens"], restarts=r["restarts"],
+                                       metrics_address=r.get("metrics_address", "")) for r in replicas],
+            queue_depth=self.router.waiting, running_requests=sum(r.running for r in self.router.replicas),
+            tokens_per_forward=stats.get("tokens_per_forward", 0.0),
+            acceptance_by_position=stats.get("acceptance_by_position", []),
+            block_size=self.tidar.block_size, levels=list(self.tidar.level_set))
+
+    def _authorized(self, context) -> bool:
+        if self.auth_token is None:
+            return False  # mutating RPCs are refused when the server was started without a token
+        got = dict(context.invocation_metadata()).get("authorization", "")
+        return hmac.compare_digest(got.encode(), f"Bearer {self.auth_token}".encode())
+
+
+def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(e, RayTaskError) and e.cause is not None:
+        e = e.cause
+    if isinstance(e, QueueFullError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+    if isinstance(e, (DeadlineExceededError, asyncio.TimeoutError)):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(e) or "deadline exceeded"
+    if isinstance(e, PermissionError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(e)
+    if isinstance(e, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    if isinstance(e, NoReplicaError):
+        return grpc.StatusCode.UNAVAILABLE, str(e)
+    return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
+
+
+async def start_server(servicer: RolloutServicer, port: int, host: str = "[::]",
+                       tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int]:
+    """Starts the gRPC server (health NOT_SERVING until `set_serving`). Returns the bound port."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+                                      ("grpc.max_send_message_length", 256 << 20)])
+    pb_grpc.add_RolloutServiceServicer_to_server(servicer, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME), server)
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    address = f"{host}:{port}"
+    bound = (server.add_secure_port(address, grpc.ssl_server_credentials([tls[::-1]])) if tls
+             else server.add_insecure_port(address))
+    await server.start()
+    return server, health, bound
+
+
+async def set_serving(health: health_aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await health.set(name, status)

@@ -1,0 +1,160 @@
+"""Conversions between the protobuf messages and the engine's Python objects.
+
+Per-token arrays travel as raw little-endian bytes (int32 ids, float32 log-probs, int64
+versions, uint8 draft flags). Weight pushes travel as chunks whose framing metadata is msgpack.
+Both the service and the trainer bridge use these functions, so the format has one definition.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Iterator
+
+import msgpack
+import numpy as np
+import torch
+
+from .params import Completion, SamplingParams
+from .v1 import rollout_pb2 as pb
+
+FINISH_REASONS = {"stop": pb.STOP, "length": pb.LENGTH, "abort": pb.ABORT, "error": pb.ERROR}
+FINISH_NAMES = {v: k for k, v in FINISH_REASONS.items()}
+WEIGHT_CHUNK_BYTES = 4 << 20
+
+
+def params_from_proto(p: pb.SamplingParams) -> SamplingParams:
+    """Proto defaults -> SamplingParams; raises ValueError naming the field."""
+    return SamplingParams(
+        sampler=p.sampler or "lossless",
+        temperature=p.temperature if p.HasField("temperature") else 1.0,
+        top_k=p.top_k,
+        top_p=p.top_p if p.HasField("top_p") else 1.0,
+        max_tokens=p.max_tokens,
+        n=p.n or 1,
+        seed=p.seed if p.HasField("seed") else None,
+        mix_weight=p.mix_weight if p.HasField("mix_weight") else 0.5,
+        stop_token_ids=tuple(p.stop_token_ids),
+    )
+
+
+def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(sampler=p.sampler, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                            max_tokens=p.max_tokens, n=p.n, mix_weight=p.mix_weight,
+                            stop_token_ids=list(p.stop_token_ids))
+    if p.seed is not None:
+        msg.seed = p.seed
+    return msg
+
+
+def completion_to_record(c: Completion) -> dict:
+    """A Completion as plain data (what a replica sends through Ray): arrays as numpy."""
+    return dict(prompt_index=c.prompt_index, sample_index=c.sample_index,
+                token_ids=np.asarray(c.token_ids, dtype="<i4"),
+                logprobs=np.asarray(c.logprobs, dtype="<f4"),
+                behavior_logprobs=np.asarray(c.behavior_logprobs, dtype="<f4"),
+                policy_versions=np.asarray(c.policy_versions, dtype="<i8"),
+                from_draft=np.asarray(c.from_draft, dtype="u1"),
+                finish_reason=c.finish_reason, num_forward_passes=c.num_forward_passes)
+
+
+def record_to_trajectory(r: dict, group_id: str, replica: str, timings: dict) -> pb.Trajectory:
+    n = len(r["token_ids"])
+    return pb.Trajectory(
+        prompt_index=r["prompt_index"], sample_index=r["sample_index"],
+        token_ids=r["token_ids"].tobytes(), logprobs=r["logprobs"].tobytes(),
+        behavior_logprobs=r["behavior_logprobs"].tobytes(), policy_versions=r["policy_versions"].tobytes(),
+        from_draft=r["from_draft"].tobytes(), finish_reason=FINISH_REASONS[r["finish_reason"]],
+        timings=pb.Timings(**timings), tokens_per_forward=n / max(r["num_forward_passes"], 1),
+        num_forward_passes=r["num_forward_passes"], group_id=group_id, replica=replica,
+        error=r.get("error", ""))
+
+
+def trajectory_arrays(t: pb.Trajectory) -> dict:
+    """The per-token arrays of a Trajectory as numpy (the inverse of the byte packing)."""
+    return dict(token_ids=np.frombuffer(t.token_ids, dtype="<i4"),
+                logprobs=np.frombuffer(t.logprobs, dtype="<f4"),
+                behavior_logprobs=np.frombuffer(t.behavior_logprobs, dtype="<f4"),
+                policy_versions=np.frombuffer(t.policy_versions, dtype="<i8"),
+                from_draft=np.frombuffer(t.from_draft, dtype="u1").astype(bool))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def weight_chunks(tensors: Iterable[tuple[str, torch.Tensor]], version: int, num_tensors: int,
+                  chunk_bytes: int = WEIGHT_CHUNK_BYTES) -> Iterator[pb.WeightChunk]:
+    """Splits named tensors (HF names) into WeightChunk messages (the UpdateWeights stream)."""
+    first = True
+    for name, tensor in tensors:
+        tensor = tensor.detach().to("cpu").contiguous()
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        head = dict(name=name, dtype=dtype_name(tensor.dtype), shape=list(tensor.shape), nbytes=int(data.size),
+                    crc32=zlib.crc32(data))
+        for offset in range(0, max(data.size, 1), chunk_bytes):
+            meta = dict(head, offset=offset)
+            if first:
+                meta.update(version=version, num_tensors=num_tensors)
+                first = False
+            yield pb.WeightChunk(metadata=msgpack.packb(meta), data=data[offset:offset + chunk_bytes].tobytes())
+
+
+class WeightAssembler:
+    """Rebuilds named tensors from WeightChunk messages, checking order, sizes and checksums."""
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.version: int | None = None
+        self.num_tensors: int | None = None
+        self.num_bytes = 0
+        self._current: tuple[dict, bytearray] | None = None
+
+    def add(self, chunk: pb.WeightChunk) -> None:
+        try:
+            meta = msgpack.unpackb(chunk.metadata)
+            name, offset, nbytes = meta["name"], meta["offset"], meta["nbytes"]
+        except Exception as e:  # noqa: BLE001 - any malformed framing is the caller's error
+            raise ValueError(f"weight chunk metadata is not a msgpack map with name/offset/nbytes: {e}") from None
+        if self.version is None:
+            if "version" not in meta:
+                raise ValueError("the first weight chunk must carry 'version' and 'num_tensors'")
+            self.version, self.num_tensors = int(meta["version"]), int(meta["num_tensors"])
+        if self._current is None or self._current[0]["name"] != name:
+            self._finish_current()
+            if name in self.tensors:
+                raise ValueError(f"tensor {name} was sent twice")
+            self._current = (meta, bytearray())
+        head, buf = self._current
+        if offset != len(buf):
+            raise ValueError(f"tensor {name}: chunk at offset {offset}, expected {len(buf)}")
+        buf += chunk.data
+        if len(buf) > nbytes:
+            raise ValueError(f"tensor {name}: received {len(buf)} bytes, header says {nbytes}")
+        self.num_bytes += len(chunk.data)
+
+    def _finish_current(self) -> None:
+        if self._current is None:
+            return
+        meta, buf = self._current
+        name = meta["name"]
+        if len(buf) != meta["nbytes"]:
+            raise ValueError(f"tensor {name}: received {len(buf)} of {meta['nbytes']} bytes")
+        if zlib.crc32(buf) != meta["crc32"]:
+            raise ValueError(f"tensor {name}: checksum mismatch (crc32)")
+        dtype = getattr(torch, str(meta["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"tensor {name}: unknown dtype {meta['dtype']!r}")
+        try:
+            tensor = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(meta["shape"])
+        except RuntimeError as e:
+            raise ValueError(f"tensor {name}: dtype {meta['dtype']} / shape {meta['shape']} do not fit: {e}") from None
+        self.tensors[name] = tensor
+        self._current = None
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        self._finish_current()
+        if self.version is None:
+            raise ValueError("the weight push was empty")
+        if len(self.tensors) != self.num_tensors:
+            raise ValueError(f"the weight push announced {self.num_tensors} tensors, {len(self.tensors)} arrived")
+        return self.tensors
