@@ -54,13 +54,18 @@ class GeneratorReplica:
         log.info("replica %s ready on %s (%s), restarts=%d", name, self.device, torch_dtype, self.restarts)
 
     # ------------------------------------------------------------------ requests
-    def generate(self, request_id: str, prompts: list[list[int]], params: dict):
-        """Yields one record per finished trajectory, then a final {"stats": ...} record."""
+    def generate(self, request_id: str, prompts: list[list[int]], params: dict, expected_version: int):
+        """Yields one record per finished trajectory, then a final {"stats": ...} record.
+        If this replica does not serve `expected_version` (e.g. Ray restarted it on the base
+        weights), it yields only {"stale": its version} and generates nothing."""
         sampling = SamplingParams(**params)
         abort = self._abort.setdefault(request_id, threading.Event())
         try:
             with self._lock:
                 if abort.is_set():
+                    return
+                if self.engine.weight_version != expected_version:
+                    yield {"stale": self.engine.weight_version}
                     return
                 self._running.add(request_id)
                 yield {"started": time.time(), "weight_version": self.engine.weight_version}

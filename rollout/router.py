@@ -65,9 +65,9 @@ class SubRequest:
 
 
 class Router:
-    def __init__(self, actors: list, names: list[str], metrics: FrontendMetrics, max_queue: int = 64,
-                 request_timeout: float = 600.0, control_timeout: float = 120.0):
-        self.replicas = [ReplicaSlot(a, n) for a, n in zip(actors, names)]
+    def __init__(self, metrics: FrontendMetrics, max_queue: int = 64, request_timeout: float = 600.0,
+                 control_timeout: float = 120.0):
+        self.replicas: list[ReplicaSlot] = []
         self.metrics, self.max_queue = metrics, max_queue
         self.request_timeout, self.control_timeout = request_timeout, control_timeout
         self.version = 0
@@ -76,6 +76,10 @@ class Router:
         self.waiting = 0
         self.last_stats: dict = {}
         self._push_lock = asyncio.Lock()
+        self._placements = 0
+
+    def add_replica(self, actor, name: str) -> None:
+        self.replicas.append(ReplicaSlot(actor, name))
 
     # ------------------------------------------------------------------ readiness / status
     async def wait_ready(self, timeout: float) -> None:
@@ -100,6 +104,8 @@ class Router:
         """Yields (record, replica name) per trajectory, with the caller's prompt/sample indices.
         `deadline` is a time.monotonic() value. The first record of a replica run is preceded
         by a {"started": ...} marker record."""
+        if not self.replicas:
+            raise NoReplicaError("no generator replica has been placed yet")
         if self.admitted >= self.max_queue + len(self.replicas):
             raise QueueFullError(f"queue full: {self.admitted} requests admitted "
                                  f"(max_queue={self.max_queue} + {len(self.replicas)} running)")
@@ -138,7 +144,13 @@ class Router:
         return list(by_count.values())
 
     def _pick(self) -> ReplicaSlot:
-        return min(self.replicas, key=lambda r: (r.outstanding_tokens, r.running))
+        if not self.replicas:
+            raise NoReplicaError("no generator replica has been placed yet")
+        # Least outstanding tokens; ties rotate so idle replicas share the work.
+        self._placements += 1
+        n = len(self.replicas)
+        order = [self.replicas[(self._placements + i) % n] for i in range(n)]
+        return min(order, key=lambda r: (r.outstanding_tokens, r.running))
 
     async def _run_on_replica(self, sub: SubRequest, prompts, params: SamplingParams, deadline: float):
         n = len(sub.sample_indices[0])
@@ -161,31 +173,26 @@ class Router:
         replica.running += 1
         self.metrics.running.set(sum(r.running for r in self.replicas))
         try:
-            try:
+            for _ in range(3):  # again only when the replica turns out to serve stale weights
                 await self._ensure_version(replica, deadline)
-            except REPLICA_FAILURES:
-                replica.version = None
-                replica.failures += 1
-                self.metrics.replica_restarts.inc()
-                raise
-            sub_params = dict(_params_dict(params), n=n, seed=sub.seed)
-            gen = replica.actor.generate.remote(request_id, sub_prompts, sub_params)
-            while True:
-                try:
-                    ref = await asyncio.wait_for(gen.__anext__(), _left(deadline))
-                    record = await asyncio.wait_for(ref, _left(deadline))
-                except StopAsyncIteration:
+                sub_params = dict(_params_dict(params), n=n, seed=sub.seed)
+                gen = replica.actor.generate.remote(request_id, sub_prompts, sub_params, self.version)
+                stale = False
+                async for record in _records(gen, deadline):
+                    if "stale" in record:
+                        replica.version, stale = None, True
+                        break
+                    if "stats" in record:
+                        self.last_stats = record["stats"]
+                        continue
+                    if "started" not in record:
+                        p = record["prompt_index"]
+                        record["sample_index"] = sub.sample_indices[p][record["sample_index"]]
+                        record["prompt_index"] = sub.prompt_indices[p]
+                    yield record, replica.name
+                if not stale:
                     return
-                except asyncio.TimeoutError:
-                    raise DeadlineExceededError("deadline passed during generation") from None
-                if "stats" in record:
-                    self.last_stats = record["stats"]
-                    continue
-                if "started" not in record:
-                    p = record["prompt_index"]
-                    record["sample_index"] = sub.sample_indices[p][record["sample_index"]]
-                    record["prompt_index"] = sub.prompt_indices[p]
-                yield record, replica.name
+            raise NoReplicaError(f"replica {replica.name} kept serving stale weights")
         except REPLICA_FAILURES:
             replica.version = None
             replica.failures += 1
@@ -237,6 +244,19 @@ class Router:
                 r.version = new_version if res == new_version else None
             self.metrics.weight_version.set(new_version)
             return new_version
+
+
+async def _records(gen, deadline: float):
+    """Values of a Ray streaming generator, each wait bounded by the deadline."""
+    while True:
+        try:
+            ref = await asyncio.wait_for(gen.__anext__(), _left(deadline))
+            record = await asyncio.wait_for(ref, _left(deadline))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise DeadlineExceededError("deadline passed during generation") from None
+        yield record
 
 
 def _left(deadline: float) -> float:

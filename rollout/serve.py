@@ -38,7 +38,8 @@ class RolloutService:
                  auth_token: str | None = None, tls: tuple[bytes, bytes] | None = None,
                  metrics_port: int | None = None, max_queue: int = 64, request_timeout: float = 600.0,
                  ready_timeout: float = 600.0, placement_strategy: str = "SPREAD",
-                 gpus_per_replica: float | None = None, replica_metrics_port: int | None = None):
+                 gpus_per_replica: float | None = None, replica_metrics_port: int | None = None,
+                 name: str = "rollout"):
         self.model_dir = str(Path(model_dir).resolve())
         _, hf_cfg, self.config = read_model_config(self.model_dir)
         self.tidar = load_tidar_config(Path(self.model_dir), hf_cfg, None, None)
@@ -46,32 +47,39 @@ class RolloutService:
         self.metrics_port, self.max_queue, self.request_timeout = metrics_port, max_queue, request_timeout
         self.ready_timeout, self.placement_strategy = ready_timeout, placement_strategy
         self.gpus_per_replica, self.replica_metrics_port = gpus_per_replica, replica_metrics_port
+        self.name = name  # prefix of the replica actor names (unique per Ray namespace)
         self.server = self.health = self.router = self.pg = None
         self.actors: list = []
 
-    def _place_replicas(self) -> None:
+    async def _place_replicas(self) -> None:
         gpus = self.gpus_per_replica
-        if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= self.num_replicas else 0.0
+        if gpus is None:  # a cluster with GPUs gets one replica per GPU (placement waits for them)
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         bundle = {"CPU": 1.0, **({"GPU": gpus} if gpus else {})}
         self.pg = placement_group([bundle] * self.num_replicas, strategy=self.placement_strategy)
-        ray.get(self.pg.ready(), timeout=self.ready_timeout)
+        try:
+            await asyncio.wait_for(self.pg.ready(), self.ready_timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"Ray could not place {self.num_replicas} replicas of {bundle} "
+                               f"({self.placement_strategy}) within {self.ready_timeout:.0f} s") from None
         cls = replica_actor_class(gpus)
         for i in range(self.num_replicas):
-            name = f"replica-{i}"
+            name = f"{self.name}-replica-{i}"
             self.actors.append(cls.options(
                 name=name, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)
             ).remote(self.model_dir, name, metrics_port=self.replica_metrics_port))
+            self.router.add_replica(self.actors[-1], name)
 
     async def start(self) -> int:
-        """Starts everything; returns the bound gRPC port. Health is SERVING once replicas answer."""
+        """Starts the server (health NOT_SERVING), then the replicas; health turns SERVING once
+        every replica has answered. Returns the bound gRPC port."""
         metrics = FrontendMetrics(self.metrics_port)
-        self._place_replicas()
-        self.router = Router(self.actors, [f"replica-{i}" for i in range(self.num_replicas)], metrics,
-                             max_queue=self.max_queue, request_timeout=self.request_timeout)
+        self.metrics_address = metrics.address
+        self.router = Router(metrics, max_queue=self.max_queue, request_timeout=self.request_timeout)
         servicer = RolloutServicer(self.router, self.config, self.tidar, Path(self.model_dir).name,
                                    self.auth_token, metrics)
         self.server, self.health, self.port = await start_server(servicer, self.port, self.host, self.tls)
+        await self._place_replicas()
         await self.router.wait_ready(self.ready_timeout)
         await set_serving(self.health, True)
         log.info("serving %s on port %d with %d replicas", self.model_dir, self.port, self.num_replicas)
@@ -119,6 +127,8 @@ def main_serve(argv: list[str]) -> int:
     p.add_argument("--request-timeout", type=float, default=600.0, help="deadline of requests that set none (s)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="time allowed for replicas to load (s)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight RPCs get at shutdown")
+    p.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="GPUs each replica asks Ray for (default: 1 if the cluster has GPUs, else 0)")
     p.add_argument("--placement", default="SPREAD", choices=["SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK"],
                    help="placement-group strategy for the replicas")
     args = p.parse_args(argv)
@@ -131,7 +141,7 @@ def main_serve(argv: list[str]) -> int:
     ray.init(address=args.address, namespace="tidar-rollout")
     service = RolloutService(args.model, args.replicas, args.port, args.host, token, tls, args.metrics_port,
                              args.max_queue, args.request_timeout, args.ready_timeout, args.placement,
-                             replica_metrics_port=args.replica_metrics_port)
+                             gpus_per_replica=args.gpus_per_replica, replica_metrics_port=args.replica_metrics_port)
     try:
         asyncio.run(_serve_until_signal(service, args.grace))
     finally:

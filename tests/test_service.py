@@ -1,0 +1,256 @@
+"""The gRPC service end to end on localhost: Ray replicas (local Ray), real channels."""
+
+import threading
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2
+
+ray = pytest.importorskip("ray")
+
+from rollout import Engine, SamplingParams  # noqa: E402
+from rollout.serve import RolloutService  # noqa: E402
+from rollout.tiny import make_tiny_model  # noqa: E402
+from rollout.v1 import rollout_pb2 as pb  # noqa: E402
+from rollout.wire import weight_chunks  # noqa: E402
+from service_helpers import CALL_TIMEOUT, ServiceRunner, arrays, request, wait_until  # noqa: E402
+
+PROMPTS = [[2, 3, 4], [5, 6, 7, 8, 9], [10]]
+TOKEN = "test-token"
+# A request that keeps a replica busy for a good while (many rows, long completions).
+LONG = dict(prompts=[[2 + i % 12, 3] for i in range(48)], max_tokens=240, n=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("svc"), "qwen2", vocab_size=16, block_size=4)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, namespace="test-service")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def runner(ray_local, model_dir):
+    r = ServiceRunner(RolloutService(model_dir, replicas=2, port=0, auth_token=TOKEN, metrics_port=0))
+    r.wait_started()
+    yield r
+    r.stop()
+
+
+def running_requests(stub) -> int:
+    st = stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT)
+    return sum(r.running_requests for r in st.replicas)
+
+
+def test_generate_returns_what_the_engine_returns(runner, model_dir):
+    engine = Engine.from_pretrained(model_dir)
+    for sampler in ("lossless", "mixed", "ar"):
+        direct = engine.generate(PROMPTS, SamplingParams(sampler=sampler, max_tokens=20, n=2, seed=3))
+        resp = runner.stub().Generate(request(PROMPTS, "g1", sampler=sampler, max_tokens=20, n=2, seed=3),
+                                      timeout=CALL_TIMEOUT)
+        assert [(t.prompt_index, t.sample_index) for t in resp.trajectories] == [
+            (i, j) for i in range(len(PROMPTS)) for j in range(2)]
+        for t in resp.trajectories:
+            c = direct[t.prompt_index][t.sample_index]
+            a = arrays(t)
+            assert a["token_ids"].tolist() == c.token_ids
+            assert np.array_equal(a["logprobs"], np.asarray(c.logprobs, dtype=np.float32))
+            assert np.array_equal(a["behavior_logprobs"], np.asarray(c.behavior_logprobs, dtype=np.float32))
+            assert a["from_draft"].tolist() == c.from_draft
+            assert a["policy_versions"].tolist() == [0] * len(c.token_ids)
+            assert t.group_id == "g1" and t.finish_reason == pb.LENGTH and t.num_forward_passes == c.num_forward_passes
+            assert 0 <= t.timings.queue_seconds <= t.timings.first_token_seconds <= t.timings.total_seconds
+
+
+def test_generate_stream_returns_each_trajectory_once_matching_the_engine(runner, model_dir):
+    engine = Engine.from_pretrained(model_dir)
+    direct = engine.generate(PROMPTS, SamplingParams(max_tokens=30, n=3, seed=4, stop_token_ids=(1,)))
+    streamed = list(runner.stub().GenerateStream(request(PROMPTS, max_tokens=30, n=3, seed=4, stop_token_ids=[1]),
+                                                 timeout=CALL_TIMEOUT))
+    assert sorted((t.prompt_index, t.sample_index) for t in streamed) == [(i, j) for i in range(3) for j in range(3)]
+    for t in streamed:
+        c = direct[t.prompt_index][t.sample_index]
+        assert arrays(t)["token_ids"].tolist() == c.token_ids
+        assert {pb.STOP: "stop", pb.LENGTH: "length"}[t.finish_reason] == c.finish_reason
+
+
+@pytest.mark.parametrize("req,field", [
+    (pb.GenerateRequest(params=pb.SamplingParams(max_tokens=4)), "prompts must hold at least one prompt"),
+    (request([[2], []], max_tokens=4), r"prompt_token_ids\[1\] is empty"),
+    (request([[2, 99]], max_tokens=4), r"prompt_token_ids\[0\] has token id 99 outside the vocabulary"),
+    (request([[2] * 200], max_tokens=100), "exceeds the model's context of 256"),
+    (request([[2]], max_tokens=0), "max_tokens must be an integer >= 1"),
+    (request([[2]], max_tokens=4, top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (request([[2]], max_tokens=4, temperature=-1.0), "temperature must be >= 0"),
+    (request([[2]], max_tokens=4, sampler="beam"), "sampler must be one of"),
+    (request([[2, 15]], max_tokens=4), "contains the mask token id 15"),
+])
+def test_bad_requests_are_invalid_argument_naming_the_field(runner, req, field):
+    with pytest.raises(grpc.RpcError) as info:
+        runner.stub().Generate(req, timeout=CALL_TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert pytest.importorskip("re").search(field, info.value.details())
+    # A malformed request never takes a replica down: the service still serves.
+    assert runner.stub().Generate(request([[2]], max_tokens=3, seed=0), timeout=CALL_TIMEOUT).trajectories
+
+
+def test_server_side_deadline_is_deadline_exceeded_and_frees_the_replica(runner):
+    stub = runner.stub()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(request(timeout_seconds=0.05, **LONG), timeout=CALL_TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: running_requests(stub) == 0, what="replicas idle after the deadline")
+
+
+def test_client_cancel_frees_the_work(runner):
+    stub = runner.stub()
+    call = stub.GenerateStream(request(**LONG), timeout=CALL_TIMEOUT)
+    wait_until(lambda: running_requests(stub) == 1, what="the long request running")
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    wait_until(lambda: running_requests(stub) == 0, what="the replica freed after cancel")
+
+
+@pytest.mark.parametrize("metadata", [None, (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)])
+def test_update_weights_without_the_token_is_unauthenticated(runner, metadata):
+    chunks = weight_chunks([("model.norm.weight", torch.ones(32))], version=0, num_tensors=1)
+    with pytest.raises(grpc.RpcError) as info:
+        runner.stub().UpdateWeights(chunks, timeout=CALL_TIMEOUT, metadata=metadata)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_update_weights_with_a_corrupt_checksum_changes_nothing(runner):
+    stub = runner.stub()
+    before = stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT).weight_version
+    chunks = list(weight_chunks([("model.norm.weight", torch.ones(32))], version=0, num_tensors=1))
+    chunks[0].data = b"\xff" + chunks[0].data[1:]
+    with pytest.raises(grpc.RpcError) as info:
+        stub.UpdateWeights(iter(chunks), timeout=CALL_TIMEOUT, metadata=(("authorization", f"Bearer {TOKEN}"),))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "checksum" in info.value.details()
+    assert stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT).weight_version == before
+
+
+def test_health_is_serving_and_status_lists_replicas(runner):
+    assert runner.health() == health_pb2.HealthCheckResponse.SERVING
+    st = runner.stub().GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT)
+    assert [r.name for r in st.replicas] == ["rollout-replica-0", "rollout-replica-1"]
+    assert all(r.ready for r in st.replicas)
+    assert st.block_size == 4 and list(st.levels) == [1, 2, 3, 4]
+
+
+def test_metrics_endpoints_export_the_counters(runner):
+    runner.stub().Generate(request([[2, 3]], max_tokens=8, seed=0), timeout=CALL_TIMEOUT)
+    front = urllib.request.urlopen(f"http://{runner.service.metrics_address}/metrics", timeout=10).read().decode()
+    for name in ("rollout_queue_depth", "rollout_running_requests", "rollout_generated_tokens_total",
+                 "rollout_weight_version", "rollout_requests_total"):
+        assert name in front
+    st = runner.stub().GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT)
+    replica = urllib.request.urlopen(f"http://{st.replicas[0].metrics_address}/metrics", timeout=10).read().decode()
+    for name in ("rollout_replica_tokens_per_forward", "rollout_replica_draft_acceptance",
+                 "rollout_replica_weight_version", "rollout_replica_generated_tokens_total"):
+        assert name in replica
+
+
+def test_full_queue_is_resource_exhausted(ray_local, model_dir):
+    r = ServiceRunner(RolloutService(model_dir, replicas=1, port=0, max_queue=1, name="queue"))
+    r.wait_started()
+    try:
+        stub = r.stub()
+        first = stub.GenerateStream(request(**LONG), timeout=CALL_TIMEOUT)
+        wait_until(lambda: running_requests(stub) == 1, what="first request running")
+        second = stub.GenerateStream(request(**LONG), timeout=CALL_TIMEOUT)
+        wait_until(lambda: stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT).queue_depth == 1,
+                   what="second request queued")
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(request([[2]], max_tokens=2), timeout=CALL_TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue full" in info.value.details()
+        first.cancel()
+        second.cancel()
+        wait_until(lambda: running_requests(stub) == 0, what="queue drained after cancel")
+    finally:
+        r.stop()
+
+
+def test_health_is_not_serving_until_a_replica_is_ready(ray_local, model_dir):
+    # Replicas that need a GPU can never be placed on this CPU-only Ray: readiness never comes.
+    r = ServiceRunner(RolloutService(model_dir, replicas=1, port=0, gpus_per_replica=1, ready_timeout=600,
+                                     name="unplaceable"))
+    try:
+        wait_until(lambda: r.service.server is not None, what="server started")
+        assert r.health() == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            r.stub().Generate(request([[2]], max_tokens=2), timeout=CALL_TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        r.stop()
+
+
+def test_killed_replica_mid_batch_all_trajectories_come_back_once(runner):
+    stub = runner.stub()
+    params = dict(LONG, max_tokens=200, stop_token_ids=[1])
+    got, killed = [], threading.Event()
+    for t in stub.GenerateStream(request(**params), timeout=120):
+        got.append(t)
+        if not killed.is_set():
+            ray.kill(ray.get_actor(t.replica, namespace="test-service"), no_restart=False)
+            killed.set()
+    keys = [(t.prompt_index, t.sample_index) for t in got]
+    assert sorted(keys) == [(i, j) for i in range(len(params["prompts"])) for j in range(4)]
+    assert len(set(keys)) == len(keys)
+    st = stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT)
+    assert sum(r.restarts for r in st.replicas) >= 1
+    wait_until(lambda: all(r.ready for r in stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT).replicas),
+               what="the killed replica restarted")
+
+
+def perturbed_state(model_dir, seed: int) -> dict[str, torch.Tensor]:
+    state = Engine.from_pretrained(model_dir).model.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+
+
+def test_pushed_weights_are_served_and_a_restarted_replica_catches_up(runner, model_dir, tmp_path):
+    """Runs last in this module: it moves the served version to 1."""
+    from safetensors.torch import save_file
+    import shutil
+
+    stub, auth = runner.stub(), (("authorization", f"Bearer {TOKEN}"),)
+    state = perturbed_state(model_dir, seed=1)
+    resp = stub.UpdateWeights(weight_chunks(state.items(), version=1, num_tensors=len(state), chunk_bytes=4096),
+                              timeout=CALL_TIMEOUT, metadata=auth)
+    assert resp.version == 1 and resp.num_tensors == len(state)
+    fresh_dir = tmp_path / "pushed"
+    shutil.copytree(model_dir, fresh_dir)
+    save_file({k: v.contiguous() for k, v in state.items()}, fresh_dir / "model.safetensors")
+    fresh = Engine.from_pretrained(fresh_dir)
+    expected = fresh.generate(PROMPTS, SamplingParams(max_tokens=16, n=2, seed=8))
+    served_by = set()
+    for _ in range(2):  # consecutive idle requests rotate over both replicas
+        got = stub.Generate(request(PROMPTS, max_tokens=16, n=2, seed=8), timeout=CALL_TIMEOUT)
+        served_by |= {t.replica for t in got.trajectories}
+        for t in got.trajectories:
+            a = arrays(t)
+            assert a["token_ids"].tolist() == expected[t.prompt_index][t.sample_index].token_ids
+            assert a["policy_versions"].tolist() == [1] * len(a["token_ids"])
+    assert served_by == {"rollout-replica-0", "rollout-replica-1"}
+    # Kill both replicas: Ray restarts them on the base weights; they must load version 1 first.
+    for name in ("rollout-replica-0", "rollout-replica-1"):
+        ray.kill(ray.get_actor(name, namespace="test-service"), no_restart=False)
+    def restarted() -> bool:
+        st = stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT)
+        return all(r.ready and r.weight_version == 0 for r in st.replicas)
+    wait_until(restarted, timeout=120, what="both replicas restarted on the base weights")
+    got = stub.Generate(request(PROMPTS, max_tokens=16, n=2, seed=8), timeout=CALL_TIMEOUT)
+    for t in got.trajectories:
+        assert arrays(t)["token_ids"].tolist() == expected[t.prompt_index][t.sample_index].token_ids
+        assert set(arrays(t)["policy_versions"].tolist()) == {1}
+
