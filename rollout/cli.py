@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
+DELEGATED = {"serve": "serve the model over gRPC on Ray replicas",
+             "convert": "convert an AR checkpoint into a TiDAR model",
+             "pretrain": "train a small AR model from scratch, then convert it"}
 DEFAULT_PROMPTS = ["import os\n\ndef ", "class Config:\n    def __init__(self", "for i in range(", "# Parse the"]
 
 
@@ -89,10 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
     g.set_defaults(func=_generate)
-    for name in ("convert", "pretrain", "serve"):
-        c = sub.add_parser(name, help=f"{name} a model (see `python -m rollout {name} --help`)", add_help=False)
-        c.add_argument("rest", nargs=argparse.REMAINDER)
-        c.set_defaults(func=lambda a, name=name: _delegate(name, a.rest))
+    for name, what in DELEGATED.items():  # parsed by their own modules (see main)
+        sub.add_parser(name, help=f"{what} (see `python -m rollout {name} --help`)", add_help=False)
     return parser
 
 
@@ -106,5 +107,8 @@ def _delegate(name: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        return _delegate(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
     return args.func(args)

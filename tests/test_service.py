@@ -212,6 +212,11 @@ def test_killed_replica_mid_batch_all_trajectories_come_back_once(runner):
                what="the killed replica restarted")
 
 
+def test_reflection_lists_the_services(runner):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+    services = set(ProtoReflectionDescriptorDatabase(runner.channel()).get_services())
+    assert {"rollout.v1.RolloutService", "grpc.health.v1.Health"} <= services
+
 def perturbed_state(model_dir, seed: int) -> dict[str, torch.Tensor]:
     state = Engine.from_pretrained(model_dir).model.state_dict()
     gen = torch.Generator().manual_seed(seed)
@@ -253,4 +258,5 @@ def test_pushed_weights_are_served_and_a_restarted_replica_catches_up(runner, mo
     for t in got.trajectories:
         assert arrays(t)["token_ids"].tolist() == expected[t.prompt_index][t.sample_index].token_ids
         assert set(arrays(t)["policy_versions"].tolist()) == {1}
+
 

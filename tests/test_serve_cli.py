@@ -1,0 +1,73 @@
+"""`python -m rollout serve` as a user runs it: TLS, a real client, then SIGTERM and a clean exit."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+pytest.importorskip("ray")
+
+from rollout.tiny import make_tiny_model  # noqa: E402
+from rollout.v1 import rollout_pb2 as pb  # noqa: E402
+from rollout.v1 import rollout_pb2_grpc as pb_grpc  # noqa: E402
+from service_helpers import CALL_TIMEOUT, request, wait_until  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def self_signed_cert(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_serve_with_tls_answers_then_exits_cleanly_on_sigterm(tmp_path):
+    model_dir = make_tiny_model(tmp_path / "m", "qwen2", vocab_size=16, block_size=4)
+    cert, key = self_signed_cert(tmp_path)
+    (tmp_path / "token").write_text("tok\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollout", "serve", "--model", str(model_dir), "--replicas", "1", "--port", str(port),
+         "--host", "localhost", "--metrics-port", "0", "--auth-token-file", str(tmp_path / "token"),
+         "--tls-cert", str(cert), "--tls-key", str(key), "--grace", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, RAY_DEDUP_LOGS="0"))
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        channel = grpc.secure_channel(f"localhost:{port}", creds)
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def serving():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            try:
+                return health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                return False
+        wait_until(serving, timeout=240, what="the server reporting SERVING")
+        resp = pb_grpc.RolloutServiceStub(channel).Generate(request([[2, 3]], max_tokens=6, seed=0),
+                                                            timeout=CALL_TIMEOUT)
+        assert len(resp.trajectories) == 1
+        with pytest.raises(grpc.RpcError):  # plaintext is refused on a TLS port
+            pb_grpc.RolloutServiceStub(grpc.insecure_channel(f"localhost:{port}")).GetStatus(
+                pb.StatusRequest(), timeout=5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
