@@ -149,10 +149,17 @@ class Engine:
     def generate_iter(self, prompt_token_ids: list[list[int]], params: SamplingParams,
                       should_abort: Callable[[], bool] | None = None,
                       on_first_token: Callable[[], None] | None = None) -> Iterator[Completion]:
-        """Yields each completion as soon as it finishes. `should_abort` is polled between steps:
-        when it returns True the running completions end with finish_reason "abort", keeping the
-        tokens they have. `on_first_token` is called once the prefill has sampled every row's
-        first token. Input is validated before anything runs."""
+        """Yields each completion as soon as it finishes (see `generate_steps`)."""
+        for finished in self.generate_steps(prompt_token_ids, params, should_abort, on_first_token):
+            yield from finished
+
+    def generate_steps(self, prompt_token_ids: list[list[int]], params: SamplingParams,
+                       should_abort: Callable[[], bool] | None = None,
+                       on_first_token: Callable[[], None] | None = None) -> Iterator[list[Completion]]:
+        """Yields, after each forward that finished some completions, the list of them.
+        `should_abort` is polled between steps: when it returns True the running completions
+        end with finish_reason "abort", keeping the tokens they have. `on_first_token` is called
+        once the prefill has sampled every row's first token. Input is validated first."""
         self.validate(prompt_token_ids, params)
         prompts = [[int(t) for t in p] for p in prompt_token_ids]
         k = self.tidar.block_size if params.sampler != "ar" else 1
@@ -170,16 +177,18 @@ class Engine:
             stats.prefill_seconds = time.perf_counter() - t0
             if on_first_token is not None:
                 on_first_token()
-            yield from (completions[r] for r in finished)
+            if finished:
+                yield [completions[r] for r in finished]
             while rows.ids:
                 if should_abort is not None and should_abort():
                     for r in rows.ids:
                         completions[r].finish_reason = "abort"
-                    yield from (completions[r] for r in rows.ids)
+                    yield [completions[r] for r in rows.ids]
                     break
                 with torch.inference_mode():
                     rows, finished = self._decode_step(rows, params, k, cache, completions, generators, stats)
-                yield from (completions[r] for r in finished)
+                if finished:
+                    yield [completions[r] for r in finished]
         finally:
             stats.decode_seconds = time.perf_counter() - t0 - stats.prefill_seconds
             stats.generated_tokens = sum(len(c.token_ids) for c in completions)

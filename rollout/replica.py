@@ -55,7 +55,8 @@ class GeneratorReplica:
 
     # ------------------------------------------------------------------ requests
     def generate(self, request_id: str, prompts: list[list[int]], params: dict, expected_version: int):
-        """Yields one record per finished trajectory, then a final {"stats": ...} record.
+        """Yields, per engine step that finished trajectories, {"records": [...]}; then a final
+        {"stats": ...} record.
         If this replica does not serve `expected_version` (e.g. Ray restarted it on the base
         weights), it yields only {"stale": its version} and generates nothing."""
         sampling = SamplingParams(**params)
@@ -70,13 +71,16 @@ class GeneratorReplica:
                 self._running.add(request_id)
                 yield {"started": time.time(), "weight_version": self.engine.weight_version}
                 first_token_at = []
-                for c in self.engine.generate_iter(prompts, sampling, should_abort=abort.is_set,
-                                                   on_first_token=lambda: first_token_at.append(time.time())):
-                    record = completion_to_record(c)
-                    record["first_token_at"] = first_token_at[0] if first_token_at else time.time()
-                    record["finished_at"] = time.time()
-                    self.metrics.observe_completion(c)
-                    yield record
+                for finished in self.engine.generate_steps(
+                        prompts, sampling, should_abort=abort.is_set,
+                        on_first_token=lambda: first_token_at.append(time.time())):
+                    now = time.time()
+                    records = []
+                    for c in finished:
+                        self.metrics.observe_completion(c)
+                        records.append(dict(completion_to_record(c), finished_at=now,
+                                            first_token_at=first_token_at[0] if first_token_at else now))
+                    yield {"records": records}
                 stats = self.engine.last_stats
                 self.metrics.observe_stats(stats)
                 yield {"stats": dict(tokens_per_forward=stats.tokens_per_forward,

@@ -185,11 +185,14 @@ class Router:
                     if "stats" in record:
                         self.last_stats = record["stats"]
                         continue
-                    if "started" not in record:
-                        p = record["prompt_index"]
-                        record["sample_index"] = sub.sample_indices[p][record["sample_index"]]
-                        record["prompt_index"] = sub.prompt_indices[p]
-                    yield record, replica.name
+                    if "started" in record:
+                        yield record, replica.name
+                        continue
+                    for r in record["records"]:
+                        p = r["prompt_index"]
+                        r["sample_index"] = sub.sample_indices[p][r["sample_index"]]
+                        r["prompt_index"] = sub.prompt_indices[p]
+                        yield r, replica.name
                 if not stale:
                     return
             raise NoReplicaError(f"replica {replica.name} kept serving stale weights")
