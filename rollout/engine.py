@@ -148,18 +148,26 @@ class Engine:
 
     def generate_iter(self, prompt_token_ids: list[list[int]], params: SamplingParams,
                       should_abort: Callable[[], bool] | None = None,
-                      on_first_token: Callable[[], None] | None = None) -> Iterator[Completion]:
+                      on_first_token: Callable[[], None] | None = None,
+                      between_steps: Callable[[], bool] | None = None) -> Iterator[Completion]:
         """Yields each completion as soon as it finishes (see `generate_steps`)."""
-        for finished in self.generate_steps(prompt_token_ids, params, should_abort, on_first_token):
+        for finished in self.generate_steps(prompt_token_ids, params, should_abort, on_first_token, between_steps):
             yield from finished
 
     def generate_steps(self, prompt_token_ids: list[list[int]], params: SamplingParams,
                        should_abort: Callable[[], bool] | None = None,
-                       on_first_token: Callable[[], None] | None = None) -> Iterator[list[Completion]]:
+                       on_first_token: Callable[[], None] | None = None,
+                       between_steps: Callable[[], bool] | None = None) -> Iterator[list[Completion]]:
         """Yields, after each forward that finished some completions, the list of them.
-        `should_abort` is polled between steps: when it returns True the running completions
-        end with finish_reason "abort", keeping the tokens they have. `on_first_token` is called
-        once the prefill has sampled every row's first token. Input is validated first."""
+
+        Hooks, all called between forwards (never during one):
+        `should_abort() -> bool`: True ends the running completions with finish_reason "abort",
+            keeping the tokens they have.
+        `on_first_token()`: once the prefill has sampled every row's first token.
+        `between_steps() -> bool`: may swap the model's weights; True says it did, and the K/V
+            of every running row is then recomputed with the new weights before the next step
+            (drafts already drawn stay valid: verification uses the new target).
+        Input is validated first."""
         self.validate(prompt_token_ids, params)
         prompts = [[int(t) for t in p] for p in prompt_token_ids]
         k = self.tidar.block_size if params.sampler != "ar" else 1
@@ -185,6 +193,9 @@ class Engine:
                         completions[r].finish_reason = "abort"
                     yield [completions[r] for r in rows.ids]
                     break
+                if between_steps is not None and between_steps():
+                    with torch.inference_mode():
+                        self._recompute_cache(rows, prompts, completions, cache)
                 with torch.inference_mode():
                     rows, finished = self._decode_step(rows, params, k, cache, completions, generators, stats)
                 if finished:
@@ -194,6 +205,13 @@ class Engine:
             stats.generated_tokens = sum(len(c.token_ids) for c in completions)
             stats.row_forward_passes = sum(c.num_forward_passes for c in completions)
             self.last_stats = stats
+
+    def _recompute_cache(self, rows: _Rows, prompts: list[list[int]], completions: list[Completion],
+                         cache: KVCache) -> None:
+        """Rewrites the committed K/V of running rows with the current weights. A row's cache
+        holds its prompt and every generated token but the last (the pending d_0)."""
+        seqs = [prompts[completions[r].prompt_index] + completions[r].token_ids[:-1] for r in rows.ids]
+        self._prefill_hidden(seqs, 0, cache, rows.slots.tolist())
 
     def _row_generators(self, num_prompts: int, n: int, seed: int | None) -> list[torch.Generator]:
         base = seed if seed is not None else int.from_bytes(os.urandom(8), "little")

@@ -30,6 +30,9 @@ from .wire import completion_to_record
 log = logging.getLogger(__name__)
 
 
+WEIGHT_SWAP_MODES = ("wait", "abort", "keep")
+
+
 class WeightMismatchError(ValueError):
     """A pushed state dict does not fit the served model."""
 
@@ -46,6 +49,7 @@ class GeneratorReplica:
         self._abort: dict[str, threading.Event] = {}
         self._running: set[str] = set()
         self._staged: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._pending_swap: int | None = None
         self.restarts = _actor_restarts()
         port = metrics_port if metrics_port is not None else int(os.environ.get("ROLLOUT_REPLICA_METRICS_PORT", "0"))
         self.metrics = ReplicaMetrics(name, port)
@@ -73,7 +77,8 @@ class GeneratorReplica:
                 first_token_at = []
                 for finished in self.engine.generate_steps(
                         prompts, sampling, should_abort=abort.is_set,
-                        on_first_token=lambda: first_token_at.append(time.time())):
+                        on_first_token=lambda: first_token_at.append(time.time()),
+                        between_steps=self._swap_if_pending):
                     now = time.time()
                     records = []
                     for c in finished:
@@ -131,23 +136,58 @@ class GeneratorReplica:
         self._staged = (version, staged)
         return nbytes
 
-    def commit_weights(self, version: int) -> int:
-        """Swaps the staged weights in between requests; the new version applies to every later token."""
+    def commit_weights(self, version: int, mode: str = "wait", timeout: float = 600.0) -> int:
+        """Swaps the staged weights in; every later token carries the new version.
+
+        mode "wait": after the running request finishes (it ends on the old weights);
+        "abort": the running request stops at its next step and returns its partial
+            trajectories (finish reason abort), then the swap;
+        "keep": at the running request's next step boundary; it continues on the new weights
+            (its K/V recomputed), each token tagged with the version that sampled it.
+        """
+        if mode not in WEIGHT_SWAP_MODES:
+            raise ValueError(f"mode must be one of {', '.join(WEIGHT_SWAP_MODES)}, got {mode!r}")
         if self._staged is None or self._staged[0] != version:
             raise RuntimeError(f"no staged weights for version {version} on replica {self.name}")
         started = time.perf_counter()
-        with self._lock:
-            _, staged = self._staged
-            params = self.engine.model.state_dict()
-            with torch.no_grad():
-                for name, t in staged.items():
-                    params[name].copy_(t)
-            self.engine.weight_version = version
-            self._staged = None
-        self.metrics.weight_version.set(version)
+        if mode == "abort":
+            for request_id in list(self._running):
+                self._abort.setdefault(request_id, threading.Event()).set()
+        if mode == "keep":
+            self._pending_swap = version
+        deadline = time.monotonic() + timeout
+        while not self._lock.acquire(timeout=0.05):
+            if mode == "keep" and self.engine.weight_version == version:
+                break  # the running request swapped at a step boundary
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"replica {self.name}: the running request did not yield within {timeout} s")
+        else:
+            try:
+                if self._staged is not None and self._staged[0] == version:
+                    self._swap()
+            finally:
+                self._lock.release()
         self.metrics.weight_swap_seconds.observe(time.perf_counter() - started)
-        log.info("replica %s now serves weight version %d", self.name, version)
         return version
+
+    def _swap(self) -> bool:
+        """Copies the staged tensors into the model (caller holds the lock or runs the request)."""
+        if self._staged is None:
+            return False
+        version, staged = self._staged
+        params = self.engine.model.state_dict()
+        with torch.no_grad():
+            for name, t in staged.items():
+                params[name].copy_(t)
+        self.engine.weight_version = version
+        self._staged, self._pending_swap = None, None
+        self.metrics.weight_version.set(version)
+        log.info("replica %s now serves weight version %d", self.name, version)
+        return True
+
+    def _swap_if_pending(self) -> bool:
+        """Between-steps hook of a running request: applies a "keep"-mode commit."""
+        return self._pending_swap is not None and self._swap()
 
     def discard_weights(self) -> None:
         self._staged = None
@@ -155,7 +195,7 @@ class GeneratorReplica:
     def load_weights(self, version: int, tensors: dict[str, torch.Tensor]) -> int:
         """Stage + commit in one call (a restarted replica catching up to the current version)."""
         self.stage_weights(version, tensors)
-        return self.commit_weights(version)
+        return self.commit_weights(version, "wait")
 
 
 def _actor_restarts() -> int:

@@ -29,6 +29,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from .metrics import FrontendMetrics
 from .params import SamplingParams
+from .replica import WEIGHT_SWAP_MODES
 
 log = logging.getLogger(__name__)
 REPLICA_FAILURES = (RayActorError, ActorUnavailableError)
@@ -76,6 +77,7 @@ class Router:
         self.waiting = 0
         self.last_stats: dict = {}
         self._push_lock = asyncio.Lock()
+        self._version_changed = asyncio.Event()
         self._placements = 0
 
     def add_replica(self, actor, name: str) -> None:
@@ -223,9 +225,21 @@ class Router:
                                    _left(deadline))
         replica.version = self.version
 
+    async def wait_for_version(self, version: int, deadline: float) -> None:
+        """Returns once the served version is >= `version`; DeadlineExceededError otherwise."""
+        while self.version < version:
+            try:
+                await asyncio.wait_for(self._version_changed.wait(), _left(deadline))
+            except asyncio.TimeoutError:
+                raise DeadlineExceededError(
+                    f"policy version {version} was not reached before the deadline (serving {self.version})") from None
+
     # ------------------------------------------------------------------ weights
-    async def push_weights(self, tensors: dict, version: int | None = None) -> int:
-        """Stages `tensors` on every replica, then commits everywhere. Returns the new version."""
+    async def push_weights(self, tensors: dict, version: int | None = None, mode: str = "wait") -> int:
+        """Stages `tensors` on every replica, then commits everywhere (`mode`: what in-flight
+        requests do, see GeneratorReplica.commit_weights). Returns the new version."""
+        if mode not in WEIGHT_SWAP_MODES:
+            raise ValueError(f"mode must be one of {', '.join(WEIGHT_SWAP_MODES)}, got {mode!r}")
         async with self._push_lock:
             new_version = self.version + 1
             if version not in (None, 0, new_version):
@@ -239,9 +253,11 @@ class Router:
                                      return_exceptions=True)
                 raise
             results = await asyncio.wait_for(asyncio.gather(
-                *(r.actor.commit_weights.remote(new_version) for r in self.replicas), return_exceptions=True),
+                *(r.actor.commit_weights.remote(new_version, mode) for r in self.replicas), return_exceptions=True),
                 self.request_timeout)
             self.version, self.weights_ref = new_version, ref
+            self._version_changed.set()
+            self._version_changed = asyncio.Event()
             for r, res in zip(self.replicas, results):
                 # A replica that died between stage and commit catches up before its next request.
                 r.version = new_version if res == new_version else None

@@ -53,7 +53,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                          self.tidar.mask_token_id)
         if request.timeout_seconds < 0:
             raise ValueError(f"timeout_seconds must be >= 0, got {request.timeout_seconds}")
-        if request.min_policy_version > self.router.version:
+        if request.min_policy_version > self.router.version and not request.wait_for_version:
             raise PermissionError(f"served policy version {self.router.version} is older than "
                                   f"min_policy_version {request.min_policy_version}")
         deadline = None
@@ -68,6 +68,9 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
     async def _trajectories(self, request, context, method: str):
         accepted = time.time()
         prompts, params, deadline = self._parse(request, context)
+        if request.min_policy_version > self.router.version:
+            await self.router.wait_for_version(request.min_policy_version,
+                                               deadline or time.monotonic() + self.router.request_timeout)
         started = accepted
         async for record, replica in self.router.generate(prompts, params, deadline):
             if "started" in record:
@@ -126,7 +129,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             async for chunk in request_iterator:
                 assembler.add(chunk)
             tensors = assembler.finish()
-            version = await self.router.push_weights(tensors, assembler.version)
+            version = await self.router.push_weights(tensors, assembler.version, assembler.mode)
         except Exception as e:  # noqa: BLE001
             await self._fail(context, "UpdateWeights", e)
         seconds = time.perf_counter() - started

@@ -83,8 +83,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def weight_chunks(tensors: Iterable[tuple[str, torch.Tensor]], version: int, num_tensors: int,
-                  chunk_bytes: int = WEIGHT_CHUNK_BYTES) -> Iterator[pb.WeightChunk]:
-    """Splits named tensors (HF names) into WeightChunk messages (the UpdateWeights stream)."""
+                  chunk_bytes: int = WEIGHT_CHUNK_BYTES, mode: str = "wait") -> Iterator[pb.WeightChunk]:
+    """Splits named tensors (HF names) into WeightChunk messages (the UpdateWeights stream).
+    `mode` says what happens to in-flight requests at the swap: "wait", "abort" or "keep"."""
     first = True
     for name, tensor in tensors:
         tensor = tensor.detach().to("cpu").contiguous()
@@ -94,7 +95,7 @@ def weight_chunks(tensors: Iterable[tuple[str, torch.Tensor]], version: int, num
         for offset in range(0, max(data.size, 1), chunk_bytes):
             meta = dict(head, offset=offset)
             if first:
-                meta.update(version=version, num_tensors=num_tensors)
+                meta.update(version=version, num_tensors=num_tensors, mode=mode)
                 first = False
             yield pb.WeightChunk(metadata=msgpack.packb(meta), data=data[offset:offset + chunk_bytes].tobytes())
 
@@ -106,6 +107,7 @@ class WeightAssembler:
         self.tensors: dict[str, torch.Tensor] = {}
         self.version: int | None = None
         self.num_tensors: int | None = None
+        self.mode = "wait"
         self.num_bytes = 0
         self._current: tuple[dict, bytearray] | None = None
 
@@ -119,6 +121,7 @@ class WeightAssembler:
             if "version" not in meta:
                 raise ValueError("the first weight chunk must carry 'version' and 'num_tensors'")
             self.version, self.num_tensors = int(meta["version"]), int(meta["num_tensors"])
+            self.mode = str(meta.get("mode", "wait"))
         if self._current is None or self._current[0]["name"] != name:
             self._finish_current()
             if name in self.tensors:
