@@ -19,6 +19,8 @@ import logging
 import os
 import threading
 import time
+import zlib
+from datetime import timedelta
 
 import torch
 
@@ -50,6 +52,7 @@ class GeneratorReplica:
         self._running: set[str] = set()
         self._staged: tuple[int, dict[str, torch.Tensor]] | None = None
         self._pending_swap: int | None = None
+        self._group_backend = ""
         self.restarts = _actor_restarts()
         port = metrics_port if metrics_port is not None else int(os.environ.get("ROLLOUT_REPLICA_METRICS_PORT", "0"))
         self.metrics = ReplicaMetrics(name, port)
@@ -189,8 +192,42 @@ class GeneratorReplica:
         """Between-steps hook of a running request: applies a "keep"-mode commit."""
         return self._pending_swap is not None and self._swap()
 
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """The served weights on the CPU (to bring a restarted replica up to date)."""
+        with self._lock:
+            return {k: v.detach().cpu().clone() for k, v in self.engine.model.state_dict().items()}
+
     def discard_weights(self) -> None:
         self._staged = None
+
+    # ------------------------------------------------------------------ broadcast transport
+    def join_weight_group(self, address: str, port: int, world_size: int, rank: int, backend: str,
+                          timeout: float) -> str:
+        """Joins the trainer's torch.distributed group; blocks until every member has joined."""
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", world_size=world_size, rank=rank,
+                                timeout=timedelta(seconds=timeout))
+        self._group_backend = backend
+        return backend
+
+    def receive_broadcast(self, version: int, manifest: list) -> int:
+        """Receives the tensors of `manifest` ([name, dtype, shape, crc32] in order) broadcast
+        from rank 0, checks each crc32, then stages them like a gRPC push."""
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            raise RuntimeError(f"replica {self.name} is not in a weight group: call InitWeightGroup first")
+        device = self.device if self._group_backend == "nccl" else "cpu"
+        tensors = {}
+        for name, dtype, shape, crc in manifest:
+            t = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+            dist.broadcast(t, src=0)
+            t = t.cpu()
+            if zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()) != crc:
+                raise WeightMismatchError(f"{name}: checksum mismatch after broadcast")
+            tensors[name] = t
+        return self.stage_weights(version, tensors)
 
     def load_weights(self, version: int, tensors: dict[str, torch.Tensor]) -> int:
         """Stage + commit in one call (a restarted replica catching up to the current version)."""

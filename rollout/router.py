@@ -220,9 +220,14 @@ class Router:
         if replica.version == self.version:
             return
         st = await asyncio.wait_for(replica.actor.status.remote(), _left(deadline))
-        if st["weight_version"] != self.version and self.weights_ref is not None:
-            await asyncio.wait_for(replica.actor.load_weights.remote(self.version, self.weights_ref),
-                                   _left(deadline))
+        if st["weight_version"] != self.version:
+            ref = self.weights_ref
+            if ref is None:  # pushed by broadcast: copy from a replica that serves the version
+                source = next((r for r in self.replicas if r is not replica and r.version == self.version), None)
+                if source is None:
+                    raise NoReplicaError(f"no replica holds weight version {self.version} to copy from")
+                ref = self.weights_ref = source.actor.export_weights.remote()
+            await asyncio.wait_for(replica.actor.load_weights.remote(self.version, ref), _left(deadline))
         replica.version = self.version
 
     async def wait_for_version(self, version: int, deadline: float) -> None:
@@ -238,16 +243,42 @@ class Router:
     async def push_weights(self, tensors: dict, version: int | None = None, mode: str = "wait") -> int:
         """Stages `tensors` on every replica, then commits everywhere (`mode`: what in-flight
         requests do, see GeneratorReplica.commit_weights). Returns the new version."""
+        ref = ray.put(tensors)
+        return await self._two_phase_push(lambda r, v: r.actor.stage_weights.remote(v, ref), ref, version, mode)
+
+    async def init_weight_group(self, address: str, port: int, backend: str, timeout: float) -> tuple[int, str]:
+        """Tells every replica to join the trainer's torch.distributed group (ranks 1..N)."""
+        if not backend:
+            devices = [st.get("device", "cpu") for st in await self.replica_status()]
+            backend = "nccl" if all(d.startswith("cuda") for d in devices) else "gloo"
+        world = len(self.replicas) + 1
+        self._group_joins = [r.actor.join_weight_group.remote(address, port, world, i + 1, backend, timeout)
+                             for i, r in enumerate(self.replicas)]
+        self._group_timeout = timeout
+        return world, backend
+
+    async def push_weights_broadcast(self, manifest: list, version: int | None = None, mode: str = "wait") -> int:
+        """Like push_weights, the tensors arriving by broadcast from the trainer (rank 0)."""
+        if not getattr(self, "_group_joins", None):
+            raise ValueError("no weight group: call InitWeightGroup before a broadcast push")
+        try:
+            await asyncio.wait_for(asyncio.gather(*self._group_joins), self._group_timeout)
+        except BaseException:
+            self._group_joins = None
+            raise
+        return await self._two_phase_push(lambda r, v: r.actor.receive_broadcast.remote(v, manifest), None,
+                                          version, mode)
+
+    async def _two_phase_push(self, stage, ref, version: int | None, mode: str) -> int:
         if mode not in WEIGHT_SWAP_MODES:
             raise ValueError(f"mode must be one of {', '.join(WEIGHT_SWAP_MODES)}, got {mode!r}")
         async with self._push_lock:
             new_version = self.version + 1
             if version not in (None, 0, new_version):
                 raise ValueError(f"version must be the next version {new_version}, got {version}")
-            ref = ray.put(tensors)
             try:
-                await asyncio.wait_for(asyncio.gather(
-                    *(r.actor.stage_weights.remote(new_version, ref) for r in self.replicas)), self.control_timeout)
+                await asyncio.wait_for(asyncio.gather(*(stage(r, new_version) for r in self.replicas)),
+                                       self.control_timeout)
             except BaseException:
                 await asyncio.gather(*(r.actor.discard_weights.remote() for r in self.replicas),
                                      return_exceptions=True)

@@ -127,17 +127,40 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         assembler = WeightAssembler()
         try:
             async for chunk in request_iterator:
+                manifest = assembler.broadcast_manifest(chunk)
+                if manifest is not None:
+                    version = await self.router.push_weights_broadcast(manifest, assembler.version, assembler.mode)
+                    num_tensors = len(manifest)
+                    num_bytes = sum(_nbytes(dtype, shape) for _, dtype, shape, _ in manifest)
+                    break
                 assembler.add(chunk)
-            tensors = assembler.finish()
-            version = await self.router.push_weights(tensors, assembler.version, assembler.mode)
+            else:
+                tensors = assembler.finish()
+                version = await self.router.push_weights(tensors, assembler.version, assembler.mode)
+                num_tensors, num_bytes = len(tensors), assembler.num_bytes
         except Exception as e:  # noqa: BLE001
             await self._fail(context, "UpdateWeights", e)
         seconds = time.perf_counter() - started
         self.metrics.weight_push_seconds.observe(seconds)
-        self.metrics.weight_push_bytes.inc(assembler.num_bytes)
+        self.metrics.weight_push_bytes.inc(num_bytes)
         self.metrics.requests.labels("UpdateWeights", "OK").inc()
-        return pb.UpdateWeightsResponse(version=version, num_tensors=len(tensors), num_bytes=assembler.num_bytes,
-                                        seconds=seconds)
+        return pb.UpdateWeightsResponse(version=version, num_tensors=num_tensors, num_bytes=num_bytes, seconds=seconds)
+
+    async def InitWeightGroup(self, request, context):
+        if not self._authorized(context):
+            self.metrics.requests.labels("InitWeightGroup", "UNAUTHENTICATED").inc()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "InitWeightGroup needs 'authorization: Bearer <token>' metadata with the server's token")
+        try:
+            if not request.master_address or not 0 < request.master_port < 65536:
+                raise ValueError("master_address and master_port (1..65535) are required")
+            if request.backend not in ("", "nccl", "gloo"):
+                raise ValueError(f"backend must be 'nccl' or 'gloo', got {request.backend!r}")
+            world, backend = await self.router.init_weight_group(
+                request.master_address, request.master_port, request.backend, request.timeout_seconds or 300.0)
+        except Exception as e:  # noqa: BLE001
+            await self._fail(context, "InitWeightGroup", e)
+        return pb.WeightGroupResponse(world_size=world, backend=backend)
 
     async def GetStatus(self, request, context):
         replicas = await self.router.replica_status()
@@ -159,6 +182,14 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             return False  # mutating RPCs are refused when the server was started without a token
         got = dict(context.invocation_metadata()).get("authorization", "")
         return hmac.compare_digest(got.encode(), f"Bearer {self.auth_token}".encode())
+
+
+def _nbytes(dtype: str, shape: list[int]) -> int:
+    import torch
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:

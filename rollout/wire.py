@@ -111,6 +111,22 @@ class WeightAssembler:
         self.num_bytes = 0
         self._current: tuple[dict, bytearray] | None = None
 
+    def broadcast_manifest(self, chunk: pb.WeightChunk) -> list | None:
+        """The tensor list of a broadcast push (see the proto), or None for a chunked push."""
+        if self.version is not None:
+            return None
+        try:
+            meta = msgpack.unpackb(chunk.metadata)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"weight chunk metadata is not msgpack: {e}") from None
+        if not isinstance(meta, dict) or meta.get("transport") != "broadcast":
+            return None
+        manifest = meta.get("tensors")
+        if not isinstance(manifest, list) or not all(isinstance(m, list) and len(m) == 4 for m in manifest):
+            raise ValueError("a broadcast push needs 'tensors': [[name, dtype, shape, crc32], ...]")
+        self.version, self.mode = int(meta.get("version", 0)), str(meta.get("mode", "wait"))
+        return manifest
+
     def add(self, chunk: pb.WeightChunk) -> None:
         try:
             meta = msgpack.unpackb(chunk.metadata)
