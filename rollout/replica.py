@@ -20,13 +20,13 @@ import os
 import threading
 import time
 import zlib
-from datetime import timedelta
 
 import torch
 
 from .engine import Engine
 from .metrics import ReplicaMetrics
 from .params import SamplingParams
+from .weight_group import broadcast, make_weight_group
 from .wire import completion_to_record
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class GeneratorReplica:
         self._running: set[str] = set()
         self._staged: tuple[int, dict[str, torch.Tensor]] | None = None
         self._pending_swap: int | None = None
-        self._group_backend = ""
+        self._group, self._group_backend, self._group_timeout = None, "", 300.0
         self.restarts = _actor_restarts()
         port = metrics_port if metrics_port is not None else int(os.environ.get("ROLLOUT_REPLICA_METRICS_PORT", "0"))
         self.metrics = ReplicaMetrics(name, port)
@@ -203,26 +203,21 @@ class GeneratorReplica:
     # ------------------------------------------------------------------ broadcast transport
     def join_weight_group(self, address: str, port: int, world_size: int, rank: int, backend: str,
                           timeout: float) -> str:
-        """Joins the trainer's torch.distributed group; blocks until every member has joined."""
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", world_size=world_size, rank=rank,
-                                timeout=timedelta(seconds=timeout))
-        self._group_backend = backend
+        """Joins the trainer's weight group (see weight_group.py); blocks until all have joined."""
+        self._group = make_weight_group(address, port, world_size, rank, backend, timeout)
+        self._group_backend, self._group_timeout = backend, timeout
         return backend
 
     def receive_broadcast(self, version: int, manifest: list) -> int:
         """Receives the tensors of `manifest` ([name, dtype, shape, crc32] in order) broadcast
         from rank 0, checks each crc32, then stages them like a gRPC push."""
-        import torch.distributed as dist
-        if not dist.is_initialized():
+        if self._group is None:
             raise RuntimeError(f"replica {self.name} is not in a weight group: call InitWeightGroup first")
         device = self.device if self._group_backend == "nccl" else "cpu"
         tensors = {}
         for name, dtype, shape, crc in manifest:
             t = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
-            dist.broadcast(t, src=0)
+            broadcast(self._group, t, self._group_timeout)
             t = t.cpu()
             if zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()) != crc:
                 raise WeightMismatchError(f"{name}: checksum mismatch after broadcast")

@@ -1,0 +1,47 @@
+"""Keeping the model's drafting ability while RL moves the policy.
+
+RL updates only the AR (clean-half) predictions; the mask-block (diffusion) predictions then
+drift away from the policy and acceptance decays. `tidar_forward` runs the training layout of
+DESIGN.md section 2 ([x | MASK*S], one forward) and returns both halves' logits: the clean half
+is exactly the causal policy (it never sees mask tokens), so the RL loss uses it, and
+`diffusion_cotrain_loss` trains the mask half toward the (detached) AR distribution on the same
+rollout tokens: KL(p_AR(. | x_<i) || q_diff(. | block context)) at each completion position.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rollout.model import Decoder, SequenceBatch
+from rollout.training import training_inputs, training_mask
+
+
+def tidar_forward(model: Decoder, input_ids: torch.Tensor, mask_token_id: int, block_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids [B, S] -> (ar_logits [B, S, V]: position i predicts x_{i+1};
+    diffusion_logits [B, S, V]: mask position i predicts x_i), float32."""
+    S = input_ids.shape[1]
+    ids, positions = training_inputs(input_ids, mask_token_id)
+    hidden = model(ids, SequenceBatch(positions, training_mask(S, block_size, input_ids.device)), None)
+    return model.logits(hidden[:, :S]), model.logits(hidden[:, S:])
+
+
+def token_logprobs(ar_logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """[B, S] log-prob of each token under the AR policy (position 0: 0), aligned with input_ids
+    like RolloutBatch.old_logprobs."""
+    logp = torch.log_softmax(ar_logits[:, :-1].float() / (temperature if temperature > 0 else 1.0), dim=-1)
+    picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return F.pad(picked, (1, 0))
+
+
+def diffusion_cotrain_loss(ar_logits: torch.Tensor, diffusion_logits: torch.Tensor, loss_mask: torch.Tensor
+                           ) -> torch.Tensor:
+    """Mean over masked positions i of KL(p_AR(x_i | x_<i) || q_diff at i). The AR side is
+    detached: only the drafting predictions move. loss_mask [B, S] marks the positions to train
+    (the completion tokens; position 0 has no AR target and is ignored)."""
+    target = torch.log_softmax(ar_logits[:, :-1].detach().float(), dim=-1)  # predicts positions 1..S-1
+    draft = torch.log_softmax(diffusion_logits[:, 1:].float(), dim=-1)
+    kl = F.kl_div(draft, target, log_target=True, reduction="none").sum(-1)  # [B, S-1]
+    mask = loss_mask[:, 1:].to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp_min(1)

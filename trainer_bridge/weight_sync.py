@@ -1,0 +1,117 @@
+"""WeightSync: push a trainer's weights to every replica as a new policy version.
+
+Transports:
+- "grpc" (anywhere): the tensors stream over UpdateWeights in chunks (msgpack framing, crc32
+  per tensor).
+- "broadcast" (fast): a torch.distributed group between this process (rank 0) and the replicas
+  (NCCL on GPUs, gloo on CPU), formed once through the service's InitWeightGroup; each push
+  announces the tensor list over UpdateWeights, then broadcasts the tensors. Every collective
+  carries the timeout.
+Either way the service verifies everything, swaps between engine steps on every replica, and
+bumps the version; a failed push leaves the old version serving everywhere.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import msgpack
+import torch
+
+from rollout.v1 import rollout_pb2 as pb
+from rollout.weight_group import broadcast, make_weight_group
+from rollout.wire import WEIGHT_CHUNK_BYTES, dtype_name, weight_chunks
+
+from .client import RolloutClient
+
+TRANSPORTS = ("grpc", "broadcast")
+
+
+@dataclass
+class PushResult:
+    version: int
+    num_tensors: int
+    num_bytes: int
+    seconds: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.num_bytes / max(self.seconds, 1e-9) / 1e9
+
+
+def _local_address() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class WeightSync:
+    def __init__(self, client: RolloutClient, transport: str = "grpc", *, chunk_bytes: int = WEIGHT_CHUNK_BYTES,
+                 timeout: float = 600.0, master_address: str | None = None, master_port: int | None = None,
+                 backend: str = ""):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        if client.token is None:
+            raise ValueError("weight pushes need the service's bearer token: RolloutClient(address, token=...)")
+        self.client, self.transport, self.chunk_bytes, self.timeout = client, transport, chunk_bytes, timeout
+        self.master_address, self.master_port, self.backend = master_address, master_port, backend
+        self._group = None
+
+    def push(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+             mode: str = "wait") -> PushResult:
+        """Pushes a full state dict (HF parameter names). `mode`: in-flight requests "wait"
+        (drain first), "abort" (return partial trajectories) or "keep" (continue on the new
+        weights, tokens tagged with the version that sampled them)."""
+        items = list(weights.items() if isinstance(weights, Mapping) else weights)
+        started = time.perf_counter()
+        if self.transport == "grpc":
+            resp = self.client.stub.UpdateWeights(
+                weight_chunks(items, version=0, num_tensors=len(items), chunk_bytes=self.chunk_bytes, mode=mode),
+                timeout=self.timeout, metadata=self.client.auth_metadata)
+        else:
+            resp = self._push_broadcast(items, mode)
+        return PushResult(resp.version, resp.num_tensors, resp.num_bytes, time.perf_counter() - started)
+
+    def _ensure_group(self) -> None:
+        if self._group is not None:
+            return
+        address = self.master_address or _local_address()
+        port = self.master_port or _free_port()
+        resp = self.client.stub.InitWeightGroup(
+            pb.WeightGroupRequest(master_address=address, master_port=port, backend=self.backend,
+                                  timeout_seconds=self.timeout),
+            timeout=self.timeout, metadata=self.client.auth_metadata)
+        self._group = make_weight_group(address, port, resp.world_size, 0, resp.backend, self.timeout)
+        self._group_backend = resp.backend
+
+    def _push_broadcast(self, items: list[tuple[str, torch.Tensor]], mode: str):
+        self._ensure_group()
+        device = "cuda" if self._group_backend == "nccl" else "cpu"
+        tensors = [(name, t.detach().to(device).contiguous()) for name, t in items]
+        manifest = []
+        for name, t in tensors:
+            data = t.cpu().reshape(-1).view(torch.uint8).numpy()
+            manifest.append([name, dtype_name(t.dtype), list(t.shape), zlib.crc32(data)])
+        head = pb.WeightChunk(metadata=msgpack.packb(dict(transport="broadcast", version=0, mode=mode,
+                                                          tensors=manifest)))
+        call = self.client.stub.UpdateWeights.future(iter([head]), timeout=self.timeout,
+                                                     metadata=self.client.auth_metadata)
+        try:
+            for _, t in tensors:
+                broadcast(self._group, t, self.timeout)
+        except Exception:
+            self._group = None  # a broken group is formed anew on the next push
+            call.cancel()
+            raise
+        return call.result(timeout=self.timeout)
