@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import threading
 from pathlib import Path
 
 import ray
@@ -95,6 +96,34 @@ class RolloutService:
         if self.pg is not None:
             remove_placement_group(self.pg)
         self.actors, self.pg = [], None
+
+
+class BackgroundService:
+    """Runs a RolloutService on its own event-loop thread, for blocking callers (a trainer
+    script that hosts the service in-process, tests)."""
+
+    def __init__(self, service: RolloutService, start_timeout: float = 600.0):
+        self.service = service
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="rollout-service", daemon=True)
+        self.thread.start()
+        self.start_future = asyncio.run_coroutine_threadsafe(service.start(), self.loop)
+        self.start_timeout = start_timeout
+
+    def wait_started(self, timeout: float | None = None) -> int:
+        """Blocks until every replica is ready; returns the gRPC port."""
+        return self.start_future.result(timeout or self.start_timeout)
+
+    @property
+    def address(self) -> str:
+        return f"localhost:{self.service.port}"
+
+    def stop(self, grace: float = 1.0, timeout: float = 120.0) -> None:
+        if not self.start_future.done():
+            self.start_future.cancel()
+        asyncio.run_coroutine_threadsafe(self.service.stop(grace), self.loop).result(timeout)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout)
 
 
 async def _serve_until_signal(service: RolloutService, grace: float) -> None:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rollout.serve import RolloutService
+from rollout.serve import BackgroundService
 from rollout.v1 import rollout_pb2 as pb
 from rollout.v1 import rollout_pb2_grpc as pb_grpc
 from rollout.wire import trajectory_arrays
@@ -18,19 +16,11 @@ from rollout.wire import trajectory_arrays
 CALL_TIMEOUT = 60
 
 
-class ServiceRunner:
-    def __init__(self, service: RolloutService):
-        self.service = service
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.start_future = asyncio.run_coroutine_threadsafe(service.start(), self.loop)
-
-    def wait_started(self, timeout: float = 180) -> int:
-        return self.start_future.result(timeout)
+class ServiceRunner(BackgroundService):
+    """BackgroundService plus blocking stubs for tests."""
 
     def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(f"localhost:{self.service.port}")
+        return grpc.insecure_channel(self.address)
 
     def stub(self) -> pb_grpc.RolloutServiceStub:
         return pb_grpc.RolloutServiceStub(self.channel())
@@ -38,13 +28,6 @@ class ServiceRunner:
     def health(self) -> int:
         stub = health_pb2_grpc.HealthStub(self.channel())
         return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=CALL_TIMEOUT).status
-
-    def stop(self, grace: float = 1.0) -> None:
-        if not self.start_future.done():
-            self.start_future.cancel()
-        asyncio.run_coroutine_threadsafe(self.service.stop(grace), self.loop).result(CALL_TIMEOUT)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(CALL_TIMEOUT)
 
 
 def request(prompts, group_id="", timeout_seconds=0.0, **params) -> pb.GenerateRequest:
