@@ -22,30 +22,20 @@ import time
 import torch
 
 from rollout import Engine, SamplingParams
-from rollout.config import ModelConfig, RopeConfig, TidarConfig
+from rollout.config import ModelConfig, TidarConfig
 from rollout.model import Decoder
-
-SHAPES = {
-    # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
-    "tiny": (64, 128, 2, 4, 2, 512),
-    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936),
-    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936),
-}
-
+from shapes import SHAPES, hf_config
 
 def random_engine(shape: str, block_size: int, device: str, dtype: torch.dtype) -> Engine:
-    hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
-    cfg = ModelConfig(model_type="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                      num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hidden // heads,
-                      max_position_embeddings=32768, rms_norm_eps=1e-6, rope=RopeConfig(theta=1e6),
-                      tie_word_embeddings=shape != "qwen2.5-1.5b", qkv_bias=True)
+    cfg = ModelConfig.from_hf_dict(hf_config(shape))
     torch.manual_seed(0)
     with torch.device(device):
         model = Decoder(cfg)
     for name, p in model.named_parameters():
         if "norm" not in name:
             torch.nn.init.normal_(p, std=0.02)
-    return Engine(model.to(dtype).eval(), TidarConfig(mask_token_id=vocab - 1, block_size=block_size), device, dtype)
+    return Engine(model.to(dtype).eval(), TidarConfig(mask_token_id=cfg.vocab_size - 1, block_size=block_size),
+                  device, dtype)
 
 
 def sync(device: str) -> None:

@@ -40,7 +40,7 @@ class RolloutService:
                  metrics_port: int | None = None, max_queue: int = 64, request_timeout: float = 600.0,
                  ready_timeout: float = 600.0, placement_strategy: str = "SPREAD",
                  gpus_per_replica: float | None = None, replica_metrics_port: int | None = None,
-                 name: str = "rollout"):
+                 name: str = "rollout", dtype: str | None = None):
         self.model_dir = str(Path(model_dir).resolve())
         _, hf_cfg, self.config = read_model_config(self.model_dir)
         self.tidar = load_tidar_config(Path(self.model_dir), hf_cfg, None, None)
@@ -49,6 +49,7 @@ class RolloutService:
         self.ready_timeout, self.placement_strategy = ready_timeout, placement_strategy
         self.gpus_per_replica, self.replica_metrics_port = gpus_per_replica, replica_metrics_port
         self.name = name  # prefix of the replica actor names (unique per Ray namespace)
+        self.dtype = dtype  # replica weight dtype; None: bfloat16 on GPUs, float32 on CPUs
         self.server = self.health = self.router = self.pg = None
         self.actors: list = []
 
@@ -68,7 +69,7 @@ class RolloutService:
             name = f"{self.name}-replica-{i}"
             self.actors.append(cls.options(
                 name=name, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)
-            ).remote(self.model_dir, name, metrics_port=self.replica_metrics_port))
+            ).remote(self.model_dir, name, dtype=self.dtype, metrics_port=self.replica_metrics_port))
             self.router.add_replica(self.actors[-1], name)
 
     async def start(self) -> int:
@@ -158,6 +159,8 @@ def main_serve(argv: list[str]) -> int:
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight RPCs get at shutdown")
     p.add_argument("--gpus-per-replica", type=float, default=None,
                    help="GPUs each replica asks Ray for (default: 1 if the cluster has GPUs, else 0)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="replica weight dtype (default: bfloat16 on GPUs, float32 on CPUs)")
     p.add_argument("--placement", default="SPREAD", choices=["SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK"],
                    help="placement-group strategy for the replicas")
     args = p.parse_args(argv)
@@ -170,7 +173,8 @@ def main_serve(argv: list[str]) -> int:
     ray.init(address=args.address, namespace="tidar-rollout")
     service = RolloutService(args.model, args.replicas, args.port, args.host, token, tls, args.metrics_port,
                              args.max_queue, args.request_timeout, args.ready_timeout, args.placement,
-                             gpus_per_replica=args.gpus_per_replica, replica_metrics_port=args.replica_metrics_port)
+                             gpus_per_replica=args.gpus_per_replica, replica_metrics_port=args.replica_metrics_port,
+                             dtype=args.dtype)
     try:
         asyncio.run(_serve_until_signal(service, args.grace))
     finally:

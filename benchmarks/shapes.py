@@ -1,0 +1,17 @@
+"""Named model shapes for benchmarks with random weights (HF config.json dicts)."""
+
+SHAPES = {
+    # name: (hidden, intermediate, layers, heads, kv_heads, vocab, tied embeddings)
+    "tiny": (64, 128, 2, 4, 2, 512, True),
+    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, True),
+    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
+    "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
+}
+
+
+def hf_config(shape: str) -> dict:
+    hidden, inter, layers, heads, kv, vocab, tied = SHAPES[shape]
+    return dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=vocab, hidden_size=hidden,
+                intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv, max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1e6,
+                tie_word_embeddings=tied, hidden_act="silu", eos_token_id=vocab - 2)
