@@ -20,6 +20,7 @@ from .v1 import rollout_pb2 as pb
 FINISH_REASONS = {"stop": pb.STOP, "length": pb.LENGTH, "abort": pb.ABORT, "error": pb.ERROR}
 FINISH_NAMES = {v: k for k, v in FINISH_REASONS.items()}
 WEIGHT_CHUNK_BYTES = 4 << 20
+MAX_TENSOR_BYTES = 64 << 30
 
 
 def params_from_proto(p: pb.SamplingParams) -> SamplingParams:
@@ -142,29 +143,34 @@ class WeightAssembler:
             self._finish_current()
             if name in self.tensors:
                 raise ValueError(f"tensor {name} was sent twice")
-            self._current = (meta, bytearray())
-        head, buf = self._current
-        if offset != len(buf):
-            raise ValueError(f"tensor {name}: chunk at offset {offset}, expected {len(buf)}")
-        buf += chunk.data
-        if len(buf) > nbytes:
-            raise ValueError(f"tensor {name}: received {len(buf)} bytes, header says {nbytes}")
+            if not isinstance(nbytes, int) or not 0 <= nbytes <= MAX_TENSOR_BYTES:
+                raise ValueError(f"tensor {name}: nbytes must be in [0, {MAX_TENSOR_BYTES}], got {nbytes!r}")
+            self._current = (meta, bytearray(nbytes), [0])  # preallocated: one copy per byte
+        head, buf, filled = self._current
+        if offset != filled[0]:
+            raise ValueError(f"tensor {name}: chunk at offset {offset}, expected {filled[0]}")
+        end = offset + len(chunk.data)
+        if end > len(buf):
+            raise ValueError(f"tensor {name}: received {end} bytes, header says {len(buf)}")
+        buf[offset:end] = chunk.data
+        filled[0] = end
         self.num_bytes += len(chunk.data)
 
     def _finish_current(self) -> None:
         if self._current is None:
             return
-        meta, buf = self._current
+        meta, buf, filled = self._current
         name = meta["name"]
-        if len(buf) != meta["nbytes"]:
-            raise ValueError(f"tensor {name}: received {len(buf)} of {meta['nbytes']} bytes")
+        if filled[0] != len(buf):
+            raise ValueError(f"tensor {name}: received {filled[0]} of {len(buf)} bytes")
         if zlib.crc32(buf) != meta["crc32"]:
             raise ValueError(f"tensor {name}: checksum mismatch (crc32)")
         dtype = getattr(torch, str(meta["dtype"]), None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"tensor {name}: unknown dtype {meta['dtype']!r}")
         try:
-            tensor = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(meta["shape"])
+            raw = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+            tensor = raw.view(dtype).reshape(meta["shape"])
         except RuntimeError as e:
             raise ValueError(f"tensor {name}: dtype {meta['dtype']} / shape {meta['shape']} do not fit: {e}") from None
         self.tensors[name] = tensor

@@ -1,0 +1,59 @@
+"""Weight-push framing: chunks reassemble exactly; malformed streams are refused with a reason."""
+
+import msgpack
+import pytest
+import torch
+
+from rollout.v1 import rollout_pb2 as pb
+from rollout.wire import WeightAssembler, weight_chunks
+
+
+def tensors():
+    return {"a": torch.randn(3, 700, dtype=torch.bfloat16), "b": torch.arange(10.0), "c": torch.zeros(0)}
+
+
+def assemble(chunks):
+    asm = WeightAssembler()
+    for c in chunks:
+        asm.add(c)
+    return asm, asm.finish()
+
+
+def test_chunks_round_trip_exactly_with_version_and_mode():
+    src = tensors()
+    asm, out = assemble(weight_chunks(src.items(), version=4, num_tensors=3, chunk_bytes=512, mode="keep"))
+    assert asm.version == 4 and asm.mode == "keep"
+    assert all(torch.equal(out[k], v) and out[k].dtype == v.dtype for k, v in src.items())
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda cs: cs.pop(1), r"chunk at offset \d+, expected 512"),
+    (lambda cs: cs.__setitem__(0, pb.WeightChunk(metadata=cs[0].metadata, data=cs[0].data[:-1] + b"\x01")),
+     "checksum mismatch"),
+    (lambda cs: cs.__setitem__(0, pb.WeightChunk(metadata=b"\xc1", data=b"")), "msgpack"),
+    (lambda cs: cs.append(cs[-1]), "sent twice|expected"),
+    (lambda cs: cs.__delitem__(slice(len(cs) - 1, None)), "announced 3 tensors, 2 arrived"),
+])
+def test_malformed_streams_are_refused(mutate, match):
+    chunks = list(weight_chunks(tensors().items(), version=0, num_tensors=3, chunk_bytes=512))
+    mutate(chunks)
+    with pytest.raises(ValueError, match=match):
+        assemble(chunks)
+
+
+def test_first_chunk_must_announce_the_push():
+    meta = msgpack.packb(dict(name="a", offset=0, nbytes=4, crc32=0, dtype="float32", shape=[1]))
+    with pytest.raises(ValueError, match="first weight chunk must carry 'version'"):
+        WeightAssembler().add(pb.WeightChunk(metadata=meta, data=b"\x00" * 4))
+
+
+def test_a_tensor_longer_than_announced_is_refused():
+    chunks = list(weight_chunks([("a", torch.ones(4))], version=0, num_tensors=1))
+    chunks[0].data += b"\x00"
+    with pytest.raises(ValueError, match="header says 16"):
+        assemble(chunks)
+
+
+def test_an_empty_push_is_refused():
+    with pytest.raises(ValueError, match="weight push was empty"):
+        WeightAssembler().finish()
