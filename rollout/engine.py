@@ -273,7 +273,7 @@ class Engine:
 
     def _decode_step(self, rows: _Rows, params: SamplingParams, k: int, cache: KVCache,
                      completions: list[Completion], generators, stats: GenerationStats
-                 ) -> tuple[_Rows, list[int]]:
+                     ) -> tuple[_Rows, list[int]]:
         layout = self.tidar_layout if k > 1 else self.ar_layout
         B, T, dev = len(rows.ids), layout.num_tokens, self.device
         prefix = cache.lengths[rows.slots]
@@ -300,8 +300,8 @@ class Engine:
             target = torch.cat((torch.where(drafted, r, p[:, :k - 1]), p[:, k - 1:]), dim=1)
             target_logprobs = torch.cat(
                 (torch.where(drafted, r_logprobs, p_logprobs[:, :k - 1]), p_logprobs[:, k - 1:]), dim=1)
-        accepted, next_token = verify_drafts(rows.drafts[:, 1:], q, target, rows.num_valid - 1,
-                                             u_accept, u_sample)
+        num_drafts = rows.num_valid - 1
+        accepted, next_token = verify_drafts(rows.drafts[:, 1:], q, target, num_drafts, u_accept, u_sample)
         cache.lengths[rows.slots] += accepted + 1
 
         # Output tokens of this step: d_1..d_m then the verifier's token (index i predicts L+i+1).
@@ -317,7 +317,7 @@ class Engine:
             rows.drafts = next_token[:, None]
 
         out_l, lp_l, blp_l, acc_l, valid_l = (
-            out.tolist(), lp.tolist(), blp.tolist(), accepted.tolist(), (rows.num_valid - 1).tolist())
+            out.tolist(), lp.tolist(), blp.tolist(), accepted.tolist(), num_drafts.tolist())
         done = []
         for b, r in enumerate(rows.ids):
             m = acc_l[b]

@@ -151,3 +151,13 @@ def test_tokens_are_tagged_with_the_weight_version(engine):
     finally:
         engine.weight_version = 0
     assert c.policy_versions == [7] * 9
+
+
+def test_acceptance_stats_count_only_drafted_positions(tiny_dir):
+    # Levels (1, 3) with k = 4: after accepting 2 drafts the next step has only 2 valid drafts.
+    engine = Engine.from_pretrained(tiny_dir, levels=(1, 3))
+    engine.generate(PROMPTS * 3, SamplingParams(max_tokens=40, seed=2))
+    s = engine.last_stats
+    assert s.draft_attempts[0] >= s.draft_attempts[1] >= s.draft_attempts[2] > 0
+    assert all(a <= n for a, n in zip(s.draft_accepts, s.draft_attempts))
+    assert s.draft_accepts[1] <= s.draft_accepts[0]
