@@ -84,8 +84,18 @@ def _save_model(model: Decoder, hf_config, tokenizer, out_dir: Path, tidar: dict
         state.pop("lm_head.weight")
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out_dir)
+    _drop_loader_state(out_dir / "tokenizer_config.json")
     if tidar is not None:
         (out_dir / TIDAR_CONFIG_FILE).write_text(json.dumps(tidar, indent=2) + "\n")
+
+
+def _drop_loader_state(path: Path) -> None:
+    """transformers 5 saves how the tokenizer was loaded ("is_local", ...): not a model property."""
+    if path.exists():
+        cfg = json.loads(path.read_text())
+        for key in ("is_local", "local_files_only"):
+            cfg.pop(key, None)
+        path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _stored_dtype(hf_cfg: dict) -> torch.dtype:
