@@ -33,7 +33,7 @@ from .corpus import Corpus, fixed_windows, open_corpus, pack_tokens
 from .loader import load_decoder, read_model_config
 from .model import Decoder
 from .training import (CHECKPOINT_DIR, CausalLoss, HybridLoss, TrainSettings, ar_perplexity, barrier, default_device,
-                       init_distributed, train)
+                       distributed, train)
 
 log = logging.getLogger(__name__)
 
@@ -182,48 +182,48 @@ def convert(base_dir: str | Path, corpus: str | Path | Corpus, out_dir: str | Pa
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")
     s = TrainSettings(steps, batch_size, seq_len, lr, warmup, grad_accum, seed, checkpoint_every=checkpoint_every)
-    d = init_distributed(device or default_device())
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
-    model_dir, hf_cfg, cfg = read_model_config(base_dir)
-    corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
-    tokenizer = _load_tokenizer(model_dir, cfg)
-    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (cfg.eos_token_ids or (None,))[0]
-    if eos_id is None:
-        raise ValueError(f"{model_dir}: neither the tokenizer nor config.json names an EOS token")
-    if mask_token_id is not None and mask_token_id in {eos_id, tokenizer.pad_token_id, *cfg.eos_token_ids}:
-        raise ValueError(f"mask_token_id {mask_token_id} is the model's EOS/pad token; pick a reserved unused id "
-                         f"or omit it to add {MASK_TOKEN}")
-    torch.manual_seed(seed)
-    model = load_decoder(model_dir, cfg, d.device, torch.float32)
-    heldout = _heldout_windows(corpus, tokenizer, eos_id, seq_len) if d.main else None
-    base_ppl = ar_perplexity(model, heldout) if heldout is not None else None
-    model, mask_id = add_mask_token(model, tokenizer, mask_token_id)
-    tokens = _training_tokens(corpus, tokenizer, eos_id, s, d.world, max_corpus_tokens)
-    log.info("converting %s: %d parameters, mask token %d, block %d, %d corpus tokens",
-             model_dir, sum(p.numel() for p in model.parameters()), mask_id, block_size, tokens.numel())
-    objective = HybridLoss(model, mask_id, block_size, alpha)
-    summary = train(objective, model, tokens, s, out_dir, resume, d, progress)
-    metrics = {}
-    if d.main:
-        converted_ppl = ar_perplexity(model, heldout) if heldout is not None else None
-        hf_config = AutoConfig.from_pretrained(model_dir)
-        _save_model(model, hf_config, tokenizer, out_dir, {"mask_token_id": mask_id, "block_size": block_size},
-                    _stored_dtype(hf_cfg))
-        base_metrics = model_dir / METRICS_FILE
-        metrics = {
-            "conversion": {"base": str(model_dir), "corpus": corpus.name, "train_documents": len(corpus.train),
-                           "heldout_documents": len(corpus.heldout), "block_size": block_size,
-                           "mask_token_id": mask_id, "alpha": alpha, "seed": seed, "lr": lr, "warmup": warmup,
-                           "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
-                           "world_size": d.world, "device": str(d.device), **summary},
-            "heldout_ar_perplexity": {"base": base_ppl, "converted": converted_ppl,
-                                      "windows": None if heldout is None else list(heldout.shape)},
-        }
-        if base_metrics.exists():
-            metrics["base_training"] = json.loads(base_metrics.read_text()).get("pretraining")
-        _write_metrics(out_dir, metrics)
-    barrier(d)
-    return metrics
+    with distributed(device or default_device()) as d:
+        base_dir, out_dir = Path(base_dir), Path(out_dir)
+        model_dir, hf_cfg, cfg = read_model_config(base_dir)
+        corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
+        tokenizer = _load_tokenizer(model_dir, cfg)
+        eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (cfg.eos_token_ids or (None,))[0]
+        if eos_id is None:
+            raise ValueError(f"{model_dir}: neither the tokenizer nor config.json names an EOS token")
+        if mask_token_id is not None and mask_token_id in {eos_id, tokenizer.pad_token_id, *cfg.eos_token_ids}:
+            raise ValueError(f"mask_token_id {mask_token_id} is the model's EOS/pad token; pick a reserved unused id "
+                             f"or omit it to add {MASK_TOKEN}")
+        torch.manual_seed(seed)
+        model = load_decoder(model_dir, cfg, d.device, torch.float32)
+        heldout = _heldout_windows(corpus, tokenizer, eos_id, seq_len) if d.main else None
+        base_ppl = ar_perplexity(model, heldout) if heldout is not None else None
+        model, mask_id = add_mask_token(model, tokenizer, mask_token_id)
+        tokens = _training_tokens(corpus, tokenizer, eos_id, s, d.world, max_corpus_tokens)
+        log.info("converting %s: %d parameters, mask token %d, block %d, %d corpus tokens",
+                 model_dir, sum(p.numel() for p in model.parameters()), mask_id, block_size, tokens.numel())
+        objective = HybridLoss(model, mask_id, block_size, alpha)
+        summary = train(objective, model, tokens, s, out_dir, resume, d, progress)
+        metrics = {}
+        if d.main:
+            converted_ppl = ar_perplexity(model, heldout) if heldout is not None else None
+            hf_config = AutoConfig.from_pretrained(model_dir)
+            _save_model(model, hf_config, tokenizer, out_dir, {"mask_token_id": mask_id, "block_size": block_size},
+                        _stored_dtype(hf_cfg))
+            base_metrics = model_dir / METRICS_FILE
+            metrics = {
+                "conversion": {"base": str(model_dir), "corpus": corpus.name, "train_documents": len(corpus.train),
+                               "heldout_documents": len(corpus.heldout), "block_size": block_size,
+                               "mask_token_id": mask_id, "alpha": alpha, "seed": seed, "lr": lr, "warmup": warmup,
+                               "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
+                               "world_size": d.world, "device": str(d.device), **summary},
+                "heldout_ar_perplexity": {"base": base_ppl, "converted": converted_ppl,
+                                          "windows": None if heldout is None else list(heldout.shape)},
+            }
+            if base_metrics.exists():
+                metrics["base_training"] = json.loads(base_metrics.read_text()).get("pretraining")
+            _write_metrics(out_dir, metrics)
+        barrier(d)
+        return metrics
 
 
 # ---------------------------------------------------------------- pretrain
@@ -284,48 +284,48 @@ def pretrain(out_dir: str | Path, corpus: str | Path | Corpus, *, vocab_size: in
     from transformers import AutoTokenizer, Qwen2Config
 
     s = TrainSettings(steps, batch_size, seq_len, lr, warmup, grad_accum, seed, checkpoint_every=checkpoint_every)
-    d = init_distributed(device or default_device())
-    out_dir = Path(out_dir)
-    corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
-    tok_dir = out_dir / CHECKPOINT_DIR / "tokenizer"
-    t0 = time.perf_counter()
-    if d.main and not (resume and (tok_dir / "tokenizer.json").exists()):
-        train_tokenizer(corpus.texts("train", seed), vocab_size, tokenizer_chars).save_pretrained(tok_dir)
-    barrier(d)
-    tokenizer_seconds = time.perf_counter() - t0
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    eos_id = tokenizer.eos_token_id
-    hf_config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
-        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
-        eos_token_id=eos_id, bos_token_id=eos_id, pad_token_id=eos_id)
-    cfg = ModelConfig.from_hf_dict({**hf_config.to_dict(), "model_type": "qwen2"})
-    torch.manual_seed(seed)
-    with torch.device(d.device):
-        model = Decoder(cfg)
-    init_weights(model)
-    tokens = _training_tokens(corpus, tokenizer, eos_id, s, d.world, max_corpus_tokens)
-    log.info("pretraining: %d parameters, vocab %d, %d corpus tokens",
-             sum(p.numel() for p in model.parameters()), cfg.vocab_size, tokens.numel())
-    summary = train(CausalLoss(model), model, tokens, s, out_dir, resume, d, progress)
-    metrics = {}
-    if d.main:
-        heldout = _heldout_windows(corpus, tokenizer, eos_id, seq_len)
-        _save_model(model, hf_config, tokenizer, out_dir, None)
-        metrics = {"pretraining": {
-            "corpus": corpus.name, "train_documents": len(corpus.train), "heldout_documents": len(corpus.heldout),
-            "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": cfg.vocab_size,
-            "hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads,
-            "num_kv_heads": num_kv_heads, "intermediate_size": intermediate_size, "seed": seed, "lr": lr,
-            "warmup": warmup, "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
-            "corpus_pool_tokens": tokens.numel(), "tokenizer_seconds": round(tokenizer_seconds, 1),
-            "device": str(d.device), "world_size": d.world, **summary,
-            "heldout_ar_perplexity": ar_perplexity(model, heldout) if heldout is not None else None}}
-        _write_metrics(out_dir, metrics)
-    barrier(d)
-    return metrics
+    with distributed(device or default_device()) as d:
+        out_dir = Path(out_dir)
+        corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
+        tok_dir = out_dir / CHECKPOINT_DIR / "tokenizer"
+        t0 = time.perf_counter()
+        if d.main and not (resume and (tok_dir / "tokenizer.json").exists()):
+            train_tokenizer(corpus.texts("train", seed), vocab_size, tokenizer_chars).save_pretrained(tok_dir)
+        barrier(d)
+        tokenizer_seconds = time.perf_counter() - t0
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        eos_id = tokenizer.eos_token_id
+        hf_config = Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+            max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
+            rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+            eos_token_id=eos_id, bos_token_id=eos_id, pad_token_id=eos_id)
+        cfg = ModelConfig.from_hf_dict({**hf_config.to_dict(), "model_type": "qwen2"})
+        torch.manual_seed(seed)
+        with torch.device(d.device):
+            model = Decoder(cfg)
+        init_weights(model)
+        tokens = _training_tokens(corpus, tokenizer, eos_id, s, d.world, max_corpus_tokens)
+        log.info("pretraining: %d parameters, vocab %d, %d corpus tokens",
+                 sum(p.numel() for p in model.parameters()), cfg.vocab_size, tokens.numel())
+        summary = train(CausalLoss(model), model, tokens, s, out_dir, resume, d, progress)
+        metrics = {}
+        if d.main:
+            heldout = _heldout_windows(corpus, tokenizer, eos_id, seq_len)
+            _save_model(model, hf_config, tokenizer, out_dir, None)
+            metrics = {"pretraining": {
+                "corpus": corpus.name, "train_documents": len(corpus.train), "heldout_documents": len(corpus.heldout),
+                "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": cfg.vocab_size,
+                "hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads,
+                "num_kv_heads": num_kv_heads, "intermediate_size": intermediate_size, "seed": seed, "lr": lr,
+                "warmup": warmup, "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
+                "corpus_pool_tokens": tokens.numel(), "tokenizer_seconds": round(tokenizer_seconds, 1),
+                "device": str(d.device), "world_size": d.world, **summary,
+                "heldout_ar_perplexity": ar_perplexity(model, heldout) if heldout is not None else None}}
+            _write_metrics(out_dir, metrics)
+        barrier(d)
+        return metrics
 
 
 # ---------------------------------------------------------------- command line

@@ -215,6 +215,7 @@ class DistributedContext:
     rank: int
     world: int
     device: torch.device
+    owns_group: bool = False  # init_distributed created the process group, so shutdown destroys it
 
     @property
     def main(self) -> bool:
@@ -232,9 +233,10 @@ def init_distributed(device: str | torch.device) -> DistributedContext:
         backend = "nccl"
     else:
         dev, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
-    return DistributedContext(dist.get_rank(), world, dev)
+    return DistributedContext(dist.get_rank(), world, dev, owns)
 
 
 def barrier(d: DistributedContext) -> None:
@@ -242,12 +244,29 @@ def barrier(d: DistributedContext) -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def distributed(device: str | torch.device):
+    """`init_distributed` for the duration of a `with` block, then `shutdown_distributed`."""
+    d = init_distributed(device)
+    try:
+        yield d
+    finally:
+        shutdown_distributed(d)
+
+
+def shutdown_distributed(d: DistributedContext) -> None:
+    """Destroys the process group if `init_distributed` made it (exiting without this can abort
+    a rank whose communication threads are still alive)."""
+    if d.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def train(objective: nn.Module, model: Decoder, tokens: torch.Tensor, s: TrainSettings, out_dir: Path,
-           resume: bool, d: DistributedContext, progress: bool) -> dict:
+          resume: bool, d: DistributedContext, progress: bool) -> dict:
     """Runs `s.steps` optimiser steps of `objective` (returns loss or (loss, ce_ar, ce_diff))."""
     ckpt_dir = out_dir / CHECKPOINT_DIR
     ckpt = ckpt_dir / "state.pt"
@@ -299,7 +318,7 @@ def train(objective: nn.Module, model: Decoder, tokens: torch.Tensor, s: TrainSe
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = s.lr_at(step)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(s.grad_accum):
             g = torch.Generator().manual_seed(
                 s.seed * 1_000_003 + (step * s.grad_accum + micro) * d.world + d.rank)
@@ -313,23 +332,24 @@ def train(objective: nn.Module, model: Decoder, tokens: torch.Tensor, s: TrainSe
                     "loss": out, "ar": out}
                 (parts["loss"] / s.grad_accum).backward()
             for key, v in parts.items():
-                sums[key] = sums.get(key, 0.0) + float(v.detach()) / s.grad_accum
+                sums[key] = sums.get(key, 0.0) + v.detach().float() / s.grad_accum
         grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        means = torch.stack(list(sums.values()))
         if d.world > 1:
-            reduced = torch.tensor(list(sums.values()), device=d.device)
-            dist.all_reduce(reduced)
-            sums = dict(zip(sums, (reduced / d.world).tolist()))
+            dist.all_reduce(means)
+            means /= d.world
+        losses = dict(zip(sums, means.tolist()))
         elapsed += time.perf_counter() - t0
         history.append({"step": step + 1, "lr": s.lr_at(step), "grad_norm": grad_norm,
-                        **{k: round(v, 5) for k, v in sums.items()}})
+                        **{k: round(v, 5) for k, v in losses.items()}})
         rate = tokens_per_step * (step + 1 - start) / max(elapsed - resumed_elapsed, 1e-9)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if k != "loss"} | {"tok/s": f"{rate:,.0f}"})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k != "loss"} | {"tok/s": f"{rate:,.0f}"})
         elif d.main and ((step + 1) % 50 == 0 or step + 1 == s.steps):
-            log.info("step %d/%d %s", step + 1, s.steps, " ".join(f"{k}={v:.4f}" for k, v in sums.items()))
+            log.info("step %d/%d %s", step + 1, s.steps, " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
         if (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
             save(step + 1)
     if bar is not None:
