@@ -7,6 +7,8 @@ over [prefix | step] keys, plain SDPA, so it runs wherever PyTorch runs (CPU, CU
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +37,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
     return out
 
 
+@functools.cache
+def _compiled_flex_attention():
+    """FlexAttention is a fused, memory-lean kernel only when compiled (CUDA, ROCm); on the CPU
+    the eager reference is used (tests, small sequences)."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def attend_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """Whole-sequence attention without a cache (training): q [B, H, S, D], k, v [B, Hkv, S, D].
 
@@ -42,7 +51,8 @@ def attend_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> 
     [S, S] / [B, S, S] tensor (the reference, for small S and tests)."""
     gqa = q.shape[1] != k.shape[1]
     if BlockMask is not None and isinstance(mask, BlockMask):
-        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+        kernel = flex_attention if q.device.type == "cpu" else _compiled_flex_attention()
+        return kernel(q, k, v, block_mask=mask, enable_gqa=gqa)
     if mask.dim() == 3:
         mask = mask[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
