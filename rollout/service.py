@@ -65,7 +65,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             deadline = own if deadline is None else min(deadline, own)
         return prompts, params, deadline
 
-    async def _trajectories(self, request, context, method: str):
+    async def _trajectories(self, request, context):
         accepted = time.time()
         prompts, params, deadline = self._parse(request, context)
         if request.min_policy_version > self.router.version:
@@ -97,7 +97,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
     # ------------------------------------------------------------------ RPCs
     async def Generate(self, request, context):
         try:
-            trajectories = [t async for t in self._trajectories(request, context, "Generate")]
+            trajectories = [t async for t in self._trajectories(request, context)]
         except asyncio.CancelledError:
             self.metrics.requests.labels("Generate", "CANCELLED").inc()
             raise
@@ -109,7 +109,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
 
     async def GenerateStream(self, request, context):
         try:
-            async for t in self._trajectories(request, context, "GenerateStream"):
+            async for t in self._trajectories(request, context):
                 yield t
         except asyncio.CancelledError:
             self.metrics.requests.labels("GenerateStream", "CANCELLED").inc()

@@ -121,7 +121,7 @@ def test_verify_drafts_stops_at_invalid_drafts():
 
 
 def test_process_logits_matches_hf_warpers():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
     logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(3)) * 2

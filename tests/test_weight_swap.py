@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from rollout import Engine, SamplingParams
+from rollout import Engine
 from rollout.replica import GeneratorReplica, WeightMismatchError
 from rollout.sampling import process_logits
 
