@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 import zlib
 
 import torch
@@ -232,10 +233,13 @@ class GeneratorReplica:
 
 
 def _actor_restarts() -> int:
+    """1 if Ray restarted this actor's process (its constructor runs again), else 0."""
     try:
         import ray
-        if ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed:
-            return 1
+        with warnings.catch_warnings():  # Ray's own implementation trips its deprecation warning
+            warnings.simplefilter("ignore")
+            if ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed:
+                return 1
     except (ImportError, AttributeError, RuntimeError):
         pass
     return 0
