@@ -115,16 +115,18 @@ class Router:
         self.admitted += 1
         try:
             pending = [SubRequest(list(range(len(prompts))), [list(range(params.n))] * len(prompts), params.seed)]
-            attempts = 0
+            attempts, failed = 0, set()
             while pending:
                 sub = pending.pop(0)
                 missing = {(p, s) for p, samples in zip(sub.prompt_indices, sub.sample_indices) for s in samples}
+                replica = self._pick(avoid=failed)
                 try:
-                    async for record, name in self._run_on_replica(sub, prompts, params, deadline):
+                    async for record, name in self._run_on_replica(replica, sub, prompts, params, deadline):
                         missing.discard((record.get("prompt_index"), record.get("sample_index")))
                         yield record, name
                 except REPLICA_FAILURES as e:
                     attempts += 1
+                    failed.add(replica.name)
                     self.metrics.retries.inc()
                     if attempts > 3 * len(self.replicas):
                         raise NoReplicaError(f"gave up after {attempts} replica failures: {e}") from e
@@ -145,20 +147,21 @@ class Router:
             sub.sample_indices.append(samples)
         return list(by_count.values())
 
-    def _pick(self) -> ReplicaSlot:
+    def _pick(self, avoid: set[str] = frozenset()) -> ReplicaSlot:
+        """Least outstanding tokens; ties rotate so idle replicas share the work. Replicas in
+        `avoid` (failed during this request: Ray is restarting them) only if nothing else is left."""
         if not self.replicas:
             raise NoReplicaError("no generator replica has been placed yet")
-        # Least outstanding tokens; ties rotate so idle replicas share the work.
         self._placements += 1
         n = len(self.replicas)
         order = [self.replicas[(self._placements + i) % n] for i in range(n)]
-        return min(order, key=lambda r: (r.outstanding_tokens, r.running))
+        return min(order, key=lambda r: (r.name in avoid, r.outstanding_tokens, r.running))
 
-    async def _run_on_replica(self, sub: SubRequest, prompts, params: SamplingParams, deadline: float):
+    async def _run_on_replica(self, replica: ReplicaSlot, sub: SubRequest, prompts, params: SamplingParams,
+                              deadline: float):
         n = len(sub.sample_indices[0])
         sub_prompts = [prompts[i] for i in sub.prompt_indices]
         cost = sum(len(p) + params.max_tokens for p in sub_prompts) * n
-        replica = self._pick()
         replica.outstanding_tokens += cost
         request_id = uuid.uuid4().hex
         gen = None

@@ -1,0 +1,103 @@
+"""Router logic with in-process fake replicas: exactly-once delivery across a replica failure,
+placement by outstanding tokens, admission control. (The same paths run against real Ray
+actors in test_service.py; here the failure point is exact.)"""
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("ray")
+from ray.exceptions import ActorDiedError  # noqa: E402
+
+from rollout.metrics import FrontendMetrics  # noqa: E402
+from rollout.params import SamplingParams  # noqa: E402
+from rollout.router import QueueFullError, Router  # noqa: E402
+
+
+def done(value):
+    f = asyncio.get_running_loop().create_future()
+    f.set_result(value)
+    return f
+
+
+class FakeMethod:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return self.fn(*args)
+
+
+class FakeReplica:
+    """Generates one record per (prompt, sample); dies after `die_after` records if set."""
+
+    def __init__(self, die_after=None):
+        self.die_after, self.calls = die_after, []
+        self.generate = FakeMethod(self._generate)
+        self.status = FakeMethod(lambda: done(dict(weight_version=0)))
+        self.abort = FakeMethod(lambda request_id: None)
+
+    def _generate(self, request_id, prompts, params, expected_version):
+        self.calls.append((prompts, params))
+        records = [{"started": 0.0, "weight_version": 0}]
+        records += [{"records": [dict(prompt_index=i, sample_index=j, token_ids=[p[0], j], seed=params["seed"])]}
+                    for i, p in enumerate(prompts) for j in range(params["n"])]
+        die_after = self.die_after
+
+        async def stream():
+            for k, r in enumerate(records):
+                if die_after is not None and k > die_after:
+                    raise ActorDiedError()
+                yield done(r)
+        return stream()
+
+
+async def collect(router, prompts, params):
+    return [r async for r, _ in router.generate(prompts, params) if "started" not in r]
+
+
+def test_a_replica_dying_mid_batch_loses_and_duplicates_nothing():
+    async def run():
+        router = Router(FrontendMetrics(None))
+        dying, healthy = FakeReplica(die_after=3), FakeReplica()
+        router.add_replica(dying, "dying")
+        router.add_replica(healthy, "healthy")
+        router._placements = -1  # the first placement goes to "dying"
+        prompts = [[10], [20], [30]]
+        got = await collect(router, prompts, SamplingParams(max_tokens=4, n=2, seed=5))
+        return got, dying, healthy
+    got, dying, healthy = asyncio.run(run())
+    keys = sorted((r["prompt_index"], r["sample_index"]) for r in got)
+    assert keys == [(i, j) for i in range(3) for j in range(2)]  # every sample once
+    # The dying replica streamed prompt 0's two samples and prompt 1's first; the rest is
+    # re-dispatched to the other replica, grouped by how many samples each prompt still lacks.
+    assert len(dying.calls) == 1
+    assert sorted((p, params["n"]) for p, params in healthy.calls) == [([[20]], 1), ([[30]], 2)]
+    # Re-dispatched records are mapped back to the caller's prompt and sample indices.
+    for r in got:
+        assert r["token_ids"][0] == [10, 20, 30][r["prompt_index"]]
+    redispatched = [r for r in got if r["seed"] != 5]
+    assert redispatched and all(r["seed"] == 6 for r in redispatched)  # derived seed: seed + attempt
+
+
+def test_requests_go_to_the_replica_with_fewest_outstanding_tokens():
+    async def run():
+        router = Router(FrontendMetrics(None))
+        a, b = FakeReplica(), FakeReplica()
+        router.add_replica(a, "a")
+        router.add_replica(b, "b")
+        router.replicas[0].outstanding_tokens = 1000
+        await collect(router, [[1]], SamplingParams(max_tokens=2))
+        return a, b
+    a, b = asyncio.run(run())
+    assert (len(a.calls), len(b.calls)) == (0, 1)
+
+
+def test_admission_beyond_the_queue_is_refused():
+    async def run():
+        router = Router(FrontendMetrics(None), max_queue=0)
+        router.add_replica(FakeReplica(), "a")
+        router.admitted = 1  # one request running, none may wait
+        with pytest.raises(QueueFullError, match="queue full"):
+            await collect(router, [[1]], SamplingParams(max_tokens=2))
+    asyncio.run(run())
