@@ -15,6 +15,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -42,13 +43,14 @@ class WeightMismatchError(ValueError):
 
 class GeneratorReplica:
     def __init__(self, model_dir: str, name: str, device: str | None = None, dtype: str | None = None,
-                 metrics_port: int | None = None):
+                 metrics_port: int | None = None, lock_timeout: float = 600.0):
         on_gpu = torch.cuda.is_available()  # true on ROCm builds too (HIP devices)
         self.device = device or ("cuda" if on_gpu else "cpu")
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device != "cpu" else torch.float32)
         self.name, self.model_dir = name, model_dir
         self.engine = Engine.from_pretrained(model_dir, device=self.device, dtype=torch_dtype)
         self._lock = threading.Lock()
+        self.lock_timeout = lock_timeout
         self._abort: dict[str, threading.Event] = {}
         self._running: set[str] = set()
         self._staged: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -61,6 +63,16 @@ class GeneratorReplica:
         self.metrics.restarts.set(self.restarts)
         log.info("replica %s ready on %s (%s), restarts=%d", name, self.device, torch_dtype, self.restarts)
 
+    @contextlib.contextmanager
+    def _hold(self, what: str):
+        """The engine lock, waited for at most `lock_timeout` seconds."""
+        if not self._lock.acquire(timeout=self.lock_timeout):
+            raise TimeoutError(f"replica {self.name}: {what} waited {self.lock_timeout:.0f} s for the engine")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     # ------------------------------------------------------------------ requests
     def generate(self, request_id: str, prompts: list[list[int]], params: dict, expected_version: int):
         """Yields, per engine step that finished trajectories, {"records": [...]}; then a final
@@ -70,7 +82,7 @@ class GeneratorReplica:
         sampling = SamplingParams(**params)
         abort = self._abort.setdefault(request_id, threading.Event())
         try:
-            with self._lock:
+            with self._hold(f"request {request_id}"):
                 if abort.is_set():
                     return
                 if self.engine.weight_version != expected_version:
@@ -196,7 +208,7 @@ class GeneratorReplica:
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         """The served weights on the CPU (to bring a restarted replica up to date)."""
-        with self._lock:
+        with self._hold("export_weights"):
             return {k: v.detach().cpu().clone() for k, v in self.engine.model.state_dict().items()}
 
     def discard_weights(self) -> None:

@@ -283,8 +283,8 @@ class Router:
                 await asyncio.wait_for(asyncio.gather(*(stage(r, new_version) for r in self.replicas)),
                                        self.control_timeout)
             except BaseException:
-                await asyncio.gather(*(r.actor.discard_weights.remote() for r in self.replicas),
-                                     return_exceptions=True)
+                await asyncio.wait_for(asyncio.gather(*(r.actor.discard_weights.remote() for r in self.replicas),
+                                                      return_exceptions=True), self.control_timeout)
                 raise
             results = await asyncio.wait_for(asyncio.gather(
                 *(r.actor.commit_weights.remote(new_version, mode) for r in self.replicas), return_exceptions=True),

@@ -114,3 +114,11 @@ def test_unknown_mode_is_refused(replica):
     replica.stage_weights(1, perturbed(replica.engine, 0))
     with pytest.raises(ValueError, match="mode must be one of wait, abort, keep"):
         replica.commit_weights(1, "later")
+
+
+def test_a_request_waiting_for_a_busy_engine_times_out_with_a_message(tiny_dir):
+    replica = GeneratorReplica(str(tiny_dir), "r1", metrics_port=None, lock_timeout=0.2)
+    first = run(replica, "first")  # holds the engine, paused before its prefill
+    with pytest.raises(TimeoutError, match="request second waited 0 s for the engine"):
+        next(replica.generate("second", PROMPTS, PARAMS, 0))
+    assert drain(first)
