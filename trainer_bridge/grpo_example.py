@@ -21,6 +21,7 @@ import ast
 import json
 import logging
 import random
+import warnings
 from pathlib import Path
 
 import ray
@@ -56,7 +57,9 @@ def first_line_is_valid_python(completion: str) -> float:
     if line.endswith(":"):
         source += "\n    pass"
     try:
-        ast.parse(source)
+        with warnings.catch_warnings():  # the parser warns about odd literals in generated text
+            warnings.simplefilter("ignore")
+            ast.parse(source)
     except (SyntaxError, ValueError):
         return 0.0
     return 1.0
