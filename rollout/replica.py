@@ -21,7 +21,6 @@ import os
 import threading
 import time
 import warnings
-import zlib
 
 import torch
 
@@ -29,7 +28,7 @@ from .engine import Engine
 from .metrics import ReplicaMetrics
 from .params import SamplingParams
 from .weight_group import broadcast, make_weight_group
-from .wire import completion_to_record
+from .wire import completion_to_record, tensor_crc32
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +232,7 @@ class GeneratorReplica:
             t = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
             broadcast(self._group, t, self._group_timeout)
             t = t.cpu()
-            if zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()) != crc:
+            if tensor_crc32(t) != crc:
                 raise WeightMismatchError(f"{name}: checksum mismatch after broadcast")
             tensors[name] = t
         return self.stage_weights(version, tensors)

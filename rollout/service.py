@@ -130,21 +130,19 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                 manifest = assembler.broadcast_manifest(chunk)
                 if manifest is not None:
                     version = await self.router.push_weights_broadcast(manifest, assembler.version, assembler.mode)
-                    num_tensors = len(manifest)
-                    num_bytes = sum(_nbytes(dtype, shape) for _, dtype, shape, _ in manifest)
                     break
                 assembler.add(chunk)
             else:
                 tensors = assembler.finish()
                 version = await self.router.push_weights(tensors, assembler.version, assembler.mode)
-                num_tensors, num_bytes = len(tensors), assembler.num_bytes
         except Exception as e:  # noqa: BLE001
             await self._fail(context, "UpdateWeights", e)
         seconds = time.perf_counter() - started
         self.metrics.weight_push_seconds.observe(seconds)
-        self.metrics.weight_push_bytes.inc(num_bytes)
+        self.metrics.weight_push_bytes.inc(assembler.num_bytes)
         self.metrics.requests.labels("UpdateWeights", "OK").inc()
-        return pb.UpdateWeightsResponse(version=version, num_tensors=num_tensors, num_bytes=num_bytes, seconds=seconds)
+        return pb.UpdateWeightsResponse(version=version, num_tensors=assembler.num_tensors,
+                                        num_bytes=assembler.num_bytes, seconds=seconds)
 
     async def InitWeightGroup(self, request, context):
         if not self._authorized(context):
@@ -182,14 +180,6 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             return False  # mutating RPCs are refused when the server was started without a token
         got = dict(context.invocation_metadata()).get("authorization", "")
         return hmac.compare_digest(got.encode(), f"Bearer {self.auth_token}".encode())
-
-
-def _nbytes(dtype: str, shape: list[int]) -> int:
-    import torch
-    n = 1
-    for s in shape:
-        n *= s
-    return n * torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -7,6 +7,7 @@ Both the service and the trainer bridge use these functions, so the format has o
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterable, Iterator
 
@@ -83,14 +84,30 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def parse_dtype(name: object, tensor: str) -> torch.dtype:
+    """A dtype name from the wire ("bfloat16", ...) -> torch.dtype; ValueError naming the tensor."""
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"tensor {tensor}: unknown dtype {name!r}")
+    return dtype
+
+
+def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The raw bytes of a tensor as a uint8 array (CPU, contiguous; no copy when already so)."""
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def tensor_crc32(tensor: torch.Tensor) -> int:
+    return zlib.crc32(tensor_bytes(tensor))
+
+
 def weight_chunks(tensors: Iterable[tuple[str, torch.Tensor]], version: int, num_tensors: int,
                   chunk_bytes: int = WEIGHT_CHUNK_BYTES, mode: str = "wait") -> Iterator[pb.WeightChunk]:
     """Splits named tensors (HF names) into WeightChunk messages (the UpdateWeights stream).
     `mode` says what happens to in-flight requests at the swap: "wait", "abort" or "keep"."""
     first = True
     for name, tensor in tensors:
-        tensor = tensor.detach().to("cpu").contiguous()
-        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        data = tensor_bytes(tensor)
         head = dict(name=name, dtype=dtype_name(tensor.dtype), shape=list(tensor.shape), nbytes=int(data.size),
                     crc32=zlib.crc32(data))
         for offset in range(0, max(data.size, 1), chunk_bytes):
@@ -110,7 +127,7 @@ class WeightAssembler:
         self.num_tensors: int | None = None
         self.mode = "wait"
         self.num_bytes = 0
-        self._current: tuple[dict, bytearray] | None = None
+        self._current: tuple[dict, bytearray, list[int]] | None = None  # header, buffer, [bytes filled]
 
     def broadcast_manifest(self, chunk: pb.WeightChunk) -> list | None:
         """The tensor list of a broadcast push (see the proto), or None for a chunked push."""
@@ -125,7 +142,13 @@ class WeightAssembler:
         manifest = meta.get("tensors")
         if not isinstance(manifest, list) or not all(isinstance(m, list) and len(m) == 4 for m in manifest):
             raise ValueError("a broadcast push needs 'tensors': [[name, dtype, shape, crc32], ...]")
+        for name, dtype, shape, crc in manifest:
+            if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)
+                    and isinstance(crc, int)):
+                raise ValueError(f"tensor {name}: shape must be a list of ints >= 0 and crc32 an int")
+            self.num_bytes += math.prod(shape) * parse_dtype(dtype, name).itemsize
         self.version, self.mode = int(meta.get("version", 0)), str(meta.get("mode", "wait"))
+        self.num_tensors = len(manifest)
         return manifest
 
     def add(self, chunk: pb.WeightChunk) -> None:
@@ -165,9 +188,7 @@ class WeightAssembler:
             raise ValueError(f"tensor {name}: received {filled[0]} of {len(buf)} bytes")
         if zlib.crc32(buf) != meta["crc32"]:
             raise ValueError(f"tensor {name}: checksum mismatch (crc32)")
-        dtype = getattr(torch, str(meta["dtype"]), None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"tensor {name}: unknown dtype {meta['dtype']!r}")
+        dtype = parse_dtype(meta["dtype"], name)
         try:
             raw = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
             tensor = raw.view(dtype).reshape(meta["shape"])

@@ -5,13 +5,11 @@ from __future__ import annotations
 import time
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rollout.serve import BackgroundService
 from rollout.v1 import rollout_pb2 as pb
 from rollout.v1 import rollout_pb2_grpc as pb_grpc
-from rollout.wire import trajectory_arrays
 
 CALL_TIMEOUT = 60
 
@@ -36,10 +34,6 @@ def request(prompts, group_id="", timeout_seconds=0.0, **params) -> pb.GenerateR
                               timeout_seconds=timeout_seconds)
 
 
-def arrays(t: pb.Trajectory) -> dict:
-    return trajectory_arrays(t)
-
-
 def wait_until(condition, timeout: float = 60.0, what: str = "condition"):
     """Polls `condition` (a state check, not a sleep-for-ordering) until true or the timeout."""
     end = time.monotonic() + timeout
@@ -50,6 +44,3 @@ def wait_until(condition, timeout: float = 60.0, what: str = "condition"):
         time.sleep(0.02)
     raise AssertionError(f"{what} did not hold within {timeout} s")
 
-
-def as_numpy(values) -> np.ndarray:
-    return np.asarray(values, dtype=np.float32)

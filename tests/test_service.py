@@ -14,8 +14,8 @@ from rollout import Engine, SamplingParams  # noqa: E402
 from rollout.serve import RolloutService  # noqa: E402
 from rollout.tiny import make_tiny_model  # noqa: E402
 from rollout.v1 import rollout_pb2 as pb  # noqa: E402
-from rollout.wire import weight_chunks  # noqa: E402
-from service_helpers import CALL_TIMEOUT, ServiceRunner, arrays, request, wait_until  # noqa: E402
+from rollout.wire import trajectory_arrays, weight_chunks  # noqa: E402
+from service_helpers import CALL_TIMEOUT, ServiceRunner, request, wait_until  # noqa: E402
 
 PROMPTS = [[2, 3, 4], [5, 6, 7, 8, 9], [10]]
 TOKEN = "test-token"
@@ -58,7 +58,7 @@ def test_generate_returns_what_the_engine_returns(runner, model_dir):
             (i, j) for i in range(len(PROMPTS)) for j in range(2)]
         for t in resp.trajectories:
             c = direct[t.prompt_index][t.sample_index]
-            a = arrays(t)
+            a = trajectory_arrays(t)
             assert a["token_ids"].tolist() == c.token_ids
             assert np.array_equal(a["logprobs"], np.asarray(c.logprobs, dtype=np.float32))
             assert np.array_equal(a["behavior_logprobs"], np.asarray(c.behavior_logprobs, dtype=np.float32))
@@ -76,7 +76,7 @@ def test_generate_stream_returns_each_trajectory_once_matching_the_engine(runner
     assert sorted((t.prompt_index, t.sample_index) for t in streamed) == [(i, j) for i in range(3) for j in range(3)]
     for t in streamed:
         c = direct[t.prompt_index][t.sample_index]
-        assert arrays(t)["token_ids"].tolist() == c.token_ids
+        assert trajectory_arrays(t)["token_ids"].tolist() == c.token_ids
         assert {pb.STOP: "stop", pb.LENGTH: "length"}[t.finish_reason] == c.finish_reason
 
 
@@ -244,7 +244,7 @@ def test_pushed_weights_are_served_and_a_restarted_replica_catches_up(runner, mo
         got = stub.Generate(request(PROMPTS, max_tokens=16, n=2, seed=8), timeout=CALL_TIMEOUT)
         served_by |= {t.replica for t in got.trajectories}
         for t in got.trajectories:
-            a = arrays(t)
+            a = trajectory_arrays(t)
             assert a["token_ids"].tolist() == expected[t.prompt_index][t.sample_index].token_ids
             assert a["policy_versions"].tolist() == [1] * len(a["token_ids"])
     assert served_by == {"rollout-replica-0", "rollout-replica-1"}
@@ -257,7 +257,7 @@ def test_pushed_weights_are_served_and_a_restarted_replica_catches_up(runner, mo
     wait_until(restarted, timeout=120, what="both replicas restarted on the base weights")
     got = stub.Generate(request(PROMPTS, max_tokens=16, n=2, seed=8), timeout=CALL_TIMEOUT)
     for t in got.trajectories:
-        assert arrays(t)["token_ids"].tolist() == expected[t.prompt_index][t.sample_index].token_ids
-        assert set(arrays(t)["policy_versions"].tolist()) == {1}
+        assert trajectory_arrays(t)["token_ids"].tolist() == expected[t.prompt_index][t.sample_index].token_ids
+        assert set(trajectory_arrays(t)["policy_versions"].tolist()) == {1}
 
 

@@ -57,3 +57,22 @@ def test_a_tensor_longer_than_announced_is_refused():
 def test_an_empty_push_is_refused():
     with pytest.raises(ValueError, match="weight push was empty"):
         WeightAssembler().finish()
+
+
+@pytest.mark.parametrize("entry,match", [
+    (["a", "float99", [2], 0], "tensor a: unknown dtype 'float99'"),
+    (["a", "float32", [2, -1], 0], "tensor a: shape must be a list of ints >= 0"),
+    (["a", "float32", [2], "x"], "crc32 an int"),
+])
+def test_a_bad_broadcast_manifest_is_refused_before_anything_is_received(entry, match):
+    meta = msgpack.packb(dict(transport="broadcast", version=0, mode="wait", tensors=[entry]))
+    with pytest.raises(ValueError, match=match):
+        WeightAssembler().broadcast_manifest(pb.WeightChunk(metadata=meta))
+
+
+def test_a_broadcast_manifest_announces_its_size():
+    meta = msgpack.packb(dict(transport="broadcast", version=3, mode="keep",
+                              tensors=[["a", "bfloat16", [4, 5], 1], ["b", "float32", [3], 2]]))
+    asm = WeightAssembler()
+    assert len(asm.broadcast_manifest(pb.WeightChunk(metadata=meta))) == 2
+    assert (asm.version, asm.mode, asm.num_tensors, asm.num_bytes) == (3, "keep", 2, 4 * 5 * 2 + 3 * 4)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import socket
 import time
-import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import torch
 
 from rollout.v1 import rollout_pb2 as pb
 from rollout.weight_group import broadcast, make_weight_group
-from rollout.wire import WEIGHT_CHUNK_BYTES, dtype_name, weight_chunks
+from rollout.wire import WEIGHT_CHUNK_BYTES, dtype_name, tensor_crc32, weight_chunks
 
 from .client import RolloutClient
 
@@ -99,10 +98,7 @@ class WeightSync:
         self._ensure_group()
         device = "cuda" if self._group_backend == "nccl" else "cpu"
         tensors = [(name, t.detach().to(device).contiguous()) for name, t in items]
-        manifest = []
-        for name, t in tensors:
-            data = t.cpu().reshape(-1).view(torch.uint8).numpy()
-            manifest.append([name, dtype_name(t.dtype), list(t.shape), zlib.crc32(data)])
+        manifest = [[name, dtype_name(t.dtype), list(t.shape), tensor_crc32(t)] for name, t in tensors]
         head = pb.WeightChunk(metadata=msgpack.packb(dict(transport="broadcast", version=0, mode=mode,
                                                           tensors=manifest)))
         call = self.client.stub.UpdateWeights.future(iter([head]), timeout=self.timeout,
