@@ -42,9 +42,7 @@ def load_decoder(model_dir: Path, cfg: ModelConfig, device: torch.device | str,
                  dtype: torch.dtype) -> Decoder:
     with torch.device("meta"):
         model = Decoder(cfg)
-    expected = {name: p for name, p in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+    expected = model.weight_names_and_shapes()
     state: dict[str, torch.Tensor] = {}
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
@@ -56,10 +54,10 @@ def load_decoder(model_dir: Path, cfg: ModelConfig, device: torch.device | str,
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         raise UnsupportedModelError(f"{model_dir} weights lack {len(missing)} tensors: {shown}")
     for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+        if tensor.shape != expected[name]:
             raise UnsupportedModelError(
                 f"{model_dir}: tensor {name} has shape {list(tensor.shape)}, "
-                f"config.json implies {list(expected[name].shape)}")
+                f"config.json implies {list(expected[name])}")
     model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

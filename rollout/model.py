@@ -141,5 +141,13 @@ class Decoder(nn.Module):
             x = layer(x, cos, sin, batch, cache)
         return self.model.norm(x)
 
+    def weight_names_and_shapes(self) -> dict[str, torch.Size]:
+        """The tensors a checkpoint or weight push must provide (HF names); a tied lm_head
+        is the embedding, so it is not among them."""
+        shapes = {name: t.shape for name, t in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            shapes.pop("lm_head.weight")
+        return shapes
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

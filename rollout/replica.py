@@ -130,24 +130,23 @@ class GeneratorReplica:
     def stage_weights(self, version: int, tensors: dict[str, torch.Tensor]) -> int:
         """Verifies a full state dict (HF names) and keeps it ready for commit. Returns its bytes."""
         model = self.engine.model
-        expected = model.state_dict()
-        if model.config.tie_word_embeddings:
-            expected.pop("lm_head.weight", None)
+        expected = model.weight_names_and_shapes()
+        if model.config.tie_word_embeddings:  # a trainer may send the tied head too: it is the embedding
             tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or extra:
             raise WeightMismatchError(f"weight names differ from the model: missing {missing[:5]}, "
                                       f"unexpected {extra[:5]}")
-        staged, nbytes = {}, 0
+        staged, nbytes, params = {}, 0, model.state_dict()
         for name, t in tensors.items():
-            if tuple(t.shape) != tuple(expected[name].shape):
-                raise WeightMismatchError(f"{name}: shape {list(t.shape)}, the model has {list(expected[name].shape)}")
+            if t.shape != expected[name]:
+                raise WeightMismatchError(f"{name}: shape {list(t.shape)}, the model has {list(expected[name])}")
             if not t.is_floating_point():
                 raise WeightMismatchError(f"{name}: dtype {t.dtype} is not a floating-point type")
             # amax/amin propagate NaN and expose +-inf: two reductions, no boolean copy of t.
             if t.numel() and not (torch.isfinite(t.amax()) and torch.isfinite(t.amin())):
                 raise WeightMismatchError(f"{name}: contains NaN or Inf")
-            staged[name] = t.to(device=self.device, dtype=expected[name].dtype)
+            staged[name] = t.to(device=self.device, dtype=params[name].dtype)
             nbytes += t.numel() * t.element_size()
         self._staged = (version, staged)
         return nbytes
