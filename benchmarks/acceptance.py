@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from rollout import Engine, SamplingParams
-from rollout.corpus import open_corpus
+from rollout.train.corpus import open_corpus
 
 RUNS = [  # (name, sampler, temperature)
     ("ar_t0", "ar", 0.0),

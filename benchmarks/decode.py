@@ -20,11 +20,12 @@ import random
 import time
 
 import torch
+from shapes import SHAPES, hf_config
 
 from rollout import Engine, SamplingParams
 from rollout.config import ModelConfig, TidarConfig
-from rollout.model import Decoder
-from shapes import SHAPES, hf_config
+from rollout.model.decoder import Decoder
+
 
 def random_engine(shape: str, block_size: int, device: str, dtype: torch.dtype) -> Engine:
     cfg = ModelConfig.from_hf_dict(hf_config(shape))

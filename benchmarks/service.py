@@ -23,7 +23,7 @@ import ray
 import torch
 
 from rollout import Engine, SamplingParams
-from rollout.serve import RolloutService
+from rollout.service.serve import RolloutService
 from rollout.v1 import rollout_pb2 as pb
 from rollout.v1 import rollout_pb2_grpc as pb_grpc
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import ray
 import torch
 from safetensors.torch import save_file
+from shapes import SHAPES, hf_config
 
 from rollout.config import ModelConfig
-from rollout.model import Decoder
-from rollout.serve import BackgroundService, RolloutService
-from shapes import SHAPES, hf_config
+from rollout.model.decoder import Decoder
+from rollout.service.serve import BackgroundService, RolloutService
 from trainer_bridge import RolloutClient, WeightSync
 
 

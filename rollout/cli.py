@@ -32,7 +32,7 @@ def _generate(args: argparse.Namespace) -> int:
         if (DEFAULT_MODEL / "config.json").exists():
             model_dir = DEFAULT_MODEL
         else:
-            from .tiny import make_tiny_model
+            from .train.tiny import make_tiny_model
             model_dir = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny", vocab_size=64, block_size=4)
             print(f"no embedded model found; using a random tiny model at {model_dir}")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -99,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _delegate(name: str, argv: list[str]) -> int:
     if name == "serve":
-        from .serve import main_serve
+        from .service.serve import main_serve
         return main_serve(argv)
-    from . import convert
+    from .train import convert
     return getattr(convert, f"main_{name}")(argv)
 
 

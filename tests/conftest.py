@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rollout import Engine
-from rollout.tiny import make_tiny_model
+from rollout.train.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rollout.training as training_module
+import rollout.train.loop as training_module
 from rollout import Engine, SamplingParams
 from rollout.config import TIDAR_CONFIG_FILE
-from rollout.convert import (MASK_TOKEN, convert, convert_parser, pretrain, pretrain_parser,
-                             train_tokenizer)
-from rollout.corpus import PYTHON_SOURCES, is_heldout, open_corpus, python_sources
-from rollout.tiny import make_tiny_model
+from rollout.train.convert import (
+    MASK_TOKEN,
+    convert,
+    convert_parser,
+    pretrain,
+    pretrain_parser,
+    train_tokenizer,
+)
+from rollout.train.corpus import PYTHON_SOURCES, is_heldout, open_corpus, python_sources
+from rollout.train.tiny import make_tiny_model
 
 VOCAB = 300
 SNIPPETS = [

@@ -13,7 +13,7 @@ from scipy.stats import chi2
 import rollout.sampling
 from rollout import Engine, SamplingParams
 from rollout.sampling import process_logits
-from rollout.tiny import make_tiny_model
+from rollout.train.tiny import make_tiny_model
 
 transformers = pytest.importorskip("transformers")
 

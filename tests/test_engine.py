@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from conftest import PROMPTS
 
 from rollout import Engine, SamplingParams
 from rollout.sampling import process_logits
-
-from conftest import PROMPTS
 
 
 def tokens(outs):
@@ -117,10 +116,10 @@ def test_max_tokens_is_exact_even_mid_block(engine):
 
 
 def test_chunked_prefill_gives_the_same_samples(engine, monkeypatch):
-    import rollout.engine
+    import rollout.engine.engine
     params = SamplingParams(max_tokens=12, n=2, seed=7)
     whole = tokens(engine.generate(PROMPTS, params))
-    monkeypatch.setattr(rollout.engine, "PREFILL_MASK_BUDGET", 1)  # one prompt per chunk
+    monkeypatch.setattr(rollout.engine.engine, "PREFILL_MASK_BUDGET", 1)  # one prompt per chunk
     assert tokens(engine.generate(PROMPTS, params)) == whole
 
 

@@ -4,7 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from trainer_bridge.grpo_example import DEFAULT_MODEL, first_line_is_valid_python, grpo_loss
+from trainer_bridge.grpo_example import (
+    DEFAULT_MODEL,
+    first_line_is_valid_python,
+    grpo_loss,
+)
 
 
 @pytest.mark.parametrize("completion,reward", [

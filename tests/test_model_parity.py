@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rollout import Engine
-from rollout.tiny import make_tiny_model
+from rollout.train.tiny import make_tiny_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,8 +58,8 @@ def test_transformers4_style_rope_scaling_is_read(tmp_path):
 
 def test_tidar_decode_step_ar_logits_match_hf(tiny_dir, hf_model):
     """The AR logits of a TiDAR step (drafts + mask blocks in one forward) equal HF's causal logits."""
-    from rollout.kv_cache import KVCache
-    from rollout.model import StepBatch
+    from rollout.model.decoder import StepBatch
+    from rollout.model.kv_cache import KVCache
     from rollout.step_layout import decode_layout, prefill_layout
 
     engine = Engine.from_pretrained(tiny_dir)

@@ -9,9 +9,9 @@ import pytest
 pytest.importorskip("ray")
 from ray.exceptions import ActorDiedError  # noqa: E402
 
-from rollout.metrics import FrontendMetrics  # noqa: E402
 from rollout.params import SamplingParams  # noqa: E402
-from rollout.router import QueueFullError, Router  # noqa: E402
+from rollout.service.metrics import FrontendMetrics  # noqa: E402
+from rollout.service.router import QueueFullError, Router  # noqa: E402
 
 
 def done(value):

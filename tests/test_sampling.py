@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from rollout.sampling import (acceptance_probability, mixed_logits, policy_distribution, process_logits,
-                              residual_distribution, sample_from, verify_drafts)
+from rollout.sampling import (
+    acceptance_probability,
+    mixed_logits,
+    policy_distribution,
+    process_logits,
+    residual_distribution,
+    sample_from,
+    verify_drafts,
+)
 
 V = 7
 
@@ -122,8 +129,11 @@ def test_verify_drafts_stops_at_invalid_drafts():
 
 def test_process_logits_matches_hf_warpers():
     pytest.importorskip("transformers")
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
     logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(3)) * 2
     for t, k, p in ((0.7, 0, 1.0), (1.0, 10, 1.0), (1.2, 0, 0.85), (0.8, 7, 0.6)):
         x = TemperatureLogitsWarper(t)(None, logits.clone())

@@ -13,10 +13,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytest.importorskip("ray")
 
-from rollout.tiny import make_tiny_model  # noqa: E402
+from service_helpers import CALL_TIMEOUT, request, wait_until  # noqa: E402
+
+from rollout.train.tiny import make_tiny_model  # noqa: E402
 from rollout.v1 import rollout_pb2 as pb  # noqa: E402
 from rollout.v1 import rollout_pb2_grpc as pb_grpc  # noqa: E402
-from service_helpers import CALL_TIMEOUT, request, wait_until  # noqa: E402
 
 
 def free_port() -> int:

@@ -10,12 +10,13 @@ from grpc_health.v1 import health_pb2
 
 ray = pytest.importorskip("ray")
 
+from service_helpers import CALL_TIMEOUT, ServiceRunner, request, wait_until  # noqa: E402
+
 from rollout import Engine, SamplingParams  # noqa: E402
-from rollout.serve import RolloutService  # noqa: E402
-from rollout.tiny import make_tiny_model  # noqa: E402
+from rollout.service.serve import RolloutService  # noqa: E402
+from rollout.train.tiny import make_tiny_model  # noqa: E402
 from rollout.v1 import rollout_pb2 as pb  # noqa: E402
 from rollout.wire import trajectory_arrays, weight_chunks  # noqa: E402
-from service_helpers import CALL_TIMEOUT, ServiceRunner, request, wait_until  # noqa: E402
 
 PROMPTS = [[2, 3, 4], [5, 6, 7, 8, 9], [10]]
 TOKEN = "test-token"
@@ -214,7 +215,9 @@ def test_killed_replica_mid_batch_all_trajectories_come_back_once(runner):
 
 
 def test_reflection_lists_the_services(runner):
-    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
     services = set(ProtoReflectionDescriptorDatabase(runner.channel()).get_services())
     assert {"rollout.v1.RolloutService", "grpc.health.v1.Health"} <= services
 
@@ -226,8 +229,9 @@ def perturbed_state(model_dir, seed: int) -> dict[str, torch.Tensor]:
 
 def test_pushed_weights_are_served_and_a_restarted_replica_catches_up(runner, model_dir, tmp_path):
     """Runs last in this module: it moves the served version to 1."""
-    from safetensors.torch import save_file
     import shutil
+
+    from safetensors.torch import save_file
 
     stub, auth = runner.stub(), (("authorization", f"Bearer {TOKEN}"),)
     state = perturbed_state(model_dir, seed=1)

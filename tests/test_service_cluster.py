@@ -4,11 +4,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
-
-from rollout.tiny import make_tiny_model  # noqa: E402
-from rollout.serve import RolloutService  # noqa: E402
-from rollout.v1 import rollout_pb2 as pb  # noqa: E402
 from service_helpers import CALL_TIMEOUT, ServiceRunner, request  # noqa: E402
+
+from rollout.service.serve import RolloutService  # noqa: E402
+from rollout.train.tiny import make_tiny_model  # noqa: E402
+from rollout.v1 import rollout_pb2 as pb  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,21 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from rollout import Engine, SamplingParams  # noqa: E402
-from rollout.serve import RolloutService  # noqa: E402
-from rollout.tiny import make_tiny_model  # noqa: E402
-from rollout.wire import weight_chunks  # noqa: E402
 from service_helpers import CALL_TIMEOUT, ServiceRunner  # noqa: E402
-from trainer_bridge import (AsyncRolloutClient, RolloutClient, WeightSync, diffusion_cotrain_loss,  # noqa: E402
-                            pad_groups, tidar_forward, token_logprobs)
+
+from rollout import Engine, SamplingParams  # noqa: E402
+from rollout.service.serve import RolloutService  # noqa: E402
+from rollout.train.tiny import make_tiny_model  # noqa: E402
+from rollout.wire import weight_chunks  # noqa: E402
+from trainer_bridge import (  # noqa: E402
+    AsyncRolloutClient,
+    RolloutClient,
+    WeightSync,
+    diffusion_cotrain_loss,
+    pad_groups,
+    tidar_forward,
+    token_logprobs,
+)
 
 TOKEN = "bridge-token"
 PROMPTS = [[2, 3, 4], [5, 6], [7, 8, 9, 10]]

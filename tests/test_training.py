@@ -6,11 +6,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rollout.loader import load_decoder, read_model_config
-from rollout.model import SequenceBatch
-from rollout.tiny import make_tiny_model
-from rollout.training import (IGNORE, CausalLoss, HybridLoss, ar_perplexity, training_block_mask,
-                              training_inputs, training_labels, training_mask)
+from rollout.model.decoder import SequenceBatch
+from rollout.model.loader import load_decoder, read_model_config
+from rollout.train.objective import (
+    IGNORE,
+    CausalLoss,
+    HybridLoss,
+    ar_perplexity,
+    training_block_mask,
+    training_inputs,
+    training_labels,
+    training_mask,
+)
+from rollout.train.tiny import make_tiny_model
 
 MASK = 15  # make_tiny_model: the last vocab id of a 16-token vocabulary
 

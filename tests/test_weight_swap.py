@@ -4,13 +4,12 @@ import threading
 
 import pytest
 import torch
-
-from rollout import Engine
-from rollout.replica import GeneratorReplica, WeightMismatchError
-from rollout.sampling import process_logits
-
 from conftest import PROMPTS
 from service_helpers import wait_until
+
+from rollout import Engine
+from rollout.sampling import process_logits
+from rollout.service.replica import GeneratorReplica, WeightMismatchError
 
 PARAMS = dict(max_tokens=30, seed=1)
 

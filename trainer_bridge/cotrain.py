@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rollout.model import Decoder, SequenceBatch
-from rollout.training import training_inputs, training_mask
+from rollout.model.decoder import Decoder, SequenceBatch
+from rollout.train.objective import training_inputs, training_mask
 
 
 def tidar_forward(model: Decoder, input_ids: torch.Tensor, mask_token_id: int, block_size: int

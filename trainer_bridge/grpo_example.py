@@ -28,11 +28,11 @@ import ray
 import torch
 
 from rollout.config import load_tidar_config
-from rollout.corpus import open_corpus
-from rollout.loader import load_decoder, read_model_config
+from rollout.model.loader import load_decoder, read_model_config
 from rollout.params import SamplingParams
-from rollout.serve import BackgroundService, RolloutService
+from rollout.service.serve import BackgroundService, RolloutService
 from rollout.tokenizer import TextTokenizer
+from rollout.train.corpus import open_corpus
 
 from .batch import pad_groups
 from .client import RolloutClient

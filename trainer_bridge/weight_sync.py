@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import msgpack
 import torch
 
+from rollout.service.weight_group import broadcast, make_weight_group
 from rollout.v1 import rollout_pb2 as pb
-from rollout.weight_group import broadcast, make_weight_group
 from rollout.wire import WEIGHT_CHUNK_BYTES, dtype_name, tensor_crc32, weight_chunks
 
 from .client import RolloutClient

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TIDAR_CONFIG_FILE
+from ..config import TIDAR_CONFIG_FILE
 
 HF_CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
 

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import socket
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
-from .engine import GenerationStats
-from .params import Completion
+from ..engine.engine import GenerationStats
+from ..params import Completion
 
 
 def _serve(registry: CollectorRegistry, port: int | None) -> str:

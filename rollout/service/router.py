@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from ..params import SamplingParams
 from .metrics import FrontendMetrics
-from .params import SamplingParams
 from .replica import WEIGHT_SWAP_MODES
 
 log = logging.getLogger(__name__)

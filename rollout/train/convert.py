@@ -8,7 +8,7 @@ Design decisions:
 - The mask token is a dedicated special token "<|mask|>" appended to the vocabulary (embedding
   and lm_head rows initialised to the mean row) unless the caller names a reserved id; EOS and
   pad are refused, since a mask that means "end" corrupts both the drafts and stop handling.
-- Both run `training.train` (AdamW, warmup + cosine, gradient accumulation, resumable
+- Both run `loop.train` (AdamW, warmup + cosine, gradient accumulation, resumable
   checkpoints under out_dir/checkpoint/, bf16 autocast on CUDA).
 - Multi-GPU through torchrun (WORLD_SIZE > 1): DistributedDataParallel over the objective
   module, each rank drawing its own windows; rank 0 evaluates and writes files. Launch with
@@ -28,12 +28,19 @@ from pathlib import Path
 
 import torch
 
-from .config import TIDAR_CONFIG_FILE, ModelConfig
+from ..config import TIDAR_CONFIG_FILE, ModelConfig
+from ..model.decoder import Decoder
+from ..model.loader import load_decoder, read_model_config
 from .corpus import Corpus, fixed_windows, open_corpus, pack_tokens
-from .loader import load_decoder, read_model_config
-from .model import Decoder
-from .training import (CHECKPOINT_DIR, CausalLoss, HybridLoss, TrainSettings, ar_perplexity, barrier, default_device,
-                       distributed, train)
+from .loop import (
+    CHECKPOINT_DIR,
+    TrainSettings,
+    barrier,
+    default_device,
+    distributed,
+    train,
+)
+from .objective import CausalLoss, HybridLoss, ar_perplexity
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +237,15 @@ def convert(base_dir: str | Path, corpus: str | Path | Corpus, out_dir: str | Pa
 def train_tokenizer(texts, vocab_size: int, max_chars: int = 20_000_000):
     """A byte-level BPE tokenizer trained on up to `max_chars` characters of `texts`, with
     "<|endoftext|>" as EOS and pad. Returns a transformers PreTrainedTokenizerFast."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 257 + 1:

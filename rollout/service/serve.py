@@ -22,12 +22,12 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .config import load_tidar_config
-from .loader import read_model_config
+from ..config import load_tidar_config
+from ..model.loader import read_model_config
 from .metrics import FrontendMetrics
 from .replica import replica_actor_class
 from .router import Router
-from .service import RolloutServicer, set_serving, start_server
+from .servicer import RolloutServicer, set_serving, start_server
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ import warnings
 
 import torch
 
-from .engine import Engine
+from ..engine.engine import Engine
+from ..params import SamplingParams
+from ..wire import completion_to_record, tensor_crc32
 from .metrics import ReplicaMetrics
-from .params import SamplingParams
 from .weight_group import broadcast, make_weight_group
-from .wire import completion_to_record, tensor_crc32
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, TidarConfig, load_tidar_config
-from .kv_cache import KVCache
-from .loader import load_decoder, read_model_config
-from .model import Decoder, StepBatch
-from .params import Completion, SamplingParams, validate_prompts
-from .sampling import mixed_logits, policy_distribution, sample_from, verify_drafts
-from .step_layout import ar_layout, decode_layout, prefill_layout
+from ..config import ModelConfig, TidarConfig, load_tidar_config
+from ..model.decoder import Decoder, StepBatch
+from ..model.kv_cache import KVCache
+from ..model.loader import load_decoder, read_model_config
+from ..params import Completion, SamplingParams, validate_prompts
+from ..sampling import mixed_logits, policy_distribution, sample_from, verify_drafts
+from ..step_layout import ar_layout, decode_layout, prefill_layout
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import ModelConfig, UnsupportedModelError, read_json
-from .model import Decoder
+from ..config import ModelConfig, UnsupportedModelError, read_json
+from .decoder import Decoder
 from .rope import inverse_frequencies
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -23,13 +23,13 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from ray.exceptions import RayTaskError
 
-from .config import ModelConfig, TidarConfig
+from ..config import ModelConfig, TidarConfig
+from ..params import validate_prompts
+from ..v1 import rollout_pb2 as pb
+from ..v1 import rollout_pb2_grpc as pb_grpc
+from ..wire import WeightAssembler, params_from_proto, record_to_trajectory
 from .metrics import FrontendMetrics
-from .params import validate_prompts
 from .router import DeadlineExceededError, NoReplicaError, QueueFullError, Router
-from .v1 import rollout_pb2 as pb
-from .v1 import rollout_pb2_grpc as pb_grpc
-from .wire import WeightAssembler, params_from_proto, record_to_trajectory
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RolloutService"].full_name

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .config import RopeConfig, yarn_mscale
+from ..config import RopeConfig, yarn_mscale
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:

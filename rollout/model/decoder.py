@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ModelConfig
 from .attention import attend, attend_sequence
-from .config import ModelConfig
 from .kv_cache import KVCache
 from .rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 

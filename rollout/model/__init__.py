@@ -1,0 +1,1 @@
+"""The decoder and what it reads and writes: weights (loader), RoPE, attention, the K/V tensors."""

@@ -1,0 +1,1 @@
+"""Training: the hybrid objective, the optimisation loop, conversion, corpora, tiny test models."""
