@@ -222,3 +222,48 @@ def load_tidar_config(model_dir: Path, hf_cfg: dict, mask_token_id: int | None,
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+@dataclass(slots=True, frozen=True)
+class EngineConfig:
+    """How a replica's engine sizes its KV pool and schedules work (all fixed for its life).
+
+    max_num_seqs: KV slots, i.e. sequences decoded at once; None sizes the pool from memory
+        (`kv_cache_gib` on the CPU; `gpu_memory_utilization` of free device memory on a GPU),
+        capped at `DEFAULT_MAX_NUM_SEQS`.
+    max_model_len: the longest prompt + max_tokens a sequence may ask for; None: the model's
+        context (max_position_embeddings).
+    kv_cache_gib: memory budget of the pool (K/V plus per-slot draft state); None: 1 GiB on the
+        CPU, `gpu_memory_utilization` of free memory on a GPU.
+    max_prefill_tokens: prompt tokens per prefill step; longer prompts are prefilled in chunks,
+        so running rows wait at most one such step between their own steps.
+    max_running_requests: requests admitted at once; None: as many as the pool holds. 1 is the
+        serial mode (one request at a time, the old behaviour), for comparisons.
+    max_sequences_per_request: prompts x n of one request; None: 8 x the pool's slots.
+    max_waiting_sequences: sequences queued but not yet admitted, over all requests; beyond it
+        new requests are refused (load, not a bad request); None: 32 x the pool's slots.
+    """
+    max_num_seqs: int | None = None
+    max_model_len: int | None = None
+    kv_cache_gib: float | None = None
+    gpu_memory_utilization: float = 0.9
+    max_prefill_tokens: int = 2048
+    max_running_requests: int | None = None
+    max_sequences_per_request: int | None = None
+    max_waiting_sequences: int | None = None
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_model_len", "max_running_requests", "max_sequences_per_request",
+                     "max_waiting_sequences"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
+        if not isinstance(self.max_prefill_tokens, int) or self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be an integer >= 1, got {self.max_prefill_tokens!r}")
+        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+DEFAULT_MAX_NUM_SEQS = 256

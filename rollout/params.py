@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
+from enum import Enum
 
 SAMPLERS = ("lossless", "mixed", "ar")
 
@@ -50,6 +51,16 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
 
+class FinishReason(str, Enum):
+    """Why a trajectory ended. A str enum: compares equal to its value ("stop", ...)."""
+    STOP = "stop"        # a stop token was sampled (it is the last token)
+    LENGTH = "length"    # max_tokens reached
+    ABORT = "abort"      # aborted (by the caller, a deadline or an abort-mode weight swap)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(slots=True)
 class Completion:
     """One sampled trajectory.
@@ -69,7 +80,7 @@ class Completion:
     behavior_logprobs: list[float] = field(default_factory=list)
     from_draft: list[bool] = field(default_factory=list)
     policy_versions: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     num_forward_passes: int = 0
 
     @property
@@ -78,7 +89,7 @@ class Completion:
 
 
 def validate_prompts(prompts: list[list[int]], params: SamplingParams, vocab_size: int, context: int,
-                     mask_token_id: int) -> None:
+                     mask_token_id: int, context_name: str = "max_position_embeddings") -> None:
     """Raises ValueError naming the offending prompt / field and the limit."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompt_token_ids must be a non-empty list of prompts")
@@ -93,7 +104,7 @@ def validate_prompts(prompts: list[list[int]], params: SamplingParams, vocab_siz
         if len(p) + params.max_tokens > context:
             raise ValueError(
                 f"prompt_token_ids[{i}] has {len(p)} tokens; with max_tokens={params.max_tokens} "
-                f"that exceeds the model's context of {context} (max_position_embeddings)")
+                f"that exceeds the model's context of {context} ({context_name})")
     bad_stop = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
     if bad_stop:
         raise ValueError(f"stop_token_ids has {bad_stop[0]} outside the vocabulary [0, {vocab_size})")

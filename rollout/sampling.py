@@ -11,36 +11,95 @@ whatever q is, so decoded sequences are distributed exactly as autoregressive sa
 Randomness enters only as uniforms in [0, 1) passed in by the caller (one per decision), which
 makes every function here a pure tensor function: testable by enumeration, the same on any
 device, and independent of how rows are batched.
+
+Where the uniforms come from (`counter_uniforms`): a counter-based hash, computed on the device,
+of (row key, absolute position of the token being decided, purpose). The row key is derived
+once per sequence from (seed, prompt index, sample index) by blake2b (`row_key`); the purposes
+are ACCEPT (the draft at that position is accepted if u < min(1, p/q)), RESAMPLE (the verifier's
+token at that position: residual, bonus or first token) and DRAFT (the draft proposed for that
+position). A token's randomness therefore depends only on (seed, prompt index, sample index,
+position): never on batch neighbours, arrival time, step boundaries or the device. Exactness
+needs the three uniforms of a position to be independent of everything that decided the tokens
+before it; they are, because whatever happened at earlier positions used their own positions'
+uniforms. A uniform may be drawn again in a later step (a draft discarded after an earlier
+rejection is re-drafted at the same position with the same u): it only ever decides its
+position once, when that position is committed.
+
+Per-row settings: `process_logits` and `policy_distribution` take temperature / top-k / top-p
+either as Python scalars (one setting for the whole tensor) or as tensors [B] (row b of the
+leading dimension uses entry b), so requests with different settings share one forward;
+`RowSampling` holds a step's per-row tensors, built once per step.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+
 import torch
 
+from .params import SamplingParams
 
-def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+ACCEPT, RESAMPLE, DRAFT = 0, 1, 2  # purposes of a uniform (see the module docstring)
+
+
+Setting = float | int | torch.Tensor | None  # a scalar for every row, a tensor [B] per row, None: off
+
+
+def _per_row(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-row tensor [B] shaped to broadcast against x [B, ..., V]."""
+    return value.view(-1, *([1] * (x.dim() - 1)))
+
+
+def process_logits(logits: torch.Tensor, temperature: Setting, top_k: Setting, top_p: Setting) -> torch.Tensor:
     """Logits [..., V] -> log-probabilities [..., V] after temperature, top-k, top-p (float32,
     or float64 for float64 input).
 
+    Each setting is a scalar or a tensor [B] over the leading dimension (per-row settings).
     Order and tie handling follow HF's logits warpers: top-k keeps every token whose logit ties
     the k-th largest; top-p keeps the smallest set of most likely tokens whose mass reaches
-    top_p (always at least one). temperature 0 is treated as 1 here: greedy decoding picks the
-    argmax, and the log-probs it reports are those of the unscaled (filtered) distribution.
+    top_p (always at least one). top_k 0 (or None) and top_p 1 (or None) are off. temperature 0
+    is treated as 1 here: greedy decoding picks the argmax, and the log-probs it reports are
+    those of the unscaled (filtered) distribution.
     """
     x = logits if logits.dtype == torch.float64 else logits.float()
-    if temperature > 0:
+    if isinstance(temperature, torch.Tensor):
+        t = _per_row(temperature, x).to(x.dtype)
+        x = x / torch.where(t > 0, t, torch.ones_like(t))
+    elif temperature is not None and temperature > 0:
         x = x / temperature
-    if 0 < top_k < x.shape[-1]:
-        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_x, order = torch.sort(x, dim=-1, descending=False)
-        cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cum <= (1 - top_p)
-        remove_sorted[..., -1] = False
-        remove = remove_sorted.scatter(-1, order, remove_sorted)
-        x = x.masked_fill(remove, float("-inf"))
+    x = _top_k(x, top_k)
+    x = _top_p(x, top_p)
     return torch.log_softmax(x, dim=-1)
+
+
+def _top_k(x: torch.Tensor, top_k: Setting) -> torch.Tensor:
+    V = x.shape[-1]
+    if isinstance(top_k, torch.Tensor):
+        k = _per_row(top_k, x)
+        active = (k > 0) & (k < V)
+        kth = torch.sort(x, dim=-1, descending=True).values.gather(
+            -1, (k.clamp(1, V) - 1).expand(*x.shape[:-1], 1))
+        return x.masked_fill(active & (x < kth), float("-inf"))
+    if top_k is not None and 0 < top_k < V:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        return x.masked_fill(x < kth, float("-inf"))
+    return x
+
+
+def _top_p(x: torch.Tensor, top_p: Setting) -> torch.Tensor:
+    per_row = isinstance(top_p, torch.Tensor)
+    if not per_row and (top_p is None or top_p >= 1.0):
+        return x
+    p = _per_row(top_p, x).to(x.dtype) if per_row else top_p
+    sorted_x, order = torch.sort(x, dim=-1, descending=False)
+    cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cum <= (1 - p)
+    remove_sorted[..., -1] = False
+    if per_row:
+        remove_sorted &= p < 1  # rows with top_p 1 keep everything, underflowed tails included
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return x.masked_fill(remove, float("-inf"))
 
 
 def greedy_distribution(logprobs: torch.Tensor) -> torch.Tensor:
@@ -48,17 +107,95 @@ def greedy_distribution(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(logprobs).scatter_(-1, logprobs.argmax(-1, keepdim=True), 1.0)
 
 
-def policy_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+def policy_distribution(logits: torch.Tensor, temperature: Setting, top_k: Setting, top_p: Setting
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probs the token is drawn from, log-probs reported for it), both [..., V]."""
+    """(probs the token is drawn from, log-probs reported for it), both [..., V]. Rows at
+    temperature 0 draw from the one-hot argmax."""
     logprobs = process_logits(logits, temperature, top_k, top_p)
+    if isinstance(temperature, torch.Tensor):
+        greedy = _per_row(temperature == 0, logprobs)
+        return torch.where(greedy, greedy_distribution(logprobs), logprobs.exp()), logprobs
     probs = greedy_distribution(logprobs) if temperature == 0 else logprobs.exp()
     return probs, logprobs
 
 
-def mixed_logits(ar_logits: torch.Tensor, diffusion_logits: torch.Tensor, weight: float) -> torch.Tensor:
-    """The mixing sampler's verification logits w * l_AR + (1 - w) * l_diff (w = 1: exactly l_AR)."""
+def mixed_logits(ar_logits: torch.Tensor, diffusion_logits: torch.Tensor, weight: float | torch.Tensor
+                 ) -> torch.Tensor:
+    """The mixing sampler's verification logits w * l_AR + (1 - w) * l_diff (w = 1: exactly l_AR);
+    `weight` a scalar or a per-row tensor [B]."""
+    if isinstance(weight, torch.Tensor):
+        weight = _per_row(weight, ar_logits).float()
     return weight * ar_logits.float() + (1 - weight) * diffusion_logits.float()
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """One step's per-row sampling settings as device tensors [B], built once per step.
+
+    temperature 0 = greedy; top_k / top_p are None when no row of the step filters (the sort
+    is skipped); mix_weight is the verification weight w of the mixing sampler, 1 (plain p)
+    for every row that is not `mixed` at temperature > 0; `any_mixed` says whether any row
+    needs the mixed target at all."""
+    temperature: torch.Tensor
+    top_k: torch.Tensor | None
+    top_p: torch.Tensor | None
+    mix_weight: torch.Tensor
+    any_mixed: bool
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], device: torch.device | str) -> RowSampling:
+        mixed = [p.sampler == "mixed" and p.temperature > 0 and p.mix_weight < 1 for p in params]
+        top_k = [p.top_k for p in params]
+        top_p = [p.top_p for p in params]
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device),
+            top_k=torch.tensor(top_k).to(device) if any(top_k) else None,
+            top_p=torch.tensor(top_p, dtype=torch.float32).to(device) if min(top_p) < 1 else None,
+            mix_weight=torch.tensor([p.mix_weight if m else 1.0 for p, m in zip(params, mixed)],
+                                    dtype=torch.float32).to(device),
+            any_mixed=any(mixed))
+
+    def policy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`policy_distribution` with these rows' settings: logits [B, ..., V]."""
+        return policy_distribution(logits, self.temperature, self.top_k, self.top_p)
+
+
+def row_key(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The 62-bit randomness key of one (prompt, sample) row of a request seeded with `seed`."""
+    digest = hashlib.blake2b(f"{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32) without overflowing int64 (c split in 16-bit halves)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (the "lowbias32" constants): every input bit flips about half
+    of the output bits."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(keys: torch.Tensor, positions: torch.Tensor, purpose: int) -> torch.Tensor:
+    """Uniforms in [0, 1) (float64, 53 random bits) for keys [B] (int64 row keys) at positions
+    [B, m] (int64) for one purpose: a pure function of (key, position, purpose), on the device.
+    Two independent 32-bit hash chains (lanes) give the high 27 and the low 26 bits."""
+    key = keys[:, None]
+
+    def lane(salt: int) -> torch.Tensor:
+        x = _mix32((positions & _M32) ^ ((purpose * 0x9E3779B9 + salt) & _M32))
+        x = _mix32(x ^ (key & _M32))
+        return _mix32(x ^ ((key >> 32) & _M32))
+
+    return ((lane(0x68E31DA4) >> 5) * (1 << 26) + (lane(0x1B56C4E9) >> 6)).double() / float(1 << 53)
 
 
 def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -92,7 +229,9 @@ def verify_drafts(drafts: torch.Tensor, draft_probs: torch.Tensor, target_probs:
     draft_probs [B, m, V]: q_i, the distribution d_i was drawn from
     target_probs [B, m + 1, V]: target at the position of d_1..d_m and at the bonus position
         (index i >= num_drafts must hold the plain target p: nothing was drafted there)
-    num_drafts [B]: valid drafts per row; u_accept [B, m], u_sample [B] uniforms in [0, 1)
+    num_drafts [B]: valid drafts per row; u_accept [B, m] uniforms in [0, 1); u_sample [B], or
+        [B, m + 1] with one uniform per position of which the one at the row's accepted count
+        is used (so a position's randomness does not depend on where the step boundaries fall)
     Returns accepted [B] (leading drafts accepted, 0..num_drafts) and next_token [B]: the
     residual sample at the first rejection, or the bonus sample when all were accepted.
     """
@@ -107,4 +246,6 @@ def verify_drafts(drafts: torch.Tensor, draft_probs: torch.Tensor, target_probs:
     rejected = accepted < num_drafts
     q_next = draft_probs[rows, accepted.clamp(max=m - 1)] if m > 0 else torch.zeros_like(p_next)
     dist = torch.where(rejected[:, None], residual_distribution(p_next, q_next), p_next)
+    if u_sample.dim() == 2:
+        u_sample = u_sample.gather(1, accepted[:, None]).squeeze(1)
     return accepted, sample_from(dist, u_sample)

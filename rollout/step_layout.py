@@ -59,27 +59,31 @@ def ar_layout() -> DecodeLayout:
     return DecodeLayout(1, (), torch.zeros(1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool), 1)
 
 
-def prefill_layout(prompt_lens: list[int], block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompts (right-padded to the longest) followed by one mask block (`block_size` 0: none).
+def prefill_layout(chunk_lens: list[int], block_size: int, starts: list[int] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt chunks (right-padded to the longest) followed by one mask block (`block_size` 0:
+    none). Row b's chunk holds prompt tokens starts[b]..starts[b]+n_b-1 (default start 0); the
+    tokens before it are already in the cache and every query sees them.
 
-    Row b: prompt at in-step 0..P_b-1 (positions 0..P_b-1, causal, written to the cache), padding
-    that sees only itself, then the mask block at in-step Pmax..Pmax+k-1, positions P_b..P_b+k-1,
-    seeing the whole prompt and its own block.
+    Row b: chunk at in-step 0..n_b-1 (positions starts[b]+0..n_b-1, causal, written to the cache),
+    padding that sees only itself, then the mask block at in-step Nmax..Nmax+k-1, positions
+    starts[b]+n_b..+k-1, seeing the whole chunk and its own block.
     Returns positions [B, T], visible [B, T, T], write [B, T].
     """
-    B, P, k = len(prompt_lens), max(prompt_lens), block_size
+    B, P, k = len(chunk_lens), max(chunk_lens), block_size
+    starts = starts or [0] * B
     T = P + k
     positions = torch.zeros(B, T, dtype=torch.long)
     visible = torch.zeros(B, T, T, dtype=torch.bool)
     write = torch.zeros(B, T, dtype=torch.bool)
     causal = torch.ones(P, P, dtype=torch.bool).tril()
-    for b, n in enumerate(prompt_lens):
-        positions[b, :n] = torch.arange(n)
+    for b, (n, s) in enumerate(zip(chunk_lens, starts)):
+        positions[b, :n] = s + torch.arange(n)
         visible[b, :n, :n] = causal[:n, :n]
         write[b, :n] = True
         idx = torch.arange(n, P)
         visible[b, idx, idx] = True
-        positions[b, P:] = n + torch.arange(k)
+        positions[b, P:] = s + n + torch.arange(k)
         visible[b, P:, :n] = True
         visible[b, P:, P:] = True
     return positions, visible, write

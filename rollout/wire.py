@@ -56,7 +56,7 @@ def completion_to_record(c: Completion) -> dict:
                 behavior_logprobs=np.asarray(c.behavior_logprobs, dtype="<f4"),
                 policy_versions=np.asarray(c.policy_versions, dtype="<i8"),
                 from_draft=np.asarray(c.from_draft, dtype="u1"),
-                finish_reason=c.finish_reason, num_forward_passes=c.num_forward_passes)
+                finish_reason=str(c.finish_reason), num_forward_passes=c.num_forward_passes)
 
 
 def record_to_trajectory(r: dict, group_id: str, replica: str, timings: dict) -> pb.Trajectory:

@@ -5,6 +5,7 @@ import torch
 from conftest import PROMPTS
 
 from rollout import Engine, SamplingParams
+from rollout.config import EngineConfig
 from rollout.sampling import process_logits
 
 
@@ -115,12 +116,17 @@ def test_max_tokens_is_exact_even_mid_block(engine):
         assert all(len(c.token_ids) == max_tokens and c.finish_reason == "length" for c in sum(outs, []))
 
 
-def test_chunked_prefill_gives_the_same_samples(engine, monkeypatch):
-    import rollout.engine.engine
+@pytest.mark.parametrize("max_prefill_tokens", [1, 2, 5])
+def test_chunked_prefill_gives_the_same_samples(engine, max_prefill_tokens):
+    """Prompts prefilled a few tokens per step (interleaved with other rows' decode steps)
+    sample exactly what a whole-prompt prefill samples."""
     params = SamplingParams(max_tokens=12, n=2, seed=7)
-    whole = tokens(engine.generate(PROMPTS, params))
-    monkeypatch.setattr(rollout.engine.engine, "PREFILL_MASK_BUDGET", 1)  # one prompt per chunk
-    assert tokens(engine.generate(PROMPTS, params)) == whole
+    whole = engine.generate(PROMPTS, params)
+    chunked = Engine(engine.model, engine.tidar, config=EngineConfig(max_prefill_tokens=max_prefill_tokens))
+    again = chunked.generate(PROMPTS, params)
+    assert tokens(again) == tokens(whole)
+    for a, b in zip(sum(whole, []), sum(again, [])):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
 
 
 def test_generate_iter_yields_each_completion_once_as_it_finishes(engine):

@@ -66,19 +66,20 @@ def test_tidar_decode_step_ar_logits_match_hf(tiny_dir, hf_model):
     prompt, drafts = [2, 3, 4, 5, 6], [7, 8, 9, 10]
     cfg = engine.config
     cache = KVCache(cfg.num_layers, 1, cfg.num_kv_heads, 32, cfg.head_dim, torch.float32, "cpu")
-    slots = torch.tensor(cache.allocate(1))
+    slots = torch.tensor([0])
     pos, vis, write = prefill_layout([len(prompt)], 4)
     ids = torch.tensor([prompt + [15] * 4])
-    engine.model(ids, StepBatch(slots, torch.zeros(1, dtype=torch.long), pos, vis, write), cache)
-    cache.lengths[slots] = len(prompt)
+    engine.model(ids, StepBatch(slots, torch.zeros(1, dtype=torch.long), 0, pos, vis,
+                                cache.write_index(slots, pos, write)), cache)
     layout = decode_layout(4, (1, 2, 3, 4))
     T = layout.num_tokens
     step_ids = torch.tensor([drafts + [15] * (T - 4)])
-    L = cache.lengths[slots]
+    L = torch.tensor([len(prompt)])
     write = torch.zeros(1, T, dtype=torch.bool)
     write[:, :4] = True
-    hidden = engine.model(step_ids, StepBatch(slots, L, L[:, None] + layout.offsets, layout.visible[None], write),
-                          cache)
+    positions = L[:, None] + layout.offsets
+    hidden = engine.model(step_ids, StepBatch(slots, L, len(prompt), positions, layout.visible[None],
+                                              cache.write_index(slots, positions, write)), cache)
     ours = engine.model.logits(hidden[0, :4])
     with torch.no_grad():
         ref = hf_model(torch.tensor([prompt + drafts])).logits[0, len(prompt):]

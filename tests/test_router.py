@@ -11,7 +11,8 @@ from ray.exceptions import ActorDiedError  # noqa: E402
 
 from rollout.params import SamplingParams  # noqa: E402
 from rollout.service.metrics import FrontendMetrics  # noqa: E402
-from rollout.service.router import QueueFullError, Router  # noqa: E402
+from rollout.service.messages import Finished, RequestDone, Started  # noqa: E402
+from rollout.service.router import QueueFullError, Routed, Router  # noqa: E402
 
 
 def done(value):
@@ -37,11 +38,12 @@ class FakeReplica:
         self.status = FakeMethod(lambda: done(dict(weight_version=0)))
         self.abort = FakeMethod(lambda request_id: None)
 
-    def _generate(self, request_id, prompts, params, expected_version):
+    def _generate(self, request_id, prompts, params, expected_version, timeout):
         self.calls.append((prompts, params))
-        records = [{"started": 0.0, "weight_version": 0}]
-        records += [{"records": [dict(prompt_index=i, sample_index=j, token_ids=[p[0], j], seed=params["seed"])]}
+        records = [Started(0.0, 0)]
+        records += [Finished([dict(prompt_index=i, sample_index=j, token_ids=[p[0], j], seed=params["seed"])])
                     for i, p in enumerate(prompts) for j in range(params["n"])]
+        records.append(RequestDone(1.0))
         die_after = self.die_after
 
         async def stream():
@@ -53,7 +55,7 @@ class FakeReplica:
 
 
 async def collect(router, prompts, params):
-    return [r async for r, _ in router.generate(prompts, params) if "started" not in r]
+    return [e.record async for e in router.generate(prompts, params) if isinstance(e, Routed)]
 
 
 def test_a_replica_dying_mid_batch_loses_and_duplicates_nothing():

@@ -1,6 +1,7 @@
 """Weight swap lifecycle on one replica: verify on stage, and the wait / abort / keep modes."""
 
 import threading
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -9,9 +10,11 @@ from service_helpers import wait_until
 
 from rollout import Engine
 from rollout.sampling import process_logits
-from rollout.service.replica import GeneratorReplica, WeightMismatchError
+from rollout.service.messages import Finished, Stale, Started
+from rollout.service.replica import GeneratorReplica
+from rollout.service.weights import WeightMismatchError
 
-PARAMS = dict(max_tokens=30, seed=1)
+PARAMS = dict(max_tokens=200, seed=1)  # long enough that a request is still running when a test acts
 
 
 @pytest.fixture
@@ -25,39 +28,62 @@ def perturbed(engine: Engine, seed: int) -> dict[str, torch.Tensor]:
 
 
 def run(replica, request_id="req", expected_version=0):
-    """Starts a request and pauses it right after it took the replica (before its prefill)."""
+    """Starts a request and returns its message stream once the engine has admitted it."""
     gen = replica.generate(request_id, PROMPTS, PARAMS, expected_version)
-    assert "started" in next(gen)
+    assert isinstance(next(gen), Started)
     return gen
 
 
+def pause(replica) -> threading.Event:
+    """Holds the engine loop between two steps (a command that blocks); set the event to go on."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold():
+        entered.set()
+        release.wait(60)
+    replica._commands.put((hold, Future()))
+    assert entered.wait(60)
+    return release
+
+
 def drain(gen) -> list[dict]:
-    return [r for rec in gen if "records" in rec for r in rec["records"]]
+    return [r for message in gen if isinstance(message, Finished) for r in message.records]
 
 
-def commit_in_thread(replica, version, mode):
-    t = threading.Thread(target=replica.commit_weights, args=(version, mode, 60))
+def in_thread(fn, *args):
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("result", fn(*args)))
     t.start()
-    return t
+    return t, out
 
 
-def test_wait_mode_finishes_the_request_on_the_old_weights(replica):
+def test_wait_mode_finishes_started_requests_on_the_old_weights_and_later_ones_on_the_new(replica):
     replica.stage_weights(1, perturbed(replica.engine, 0))
-    gen = run(replica)
-    t = commit_in_thread(replica, 1, "wait")
-    records = drain(gen)
-    t.join(60)
+    first = run(replica, "first")
+    release = pause(replica)
+    commit, _ = in_thread(replica.commit_weights, 1, "wait", 60)
+    wait_until(lambda: replica._commands.qsize() == 1, what="commit queued")
+    later, out = in_thread(lambda: drain(replica.generate("later", PROMPTS, PARAMS, 0)))
+    wait_until(lambda: replica._commands.qsize() == 2, what="later request queued")
+    release.set()
+    records = drain(first)
+    commit.join(60)
+    later.join(60)
+    assert len(records) == len(PROMPTS)
     assert all(r["finish_reason"] == "length" and set(r["policy_versions"].tolist()) == {0} for r in records)
+    assert all(set(r["policy_versions"].tolist()) == {1} for r in out["result"])
     assert replica.engine.weight_version == 1
 
 
 def test_abort_mode_returns_partial_trajectories_then_swaps(replica):
     replica.stage_weights(1, perturbed(replica.engine, 0))
     gen = run(replica)
-    t = commit_in_thread(replica, 1, "abort")
-    wait_until(lambda: "req" in replica._abort and replica._abort["req"].is_set(), what="abort flagged")
+    release = pause(replica)
+    commit, _ = in_thread(replica.commit_weights, 1, "abort", 60)
+    wait_until(lambda: replica._commands.qsize() == 1, what="commit queued")
+    release.set()
     records = drain(gen)
-    t.join(60)
+    commit.join(60)
     assert len(records) == len(PROMPTS)
     assert all(r["finish_reason"] == "abort" and 0 < len(r["token_ids"]) < PARAMS["max_tokens"] for r in records)
     assert replica.engine.weight_version == 1
@@ -67,15 +93,18 @@ def test_keep_mode_continues_on_new_weights_with_exact_logprobs(replica, tiny_di
     old = Engine.from_pretrained(tiny_dir)
     replica.stage_weights(1, perturbed(replica.engine, 0))
     gen = run(replica)
-    t = commit_in_thread(replica, 1, "keep")
-    wait_until(lambda: replica._pending_swap is not None, what="swap pending")
-    records = drain(gen)  # the swap happens at the first step boundary, after the prefill
-    t.join(60)
+    release = pause(replica)
+    commit, _ = in_thread(replica.commit_weights, 1, "keep", 60)
+    wait_until(lambda: replica._commands.qsize() == 1, what="commit queued")
+    release.set()
+    records = drain(gen)  # the swap happens at the next step boundary
+    commit.join(60)
     assert replica.engine.weight_version == 1
     new = replica.engine
     for r in records:
         versions = r["policy_versions"].tolist()
-        assert versions[0] == 0 and set(versions[1:]) == {1} and r["finish_reason"] == "length"
+        assert versions[0] == 0 and versions[-1] == 1 and versions == sorted(versions)
+        assert r["finish_reason"] == "length"
         prompt, tokens = PROMPTS[r["prompt_index"]], r["token_ids"].tolist()
         seq = prompt + tokens
         ref_old = process_logits(old.forward_logits([seq])[0], 1.0, 0, 1.0)
@@ -87,7 +116,7 @@ def test_keep_mode_continues_on_new_weights_with_exact_logprobs(replica, tiny_di
 
 def test_a_stale_replica_refuses_work(replica):
     gen = replica.generate("req", PROMPTS, PARAMS, expected_version=3)
-    assert list(gen) == [{"stale": 0}]
+    assert list(gen) == [Stale(0)]
 
 
 @pytest.mark.parametrize("corrupt,match", [
@@ -115,9 +144,10 @@ def test_unknown_mode_is_refused(replica):
         replica.commit_weights(1, "later")
 
 
-def test_a_request_waiting_for_a_busy_engine_times_out_with_a_message(tiny_dir):
+def test_a_request_waiting_for_a_busy_engine_loop_times_out_with_a_message(tiny_dir):
     replica = GeneratorReplica(str(tiny_dir), "r1", metrics_port=None, lock_timeout=0.2)
-    first = run(replica, "first")  # holds the engine, paused before its prefill
-    with pytest.raises(TimeoutError, match="request second waited 0 s for the engine"):
+    release = pause(replica)
+    with pytest.raises(TimeoutError, match="request second waited 0 s for the engine loop"):
         next(replica.generate("second", PROMPTS, PARAMS, 0))
-    assert drain(first)
+    release.set()
+    assert drain(replica.generate("third", PROMPTS, PARAMS, 0))  # the loop serves again

@@ -8,11 +8,15 @@ over [prefix | step] keys, plain SDPA, so it runs wherever PyTorch runs (CPU, CU
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from .decoder import StepBatch
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -21,19 +25,19 @@ except ImportError:  # FlexAttention arrived in torch 2.5; older builds use the 
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
-           slots: torch.Tensor, prefix_lens: torch.Tensor, positions: torch.Tensor,
-           step_visible: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
-    """q [B, H, T, D]; k, v [B, Hkv, T, D]; prefix_lens [B]; positions, write [B, T];
-    step_visible [B, T, T] -> [B, H, T, D]. Writes the K/V flagged in `write` to the cache."""
+           batch: StepBatch) -> torch.Tensor:
+    """q [B, H, T, D]; k, v [B, Hkv, T, D] -> [B, H, T, D]. Writes the step's K/V through the
+    batch's slot mapping. The prefix length to read (`batch.prefix_max`) is known on the CPU:
+    no host sync inside the forward."""
     B, _, T, _ = q.shape
-    prefix_max = int(prefix_lens.max())
-    kp, vp = cache.prefix(layer, slots, prefix_max)
+    prefix_max, prefix_lens, step_visible = batch.prefix_max, batch.prefix_lens, batch.step_visible
+    kp, vp = cache.prefix(layer, batch.slots, prefix_max)
     keys, values = torch.cat((kp, k), dim=2), torch.cat((vp, v), dim=2)
     in_prefix = torch.arange(prefix_max, device=q.device) < prefix_lens[:, None]  # [B, Lp]
     mask = torch.cat((in_prefix[:, None, :].expand(B, T, prefix_max), step_visible), dim=-1)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],
                                          enable_gqa=q.shape[1] != k.shape[1])
-    cache.write(layer, slots, positions, write, k, v)
+    cache.write(layer, batch.write_index, k, v)
     return out
 
 

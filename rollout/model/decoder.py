@@ -60,8 +60,7 @@ class Attention(nn.Module):
         if cache is None:
             out = attend_sequence(q, k, v, batch.mask)
         else:
-            out = attend(q, k, v, cache, self.layer, batch.slots, batch.prefix_lens, batch.positions,
-                         batch.step_visible, batch.write)
+            out = attend(q, k, v, cache, self.layer, batch)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -98,17 +97,19 @@ class DecoderStack(nn.Module):
 
 
 class StepBatch:
-    """The tensors one forward needs besides the token ids (all on the model's device).
+    """What one forward needs besides the token ids (tensors on the model's device).
 
     slots [B]: cache slot of each row; prefix_lens [B]: committed cache length of each row;
+    prefix_max: their maximum, as a Python int (known on the CPU, so reading it costs no sync);
     positions [B, T]: position id of each in-step token; step_visible [B, T, T]: which in-step
-    keys each in-step query sees; write [B, T]: which in-step tokens are written to the cache.
+    keys each in-step query sees; write_index: (slot, position) [B, T] where each in-step
+    token's K/V is stored (`KVCache.write_index`; the sink for tokens not to keep).
     """
-    __slots__ = ("slots", "prefix_lens", "positions", "step_visible", "write")
+    __slots__ = ("slots", "prefix_lens", "prefix_max", "positions", "step_visible", "write_index")
 
-    def __init__(self, slots, prefix_lens, positions, step_visible, write):
-        self.slots, self.prefix_lens, self.positions = slots, prefix_lens, positions
-        self.step_visible, self.write = step_visible, write
+    def __init__(self, slots, prefix_lens, prefix_max: int, positions, step_visible, write_index):
+        self.slots, self.prefix_lens, self.prefix_max, self.positions = slots, prefix_lens, prefix_max, positions
+        self.step_visible, self.write_index = step_visible, write_index
 
 
 class SequenceBatch:

@@ -1,9 +1,14 @@
-"""Slot-based, position-indexed KV cache (gpt-fast style).
+"""The K/V tensors of a replica's pool: slot-based and position-indexed (gpt-fast style).
 
-Each sequence owns a slot: a row of `max_len` positions in every layer. K/V of a token is written
-at the row's position id, and `lengths[slot]` says how many leading positions are committed.
-Rollback is "do not advance the length": rejected drafts may sit past the length and are
-overwritten by the next step before anything reads them. Mask-block K/V is never written.
+Each sequence owns a slot: a row of `slot_len` positions in every layer. The K/V of a token is
+written at the row's position id; which leading positions are committed is CPU bookkeeping of
+the engine (`engine/sequence.py`), passed in per step as prefix lengths. Rollback is "do not
+advance the length": rejected drafts may sit past it and are overwritten before anything reads
+them. Mask-block K/V is never written.
+
+Writes go through a slot mapping computed once per step (`write_index`): a token that must not
+be written (mask blocks, padding, a padding row) is sent to the sink, an extra slot that nothing
+reads, so the write is one indexed store per layer with no data-dependent shapes.
 """
 
 from __future__ import annotations
@@ -11,48 +16,41 @@ from __future__ import annotations
 import torch
 
 
-class CacheFullError(RuntimeError):
-    """No free slot is left."""
-
-
 class KVCache:
-    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int,
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, slot_len: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str):
-        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
+        shape = (num_layers, num_slots + 1, num_kv_heads, slot_len, head_dim)
+        # Zeroed, not empty: masked attention still multiplies the unused positions' V by 0.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
-        self.max_len = max_len
-        self._free = list(range(num_slots - 1, -1, -1))
+        self.num_slots, self.slot_len = num_slots, slot_len
+        self.sink = num_slots
 
-    @property
-    def num_free_slots(self) -> int:
-        return len(self._free)
+    @staticmethod
+    def bytes_per_slot(num_layers: int, num_kv_heads: int, slot_len: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * slot_len * head_dim * dtype.itemsize
 
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise CacheFullError(f"asked for {n} KV-cache slots, {len(self._free)} free")
-        slots = [self._free.pop() for _ in range(n)]
-        self.lengths[slots] = 0
-        return slots
-
-    def free(self, slots: list[int]) -> None:
-        self._free.extend(slots)
+    def write_index(self, slots: torch.Tensor, positions: torch.Tensor, write: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots [B], positions [B, T], write [B, T] bool -> (slot, position) [B, T] of every
+        in-step token's store; unwritten tokens go to the sink."""
+        T = positions.shape[1]
+        sink_pos = (torch.arange(T, device=positions.device) % self.slot_len)[None].expand_as(positions)
+        return (torch.where(write, slots[:, None], torch.full_like(positions, self.sink)),
+                torch.where(write, positions, sink_pos))
 
     def prefix(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of the first `length` positions of each slot: [B, Hkv, length, D] each."""
         return self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]
 
-    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, write: torch.Tensor,
-              k: torch.Tensor, v: torch.Tensor) -> None:
-        """Stores k, v [B, Hkv, T, D] of the tokens flagged in `write` [B, T] at their positions."""
-        rows, cols = write.nonzero(as_tuple=True)
-        dst_slots, dst_pos = slots[rows], positions[rows, cols]
-        self.k[layer, dst_slots, :, dst_pos] = k.transpose(1, 2)[rows, cols]
-        self.v[layer, dst_slots, :, dst_pos] = v.transpose(1, 2)[rows, cols]
+    def write(self, layer: int, index: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Stores k, v [B, Hkv, T, D] at the (slot, position) pairs of `index` ([B, T] each)."""
+        dst_slots, dst_pos = index
+        self.k[layer][dst_slots, :, dst_pos] = k.transpose(1, 2)
+        self.v[layer][dst_slots, :, dst_pos] = v.transpose(1, 2)
 
-    def copy_prefix(self, src: int, dst: list[int], length: int) -> None:
-        """Shares a prefilled prompt with other slots (the n samples of one prompt)."""
-        self.k[:, dst, :, :length] = self.k[:, src:src + 1, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src:src + 1, :, :length]
-        self.lengths[dst] = length
+    def copy_prefix(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Copies the first `length` positions of slots `src` [N] to slots `dst` [N] (the n
+        samples of one prompt share its prefill)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]

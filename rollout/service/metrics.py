@@ -16,7 +16,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from ..engine.engine import GenerationStats
+from ..engine.sequence import GenerationStats
 from ..params import Completion
 
 

@@ -1,117 +1,214 @@
-"""GeneratorReplica: one engine on one device, hosted as a Ray actor.
+"""GeneratorReplica: one engine on one device, driven by its own engine-loop thread, hosted as
+a Ray actor.
 
 Design decisions:
 - The class is plain Python (testable without Ray); `replica_actor_class` wraps it with
-  `ray.remote` as a threaded actor: one thread runs a request while others can abort it,
-  report status or stage weights. A lock makes requests and weight swaps take turns, so a
-  request runs on one weight version from start to end (never a mix).
-- `generate` is a generator: Ray streams each finished trajectory to the caller as it is
-  yielded. Aborting sets a flag the engine polls between steps; the running trajectories come
-  back with finish reason "abort" and the tokens they had.
-- Weight updates are two-phase: `stage_weights` verifies names, shapes, dtypes and finiteness
-  and prepares the tensors; `commit_weights` swaps them in between requests and bumps the
-  version. `discard_weights` drops a stage. Nothing changes until commit.
+  `ray.remote` as a threaded actor, so many requests can be streaming at once.
+- One thread, the engine loop, owns the engine: it alone calls `step()`, adds and aborts
+  requests and swaps weights, always between steps. Every other thread talks to it through
+  commands on a queue and waits for their answer with a timeout; no request holds a lock for
+  its lifetime, so requests share every forward (continuous batching).
+- `generate` is a Ray streaming generator over the request's own message queue (`messages.py`):
+  Started, then Finished per step that finished some of its trajectories, then RequestDone
+  with its own stats. Abort ends the request at the next step boundary; its trajectories come
+  back with finish reason abort and the tokens they had.
+- Weight updates are two-phase (`weights.py`): `stage_weights` verifies and prepares;
+  `commit_weights` is a command the loop applies between steps, in one of three modes:
+  "wait" (requests already started finish on the old weights, new ones wait for the swap),
+  "abort" (started requests end now with what they have, then the swap) or "keep" (swap at
+  the next step; running rows' K/V are recomputed; every token is tagged with its version).
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 import os
+import queue
 import threading
 import time
 import warnings
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 import torch
 
-from ..engine.engine import Engine
+from ..config import EngineConfig
+from ..engine.engine import Engine, StepOutput
+from ..engine.sequence import Request, Sequence
 from ..params import SamplingParams
 from ..wire import completion_to_record, tensor_crc32
+from .messages import Failed, Finished, RequestDone, Stale, Started
 from .metrics import ReplicaMetrics
 from .weight_group import broadcast, make_weight_group
+from .weights import StagedWeights, WeightMismatchError, check_swap_mode, stage_weights
 
 log = logging.getLogger(__name__)
+IDLE_WAIT = 0.05  # seconds the loop sleeps on its command queue when it has nothing to run
 
 
-WEIGHT_SWAP_MODES = ("wait", "abort", "keep")
-
-
-class WeightMismatchError(ValueError):
-    """A pushed state dict does not fit the served model."""
+@dataclass
+class _Swap:
+    version: int
+    mode: str
+    done: Future
 
 
 class GeneratorReplica:
     def __init__(self, model_dir: str, name: str, device: str | None = None, dtype: str | None = None,
-                 metrics_port: int | None = None, lock_timeout: float = 600.0):
+                 metrics_port: int | None = None, lock_timeout: float = 600.0,
+                 engine_config: EngineConfig | None = None):
         on_gpu = torch.cuda.is_available()  # true on ROCm builds too (HIP devices)
         self.device = device or ("cuda" if on_gpu else "cpu")
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device != "cpu" else torch.float32)
         self.name, self.model_dir = name, model_dir
-        self.engine = Engine.from_pretrained(model_dir, device=self.device, dtype=torch_dtype)
-        self._lock = threading.Lock()
-        self.lock_timeout = lock_timeout
-        self._abort: dict[str, threading.Event] = {}
-        self._running: set[str] = set()
-        self._staged: tuple[int, dict[str, torch.Tensor]] | None = None
-        self._pending_swap: int | None = None
+        self.engine = Engine.from_pretrained(model_dir, device=self.device, dtype=torch_dtype, config=engine_config)
+        self.lock_timeout = lock_timeout  # the longest any caller waits for the engine loop or a stream
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, queue.Queue] = {}
+        self._first_token_at: dict[str, float] = {}
+        self._staged: StagedWeights | None = None
+        self._swap: _Swap | None = None
         self._group, self._group_backend, self._group_timeout = None, "", 300.0
         self.restarts = _actor_restarts()
         port = metrics_port if metrics_port is not None else int(os.environ.get("ROLLOUT_REPLICA_METRICS_PORT", "0"))
         self.metrics = ReplicaMetrics(name, port)
         self.metrics.weight_version.set(0)
         self.metrics.restarts.set(self.restarts)
-        log.info("replica %s ready on %s (%s), restarts=%d", name, self.device, torch_dtype, self.restarts)
+        self._loop = threading.Thread(target=self._run_loop, name=f"engine-loop-{name}", daemon=True)
+        self._loop.start()
+        log.info("replica %s ready on %s (%s), restarts=%d, %s", name, self.device, torch_dtype, self.restarts,
+                 self.engine.limits)
 
-    @contextlib.contextmanager
-    def _hold(self, what: str):
-        """The engine lock, waited for at most `lock_timeout` seconds."""
-        if not self._lock.acquire(timeout=self.lock_timeout):
-            raise TimeoutError(f"replica {self.name}: {what} waited {self.lock_timeout:.0f} s for the engine")
+    # ------------------------------------------------------------------ the engine loop
+    def _call(self, fn, what: str):
+        """Runs fn() on the engine loop between steps; waits at most lock_timeout for it."""
+        done: Future = Future()
+        self._commands.put((fn, done))
         try:
-            yield
-        finally:
-            self._lock.release()
+            return done.result(timeout=self.lock_timeout)
+        except FutureTimeout:
+            done.cancel()
+            raise TimeoutError(f"replica {self.name}: {what} waited {self.lock_timeout:.0f} s for the engine loop") from None
+
+    def _run_loop(self) -> None:
+        while True:
+            idle = not self.engine.has_work and self._swap is None
+            self._run_commands(block=idle, timeout=1.0 if idle else None)
+            self._apply_swap_if_due()
+            if not self.engine.has_work:
+                continue
+            try:
+                out = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - fail the requests, keep the replica serving
+                log.exception("replica %s: engine step failed", self.name)
+                self._fail_all(f"{type(e).__name__}: {e}")
+                continue
+            self._emit(out)
+            if not (out.finished or out.started) and not self.engine.scheduler.busy:
+                self._run_commands(block=True, timeout=IDLE_WAIT)  # queued work that cannot start yet
+
+    def _fail_all(self, error: str) -> None:
+        """After a failed step: every request ends (slots freed) and its caller gets Failed."""
+        for rid in list(self.engine.requests):
+            self.engine.abort(rid)
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                stream.put(Failed(error))
+
+    def _run_commands(self, block: bool, timeout: float | None = None) -> None:
+        try:
+            item = self._commands.get(timeout=timeout) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn, done = item
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(fn())
+                except BaseException as e:  # noqa: BLE001 - the caller gets it; the loop goes on
+                    done.set_exception(e)
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _emit(self, out: StepOutput) -> None:
+        now = time.perf_counter()
+        for request in out.started:
+            stream = self._streams.get(request.request_id)
+            if stream is not None:
+                stream.put(Started(request.wall(request.started_at), self.engine.weight_version))
+        by_request: dict[str, list[Sequence]] = {}
+        for seq in out.finished:
+            by_request.setdefault(seq.request.request_id, []).append(seq)
+        for rid, seqs in by_request.items():
+            self._send_finished(seqs[0].request, seqs, now)
+
+    def _send_finished(self, request: Request, seqs: list[Sequence], now: float) -> None:
+        """Streams finished sequences (`now`: perf_counter time) and, once the request is done,
+        its stats."""
+        stream = self._streams.get(request.request_id)
+        records = []
+        for seq in seqs:
+            self.metrics.observe_completion(seq.out)
+            first = request.wall(seq.first_token_at or now)
+            records.append(dict(completion_to_record(seq.out), finished_at=request.wall(now), first_token_at=first))
+        if stream is not None:
+            stream.put(Finished(records))
+        if request.done:
+            s = request.stats
+            self.metrics.observe_stats(s)
+            if stream is not None:
+                stream.put(RequestDone(s.tokens_per_forward, s.acceptance_by_position, s.generated_tokens))
+            self._streams.pop(request.request_id, None)
 
     # ------------------------------------------------------------------ requests
-    def generate(self, request_id: str, prompts: list[list[int]], params: dict, expected_version: int):
-        """Yields, per engine step that finished trajectories, {"records": [...]}; then a final
-        {"stats": ...} record.
-        If this replica does not serve `expected_version` (e.g. Ray restarted it on the base
-        weights), it yields only {"stale": its version} and generates nothing."""
+    def generate(self, request_id: str, prompts: list[list[int]], params: dict, expected_version: int,
+                 timeout: float = 600.0):
+        """Yields the request's messages (see `messages.py`). If this replica serves an older
+        version than `expected_version` (Ray restarted it on the base weights), it yields only
+        Stale and generates nothing. Bad input raises ValueError; a full queue LoadError.
+        After `timeout` seconds (the caller's deadline) the request is aborted: TimeoutError."""
+        if self.engine.weight_version < expected_version:
+            yield Stale(self.engine.weight_version)
+            return
         sampling = SamplingParams(**params)
-        abort = self._abort.setdefault(request_id, threading.Event())
-        try:
-            with self._hold(f"request {request_id}"):
-                if abort.is_set():
-                    return
-                if self.engine.weight_version != expected_version:
-                    yield {"stale": self.engine.weight_version}
-                    return
-                self._running.add(request_id)
-                yield {"started": time.time(), "weight_version": self.engine.weight_version}
-                first_token_at = []
-                for finished in self.engine.generate_steps(
-                        prompts, sampling, should_abort=abort.is_set,
-                        on_first_token=lambda: first_token_at.append(time.time()),
-                        between_steps=self._swap_if_pending):
-                    now = time.time()
-                    records = []
-                    for c in finished:
-                        self.metrics.observe_completion(c)
-                        records.append(dict(completion_to_record(c), finished_at=now,
-                                            first_token_at=first_token_at[0] if first_token_at else now))
-                    yield {"records": records}
-                stats = self.engine.last_stats
-                self.metrics.observe_stats(stats)
-                yield {"stats": dict(tokens_per_forward=stats.tokens_per_forward,
-                                     acceptance_by_position=stats.acceptance_by_position,
-                                     generated_tokens=stats.generated_tokens)}
-        finally:
-            self._running.discard(request_id)
-            self._abort.pop(request_id, None)
+        stream: queue.Queue = queue.Queue()
+
+        def add() -> None:
+            self.engine.check_capacity(len(prompts), sampling.n)
+            self._streams[request_id] = stream
+            try:
+                self.engine.add_request(prompts, sampling, request_id)
+            except BaseException:
+                self._streams.pop(request_id, None)
+                raise
+
+        deadline = time.monotonic() + timeout
+        self._call(add, f"request {request_id}")
+        while True:
+            try:
+                message = stream.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                self.abort(request_id)
+                raise TimeoutError(f"replica {self.name}: request {request_id} did not finish "
+                                   f"within {timeout:.0f} s") from None
+            if isinstance(message, Failed):
+                raise RuntimeError(f"replica {self.name}: {message.error}")
+            yield message
+            if isinstance(message, RequestDone):
+                return
 
     def abort(self, request_id: str) -> None:
-        self._abort.setdefault(request_id, threading.Event()).set()
+        """Ends the request at the next step boundary (its trajectories come back as abort)."""
+        def do() -> None:
+            request = self.engine.requests.get(request_id)
+            ended = self.engine.abort(request_id)
+            if request is not None and ended:
+                self._send_finished(request, ended, time.perf_counter())
+        self._commands.put((do, Future()))
         self.metrics.aborts.inc()
 
     def status(self) -> dict:
@@ -121,93 +218,76 @@ class GeneratorReplica:
             node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         except ImportError:
             pass
-        return dict(name=self.name, node_id=node, ready=True, weight_version=self.engine.weight_version,
-                    running_requests=len(self._running), restarts=self.restarts,
-                    metrics_address=self.metrics.address, device=self.device,
-                    block_size=self.engine.tidar.block_size, levels=list(self.engine.tidar.level_set))
+        e, limits = self.engine, self.engine.limits
+        return dict(name=self.name, node_id=node, ready=True, weight_version=e.weight_version,
+                    running_requests=len(e.scheduler.active), running_sequences=len(e.scheduler.running),
+                    waiting_sequences=e.scheduler.num_waiting_sequences, free_slots=e.scheduler.slots.num_free,
+                    **dataclasses.asdict(limits),
+                    generated_tokens=e.totals.generated_tokens, row_forward_passes=e.totals.row_forward_passes,
+                    draft_attempts=list(e.totals.draft_attempts), draft_accepts=list(e.totals.draft_accepts),
+                    restarts=self.restarts, metrics_address=self.metrics.address, device=self.device,
+                    block_size=e.tidar.block_size, levels=list(e.tidar.level_set))
 
     # ------------------------------------------------------------------ weights
     def stage_weights(self, version: int, tensors: dict[str, torch.Tensor]) -> int:
         """Verifies a full state dict (HF names) and keeps it ready for commit. Returns its bytes."""
-        model = self.engine.model
-        expected = model.weight_names_and_shapes()
-        if model.config.tie_word_embeddings:  # a trainer may send the tied head too: it is the embedding
-            tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or extra:
-            raise WeightMismatchError(f"weight names differ from the model: missing {missing[:5]}, "
-                                      f"unexpected {extra[:5]}")
-        staged, nbytes, params = {}, 0, model.state_dict()
-        for name, t in tensors.items():
-            if t.shape != expected[name]:
-                raise WeightMismatchError(f"{name}: shape {list(t.shape)}, the model has {list(expected[name])}")
-            if not t.is_floating_point():
-                raise WeightMismatchError(f"{name}: dtype {t.dtype} is not a floating-point type")
-            # amax/amin propagate NaN and expose +-inf: two reductions, no boolean copy of t.
-            if t.numel() and not (torch.isfinite(t.amax()) and torch.isfinite(t.amin())):
-                raise WeightMismatchError(f"{name}: contains NaN or Inf")
-            staged[name] = t.to(device=self.device, dtype=params[name].dtype)
-            nbytes += t.numel() * t.element_size()
-        self._staged = (version, staged)
-        return nbytes
+        self._staged = stage_weights(self.engine.model, version, tensors, self.device)
+        return self._staged.nbytes
 
     def commit_weights(self, version: int, mode: str = "wait", timeout: float = 600.0) -> int:
-        """Swaps the staged weights in; every later token carries the new version.
-
-        mode "wait": after the running request finishes (it ends on the old weights);
-        "abort": the running request stops at its next step and returns its partial
-            trajectories (finish reason abort), then the swap;
-        "keep": at the running request's next step boundary; it continues on the new weights
-            (its K/V recomputed), each token tagged with the version that sampled it.
-        """
-        if mode not in WEIGHT_SWAP_MODES:
-            raise ValueError(f"mode must be one of {', '.join(WEIGHT_SWAP_MODES)}, got {mode!r}")
-        if self._staged is None or self._staged[0] != version:
+        """Swaps the staged weights in between engine steps; every later token carries the new
+        version. Modes: see the module docstring. Returns the version once it is served."""
+        check_swap_mode(mode)
+        if self._staged is None or self._staged.version != version:
             raise RuntimeError(f"no staged weights for version {version} on replica {self.name}")
         started = time.perf_counter()
-        if mode == "abort":
-            for request_id in list(self._running):
-                self._abort.setdefault(request_id, threading.Event()).set()
-        if mode == "keep":
-            self._pending_swap = version
-        deadline = time.monotonic() + timeout
-        while not self._lock.acquire(timeout=0.05):
-            if mode == "keep" and self.engine.weight_version == version:
-                break  # the running request swapped at a step boundary
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"replica {self.name}: the running request did not yield within {timeout} s")
-        else:
-            try:
-                if self._staged is not None and self._staged[0] == version:
-                    self._swap()
-            finally:
-                self._lock.release()
+        done: Future = Future()
+
+        def schedule() -> None:
+            self._swap = _Swap(version, mode, done)
+            if mode == "abort":
+                for rid in list(self.engine.scheduler.active):
+                    request = self.engine.requests[rid]
+                    self._send_finished(request, self.engine.abort(rid), time.perf_counter())
+            elif mode == "wait":
+                self.engine.scheduler.admit_new = False
+
+        self._call(schedule, f"commit of version {version}")
+        try:
+            done.result(timeout=timeout)
+        except FutureTimeout:
+            done.cancel()
+            raise TimeoutError(f"replica {self.name}: the running requests did not finish within {timeout} s") from None
         self.metrics.weight_swap_seconds.observe(time.perf_counter() - started)
         return version
 
-    def _swap(self) -> bool:
-        """Copies the staged tensors into the model (caller holds the lock or runs the request)."""
-        if self._staged is None:
-            return False
-        version, staged = self._staged
-        params = self.engine.model.state_dict()
-        with torch.no_grad():
-            for name, t in staged.items():
-                params[name].copy_(t)
-        self.engine.weight_version = version
-        self._staged, self._pending_swap = None, None
-        self.metrics.weight_version.set(version)
-        log.info("replica %s now serves weight version %d", self.name, version)
-        return True
-
-    def _swap_if_pending(self) -> bool:
-        """Between-steps hook of a running request: applies a "keep"-mode commit."""
-        return self._pending_swap is not None and self._swap()
+    def _apply_swap_if_due(self) -> None:
+        """On the loop: applies a pending commit once its mode allows (wait: no started request left)."""
+        swap = self._swap
+        if swap is None or (swap.mode == "wait" and self.engine.scheduler.active):
+            return
+        self._swap = None
+        self.engine.scheduler.admit_new = True
+        if not swap.done.set_running_or_notify_cancel():
+            return  # the committer gave up waiting: nothing changes
+        staged = self._staged
+        if staged is None or staged.version != swap.version:
+            swap.done.set_exception(RuntimeError(f"staged weights for version {swap.version} were discarded"))
+            return
+        try:
+            self.engine.load_weights(staged.tensors, staged.version)
+        except BaseException as e:  # noqa: BLE001
+            swap.done.set_exception(e)
+            return
+        self._staged = None
+        self.metrics.weight_version.set(staged.version)
+        log.info("replica %s now serves weight version %d", self.name, staged.version)
+        swap.done.set_result(staged.version)
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         """The served weights on the CPU (to bring a restarted replica up to date)."""
-        with self._hold("export_weights"):
-            return {k: v.detach().cpu().clone() for k, v in self.engine.model.state_dict().items()}
+        return self._call(lambda: {k: v.detach().cpu().clone() for k, v in self.engine.model.state_dict().items()},
+                          "export_weights")
 
     def discard_weights(self) -> None:
         self._staged = None
@@ -255,8 +335,9 @@ def _actor_restarts() -> int:
     return 0
 
 
-def replica_actor_class(num_gpus: float):
-    """GeneratorReplica as a Ray actor class: restarted by Ray when its process dies."""
+def replica_actor_class(num_gpus: float, max_concurrency: int = 256):
+    """GeneratorReplica as a Ray actor class: restarted by Ray when its process dies. Each
+    streaming request holds one of its `max_concurrency` threads while it waits for messages."""
     import ray
     return ray.remote(num_gpus=num_gpus, num_cpus=1, max_restarts=-1, max_task_retries=0,
-                      max_concurrency=16)(GeneratorReplica)
+                      max_concurrency=max_concurrency)(GeneratorReplica)

@@ -2,10 +2,14 @@
 
 Design decisions:
 - Placement: the live replica with the fewest outstanding tokens (prompt + max_tokens, times
-  n, over the requests assigned to it). All samples of a prompt go to one replica in one engine
-  call, so they share the prompt's prefill.
-- Admission: at most `max_queue` requests wait beyond one running per replica; the next one is
+  n, over the requests assigned to it and not yet finished). All samples of a prompt go to one
+  replica in one engine request, so they share the prompt's prefill. A request is sent to its
+  replica at once: the replica's engine batches it with whatever else runs there (continuous
+  batching) and queues what does not fit its KV pool yet. Outstanding tokens are added when a
+  request is sent and removed when it ends, however it ends (finished, failed, cancelled).
+- Admission: at most `max_queue` requests in flight beyond one per replica; the next one is
   refused at once (QueueFullError -> RESOURCE_EXHAUSTED) rather than queued without bound.
+  Size limits derived from the replicas' KV pools (`limits`) are checked at the front door.
 - Failures: when a replica's actor dies, Ray restarts it. The trajectories already streamed back
   are kept; the samples still missing are dispatched again (to any live replica, the restarted
   one included once it has caught up with the current weights). Each trajectory reaches the
@@ -18,18 +22,21 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from ..params import SamplingParams
+from ..engine.engine import EngineLimits
+from .messages import Finished, RequestDone, Stale, Started
 from .metrics import FrontendMetrics
-from .replica import WEIGHT_SWAP_MODES
+from .weights import check_swap_mode
 
 log = logging.getLogger(__name__)
 REPLICA_FAILURES = (RayActorError, ActorUnavailableError)
@@ -55,7 +62,14 @@ class ReplicaSlot:
     running: int = 0
     version: int | None = None  # last version known to be served; None: unknown (e.g. restarted)
     failures: int = 0
-    turn: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A finished trajectory (wire record, with the caller's prompt/sample indices) and the
+    replica that produced it."""
+    record: dict
+    replica: str
 
 
 @dataclass
@@ -74,8 +88,8 @@ class Router:
         self.version = 0
         self.weights_ref = None
         self.admitted = 0
-        self.waiting = 0
-        self.last_stats: dict = {}
+        self.waiting = 0  # sent to a replica, not started there yet
+        self.limits: EngineLimits | None = None  # the tightest over the replicas, once they answered
         self._push_lock = asyncio.Lock()
         self._version_changed = asyncio.Event()
         self._placements = 0
@@ -89,6 +103,7 @@ class Router:
         done = await asyncio.wait_for(asyncio.gather(*refs), timeout)
         for r, st in zip(self.replicas, done):
             r.version = st["weight_version"]
+        self.limits = EngineLimits(**{f.name: min(st[f.name] for st in done) for f in dataclasses.fields(EngineLimits)})
 
     async def replica_status(self) -> list[dict]:
         async def one(r: ReplicaSlot) -> dict:
@@ -102,15 +117,15 @@ class Router:
 
     # ------------------------------------------------------------------ generation
     async def generate(self, prompts: list[list[int]], params: SamplingParams, deadline: float | None = None
-                       ) -> AsyncIterator[tuple[dict, str]]:
-        """Yields (record, replica name) per trajectory, with the caller's prompt/sample indices.
-        `deadline` is a time.monotonic() value. The first record of a replica run is preceded
-        by a {"started": ...} marker record."""
+                       ) -> AsyncIterator[Routed | Started | RequestDone]:
+        """Yields a Routed per trajectory (with the caller's prompt/sample indices); before the
+        first trajectory of a replica run its Started, and after its last its RequestDone
+        (per-request stats). `deadline` is a time.monotonic() value."""
         if not self.replicas:
             raise NoReplicaError("no generator replica has been placed yet")
         if self.admitted >= self.max_queue + len(self.replicas):
             raise QueueFullError(f"queue full: {self.admitted} requests admitted "
-                                 f"(max_queue={self.max_queue} + {len(self.replicas)} running)")
+                                 f"(max_queue={self.max_queue} + {len(self.replicas)} replicas)")
         deadline = deadline or time.monotonic() + self.request_timeout
         self.admitted += 1
         try:
@@ -121,9 +136,10 @@ class Router:
                 missing = {(p, s) for p, samples in zip(sub.prompt_indices, sub.sample_indices) for s in samples}
                 replica = self._pick(avoid=failed)
                 try:
-                    async for record, name in self._run_on_replica(replica, sub, prompts, params, deadline):
-                        missing.discard((record.get("prompt_index"), record.get("sample_index")))
-                        yield record, name
+                    async for event in self._run_on_replica(replica, sub, prompts, params, deadline):
+                        if isinstance(event, Routed):
+                            missing.discard((event.record["prompt_index"], event.record["sample_index"]))
+                        yield event
                 except REPLICA_FAILURES as e:
                     attempts += 1
                     failed.add(replica.name)
@@ -162,44 +178,40 @@ class Router:
         n = len(sub.sample_indices[0])
         sub_prompts = [prompts[i] for i in sub.prompt_indices]
         cost = sum(len(p) + params.max_tokens for p in sub_prompts) * n
-        replica.outstanding_tokens += cost
         request_id = uuid.uuid4().hex
-        gen = None
-        self.waiting += 1
-        self.metrics.queue_depth.set(self.waiting)
-        try:
-            await asyncio.wait_for(replica.turn.acquire(), _left(deadline))
-        except asyncio.TimeoutError:
-            replica.outstanding_tokens -= cost
-            raise DeadlineExceededError("deadline passed while waiting for a replica") from None
-        finally:
-            self.waiting -= 1
-            self.metrics.queue_depth.set(self.waiting)
+        gen, started = None, False
+        replica.outstanding_tokens += cost
         replica.running += 1
-        self.metrics.running.set(sum(r.running for r in self.replicas))
+        self.waiting += 1
+        self._update_gauges()
         try:
             for _ in range(3):  # again only when the replica turns out to serve stale weights
                 await self._ensure_version(replica, deadline)
                 sub_params = dict(_params_dict(params), n=n, seed=sub.seed)
-                gen = replica.actor.generate.remote(request_id, sub_prompts, sub_params, self.version)
+                gen = replica.actor.generate.remote(request_id, sub_prompts, sub_params, self.version,
+                                                   _left(deadline))
                 stale = False
-                async for record in _records(gen, deadline):
-                    if "stale" in record:
+                async for message in _records(gen, deadline):
+                    if isinstance(message, Stale):
                         replica.version, stale = None, True
                         break
-                    if "stats" in record:
-                        self.last_stats = record["stats"]
-                        continue
-                    if "started" in record:
-                        yield record, replica.name
-                        continue
-                    for r in record["records"]:
-                        p = r["prompt_index"]
-                        r["sample_index"] = sub.sample_indices[p][r["sample_index"]]
-                        r["prompt_index"] = sub.prompt_indices[p]
-                        yield r, replica.name
+                    if isinstance(message, Started):
+                        if not started:
+                            started = True
+                            self.waiting -= 1
+                            self._update_gauges()
+                        yield message
+                    elif isinstance(message, Finished):
+                        for r in message.records:
+                            p = r["prompt_index"]
+                            r["sample_index"] = sub.sample_indices[p][r["sample_index"]]
+                            r["prompt_index"] = sub.prompt_indices[p]
+                            yield Routed(r, replica.name)
+                    elif isinstance(message, RequestDone):
+                        yield message
                 if not stale:
                     return
+                gen = None
             raise NoReplicaError(f"replica {replica.name} kept serving stale weights")
         except REPLICA_FAILURES:
             replica.version = None
@@ -213,10 +225,15 @@ class Router:
                 self.metrics.aborts.inc()
             raise
         finally:
+            if not started:
+                self.waiting -= 1
             replica.running -= 1
             replica.outstanding_tokens -= cost
-            self.metrics.running.set(sum(r.running for r in self.replicas))
-            replica.turn.release()
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.metrics.queue_depth.set(self.waiting)
+        self.metrics.running.set(sum(r.running for r in self.replicas) - self.waiting)
 
     async def _ensure_version(self, replica: ReplicaSlot, deadline: float) -> None:
         """A replica that restarted (or missed a push) loads the current weights before work."""
@@ -273,8 +290,7 @@ class Router:
                                           version, mode)
 
     async def _two_phase_push(self, stage, ref, version: int | None, mode: str) -> int:
-        if mode not in WEIGHT_SWAP_MODES:
-            raise ValueError(f"mode must be one of {', '.join(WEIGHT_SWAP_MODES)}, got {mode!r}")
+        check_swap_mode(mode)
         async with self._push_lock:
             new_version = self.version + 1
             if version not in (None, 0, new_version):

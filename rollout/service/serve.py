@@ -22,7 +22,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ..config import load_tidar_config
+from ..config import EngineConfig, load_tidar_config
 from ..model.loader import read_model_config
 from .metrics import FrontendMetrics
 from .replica import replica_actor_class
@@ -37,10 +37,10 @@ class RolloutService:
 
     def __init__(self, model_dir: str | Path, replicas: int = 1, port: int = 50051, host: str = "[::]",
                  auth_token: str | None = None, tls: tuple[bytes, bytes] | None = None,
-                 metrics_port: int | None = None, max_queue: int = 64, request_timeout: float = 600.0,
+                 metrics_port: int | None = None, max_queue: int = 256, request_timeout: float = 600.0,
                  ready_timeout: float = 600.0, placement_strategy: str = "SPREAD",
                  gpus_per_replica: float | None = None, replica_metrics_port: int | None = None,
-                 name: str = "rollout", dtype: str | None = None):
+                 name: str = "rollout", dtype: str | None = None, engine_config: EngineConfig | None = None):
         self.model_dir = str(Path(model_dir).resolve())
         _, hf_cfg, self.config = read_model_config(self.model_dir)
         self.tidar = load_tidar_config(Path(self.model_dir), hf_cfg, None, None)
@@ -50,6 +50,7 @@ class RolloutService:
         self.gpus_per_replica, self.replica_metrics_port = gpus_per_replica, replica_metrics_port
         self.name = name  # prefix of the replica actor names (unique per Ray namespace)
         self.dtype = dtype  # replica weight dtype; None: bfloat16 on GPUs, float32 on CPUs
+        self.engine_config = engine_config or EngineConfig()  # each replica's KV pool and scheduling
         self.server = self.health = self.router = self.pg = None
         self.actors: list = []
 
@@ -64,12 +65,14 @@ class RolloutService:
         except asyncio.TimeoutError:
             raise TimeoutError(f"Ray could not place {self.num_replicas} replicas of {bundle} "
                                f"({self.placement_strategy}) within {self.ready_timeout:.0f} s") from None
-        cls = replica_actor_class(gpus)
+        # Every streaming request holds an actor thread while it waits: room for what the router admits.
+        cls = replica_actor_class(gpus, max_concurrency=self.max_queue + 32)
         for i in range(self.num_replicas):
             name = f"{self.name}-replica-{i}"
             self.actors.append(cls.options(
                 name=name, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)
-            ).remote(self.model_dir, name, dtype=self.dtype, metrics_port=self.replica_metrics_port))
+            ).remote(self.model_dir, name, dtype=self.dtype, metrics_port=self.replica_metrics_port,
+                     engine_config=self.engine_config))
             self.router.add_replica(self.actors[-1], name)
 
     async def start(self) -> int:
@@ -153,7 +156,20 @@ def main_serve(argv: list[str]) -> int:
     p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus port of the front end")
     p.add_argument("--replica-metrics-port", type=int, default=None,
                    help="Prometheus port on each replica (default: any free port, see GetStatus)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait beyond one per replica")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests in flight beyond one per replica; more are refused with RESOURCE_EXHAUSTED")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="KV slots per replica = sequences decoded at once (default: from memory, at most 256)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + max_tokens per sequence (default: the model's context)")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV pool budget per replica (default: 1 GiB on CPUs, --gpu-memory-utilization on GPUs)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of free GPU memory the KV pool may take when --kv-cache-gib is not set")
+    p.add_argument("--max-prefill-tokens", type=int, default=2048,
+                   help="prompt tokens per prefill step (longer prompts are prefilled in chunks)")
+    p.add_argument("--max-running-requests", type=int, default=None,
+                   help="requests a replica runs at once (default: as many as its KV pool holds; 1 = serial)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="deadline of requests that set none (s)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="time allowed for replicas to load (s)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight RPCs get at shutdown")
@@ -174,7 +190,11 @@ def main_serve(argv: list[str]) -> int:
     service = RolloutService(args.model, args.replicas, args.port, args.host, token, tls, args.metrics_port,
                              args.max_queue, args.request_timeout, args.ready_timeout, args.placement,
                              gpus_per_replica=args.gpus_per_replica, replica_metrics_port=args.replica_metrics_port,
-                             dtype=args.dtype)
+                             dtype=args.dtype, engine_config=EngineConfig(
+                                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                                 kv_cache_gib=args.kv_cache_gib, gpu_memory_utilization=args.gpu_memory_utilization,
+                                 max_prefill_tokens=args.max_prefill_tokens,
+                                 max_running_requests=args.max_running_requests))
     try:
         asyncio.run(_serve_until_signal(service, args.grace))
     finally:

@@ -3,8 +3,9 @@
 Design decisions:
 - Requests are validated here, against the model's config, before anything reaches a replica:
   a malformed request costs the replicas nothing and can never take one down.
-- Status codes: INVALID_ARGUMENT (bad field, named in the message), RESOURCE_EXHAUSTED (queue
-  full), DEADLINE_EXCEEDED, CANCELLED (the client went away: its work is aborted on the replica),
+- Status codes: INVALID_ARGUMENT (bad field or a request larger than the replicas' KV pools
+  allow, the limit named in the message), RESOURCE_EXHAUSTED (queue full: the front end's or
+  a replica's), DEADLINE_EXCEEDED, CANCELLED (the client went away: its work is aborted on the replica),
   UNAUTHENTICATED (mutating RPC without the bearer token), FAILED_PRECONDITION (policy version
   older than the caller requires), UNAVAILABLE (no replica could serve).
 - The health service reports NOT_SERVING until every replica has answered once.
@@ -29,6 +30,8 @@ from ..v1 import rollout_pb2 as pb
 from ..v1 import rollout_pb2_grpc as pb_grpc
 from ..wire import WeightAssembler, params_from_proto, record_to_trajectory
 from .metrics import FrontendMetrics
+from ..engine.engine import LoadError, check_request_size
+from .messages import RequestDone, Started
 from .router import DeadlineExceededError, NoReplicaError, QueueFullError, Router
 
 log = logging.getLogger(__name__)
@@ -49,8 +52,14 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             raise ValueError("params is required (at least params.max_tokens)")
         params = params_from_proto(request.params)
         prompts = [list(p.token_ids) for p in request.prompts]
-        validate_prompts(prompts, params, self.config.vocab_size, self.config.max_position_embeddings,
-                         self.tidar.mask_token_id)
+        limits = self.router.limits
+        if limits is not None:
+            check_request_size(len(prompts), params.n, limits)
+            validate_prompts(prompts, params, self.config.vocab_size, limits.max_model_len,
+                             self.tidar.mask_token_id, context_name="max_model_len")
+        else:
+            validate_prompts(prompts, params, self.config.vocab_size, self.config.max_position_embeddings,
+                             self.tidar.mask_token_id)
         if request.timeout_seconds < 0:
             raise ValueError(f"timeout_seconds must be >= 0, got {request.timeout_seconds}")
         if request.min_policy_version > self.router.version and not request.wait_for_version:
@@ -72,20 +81,20 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             await self.router.wait_for_version(request.min_policy_version,
                                                deadline or time.monotonic() + self.router.request_timeout)
         started = accepted
-        async for record, replica in self.router.generate(prompts, params, deadline):
-            if "started" in record:
-                started = record["started"]
-                continue
-            timings = dict(queue_seconds=max(started - accepted, 0.0),
-                           first_token_seconds=max(record["first_token_at"] - accepted, 0.0),
-                           total_seconds=max(record["finished_at"] - accepted, 0.0))
-            self.metrics.tokens.inc(len(record["token_ids"]))
-            yield record_to_trajectory(record, request.group_id, replica, timings)
-        stats = self.router.last_stats
-        if stats:
-            self.metrics.tokens_per_forward.set(stats["tokens_per_forward"])
-            for i, a in enumerate(stats["acceptance_by_position"]):
-                self.metrics.acceptance.labels(str(i + 1)).set(a)
+        async for event in self.router.generate(prompts, params, deadline):
+            if isinstance(event, Started):
+                started = event.at
+            elif isinstance(event, RequestDone):
+                self.metrics.tokens_per_forward.set(event.tokens_per_forward)
+                for i, a in enumerate(event.acceptance_by_position):
+                    self.metrics.acceptance.labels(str(i + 1)).set(a)
+            else:
+                record = event.record
+                timings = dict(queue_seconds=max(started - accepted, 0.0),
+                               first_token_seconds=max(record["first_token_at"] - accepted, 0.0),
+                               total_seconds=max(record["finished_at"] - accepted, 0.0))
+                self.metrics.tokens.inc(len(record["token_ids"]))
+                yield record_to_trajectory(record, request.group_id, event.replica, timings)
 
     async def _fail(self, context, method: str, e: BaseException):
         code, msg = _status_of(e)
@@ -162,7 +171,15 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
 
     async def GetStatus(self, request, context):
         replicas = await self.router.replica_status()
-        stats = self.router.last_stats or {}
+        # Lifetime counters of every replica that answered: tokens per forward and acceptance.
+        tokens = sum(r.get("generated_tokens", 0) for r in replicas)
+        forwards = sum(r.get("row_forward_passes", 0) for r in replicas)
+        width = max((len(r.get("draft_attempts", [])) for r in replicas), default=0)
+        attempts, accepts = [0] * width, [0] * width
+        for r in replicas:
+            for i, (n, a) in enumerate(zip(r.get("draft_attempts", []), r.get("draft_accepts", []))):
+                attempts[i] += n
+                accepts[i] += a
         return pb.StatusResponse(
             model=self.model_name, weight_version=self.router.version,
             replicas=[pb.ReplicaStatus(name=r["name"], node_id=r.get("node_id", ""), ready=r.get("ready", False),
@@ -170,9 +187,10 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                                        running_requests=r.get("running_requests", 0),
                                        outstanding_tokens=r["outstanding_tokens"], restarts=r["restarts"],
                                        metrics_address=r.get("metrics_address", "")) for r in replicas],
-            queue_depth=self.router.waiting, running_requests=sum(r.running for r in self.router.replicas),
-            tokens_per_forward=stats.get("tokens_per_forward", 0.0),
-            acceptance_by_position=stats.get("acceptance_by_position", []),
+            queue_depth=self.router.waiting,
+            running_requests=sum(r.running for r in self.router.replicas) - self.router.waiting,
+            tokens_per_forward=tokens / forwards if forwards else 0.0,
+            acceptance_by_position=[a / n if n else 0.0 for a, n in zip(accepts, attempts)],
             block_size=self.tidar.block_size, levels=list(self.tidar.level_set))
 
     def _authorized(self, context) -> bool:
@@ -185,7 +203,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
 def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, RayTaskError) and e.cause is not None:
         e = e.cause
-    if isinstance(e, QueueFullError):
+    if isinstance(e, (QueueFullError, LoadError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
     if isinstance(e, (DeadlineExceededError, asyncio.TimeoutError)):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(e) or "deadline exceeded"

@@ -1,0 +1,261 @@
+"""The model runner: owns the device side of an engine (the KV pool, each slot's drafts and
+draft distributions, the step layouts) and runs one forward per step.
+
+Design decisions:
+- The pool is allocated once, for the engine's life: K/V for `num_slots` slots of `slot_len`
+  positions (`model/kv_cache.py`) plus, per slot, the drafts of its next step, the diffusion
+  logits each was drawn from and how many are valid, and its randomness key. A step gathers
+  its rows' state by slot and scatters the next state back; nothing is allocated per request.
+- Inputs are built on the CPU from Sequence bookkeeping (slots, committed lengths, params) and
+  copied once per step; the only device->host sync of a step is reading its sampled tokens.
+- A batch may mix samplers and settings: per-row tensors (`sampling.RowSampling`). If any row
+  drafts, the step uses the TiDAR layout and `ar` rows simply carry no drafts (their draft
+  positions hold mask tokens and are never verified); if none does, it is a plain AR step.
+- Logits only where needed: the k draft positions, and the one pre-drafted block each row
+  continues from (chosen after verification), not every mask token.
+- Randomness: `sampling.counter_uniforms` of (row key, position, purpose), on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig, TidarConfig
+from ..model.decoder import Decoder, StepBatch
+from ..model.kv_cache import KVCache
+from ..sampling import (ACCEPT, DRAFT, RESAMPLE, RowSampling, counter_uniforms, mixed_logits, sample_from,
+                        verify_drafts)
+from ..step_layout import ar_layout, decode_layout, prefill_layout
+from .scheduler import PREFILL_MASK_BUDGET, PrefillChunk
+from .sequence import Sequence
+
+
+class StepTokens:
+    """One step's result for each of its sequences, on the CPU: the tokens it emits (accepted
+    drafts then the verifier's token), their log-probs under p and under what sampled them,
+    and how many drafts were offered and accepted."""
+    __slots__ = ("seqs", "tokens", "logprobs", "behavior", "accepted", "offered")
+
+    def __init__(self, seqs, tokens, logprobs, behavior, accepted, offered):
+        self.seqs, self.tokens, self.logprobs, self.behavior = seqs, tokens, logprobs, behavior
+        self.accepted, self.offered = accepted, offered
+
+
+class ModelRunner:
+    def __init__(self, model: Decoder, tidar: TidarConfig, device: torch.device, dtype: torch.dtype,
+                 num_slots: int, slot_len: int):
+        self.model, self.tidar, self.device = model, tidar, device
+        cfg: ModelConfig = model.config
+        self.cache = KVCache(cfg.num_layers, num_slots, cfg.num_kv_heads, slot_len, cfg.head_dim, dtype, device)
+        K, V, S = tidar.block_size, cfg.vocab_size, num_slots + 1  # + the sink slot
+        self.drafts = torch.full((S, K), tidar.mask_token_id, dtype=torch.long, device=device)
+        self.draft_logits = torch.zeros(S, K, V, device=device)  # index 0 unused (d_0 is decided)
+        self.num_valid = torch.ones(S, dtype=torch.long, device=device)  # drafts incl. d_0
+        self.keys = torch.zeros(S, dtype=torch.long, device=device)
+        self.tidar_layout = decode_layout(K, tidar.level_set).to(device)
+        self.ar_layout = ar_layout().to(device)
+        self.levels = torch.tensor(tidar.level_set, device=device)
+
+    @staticmethod
+    def draft_state_bytes(cfg: ModelConfig, tidar: TidarConfig) -> int:
+        """Per-slot bytes besides K/V: draft logits (float32) and drafts."""
+        return tidar.block_size * (cfg.vocab_size * 4 + 8) + 16
+
+    def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ prefill
+    def _forward_chunks(self, slots: list[int], tokens: list[list[int]], starts: list[int], block: int,
+                        cache: KVCache) -> torch.Tensor:
+        """One forward over prompt chunks (row b: `tokens[b]` at positions starts[b].., the cache
+        holding the positions before) plus a mask block of `block` tokens per row.
+        Returns hidden [B, Nmax + block, H]: the mask block starts at in-step Nmax."""
+        lens = [len(t) for t in tokens]
+        positions, visible, write = prefill_layout(lens, block, starts)
+        N = max(lens)
+        ids = torch.full((len(tokens), N + block), self.tidar.mask_token_id, dtype=torch.long)
+        for b, t in enumerate(tokens):
+            ids[b, :len(t)] = torch.tensor(t)
+        slots_t, positions = self._tensor(slots), positions.to(self.device)
+        batch = StepBatch(slots_t, self._tensor(starts), max(starts), positions, visible.to(self.device),
+                          cache.write_index(slots_t, positions, write.to(self.device)))
+        return self.model(ids.to(self.device), batch, cache)
+
+    def prefill(self, chunks: list[PrefillChunk]) -> StepTokens | None:
+        """Prefills the chunks; for each group whose prompt is now complete, copies its K/V to
+        the other samples' slots and samples every sample's first token (and, for drafting
+        rows, the drafts of its first step from the mask block). Returns the first tokens."""
+        K = self.tidar.block_size
+        block = K if K > 1 and any(c.last and c.group.sequences[0].drafts for c in chunks) else 0
+        hidden = self._forward_chunks([c.group.sequences[0].slot for c in chunks],
+                                      [c.group.prompt[c.start:c.start + c.length] for c in chunks],
+                                      [c.start for c in chunks], block, self.cache)
+        done = [i for i, c in enumerate(chunks) if c.last]
+        if not done:
+            return None
+        N = max(c.length for c in chunks)
+        seqs, src = [], []
+        for i in done:
+            group = chunks[i].group
+            if len(group.sequences) > 1:
+                first = group.sequences[0].slot
+                others = self._tensor([s.slot for s in group.sequences[1:]])
+                self.cache.copy_prefix(torch.full_like(others, first), others, len(group.prompt))
+            seqs += group.sequences
+            src += [i] * len(group.sequences)
+        src_t = self._tensor(src)
+        last = self._tensor([chunks[i].length - 1 for i in src])
+        rows = RowSampling.build([s.params for s in seqs], self.device)
+        keys = self._tensor([s.key for s in seqs])
+        start = self._tensor([len(s.prompt) for s in seqs])  # position of the first generated token
+        probs, logprobs = rows.policy(self.model.logits(hidden[src_t, last]))  # [R, V]
+        first = sample_from(probs, counter_uniforms(keys, start[:, None], RESAMPLE)[:, 0])
+        first_lp = logprobs.gather(-1, first[:, None]).squeeze(-1)
+
+        R = len(seqs)
+        drafts = torch.full((R, K), self.tidar.mask_token_id, dtype=torch.long, device=self.device)
+        drafts[:, 0] = first
+        draft_logits = torch.zeros(R, K, self.draft_logits.shape[-1], device=self.device)
+        drafting = self._tensor([s.drafts for s in seqs], torch.bool)
+        if block:
+            # Mask slot 0 sits at the position of `first`; slots 1..K-1 draft the positions after it.
+            draft_logits[:, 1:] = self.model.logits(hidden[src_t, N + 1:])
+            u = counter_uniforms(keys, start[:, None] + torch.arange(1, K, device=self.device), DRAFT)
+            drafts[:, 1:] = torch.where(drafting[:, None], self._draw(draft_logits[:, 1:], rows, u),
+                                        self.tidar.mask_token_id)
+        slots = self._tensor([s.slot for s in seqs])
+        self.keys[slots] = keys
+        self._store(slots, drafts, draft_logits, torch.where(drafting, K, 1) if block else torch.ones_like(slots))
+        tokens, lps = first.tolist(), first_lp.tolist()
+        return StepTokens(seqs, [[t] for t in tokens], [[x] for x in lps], [[x] for x in lps], [0] * R, [0] * R)
+
+    def _store(self, slots: torch.Tensor, drafts: torch.Tensor, draft_logits: torch.Tensor,
+               num_valid: torch.Tensor) -> None:
+        self.drafts[slots] = drafts
+        self.draft_logits[slots] = draft_logits
+        self.num_valid[slots] = num_valid
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, rows: RowSampling, u: torch.Tensor) -> torch.Tensor:
+        """logits [B, m, V], u [B, m] -> draft tokens [B, m] drawn from the processed distribution."""
+        B, m, V = logits.shape
+        q, _ = rows.policy(logits)
+        return sample_from(q.reshape(B * m, V), u.reshape(B * m)).view(B, m)
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, seqs: list[Sequence]) -> StepTokens:
+        """One TiDAR (or AR) step over running sequences: verify their drafts, sample the next
+        token, draft the next block. Returns each row's emitted tokens."""
+        drafting = any(s.drafts for s in seqs)
+        layout = self.tidar_layout if drafting else self.ar_layout
+        k, T, B, dev = layout.num_drafts, layout.num_tokens, len(seqs), self.device
+        committed = [s.num_committed for s in seqs]
+        slots, L = self._tensor([s.slot for s in seqs]), self._tensor(committed)
+        drafts = self.drafts[slots, :k]                      # [B, k]
+        num_valid = self.num_valid[slots] if drafting else torch.ones_like(L)
+        keys = self.keys[slots]
+        ids = torch.full((B, T), self.tidar.mask_token_id, dtype=torch.long, device=dev)
+        ids[:, :k] = drafts
+        positions = L[:, None] + layout.offsets[None]
+        write = (torch.arange(T, device=dev) < k)[None].expand(B, T)
+        batch = StepBatch(slots, L, max(committed), positions, layout.visible.expand(B, T, T),
+                          self.cache.write_index(slots, positions, write))
+        hidden = self.model(ids, batch, self.cache)
+
+        rows = RowSampling.build([s.params for s in seqs], dev)
+        ar_logits = self.model.logits(hidden[:, :k])  # [B, k, V]: predicts positions L+1..L+k
+        p, p_logprobs = rows.policy(ar_logits)
+        target, target_logprobs = p, p_logprobs
+        draft_logits = self.draft_logits[slots, 1:k]          # [B, k-1, V]
+        q, _ = rows.policy(draft_logits)
+        if rows.any_mixed:
+            r, r_logprobs = rows.policy(mixed_logits(ar_logits[:, :k - 1], draft_logits, rows.mix_weight))
+            drafted = ((torch.arange(k - 1, device=dev)[None] < num_valid[:, None] - 1)
+                       & (rows.mix_weight < 1)[:, None])[..., None]
+            target = torch.cat((torch.where(drafted, r, p[:, :k - 1]), p[:, k - 1:]), dim=1)
+            target_logprobs = torch.cat(
+                (torch.where(drafted, r_logprobs, p_logprobs[:, :k - 1]), p_logprobs[:, k - 1:]), dim=1)
+        ahead = torch.arange(1, k + 1, device=dev)[None]  # positions L+1..L+k
+        u_accept = counter_uniforms(keys, L[:, None] + ahead[:, :k - 1], ACCEPT)
+        u_sample = counter_uniforms(keys, L[:, None] + ahead, RESAMPLE)
+        accepted, next_token = verify_drafts(drafts[:, 1:], q, target, num_valid - 1, u_accept, u_sample)
+
+        # Emitted tokens: d_1..d_a then the verifier's token (index i predicts position L+i+1).
+        out = torch.cat((drafts[:, 1:], next_token[:, None]), dim=1)
+        out.scatter_(1, accepted[:, None], next_token[:, None])
+        lp = p_logprobs.gather(-1, out[..., None]).squeeze(-1)
+        blp = target_logprobs.gather(-1, out[..., None]).squeeze(-1)
+        if drafting:
+            self._next_drafts(seqs, slots, hidden, L + accepted + 1, accepted + 1, next_token, rows, keys)
+        else:
+            self.drafts[slots, 0] = next_token
+
+        packed = torch.cat((out.double(), lp.double(), blp.double(), accepted[:, None].double(),
+                            (num_valid - 1)[:, None].double()), dim=1).tolist()  # the step's one sync
+        tokens, lps, blps, acc, offered = [], [], [], [], []
+        for row in packed:
+            a = int(row[3 * k])
+            tokens.append([int(t) for t in row[:a + 1]])
+            lps.append(row[k:k + a + 1])
+            blps.append(row[2 * k:2 * k + a + 1])
+            acc.append(a)
+            offered.append(int(row[3 * k + 1]))
+        return StepTokens(seqs, tokens, lps, blps, acc, offered)
+
+    def _next_drafts(self, seqs: list[Sequence], slots: torch.Tensor, hidden: torch.Tensor, new_start: torch.Tensor,
+                     committed: torch.Tensor, next_token: torch.Tensor, rows: RowSampling, keys: torch.Tensor) -> None:
+        """Drafts for the next step from the block pre-drafted for each row's acceptance level.
+
+        committed [B] = a (tokens committed this step); the new decided token sits at L+a. The
+        block for the largest level j <= a starts at L+j, so its slot (a - j) + s drafts L+a+s.
+        """
+        layout, K, dev = self.tidar_layout, self.tidar.block_size, self.device
+        B = hidden.shape[0]
+        level_idx = torch.searchsorted(self.levels, committed, right=True) - 1  # [B]
+        shift = committed - self.levels[level_idx]  # [B]
+        slot = (shift[:, None] + torch.arange(1, K, device=dev)[None]).clamp(max=K - 1)  # [B, K-1]
+        token_idx = layout.num_drafts + level_idx[:, None] * K + slot  # in-step index
+        block_logits = self.model.logits(hidden[torch.arange(B, device=dev)[:, None], token_idx])  # [B, K-1, V]
+        drafting = self._tensor([s.drafts for s in seqs], torch.bool)
+        num_valid = torch.where(drafting, K - shift, 1)
+        u = counter_uniforms(keys, new_start[:, None] + torch.arange(1, K, device=dev)[None], DRAFT)
+        drafts = self._draw(block_logits, rows, u)
+        invalid = torch.arange(1, K, device=dev)[None] >= num_valid[:, None]
+        drafts = drafts.masked_fill(invalid, self.tidar.mask_token_id)
+        draft_logits = torch.cat((torch.zeros_like(block_logits[:, :1]), block_logits), dim=1)
+        self._store(slots, torch.cat((next_token[:, None], drafts), dim=1), draft_logits, num_valid)
+
+    # ------------------------------------------------------------------ whole sequences
+    def recompute(self, seqs: list[Sequence]) -> None:
+        """Rewrites the committed K/V of running sequences with the current weights (a keep-mode
+        weight swap). Their drafts stay valid: verification uses the new target."""
+        items = [(s.slot, s.prompt + s.out.token_ids[:-1]) for s in seqs]
+        for part in _mask_bounded([t for _, t in items]):
+            self._forward_chunks([items[i][0] for i in part], [items[i][1] for i in part], [0] * len(part), 0,
+                                 self.cache)
+
+    def forward_logits(self, token_ids: list[list[int]], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Teacher-forced causal forward through the engine's own path (a scratch cache, not
+        the pool): for each sequence the raw next-token logits [len, V] (float32)."""
+        cfg = self.model.config
+        cache = KVCache(cfg.num_layers, len(token_ids), cfg.num_kv_heads, max(map(len, token_ids)), cfg.head_dim,
+                        dtype, self.device)
+        out = []
+        for part in _mask_bounded(token_ids):
+            hidden = self._forward_chunks(part, [token_ids[i] for i in part], [0] * len(part), 0, cache)
+            out += [self.model.logits(hidden[b, :len(token_ids[i])]) for b, i in enumerate(part)]
+        return out
+
+
+def _mask_bounded(seqs: list[list[int]]) -> list[list[int]]:
+    """Splits sequence indices into consecutive parts whose dense mask (rows x longest^2) stays
+    under PREFILL_MASK_BUDGET."""
+    parts, part, longest = [], [], 0
+    for i, s in enumerate(seqs):
+        width = max(longest, len(s))
+        if part and (len(part) + 1) * width ** 2 > PREFILL_MASK_BUDGET:
+            parts.append(part)
+            part, width = [], len(s)
+        part.append(i)
+        longest = width
+    return parts + [part] if part else parts

@@ -1,0 +1,183 @@
+"""The scheduler: CPU-only bookkeeping of which sequences run, wait or have finished.
+
+Design decisions (nano-vllm's shape, TiDAR's needs):
+- Queues: `waiting` prompt groups (FIFO), `prefilling` groups (slots held, prompt partly in the
+  cache), `running` sequences (decoding). Groups are admitted between steps while the pool has
+  a free slot for every sample of the group; a group never needs more than the whole pool (a
+  prompt with a larger n is split into several groups), so nothing can wait forever on slots.
+- A step is either a prefill step (chunks of waiting prompts, at most `max_prefill_tokens`
+  tokens in all, so a long prompt is prefilled over several steps) or a decode step over every
+  running sequence. While both kinds of work exist they alternate: running rows never wait
+  more than one prefill chunk between two of their own steps.
+- Stop tokens, max_tokens, aborts and freeing slots are handled here, after the runner's
+  forward; a finished or aborted sequence's slot is free for the next admission at once.
+- Two admission brakes: `max_running_requests` (1 = the serial mode, for comparisons) and
+  `admit_new` (off while a wait-mode weight swap drains the requests already started, so no
+  request mixes weight versions).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from ..params import FinishReason
+from .kv_slots import SlotAllocator
+from .sequence import PromptGroup, Request, Sequence
+
+# A prefill step's dense in-step mask is rows x T x T booleans; keep it under this many.
+PREFILL_MASK_BUDGET = 1 << 26
+
+
+@dataclass
+class PrefillChunk:
+    group: PromptGroup
+    start: int    # first prompt position of the chunk (what the cache already holds)
+    length: int
+
+    @property
+    def last(self) -> bool:
+        return self.start + self.length == len(self.group.prompt)
+
+
+@dataclass
+class Plan:
+    """One step: prefill chunks, or the running sequences to decode (exactly one is non-empty)."""
+    prefill: list[PrefillChunk]
+    decode: list[Sequence]
+    started: list[Request]   # requests whose first group was admitted for this step
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, block_size: int, max_prefill_tokens: int,
+                 max_running_requests: int | None = None):
+        self.slots = SlotAllocator(num_slots)
+        self.block_size, self.max_prefill_tokens = block_size, max_prefill_tokens
+        self.max_running_requests = max_running_requests
+        self.waiting: deque[PromptGroup] = deque()
+        self.prefilling: list[PromptGroup] = []
+        self.running: list[Sequence] = []
+        self.active: dict[str, Request] = {}  # started and not done
+        self.admit_new = True
+        self._prefill_turn = True
+
+    # ------------------------------------------------------------------ queues
+    def add(self, groups: list[PromptGroup]) -> None:
+        self.waiting.extend(groups)
+
+    @property
+    def num_waiting_sequences(self) -> int:
+        return sum(len(g.sequences) for g in self.waiting)
+
+    @property
+    def busy(self) -> bool:
+        """Admitted work remains (prefills or running rows)."""
+        return bool(self.prefilling or self.running)
+
+    def schedule(self) -> Plan | None:
+        """Admits what fits, then plans the next step; None when there is nothing to run."""
+        started = self._admit()
+        if self.prefilling and (self._prefill_turn or not self.running):
+            self._prefill_turn = False
+            return Plan(self._prefill_chunks(), [], started)
+        if self.running:
+            self._prefill_turn = True
+            return Plan([], list(self.running), started)
+        return None
+
+    def _admit(self) -> list[Request]:
+        started = []
+        while self.waiting:
+            group = self.waiting[0]
+            request = group.request
+            if request.request_id not in self.active:
+                if not self.admit_new:
+                    break
+                if self.max_running_requests is not None and len(self.active) >= self.max_running_requests:
+                    break
+            if self.slots.num_free < len(group.sequences):
+                break
+            self.waiting.popleft()
+            for seq, slot in zip(group.sequences, self.slots.allocate(len(group.sequences))):
+                seq.slot = slot
+            self.prefilling.append(group)
+            if request.request_id not in self.active:
+                self.active[request.request_id] = request
+                request.started_at = time.perf_counter()
+                started.append(request)
+        return started
+
+    def _prefill_chunks(self) -> list[PrefillChunk]:
+        chunks, budget, longest = [], self.max_prefill_tokens, 0
+        for group in self.prefilling:
+            take = min(group.remaining, budget)
+            if take <= 0:
+                break
+            width = max(longest, take + self.block_size)
+            if chunks and (len(chunks) + 1) * width ** 2 > PREFILL_MASK_BUDGET:
+                break
+            chunks.append(PrefillChunk(group, group.num_prefilled, take))
+            budget, longest = budget - take, width
+        return chunks
+
+    # ------------------------------------------------------------------ after a forward
+    def prefilled(self, chunks: list[PrefillChunk]) -> None:
+        """Records the chunks as in the cache; groups whose prompt is complete start running
+        (their first tokens are appended by the caller)."""
+        for chunk in chunks:
+            chunk.group.num_prefilled += chunk.length
+            if chunk.last:
+                self.prefilling.remove(chunk.group)
+                self.running.extend(chunk.group.sequences)
+
+    def append(self, seq: Sequence, tokens: list[int], logprobs: list[float], behavior: list[float],
+               from_draft: list[bool], version: int) -> bool:
+        """Appends one step's tokens, cutting at a stop token or max_tokens. True when finished."""
+        c, params = seq.out, seq.params
+        for t, lp, blp, fd in zip(tokens, logprobs, behavior, from_draft):
+            c.token_ids.append(t)
+            c.logprobs.append(lp)
+            c.behavior_logprobs.append(blp)
+            c.from_draft.append(fd)
+            c.policy_versions.append(version)
+            if t in params.stop_token_ids:
+                seq.finish(FinishReason.STOP)
+                return True
+            if len(c.token_ids) >= params.max_tokens:
+                seq.finish(FinishReason.LENGTH)
+                return True
+        return False
+
+    def retire(self, finished: list[Sequence]) -> None:
+        """Frees the slots of finished sequences and drops them from the running set."""
+        if not finished:
+            return
+        gone = set(map(id, finished))
+        self.running = [s for s in self.running if id(s) not in gone]
+        self.slots.free([s.slot for s in finished if s.slot >= 0])
+        for seq in finished:
+            seq.slot = -1
+            request = seq.request
+            request.num_unfinished -= 1
+            if request.done:
+                self.active.pop(request.request_id, None)
+
+    # ------------------------------------------------------------------ aborts
+    def abort(self, request: Request) -> list[Sequence]:
+        """Ends every unfinished sequence of `request` (finish reason abort, tokens kept) and
+        frees its slots. Returns the sequences it ended."""
+        ended = [s for s in request.sequences if not s.finished]
+        if not ended:
+            return []
+        for seq in ended:
+            seq.finish(FinishReason.ABORT)
+        self.waiting = deque(g for g in self.waiting if g.request is not request)
+        self.prefilling = [g for g in self.prefilling if g.request is not request]
+        self.retire(ended)
+        return ended
+
+    def restart_prefills(self) -> None:
+        """After a weight swap: prompts partly in the cache are prefilled again from the start."""
+        for group in self.prefilling:
+            group.num_prefilled = 0
