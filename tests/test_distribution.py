@@ -93,3 +93,29 @@ def test_mixed_below_weight_one_is_not_the_ar_distribution(model_dir):
     params = SamplingParams(sampler="mixed", mix_weight=0.3, max_tokens=3, n=NUM_SAMPLES, seed=11)
     p = chi_square_pvalue(sample_counts(model_dir, params), exact_ar_distribution(model_dir, 1.0, 0, 1.0))
     assert p < 1e-8
+
+
+def test_lossless_rows_batched_with_rows_of_other_settings_keep_the_ar_distribution(model_dir):
+    """The same chi-square for samples that share every forward with rows of other samplers,
+    temperatures, top-k/top-p and lengths (per-row sampling tensors; admitted at other steps)."""
+    engine = Engine.from_pretrained(model_dir)
+    others = [SamplingParams(sampler="mixed", mix_weight=0.3, max_tokens=6, n=300, seed=1),
+              SamplingParams(sampler="ar", temperature=0.5, max_tokens=4, n=300, seed=2),
+              SamplingParams(sampler="lossless", temperature=0.0, max_tokens=5, n=200, seed=3),
+              SamplingParams(temperature=1.4, top_k=3, top_p=0.7, max_tokens=3, n=300, seed=4)]
+    targets, mixed_steps = [], 0
+    for i in range(12):  # 12 x 1,000 lossless samples, queued between requests of other settings
+        engine.add_request([[5, 1, 4], [6, 2]], others[i % len(others)])
+        targets.append(engine.add_request([PROMPT], SamplingParams(max_tokens=3, n=NUM_SAMPLES // 12, seed=11 + i)))
+    counts = torch.zeros(VOCAB ** 3, dtype=torch.float64)
+    while engine.has_work:
+        running = {id(s.request) for s in engine.scheduler.running}
+        others_running = len(running - {id(t) for t in targets})
+        mixed_steps += bool(others_running) and any(id(t) in running for t in targets)
+        for seq in engine.step().finished:
+            if any(seq.request is t for t in targets):
+                a, b, d = seq.out.token_ids
+                counts[(a * VOCAB + b) * VOCAB + d] += 1
+    assert counts.sum() == NUM_SAMPLES and mixed_steps > 10
+    p = chi_square_pvalue(counts, exact_ar_distribution(model_dir, 1.0, 0, 1.0))
+    assert p > ALPHA, f"batched lossless samples differ from AR (chi-square p = {p:.2e})"

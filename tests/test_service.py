@@ -44,6 +44,12 @@ def runner(ray_local, model_dir):
     r.stop()
 
 
+def in_flight(stub) -> int:
+    """Requests the front end has sent to replicas (started there or queued)."""
+    st = stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT)
+    return st.queue_depth + st.running_requests
+
+
 def running_requests(stub) -> int:
     st = stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT)
     return sum(r.running_requests for r in st.replicas)
@@ -171,8 +177,7 @@ def test_full_queue_is_resource_exhausted(ray_local, model_dir):
         first = stub.GenerateStream(request(**LONG), timeout=CALL_TIMEOUT)
         wait_until(lambda: running_requests(stub) == 1, what="first request running")
         second = stub.GenerateStream(request(**LONG), timeout=CALL_TIMEOUT)
-        wait_until(lambda: stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT).queue_depth == 1,
-                   what="second request queued")
+        wait_until(lambda: in_flight(stub) == 2, what="second request sent")
         with pytest.raises(grpc.RpcError) as info:
             stub.Generate(request([[2]], max_tokens=2), timeout=CALL_TIMEOUT)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue full" in info.value.details()

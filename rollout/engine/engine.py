@@ -11,7 +11,8 @@ Design decisions:
   samplers and settings share one forward.
 - A sample's tokens depend only on (seed, prompt index, sample index, weights): randomness is a
   counter-based hash of (row key, position, purpose) (`sampling.counter_uniforms`).
-- The n samples of a prompt share one prefill (copied to their slots), up to the pool's size.
+- The n samples of a prompt share one prefill (copied to their slots) when they are admitted
+  together; under a full pool the scheduler may admit them in parts, each with its own prefill.
 - Single-threaded: one caller drives `step()` (the replica's engine loop, or `generate`).
 """
 
@@ -158,8 +159,7 @@ class Engine:
             prompt = [int(t) for t in prompt]
             seqs = [Sequence(request, prompt, row_key(seed, i, j), Completion(i, j)) for j in range(params.n)]
             request.sequences += seqs
-            groups += [PromptGroup(prompt, seqs[g:g + self.limits.num_slots])
-                       for g in range(0, params.n, self.limits.num_slots)]
+            groups.append(PromptGroup(prompt, seqs))
         request.num_unfinished = num
         self.requests[rid] = request
         self.scheduler.add(groups)

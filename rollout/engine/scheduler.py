@@ -3,8 +3,10 @@
 Design decisions (nano-vllm's shape, TiDAR's needs):
 - Queues: `waiting` prompt groups (FIFO), `prefilling` groups (slots held, prompt partly in the
   cache), `running` sequences (decoding). Groups are admitted between steps while the pool has
-  a free slot for every sample of the group; a group never needs more than the whole pool (a
-  prompt with a larger n is split into several groups), so nothing can wait forever on slots.
+  free slots; the samples of a group admitted together share one prefill. When the head group
+  needs more slots than are free, the samples that fit are admitted now as a group of their
+  own (one more prefill of that prompt) and the rest keep their place: no slot idles while
+  work waits, and no request can wait forever for a whole pool to drain.
 - A step is either a prefill step (chunks of waiting prompts, at most `max_prefill_tokens`
   tokens in all, so a long prompt is prefilled over several steps) or a decode step over every
   running sequence. While both kinds of work exist they alternate: running rows never wait
@@ -96,9 +98,14 @@ class Scheduler:
                     break
                 if self.max_running_requests is not None and len(self.active) >= self.max_running_requests:
                     break
-            if self.slots.num_free < len(group.sequences):
+            free = self.slots.num_free
+            if free == 0:
                 break
-            self.waiting.popleft()
+            if free < len(group.sequences):  # admit what fits now; the rest keeps its place
+                group.sequences, rest = group.sequences[:free], group.sequences[free:]
+                self.waiting[0] = PromptGroup(group.prompt, rest)
+            else:
+                self.waiting.popleft()
             for seq, slot in zip(group.sequences, self.slots.allocate(len(group.sequences))):
                 seq.slot = slot
             self.prefilling.append(group)

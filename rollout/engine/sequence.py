@@ -9,7 +9,7 @@ Design decisions:
 - The committed length of a running sequence (what its slot's cache holds) is derived, never
   stored: the prompt plus every generated token but the last, which is the pending d_0.
 - A `PromptGroup` is the samples of one prompt that are admitted together and share one
-  prefill; a prompt whose n exceeds the pool is split into several groups.
+  prefill; the scheduler splits a group when only part of it fits the free slots.
 """
 
 from __future__ import annotations

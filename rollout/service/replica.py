@@ -192,9 +192,12 @@ class GeneratorReplica:
             try:
                 message = stream.get(timeout=max(deadline - time.monotonic(), 0.0))
             except queue.Empty:
+                # The caller's deadline passed (it has given up too): end the request, and pass on
+                # its partial trajectories (finish reason abort) in case anyone still reads.
                 self.abort(request_id)
-                raise TimeoutError(f"replica {self.name}: request {request_id} did not finish "
-                                   f"within {timeout:.0f} s") from None
+                deadline = time.monotonic() + self.lock_timeout
+                timeout = self.lock_timeout
+                continue
             if isinstance(message, Failed):
                 raise RuntimeError(f"replica {self.name}: {message.error}")
             yield message

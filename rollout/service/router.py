@@ -319,7 +319,8 @@ async def _records(gen, deadline: float):
     """Values of a Ray streaming generator, each wait bounded by the deadline."""
     while True:
         try:
-            ref = await asyncio.wait_for(gen.__anext__(), _left(deadline))
+            left = _left(deadline)  # before making the coroutine, which must then be awaited
+            ref = await asyncio.wait_for(gen.__anext__(), left)
             record = await asyncio.wait_for(ref, _left(deadline))
         except StopAsyncIteration:
             return
