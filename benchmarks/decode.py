@@ -23,11 +23,11 @@ import torch
 from shapes import SHAPES, hf_config
 
 from rollout import Engine, SamplingParams
-from rollout.config import ModelConfig, TidarConfig
+from rollout.config import EngineConfig, ModelConfig, TidarConfig
 from rollout.model.decoder import Decoder
 
 
-def random_engine(shape: str, block_size: int, device: str, dtype: torch.dtype) -> Engine:
+def random_engine(shape: str, block_size: int, device: str, dtype: torch.dtype, config: EngineConfig) -> Engine:
     cfg = ModelConfig.from_hf_dict(hf_config(shape))
     torch.manual_seed(0)
     with torch.device(device):
@@ -36,7 +36,7 @@ def random_engine(shape: str, block_size: int, device: str, dtype: torch.dtype) 
         if "norm" not in name:
             torch.nn.init.normal_(p, std=0.02)
     return Engine(model.to(dtype).eval(), TidarConfig(mask_token_id=cfg.vocab_size - 1, block_size=block_size),
-                  device, dtype)
+                  device, dtype, config)
 
 
 def sync(device: str) -> None:
@@ -85,11 +85,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    # A KV pool with a slot for every row of the largest batch, sized to this run's sequences.
+    config = EngineConfig(max_num_seqs=max(int(b) for b in args.batch_sizes.split(",")),
+                          max_model_len=args.prompt_len + args.max_tokens)
     if args.model:
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, block_size=args.block_size)
+        engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, block_size=args.block_size,
+                                        config=config)
         what = args.model
     else:
-        engine = random_engine(args.shape, args.block_size or 16, args.device, dtype)
+        engine = random_engine(args.shape, args.block_size or 16, args.device, dtype, config)
         what = f"random {args.shape}"
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"# {what}, block {engine.tidar.block_size}, levels {len(engine.tidar.level_set)}, {args.device} "
