@@ -167,35 +167,30 @@ def row_key(seed: int, prompt_index: int, sample_index: int) -> int:
 
 
 _M32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for x in [0, 2^32) without overflowing int64 (c split in 16-bit halves)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+_MULTIPLIER = 0x45D9F3B  # < 2^31: x * _MULTIPLIER < 2^63 for any 32-bit x, so int64 never overflows
+_LANES = (0x68E31DA4, 0x1B56C4E9)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser (the "lowbias32" constants): every input bit flips about half
-    of the output bits."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    """A 32-bit integer finaliser (two xor-shift-multiply rounds): every input bit flips about
+    half of the output bits. Values stay in [0, 2^32) inside int64."""
+    x = (((x >> 16) ^ x) * _MULTIPLIER) & _M32
+    x = (((x >> 16) ^ x) * _MULTIPLIER) & _M32
+    return (x >> 16) ^ x
 
 
-def counter_uniforms(keys: torch.Tensor, positions: torch.Tensor, purpose: int) -> torch.Tensor:
+def counter_uniforms(keys: torch.Tensor, positions: torch.Tensor, purposes: int | torch.Tensor) -> torch.Tensor:
     """Uniforms in [0, 1) (float64, 53 random bits) for keys [B] (int64 row keys) at positions
-    [B, m] (int64) for one purpose: a pure function of (key, position, purpose), on the device.
-    Two independent 32-bit hash chains (lanes) give the high 27 and the low 26 bits."""
+    [B, m] (int64) for purposes (an int, or int64 [m] / [B, m]): a pure function of (key,
+    position, purpose), on the device. Two independent 32-bit hash chains (lanes, computed as
+    one [2, B, m] tensor) give the high 27 and the low 26 bits. A step draws all its uniforms
+    in one call: about thirty elementwise ops whatever the batch."""
     key = keys[:, None]
-
-    def lane(salt: int) -> torch.Tensor:
-        x = _mix32((positions & _M32) ^ ((purpose * 0x9E3779B9 + salt) & _M32))
-        x = _mix32(x ^ (key & _M32))
-        return _mix32(x ^ ((key >> 32) & _M32))
-
-    return ((lane(0x68E31DA4) >> 5) * (1 << 26) + (lane(0x1B56C4E9) >> 6)).double() / float(1 << 53)
+    lanes = torch.tensor(_LANES, dtype=torch.long, device=positions.device).view(2, 1, 1)
+    x = _mix32((positions & _M32) ^ ((purposes * 0x9E3779B1 + lanes) & _M32))  # [2, B, m]
+    x = _mix32(x ^ (key & _M32))
+    x = _mix32(x ^ ((key >> 32) & _M32))
+    return ((x[0] >> 5) * (1 << 26) + (x[1] >> 6)).double() / float(1 << 53)
 
 
 def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

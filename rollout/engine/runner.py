@@ -13,7 +13,8 @@ Design decisions:
   positions hold mask tokens and are never verified); if none does, it is a plain AR step.
 - Logits only where needed: the k draft positions, and the one pre-drafted block each row
   continues from (chosen after verification), not every mask token.
-- Randomness: `sampling.counter_uniforms` of (row key, position, purpose), on the device.
+- Randomness: `sampling.counter_uniforms` of (row key, position, purpose), on the device, one
+  call per step for every decision the step can make.
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ class ModelRunner:
         self.tidar_layout = decode_layout(K, tidar.level_set).to(device)
         self.ar_layout = ar_layout().to(device)
         self.levels = torch.tensor(tidar.level_set, device=device)
+        # A decode step's uniforms, by layout width k, as offsets from L and purposes: ACCEPT at
+        # L+1..L+k-1, RESAMPLE at L+1..L+k, then (TiDAR) DRAFT at L+2..L+k+K-1, which covers
+        # the next step's draft positions whatever the acceptance.
+        self._uniform_offsets, self._uniform_purposes = {}, {}
+        for k in {1, K}:
+            drafts = list(range(2, k + K)) if k > 1 else []
+            offsets = list(range(1, k)) + list(range(1, k + 1)) + drafts
+            purposes = [ACCEPT] * (k - 1) + [RESAMPLE] * k + [DRAFT] * len(drafts)
+            self._uniform_offsets[k] = torch.tensor(offsets, device=device)
+            self._uniform_purposes[k] = torch.tensor(purposes, device=device)
 
     @staticmethod
     def draft_state_bytes(cfg: ModelConfig, tidar: TidarConfig) -> int:
@@ -108,8 +119,11 @@ class ModelRunner:
         rows = RowSampling.build([s.params for s in seqs], self.device)
         keys = self._tensor([s.key for s in seqs])
         start = self._tensor([len(s.prompt) for s in seqs])  # position of the first generated token
+        # One draw for the step: the first token at `start` (RESAMPLE), drafts after it (DRAFT).
+        u = counter_uniforms(keys, start[:, None] + torch.arange(K, device=self.device),
+                             torch.tensor([RESAMPLE] + [DRAFT] * (K - 1), device=self.device))
         probs, logprobs = rows.policy(self.model.logits(hidden[src_t, last]))  # [R, V]
-        first = sample_from(probs, counter_uniforms(keys, start[:, None], RESAMPLE)[:, 0])
+        first = sample_from(probs, u[:, 0])
         first_lp = logprobs.gather(-1, first[:, None]).squeeze(-1)
 
         R = len(seqs)
@@ -120,8 +134,7 @@ class ModelRunner:
         if block:
             # Mask slot 0 sits at the position of `first`; slots 1..K-1 draft the positions after it.
             draft_logits[:, 1:] = self.model.logits(hidden[src_t, N + 1:])
-            u = counter_uniforms(keys, start[:, None] + torch.arange(1, K, device=self.device), DRAFT)
-            drafts[:, 1:] = torch.where(drafting[:, None], self._draw(draft_logits[:, 1:], rows, u),
+            drafts[:, 1:] = torch.where(drafting[:, None], self._draw(draft_logits[:, 1:], rows, u[:, 1:]),
                                         self.tidar.mask_token_id)
         slots = self._tensor([s.slot for s in seqs])
         self.keys[slots] = keys
@@ -175,9 +188,8 @@ class ModelRunner:
             target = torch.cat((torch.where(drafted, r, p[:, :k - 1]), p[:, k - 1:]), dim=1)
             target_logprobs = torch.cat(
                 (torch.where(drafted, r_logprobs, p_logprobs[:, :k - 1]), p_logprobs[:, k - 1:]), dim=1)
-        ahead = torch.arange(1, k + 1, device=dev)[None]  # positions L+1..L+k
-        u_accept = counter_uniforms(keys, L[:, None] + ahead[:, :k - 1], ACCEPT)
-        u_sample = counter_uniforms(keys, L[:, None] + ahead, RESAMPLE)
+        u = counter_uniforms(keys, L[:, None] + self._uniform_offsets[k], self._uniform_purposes[k])
+        u_accept, u_sample, u_draft = u[:, :k - 1], u[:, k - 1:2 * k - 1], u[:, 2 * k - 1:]
         accepted, next_token = verify_drafts(drafts[:, 1:], q, target, num_valid - 1, u_accept, u_sample)
 
         # Emitted tokens: d_1..d_a then the verifier's token (index i predicts position L+i+1).
@@ -186,7 +198,9 @@ class ModelRunner:
         lp = p_logprobs.gather(-1, out[..., None]).squeeze(-1)
         blp = target_logprobs.gather(-1, out[..., None]).squeeze(-1)
         if drafting:
-            self._next_drafts(seqs, slots, hidden, L + accepted + 1, accepted + 1, next_token, rows, keys)
+            # The drafts of the next step sit at L+a+1+s (s = 1..K-1): u_draft holds L+2.. onwards.
+            u_next = u_draft.gather(1, accepted[:, None] + torch.arange(self.tidar.block_size - 1, device=dev))
+            self._next_drafts(seqs, slots, hidden, accepted + 1, next_token, rows, u_next)
         else:
             self.drafts[slots, 0] = next_token
 
@@ -202,8 +216,8 @@ class ModelRunner:
             offered.append(int(row[3 * k + 1]))
         return StepTokens(seqs, tokens, lps, blps, acc, offered)
 
-    def _next_drafts(self, seqs: list[Sequence], slots: torch.Tensor, hidden: torch.Tensor, new_start: torch.Tensor,
-                     committed: torch.Tensor, next_token: torch.Tensor, rows: RowSampling, keys: torch.Tensor) -> None:
+    def _next_drafts(self, seqs: list[Sequence], slots: torch.Tensor, hidden: torch.Tensor, committed: torch.Tensor,
+                     next_token: torch.Tensor, rows: RowSampling, u: torch.Tensor) -> None:
         """Drafts for the next step from the block pre-drafted for each row's acceptance level.
 
         committed [B] = a (tokens committed this step); the new decided token sits at L+a. The
@@ -218,7 +232,6 @@ class ModelRunner:
         block_logits = self.model.logits(hidden[torch.arange(B, device=dev)[:, None], token_idx])  # [B, K-1, V]
         drafting = self._tensor([s.drafts for s in seqs], torch.bool)
         num_valid = torch.where(drafting, K - shift, 1)
-        u = counter_uniforms(keys, new_start[:, None] + torch.arange(1, K, device=dev)[None], DRAFT)
         drafts = self._draw(block_logits, rows, u)
         invalid = torch.arange(1, K, device=dev)[None] >= num_valid[:, None]
         drafts = drafts.masked_fill(invalid, self.tidar.mask_token_id)
