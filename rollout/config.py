@@ -166,10 +166,13 @@ def _rope_from_hf_dict(cfg: dict) -> RopeConfig:
 @dataclass(slots=True, frozen=True)
 class TidarConfig:
     """How the model drafts: `block_size` mask tokens per block, `levels` the acceptance levels
-    that get a pre-drafted block each step (None: all of 1..block_size)."""
+    that get a pre-drafted block each step (None: all of 1..block_size). `acceptance`: measured
+    acceptance by draft position per request class ("lossless@1", ...), which seeds the
+    cost-aware drafting policy (`engine/drafting.py`)."""
     mask_token_id: int
     block_size: int
     levels: tuple[int, ...] | None = field(default=None)
+    acceptance: dict[str, list[float]] | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self):
         if self.block_size < 2:
@@ -216,8 +219,14 @@ def load_tidar_config(model_dir: Path, hf_cfg: dict, mask_token_id: int | None,
             f"{model_dir} has no TiDAR block length: add {TIDAR_CONFIG_FILE} with block_size, "
             "or pass block_size=")
     lv = levels if levels is not None else stored.get("levels")
+    acceptance = stored.get("acceptance")
+    if acceptance is not None and not (isinstance(acceptance, dict) and all(
+            isinstance(v, list) and all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in v)
+            for v in acceptance.values())):
+        raise UnsupportedModelError(f"{TIDAR_CONFIG_FILE}: acceptance must map request classes to lists of "
+                                    "rates in [0, 1]")
     return TidarConfig(mask_token_id=int(mask), block_size=int(block),
-                       levels=tuple(lv) if lv is not None else None)
+                       levels=tuple(lv) if lv is not None else None, acceptance=acceptance)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -239,6 +248,10 @@ class EngineConfig:
         so running rows wait at most one such step between their own steps.
     max_running_requests: requests admitted at once; None: as many as the pool holds. 1 is the
         serial mode (one request at a time, the old behaviour), for comparisons.
+    drafting: "fixed" (every decode step pre-drafts all the model's levels: reproducible tokens
+        per seed) or "auto" (cost-aware: each step picks an AR step or the first m levels by
+        expected tokens per second; the output distribution is the same, but which tokens a seed
+        gives then depends on the choices made).
     max_sequences_per_request: prompts x n of one request; None: 8 x the pool's slots.
     max_waiting_sequences: sequences queued but not yet admitted, over all requests; beyond it
         new requests are refused (load, not a bad request); None: 32 x the pool's slots.
@@ -251,6 +264,7 @@ class EngineConfig:
     max_running_requests: int | None = None
     max_sequences_per_request: int | None = None
     max_waiting_sequences: int | None = None
+    drafting: str = "fixed"
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_running_requests", "max_sequences_per_request",
@@ -262,6 +276,8 @@ class EngineConfig:
             raise ValueError(f"max_prefill_tokens must be an integer >= 1, got {self.max_prefill_tokens!r}")
         if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if self.drafting not in ("fixed", "auto"):
+            raise ValueError(f"drafting must be 'fixed' or 'auto', got {self.drafting!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

@@ -110,3 +110,13 @@ def test_slots_and_outstanding_tokens_come_back_after_a_thousand_mixed_requests(
     assert (st["running_sequences"], st["waiting_sequences"], st["running_requests"]) == (0, 0, 0)
     assert [r.outstanding_tokens for r in router.replicas] == [0]
     assert (router.admitted, router.waiting, [r.running for r in router.replicas]) == (0, 0, [0])
+
+
+def test_status_reports_the_pool_and_the_drafting_choices(runner):
+    from rollout.v1 import rollout_pb2 as pb
+    stub = runner.stub()
+    stub.Generate(request([[2, 3]], max_tokens=12, n=2, seed=5), timeout=CALL_TIMEOUT)
+    replica = stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT).replicas[0]
+    assert (replica.num_slots, replica.free_slots, replica.running_sequences) == (4, 4, 0)
+    assert replica.drafting == "fixed" and replica.level_set == "4"  # all four levels of block 4
+    assert replica.level_choices["4"] > 0

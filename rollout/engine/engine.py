@@ -34,6 +34,7 @@ from ..model.kv_cache import KVCache
 from ..model.loader import load_decoder, read_model_config
 from ..params import Completion, SamplingParams, validate_prompts
 from ..sampling import row_key
+from .drafting import DraftPolicy, level_label
 from .runner import ModelRunner, StepTokens
 from .scheduler import Scheduler
 from .sequence import GenerationStats, PromptGroup, Request, Sequence
@@ -80,7 +81,9 @@ class Engine:
             config.max_sequences_per_request or 8 * num_slots,
             config.max_waiting_sequences or 32 * num_slots)
         self.runner = ModelRunner(model, tidar, self.device, dtype, num_slots, slot_len)
-        self.scheduler = Scheduler(num_slots, tidar.block_size, config.max_prefill_tokens, config.max_running_requests)
+        self.drafting = DraftPolicy(tidar.block_size, tidar.level_set, config.drafting, tidar.acceptance)
+        self.scheduler = Scheduler(num_slots, tidar.block_size, config.max_prefill_tokens, config.max_running_requests,
+                                   self.drafting)
         self.requests: dict[str, Request] = {}
         self.totals = GenerationStats()  # everything this engine has run (metrics)
         self.last_stats = GenerationStats()  # of the last `generate` call
@@ -197,7 +200,9 @@ class Engine:
                 self.scheduler.prefilled(plan.prefill)
                 touched = {id(c.group.request): c.group.request for c in plan.prefill}
             else:
-                result = self.runner.decode(plan.decode)
+                started = time.perf_counter()
+                result = self.runner.decode(plan.decode, plan.levels)  # ends in the step's one sync
+                self._observe_decode(plan, result, time.perf_counter() - started)
                 touched = {id(s.request): s.request for s in plan.decode}
         for request in touched.values():
             request.stats.forward_passes += 1
@@ -205,6 +210,16 @@ class Engine:
         self.scheduler.retire(finished)
         self._finish(finished)
         return StepOutput(finished, plan.started)
+
+    def _observe_decode(self, plan, result: StepTokens, seconds: float) -> None:
+        """Feeds the drafting policy: the step's time and each row's acceptance."""
+        per_row = 1 if plan.levels is None else self.tidar.block_size * (1 + len(plan.levels))
+        self.drafting.observe_step([s.params for s in plan.decode], result.accepted, result.offered,
+                                   len(plan.decode) * per_row, plan.context, seconds)
+        for seq in plan.decode:
+            levels = seq.request.stats.level_choices
+            label = level_label(plan.levels if seq.drafts else None)
+            levels[label] = levels.get(label, 0) + 1
 
     def _record(self, result: StepTokens) -> list[Sequence]:
         """Appends a step's tokens to its sequences; returns those that finished."""

@@ -8,9 +8,10 @@ Design decisions:
   its rows' state by slot and scatters the next state back; nothing is allocated per request.
 - Inputs are built on the CPU from Sequence bookkeeping (slots, committed lengths, params) and
   copied once per step; the only device->host sync of a step is reading its sampled tokens.
-- A batch may mix samplers and settings: per-row tensors (`sampling.RowSampling`). If any row
-  drafts, the step uses the TiDAR layout and `ar` rows simply carry no drafts (their draft
-  positions hold mask tokens and are never verified); if none does, it is a plain AR step.
+- A batch may mix samplers and settings: per-row tensors (`sampling.RowSampling`). A decode
+  step's pre-draft levels are the scheduler's choice (`drafting.py`): a TiDAR step with those
+  levels, where `ar` rows simply carry no drafts (their draft positions hold mask tokens and
+  are never verified), or a plain AR step (T = 1) that drops pending drafts.
 - Logits only where needed: the k draft positions, and the one pre-drafted block each row
   continues from (chosen after verification), not every mask token.
 - Randomness: `sampling.counter_uniforms` of (row key, position, purpose), on the device, one
@@ -26,7 +27,7 @@ from ..model.decoder import Decoder, StepBatch
 from ..model.kv_cache import KVCache
 from ..sampling import (ACCEPT, DRAFT, RESAMPLE, RowSampling, counter_uniforms, mixed_logits, sample_from,
                         verify_drafts)
-from ..step_layout import ar_layout, decode_layout, prefill_layout
+from ..step_layout import DecodeLayout, ar_layout, decode_layout, prefill_layout
 from .scheduler import PREFILL_MASK_BUDGET, PrefillChunk
 from .sequence import Sequence
 
@@ -53,9 +54,8 @@ class ModelRunner:
         self.draft_logits = torch.zeros(S, K, V, device=device)  # index 0 unused (d_0 is decided)
         self.num_valid = torch.ones(S, dtype=torch.long, device=device)  # drafts incl. d_0
         self.keys = torch.zeros(S, dtype=torch.long, device=device)
-        self.tidar_layout = decode_layout(K, tidar.level_set).to(device)
         self.ar_layout = ar_layout().to(device)
-        self.levels = torch.tensor(tidar.level_set, device=device)
+        self._layouts: dict[tuple[int, ...], tuple[DecodeLayout, torch.Tensor]] = {}
         # A decode step's uniforms, by layout width k, as offsets from L and purposes: ACCEPT at
         # L+1..L+k-1, RESAMPLE at L+1..L+k, then (TiDAR) DRAFT at L+2..L+k+K-1, which covers
         # the next step's draft positions whatever the acceptance.
@@ -66,6 +66,13 @@ class ModelRunner:
             purposes = [ACCEPT] * (k - 1) + [RESAMPLE] * k + [DRAFT] * len(drafts)
             self._uniform_offsets[k] = torch.tensor(offsets, device=device)
             self._uniform_purposes[k] = torch.tensor(purposes, device=device)
+
+    def layout(self, levels: tuple[int, ...]) -> tuple[DecodeLayout, torch.Tensor]:
+        """The TiDAR step layout for a level set and the levels as a device tensor (cached)."""
+        if levels not in self._layouts:
+            self._layouts[levels] = (decode_layout(self.tidar.block_size, levels).to(self.device),
+                                     torch.tensor(levels, device=self.device))
+        return self._layouts[levels]
 
     @staticmethod
     def draft_state_bytes(cfg: ModelConfig, tidar: TidarConfig) -> int:
@@ -156,11 +163,13 @@ class ModelRunner:
         return sample_from(q.reshape(B * m, V), u.reshape(B * m)).view(B, m)
 
     # ------------------------------------------------------------------ decode
-    def decode(self, seqs: list[Sequence]) -> StepTokens:
-        """One TiDAR (or AR) step over running sequences: verify their drafts, sample the next
-        token, draft the next block. Returns each row's emitted tokens."""
-        drafting = any(s.drafts for s in seqs)
-        layout = self.tidar_layout if drafting else self.ar_layout
+    def decode(self, seqs: list[Sequence], levels: tuple[int, ...] | None) -> StepTokens:
+        """One step over running sequences: with `levels`, a TiDAR step (verify their drafts,
+        sample the next token, pre-draft those levels); None, an AR step (pending drafts are
+        dropped: no draft is ever verified against a step it was not made for). Returns each
+        row's emitted tokens."""
+        drafting = levels is not None and any(s.drafts for s in seqs)
+        layout, level_t = self.layout(levels) if drafting else (self.ar_layout, None)
         k, T, B, dev = layout.num_drafts, layout.num_tokens, len(seqs), self.device
         committed = [s.num_committed for s in seqs]
         slots, L = self._tensor([s.slot for s in seqs]), self._tensor(committed)
@@ -200,9 +209,10 @@ class ModelRunner:
         if drafting:
             # The drafts of the next step sit at L+a+1+s (s = 1..K-1): u_draft holds L+2.. onwards.
             u_next = u_draft.gather(1, accepted[:, None] + torch.arange(self.tidar.block_size - 1, device=dev))
-            self._next_drafts(seqs, slots, hidden, accepted + 1, next_token, rows, u_next)
+            self._next_drafts(seqs, slots, hidden, layout, level_t, accepted + 1, next_token, rows, u_next)
         else:
             self.drafts[slots, 0] = next_token
+            self.num_valid[slots] = 1
 
         packed = torch.cat((out.double(), lp.double(), blp.double(), accepted[:, None].double(),
                             (num_valid - 1)[:, None].double()), dim=1).tolist()  # the step's one sync
@@ -216,17 +226,18 @@ class ModelRunner:
             offered.append(int(row[3 * k + 1]))
         return StepTokens(seqs, tokens, lps, blps, acc, offered)
 
-    def _next_drafts(self, seqs: list[Sequence], slots: torch.Tensor, hidden: torch.Tensor, committed: torch.Tensor,
-                     next_token: torch.Tensor, rows: RowSampling, u: torch.Tensor) -> None:
+    def _next_drafts(self, seqs: list[Sequence], slots: torch.Tensor, hidden: torch.Tensor, layout: DecodeLayout,
+                     levels: torch.Tensor, committed: torch.Tensor, next_token: torch.Tensor, rows: RowSampling,
+                     u: torch.Tensor) -> None:
         """Drafts for the next step from the block pre-drafted for each row's acceptance level.
 
         committed [B] = a (tokens committed this step); the new decided token sits at L+a. The
         block for the largest level j <= a starts at L+j, so its slot (a - j) + s drafts L+a+s.
         """
-        layout, K, dev = self.tidar_layout, self.tidar.block_size, self.device
+        K, dev = self.tidar.block_size, self.device
         B = hidden.shape[0]
-        level_idx = torch.searchsorted(self.levels, committed, right=True) - 1  # [B]
-        shift = committed - self.levels[level_idx]  # [B]
+        level_idx = torch.searchsorted(levels, committed, right=True) - 1  # [B]
+        shift = committed - levels[level_idx]  # [B]
         slot = (shift[:, None] + torch.arange(1, K, device=dev)[None]).clamp(max=K - 1)  # [B, K-1]
         token_idx = layout.num_drafts + level_idx[:, None] * K + slot  # in-step index
         block_logits = self.model.logits(hidden[torch.arange(B, device=dev)[:, None], token_idx])  # [B, K-1, V]

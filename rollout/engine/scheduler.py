@@ -13,6 +13,8 @@ Design decisions (nano-vllm's shape, TiDAR's needs):
   more than one prefill chunk between two of their own steps.
 - Stop tokens, max_tokens, aborts and freeing slots are handled here, after the runner's
   forward; a finished or aborted sequence's slot is free for the next admission at once.
+- The level set of each decode step (how many pre-draft blocks it carries) is chosen here, by
+  the `DraftPolicy` (`drafting.py`), from what is running.
 - Two admission brakes: `max_running_requests` (1 = the serial mode, for comparisons) and
   `admit_new` (off while a wait-mode weight swap drains the requests already started, so no
   request mixes weight versions).
@@ -25,6 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..params import FinishReason
+from .drafting import DraftPolicy
 from .kv_slots import SlotAllocator
 from .sequence import PromptGroup, Request, Sequence
 
@@ -45,16 +48,20 @@ class PrefillChunk:
 
 @dataclass
 class Plan:
-    """One step: prefill chunks, or the running sequences to decode (exactly one is non-empty)."""
+    """One step: prefill chunks, or the running sequences to decode (exactly one is non-empty)
+    with the step's pre-draft levels (None: an AR step; see `drafting.py`)."""
     prefill: list[PrefillChunk]
     decode: list[Sequence]
     started: list[Request]   # requests whose first group was admitted for this step
+    levels: tuple[int, ...] | None = None
+    context: float = 0.0     # mean committed length of the decoded rows
 
 
 class Scheduler:
     def __init__(self, num_slots: int, block_size: int, max_prefill_tokens: int,
-                 max_running_requests: int | None = None):
+                 max_running_requests: int | None = None, drafting: DraftPolicy | None = None):
         self.slots = SlotAllocator(num_slots)
+        self.drafting = drafting
         self.block_size, self.max_prefill_tokens = block_size, max_prefill_tokens
         self.max_running_requests = max_running_requests
         self.waiting: deque[PromptGroup] = deque()
@@ -85,7 +92,10 @@ class Scheduler:
             return Plan(self._prefill_chunks(), [], started)
         if self.running:
             self._prefill_turn = True
-            return Plan([], list(self.running), started)
+            rows = list(self.running)
+            context = sum(s.num_committed for s in rows) / len(rows)
+            levels = self.drafting.choose([s.params for s in rows], context) if self.drafting else None
+            return Plan([], rows, started, levels, context)
         return None
 
     def _admit(self) -> list[Request]:

@@ -32,6 +32,7 @@ class GenerationStats:
     decode_seconds: float = 0.0        # the rest, to the last row's end
     draft_attempts: list[int] = field(default_factory=list)  # per draft position 1..k-1
     draft_accepts: list[int] = field(default_factory=list)
+    level_choices: dict[str, int] = field(default_factory=dict)  # decode steps by level set ("ar", "1", ...)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -47,6 +48,8 @@ class GenerationStats:
         self.forward_passes += other.forward_passes
         self.row_forward_passes += other.row_forward_passes
         self.generated_tokens += other.generated_tokens
+        for label, n in other.level_choices.items():
+            self.level_choices[label] = self.level_choices.get(label, 0) + n
         width = max(len(self.draft_attempts), len(other.draft_attempts))
         for name in ("draft_attempts", "draft_accepts"):
             mine, theirs = getattr(self, name), getattr(other, name)

@@ -36,7 +36,8 @@ class ReplicaMetrics:
                                         registry=r)
         self.acceptance = Gauge("rollout_replica_draft_acceptance", "Acceptance rate by draft position, last request",
                                 ["position"], registry=r)
-        self.level_set = Gauge("rollout_replica_level_set_size", "Pre-draft levels in use", registry=r)
+        self.level_set = Gauge("rollout_replica_level_set_size",
+                               "Pre-draft levels of the last decode step (0: an AR step)", registry=r)
         self.weight_version = Gauge("rollout_replica_weight_version", "Weight version served", registry=r)
         self.weight_swap_seconds = Histogram("rollout_replica_weight_swap_seconds", "Time to swap weights",
                                              registry=r)
@@ -56,7 +57,6 @@ class ReplicaMetrics:
         self.tokens_per_forward.set(s.tokens_per_forward)
         for i, a in enumerate(s.acceptance_by_position):
             self.acceptance.labels(str(i + 1)).set(a)
-        self.level_set.set(len(s.acceptance_by_position))
 
 
 class FrontendMetrics:

@@ -106,6 +106,8 @@ class GeneratorReplica:
                 self._fail_all(f"{type(e).__name__}: {e}")
                 continue
             self._emit(out)
+            levels = self.engine.drafting.last_choice
+            self.metrics.level_set.set(0 if levels is None else len(levels))
             if not (out.finished or out.started) and not self.engine.scheduler.busy:
                 self._run_commands(block=True, timeout=IDLE_WAIT)  # queued work that cannot start yet
 
@@ -229,7 +231,7 @@ class GeneratorReplica:
                     generated_tokens=e.totals.generated_tokens, row_forward_passes=e.totals.row_forward_passes,
                     draft_attempts=list(e.totals.draft_attempts), draft_accepts=list(e.totals.draft_accepts),
                     restarts=self.restarts, metrics_address=self.metrics.address, device=self.device,
-                    block_size=e.tidar.block_size, levels=list(e.tidar.level_set))
+                    block_size=e.tidar.block_size, levels=list(e.tidar.level_set), **e.drafting.status())
 
     # ------------------------------------------------------------------ weights
     def stage_weights(self, version: int, tensors: dict[str, torch.Tensor]) -> int:

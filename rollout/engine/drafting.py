@@ -1,0 +1,219 @@
+"""Cost-aware drafting: how many pre-draft levels each decode step carries (DESIGN.md section 6).
+
+A TiDAR step costs more than an AR step (every pre-draft level adds a block of k mask tokens
+per row) and pays back only through accepted drafts. Which choice wins depends on the batch,
+the context, the acceptance rate and the device, so the engine chooses per step, among:
+    None                  a plain AR step (T = 1 per row; pending drafts are dropped)
+    levels[:m], m >= 1    verify the drafts and pre-draft the first m levels (T = k (1 + m))
+the one with the most expected committed tokens per second:
+- expected tokens per row-step: the stationary mean of a small Markov chain over "valid drafts
+  at the start of a step", driven by acceptance-by-position estimates tracked online per
+  request class (sampler, temperature bucket) and seeded from `tidar_config.json`
+  (`"acceptance": {"<sampler>@<temperature>": [a_1, ..., a_{k-1}]}`) or a flat prior;
+- step time: `StepCostModel`, a least-squares fit t = a + b * tokens + c * tokens * context
+  over the steps this engine has timed (seeded by a short calibration at start).
+The sampler is exact for any draft source, so nothing here can change the distribution of the
+output; it changes which drafts are proposed, hence which tokens a given seed produces.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..params import SamplingParams
+
+TEMPERATURE_BUCKETS = (0.0, 0.5, 0.9, 1.1)  # upper edges; above the last: one more bucket
+PRIOR_ACCEPTANCE = 0.5  # per draft position, when nothing is known about a class
+PRIOR_WEIGHT = 8.0      # how many observed attempts the prior (or calibration) is worth
+DECAY = 0.995           # per observed step: older acceptance counts fade
+EXPLORE_EVERY = 32      # a drafting step at least this often, so acceptance estimates stay current
+
+
+def request_class(params: SamplingParams) -> str:
+    """The acceptance class of a row: sampler and temperature bucket ("lossless@0.9")."""
+    edge = next((e for e in TEMPERATURE_BUCKETS if params.temperature <= e), math.inf)
+    return f"{params.sampler}@{edge:g}"
+
+
+@dataclass
+class AcceptanceEstimate:
+    """Acceptance by draft position for one class: a_i = P(draft i accepted | drafts < i were)."""
+    attempts: list[float]
+    accepts: list[float]
+
+    @classmethod
+    def prior(cls, k: int, rates: list[float] | None = None) -> AcceptanceEstimate:
+        rates = list(rates or [])[:k - 1] + [PRIOR_ACCEPTANCE] * max(k - 1 - len(rates or []), 0)
+        return cls([PRIOR_WEIGHT] * (k - 1), [PRIOR_WEIGHT * r for r in rates])
+
+    @property
+    def rates(self) -> list[float]:
+        return [a / n if n > 0 else 0.0 for a, n in zip(self.accepts, self.attempts)]
+
+    def observe(self, accepted: int, offered: int) -> None:
+        for i in range(min(accepted + 1, offered)):
+            self.attempts[i] += 1
+        for i in range(accepted):
+            self.accepts[i] += 1
+
+    def decay(self) -> None:
+        self.attempts = [x * DECAY for x in self.attempts]
+        self.accepts = [x * DECAY for x in self.accepts]
+
+
+def expected_tokens(rates: list[float], k: int, levels: tuple[int, ...] | None) -> float:
+    """Mean tokens a row commits per step when every step uses `levels` (None: AR, 1 token).
+
+    State: valid drafts v (0..k-1) at the start of a step. Accepting a of them (draft i passes
+    with rates[i-1], given the earlier ones did) commits c = a + 1 tokens; the next step's
+    drafts come from the largest level j <= c, so v' = k - 1 - (c - j), or 0 without levels."""
+    if levels is None or k < 2:
+        return 1.0
+    P = np.zeros((k, k))
+    mean_c = np.zeros(k)
+    for v in range(k):
+        survive = 1.0
+        for a in range(v + 1):
+            p_a = survive * (1 - rates[a]) if a < v else survive
+            if a < v:
+                survive *= rates[a]
+            c = a + 1
+            j = max((lv for lv in levels if lv <= c), default=None)
+            nxt = 0 if j is None else k - 1 - (c - j)
+            P[v, nxt] += p_a
+            mean_c[v] += p_a * c
+    dist = np.zeros(k)
+    dist[k - 1] = 1.0
+    dist = dist @ np.linalg.matrix_power(P, 64)
+    return float(dist @ mean_c)
+
+
+@dataclass
+class StepCostModel:
+    """Seconds of one decode forward as a + b * tokens + c * tokens * context, fitted by least
+    squares to the most recent timed steps (tokens = rows x tokens per row; context = mean
+    committed length). Coefficients are kept non-negative; with fewer than three distinct
+    observations, time is taken as proportional to tokens."""
+    window: int = 256
+    samples: deque = field(default_factory=lambda: deque(maxlen=256))
+    _coef: tuple[float, float, float] | None = None
+    _dirty: bool = True
+
+    def observe(self, tokens: int, context: float, seconds: float) -> None:
+        self.samples.append((tokens, context, seconds))
+        self._dirty = True
+
+    def coefficients(self) -> tuple[float, float, float] | None:
+        if self._dirty:
+            self._dirty = False
+            data = np.array(self.samples, dtype=np.float64)
+            self._coef = None
+            if len(data) and len({(t, round(c)) for t, c, _ in self.samples}) >= 3:
+                X = np.stack([np.ones(len(data)), data[:, 0], data[:, 0] * data[:, 1]], axis=1)
+                coef, *_ = np.linalg.lstsq(X, data[:, 2], rcond=None)
+                self._coef = tuple(float(max(x, 0.0)) for x in coef)
+        return self._coef
+
+    def predict(self, tokens: int, context: float) -> float:
+        coef = self.coefficients()
+        if coef is None or coef == (0.0, 0.0, 0.0):
+            return float(tokens)  # only the ranking matters: cost proportional to work
+        a, b, c = coef
+        return a + b * tokens + c * tokens * context
+
+
+class DraftPolicy:
+    """Chooses each decode step's level set (see the module docstring). mode "fixed" always
+    uses every level the model has (the behaviour of a plain TiDAR engine, reproducible per
+    seed); "auto" chooses by expected tokens per second."""
+
+    def __init__(self, block_size: int, level_set: tuple[int, ...], mode: str = "fixed",
+                 calibration: dict[str, list[float]] | None = None):
+        if mode not in ("fixed", "auto"):
+            raise ValueError(f"drafting must be 'fixed' or 'auto', got {mode!r}")
+        self.k, self.level_set, self.mode = block_size, tuple(level_set), mode
+        self.candidates: list[tuple[int, ...] | None] = [None] + [self.level_set[:m] for m in
+                                                                  range(1, len(self.level_set) + 1)]
+        self.calibration = calibration or {}
+        self.estimates: dict[str, AcceptanceEstimate] = {}
+        self.costs = StepCostModel()
+        self.steps_since_drafting = 0
+        self.last_choice: tuple[int, ...] | None = self.level_set
+        self.choices: dict[str, int] = {}  # level-set label -> steps (reported in status)
+        self._expected: dict[tuple[str, tuple[int, ...] | None], tuple[int, float]] = {}
+        self._observations = 0
+
+    def estimate(self, cls: str) -> AcceptanceEstimate:
+        if cls not in self.estimates:
+            self.estimates[cls] = AcceptanceEstimate.prior(self.k, self.calibration.get(cls))
+        return self.estimates[cls]
+
+    def _expected_tokens(self, cls: str, levels: tuple[int, ...] | None) -> float:
+        """Cached per (class, levels); recomputed every 16 observations."""
+        epoch = self._observations // 16
+        hit = self._expected.get((cls, levels))
+        if hit is None or hit[0] != epoch:
+            hit = (epoch, expected_tokens(self.estimate(cls).rates, self.k, levels))
+            self._expected[(cls, levels)] = hit
+        return hit[1]
+
+    def choose(self, params: list[SamplingParams], context: float) -> tuple[int, ...] | None:
+        """The level set for a decode step over rows with these params (None: AR step)."""
+        drafting = [p for p in params if p.sampler != "ar"]
+        if not drafting or self.k < 2:
+            choice = None
+        elif self.mode == "fixed":
+            choice = self.level_set
+        else:
+            choice = self._best(params, drafting, context)
+        self.last_choice = choice
+        label = level_label(choice)
+        self.choices[label] = self.choices.get(label, 0) + 1
+        self.steps_since_drafting = 0 if choice is not None else self.steps_since_drafting + 1
+        return choice
+
+    def _best(self, params: list[SamplingParams], drafting: list[SamplingParams], context: float):
+        counts: dict[str, int] = {}
+        for p in drafting:
+            cls = request_class(p)
+            counts[cls] = counts.get(cls, 0) + 1
+        ar_rows = len(params) - len(drafting)
+        best, best_rate = None, -1.0
+        for levels in self.candidates:
+            if levels is None and self.steps_since_drafting >= EXPLORE_EVERY:
+                continue  # time to refresh the acceptance estimates
+            tokens = ar_rows + sum(n * self._expected_tokens(cls, levels) for cls, n in counts.items())
+            per_row = 1 if levels is None else self.k * (1 + len(levels))
+            rate = tokens / max(self.costs.predict(len(params) * per_row, context), 1e-12)
+            if rate > best_rate:
+                best, best_rate = levels, rate
+        return best
+
+    def observe_step(self, params: list[SamplingParams], accepted: list[int], offered: list[int],
+                     tokens: int, context: float, seconds: float) -> None:
+        """After a decode step: its time, and each drafting row's acceptance."""
+        self.costs.observe(tokens, context, seconds)
+        seen = set()
+        for p, a, n in zip(params, accepted, offered):
+            if n > 0:
+                est = self.estimate(request_class(p))
+                if id(est) not in seen:
+                    est.decay()
+                    seen.add(id(est))
+                est.observe(a, n)
+        self._observations += 1
+
+    def status(self) -> dict:
+        coef = self.costs.coefficients()
+        return dict(drafting=self.mode, level_set=level_label(self.last_choice), level_choices=dict(self.choices),
+                    acceptance={c: [round(r, 3) for r in e.rates] for c, e in self.estimates.items()},
+                    step_cost=list(coef) if coef else [])
+
+
+def level_label(levels: tuple[int, ...] | None) -> str:
+    """"ar" for an AR step, else the number of pre-draft levels ("0" would be verify-only)."""
+    return "ar" if levels is None else str(len(levels))

@@ -1,0 +1,111 @@
+"""Cost-aware drafting: the expected-tokens model, the choice it makes, and exactness when the
+level set changes from one step to the next."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from rollout import Engine, SamplingParams
+from rollout.config import EngineConfig
+from rollout.engine.drafting import DraftPolicy, expected_tokens
+from test_distribution import (  # noqa: F401 - the model_dir fixture
+    ALPHA,
+    NUM_SAMPLES,
+    PROMPT,
+    VOCAB,
+    chi_square_pvalue,
+    exact_ar_distribution,
+    model_dir,
+)
+
+from conftest import PROMPTS
+
+
+def simulate(rates, k, levels, steps=200_000, seed=0):
+    """Monte-Carlo of the row process expected_tokens describes."""
+    rng = np.random.default_rng(seed)
+    v, total = k - 1, 0
+    for _ in range(steps):
+        a = 0
+        while a < v and rng.random() < rates[a]:
+            a += 1
+        c = a + 1
+        total += c
+        j = max((lv for lv in levels if lv <= c), default=None) if levels else None
+        v = 0 if j is None else k - 1 - (c - j)
+    return total / steps
+
+
+@pytest.mark.parametrize("levels", [(1,), (1, 2), (1, 2, 3, 4), (1, 3)])
+def test_expected_tokens_is_the_mean_of_the_row_process(levels):
+    rates = [0.8, 0.6, 0.5]
+    assert expected_tokens(rates, 4, levels) == pytest.approx(simulate(rates, 4, levels), rel=0.01)
+
+
+def test_expected_tokens_grows_with_levels_and_acceptance():
+    assert expected_tokens([0.9] * 7, 8, None) == 1.0
+    by_levels = [expected_tokens([0.7] * 7, 8, tuple(range(1, m + 1))) for m in range(1, 9)]
+    assert by_levels == sorted(by_levels) and by_levels[0] > 1
+    assert expected_tokens([0.9] * 7, 8, (1, 2)) > expected_tokens([0.3] * 7, 8, (1, 2))
+
+
+def policy_with_costs(intercept, per_token, rates):
+    policy = DraftPolicy(8, tuple(range(1, 9)), "auto", {"lossless@1.1": rates})
+    for tokens in (8, 64, 512, 4096, 20000):  # as if these steps had been timed
+        for context in (16, 128):
+            policy.costs.observe(tokens, context, intercept + per_token * tokens)
+    return policy
+
+
+def test_compute_bound_device_with_weak_drafts_takes_ar_steps():
+    policy = policy_with_costs(0.0, 1e-5, [0.3] * 7)  # a CPU: every token costs
+    assert policy.choose([SamplingParams()] * 16, 64) is None
+
+
+def test_memory_bound_device_with_good_drafts_pre_drafts_every_level_at_batch_one():
+    policy = policy_with_costs(2e-3, 1e-8, [0.9] * 7)  # a GPU at batch 1: extra tokens are nearly free
+    assert policy.choose([SamplingParams()], 64) == tuple(range(1, 9))
+
+
+def test_ar_rows_alone_never_draft():
+    policy = policy_with_costs(2e-3, 1e-8, [0.9] * 7)
+    assert policy.choose([SamplingParams(sampler="ar")] * 4, 64) is None
+
+
+def random_levels(engine, seed):
+    """Replaces the policy's choice by a random level set per step (None = AR step)."""
+    rng = random.Random(seed)
+    options = engine.drafting.candidates + [(1, 3), (1, 4)]  # sparse sets too
+    engine.drafting.choose = lambda params, context: rng.choice(options)
+    return engine
+
+
+def test_greedy_tidar_equals_greedy_ar_whatever_the_level_set_of_each_step(engine):
+    ar = engine.generate(PROMPTS, SamplingParams(sampler="ar", temperature=0, max_tokens=30))
+    shuffled = random_levels(Engine(engine.model, engine.tidar), 0)
+    for sampler in ("lossless", "mixed"):
+        out = shuffled.generate(PROMPTS, SamplingParams(sampler=sampler, temperature=0, max_tokens=30))
+        assert [[c.token_ids for c in g] for g in out] == [[c.token_ids for c in g] for g in ar]
+
+
+def test_lossless_keeps_the_ar_distribution_when_the_level_set_changes_between_steps(model_dir):  # noqa: F811
+    engine = random_levels(Engine.from_pretrained(model_dir), 1)
+    outs = engine.generate([PROMPT], SamplingParams(max_tokens=3, n=NUM_SAMPLES, seed=17))[0]
+    counts = torch.zeros(VOCAB ** 3, dtype=torch.float64)
+    for c in outs:
+        a, b, d = c.token_ids
+        counts[(a * VOCAB + b) * VOCAB + d] += 1
+    assert sum(engine.last_stats.level_choices.values()) > 0 and len(engine.last_stats.level_choices) > 2
+    p = chi_square_pvalue(counts, exact_ar_distribution(model_dir, 1.0, 0, 1.0))
+    assert p > ALPHA, f"samples under changing level sets differ from AR (chi-square p = {p:.2e})"
+
+
+def test_auto_drafting_reports_its_choices_and_learns_acceptance(engine):
+    auto = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="auto"))
+    auto.generate(PROMPTS * 4, SamplingParams(max_tokens=40, n=2, seed=3))
+    status = auto.drafting.status()
+    assert status["drafting"] == "auto" and sum(status["level_choices"].values()) > 0
+    assert "lossless@1.1" in status["acceptance"] and len(status["step_cost"]) == 3
+    assert sum(auto.last_stats.level_choices.values()) > 0
