@@ -8,6 +8,7 @@ checks that greedy lossless output equals greedy AR output token for token.
 
     python benchmarks/acceptance.py --model rollout/default_model
     python benchmarks/acceptance.py --model OUT --corpus data.jsonl --update-metrics
+    python benchmarks/acceptance.py --model OUT --write-calibration   # seeds cost-aware drafting
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 import torch
 
 from rollout import Engine, SamplingParams
+from rollout.config import TIDAR_CONFIG_FILE
+from rollout.engine.drafting import request_class
 from rollout.train.corpus import open_corpus
 
 RUNS = [  # (name, sampler, temperature)
@@ -74,6 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--update-metrics", action="store_true", help="write the results into MODEL/metrics.json")
+    p.add_argument("--write-calibration", action="store_true",
+                   help="store acceptance by draft position per request class in MODEL/tidar_config.json "
+                        "(the prior of cost-aware drafting)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,6 +95,13 @@ def main(argv: list[str] | None = None) -> dict:
               "torch_threads": torch.get_num_threads(),
               "greedy_lossless_equals_ar": outputs["lossless_t0"] == outputs["ar_t0"], "runs": results}
     print(json.dumps(report, indent=2))
+    if args.write_calibration:
+        path = model_dir / TIDAR_CONFIG_FILE
+        tidar = json.loads(path.read_text())
+        tidar["acceptance"] = {
+            request_class(SamplingParams(sampler=r["sampler"], temperature=r["temperature"])): r["acceptance_by_position"]
+            for r in results.values() if r["sampler"] != "ar"}
+        path.write_text(json.dumps(tidar, indent=2) + "\n")
     if args.update_metrics:
         path = model_dir / "metrics.json"
         metrics = json.loads(path.read_text()) if path.exists() else {}

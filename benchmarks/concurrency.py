@@ -56,7 +56,8 @@ def newline_id(model_dir: str) -> int:
 
 
 async def concurrent_requests(model_dir: str, prompts, args, serial: bool) -> dict:
-    config = EngineConfig(max_running_requests=1 if serial else None, max_model_len=args.max_model_len)
+    config = EngineConfig(max_running_requests=1 if serial else None, max_model_len=args.max_model_len,
+                          drafting=args.drafting)
     service = RolloutService(model_dir, replicas=1, port=0, name="serial" if serial else "batched",
                              max_queue=args.requests + 8, engine_config=config)
     port = await service.start()
@@ -91,11 +92,10 @@ def grpo_batch(model_dir: str, prompts, args) -> list[dict]:
     params = SamplingParams(sampler="lossless", temperature=1.0, max_tokens=args.grpo_max_tokens, n=8, seed=0,
                             stop_token_ids=(stop,))
     rows = []
-    for label, config, split in (("one request, continuous", EngineConfig(max_model_len=args.max_model_len), False),
-                                 ("one request, serial", EngineConfig(max_running_requests=1,
-                                                                      max_model_len=args.max_model_len), False),
-                                 ("64 requests of 1 x 8, continuous", EngineConfig(max_model_len=args.max_model_len),
-                                  True)):
+    common = dict(max_model_len=args.max_model_len, drafting=args.drafting)
+    for label, config, split in (("one request, continuous", EngineConfig(**common), False),
+                                 ("one request, serial", EngineConfig(max_running_requests=1, **common), False),
+                                 ("64 requests of 1 x 8, continuous", EngineConfig(**common), True)):
         engine = Engine.from_pretrained(model_dir, config=config)
         engine.generate(prompts[:2], SamplingParams(max_tokens=4, seed=1))  # warm-up
         t0 = time.perf_counter()
@@ -140,12 +140,14 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per sample (part 1)")
     p.add_argument("--grpo-max-tokens", type=int, default=128, help="max tokens per sample (part 2)")
     p.add_argument("--max-model-len", type=int, default=256, help="KV slot length (prompt + max tokens)")
+    p.add_argument("--drafting", default="auto", choices=["auto", "fixed"],
+                   help="the engines' drafting mode (auto: cost-aware level sets, the serve default)")
     p.add_argument("--parts", default="1,2,3", help="which parts to run")
     args = p.parse_args()
     parts = set(args.parts.split(","))
     prompts = prompts_for(args.model, 64)
     print(f"# {args.model}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}")
+          f"drafting {args.drafting}, {time.strftime('%Y-%m-%d')}")
     if "1" in parts:
         ray.init(include_dashboard=False, log_to_driver=False, namespace="bench-concurrency")
         print(f"\n## {args.requests} concurrent requests (1 prompt x n={args.n}, {args.max_tokens} tokens, "

@@ -63,7 +63,8 @@ def run(engine: Engine, batch: int, sampler: str, args) -> dict:
                 tokens_per_forward=round(s.tokens_per_forward, 3),
                 ms_per_forward=round(1000 * s.decode_seconds / decode_forwards, 3),
                 prefill_ms=round(1000 * s.prefill_seconds, 2),
-                acceptance_by_position=[round(a, 3) for a in s.acceptance_by_position])
+                acceptance_by_position=[round(a, 3) for a in s.acceptance_by_position],
+                level_choices=dict(s.level_choices))
 
 
 def main() -> None:
@@ -80,6 +81,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--drafting", default="fixed", choices=["fixed", "auto"],
+                   help="fixed: every decode step pre-drafts all levels; auto: cost-aware level choice")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     if args.threads:
@@ -87,7 +90,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     # A KV pool with a slot for every row of the largest batch, sized to this run's sequences.
     config = EngineConfig(max_num_seqs=max(int(b) for b in args.batch_sizes.split(",")),
-                          max_model_len=args.prompt_len + args.max_tokens)
+                          max_model_len=args.prompt_len + args.max_tokens, drafting=args.drafting)
     if args.model:
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, block_size=args.block_size,
                                         config=config)
@@ -96,12 +99,13 @@ def main() -> None:
         engine = random_engine(args.shape, args.block_size or 16, args.device, dtype, config)
         what = f"random {args.shape}"
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    print(f"# {what}, block {engine.tidar.block_size}, levels {len(engine.tidar.level_set)}, {args.device} "
+    print(f"# {what}, block {engine.tidar.block_size}, levels {len(engine.tidar.level_set)} ({args.drafting}), "
+          f"{args.device} "
           f"({device_name}, {torch.get_num_threads()} threads), {dtype}, prompt {args.prompt_len}, "
           f"max_tokens {args.max_tokens}, T={args.temperature}, torch {torch.__version__}")
     rows = []
-    print("| batch | sampler | tokens/s | vs ar | tokens/forward | ms/forward | prefill ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| batch | sampler | tokens/s | vs ar | tokens/forward | ms/forward | prefill ms | row-steps by level set |")
+    print("|---|---|---|---|---|---|---|---|")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         base = None
         for sampler in args.samplers.split(","):
@@ -109,7 +113,7 @@ def main() -> None:
             base = base or (r["tokens_per_s"] if sampler == "ar" else None)
             ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
             print(f"| {batch} | {sampler} | {r['tokens_per_s']} | {ratio} | {r['tokens_per_forward']} | "
-                  f"{r['ms_per_forward']} | {r['prefill_ms']} |", flush=True)
+                  f"{r['ms_per_forward']} | {r['prefill_ms']} | {r['level_choices']} |", flush=True)
             rows.append(r)
     if args.json:
         with open(args.json, "w") as f:
