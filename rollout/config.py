@@ -252,6 +252,9 @@ class EngineConfig:
         per seed) or "auto" (cost-aware: each step picks an AR step or the first m levels by
         expected tokens per second; the output distribution is the same, but which tokens a seed
         gives then depends on the choices made).
+    attention: "dense" (one masked SDPA over prefix + step: the reference) or "split" (the prefix
+        through FlexAttention by lengths only, merged with the in-step part by log-sum-exp; the
+        fast path for long contexts on a GPU, see `model/attention.py`).
     max_sequences_per_request: prompts x n of one request; None: 8 x the pool's slots.
     max_waiting_sequences: sequences queued but not yet admitted, over all requests; beyond it
         new requests are refused (load, not a bad request); None: 32 x the pool's slots.
@@ -265,6 +268,7 @@ class EngineConfig:
     max_sequences_per_request: int | None = None
     max_waiting_sequences: int | None = None
     drafting: str = "fixed"
+    attention: str = "dense"
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_running_requests", "max_sequences_per_request",
@@ -276,6 +280,8 @@ class EngineConfig:
             raise ValueError(f"max_prefill_tokens must be an integer >= 1, got {self.max_prefill_tokens!r}")
         if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if self.attention not in ("dense", "split"):
+            raise ValueError(f"attention must be 'dense' or 'split', got {self.attention!r}")
         if self.drafting not in ("fixed", "auto"):
             raise ValueError(f"drafting must be 'fixed' or 'auto', got {self.drafting!r}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -45,8 +45,8 @@ class StepTokens:
 
 class ModelRunner:
     def __init__(self, model: Decoder, tidar: TidarConfig, device: torch.device, dtype: torch.dtype,
-                 num_slots: int, slot_len: int):
-        self.model, self.tidar, self.device = model, tidar, device
+                 num_slots: int, slot_len: int, attention: str = "dense"):
+        self.model, self.tidar, self.device, self.attention = model, tidar, device, attention
         cfg: ModelConfig = model.config
         self.cache = KVCache(cfg.num_layers, num_slots, cfg.num_kv_heads, slot_len, cfg.head_dim, dtype, device)
         K, V, S = tidar.block_size, cfg.vocab_size, num_slots + 1  # + the sink slot
@@ -96,7 +96,7 @@ class ModelRunner:
             ids[b, :len(t)] = torch.tensor(t)
         slots_t, positions = self._tensor(slots), positions.to(self.device)
         batch = StepBatch(slots_t, self._tensor(starts), max(starts), positions, visible.to(self.device),
-                          cache.write_index(slots_t, positions, write.to(self.device)))
+                          cache.write_index(slots_t, positions, write.to(self.device)), self.attention)
         return self.model(ids.to(self.device), batch, cache)
 
     def prefill(self, chunks: list[PrefillChunk]) -> StepTokens | None:
@@ -181,7 +181,7 @@ class ModelRunner:
         positions = L[:, None] + layout.offsets[None]
         write = (torch.arange(T, device=dev) < k)[None].expand(B, T)
         batch = StepBatch(slots, L, max(committed), positions, layout.visible.expand(B, T, T),
-                          self.cache.write_index(slots, positions, write))
+                          self.cache.write_index(slots, positions, write), self.attention)
         hidden = self.model(ids, batch, self.cache)
 
         rows = RowSampling.build([s.params for s in seqs], dev)

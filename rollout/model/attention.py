@@ -1,8 +1,15 @@
 """Attention of in-step queries over a slot's cached prefix plus the step's own tokens.
 
-Every query sees the whole committed prefix of its row (positions < lengths[slot]) and the
-in-step keys that `step_visible` allows. This is the dense-mask reference path: one boolean mask
-over [prefix | step] keys, plain SDPA, so it runs wherever PyTorch runs (CPU, CUDA, ROCm).
+Every query sees the whole committed prefix of its row (positions < its prefix length) and the
+in-step keys that `step_visible` allows. Two paths, chosen per engine (`StepBatch.attention`):
+- "dense": the reference. One boolean mask over [prefix | step] keys, plain SDPA; runs wherever
+  PyTorch runs. On a GPU a multi-token query with a mask falls onto a kernel that parallelises
+  only over batch x heads, which makes long prefixes slow (DESIGN.md section 3).
+- "split": the prefix needs no mask besides each row's length, so it goes through FlexAttention
+  with a block mask whose prefix blocks are full (only a row's last, partial block is masked),
+  returning the log-sum-exp; the in-step part (T x T, small) is computed with its step mask; the
+  two are merged by log-sum-exp. Compiled on CUDA / ROCm; eager (a correctness path) elsewhere.
+  The dense path is its oracle (`tests/test_attention.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,10 @@ try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # FlexAttention arrived in torch 2.5; older builds use the dense path only
     BlockMask, flex_attention = None, None
+try:
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:
+    AuxRequest = None
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
@@ -32,6 +43,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
     B, _, T, _ = q.shape
     prefix_max, prefix_lens, step_visible = batch.prefix_max, batch.prefix_lens, batch.step_visible
     kp, vp = cache.prefix(layer, batch.slots, prefix_max)
+    if batch.attention == "split":
+        out = split_attention(q, k, v, kp, vp, prefix_lens, step_visible, batch.prefix_mask)
+        cache.write(layer, batch.write_index, k, v)
+        return out
     keys, values = torch.cat((kp, k), dim=2), torch.cat((vp, v), dim=2)
     in_prefix = torch.arange(prefix_max, device=q.device) < prefix_lens[:, None]  # [B, Lp]
     mask = torch.cat((in_prefix[:, None, :].expand(B, T, prefix_max), step_visible), dim=-1)
@@ -41,11 +56,79 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
     return out
 
 
+ATTENTION_PATHS = ("dense", "split")
+PREFIX_BLOCK = 128  # FlexAttention's block size along the prefix
+
+
+def prefix_block_mask(prefix_lens: torch.Tensor, num_queries: int, prefix_max: int):
+    """A FlexAttention BlockMask over [B, *, num_queries, prefix_max] in which every query of
+    row b sees keys < prefix_lens[b]: blocks wholly inside the prefix are full (no mask_mod
+    call), the row's last partial block is masked by length. Built from the lengths with a few
+    tensor ops (no [B, T, L] mask is ever materialised)."""
+    from torch.nn.attention.flex_attention import BlockMask as _BlockMask
+
+    B, dev = prefix_lens.shape[0], prefix_lens.device
+    num_kv_blocks = -(-prefix_max // PREFIX_BLOCK)
+    num_q_blocks = -(-num_queries // PREFIX_BLOCK)
+    full = (prefix_lens // PREFIX_BLOCK).to(torch.int32)  # [B] blocks wholly inside the prefix
+    partial = (prefix_lens % PREFIX_BLOCK > 0).to(torch.int32)  # [B] one masked block after them, or none
+    order = torch.arange(num_kv_blocks, device=dev, dtype=torch.int32)[None].expand(B, -1)  # [B, NB]
+    partial_index = order.clone()
+    partial_index[:, 0] = full.clamp(max=num_kv_blocks - 1)
+
+    def per_q(x: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [B, 1, num_q_blocks, ...]
+        return x[:, None, None].expand(B, 1, num_q_blocks, *x.shape[1:]).contiguous()
+
+    def within(b, h, q_idx, kv_idx):
+        return kv_idx < prefix_lens[b]
+
+    return _BlockMask.from_kv_blocks(per_q(partial), per_q(partial_index), per_q(full), per_q(order),
+                                     BLOCK_SIZE=PREFIX_BLOCK, mask_mod=within,
+                                     seq_lengths=(num_queries, prefix_max))
+
+
+def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor,
+                    prefix_lens: torch.Tensor, step_visible: torch.Tensor, prefix_mask) -> torch.Tensor:
+    """The "split" path: prefix by FlexAttention (lengths only) + in-step part with its mask,
+    merged by log-sum-exp. q [B, H, T, D]; k, v [B, Hkv, T, D]; kp, vp [B, Hkv, Lp, D];
+    step_visible [B, T, T]; prefix_mask from `prefix_block_mask` (None when Lp = 0)."""
+    gqa = q.shape[1] != k.shape[1]
+    out_s, lse_s = _masked_attention(q, k, v, step_visible)
+    if kp.shape[2] == 0:
+        return out_s
+    # Batch and prefix length change every step: compiled with dynamic shapes, not once per shape.
+    kernel = flex_attention if q.device.type == "cpu" else _compiled_flex_attention(dynamic=True)
+    if AuxRequest is not None:
+        out_p, aux = kernel(q, kp, vp, block_mask=prefix_mask, enable_gqa=gqa, return_aux=AuxRequest(lse=True))
+        lse_p = aux.lse
+    else:  # torch < 2.9
+        out_p, lse_p = kernel(q, kp, vp, block_mask=prefix_mask, enable_gqa=gqa, return_lse=True)
+    # Rows with an empty prefix have lse_p = -inf and out_p = 0: their weight is exp(-inf) = 0.
+    m = torch.maximum(lse_p, lse_s)
+    w_p, w_s = torch.exp(lse_p - m)[..., None], torch.exp(lse_s - m)[..., None]
+    out = (w_p * out_p.float() + w_s * out_s.float()) / (w_p + w_s)
+    return out.to(q.dtype)
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q [B, H, T, D] over k, v [B, Hkv, S, D] with visible [B, T, S]
+    (every query sees at least one key); returns (out [B, H, T, D], log-sum-exp [B, H, T] fp32)."""
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    qg = q.reshape(B, k.shape[1], G * T, D).float()  # GQA folded into the query rows
+    scores = (qg @ k.float().transpose(-1, -2)) * D ** -0.5  # [B, Hkv, G*T, S]
+    scores = scores.view(B, k.shape[1], G, T, -1).masked_fill(~visible[:, None, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, T]
+    out = (scores - lse[..., None]).exp().flatten(2, 3) @ v.float()  # [B, Hkv, G*T, D]
+    return out.view(B, H, T, D).to(q.dtype), lse.reshape(B, H, T)
+
+
 @functools.cache
-def _compiled_flex_attention():
+def _compiled_flex_attention(dynamic: bool = False):
     """FlexAttention is a fused, memory-lean kernel only when compiled (CUDA, ROCm); on the CPU
     the eager reference is used (tests, small sequences)."""
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=dynamic)
 
 
 def attend_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:

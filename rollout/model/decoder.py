@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import attend, attend_sequence
+from .attention import attend, attend_sequence, prefix_block_mask
 from .kv_cache import KVCache
 from .rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
@@ -103,13 +103,19 @@ class StepBatch:
     prefix_max: their maximum, as a Python int (known on the CPU, so reading it costs no sync);
     positions [B, T]: position id of each in-step token; step_visible [B, T, T]: which in-step
     keys each in-step query sees; write_index: (slot, position) [B, T] where each in-step
-    token's K/V is stored (`KVCache.write_index`; the sink for tokens not to keep).
+    token's K/V is stored (`KVCache.write_index`; the sink for tokens not to keep);
+    attention: "dense" or "split" (`attention.py`); prefix_mask: the split path's BlockMask over
+    the prefix, built once per step (`attention.prefix_block_mask`).
     """
-    __slots__ = ("slots", "prefix_lens", "prefix_max", "positions", "step_visible", "write_index")
+    __slots__ = ("slots", "prefix_lens", "prefix_max", "positions", "step_visible", "write_index", "attention",
+                 "prefix_mask")
 
-    def __init__(self, slots, prefix_lens, prefix_max: int, positions, step_visible, write_index):
+    def __init__(self, slots, prefix_lens, prefix_max: int, positions, step_visible, write_index,
+                 attention: str = "dense"):
         self.slots, self.prefix_lens, self.prefix_max, self.positions = slots, prefix_lens, prefix_max, positions
-        self.step_visible, self.write_index = step_visible, write_index
+        self.step_visible, self.write_index, self.attention = step_visible, write_index, attention
+        self.prefix_mask = (prefix_block_mask(prefix_lens, positions.shape[1], prefix_max)
+                            if attention == "split" and prefix_max > 0 else None)
 
 
 class SequenceBatch:

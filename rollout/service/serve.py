@@ -171,6 +171,9 @@ def main_serve(argv: list[str]) -> int:
     p.add_argument("--drafting", default="auto", choices=["auto", "fixed"],
                    help="auto: each decode step takes an AR step or some pre-draft levels, whichever gives more "
                         "tokens/s (exact either way); fixed: always every level (tokens reproducible per seed)")
+    p.add_argument("--attention", default="dense", choices=["dense", "split"],
+                   help="dense: one masked SDPA (the reference); split: prefix through FlexAttention by lengths, "
+                        "merged by log-sum-exp (for long contexts on a GPU)")
     p.add_argument("--max-running-requests", type=int, default=None,
                    help="requests a replica runs at once (default: as many as its KV pool holds; 1 = serial)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="deadline of requests that set none (s)")
@@ -197,7 +200,8 @@ def main_serve(argv: list[str]) -> int:
                                  max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                  kv_cache_gib=args.kv_cache_gib, gpu_memory_utilization=args.gpu_memory_utilization,
                                  max_prefill_tokens=args.max_prefill_tokens,
-                                 max_running_requests=args.max_running_requests, drafting=args.drafting))
+                                 max_running_requests=args.max_running_requests, drafting=args.drafting,
+                                 attention=args.attention))
     try:
         asyncio.run(_serve_until_signal(service, args.grace))
     finally:
