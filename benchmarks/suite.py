@@ -1,0 +1,212 @@
+"""The GPU benchmark suite: every table of the perf goals in one command.
+
+    python -m benchmarks.suite --device cuda --out benchmarks/gpu_tables.md    # ~15 min on one H100
+    python -m benchmarks.suite --smoke                                         # same code, tiny, CPU
+
+Tables (random-weight Qwen2.5 shapes unless named; bf16 on a GPU, fp32 on the CPU):
+1. Step time: our decode step (AR, and TiDAR with 1 / 4 / all pre-draft levels) at batch 1 and 16,
+   1k and 8k context, dense and split attention; TiDAR step / AR step. The AR step at batch 1,
+   1k context, is compared with the CUDA-graph floor measured for DESIGN.md (2.39 ms on an H100,
+   1.5B shape; target <= 1.25x) -- that ratio means something only on that device and shape.
+2. Tokens/s of lossless, mixed (w = 0.5), our AR and HF `generate` (same weights) on the embedded
+   model and on the 1.5B shape (fixed drafting: every level, as the model was trained).
+3. Capacity: 64 sequences x 8k context on the 1.5B shape, prefilled and decoded without OOM.
+`--smoke` runs every table with tiny shapes and contexts (the test suite runs it, so the suite
+cannot rot while no GPU is at hand). Timings are medians of `--repeats` steps after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from rollout import Engine, SamplingParams
+from rollout.config import EngineConfig, ModelConfig, TidarConfig
+from rollout.model.decoder import Decoder
+
+from .shapes import SHAPES, hf_config
+
+DESIGN_AR_FLOOR_MS = 2.39  # CUDA-graph AR step, 1.5B shape, batch 1, 1k context, H100 (DESIGN.md section 3)
+EMBEDDED = Path(__file__).resolve().parents[1] / "rollout" / "default_model"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def random_engine(shape: str, block: int, device: str, dtype: torch.dtype, config: EngineConfig) -> Engine:
+    cfg = ModelConfig.from_hf_dict(hf_config(shape))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Decoder(cfg)
+    for name, p in model.named_parameters():
+        if "norm" not in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return Engine(model.to(dtype).eval(), TidarConfig(mask_token_id=cfg.vocab_size - 1, block_size=block),
+                  device, dtype, config)
+
+
+def fill(engine: Engine, batch: int, context: int) -> list:
+    """Admits `batch` sequences with `context`-token prompts and runs only their prefill steps
+    (the decode steps the scheduler interleaves are skipped, so every row starts at `context`)."""
+    rng = random.Random(0)
+    vocab = engine.config.vocab_size - 1
+    prompts = [[rng.randrange(vocab) for _ in range(context)] for _ in range(batch)]
+    engine.add_request(prompts, SamplingParams(max_tokens=engine.limits.max_model_len - context, seed=0))
+    with torch.inference_mode():
+        while engine.scheduler.prefilling or engine.scheduler.waiting:
+            plan = engine.scheduler.schedule()
+            if plan is not None and plan.prefill:
+                result = engine.runner.prefill(plan.prefill)
+                engine.scheduler.prefilled(plan.prefill)
+                if result is not None:
+                    engine._record(result)
+    return list(engine.scheduler.running)
+
+
+def time_steps(engine: Engine, seqs: list, levels, repeats: int, device: str) -> float:
+    """Median seconds of one decode forward over `seqs` with `levels` (the same step, repeated)."""
+    with torch.inference_mode():
+        for _ in range(2):
+            engine.runner.decode(seqs, levels)
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            engine.runner.decode(seqs, levels)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def step_table(args, dtype) -> list[str]:
+    block = args.block
+    level_sets = [("AR", None), ("1 level", (1,)), ("4 levels", tuple(range(1, min(4, block) + 1))),
+                  (f"all {block}", tuple(range(1, block + 1)))]
+    lines = [f"## 1. Decode step time, {args.shape} (random weights), block {block}, {dtype}",
+             "| attention | batch | context | " + " | ".join(f"{n} ms" for n, _ in level_sets) +
+             " | TiDAR / AR (1 / 4 / all levels) |",
+             "|---|---|---|" + "---|" * len(level_sets) + "---|"]
+    floor = None
+    for attention in ("dense", "split"):
+        for batch in args.batches:
+            for context in args.contexts:
+                engine = random_engine(args.shape, block, args.device, dtype, EngineConfig(
+                    max_num_seqs=batch, max_model_len=context + 16, attention=attention))
+                seqs = fill(engine, batch, context)
+                ms = [1000 * time_steps(engine, seqs, levels, args.repeats, args.device) for _, levels in level_sets]
+                ratios = " / ".join(f"{m / ms[0]:.2f}x" for m in ms[1:])
+                lines.append(f"| {attention} | {batch} | {context} | " + " | ".join(f"{m:.3f}" for m in ms) +
+                             f" | {ratios} |")
+                if attention == "dense" and batch == 1 and context == args.contexts[0] and not args.smoke:
+                    floor = (f"our AR step {ms[0]:.3f} ms vs the CUDA-graph floor {DESIGN_AR_FLOOR_MS} ms: "
+                             f"{ms[0] / DESIGN_AR_FLOOR_MS:.2f}x (target <= 1.25x; H100, 1.5B shape only)")
+                del engine
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+    return lines + (["", floor] if floor else [])
+
+
+def hf_tokens_per_second(model_dir: Path | None, shape: str, device: str, dtype, prompts, max_tokens: int) -> float:
+    import transformers
+    if model_dir is not None:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    else:
+        cfg = transformers.Qwen2Config(**{k: v for k, v in hf_config(shape).items() if k != "model_type"})
+        torch.manual_seed(0)
+        hf = transformers.Qwen2ForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    ids = torch.tensor(prompts, device=device)
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        hf.generate(ids[:1], attention_mask=mask[:1], do_sample=True, max_new_tokens=2, min_new_tokens=2,
+                    pad_token_id=0)
+        sync(device)
+        t0 = time.perf_counter()
+        hf.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                    pad_token_id=0)
+        sync(device)
+    return len(prompts) * max_tokens / (time.perf_counter() - t0)
+
+
+def throughput_table(args, dtype) -> list[str]:
+    lines = [f"## 2. Tokens/s, batch {args.throughput_batch}, prompt {args.prompt_len}, {args.max_tokens} tokens, T=1",
+             "| model | lossless | mixed w=0.5 | our AR | HF generate | lossless / AR | tokens/forward lossless |",
+             "|---|---|---|---|---|---|---|"]
+    models = [("embedded", EMBEDDED), (args.shape, None)]
+    for name, model_dir in models:
+        config = EngineConfig(max_num_seqs=args.throughput_batch, max_model_len=args.prompt_len + args.max_tokens)
+        engine = (Engine.from_pretrained(model_dir, device=args.device, dtype=dtype, config=config) if model_dir
+                  else random_engine(args.shape, args.block, args.device, dtype, config))
+        rng = random.Random(1)
+        vocab = engine.config.vocab_size - 1
+        prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(args.throughput_batch)]
+        rates, tpf = {}, 0.0
+        for sampler in ("lossless", "mixed", "ar"):
+            params = SamplingParams(sampler=sampler, max_tokens=args.max_tokens, seed=0)
+            engine.generate(prompts[:1], SamplingParams(sampler=sampler, max_tokens=4, seed=1))
+            sync(args.device)
+            t0 = time.perf_counter()
+            engine.generate(prompts, params)
+            sync(args.device)
+            rates[sampler] = engine.last_stats.generated_tokens / (time.perf_counter() - t0)
+            if sampler == "lossless":
+                tpf = engine.last_stats.tokens_per_forward
+        hf = hf_tokens_per_second(model_dir, args.shape, args.device, dtype, prompts, args.max_tokens)
+        lines.append(f"| {name} | {rates['lossless']:.0f} | {rates['mixed']:.0f} | {rates['ar']:.0f} | {hf:.0f} | "
+                     f"{rates['lossless'] / rates['ar']:.2f}x | {tpf:.2f} |")
+        del engine
+    return lines
+
+
+def capacity_table(args, dtype) -> list[str]:
+    batch, context = args.capacity
+    engine = random_engine(args.shape, args.block, args.device, dtype,
+                           EngineConfig(max_num_seqs=batch, max_model_len=context + 16, attention="split"))
+    t0 = time.perf_counter()
+    seqs = fill(engine, batch, context)
+    prefill = time.perf_counter() - t0
+    step = time_steps(engine, seqs, (1,), max(args.repeats // 2, 1), args.device)
+    peak = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB peak" if args.device.startswith("cuda") else "-"
+    return [f"## 3. Capacity: {batch} sequences x {context} context, {args.shape}, split attention",
+            f"prefill {prefill:.1f} s, decode step (1 level) {1000 * step:.1f} ms, {peak}: no OOM"]
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and contexts (CPU, seconds)")
+    p.add_argument("--out", help="also write the tables (markdown) to this file")
+    p.add_argument("--tables", default="1,2,3", help="which tables to run")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.shape, args.block, args.batches, args.contexts, args.repeats = "tiny", 4, [1, 2], [16, 48], 2
+        args.throughput_batch, args.prompt_len, args.max_tokens, args.capacity = 2, 8, 6, (4, 64)
+    else:
+        args.shape, args.block, args.batches, args.contexts, args.repeats = "qwen2.5-1.5b", 16, [1, 16], [1024, 8192], 10
+        args.throughput_batch, args.prompt_len, args.max_tokens, args.capacity = 1, 128, 128, (64, 8192)
+    assert args.shape in SHAPES
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    out = [f"# Benchmark suite: {device_name}, torch {torch.__version__}, {dtype}, {time.strftime('%Y-%m-%d')}"
+           f"{' (smoke)' if args.smoke else ''}", "`python -m benchmarks.suite " + " ".join(argv or []) + "`", ""]
+    tables = set(args.tables.split(","))
+    for key, fn in (("1", step_table), ("2", throughput_table), ("3", capacity_table)):
+        if key in tables:
+            table = fn(args, dtype) + [""]
+            print("\n".join(table), flush=True)
+            out += table
+    text = "\n".join(out)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return text
+
+
+if __name__ == "__main__":
+    main()
