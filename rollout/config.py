@@ -255,6 +255,8 @@ class EngineConfig:
     attention: "dense" (one masked SDPA over prefix + step: the reference) or "split" (the prefix
         through FlexAttention by lengths only, merged with the in-step part by log-sum-exp; the
         fast path for long contexts on a GPU, see `model/attention.py`).
+    compile: run the model forward through torch.compile (Inductor; dynamic shapes, decode
+        batches padded to powers of two). False is the eager fallback.
     max_sequences_per_request: prompts x n of one request; None: 8 x the pool's slots.
     max_waiting_sequences: sequences queued but not yet admitted, over all requests; beyond it
         new requests are refused (load, not a bad request); None: 32 x the pool's slots.
@@ -269,6 +271,7 @@ class EngineConfig:
     max_waiting_sequences: int | None = None
     drafting: str = "fixed"
     attention: str = "dense"
+    compile: bool = False
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_running_requests", "max_sequences_per_request",

@@ -80,7 +80,8 @@ class Engine:
             num_slots, max_model_len,
             config.max_sequences_per_request or 8 * num_slots,
             config.max_waiting_sequences or 32 * num_slots)
-        self.runner = ModelRunner(model, tidar, self.device, dtype, num_slots, slot_len, config.attention)
+        self.runner = ModelRunner(model, tidar, self.device, dtype, num_slots, slot_len, config.attention,
+                                  config.compile)
         self.drafting = DraftPolicy(tidar.block_size, tidar.level_set, config.drafting, tidar.acceptance)
         self.scheduler = Scheduler(num_slots, tidar.block_size, config.max_prefill_tokens, config.max_running_requests,
                                    self.drafting)

@@ -12,6 +12,9 @@ Design decisions:
   step's pre-draft levels are the scheduler's choice (`drafting.py`): a TiDAR step with those
   levels, where `ar` rows simply carry no drafts (their draft positions hold mask tokens and
   are never verified), or a plain AR step (T = 1) that drops pending drafts.
+- `compile=True`: the forward goes through torch.compile (dynamic shapes; decode batches padded
+  to powers of two with sink rows). Not built: CUDA-graph capture, which needs static prefix
+  shapes (the split path over whole slots).
 - Logits only where needed: the k draft positions, and the one pre-drafted block each row
   continues from (chosen after verification), not every mask token.
 - Randomness: `sampling.counter_uniforms` of (row key, position, purpose), on the device, one
@@ -45,8 +48,12 @@ class StepTokens:
 
 class ModelRunner:
     def __init__(self, model: Decoder, tidar: TidarConfig, device: torch.device, dtype: torch.dtype,
-                 num_slots: int, slot_len: int, attention: str = "dense"):
+                 num_slots: int, slot_len: int, attention: str = "dense", compile: bool = False):
         self.model, self.tidar, self.device, self.attention = model, tidar, device, attention
+        # torch.compile of the forward (Inductor: CPU and GPU alike), with dynamic shapes: the
+        # prefix length changes every step. Off: eager, the reference it must match.
+        self.compiled = compile
+        self.forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
         cfg: ModelConfig = model.config
         self.cache = KVCache(cfg.num_layers, num_slots, cfg.num_kv_heads, slot_len, cfg.head_dim, dtype, device)
         K, V, S = tidar.block_size, cfg.vocab_size, num_slots + 1  # + the sink slot
@@ -97,7 +104,7 @@ class ModelRunner:
         slots_t, positions = self._tensor(slots), positions.to(self.device)
         batch = StepBatch(slots_t, self._tensor(starts), max(starts), positions, visible.to(self.device),
                           cache.write_index(slots_t, positions, write.to(self.device)), self.attention)
-        return self.model(ids.to(self.device), batch, cache)
+        return self.forward(ids.to(self.device), batch, cache)
 
     def prefill(self, chunks: list[PrefillChunk]) -> StepTokens | None:
         """Prefills the chunks; for each group whose prompt is now complete, copies its K/V to
@@ -170,19 +177,13 @@ class ModelRunner:
         row's emitted tokens."""
         drafting = levels is not None and any(s.drafts for s in seqs)
         layout, level_t = self.layout(levels) if drafting else (self.ar_layout, None)
-        k, T, B, dev = layout.num_drafts, layout.num_tokens, len(seqs), self.device
+        k, dev = layout.num_drafts, self.device
         committed = [s.num_committed for s in seqs]
         slots, L = self._tensor([s.slot for s in seqs]), self._tensor(committed)
         drafts = self.drafts[slots, :k]                      # [B, k]
         num_valid = self.num_valid[slots] if drafting else torch.ones_like(L)
         keys = self.keys[slots]
-        ids = torch.full((B, T), self.tidar.mask_token_id, dtype=torch.long, device=dev)
-        ids[:, :k] = drafts
-        positions = L[:, None] + layout.offsets[None]
-        write = (torch.arange(T, device=dev) < k)[None].expand(B, T)
-        batch = StepBatch(slots, L, max(committed), positions, layout.visible.expand(B, T, T),
-                          self.cache.write_index(slots, positions, write), self.attention)
-        hidden = self.model(ids, batch, self.cache)
+        hidden = self._decode_forward(slots, L, max(committed), drafts, layout)
 
         rows = RowSampling.build([s.params for s in seqs], dev)
         ar_logits = self.model.logits(hidden[:, :k])  # [B, k, V]: predicts positions L+1..L+k
@@ -225,6 +226,27 @@ class ModelRunner:
             acc.append(a)
             offered.append(int(row[3 * k + 1]))
         return StepTokens(seqs, tokens, lps, blps, acc, offered)
+
+    def _decode_forward(self, slots: torch.Tensor, L: torch.Tensor, prefix_max: int, drafts: torch.Tensor,
+                        layout: DecodeLayout) -> torch.Tensor:
+        """The decode forward: hidden states [B, T, H] of the rows. When compiled, the batch is
+        padded to a power of two with rows that read nothing and write to the sink, so the
+        compiled step sees a few batch shapes, not every one."""
+        B, k, T, dev = slots.shape[0], layout.num_drafts, layout.num_tokens, self.device
+        padded = 1 << (B - 1).bit_length() if self.compiled else B
+        if padded > B:
+            pad = padded - B
+            slots = torch.cat((slots, torch.full((pad,), self.cache.sink, dtype=slots.dtype, device=dev)))
+            L = torch.cat((L, torch.zeros(pad, dtype=L.dtype, device=dev)))
+            drafts = torch.cat((drafts, torch.full((pad, k), self.tidar.mask_token_id, dtype=drafts.dtype,
+                                                   device=dev)))
+        ids = torch.full((padded, T), self.tidar.mask_token_id, dtype=torch.long, device=dev)
+        ids[:, :k] = drafts
+        positions = L[:, None] + layout.offsets[None]
+        write = (torch.arange(T, device=dev) < k)[None].expand(padded, T)
+        batch = StepBatch(slots, L, prefix_max, positions, layout.visible.expand(padded, T, T),
+                          self.cache.write_index(slots, positions, write), self.attention)
+        return self.forward(ids, batch, self.cache)[:B]
 
     def _next_drafts(self, seqs: list[Sequence], slots: torch.Tensor, hidden: torch.Tensor, layout: DecodeLayout,
                      levels: torch.Tensor, committed: torch.Tensor, next_token: torch.Tensor, rows: RowSampling,
