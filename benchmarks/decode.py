@@ -84,6 +84,7 @@ def main() -> None:
     p.add_argument("--drafting", default="fixed", choices=["fixed", "auto"],
                    help="fixed: every decode step pre-drafts all levels; auto: cost-aware level choice")
     p.add_argument("--attention", default="dense", choices=["dense", "split"], help="attention path")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model forward")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     if args.threads:
@@ -92,7 +93,7 @@ def main() -> None:
     # A KV pool with a slot for every row of the largest batch, sized to this run's sequences.
     config = EngineConfig(max_num_seqs=max(int(b) for b in args.batch_sizes.split(",")),
                           max_model_len=args.prompt_len + args.max_tokens, drafting=args.drafting,
-                          attention=args.attention)
+                          attention=args.attention, compile=args.compile)
     if args.model:
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, block_size=args.block_size,
                                         config=config)
@@ -102,7 +103,7 @@ def main() -> None:
         what = f"random {args.shape}"
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"# {what}, block {engine.tidar.block_size}, levels {len(engine.tidar.level_set)} ({args.drafting}), "
-          f"{args.attention} attention, "
+          f"{args.attention} attention{', compiled' if args.compile else ''}, "
           f"{args.device} "
           f"({device_name}, {torch.get_num_threads()} threads), {dtype}, prompt {args.prompt_len}, "
           f"max_tokens {args.max_tokens}, T={args.temperature}, torch {torch.__version__}")

@@ -174,6 +174,8 @@ def main_serve(argv: list[str]) -> int:
     p.add_argument("--attention", default="dense", choices=["dense", "split"],
                    help="dense: one masked SDPA (the reference); split: prefix through FlexAttention by lengths, "
                         "merged by log-sum-exp (for long contexts on a GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each replica's model forward through torch.compile (default: eager)")
     p.add_argument("--max-running-requests", type=int, default=None,
                    help="requests a replica runs at once (default: as many as its KV pool holds; 1 = serial)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="deadline of requests that set none (s)")
@@ -201,7 +203,7 @@ def main_serve(argv: list[str]) -> int:
                                  kv_cache_gib=args.kv_cache_gib, gpu_memory_utilization=args.gpu_memory_utilization,
                                  max_prefill_tokens=args.max_prefill_tokens,
                                  max_running_requests=args.max_running_requests, drafting=args.drafting,
-                                 attention=args.attention))
+                                 attention=args.attention, compile=args.compile))
     try:
         asyncio.run(_serve_until_signal(service, args.grace))
     finally:
