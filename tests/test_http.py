@@ -2,6 +2,8 @@
 routes it has no method for) against the service in-process on local Ray, beside its gRPC port."""
 
 import json
+import re
+import socket
 
 import numpy as np
 import pytest
@@ -10,9 +12,10 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from service_helpers import CALL_TIMEOUT, ServiceRunner, request  # noqa: E402
+from service_helpers import CALL_TIMEOUT, ServiceRunner, request, wait_until  # noqa: E402
 
 from rollout.service.serve import DEFAULT_MODEL, RolloutService  # noqa: E402
+from rollout.v1 import rollout_pb2 as pb  # noqa: E402
 from rollout.train.tiny import make_tiny_model  # noqa: E402
 from rollout.wire import trajectory_arrays  # noqa: E402
 
@@ -201,7 +204,7 @@ def test_bad_input_is_400_naming_the_field(runner, fields, named):
     body = dict(dict(prompt=[[2, 3]], max_tokens=4), **fields)
     resp = httpx.post(url(runner, "/v1/completions"), json=body, timeout=CALL_TIMEOUT)
     assert resp.status_code == 400
-    assert pytest.importorskip("re").search(named, resp.json()["error"]["message"])
+    assert re.search(named, resp.json()["error"]["message"])
 
 
 @pytest.mark.parametrize("route,fields,named", [
@@ -229,6 +232,29 @@ def test_deadline_is_504(runner):
                 timeout_seconds=0.05)
     resp = httpx.post(url(runner, "/v1/completions"), json=body, timeout=CALL_TIMEOUT)
     assert resp.status_code == 504
+
+
+def test_client_that_disconnects_has_its_work_aborted(runner):
+    stub = runner.stub()
+
+    def running() -> int:
+        return sum(r.running_requests for r in stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT).replicas)
+
+    def aborts() -> float:
+        text = httpx.get(f"http://{runner.service.metrics_address}/metrics", timeout=CALL_TIMEOUT).text
+        return float(re.search(r"^rollout_aborts_total (\S+)$", text, re.M).group(1))
+
+    before = aborts()
+
+    body = json.dumps(dict(prompt=[[2 + i % 12, 3] for i in range(48)], max_tokens=200, n=4, seed=0,
+                           ignore_eos=True)).encode()
+    conn = socket.create_connection(("localhost", runner.service.http_port))
+    conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    wait_until(lambda: running() == 1, what="the long request running")
+    conn.close()
+    wait_until(lambda: aborts() == before + 1, what="the request aborted after the client left")
+    wait_until(lambda: running() == 0, what="the replica freed")
 
 
 def test_embedded_model_chat_renders_its_template(ray_local):
