@@ -1,10 +1,11 @@
 """`rollout serve`: the rollout service on a Ray cluster.
 
-    python -m rollout serve --model DIR --replicas N --port P [--address auto|ray://HOST:10001]
+    python -m rollout serve [--model DIR] --replicas N --port P [--http-port H] [--address auto|ray://HOST:10001]
 
 Joins a running Ray cluster (`--address auto` or a ray:// address) or starts a local one,
 places one GeneratorReplica per GPU (one per CPU slot when the cluster has no GPUs) with a
-placement group that spreads them over nodes, and serves gRPC. SIGTERM / SIGINT: health goes
+placement group that spreads them over nodes, and serves gRPC (and, with --http-port, vLLM's
+HTTP routes on the same router). Without --model it serves the embedded model. SIGTERM / SIGINT: health goes
 NOT_SERVING, no new RPCs are admitted, in-flight ones get `--grace` seconds to finish (then they
 are cancelled and their replica work aborted), and the process exits.
 """
@@ -27,9 +28,11 @@ from ..model.loader import read_model_config
 from .metrics import FrontendMetrics
 from .replica import replica_actor_class
 from .router import Router
+from .http import HttpFrontend, start_http, stop_http
 from .servicer import RolloutServicer, set_serving, start_server
 
 log = logging.getLogger(__name__)
+DEFAULT_MODEL = Path(__file__).parents[1] / "default_model"
 
 
 class RolloutService:
@@ -40,7 +43,8 @@ class RolloutService:
                  metrics_port: int | None = None, max_queue: int = 256, request_timeout: float = 600.0,
                  ready_timeout: float = 600.0, placement_strategy: str = "SPREAD",
                  gpus_per_replica: float | None = None, replica_metrics_port: int | None = None,
-                 name: str = "rollout", dtype: str | None = None, engine_config: EngineConfig | None = None):
+                 name: str = "rollout", dtype: str | None = None, engine_config: EngineConfig | None = None,
+                 http_port: int | None = None):
         self.model_dir = str(Path(model_dir).resolve())
         _, hf_cfg, self.config = read_model_config(self.model_dir)
         self.tidar = load_tidar_config(Path(self.model_dir), hf_cfg, None, None)
@@ -51,7 +55,8 @@ class RolloutService:
         self.name = name  # prefix of the replica actor names (unique per Ray namespace)
         self.dtype = dtype  # replica weight dtype; None: bfloat16 on GPUs, float32 on CPUs
         self.engine_config = engine_config or EngineConfig()  # each replica's KV pool and scheduling
-        self.server = self.health = self.router = self.pg = None
+        self.http_port = http_port  # None: no HTTP front end; 0: any free port (the bound one after start)
+        self.server = self.health = self.router = self.pg = self.http = None
         self.actors: list = []
 
     async def _place_replicas(self) -> None:
@@ -84,17 +89,29 @@ class RolloutService:
         servicer = RolloutServicer(self.router, self.config, self.tidar, Path(self.model_dir).name,
                                    self.auth_token, metrics)
         self.server, self.health, self.port = await start_server(servicer, self.port, self.host, self.tls)
+        if self.http_port is not None:
+            self.http = HttpFrontend(self.router, self.config, self.tidar, self.model_dir, metrics)
+            self._http_server, self._http_task, self.http_port = await start_http(self.http, self.http_port, self.host)
         await self._place_replicas()
         await self.router.wait_ready(self.ready_timeout)
         await set_serving(self.health, True)
+        if self.http is not None:
+            self.http.ready = True
+            log.info("serving vLLM-compatible HTTP on port %d", self.http_port)
         log.info("serving %s on port %d with %d replicas", self.model_dir, self.port, self.num_replicas)
         return self.port
 
     async def stop(self, grace: float = 30.0) -> None:
         if self.health is not None:
             await set_serving(self.health, False)
+        stopping = []
         if self.server is not None:
-            await self.server.stop(grace)
+            stopping.append(self.server.stop(grace))
+        if self.http is not None:
+            self.http.ready = False
+            stopping.append(stop_http(self._http_server, self._http_task, grace))
+            self.http = None
+        await asyncio.gather(*stopping)
         for a in self.actors:
             ray.kill(a, no_restart=True)
         if self.pg is not None:
@@ -144,9 +161,12 @@ async def _serve_until_signal(service: RolloutService, grace: float) -> None:
 def main_serve(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rollout serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model directory (HF files + tidar_config.json)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="model directory (HF files + tidar_config.json; default: the embedded model)")
     p.add_argument("--replicas", type=int, default=1, help="generator replicas (one per GPU)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve vLLM's HTTP routes (/v1/completions, /v1/chat/completions, ...) on this port")
     p.add_argument("--host", default="[::]", help="address to bind")
     p.add_argument("--address", default=None,
                    help="Ray cluster: 'auto' (running cluster), 'ray://HOST:10001', or omit for a local one")
@@ -203,7 +223,7 @@ def main_serve(argv: list[str]) -> int:
                                  kv_cache_gib=args.kv_cache_gib, gpu_memory_utilization=args.gpu_memory_utilization,
                                  max_prefill_tokens=args.max_prefill_tokens,
                                  max_running_requests=args.max_running_requests, drafting=args.drafting,
-                                 attention=args.attention, compile=args.compile))
+                                 attention=args.attention, compile=args.compile), http_port=args.http_port)
     try:
         asyncio.run(_serve_until_signal(service, args.grace))
     finally:

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from ray.exceptions import RayTaskError
 
 from ..config import ModelConfig, TidarConfig
-from ..params import validate_prompts
+from ..params import SamplingParams, validate_prompts
 from ..v1 import rollout_pb2 as pb
 from ..v1 import rollout_pb2_grpc as pb_grpc
 from ..wire import WeightAssembler, params_from_proto, record_to_trajectory
@@ -36,6 +36,25 @@ from .router import DeadlineExceededError, NoReplicaError, QueueFullError, Route
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RolloutService"].full_name
+
+
+def validate_request(prompts: list[list[int]], params: SamplingParams, router: Router, config: ModelConfig,
+                     tidar: TidarConfig) -> None:
+    """The checks every front end makes before a request reaches a replica: the model's vocabulary
+    and mask token, and the replicas' pool-derived limits once they are known (the model's
+    context before). Raises ValueError naming the field and the limit."""
+    limits = router.limits
+    if limits is not None:
+        check_request_size(len(prompts), params.n, limits)
+        validate_prompts(prompts, params, config.vocab_size, limits.max_model_len, tidar.mask_token_id,
+                         context_name="max_model_len")
+    else:
+        validate_prompts(prompts, params, config.vocab_size, config.max_position_embeddings, tidar.mask_token_id)
+
+
+def max_context(router: Router, config: ModelConfig) -> int:
+    """Longest prompt + completion a request may ask for."""
+    return router.limits.max_model_len if router.limits is not None else config.max_position_embeddings
 
 
 class RolloutServicer(pb_grpc.RolloutServiceServicer):
@@ -52,14 +71,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             raise ValueError("params is required (at least params.max_tokens)")
         params = params_from_proto(request.params)
         prompts = [list(p.token_ids) for p in request.prompts]
-        limits = self.router.limits
-        if limits is not None:
-            check_request_size(len(prompts), params.n, limits)
-            validate_prompts(prompts, params, self.config.vocab_size, limits.max_model_len,
-                             self.tidar.mask_token_id, context_name="max_model_len")
-        else:
-            validate_prompts(prompts, params, self.config.vocab_size, self.config.max_position_embeddings,
-                             self.tidar.mask_token_id)
+        validate_request(prompts, params, self.router, self.config, self.tidar)
         if request.timeout_seconds < 0:
             raise ValueError(f"timeout_seconds must be >= 0, got {request.timeout_seconds}")
         if request.min_policy_version > self.router.version and not request.wait_for_version:

@@ -1,0 +1,501 @@
+"""The vLLM-compatible HTTP front end: the routes RL trainers already speak (DESIGN.md section 8).
+
+Routes: GET /health, GET /v1/models, POST /v1/completions, /v1/chat/completions (and prime-rl's
+/v1/chat/completions/tokens), /tokenize, /detokenize, /inference/v1/generate. Request and response
+fields are vLLM's, so its clients (the `openai` package with `extra_body`, TRL, AReaL, prime-rl,
+SkyRL, verifiers) work unchanged.
+
+Design decisions:
+- One Router behind both front ends: HTTP requests are placed, admitted, bounded and re-dispatched
+  exactly like gRPC ones, and checked by the same `validate_request` against the same pool limits.
+- Our provenance rides along in each choice: per-token `policy_versions`, `from_draft` and
+  `behavior_logprobs`; finish reason `abort` passes through. `sampler` and `mix_weight` are extra
+  body fields (default lossless, i.e. exact).
+- The engine computes the sampled token's log-prob only, so `logprobs` 0 / 1 (chat: `true` with
+  no alternatives) is all we serve; top-N alternatives and the sampling features the engine lacks
+  (penalties, min_p, best_of, echo, structured output, ...) are refused with a 400 naming the field,
+  never silently ignored. Fields we do not know are ignored, as vLLM does.
+- Like vLLM, generation stops at the model's EOS token unless `ignore_eos`; stop strings are
+  applied here, after generation (see `_cut_at_stop`).
+- The router hands back a trajectory when it finishes, so a stream sends one chunk per finished
+  choice carrying all its tokens, not one chunk per token.
+- Generation mutates nothing, so no route here needs the bearer token; weight updates stay on gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray.exceptions import RayTaskError
+
+from ..config import ModelConfig, TidarConfig
+from ..engine.engine import LoadError
+from ..params import SamplingParams
+from ..tokenizer import TextTokenizer
+from .http_protocol import (UNSUPPORTED, ChatRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
+                            SamplingFields, TokenizeRequest)
+from .metrics import FrontendMetrics
+from .router import DeadlineExceededError, NoReplicaError, QueueFullError, Routed, Router
+from .servicer import max_context, validate_request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One parsed generation request: what to run and how to present what comes back."""
+    prompts: list[list[int]]
+    params: SamplingParams
+    deadline: float | None
+    stops: list[str]
+    user_stop_ids: set[int]
+    include_stop_str: bool
+    skip_special: bool
+    include_usage: bool = False  # streaming: a last chunk with the usage
+
+
+@dataclass
+class Choice:
+    """A finished trajectory after stop strings, in the caller's numbering."""
+    index: int
+    prompt_index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    extras: dict = field(default_factory=dict)   # policy_versions, from_draft, behavior_logprobs
+    finish_reason: str = "length"
+    stop_reason: int | str | None = None
+    text: str = ""
+
+
+class HttpFrontend:
+    def __init__(self, router: Router, config: ModelConfig, tidar: TidarConfig, model_dir: str,
+                 metrics: FrontendMetrics):
+        self.router, self.config, self.tidar, self.metrics = router, config, tidar, metrics
+        self.model_name = Path(model_dir).name
+        self.tokenizer = TextTokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None
+        self.ready = False  # set by the service once every replica has answered
+        self.app = self._build_app()
+
+    # ------------------------------------------------------------------ parsing
+    def _job(self, body: SamplingFields, prompts: list[list[int]], default_max_tokens: int | None) -> Job:
+        for name, neutral in UNSUPPORTED.items():
+            if name in (body.model_extra or {}) and body.model_extra[name] not in neutral:
+                raise ValueError(f"{name} is not supported by this server (TiDAR rollout engine)")
+        if not prompts:
+            raise ValueError("prompt must hold at least one prompt")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if stops and self.tokenizer is None:
+            raise ValueError("stop: this model has no tokenizer.json, so stop strings cannot be matched; "
+                             "use stop_token_ids")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        user_stop_ids = list(body.stop_token_ids or [])
+        eos = [] if body.ignore_eos else [t for t in self.config.eos_token_ids if t not in user_stop_ids]
+        if body.timeout_seconds is not None and body.timeout_seconds < 0:
+            raise ValueError(f"timeout_seconds must be >= 0, got {body.timeout_seconds}")
+        max_tokens = body.max_tokens if body.max_tokens is not None else default_max_tokens
+        if max_tokens is None:  # as vLLM: whatever the context leaves after the longest prompt
+            max_tokens = max(max_context(self.router, self.config) - max(len(p) for p in prompts), 1)
+        params = SamplingParams(
+            sampler=body.sampler, temperature=1.0 if body.temperature is None else body.temperature,
+            top_k=0 if body.top_k in (None, -1) else body.top_k, top_p=1.0 if body.top_p is None else body.top_p,
+            max_tokens=max_tokens, n=body.n, seed=body.seed, mix_weight=body.mix_weight,
+            stop_token_ids=tuple(user_stop_ids + eos))
+        validate_request(prompts, params, self.router, self.config, self.tidar)
+        deadline = time.monotonic() + body.timeout_seconds if body.timeout_seconds else None
+        include_usage = bool((getattr(body, "stream_options", None) or {}).get("include_usage"))
+        return Job(prompts, params, deadline, stops, set(user_stop_ids), body.include_stop_str_in_output,
+                   body.skip_special_tokens, include_usage)
+
+    def _encode(self, text: str, what: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(f"{what}: this model has no tokenizer.json; send token ids")
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise ValueError(f"{what} is empty")
+        return ids
+
+    def _completion_prompts(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [self._encode(prompt, "prompt")]
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]
+        return [self._encode(p, f"prompt[{i}]") if isinstance(p, str) else list(p) for i, p in enumerate(prompt)]
+
+    def _chat_prompt(self, body: ChatRequest | TokenizeRequest) -> list[int]:
+        if getattr(body, "tokens", None):
+            # The caller's exact ids (token-in continuation of a conversation): never re-tokenized.
+            return list(body.tokens)
+        if not body.messages:
+            raise ValueError("messages must hold at least one message (or send tokens)")
+        if self.tokenizer is None:
+            raise ValueError("messages: this model has no tokenizer.json and so no chat template")
+        messages = [_text_message(m, i) for i, m in enumerate(body.messages)]
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
+            continue_final_message=body.continue_final_message, chat_template=body.chat_template,
+            **(body.chat_template_kwargs or {}))
+
+    # ------------------------------------------------------------------ generation
+    async def _choices(self, job: Job) -> AsyncIterator[Choice]:
+        """Finished trajectories as Choices, in the order they finish."""
+        async for event in self.router.generate(job.prompts, job.params, job.deadline):
+            if isinstance(event, Routed):
+                choice = self._choice(event.record, job)
+                self.metrics.tokens.inc(len(choice.token_ids))
+                yield choice
+
+    def _choice(self, r: dict, job: Job) -> Choice:
+        tokens = r["token_ids"].tolist()
+        c = Choice(index=r["prompt_index"] * job.params.n + r["sample_index"], prompt_index=r["prompt_index"],
+                   token_ids=tokens, logprobs=r["logprobs"].tolist(), finish_reason=r["finish_reason"],
+                   extras=dict(policy_versions=r["policy_versions"].tolist(),
+                               from_draft=r["from_draft"].astype(bool).tolist(),
+                               behavior_logprobs=r["behavior_logprobs"].tolist()))
+        if c.finish_reason == "stop" and tokens and tokens[-1] in job.user_stop_ids:
+            c.stop_reason = tokens[-1]
+        if self.tokenizer is None:
+            return c
+        c.text = self.tokenizer.decode(tokens, job.skip_special)
+        cut = _cut_at_stop(tokens, job.stops, lambda ids: self.tokenizer.decode(ids, job.skip_special))
+        if cut is not None:
+            keep, text_end, stop = cut
+            c.token_ids, c.logprobs = tokens[:keep], c.logprobs[:keep]
+            c.extras = {k: v[:keep] for k, v in c.extras.items()}
+            c.text, c.finish_reason, c.stop_reason = c.text[:text_end], "stop", stop
+            if job.include_stop_str:
+                c.text += stop
+        return c
+
+    async def _respond(self, request: Request, route: str, job: Job, body, stream: bool) -> Response:
+        """Runs `job`; `body(choices, usage)` is the JSON of the whole response. Non-streaming: all
+        choices by index, and a client that disconnects first has its work aborted (the router
+        aborts replica work when cancelled). Streaming: see `_stream`."""
+        if stream:
+            return await self._stream(request, route, job, body)
+        async def collect():
+            return sorted([c async for c in self._choices(job)], key=lambda c: c.index)
+        choices = await _unless_disconnected(request, collect())
+        if choices is GONE:
+            self._count(route, 499)
+            return Response(status_code=499)
+        self._count(route, 200)
+        return JSONResponse(body(choices, _usage(job, choices)))
+
+    async def _stream(self, request: Request, route: str, job: Job, body) -> Response:
+        """SSE: one `data:` line per finished choice (`body([choice], None)`, the first one with
+        `first=True`), a usage chunk when asked, then `data: [DONE]`. The first choice is awaited
+        before answering, so refusals (429, 504, ...) keep their HTTP status."""
+        choices = self._choices(job)
+
+        async def next_choice():
+            with contextlib.suppress(StopAsyncIteration):
+                return await choices.__anext__()
+
+        first = await _unless_disconnected(request, next_choice())
+        if first is GONE:
+            await choices.aclose()
+            self._count(route, 499)
+            return Response(status_code=499)
+        self._count(route, 200)
+
+        async def events():
+            sent = [first] if first is not None else []
+            try:
+                if sent:
+                    yield _sse(body(sent, None, first=True))
+                async for c in choices:
+                    sent.append(c)
+                    yield _sse(body([c], None, first=False))
+                if job.include_usage:
+                    yield _sse(dict(body([], _usage(job, sent), first=False), choices=[]))
+            except Exception as e:  # noqa: BLE001 - headers are sent: the error goes in the stream
+                status, message = _status_of(e)
+                yield _sse({"error": {"message": message, "type": _ERROR_TYPES.get(status, "InternalServerError"),
+                                      "code": status}})
+            finally:
+                await choices.aclose()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def _token_str(self, token_id: int, as_ids: bool) -> str:
+        if as_ids or self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.token_str(token_id)
+
+    def _completion_logprobs(self, c: Choice, as_ids: bool) -> dict:
+        tokens = [self._token_str(t, as_ids) for t in c.token_ids]
+        offsets, at = [], 0
+        for s in tokens:
+            offsets.append(at)
+            at += len(s)
+        return dict(text_offset=offsets, token_logprobs=c.logprobs, tokens=tokens,
+                    top_logprobs=[{s: lp} for s, lp in zip(tokens, c.logprobs)])
+
+    def _chat_logprobs(self, c: Choice, as_ids: bool) -> dict:
+        content = []
+        for t, lp in zip(c.token_ids, c.logprobs):
+            s = self._token_str(t, as_ids)
+            content.append(dict(token=s, logprob=lp, bytes=list(s.encode()), top_logprobs=[]))
+        return dict(content=content)
+
+    # ------------------------------------------------------------------ routes
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="tidar-rollout (vLLM-compatible)", docs_url=None, redoc_url=None)
+        for exc in (ValueError, QueueFullError, LoadError, DeadlineExceededError, TimeoutError, NoReplicaError,
+                    RayTaskError, RequestValidationError):
+            app.add_exception_handler(exc, self._error)
+
+        @app.get("/health")
+        async def health():
+            return Response(status_code=200 if self.ready else 503)
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{
+                "id": self.model_name, "object": "model", "created": 0, "owned_by": "tidar-rollout",
+                "root": self.model_name, "max_model_len": max_context(self.router, self.config),
+                "weight_version": self.router.version}]}
+
+        @app.post("/v1/completions")
+        async def completions(body: CompletionRequest, request: Request):
+            if body.logprobs is not None and body.logprobs not in (0, 1):
+                raise ValueError(f"logprobs={body.logprobs}: only the sampled token's log-prob exists "
+                                 "(logprobs 0 or 1); top-N alternatives are not supported")
+            job = self._job(body, self._completion_prompts(body.prompt), default_max_tokens=16)
+            head = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()),
+                        model=self.model_name)
+            as_ids = bool(body.return_tokens_as_token_ids)
+
+            def choice_json(c: Choice) -> dict:
+                out = dict(index=c.index, text=c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                           logprobs=self._completion_logprobs(c, as_ids) if body.logprobs is not None else None)
+                if body.return_token_ids:  # a streamed choice comes in one chunk, so it carries them too
+                    out.update(prompt_token_ids=job.prompts[c.prompt_index], token_ids=c.token_ids)
+                return dict(out, **c.extras)
+
+            def response(choices: list[Choice], usage: dict | None, first: bool = True) -> dict:
+                return dict(head, choices=[choice_json(c) for c in choices], usage=usage)
+
+            return await self._respond(request, "/v1/completions", job, response, body.stream)
+
+        async def chat(body: ChatRequest, request: Request):
+            if body.top_logprobs not in (None, 0):
+                raise ValueError(f"top_logprobs={body.top_logprobs}: only the sampled token's log-prob exists "
+                                 "(logprobs true with top_logprobs 0); alternatives are not supported")
+            if body.max_completion_tokens is not None:
+                body.max_tokens = body.max_completion_tokens
+            prompt = self._chat_prompt(body)
+            job = self._job(body, [prompt], default_max_tokens=None)
+            chunk = "chat.completion.chunk" if body.stream else "chat.completion"
+            head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", object=chunk, created=int(time.time()),
+                        model=self.model_name)
+            as_ids = bool(body.return_tokens_as_token_ids)
+            key = "delta" if body.stream else "message"
+
+            def choice_json(c: Choice) -> dict:
+                out = {"index": c.index, key: {"role": "assistant", "content": c.text},
+                       "logprobs": self._chat_logprobs(c, as_ids) if body.logprobs else None,
+                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                if body.return_token_ids:
+                    out["token_ids"] = c.token_ids
+                return dict(out, **c.extras)
+
+            def response(choices: list[Choice], usage: dict | None, first: bool = True) -> dict:
+                out = dict(head, choices=[choice_json(c) for c in choices], usage=usage)
+                if body.return_token_ids and first:  # streamed: in the first chunk only
+                    out["prompt_token_ids"] = prompt
+                return out
+
+            return await self._respond(request, "/v1/chat/completions", job, response, body.stream)
+
+        app.post("/v1/chat/completions")(chat)
+        app.post("/v1/chat/completions/tokens")(chat)  # prime-rl / verifiers' route for `tokens` prompts
+
+        @app.post("/inference/v1/generate")
+        async def generate(body: GenerateRequest, request: Request):
+            sp = body.sampling_params
+            if sp.logprobs is not None and sp.logprobs not in (0, 1):
+                raise ValueError(f"sampling_params.logprobs={sp.logprobs}: only the sampled token's log-prob "
+                                 "exists (0 or 1)")
+            job = self._job(sp, [list(body.token_ids)], default_max_tokens=None)
+            rid = body.request_id or uuid.uuid4().hex
+
+            def response(choices: list[Choice], usage: dict | None, first: bool = True) -> dict:
+                return dict(request_id=rid, usage=usage, choices=[dict(
+                    index=c.index, token_ids=c.token_ids, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                    logprobs=self._chat_logprobs(c, True) if sp.logprobs is not None else None, **c.extras)
+                    for c in choices])
+
+            return await self._respond(request, "/inference/v1/generate", job, response, body.stream)
+
+        @app.post("/tokenize")
+        async def tokenize(body: TokenizeRequest):
+            if body.prompt is not None:
+                tokens = self._encode(body.prompt, "prompt") if body.prompt else []
+            else:
+                tokens = self._chat_prompt(body)
+            out = dict(count=len(tokens), max_model_len=max_context(self.router, self.config), tokens=tokens)
+            if body.return_token_strs:
+                out["token_strs"] = [self._token_str(t, False) for t in tokens]
+            return out
+
+        @app.post("/detokenize")
+        async def detokenize(body: DetokenizeRequest):
+            if self.tokenizer is None:
+                raise ValueError("tokens: this model has no tokenizer.json to detokenize with")
+            bad = [t for t in body.tokens if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"tokens has token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})")
+            return dict(prompt=self.tokenizer.decode(body.tokens))
+
+        return app
+
+    def _count(self, route: str, status: int) -> None:
+        self.metrics.requests.labels(f"POST {route}", str(status)).inc()
+
+    async def _error(self, request: Request, e: Exception) -> JSONResponse:
+        status, message = _status_of(e)
+        self._count(request.url.path, status)
+        if status == 500:
+            log.error("%s failed", request.url.path, exc_info=e)
+        return JSONResponse({"error": {"message": message, "type": _ERROR_TYPES.get(status, "InternalServerError"),
+                                       "param": None, "code": status}}, status_code=status)
+
+
+_ERROR_TYPES = {400: "BadRequestError", 429: "RateLimitError", 503: "ServiceUnavailableError",
+                504: "GatewayTimeoutError"}
+
+
+def _status_of(e: BaseException) -> tuple[int, str]:
+    """The HTTP twin of the gRPC front end's status mapping."""
+    if isinstance(e, RayTaskError) and e.cause is not None:
+        e = e.cause
+    if isinstance(e, RequestValidationError):
+        errors = e.errors()
+        where = ".".join(str(p) for p in errors[0]["loc"] if p != "body") if errors else "body"
+        return 400, f"{where}: {errors[0]['msg']}" if errors else "malformed request body"
+    if isinstance(e, (QueueFullError, LoadError)):
+        return 429, str(e)
+    if isinstance(e, (DeadlineExceededError, asyncio.TimeoutError)):
+        return 504, str(e) or "deadline exceeded"
+    if isinstance(e, ValueError):
+        return 400, str(e)
+    if isinstance(e, NoReplicaError):
+        return 503, str(e)
+    return 500, f"{type(e).__name__}: {e}"
+
+
+def _text_message(m: dict, i: int) -> dict:
+    """A message whose content is text (a string or text parts joined), as chat templates expect."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise ValueError(f"messages[{i}] must be an object with a string 'role'")
+    content = m.get("content")
+    if isinstance(content, list):
+        if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+            raise ValueError(f"messages[{i}].content: only text parts are supported")
+        content = "".join(p.get("text", "") for p in content)
+    return dict(m, content=content if content is not None else "")
+
+
+def _cut_at_stop(tokens: list[int], stops: list[str], decode) -> tuple[int, int, str] | None:
+    """Where the first stop string ends a completion: (tokens to keep, text length before the
+    stop string, the stop string), or None. Whole tokens are kept up to and including the one that
+    completes the stop string, as vLLM does. The engine may have generated past it (it does not
+    see stop strings); those tokens are dropped here and their log-probs with them."""
+    if not stops:
+        return None
+    text = decode(tokens)
+    found = [(text.find(s), s) for s in stops if s in text]
+    if not found:
+        return None
+    at, stop = min(found)
+    end = at + len(stop)
+    # Fewest tokens whose text reaches the end of the stop string (prefix texts grow with the prefix).
+    lo, hi = 1, len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(decode(tokens[:mid])) >= end:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo, at, stop
+
+
+def _usage(job: Job, choices: list[Choice]) -> dict:
+    prompt, completion = sum(len(p) for p in job.prompts), sum(len(c.token_ids) for c in choices)
+    return dict(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+GONE = object()
+
+
+async def _unless_disconnected(request: Request, coro):
+    """`coro`'s result, or GONE if the client went away first (then `coro` is cancelled, which
+    aborts its replica work)."""
+    async def disconnect():
+        # The body has been read, so the next ASGI message is the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, gone = asyncio.ensure_future(coro), asyncio.ensure_future(disconnect())
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        work.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    return GONE
+
+
+class _EmbeddedServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # The service owns SIGTERM / SIGINT (it drains both front ends); uvicorn must not take them.
+        yield
+
+
+async def start_http(frontend: HttpFrontend, port: int, host: str = "[::]") -> tuple[_EmbeddedServer, asyncio.Task, int]:
+    """Serves `frontend.app` on the running event loop (the router's). Returns the server, its task
+    and the bound port (`port` 0: any free port)."""
+    host = host.strip("[]") or "::"
+    if ":" in host:
+        sock = socket.create_server((host, port), family=socket.AF_INET6, dualstack_ipv6=host == "::")
+    else:
+        sock = socket.create_server((host, port))
+    server = _EmbeddedServer(uvicorn.Config(frontend.app, log_config=None, access_log=False, lifespan="off"))
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    task.add_done_callback(lambda t: t.cancelled() or t.exception() is None
+                           or log.error("HTTP server stopped", exc_info=t.exception()))
+    return server, task, sock.getsockname()[1]
+
+
+async def stop_http(server: _EmbeddedServer, task: asyncio.Task, grace: float) -> None:
+    """Stops accepting, gives in-flight requests `grace` seconds, then cancels them."""
+    server.config.timeout_graceful_shutdown = grace
+    server.should_exit = True
+    await task
