@@ -20,23 +20,10 @@ import random
 import time
 
 import torch
-from shapes import SHAPES, hf_config
+from shapes import SHAPES, random_engine
 
 from rollout import Engine, SamplingParams
-from rollout.config import EngineConfig, ModelConfig, TidarConfig
-from rollout.model.decoder import Decoder
-
-
-def random_engine(shape: str, block_size: int, device: str, dtype: torch.dtype, config: EngineConfig) -> Engine:
-    cfg = ModelConfig.from_hf_dict(hf_config(shape))
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Decoder(cfg)
-    for name, p in model.named_parameters():
-        if "norm" not in name:
-            torch.nn.init.normal_(p, std=0.02)
-    return Engine(model.to(dtype).eval(), TidarConfig(mask_token_id=cfg.vocab_size - 1, block_size=block_size),
-                  device, dtype, config)
+from rollout.config import EngineConfig
 
 
 def sync(device: str) -> None:

@@ -1,4 +1,10 @@
-"""Named model shapes for benchmarks with random weights (HF config.json dicts)."""
+"""Named model shapes for benchmarks with random weights (HF config.json dicts), and engines on them."""
+
+import torch
+
+from rollout import Engine
+from rollout.config import EngineConfig, ModelConfig, TidarConfig
+from rollout.model.decoder import Decoder
 
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv_heads, vocab, tied embeddings)
@@ -15,3 +21,16 @@ def hf_config(shape: str) -> dict:
                 intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=kv, max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1e6,
                 tie_word_embeddings=tied, hidden_act="silu", eos_token_id=vocab - 2)
+
+
+def random_engine(shape: str, block_size: int, device: str, dtype: torch.dtype, config: EngineConfig) -> Engine:
+    """An engine on random weights (std 0.02, seed 0) of a named shape; mask token = last id."""
+    cfg = ModelConfig.from_hf_dict(hf_config(shape))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Decoder(cfg)
+    for name, p in model.named_parameters():
+        if "norm" not in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return Engine(model.to(dtype).eval(), TidarConfig(mask_token_id=cfg.vocab_size - 1, block_size=block_size),
+                  device, dtype, config)

@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 
 from rollout import Engine, SamplingParams
-from rollout.config import EngineConfig, ModelConfig, TidarConfig
-from rollout.model.decoder import Decoder
+from rollout.config import EngineConfig
 
-from .shapes import SHAPES, hf_config
+from .shapes import SHAPES, hf_config, random_engine
 
 DESIGN_AR_FLOOR_MS = 2.39  # CUDA-graph AR step, 1.5B shape, batch 1, 1k context, H100 (DESIGN.md section 3)
 EMBEDDED = Path(__file__).resolve().parents[1] / "rollout" / "default_model"
@@ -39,18 +38,6 @@ EMBEDDED = Path(__file__).resolve().parents[1] / "rollout" / "default_model"
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def random_engine(shape: str, block: int, device: str, dtype: torch.dtype, config: EngineConfig) -> Engine:
-    cfg = ModelConfig.from_hf_dict(hf_config(shape))
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Decoder(cfg)
-    for name, p in model.named_parameters():
-        if "norm" not in name:
-            torch.nn.init.normal_(p, std=0.02)
-    return Engine(model.to(dtype).eval(), TidarConfig(mask_token_id=cfg.vocab_size - 1, block_size=block),
-                  device, dtype, config)
 
 
 def fill(engine: Engine, batch: int, context: int) -> list:
