@@ -179,11 +179,6 @@ class Engine:
         self._finish(ended)
         return ended
 
-    def abort_started(self) -> list[Sequence]:
-        """Aborts every request that has started (an abort-mode weight swap); requests still
-        wholly queued stay queued."""
-        return [s for rid in list(self.scheduler.active) for s in self.abort(rid)]
-
     @property
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.busy)
