@@ -30,7 +30,7 @@ TEMPERATURE_BUCKETS = (0.0, 0.5, 0.9, 1.1)  # upper edges; above the last: one m
 PRIOR_ACCEPTANCE = 0.5  # per draft position, when nothing is known about a class
 PRIOR_WEIGHT = 8.0      # how many observed attempts the prior (or calibration) is worth
 DECAY = 0.995           # per observed step: older acceptance counts fade
-EXPLORE_EVERY = 32      # a drafting step at least this often, so acceptance estimates stay current
+EXPLORE_EVERY = 32      # AR-step time per exploring drafting step's time (see DraftPolicy._best)
 
 
 def request_class(params: SamplingParams) -> str:
@@ -141,7 +141,7 @@ class DraftPolicy:
         self.calibration = calibration or {}
         self.estimates: dict[str, AcceptanceEstimate] = {}
         self.costs = StepCostModel()
-        self.steps_since_drafting = 0
+        self.ar_seconds_since_drafting = 0.0  # predicted time spent in AR steps since the last drafting step
         self.last_choice: tuple[int, ...] | None = self.level_set
         self.choices: dict[str, int] = {}  # level-set label -> steps (reported in status)
         self._expected: dict[tuple[str, tuple[int, ...] | None], tuple[int, float]] = {}
@@ -173,7 +173,6 @@ class DraftPolicy:
         self.last_choice = choice
         label = level_label(choice)
         self.choices[label] = self.choices.get(label, 0) + 1
-        self.steps_since_drafting = 0 if choice is not None else self.steps_since_drafting + 1
         return choice
 
     def _best(self, params: list[SamplingParams], drafting: list[SamplingParams], context: float):
@@ -182,16 +181,27 @@ class DraftPolicy:
             cls = request_class(p)
             counts[cls] = counts.get(cls, 0) + 1
         ar_rows = len(params) - len(drafting)
-        best, best_rate = None, -1.0
+        best, best_rate, best_drafting, best_drafting_rate, seconds = None, -1.0, None, -1.0, {}
         for levels in self.candidates:
-            if levels is None and self.steps_since_drafting >= EXPLORE_EVERY:
-                continue  # time to refresh the acceptance estimates
             tokens = ar_rows + sum(n * self._expected_tokens(cls, levels) for cls, n in counts.items())
             per_row = 1 if levels is None else self.k * (1 + len(levels))
-            rate = tokens / max(self.costs.predict(len(params) * per_row, context), 1e-12)
+            seconds[levels] = max(self.costs.predict(len(params) * per_row, context), 1e-12)
+            rate = tokens / seconds[levels]
             if rate > best_rate:
                 best, best_rate = levels, rate
-        return best
+            if levels is not None and rate > best_drafting_rate:
+                best_drafting, best_drafting_rate = levels, rate
+        if best is not None:
+            self.ar_seconds_since_drafting = 0.0
+            return best
+        # AR wins. Acceptance is only learned from drafting steps, so now and then draft anyway,
+        # when the AR time since the last drafting step is EXPLORE_EVERY times that step's cost:
+        # exploring costs at most ~1/EXPLORE_EVERY of the time, whatever the device.
+        if self.ar_seconds_since_drafting >= EXPLORE_EVERY * seconds[best_drafting]:
+            self.ar_seconds_since_drafting = 0.0
+            return best_drafting
+        self.ar_seconds_since_drafting += seconds[None]
+        return None
 
     def observe_step(self, params: list[SamplingParams], accepted: list[int], offered: list[int],
                      tokens: int, context: float, seconds: float) -> None:
