@@ -34,6 +34,7 @@ leading dimension uses entry b), so requests with different settings share one f
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,9 +52,14 @@ def _per_row(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return value.view(-1, *([1] * (x.dim() - 1)))
 
 
-def process_logits(logits: torch.Tensor, temperature: Setting, top_k: Setting, top_p: Setting) -> torch.Tensor:
-    """Logits [..., V] -> log-probabilities [..., V] after temperature, top-k, top-p (float32,
-    or float64 for float64 input).
+def process_logits(logits: torch.Tensor, temperature: Setting, top_k: Setting, top_p: Setting,
+                   forbidden: Sequence[int] = ()) -> torch.Tensor:
+    """THE policy: logits [..., V] -> log-probabilities [..., V] (float32, or float64 for
+    float64 input). The sampler, the log-probs we return and the trainer bridge's log-probs
+    (`trainer_bridge.token_logprobs`) all call this one function.
+
+    Order: ids in `forbidden` (the mask token: ids the model must never emit) get probability 0,
+    then temperature, then top-k, then top-p.
 
     Each setting is a scalar or a tensor [B] over the leading dimension (per-row settings).
     Order and tie handling follow HF's logits warpers: top-k keeps every token whose logit ties
@@ -63,6 +69,8 @@ def process_logits(logits: torch.Tensor, temperature: Setting, top_k: Setting, t
     those of the unscaled (filtered) distribution.
     """
     x = logits if logits.dtype == torch.float64 else logits.float()
+    if len(forbidden):
+        x = x.index_fill(-1, torch.as_tensor(forbidden, device=x.device), float("-inf"))
     if isinstance(temperature, torch.Tensor):
         t = _per_row(temperature, x).to(x.dtype)
         x = x / torch.where(t > 0, t, torch.ones_like(t))
@@ -107,11 +115,11 @@ def greedy_distribution(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(logprobs).scatter_(-1, logprobs.argmax(-1, keepdim=True), 1.0)
 
 
-def policy_distribution(logits: torch.Tensor, temperature: Setting, top_k: Setting, top_p: Setting
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_distribution(logits: torch.Tensor, temperature: Setting, top_k: Setting, top_p: Setting,
+                        forbidden: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """(probs the token is drawn from, log-probs reported for it), both [..., V]. Rows at
     temperature 0 draw from the one-hot argmax."""
-    logprobs = process_logits(logits, temperature, top_k, top_p)
+    logprobs = process_logits(logits, temperature, top_k, top_p, forbidden)
     if isinstance(temperature, torch.Tensor):
         greedy = _per_row(temperature == 0, logprobs)
         return torch.where(greedy, greedy_distribution(logprobs), logprobs.exp()), logprobs
@@ -135,15 +143,18 @@ class RowSampling:
     temperature 0 = greedy; top_k / top_p are None when no row of the step filters (the sort
     is skipped); mix_weight is the verification weight w of the mixing sampler, 1 (plain p)
     for every row that is not `mixed` at temperature > 0; `any_mixed` says whether any row
-    needs the mixed target at all."""
+    needs the mixed target at all; `forbidden`: ids no row may ever sample (the mask token),
+    removed from target and draft distributions alike."""
     temperature: torch.Tensor
     top_k: torch.Tensor | None
     top_p: torch.Tensor | None
     mix_weight: torch.Tensor
     any_mixed: bool
+    forbidden: tuple[int, ...] = ()
 
     @classmethod
-    def build(cls, params: list[SamplingParams], device: torch.device | str) -> RowSampling:
+    def build(cls, params: list[SamplingParams], device: torch.device | str,
+              forbidden: tuple[int, ...] = ()) -> RowSampling:
         mixed = [p.sampler == "mixed" and p.temperature > 0 and p.mix_weight < 1 for p in params]
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
@@ -153,11 +164,11 @@ class RowSampling:
             top_p=torch.tensor(top_p, dtype=torch.float32).to(device) if min(top_p) < 1 else None,
             mix_weight=torch.tensor([p.mix_weight if m else 1.0 for p, m in zip(params, mixed)],
                                     dtype=torch.float32).to(device),
-            any_mixed=any(mixed))
+            any_mixed=any(mixed), forbidden=forbidden)
 
     def policy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`policy_distribution` with these rows' settings: logits [B, ..., V]."""
-        return policy_distribution(logits, self.temperature, self.top_k, self.top_p)
+        return policy_distribution(logits, self.temperature, self.top_k, self.top_p, self.forbidden)
 
 
 def row_key(seed: int, prompt_index: int, sample_index: int) -> int:

@@ -37,7 +37,7 @@ def exact_ar_distribution(model_dir, temperature, top_k, top_p) -> torch.Tensor:
     with torch.no_grad():
         def next_probs(prefixes):
             logits = hf(torch.tensor([PROMPT + p for p in prefixes])).logits[:, -1]
-            return process_logits(logits, temperature, top_k, top_p).exp()
+            return process_logits(logits, temperature, top_k, top_p, (VOCAB - 1,)).exp()  # the mask id
         p1 = next_probs([[]])[0]  # [V]
         p2 = next_probs([[a] for a in range(V)])  # [V, V]
         p3 = next_probs([[a, b] for a in range(V) for b in range(V)]).view(V, V, V)

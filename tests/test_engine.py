@@ -1,5 +1,7 @@
 """Engine behaviour: greedy equality, log-prob parity with HF, seeds, batching, stopping."""
 
+import math
+
 import pytest
 import torch
 from conftest import PROMPTS
@@ -42,7 +44,7 @@ def test_logprobs_match_teacher_forced_hf(engine, hf_model, sampler, temperature
             ids = torch.tensor([prompt + c.token_ids])
             with torch.no_grad():
                 logits = hf_model(ids).logits[0, len(prompt) - 1:-1]
-            ref = process_logits(logits, temperature, top_k, top_p).gather(-1, torch.tensor(c.token_ids)[:, None])
+            ref = process_logits(logits, temperature, top_k, top_p, (15,)).gather(-1, torch.tensor(c.token_ids)[:, None])
             ref, ours = ref.squeeze(-1), torch.tensor(c.logprobs)
             # Only `mixed` can emit a token that top-k/top-p removed from p: log p = -inf on both sides.
             assert torch.equal(torch.isinf(ref), torch.isinf(ours))
@@ -177,3 +179,27 @@ def test_compiled_engine_samples_what_the_eager_engine_samples(engine):
     for a, b in zip(sum(compiled.generate(PROMPTS[:3], params), []), sum(eager, [])):
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
+
+
+def test_the_mask_token_is_never_sampled_even_at_high_temperature(engine):
+    """The policy removes the mask token (id 15) before temperature: at T = 5 the near-uniform
+    distribution would otherwise give it ~1/16 of the tokens."""
+    for sampler in ("lossless", "mixed", "ar"):
+        outs = engine.generate(PROMPTS, SamplingParams(sampler=sampler, temperature=5.0, max_tokens=40, n=8, seed=2))
+        tokens = [t for g in outs for c in g for t in c.token_ids]
+        assert len(tokens) == len(PROMPTS) * 8 * 40 and 15 not in tokens
+        assert all(math.isfinite(lp) for g in outs for c in g for lp in c.logprobs)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 6, 0.9), (1.3, 0, 0.7), (1.0, 3, 1.0)])
+def test_trainer_bridge_logprobs_are_the_rollout_policy(engine, temperature, top_k, top_p):
+    """trainer_bridge.token_logprobs, given the request's settings and the mask id, computes the
+    same policy as the rollout's returned log-probs (top-k / top-p included)."""
+    from trainer_bridge import token_logprobs
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=20, n=2, seed=6)
+    for prompt, group in zip(PROMPTS, engine.generate(PROMPTS, params)):
+        for c in group:
+            ids = torch.tensor([prompt + c.token_ids])
+            logits = engine.forward_logits(ids.tolist())[0][None]  # [1, S, V]
+            new = token_logprobs(logits, ids, temperature, top_k, top_p, forbidden=(15,))[0, len(prompt):]
+            assert (new - torch.tensor(c.logprobs)).abs().max().item() <= 1e-5

@@ -195,7 +195,7 @@ def test_tokenize_and_detokenize_round_trip(runner):
     (dict(prompt=[[2] * 250], max_tokens=10), "exceeds the model's context"),
     (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
     (dict(sampler="beam"), "sampler must be one of"),
     (dict(n="many"), "n: "),
     (dict(prompt=[]), "prompt must hold at least one prompt"),

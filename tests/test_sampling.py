@@ -151,3 +151,11 @@ def test_process_logits_matches_hf_warpers():
 def test_mixed_logits_at_weight_one_are_exactly_the_ar_logits():
     ar, diff = torch.randn(3, V), torch.randn(3, V)
     assert torch.equal(mixed_logits(ar, diff, 1.0), ar)
+
+
+def test_forbidden_ids_get_probability_zero_before_temperature_and_top_p():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    lp = process_logits(logits, 2.0, 0, 0.8, forbidden=(0,))
+    assert lp[0, 0] == float("-inf")
+    expected = process_logits(logits[:, 1:], 2.0, 0, 0.8)  # the same policy over the other ids
+    torch.testing.assert_close(lp[:, 1:], expected)

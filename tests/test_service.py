@@ -97,7 +97,7 @@ def test_generate_stream_returns_each_trajectory_once_matching_the_engine(runner
     (request([[2] * 200], max_tokens=100), "exceeds the model's context of 256"),
     (request([[2]], max_tokens=0), "max_tokens must be an integer >= 1"),
     (request([[2]], max_tokens=4, top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (request([[2]], max_tokens=4, temperature=-1.0), "temperature must be >= 0"),
+    (request([[2]], max_tokens=4, temperature=-1.0), "temperature must be a finite number >= 0"),
     (request([[2]], max_tokens=4, sampler="beam"), "sampler must be one of"),
     (request([[2, 15]], max_tokens=4), "contains the mask token id 15"),
 ])

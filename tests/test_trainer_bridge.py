@@ -93,7 +93,7 @@ def test_rollout_logprobs_equal_trainer_teacher_forced_logprobs_after_a_push(cli
     with torch.no_grad():
         ar_logits, _ = tidar_forward(trainer.model, batch.input_ids, trainer.tidar.mask_token_id,
                                      trainer.tidar.block_size)
-    new = token_logprobs(ar_logits, batch.input_ids, temperature=0.9)
+    new = token_logprobs(ar_logits, batch.input_ids, temperature=0.9, forbidden=(trainer.tidar.mask_token_id,))
     mask = batch.loss_mask.bool()
     assert (new[mask] - batch.old_logprobs[mask]).abs().max().item() <= 1e-5
 

@@ -10,7 +10,9 @@ from rollout import Engine, SamplingParams, UnsupportedModelError
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(temperature=-0.1), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(top_k=-1), "top_k must be an integer >= 0"),

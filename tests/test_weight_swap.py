@@ -107,8 +107,8 @@ def test_keep_mode_continues_on_new_weights_with_exact_logprobs(replica, tiny_di
         assert r["finish_reason"] == "length"
         prompt, tokens = PROMPTS[r["prompt_index"]], r["token_ids"].tolist()
         seq = prompt + tokens
-        ref_old = process_logits(old.forward_logits([seq])[0], 1.0, 0, 1.0)
-        ref_new = process_logits(new.forward_logits([seq])[0], 1.0, 0, 1.0)
+        ref_old = process_logits(old.forward_logits([seq])[0], 1.0, 0, 1.0, (15,))
+        ref_new = process_logits(new.forward_logits([seq])[0], 1.0, 0, 1.0, (15,))
         for i, (tok, v) in enumerate(zip(tokens, versions)):
             ref = (ref_old if v == 0 else ref_new)[len(prompt) - 1 + i, tok]
             assert abs(float(ref) - float(r["logprobs"][i])) <= 1e-5

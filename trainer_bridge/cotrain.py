@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from rollout.model.decoder import Decoder, SequenceBatch
+from rollout.sampling import process_logits
 from rollout.train.objective import training_inputs, training_mask
 
 
@@ -27,10 +28,13 @@ def tidar_forward(model: Decoder, input_ids: torch.Tensor, mask_token_id: int, b
     return model.logits(hidden[:, :S]), model.logits(hidden[:, S:])
 
 
-def token_logprobs(ar_logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(ar_logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0, forbidden: tuple[int, ...] = ()) -> torch.Tensor:
     """[B, S] log-prob of each token under the AR policy (position 0: 0), aligned with input_ids
-    like RolloutBatch.old_logprobs."""
-    logp = torch.log_softmax(ar_logits[:, :-1].float() / (temperature if temperature > 0 else 1.0), dim=-1)
+    like RolloutBatch.old_logprobs. The policy is the rollout's, by the same function
+    (`rollout.sampling.process_logits`): pass the request's temperature, top_k, top_p and the
+    model's mask token id as `forbidden` (the served policy never emits it)."""
+    logp = process_logits(ar_logits[:, :-1], temperature, top_k, top_p, forbidden)
     picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return F.pad(picked, (1, 0))
 

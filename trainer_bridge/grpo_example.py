@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             batch = pad_groups(groups, pad_id=0)
             mask = batch.loss_mask
             ar_logits, diff_logits = tidar_forward(model, batch.input_ids, tidar.mask_token_id, tidar.block_size)
-            new = token_logprobs(ar_logits, batch.input_ids)
+            new = token_logprobs(ar_logits, batch.input_ids, forbidden=(tidar.mask_token_id,))
             delta = (new.detach() - batch.old_logprobs)[mask.bool()]
             kl = (torch.exp(delta) - delta - 1).mean()  # k3 estimate of KL(rollout || trainer)
             loss = grpo_loss(new, batch.old_logprobs, advantages, mask, args.clip)

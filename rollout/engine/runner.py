@@ -50,6 +50,7 @@ class ModelRunner:
     def __init__(self, model: Decoder, tidar: TidarConfig, device: torch.device, dtype: torch.dtype,
                  num_slots: int, slot_len: int, attention: str = "dense", compile: bool = False):
         self.model, self.tidar, self.device, self.attention = model, tidar, device, attention
+        self.forbidden = (tidar.mask_token_id,)  # ids the policy never emits (sampling.process_logits)
         # torch.compile of the forward (Inductor: CPU and GPU alike), with dynamic shapes: the
         # prefix length changes every step. Off: eager, the reference it must match.
         self.compiled = compile
@@ -130,7 +131,7 @@ class ModelRunner:
             src += [i] * len(group.sequences)
         src_t = self._tensor(src)
         last = self._tensor([chunks[i].length - 1 for i in src])
-        rows = RowSampling.build([s.params for s in seqs], self.device)
+        rows = RowSampling.build([s.params for s in seqs], self.device, self.forbidden)
         keys = self._tensor([s.key for s in seqs])
         start = self._tensor([len(s.prompt) for s in seqs])  # position of the first generated token
         # One draw for the step: the first token at `start` (RESAMPLE), drafts after it (DRAFT).
@@ -185,7 +186,7 @@ class ModelRunner:
         keys = self.keys[slots]
         hidden = self._decode_forward(slots, L, max(committed), drafts, layout)
 
-        rows = RowSampling.build([s.params for s in seqs], dev)
+        rows = RowSampling.build([s.params for s in seqs], dev, self.forbidden)
         ar_logits = self.model.logits(hidden[:, :k])  # [B, k, V]: predicts positions L+1..L+k
         p, p_logprobs = rows.policy(ar_logits)
         target, target_logprobs = p, p_logprobs
