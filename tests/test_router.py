@@ -35,7 +35,7 @@ class FakeReplica:
     def __init__(self, die_after=None):
         self.die_after, self.calls = die_after, []
         self.generate = FakeMethod(self._generate)
-        self.status = FakeMethod(lambda: done(dict(weight_version=0)))
+        self.status = FakeMethod(lambda: done(dict(weight_version=0, ready=True)))
         self.abort = FakeMethod(lambda request_id: None)
 
     def _generate(self, request_id, prompts, params, expected_version, timeout):
@@ -103,3 +103,26 @@ def test_admission_beyond_the_queue_is_refused():
         with pytest.raises(QueueFullError, match="queue full"):
             await collect(router, [[1]], SamplingParams(max_tokens=2))
     asyncio.run(run())
+
+
+def test_one_replica_death_counts_once_however_many_requests_it_failed():
+    async def run():
+        router = Router(FrontendMetrics(None))
+        dying, healthy = FakeReplica(die_after=1), FakeReplica()
+        router.add_replica(dying, "dying")
+        router.add_replica(healthy, "healthy")
+        router.replicas[1].outstanding_tokens = 10 ** 9  # both requests start on "dying"
+        await asyncio.gather(collect(router, [[1]], SamplingParams(max_tokens=2, n=2)),
+                             collect(router, [[2]], SamplingParams(max_tokens=2, n=2)))
+        return router
+    router = asyncio.run(run())
+    assert len(router.replicas[0].actor.calls) == 2 and router.replicas[0].failures == 1
+
+
+def test_a_replica_on_older_weights_is_not_ready():
+    async def run(version):
+        router = Router(FrontendMetrics(None))
+        router.add_replica(FakeReplica(), "restarted")  # answers ready, weight_version 0
+        router.version = version
+        return (await router.replica_status())[0]["ready"]
+    assert asyncio.run(run(0)) is True and asyncio.run(run(3)) is False

@@ -129,7 +129,9 @@ def test_client_cancel_frees_the_work(runner):
     wait_until(lambda: running_requests(stub) == 0, what="the replica freed after cancel")
 
 
-@pytest.mark.parametrize("metadata", [None, (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)])
+@pytest.mark.parametrize("metadata", [None, (("authorization", "Bearer wrong"),), (("authorization", TOKEN),),
+                                      (("authorization", f"Bearer {TOKEN}"), ("authorization", f"Bearer {TOKEN}")),
+                                      (("authorization", "Bearer wrong"), ("authorization", f"Bearer {TOKEN}"))])
 def test_update_weights_without_the_token_is_unauthenticated(runner, metadata):
     chunks = weight_chunks([("model.norm.weight", torch.ones(32))], version=0, num_tensors=1)
     with pytest.raises(grpc.RpcError) as info:
@@ -263,13 +265,42 @@ def test_pushed_weights_are_served_and_a_restarted_replica_catches_up(runner, mo
     # Kill both replicas: Ray restarts them on the base weights; they must load version 1 first.
     for name in ("rollout-replica-0", "rollout-replica-1"):
         ray.kill(ray.get_actor(name, namespace="test-service"), no_restart=False)
-    def restarted() -> bool:
+    def restarted() -> bool:  # back, on the base weights, so not ready: ready means serving version 1
         st = stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT)
-        return all(r.ready and r.weight_version == 0 for r in st.replicas)
+        return all(r.weight_version == 0 and not r.ready for r in st.replicas)
     wait_until(restarted, timeout=120, what="both replicas restarted on the base weights")
     got = stub.Generate(request(PROMPTS, max_tokens=16, n=2, seed=8), timeout=CALL_TIMEOUT)
     for t in got.trajectories:
         assert trajectory_arrays(t)["token_ids"].tolist() == expected[t.prompt_index][t.sample_index].token_ids
         assert set(trajectory_arrays(t)["policy_versions"].tolist()) == {1}
+    served = {r.name: r for r in stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT).replicas}
+    assert all(served[t.replica].ready and served[t.replica].weight_version == 1 for t in got.trajectories)
 
 
+
+
+def test_require_auth_for_generate_guards_generation_status_and_http(ray_local, model_dir):
+    import httpx
+    r = ServiceRunner(RolloutService(model_dir, replicas=1, port=0, auth_token=TOKEN, name="authall", http_port=0,
+                                     require_auth_for_generate=True))
+    r.wait_started()
+    try:
+        stub, good = r.stub(), (("authorization", f"Bearer {TOKEN}"),)
+        for call in (lambda md: stub.Generate(request([[2]], max_tokens=2), timeout=CALL_TIMEOUT, metadata=md),
+                     lambda md: list(stub.GenerateStream(request([[2]], max_tokens=2), timeout=CALL_TIMEOUT,
+                                                         metadata=md)),
+                     lambda md: stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT, metadata=md)):
+            with pytest.raises(grpc.RpcError) as info:
+                call(None)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            call(good)
+        url = f"http://localhost:{r.service.http_port}"
+        body = dict(model="m", prompt=[2, 3], max_tokens=2)
+        assert httpx.get(f"{url}/health", timeout=CALL_TIMEOUT).status_code == 200
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=CALL_TIMEOUT).status_code == 401
+        assert httpx.get(f"{url}/v1/models", timeout=CALL_TIMEOUT).status_code == 401
+        ok = httpx.post(f"{url}/v1/completions", json=body, timeout=CALL_TIMEOUT,
+                        headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200 and len(ok.json()["choices"]) == 1
+    finally:
+        r.stop()

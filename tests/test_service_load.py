@@ -102,7 +102,7 @@ def test_slots_and_outstanding_tokens_come_back_after_a_thousand_mixed_requests(
     # of 8 sequences was full), and each way happened.
     assert sum(outcomes.values()) == 1000, outcomes
     assert set(outcomes) <= {"okTrue", "cancelled", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
-    assert all(outcomes.get(k, 0) >= 20 for k in ("okTrue", "cancelled", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT",
+    assert all(outcomes.get(k, 0) >= 5 for k in ("okTrue", "cancelled", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT",
                                                   "RESOURCE_EXHAUSTED")), outcomes
     router = runner.service.router
     wait_until(lambda: replica_state(runner)["free_slots"] == 4, what="every slot free")

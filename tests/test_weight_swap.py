@@ -151,3 +151,26 @@ def test_a_request_waiting_for_a_busy_engine_loop_times_out_with_a_message(tiny_
         next(replica.generate("second", PROMPTS, PARAMS, 0))
     release.set()
     assert drain(replica.generate("third", PROMPTS, PARAMS, 0))  # the loop serves again
+
+
+def test_a_broadcast_push_with_a_bad_checksum_still_receives_every_tensor(replica, monkeypatch):
+    """Verify after receiving: a replica that stopped at the bad tensor would leave the trainer
+    and the other replicas blocked in the collective until the timeout."""
+    import rollout.service.replica as replica_module
+    from rollout.wire import tensor_crc32
+    state = replica.engine.model.state_dict()
+    names = list(replica.engine.model.weight_names_and_shapes())
+    received = []
+
+    def fake_broadcast(group, tensor, timeout):
+        name = names[len(received)]
+        tensor.copy_(state[name])
+        received.append(name)
+    monkeypatch.setattr(replica_module, "broadcast", fake_broadcast)
+    replica._group, replica._group_backend = object(), "gloo"
+    manifest = [[n, str(state[n].dtype).removeprefix("torch."), list(state[n].shape), tensor_crc32(state[n])]
+                for n in names]
+    manifest[0][3] ^= 1  # the first tensor's checksum is wrong
+    with pytest.raises(WeightMismatchError, match=f"checksum mismatch after broadcast: {names[0]}"):
+        replica.receive_broadcast(1, manifest)
+    assert received == names and replica._staged is None

@@ -19,7 +19,8 @@ Design decisions:
   applied here, after generation (see `_cut_at_stop`).
 - The router hands back a trajectory when it finishes, so a stream sends one chunk per finished
   choice carrying all its tokens, not one chunk per token.
-- Generation mutates nothing, so no route here needs the bearer token; weight updates stay on gRPC.
+- Generation mutates nothing, so by default no route here needs the bearer token (weight updates
+  stay on gRPC); with `require_auth_for_generate` every route but /health does.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from .http_protocol import (UNSUPPORTED, ChatRequest, CompletionRequest, Detoken
                             SamplingFields, TokenizeRequest)
 from .metrics import FrontendMetrics
 from .router import DeadlineExceededError, NoReplicaError, QueueFullError, Routed, Router
-from .servicer import max_context, validate_request
+from .servicer import bearer_matches, max_context, validate_request
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,9 @@ class Choice:
 
 class HttpFrontend:
     def __init__(self, router: Router, config: ModelConfig, tidar: TidarConfig, model_dir: str,
-                 metrics: FrontendMetrics):
+                 metrics: FrontendMetrics, required_token: str | None = None):
         self.router, self.config, self.tidar, self.metrics = router, config, tidar, metrics
+        self.required_token = required_token  # set: every route but /health needs "Bearer <token>"
         self.model_name = Path(model_dir).name
         self.tokenizer = TextTokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None
         self.ready = False  # set by the service once every replica has answered
@@ -259,6 +261,15 @@ class HttpFrontend:
         for exc in (ValueError, QueueFullError, LoadError, DeadlineExceededError, TimeoutError, NoReplicaError,
                     RayTaskError, RequestValidationError):
             app.add_exception_handler(exc, self._error)
+
+        @app.middleware("http")
+        async def require_token(request: Request, call_next):
+            if self.required_token is not None and request.url.path != "/health" and not bearer_matches(
+                    request.headers.getlist("authorization"), self.required_token):
+                return JSONResponse({"error": {"message": "this server requires 'Authorization: Bearer <token>' "
+                                                          "(exactly one header) on every route but /health",
+                                               "type": "unauthorized", "code": 401}}, status_code=401)
+            return await call_next(request)
 
         @app.get("/health")
         async def health():

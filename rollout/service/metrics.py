@@ -20,15 +20,17 @@ from ..engine.sequence import GenerationStats
 from ..params import Completion
 
 
-def _serve(registry: CollectorRegistry, port: int | None) -> str:
+def _serve(registry: CollectorRegistry, port: int | None, host: str) -> str:
+    """Serves /metrics on host:port (port 0: any free one); returns the address to scrape."""
     if port is None:
         return ""
-    server, _ = start_http_server(port, registry=registry)
-    return f"{socket.gethostname()}:{server.server_port}"
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
+    return f"{shown}:{server.server_port}"
 
 
 class ReplicaMetrics:
-    def __init__(self, replica: str, port: int | None = None):
+    def __init__(self, replica: str, port: int | None = None, host: str = "0.0.0.0"):
         self.registry = r = CollectorRegistry()
         self.tokens = Counter("rollout_replica_generated_tokens", "Tokens generated", registry=r)
         self.forwards = Counter("rollout_replica_row_forward_passes", "Forward passes per row, summed", registry=r)
@@ -45,7 +47,7 @@ class ReplicaMetrics:
         self.restarts = Gauge("rollout_replica_restarted", "1 if this replica process is a Ray restart", registry=r)
         self.finished = Counter("rollout_replica_trajectories", "Finished trajectories", ["finish_reason"],
                                 registry=r)
-        self.address = _serve(r, port)
+        self.address = _serve(r, port, host)
         self.replica = replica
 
     def observe_completion(self, c: Completion) -> None:
@@ -60,7 +62,7 @@ class ReplicaMetrics:
 
 
 class FrontendMetrics:
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, host: str = "0.0.0.0"):
         self.registry = r = CollectorRegistry()
         self.queue_depth = Gauge("rollout_queue_depth", "Requests admitted and waiting for a replica", registry=r)
         self.running = Gauge("rollout_running_requests", "Requests running on replicas", registry=r)
@@ -75,4 +77,4 @@ class FrontendMetrics:
         self.retries = Counter("rollout_redispatches", "Requests re-dispatched after a replica failure", registry=r)
         self.replica_restarts = Counter("rollout_replica_failures", "Replica actor deaths seen", registry=r)
         self.aborts = Counter("rollout_aborts", "Requests aborted (cancel, deadline, shutdown)", registry=r)
-        self.address = _serve(r, port)
+        self.address = _serve(r, port, host)

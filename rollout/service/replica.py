@@ -58,7 +58,7 @@ class _Swap:
 class GeneratorReplica:
     def __init__(self, model_dir: str, name: str, device: str | None = None, dtype: str | None = None,
                  metrics_port: int | None = None, lock_timeout: float = 600.0,
-                 engine_config: EngineConfig | None = None):
+                 engine_config: EngineConfig | None = None, metrics_host: str = "0.0.0.0"):
         on_gpu = torch.cuda.is_available()  # true on ROCm builds too (HIP devices)
         self.device = device or ("cuda" if on_gpu else "cpu")
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device != "cpu" else torch.float32)
@@ -73,7 +73,7 @@ class GeneratorReplica:
         self._group, self._group_backend, self._group_timeout = None, "", 300.0
         self.restarts = _actor_restarts()
         port = metrics_port if metrics_port is not None else int(os.environ.get("ROLLOUT_REPLICA_METRICS_PORT", "0"))
-        self.metrics = ReplicaMetrics(name, port)
+        self.metrics = ReplicaMetrics(name, port, metrics_host)
         self.metrics.weight_version.set(0)
         self.metrics.restarts.set(self.restarts)
         self._loop = threading.Thread(target=self._run_loop, name=f"engine-loop-{name}", daemon=True)
@@ -312,13 +312,14 @@ class GeneratorReplica:
             raise RuntimeError(f"replica {self.name} is not in a weight group: call InitWeightGroup first")
         device = self.device if self._group_backend == "nccl" else "cpu"
         tensors = {}
-        for name, dtype, shape, crc in manifest:
-            t = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
-            broadcast(self._group, t, self._group_timeout)
-            t = t.cpu()
-            if tensor_crc32(t) != crc:
-                raise WeightMismatchError(f"{name}: checksum mismatch after broadcast")
-            tensors[name] = t
+        # Receive every tensor first: a replica that stopped joining the collective at a bad
+        # tensor would leave the trainer and the other replicas blocked until the timeout.
+        for name, dtype, shape, _ in manifest:
+            tensors[name] = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+            broadcast(self._group, tensors[name], self._group_timeout)
+        bad = [name for name, _, _, crc in manifest if tensor_crc32(tensors[name].cpu()) != crc]
+        if bad:
+            raise WeightMismatchError(f"checksum mismatch after broadcast: {', '.join(bad[:5])}")
         return self.stage_weights(version, tensors)
 
     def load_weights(self, version: int, tensors: dict[str, torch.Tensor]) -> int:

@@ -61,7 +61,8 @@ class ReplicaSlot:
     outstanding_tokens: int = 0
     running: int = 0
     version: int | None = None  # last version known to be served; None: unknown (e.g. restarted)
-    failures: int = 0
+    failures: int = 0   # deaths seen (each counted once, however many requests it failed)
+    down: bool = False  # failed, and has not answered since
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,9 @@ class Router:
                 st = await asyncio.wait_for(r.actor.status.remote(), self.control_timeout)
             except (*REPLICA_FAILURES, asyncio.TimeoutError) as e:
                 st = dict(name=r.name, ready=False, error=str(e).splitlines()[0] if str(e) else type(e).__name__)
-            st.update(outstanding_tokens=r.outstanding_tokens, restarts=r.failures)
+            # Ready means serving the current weights: a restarted replica is not, until it catches up.
+            st.update(outstanding_tokens=r.outstanding_tokens, restarts=r.failures,
+                      ready=bool(st.get("ready")) and st.get("weight_version") == self.version)
             return st
         return list(await asyncio.gather(*(one(r) for r in self.replicas)))
 
@@ -214,9 +217,11 @@ class Router:
                 gen = None
             raise NoReplicaError(f"replica {replica.name} kept serving stale weights")
         except REPLICA_FAILURES:
+            if not replica.down:  # one death fails every request it was running: count it once
+                replica.down = True
+                replica.failures += 1
+                self.metrics.replica_restarts.inc()
             replica.version = None
-            replica.failures += 1
-            self.metrics.replica_restarts.inc()
             log.warning("replica %s failed during request %s; re-dispatching", replica.name, request_id)
             raise
         except BaseException:
@@ -240,6 +245,7 @@ class Router:
         if replica.version == self.version:
             return
         st = await asyncio.wait_for(replica.actor.status.remote(), _left(deadline))
+        replica.down = False
         if st["weight_version"] != self.version:
             ref = self.weights_ref
             if ref is None:  # pushed by broadcast: copy from a replica that serves the version

@@ -44,7 +44,8 @@ class RolloutService:
                  ready_timeout: float = 600.0, placement_strategy: str = "SPREAD",
                  gpus_per_replica: float | None = None, replica_metrics_port: int | None = None,
                  name: str = "rollout", dtype: str | None = None, engine_config: EngineConfig | None = None,
-                 http_port: int | None = None):
+                 http_port: int | None = None, metrics_host: str | None = None,
+                 require_auth_for_generate: bool = False):
         self.model_dir = str(Path(model_dir).resolve())
         _, hf_cfg, self.config = read_model_config(self.model_dir)
         self.tidar = load_tidar_config(Path(self.model_dir), hf_cfg, None, None)
@@ -56,6 +57,9 @@ class RolloutService:
         self.dtype = dtype  # replica weight dtype; None: bfloat16 on GPUs, float32 on CPUs
         self.engine_config = engine_config or EngineConfig()  # each replica's KV pool and scheduling
         self.http_port = http_port  # None: no HTTP front end; 0: any free port (the bound one after start)
+        # Metrics listen where the service does unless told otherwise ("[::1]" -> "::1").
+        self.metrics_host = metrics_host or ("0.0.0.0" if host in ("[::]", "0.0.0.0", "") else host.strip("[]"))
+        self.require_auth_for_generate = require_auth_for_generate  # every RPC and route needs the token
         self.server = self.health = self.router = self.pg = self.http = None
         self.actors: list = []
 
@@ -77,20 +81,21 @@ class RolloutService:
             self.actors.append(cls.options(
                 name=name, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)
             ).remote(self.model_dir, name, dtype=self.dtype, metrics_port=self.replica_metrics_port,
-                     engine_config=self.engine_config))
+                     engine_config=self.engine_config, metrics_host=self.metrics_host))
             self.router.add_replica(self.actors[-1], name)
 
     async def start(self) -> int:
         """Starts the server (health NOT_SERVING), then the replicas; health turns SERVING once
         every replica has answered. Returns the bound gRPC port."""
-        metrics = FrontendMetrics(self.metrics_port)
+        metrics = FrontendMetrics(self.metrics_port, self.metrics_host)
         self.metrics_address = metrics.address
         self.router = Router(metrics, max_queue=self.max_queue, request_timeout=self.request_timeout)
         servicer = RolloutServicer(self.router, self.config, self.tidar, Path(self.model_dir).name,
-                                   self.auth_token, metrics)
+                                   self.auth_token, metrics, self.require_auth_for_generate)
         self.server, self.health, self.port = await start_server(servicer, self.port, self.host, self.tls)
         if self.http_port is not None:
-            self.http = HttpFrontend(self.router, self.config, self.tidar, self.model_dir, metrics)
+            self.http = HttpFrontend(self.router, self.config, self.tidar, self.model_dir, metrics,
+                                     self.auth_token if self.require_auth_for_generate else None)
             self._http_server, self._http_task, self.http_port = await start_http(self.http, self.http_port, self.host)
         await self._place_replicas()
         await self.router.wait_ready(self.ready_timeout)
@@ -176,6 +181,11 @@ def main_serve(argv: list[str]) -> int:
     p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus port of the front end")
     p.add_argument("--replica-metrics-port", type=int, default=None,
                    help="Prometheus port on each replica (default: any free port, see GetStatus)")
+    p.add_argument("--metrics-host", default=None,
+                   help="address the Prometheus endpoints bind (default: --host, 0.0.0.0 for [::])")
+    p.add_argument("--require-auth-for-generate", action="store_true",
+                   help="with --auth-token-file: every RPC and HTTP route (generation and status too, not "
+                        "health) needs 'authorization: Bearer <token>'; default: only weight updates do")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests in flight beyond one per replica; more are refused with RESOURCE_EXHAUSTED")
     p.add_argument("--max-num-seqs", type=int, default=None,
@@ -223,7 +233,8 @@ def main_serve(argv: list[str]) -> int:
                                  kv_cache_gib=args.kv_cache_gib, gpu_memory_utilization=args.gpu_memory_utilization,
                                  max_prefill_tokens=args.max_prefill_tokens,
                                  max_running_requests=args.max_running_requests, drafting=args.drafting,
-                                 attention=args.attention, compile=args.compile), http_port=args.http_port)
+                                 attention=args.attention, compile=args.compile), http_port=args.http_port,
+                             metrics_host=args.metrics_host, require_auth_for_generate=args.require_auth_for_generate)
     try:
         asyncio.run(_serve_until_signal(service, args.grace))
     finally:

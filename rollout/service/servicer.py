@@ -59,9 +59,18 @@ def max_context(router: Router, config: ModelConfig) -> int:
 
 class RolloutServicer(pb_grpc.RolloutServiceServicer):
     def __init__(self, router: Router, config: ModelConfig, tidar: TidarConfig, model_name: str,
-                 auth_token: str | None, metrics: FrontendMetrics):
+                 auth_token: str | None, metrics: FrontendMetrics, require_auth_for_generate: bool = False):
         self.router, self.config, self.tidar, self.model_name = router, config, tidar, model_name
         self.auth_token, self.metrics = auth_token, metrics
+        self.require_auth_for_generate = require_auth_for_generate and auth_token is not None
+
+    async def _check_read_access(self, context, method: str) -> None:
+        """With require_auth_for_generate, generation and status need the token too."""
+        if self.require_auth_for_generate and not self._authorized(context):
+            self.metrics.requests.labels(method, "UNAUTHENTICATED").inc()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"{method} needs 'authorization: Bearer <token>' metadata with the server's token "
+                                "(exactly one authorization header)")
 
     # ------------------------------------------------------------------ helpers
     def _parse(self, request: pb.GenerateRequest, context):
@@ -75,8 +84,8 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         if request.timeout_seconds < 0:
             raise ValueError(f"timeout_seconds must be >= 0, got {request.timeout_seconds}")
         if request.min_policy_version > self.router.version and not request.wait_for_version:
-            raise PermissionError(f"served policy version {self.router.version} is older than "
-                                  f"min_policy_version {request.min_policy_version}")
+            raise PolicyVersionError(f"served policy version {self.router.version} is older than "
+                                     f"min_policy_version {request.min_policy_version}")
         deadline = None
         remaining = context.time_remaining()
         if remaining is not None:
@@ -117,6 +126,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
 
     # ------------------------------------------------------------------ RPCs
     async def Generate(self, request, context):
+        await self._check_read_access(context, "Generate")
         try:
             trajectories = [t async for t in self._trajectories(request, context)]
         except asyncio.CancelledError:
@@ -129,6 +139,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         return pb.GenerateResponse(trajectories=trajectories)
 
     async def GenerateStream(self, request, context):
+        await self._check_read_access(context, "GenerateStream")
         try:
             async for t in self._trajectories(request, context):
                 yield t
@@ -182,6 +193,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         return pb.WeightGroupResponse(world_size=world, backend=backend)
 
     async def GetStatus(self, request, context):
+        await self._check_read_access(context, "GetStatus")
         replicas = await self.router.replica_status()
         # Lifetime counters of every replica that answered: tokens per forward and acceptance.
         tokens = sum(r.get("generated_tokens", 0) for r in replicas)
@@ -213,8 +225,18 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
     def _authorized(self, context) -> bool:
         if self.auth_token is None:
             return False  # mutating RPCs are refused when the server was started without a token
-        got = dict(context.invocation_metadata()).get("authorization", "")
-        return hmac.compare_digest(got.encode(), f"Bearer {self.auth_token}".encode())
+        return bearer_matches([v for k, v in context.invocation_metadata() if k == "authorization"],
+                              self.auth_token)
+
+
+class PolicyVersionError(RuntimeError):
+    """The served policy version is older than the caller requires (FAILED_PRECONDITION)."""
+
+
+def bearer_matches(values: list[str], token: str) -> bool:
+    """Exactly one authorization value, equal to "Bearer <token>" (compared in constant time).
+    Two values are refused rather than resolved: which one a proxy or server keeps differs."""
+    return len(values) == 1 and hmac.compare_digest(values[0].encode(), f"Bearer {token}".encode())
 
 
 def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -224,7 +246,7 @@ def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
     if isinstance(e, (DeadlineExceededError, asyncio.TimeoutError)):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(e) or "deadline exceeded"
-    if isinstance(e, PermissionError):
+    if isinstance(e, PolicyVersionError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(e)
     if isinstance(e, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
