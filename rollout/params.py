@@ -7,6 +7,8 @@ import numbers
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
+
 SAMPLERS = ("lossless", "mixed", "ar")
 
 
@@ -91,21 +93,29 @@ class Completion:
 
 def validate_prompts(prompts: list[list[int]], params: SamplingParams, vocab_size: int, context: int,
                      mask_token_id: int, context_name: str = "max_position_embeddings") -> None:
-    """Raises ValueError naming the offending prompt / field and the limit."""
+    """Raises ValueError naming the offending prompt / field and the limit. Sizes are checked
+    before contents, and contents in one vectorised pass per prompt, so a huge request costs
+    little before it is refused."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompt_token_ids must be a non-empty list of prompts")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt_token_ids[{i}] is empty")
-        bad = [t for t in p if not (isinstance(t, numbers.Integral) and 0 <= t < vocab_size)]
-        if bad:
-            raise ValueError(f"prompt_token_ids[{i}] has token id {bad[0]!r} outside the vocabulary [0, {vocab_size})")
-        if mask_token_id in p:
-            raise ValueError(f"prompt_token_ids[{i}] contains the mask token id {mask_token_id}")
         if len(p) + params.max_tokens > context:
             raise ValueError(
                 f"prompt_token_ids[{i}] has {len(p)} tokens; with max_tokens={params.max_tokens} "
                 f"that exceeds the model's context of {context} ({context_name})")
+    for i, p in enumerate(prompts):
+        ids = np.asarray(p)
+        if ids.dtype.kind not in "iu":
+            bad = next(t for t in p if not isinstance(t, numbers.Integral))
+            raise ValueError(f"prompt_token_ids[{i}] has token id {bad!r} outside the vocabulary [0, {vocab_size})")
+        outside = (ids < 0) | (ids >= vocab_size)
+        if outside.any():
+            raise ValueError(f"prompt_token_ids[{i}] has token id {int(ids[outside.argmax()])} outside the "
+                             f"vocabulary [0, {vocab_size})")
+        if (ids == mask_token_id).any():
+            raise ValueError(f"prompt_token_ids[{i}] contains the mask token id {mask_token_id}")
     bad_stop = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
     if bad_stop:
         raise ValueError(f"stop_token_ids has {bad_stop[0]} outside the vocabulary [0, {vocab_size})")

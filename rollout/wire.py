@@ -121,7 +121,10 @@ def weight_chunks(tensors: Iterable[tuple[str, torch.Tensor]], version: int, num
 class WeightAssembler:
     """Rebuilds named tensors from WeightChunk messages, checking order, sizes and checksums."""
 
-    def __init__(self):
+    def __init__(self, expected: dict[str, tuple[int, ...]] | None = None):
+        # The served model's tensor names and shapes: a header is checked against them before
+        # its buffer is allocated, so a push cannot make the front end allocate more than the model.
+        self.expected = expected
         self.tensors: dict[str, torch.Tensor] = {}
         self.version: int | None = None
         self.num_tensors: int | None = None
@@ -146,6 +149,9 @@ class WeightAssembler:
             if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)
                     and isinstance(crc, int)):
                 raise ValueError(f"tensor {name}: shape must be a list of ints >= 0 and crc32 an int")
+            if self.expected is not None and (name not in self.expected or tuple(shape) != tuple(self.expected[name])):
+                raise ValueError(f"tensor {name!r}: shape {shape} is not a weight of the served model "
+                                 f"({list(self.expected[name]) if name in self.expected else 'no such name'})")
             self.num_bytes += math.prod(shape) * parse_dtype(dtype, name).itemsize
         self.version, self.mode = int(meta.get("version", 0)), str(meta.get("mode", "wait"))
         self.num_tensors = len(manifest)
@@ -168,6 +174,8 @@ class WeightAssembler:
                 raise ValueError(f"tensor {name} was sent twice")
             if not isinstance(nbytes, int) or not 0 <= nbytes <= MAX_TENSOR_BYTES:
                 raise ValueError(f"tensor {name}: nbytes must be in [0, {MAX_TENSOR_BYTES}], got {nbytes!r}")
+            if self.expected is not None:
+                self._check_header(meta)
             self._current = (meta, bytearray(nbytes), [0])  # preallocated: one copy per byte
         head, buf, filled = self._current
         if offset != filled[0]:
@@ -178,6 +186,19 @@ class WeightAssembler:
         buf[offset:end] = chunk.data
         filled[0] = end
         self.num_bytes += len(chunk.data)
+
+    def _check_header(self, meta: dict) -> None:
+        """Name, shape and size of a tensor header against the served model (sizes before contents)."""
+        name = meta["name"]
+        if name not in self.expected:
+            raise ValueError(f"tensor {name!r} is not a weight of the served model")
+        shape = meta.get("shape")
+        if not isinstance(shape, list) or tuple(shape) != tuple(self.expected[name]):
+            raise ValueError(f"tensor {name}: shape {shape}, the model has {list(self.expected[name])}")
+        size = math.prod(shape) * parse_dtype(meta.get("dtype"), name).itemsize
+        if meta["nbytes"] != size:
+            raise ValueError(f"tensor {name}: nbytes {meta['nbytes']}, but shape {shape} of {meta.get('dtype')} "
+                             f"is {size} bytes")
 
     def _finish_current(self) -> None:
         if self._current is None:

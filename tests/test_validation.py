@@ -124,3 +124,14 @@ def test_unsupported_config_is_refused_at_load(tiny_dir, tmp_path, changes, matc
 def test_bad_tidar_overrides(tiny_dir, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Engine.from_pretrained(tiny_dir, **kwargs)
+
+
+def test_sizes_are_checked_before_contents(engine):
+    """A prompt that is both too long and full of bad ids is refused for its length: the check
+    that costs nothing runs first."""
+    with pytest.raises(ValueError, match="has 300 tokens; with max_tokens=1"):
+        engine.validate([[-1] * 300], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match=r"prompt_token_ids\[1\] has token id 99 outside"):
+        engine.validate([[2, 3], [4, 99, -5]], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="token id 2.5 outside"):
+        engine.validate([[2, 2.5]], SamplingParams(max_tokens=1))

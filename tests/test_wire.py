@@ -76,3 +76,22 @@ def test_a_broadcast_manifest_announces_its_size():
     asm = WeightAssembler()
     assert len(asm.broadcast_manifest(pb.WeightChunk(metadata=meta))) == 2
     assert (asm.version, asm.mode, asm.num_tensors, asm.num_bytes) == (3, "keep", 2, 4 * 5 * 2 + 3 * 4)
+
+
+def test_a_header_is_checked_against_the_model_before_its_buffer_is_allocated():
+    """A first chunk announcing 1 GiB for a 32-float tensor is refused at once, not allocated."""
+    expected = {"model.norm.weight": (32,)}
+    for head, match in ((dict(name="model.norm.weight", dtype="float32", shape=[32], nbytes=1 << 30), "nbytes 1073741824"),
+                        (dict(name="model.norm.weight", dtype="float32", shape=[1 << 28], nbytes=1 << 30), "shape"),
+                        (dict(name="huge.weight", dtype="float32", shape=[1 << 28], nbytes=1 << 30), "not a weight")):
+        meta = msgpack.packb(dict(head, offset=0, crc32=0, version=0, num_tensors=1))
+        asm = WeightAssembler(expected)
+        with pytest.raises(ValueError, match=match):
+            asm.add(pb.WeightChunk(metadata=meta, data=b"\x00" * 4))
+        assert asm._current is None  # nothing was allocated
+
+
+def test_a_broadcast_manifest_must_name_the_models_tensors():
+    meta = msgpack.packb(dict(transport="broadcast", version=0, tensors=[["model.norm.weight", "float32", [1 << 30], 0]]))
+    with pytest.raises(ValueError, match="not a weight of the served model"):
+        WeightAssembler({"model.norm.weight": (32,)}).broadcast_manifest(pb.WeightChunk(metadata=meta))

@@ -19,6 +19,7 @@ import logging
 import time
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -31,6 +32,7 @@ from ..v1 import rollout_pb2_grpc as pb_grpc
 from ..wire import WeightAssembler, params_from_proto, record_to_trajectory
 from .metrics import FrontendMetrics
 from ..engine.engine import LoadError, check_request_size
+from ..model.decoder import Decoder
 from .messages import RequestDone, Started
 from .router import DeadlineExceededError, NoReplicaError, QueueFullError, Router
 
@@ -52,6 +54,16 @@ def validate_request(prompts: list[list[int]], params: SamplingParams, router: R
         validate_prompts(prompts, params, config.vocab_size, config.max_position_embeddings, tidar.mask_token_id)
 
 
+def model_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors a weight push may carry (HF names -> shapes), from the config alone (the
+    decoder built on the meta device: no memory). A tied lm_head may be sent as well."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v) for k, v in Decoder(config).weight_names_and_shapes().items()}
+    if config.tie_word_embeddings:
+        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
+    return shapes
+
+
 def max_context(router: Router, config: ModelConfig) -> int:
     """Longest prompt + completion a request may ask for."""
     return router.limits.max_model_len if router.limits is not None else config.max_position_embeddings
@@ -63,6 +75,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         self.router, self.config, self.tidar, self.model_name = router, config, tidar, model_name
         self.auth_token, self.metrics = auth_token, metrics
         self.require_auth_for_generate = require_auth_for_generate and auth_token is not None
+        self.weight_shapes = model_weight_shapes(config)
 
     async def _check_read_access(self, context, method: str) -> None:
         """With require_auth_for_generate, generation and status need the token too."""
@@ -79,6 +92,14 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         if not request.HasField("params"):
             raise ValueError("params is required (at least params.max_tokens)")
         params = params_from_proto(request.params)
+        # Sizes first, from the message's lengths, before any token is copied or looked at.
+        if self.router.limits is not None:
+            check_request_size(len(request.prompts), params.n, self.router.limits)
+        longest = max_context(self.router, self.config)
+        for i, p in enumerate(request.prompts):
+            if len(p.token_ids) + params.max_tokens > longest:
+                raise ValueError(f"prompts[{i}] has {len(p.token_ids)} tokens; with max_tokens={params.max_tokens} "
+                                 f"that exceeds the model's context of {longest} (max_model_len)")
         prompts = [list(p.token_ids) for p in request.prompts]
         validate_request(prompts, params, self.router, self.config, self.tidar)
         if request.timeout_seconds < 0:
@@ -156,7 +177,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "UpdateWeights needs 'authorization: Bearer <token>' metadata with the server's token")
         started = time.perf_counter()
-        assembler = WeightAssembler()
+        assembler = WeightAssembler(self.weight_shapes)
         try:
             async for chunk in request_iterator:
                 manifest = assembler.broadcast_manifest(chunk)
