@@ -126,3 +126,34 @@ def test_a_replica_on_older_weights_is_not_ready():
         router.version = version
         return (await router.replica_status())[0]["ready"]
     assert asyncio.run(run(0)) is True and asyncio.run(run(3)) is False
+
+
+def test_a_push_goes_on_without_a_restarting_replica_which_catches_up_later():
+    from ray.exceptions import ActorUnavailableError
+
+    class Staging(FakeReplica):
+        def __init__(self, restarting=False):
+            super().__init__()
+            self.restarting, self.committed = restarting, []
+            self.stage_weights = FakeMethod(self._stage)
+            self.commit_weights = FakeMethod(lambda v, mode: done(self.committed.append(v) or v))
+            self.discard_weights = FakeMethod(lambda: done(None))
+
+        def _stage(self, version, ref):
+            async def run():
+                if self.restarting:
+                    raise ActorUnavailableError("restarting", None)
+                return 0
+            return run()
+
+    async def run():
+        router = Router(FrontendMetrics(None))
+        live, restarting = Staging(), Staging(restarting=True)
+        router.add_replica(live, "live")
+        router.add_replica(restarting, "restarting")
+        version = await router._two_phase_push(lambda r, v: r.actor.stage_weights.remote(v, None), "ref", None,
+                                               "wait")
+        return router, version, live, restarting
+    router, version, live, restarting = asyncio.run(run())
+    assert version == 1 and router.version == 1 and live.committed == [1] and restarting.committed == []
+    assert [r.version for r in router.replicas] == [1, None]  # the restarted one loads v1 before serving

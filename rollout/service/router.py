@@ -302,19 +302,32 @@ class Router:
             if version not in (None, 0, new_version):
                 raise ValueError(f"version must be the next version {new_version}, got {version}")
             try:
-                await asyncio.wait_for(asyncio.gather(*(stage(r, new_version) for r in self.replicas)),
-                                       self.control_timeout)
+                staged = await asyncio.wait_for(asyncio.gather(
+                    *(stage(r, new_version) for r in self.replicas), return_exceptions=True), self.control_timeout)
+                down = [r for r, res in zip(self.replicas, staged) if isinstance(res, REPLICA_FAILURES)]
+                errors = [res for res in staged if isinstance(res, BaseException) and not isinstance(res, REPLICA_FAILURES)]
+                if errors:
+                    raise errors[0]
+                # A replica that is restarting cannot stage; with the weights in the object store
+                # (gRPC pushes) it loads them before its next request, so the push goes on without
+                # it. A broadcast push needs every replica in the collective: it fails instead.
+                if down and (ref is None or len(down) == len(self.replicas)):
+                    raise NoReplicaError(f"replica {down[0].name} is restarting and could not stage version "
+                                         f"{new_version}; nothing changed, retry the push")
             except BaseException:
                 await asyncio.wait_for(asyncio.gather(*(r.actor.discard_weights.remote() for r in self.replicas),
                                                       return_exceptions=True), self.control_timeout)
                 raise
+            live = [r for r in self.replicas if r not in down]
             results = await asyncio.wait_for(asyncio.gather(
-                *(r.actor.commit_weights.remote(new_version, mode) for r in self.replicas), return_exceptions=True),
+                *(r.actor.commit_weights.remote(new_version, mode) for r in live), return_exceptions=True),
                 self.request_timeout)
             self.version, self.weights_ref = new_version, ref
             self._version_changed.set()
             self._version_changed = asyncio.Event()
-            for r, res in zip(self.replicas, results):
+            for r in down:
+                r.version = None
+            for r, res in zip(live, results):
                 # A replica that died between stage and commit catches up before its next request.
                 r.version = new_version if res == new_version else None
             self.metrics.weight_version.set(new_version)

@@ -34,7 +34,7 @@ from .metrics import FrontendMetrics
 from ..engine.engine import LoadError, check_request_size
 from ..model.decoder import Decoder
 from .messages import RequestDone, Started
-from .router import DeadlineExceededError, NoReplicaError, QueueFullError, Router
+from .router import REPLICA_FAILURES, DeadlineExceededError, NoReplicaError, QueueFullError, Router
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RolloutService"].full_name
@@ -271,7 +271,7 @@ def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, str(e)
     if isinstance(e, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
-    if isinstance(e, NoReplicaError):
+    if isinstance(e, (NoReplicaError, *REPLICA_FAILURES)):
         return grpc.StatusCode.UNAVAILABLE, str(e)
     return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
 
