@@ -145,4 +145,6 @@ def test_a_full_queue_is_a_load_error_and_a_too_large_request_a_value_error(engi
     small.check_capacity(2, 2)
     small.add_request([[2], [3]], SamplingParams(n=2, max_tokens=5))
     with pytest.raises(LoadError, match="max_waiting_sequences=6"):
+        small.check_capacity(3, 1)
+    with pytest.raises(ValueError, match=r"n=3 exceeds the KV pool's 2 slots \(max_num_seqs\)"):
         small.check_capacity(1, 3)

@@ -3,6 +3,7 @@ placement by outstanding tokens, admission control. (The same paths run against 
 actors in test_service.py; here the failure point is exact.)"""
 
 import asyncio
+import time
 
 import pytest
 
@@ -157,3 +158,15 @@ def test_a_push_goes_on_without_a_restarting_replica_which_catches_up_later():
     router, version, live, restarting = asyncio.run(run())
     assert version == 1 and router.version == 1 and live.committed == [1] and restarting.committed == []
     assert [r.version for r in router.replicas] == [1, None]  # the restarted one loads v1 before serving
+
+
+def test_requests_waiting_for_a_policy_version_count_against_the_queue():
+    async def run():
+        router = Router(FrontendMetrics(None), max_queue=0)
+        router.add_replica(FakeReplica(), "a")
+        router.admitted = 1  # one request in flight, none may wait
+        with pytest.raises(QueueFullError, match="queue full"):
+            await router.wait_for_version(5, time.monotonic() + 60)
+        assert router.admitted == 1
+        await router.wait_for_version(0, time.monotonic() + 60)  # already served: no place needed
+    asyncio.run(run())

@@ -100,6 +100,7 @@ def test_generate_stream_returns_each_trajectory_once_matching_the_engine(runner
     (request([[2]], max_tokens=4, temperature=-1.0), "temperature must be a finite number >= 0"),
     (request([[2]], max_tokens=4, sampler="beam"), "sampler must be one of"),
     (request([[2, 15]], max_tokens=4), "contains the mask token id 15"),
+    (request([[2]], "g" * 257, max_tokens=4), "group_id has 257 characters, at most 256"),
 ])
 def test_bad_requests_are_invalid_argument_naming_the_field(runner, req, field):
     with pytest.raises(grpc.RpcError) as info:

@@ -47,6 +47,8 @@ def code_and_details(fn):
 @pytest.mark.parametrize("req,limit", [
     (request([[2], [3], [4]], max_tokens=4, n=3), "max_sequences_per_request=8"),
     (request([[2] * 150], max_tokens=51), "context of 200 (max_model_len)"),
+    (request([[2]], max_tokens=4, n=5), "n=5 exceeds the KV pool's 4 slots (max_num_seqs)"),
+    (request([[2] * 190] * 5, max_tokens=4), "hold 950 tokens, more than the KV pool holds (4 slots x max_model_len=200)"),
 ])
 def test_a_request_that_can_never_fit_is_invalid_argument_naming_the_limit(runner, req, limit):
     code, details = code_and_details(lambda: runner.stub().Generate(req, timeout=CALL_TIMEOUT))

@@ -287,8 +287,15 @@ class Engine:
             self.last_stats = request.stats
 
 
-def check_request_size(num_prompts: int, n: int, limits: EngineLimits) -> None:
-    """The front door's check of a request's size against the pool-derived limits."""
+def check_request_size(num_prompts: int, n: int, limits: EngineLimits, prompt_tokens: int | None = None) -> None:
+    """The front door's check of a request's size against the pool-derived limits: n (the
+    samples sharing a prefill) up to the pool's slots, prompts x n, and the request's prompt
+    tokens up to what the pool holds (slots x max_model_len)."""
+    if n > limits.num_slots:
+        raise ValueError(f"n={n} exceeds the KV pool's {limits.num_slots} slots (max_num_seqs)")
+    if prompt_tokens is not None and prompt_tokens > limits.num_slots * limits.max_model_len:
+        raise ValueError(f"the request's prompts hold {prompt_tokens} tokens, more than the KV pool holds "
+                         f"({limits.num_slots} slots x max_model_len={limits.max_model_len})")
     if num_prompts * n > limits.max_sequences_per_request:
         raise ValueError(f"{num_prompts} prompts x n={n} = {num_prompts * n} sequences exceeds "
                          f"max_sequences_per_request={limits.max_sequences_per_request}")

@@ -126,11 +126,8 @@ class Router:
         (per-request stats). `deadline` is a time.monotonic() value."""
         if not self.replicas:
             raise NoReplicaError("no generator replica has been placed yet")
-        if self.admitted >= self.max_queue + len(self.replicas):
-            raise QueueFullError(f"queue full: {self.admitted} requests admitted "
-                                 f"(max_queue={self.max_queue} + {len(self.replicas)} replicas)")
+        self._admit()
         deadline = deadline or time.monotonic() + self.request_timeout
-        self.admitted += 1
         try:
             pending = [SubRequest(list(range(len(prompts))), [list(range(params.n))] * len(prompts), params.seed)]
             attempts, failed = 0, set()
@@ -257,13 +254,27 @@ class Router:
         replica.version = self.version
 
     async def wait_for_version(self, version: int, deadline: float) -> None:
-        """Returns once the served version is >= `version`; DeadlineExceededError otherwise."""
-        while self.version < version:
-            try:
-                await asyncio.wait_for(self._version_changed.wait(), _left(deadline))
-            except asyncio.TimeoutError:
-                raise DeadlineExceededError(
-                    f"policy version {version} was not reached before the deadline (serving {self.version})") from None
+        """Returns once the served version is >= `version`; DeadlineExceededError otherwise. A
+        request waiting here counts against the in-flight limit like one being generated."""
+        if self.version >= version:
+            return
+        self._admit()
+        try:
+            while self.version < version:
+                try:
+                    await asyncio.wait_for(self._version_changed.wait(), _left(deadline))
+                except asyncio.TimeoutError:
+                    raise DeadlineExceededError(f"policy version {version} was not reached before the deadline "
+                                                f"(serving {self.version})") from None
+        finally:
+            self.admitted -= 1
+
+    def _admit(self) -> None:
+        """Takes one of the in-flight places, or refuses (QueueFullError) when none is left."""
+        if self.admitted >= self.max_queue + len(self.replicas):
+            raise QueueFullError(f"queue full: {self.admitted} requests admitted "
+                                 f"(max_queue={self.max_queue} + {len(self.replicas)} replicas)")
+        self.admitted += 1
 
     # ------------------------------------------------------------------ weights
     async def push_weights(self, tensors: dict, version: int | None = None, mode: str = "wait") -> int:

@@ -47,7 +47,7 @@ def validate_request(prompts: list[list[int]], params: SamplingParams, router: R
     context before). Raises ValueError naming the field and the limit."""
     limits = router.limits
     if limits is not None:
-        check_request_size(len(prompts), params.n, limits)
+        check_request_size(len(prompts), params.n, limits, sum(len(p) for p in prompts))
         validate_prompts(prompts, params, config.vocab_size, limits.max_model_len, tidar.mask_token_id,
                          context_name="max_model_len")
     else:
@@ -93,8 +93,11 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             raise ValueError("params is required (at least params.max_tokens)")
         params = params_from_proto(request.params)
         # Sizes first, from the message's lengths, before any token is copied or looked at.
+        if len(request.group_id) > MAX_GROUP_ID:
+            raise ValueError(f"group_id has {len(request.group_id)} characters, at most {MAX_GROUP_ID}")
         if self.router.limits is not None:
-            check_request_size(len(request.prompts), params.n, self.router.limits)
+            check_request_size(len(request.prompts), params.n, self.router.limits,
+                               sum(len(p.token_ids) for p in request.prompts))
         longest = max_context(self.router, self.config)
         for i, p in enumerate(request.prompts):
             if len(p.token_ids) + params.max_tokens > longest:
@@ -248,6 +251,9 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             return False  # mutating RPCs are refused when the server was started without a token
         return bearer_matches([v for k, v in context.invocation_metadata() if k == "authorization"],
                               self.auth_token)
+
+
+MAX_GROUP_ID = 256  # characters of a request's group_id (it is echoed in every trajectory)
 
 
 class PolicyVersionError(RuntimeError):
