@@ -95,10 +95,9 @@ def expected_tokens(rates: list[float], k: int, levels: tuple[int, ...] | None) 
 @dataclass
 class StepCostModel:
     """Seconds of one decode forward as a + b * tokens + c * tokens * context, fitted by least
-    squares to the most recent timed steps (tokens = rows x tokens per row; context = mean
+    squares to the 256 most recent timed steps (tokens = rows x tokens per row; context = mean
     committed length). Coefficients are kept non-negative; with fewer than three distinct
     observations, time is taken as proportional to tokens."""
-    window: int = 256
     samples: deque = field(default_factory=lambda: deque(maxlen=256))
     _coef: tuple[float, float, float] | None = None
     _dirty: bool = True
@@ -147,6 +146,10 @@ class DraftPolicy:
         self._expected: dict[tuple[str, tuple[int, ...] | None], tuple[int, float]] = {}
         self._observations = 0
 
+    def tokens_per_row(self, levels: tuple[int, ...] | None) -> int:
+        """In-step tokens of one row: 1 for an AR step, k drafts plus k per pre-draft level."""
+        return 1 if levels is None else self.k * (1 + len(levels))
+
     def estimate(self, cls: str) -> AcceptanceEstimate:
         if cls not in self.estimates:
             self.estimates[cls] = AcceptanceEstimate.prior(self.k, self.calibration.get(cls))
@@ -184,8 +187,7 @@ class DraftPolicy:
         best, best_rate, best_drafting, best_drafting_rate, seconds = None, -1.0, None, -1.0, {}
         for levels in self.candidates:
             tokens = ar_rows + sum(n * self._expected_tokens(cls, levels) for cls, n in counts.items())
-            per_row = 1 if levels is None else self.k * (1 + len(levels))
-            seconds[levels] = max(self.costs.predict(len(params) * per_row, context), 1e-12)
+            seconds[levels] = max(self.costs.predict(len(params) * self.tokens_per_row(levels), context), 1e-12)
             rate = tokens / seconds[levels]
             if rate > best_rate:
                 best, best_rate = levels, rate

@@ -209,9 +209,9 @@ class Engine:
 
     def _observe_decode(self, plan, result: StepTokens, seconds: float) -> None:
         """Feeds the drafting policy: the step's time and each row's acceptance."""
-        per_row = 1 if plan.levels is None else self.tidar.block_size * (1 + len(plan.levels))
         self.drafting.observe_step([s.params for s in plan.decode], result.accepted, result.offered,
-                                   len(plan.decode) * per_row, plan.context, seconds)
+                                   len(plan.decode) * self.drafting.tokens_per_row(plan.levels), plan.context,
+                                   seconds)
         for seq in plan.decode:
             levels = seq.request.stats.level_choices
             label = level_label(plan.levels if seq.drafts else None)

@@ -208,13 +208,14 @@ class GeneratorReplica:
 
     def abort(self, request_id: str) -> None:
         """Ends the request at the next step boundary (its trajectories come back as abort)."""
-        def do() -> None:
-            request = self.engine.requests.get(request_id)
-            ended = self.engine.abort(request_id)
-            if request is not None and ended:
-                self._send_finished(request, ended, time.perf_counter())
-        self._commands.put((do, Future()))
+        self._commands.put((lambda: self._abort_and_stream(request_id), Future()))
         self.metrics.aborts.inc()
+
+    def _abort_and_stream(self, request_id: str) -> None:
+        """On the loop: ends a request's unfinished trajectories and streams them (finish reason abort)."""
+        ended = self.engine.abort(request_id)
+        if ended:
+            self._send_finished(ended[0].request, ended, time.perf_counter())
 
     def status(self) -> dict:
         node = ""
@@ -252,8 +253,7 @@ class GeneratorReplica:
             self._swap = _Swap(version, mode, done)
             if mode == "abort":
                 for rid in list(self.engine.scheduler.active):
-                    request = self.engine.requests[rid]
-                    self._send_finished(request, self.engine.abort(rid), time.perf_counter())
+                    self._abort_and_stream(rid)
             elif mode == "wait":
                 self.engine.scheduler.admit_new = False
 
