@@ -150,3 +150,112 @@ def test_ar_perplexity_matches_transformers(tiny):
 def test_ar_perplexity_rejects_one_token_windows(tiny):
     with pytest.raises(ValueError, match="S >= 2"):
         ar_perplexity(load(tiny), torch.zeros(2, 1, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- self-distillation (issue 13)
+def reference_distill_loss(model, x, k, distill):
+    """Written out per position: the diffusion target at i >= 1 mixes onehot(x_i) with the AR
+    policy p(. | x_<i) from a plain causal forward (mask token removed), at i = 0 the label."""
+    B, S = x.shape
+    with torch.no_grad():
+        ids, positions = training_inputs(x, MASK)
+        logq = torch.log_softmax(model.logits(model(ids, SequenceBatch(positions, training_mask(S, k, "cpu")),
+                                                    None))[:, S:], -1)
+        causal = model.logits(model(x, SequenceBatch(torch.arange(S)[None].expand(B, S),
+                                                     torch.ones(S, S, dtype=torch.bool).tril()), None))
+    total = 0.0
+    for b in range(B):
+        for i in range(S):
+            target = F.one_hot(x[b, i], logq.shape[-1]).float()
+            if i > 0:
+                ar = causal[b, i - 1].clone()
+                ar[MASK] = float("-inf")
+                target = (1 - distill) * target + distill * torch.softmax(ar, -1)
+            total += float(-(target * logq[b, i]).sum())
+    return total / (B * S)
+
+
+@pytest.mark.parametrize("distill", [0.0, 0.5, 1.0])
+def test_distilled_diffusion_loss_equals_per_position_reference(tiny, distill):
+    model = load(tiny)
+    S, k = 12, 4
+    x = torch.randint(0, MASK, (2, S), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        _, _, diff = HybridLoss(model, MASK, k, distill=distill)(x)
+    assert float(diff) == pytest.approx(reference_distill_loss(model, x, k, distill), rel=1e-5)
+
+
+def test_distillation_teacher_is_detached(tiny):
+    """With alpha = 0 and distill = 1 the gradient is that of the diffusion half against a fixed
+    target: equal to the gradient of the same loss with the teacher computed beforehand."""
+    model = load(tiny)
+    x = torch.randint(0, MASK, (2, 12), generator=torch.Generator().manual_seed(6))
+    loss, _, _ = HybridLoss(model, MASK, 4, alpha=0.0, distill=1.0)(x)
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    S = 12
+    with torch.no_grad():
+        causal = model.logits(model(x, SequenceBatch(torch.arange(S)[None].expand(2, S),
+                                                     torch.ones(S, S, dtype=torch.bool).tril()), None))
+        teacher = torch.softmax(causal.index_fill(-1, torch.tensor([MASK]), float("-inf")), -1)
+        target = torch.cat((F.one_hot(x[:, :1], 16).float(), teacher[:, :-1]), dim=1)
+    ids, positions = training_inputs(x, MASK)
+    logq = torch.log_softmax(model.logits(model(ids, SequenceBatch(positions, training_mask(S, 4, "cpu")),
+                                                None))[:, S:], -1)
+    (-(target * logq).sum(-1).mean() / 2).backward()  # (alpha * 0 + diff) / (1 + alpha), alpha = 0 -> / 1
+    want = [p.grad for p in model.parameters()]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b * 2, rtol=1e-4, atol=1e-6)
+
+
+def test_ar_rows_restrict_the_ar_loss_to_corpus_rows(tiny):
+    model = load(tiny)
+    x = torch.randint(0, MASK, (4, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        _, ar_first, diff_all = HybridLoss(model, MASK, 4)(x, ar_rows=2)
+        _, ar_ref, _ = HybridLoss(model, MASK, 4)(x[:2])
+        _, _, diff_ref = HybridLoss(model, MASK, 4)(x)
+        _, ar_none, _ = HybridLoss(model, MASK, 4)(x, ar_rows=0)
+    torch.testing.assert_close(ar_first, ar_ref)
+    torch.testing.assert_close(diff_all, diff_ref)
+    assert float(ar_none) == 0.0
+    with pytest.raises(ValueError, match="ar_rows"):
+        HybridLoss(model, MASK, 4)(x, ar_rows=5)
+    with pytest.raises(ValueError, match="distill"):
+        HybridLoss(model, MASK, 4, distill=1.5)
+
+
+def test_distillation_raises_acceptance_of_a_tiny_model(tmp_path):
+    """What the objective is for: trained with distill = 1 on the policy's own samples, the
+    draft distribution moves towards the AR policy: 1 - TV(p, q) at a first draft position rises."""
+    from rollout.config import TidarConfig
+    from rollout.train.self_distill import sample_continuations
+
+    path = make_tiny_model(tmp_path, vocab_size=16)  # init_std 0.3: peaked p and q that disagree
+    _, _, cfg = read_model_config(path)
+    model = load((path, cfg))
+    tidar = TidarConfig(MASK, 4)
+    g = torch.Generator().manual_seed(8)
+    prompts = torch.randint(0, MASK, (16, 4), generator=g)
+
+    def overlap():  # mean sum_v min(p, q) at mask position 4 (first draft of block 1) on fresh samples
+        x = sample_continuations(model, tidar, prompts, 12, 1.0, seed=99)
+        with torch.no_grad():
+            ids, positions = training_inputs(x, MASK)
+            logits = model.logits(model(ids, SequenceBatch(positions, training_mask(16, 4, "cpu")), None))
+        p = torch.softmax(logits[:, 3].index_fill(-1, torch.tensor([MASK]), float("-inf")), -1)
+        q = torch.softmax(logits[:, 16 + 4].index_fill(-1, torch.tensor([MASK]), float("-inf")), -1)
+        return float(torch.minimum(p, q).sum(-1).mean())
+
+    before = overlap()
+    objective = HybridLoss(model, MASK, 4, alpha=0.0, distill=1.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(40):
+        x = sample_continuations(model, tidar, prompts, 12, 1.0, seed=step)
+        loss, _, _ = objective(x, ar_rows=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = overlap()
+    assert after > before + 0.1, (before, after)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import TIDAR_CONFIG_FILE, ModelConfig
+from ..config import TIDAR_CONFIG_FILE, ModelConfig, TidarConfig
 from ..model.decoder import Decoder
 from ..model.loader import load_decoder, read_model_config
 from .corpus import Corpus, fixed_windows, open_corpus, pack_tokens
@@ -41,6 +41,7 @@ from .loop import (
     train,
 )
 from .objective import CausalLoss, HybridLoss, ar_perplexity
+from .self_distill import MixedBatches, SelfDistillSettings
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +181,14 @@ def convert(base_dir: str | Path, corpus: str | Path | Corpus, out_dir: str | Pa
             steps: int, batch_size: int, seq_len: int, lr: float = 1e-4, warmup: int = 0, grad_accum: int = 1,
             mask_token_id: int | None = None, alpha: float = 1.0, seed: int = 0, resume: bool = False,
             device: str | torch.device | None = None, max_corpus_tokens: int = 200_000_000,
-            checkpoint_every: int = 250, progress: bool = False) -> dict:
+            checkpoint_every: int = 250, progress: bool = False, distill: float = 0.0,
+            self_distill: SelfDistillSettings | None = None) -> dict:
     """Trains the AR checkpoint in `base_dir` with the TiDAR hybrid objective on `corpus` and
     writes a TiDAR model directory to `out_dir`. Returns the metrics (also in out_dir/metrics.json):
-    training time and tokens, final losses, held-out AR perplexity of base and converted model."""
+    training time and tokens, final losses, held-out AR perplexity of base and converted model.
+
+    distill: weight of the AR policy's distribution in the diffusion targets (`HybridLoss`).
+    self_distill: mix the policy's own samples into every batch (`self_distill.MixedBatches`)."""
     from transformers import AutoConfig
 
     if block_size < 2:
@@ -208,8 +213,14 @@ def convert(base_dir: str | Path, corpus: str | Path | Corpus, out_dir: str | Pa
         tokens = _training_tokens(corpus, tokenizer, eos_id, s, d.world, max_corpus_tokens)
         log.info("converting %s: %d parameters, mask token %d, block %d, %d corpus tokens",
                  model_dir, sum(p.numel() for p in model.parameters()), mask_id, block_size, tokens.numel())
-        objective = HybridLoss(model, mask_id, block_size, alpha)
-        summary = train(objective, model, tokens, s, out_dir, resume, d, progress)
+        objective = HybridLoss(model, mask_id, block_size, alpha, distill)
+        batches = None
+        if self_distill is not None:
+            batches = MixedBatches(model, TidarConfig(mask_id, block_size), tokens, batch_size, seq_len,
+                                   self_distill, seed, d.rank)
+        summary = train(objective, model, tokens, s, out_dir, resume, d, progress, batches)
+        if batches is not None:
+            summary["self_distill"] = batches.summary()
         metrics = {}
         if d.main:
             converted_ppl = ar_perplexity(model, heldout) if heldout is not None else None
@@ -220,7 +231,8 @@ def convert(base_dir: str | Path, corpus: str | Path | Corpus, out_dir: str | Pa
             metrics = {
                 "conversion": {"base": str(model_dir), "corpus": corpus.name, "train_documents": len(corpus.train),
                                "heldout_documents": len(corpus.heldout), "block_size": block_size,
-                               "mask_token_id": mask_id, "alpha": alpha, "seed": seed, "lr": lr, "warmup": warmup,
+                               "mask_token_id": mask_id, "alpha": alpha, "distill": distill, "seed": seed,
+                               "lr": lr, "warmup": warmup,
                                "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
                                "world_size": d.world, "device": str(d.device), **summary},
                 "heldout_ar_perplexity": {"base": base_ppl, "converted": converted_ppl,
@@ -379,6 +391,16 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the AR loss: (alpha*AR + diff)/(1+alpha)")
     p.add_argument("--mask-token-id", type=int, default=None,
                    help="use this reserved vocabulary id as the mask (default: add a new <|mask|> token)")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="diffusion targets = (1 - D) * the next token + D * the AR half's own distribution "
+                        "(detached); acceptance is measured against the AR policy, not the corpus")
+    p.add_argument("--self-distill", type=float, default=0.0, metavar="FRACTION",
+                   help="share of each batch made of sequences the model samples itself (AR, --self-temperature) "
+                        "from corpus prompts; those rows train the diffusion half only. 0: corpus only")
+    p.add_argument("--self-prompt-len", type=int, default=32, help="corpus tokens each self-sample continues")
+    p.add_argument("--self-pool", type=int, default=64, help="sequences sampled per self-distillation round")
+    p.add_argument("--self-refresh", type=int, default=25, help="optimiser steps between sampling rounds")
+    p.add_argument("--self-temperature", type=float, default=1.0, help="temperature of the self-samples")
     return p
 
 
@@ -391,7 +413,10 @@ def main_convert(argv: list[str] | None = None) -> dict:
                    grad_accum=args.grad_accum, mask_token_id=args.mask_token_id, alpha=args.alpha,
                    seed=args.seed, resume=args.resume, device=args.device,
                    max_corpus_tokens=args.max_corpus_tokens, checkpoint_every=args.checkpoint_every,
-                   progress=True)
+                   progress=True, distill=args.distill,
+                   self_distill=SelfDistillSettings(args.self_distill, args.self_prompt_len, args.self_pool,
+                                                    args.self_refresh, args.self_temperature)
+                   if args.self_distill > 0 else None)
 
 
 def pretrain_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ import math
 import os
 import time
 from datetime import timedelta
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ from torch import nn
 
 from ..model.decoder import Decoder
 from .corpus import sample_windows
+
+# A batch source: (step, micro-batch, generator) -> (x [B, S], extra keyword arguments of the objective)
+Batches = Callable[[int, int, torch.Generator], tuple[torch.Tensor, dict]]
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +126,9 @@ def default_device() -> str:
 
 
 def train(objective: nn.Module, model: Decoder, tokens: torch.Tensor, s: TrainSettings, out_dir: Path,
-          resume: bool, d: DistributedContext, progress: bool) -> dict:
-    """Runs `s.steps` optimiser steps of `objective` (returns loss or (loss, ce_ar, ce_diff))."""
+          resume: bool, d: DistributedContext, progress: bool, batches: Batches | None = None) -> dict:
+    """Runs `s.steps` optimiser steps of `objective` (returns loss or (loss, ce_ar, ce_diff)) on
+    random windows of `tokens`, or on what `batches` gives (self-distillation)."""
     ckpt_dir = out_dir / CHECKPOINT_DIR
     ckpt = ckpt_dir / "state.pt"
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -178,12 +183,16 @@ def train(objective: nn.Module, model: Decoder, tokens: torch.Tensor, s: TrainSe
         for micro in range(s.grad_accum):
             g = torch.Generator().manual_seed(
                 s.seed * 1_000_003 + (step * s.grad_accum + micro) * d.world + d.rank)
-            x = sample_windows(tokens, s.batch_size, s.seq_len, g).to(d.device)
+            if batches is None:
+                x, extra = sample_windows(tokens, s.batch_size, s.seq_len, g), {}
+            else:
+                x, extra = batches(step, micro, g)
+            x = x.to(d.device)
             sync = (wrapped.no_sync() if d.world > 1 and micro < s.grad_accum - 1
                     else contextlib.nullcontext())
             with sync:
                 with autocast:
-                    out = wrapped(x)
+                    out = wrapped(x, **extra)
                 parts = {"loss": out[0], "ar": out[1], "diff": out[2]} if isinstance(out, tuple) else {
                     "loss": out, "ar": out}
                 (parts["loss"] / s.grad_accum).backward()

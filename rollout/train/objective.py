@@ -7,6 +7,15 @@ definition shared with inference). Labels:
   mask half    position i predicts x_i       (diffusion, unshifted)
 Loss = (alpha * CE_AR + CE_diff) / (1 + alpha).
 
+Self-distillation (`distill` > 0): lossless acceptance is 1 - TV(p, q) against the model's own
+AR distribution p, not the corpus, so the diffusion target at mask position i mixes the one-hot
+label with the AR half's detached policy p(. | x_<i) (the clean half's logits at i - 1, through
+`sampling.process_logits`: mask token removed, temperature 1):
+  target_i = (1 - distill) * onehot(x_i) + distill * p(. | x_<i)        (i >= 1; i = 0: onehot)
+On sequences the policy sampled itself this is the marginal acceptance needs; rows the caller
+marks as self-generated (`forward(x, ar_rows=n)`: rows n.. ) get no AR loss, since training p on
+its own samples only adds noise.
+
 Design decisions:
 - On CUDA the mask is a FlexAttention BlockMask built from the rule (no dense (2S)^2 tensor);
   elsewhere FlexAttention has no backward, so the dense `training_visible` mask is used.
@@ -26,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..model.decoder import Decoder, SequenceBatch
+from ..sampling import process_logits
 from ..step_layout import training_mask_rule, training_positions, training_visible
 
 log = logging.getLogger(__name__)
@@ -99,27 +109,73 @@ def cross_entropy_sum(model: Decoder, hidden: torch.Tensor, labels: torch.Tensor
     return total
 
 
-class HybridLoss(nn.Module):
-    """forward(x [B, S]) -> (loss, ce_ar, ce_diff), each a scalar mean over its labelled tokens."""
+def _chunk_soft_ce_sum(model: Decoder, hidden: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor,
+                       weight: torch.Tensor) -> torch.Tensor:
+    logq = torch.log_softmax(model.logits(hidden).float(), dim=-1)
+    hard = -logq.gather(-1, labels[..., None]).squeeze(-1)
+    soft = -(teacher.exp() * logq.clamp_min(torch.finfo(logq.dtype).min)).sum(-1)
+    return ((1 - weight) * hard + weight * soft).sum()
 
-    def __init__(self, model: Decoder, mask_token_id: int, block_size: int, alpha: float = 1.0):
+
+def distill_cross_entropy_sum(model: Decoder, clean: torch.Tensor, masked: torch.Tensor, x: torch.Tensor,
+                              distill: float, mask_token_id: int) -> torch.Tensor:
+    """Summed diffusion CE of lm_head(masked) [B, S, H] against (1 - distill) * onehot(x_i) +
+    distill * p(. | x_<i), p = the policy of lm_head(clean) at i - 1 (detached), chunked over S."""
+    B, S = x.shape
+    total = masked.new_zeros((), dtype=torch.float32)
+    for s in range(0, S, LOGIT_CHUNK):
+        e = min(s + LOGIT_CHUNK, S)
+        with torch.no_grad():
+            prev = model.logits(clean[:, max(s - 1, 0):e - 1].detach())
+            teacher = process_logits(prev, 1.0, 0, 1.0, forbidden=(mask_token_id,))
+            weight = torch.full((B, e - s), float(distill), device=x.device)
+            if s == 0:  # position 0 has no AR prediction: its target is the label alone
+                teacher = torch.cat((torch.zeros_like(teacher[:, :1]), teacher), dim=1)
+                weight[:, 0] = 0.0
+        h, y = masked[:, s:e], x[:, s:e]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_chunk_soft_ce_sum, model, h, y, teacher, weight, use_reentrant=False)
+        else:
+            total = total + _chunk_soft_ce_sum(model, h, y, teacher, weight)
+    return total
+
+
+class HybridLoss(nn.Module):
+    """forward(x [B, S], ar_rows=None) -> (loss, ce_ar, ce_diff), each a scalar mean over its
+    labelled tokens. ar_rows: only rows [0, ar_rows) get the AR loss (None: all); the rest are
+    the policy's own samples (self-distillation), trained on the diffusion half only."""
+
+    def __init__(self, model: Decoder, mask_token_id: int, block_size: int, alpha: float = 1.0,
+                 distill: float = 0.0):
         super().__init__()
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if not 0 <= distill <= 1:
+            raise ValueError(f"distill must be in [0, 1], got {distill}")
         self.model, self.mask_token_id, self.block_size, self.alpha = model, mask_token_id, block_size, alpha
+        self.distill = distill
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, ar_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, S = x.shape
         if S < 2:
             raise ValueError(f"training sequences need at least 2 tokens, got {S}")
+        ar_rows = B if ar_rows is None else ar_rows
+        if not 0 <= ar_rows <= B:
+            raise ValueError(f"ar_rows must be in [0, {B}], got {ar_rows}")
         ids, positions = training_inputs(x, self.mask_token_id)
         mask = training_mask(S, self.block_size, x.device)
         hidden = self.model(ids, SequenceBatch(positions, mask), None)  # [B, 2S, H]
         labels = training_labels(x)
-        ce_ar = cross_entropy_sum(self.model, hidden[:, :S], labels[:, :S]) / (B * (S - 1))
-        ce_diff = cross_entropy_sum(self.model, hidden[:, S:], labels[:, S:]) / (B * S)
+        ce_ar = hidden.new_zeros((), dtype=torch.float32)
+        if ar_rows:
+            ce_ar = cross_entropy_sum(self.model, hidden[:ar_rows, :S], labels[:ar_rows, :S]) / (ar_rows * (S - 1))
+        if self.distill > 0:
+            ce_diff = distill_cross_entropy_sum(self.model, hidden[:, :S], hidden[:, S:], x, self.distill,
+                                                self.mask_token_id) / (B * S)
+        else:
+            ce_diff = cross_entropy_sum(self.model, hidden[:, S:], labels[:, S:]) / (B * S)
         loss = (self.alpha * ce_ar + ce_diff) / (1 + self.alpha)
         return loss, ce_ar, ce_diff
 
