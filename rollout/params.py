@@ -10,6 +10,7 @@ from enum import Enum
 import numpy as np
 
 SAMPLERS = ("lossless", "mixed", "ar")
+MAX_LOGPROBS = 20  # top-N alternatives per token a request may ask for (vLLM's default limit)
 
 
 @dataclass(slots=True, frozen=True)
@@ -19,20 +20,24 @@ class SamplingParams:
     sampler: "lossless" (TiDAR, exact), "mixed" (TiDAR verified against
         softmax(w*l_AR + (1-w)*l_diff): faster, not exact; w = 1 is lossless), "ar" (one token
         per forward through the same engine).
-    temperature 0 is greedy; top_k 0 disables top-k; top_p 1 disables top-p. The same processing
-    applies to the target and the draft distributions. At temperature 0 there is nothing to
+    temperature 0 is greedy; top_k 0 disables top-k; top_p 1 disables top-p; min_p 0 disables
+    min-p. The same processing applies to the target and the draft distributions. At temperature 0 there is nothing to
     relax, so `mixed` verifies against the greedy AR target and equals `lossless`.
     seed: None draws fresh entropy; an int makes the whole call reproducible.
+    logprobs: how many most likely alternatives (ids and log-probs under the same policy) to
+        return per generated token, besides the sampled token's own log-prob; 0: none.
     """
     sampler: str = "lossless"
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     max_tokens: int = 64
     n: int = 1
     seed: int | None = None
     mix_weight: float = 0.5
     stop_token_ids: tuple[int, ...] = field(default=())
+    logprobs: int = 0
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -41,6 +46,10 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -75,6 +84,8 @@ class Completion:
     from_draft: per token, True if it was an accepted draft, False if sampled by the verifier.
     policy_versions: per token, the weight version of the engine that sampled it.
     finish_reason: "stop", "length" or "abort".
+    top_token_ids / top_logprobs: per token, the `SamplingParams.logprobs` most likely ids under
+        the same policy as `logprobs` and their log-probs, most likely first (empty when 0).
     """
     prompt_index: int
     sample_index: int
@@ -85,6 +96,8 @@ class Completion:
     policy_versions: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     num_forward_passes: int = 0
+    top_token_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
 
     @property
     def tokens_per_forward(self) -> float:

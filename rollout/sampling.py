@@ -53,18 +53,19 @@ def _per_row(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, temperature: Setting, top_k: Setting, top_p: Setting,
-                   forbidden: Sequence[int] = ()) -> torch.Tensor:
+                   forbidden: Sequence[int] = (), min_p: Setting = None) -> torch.Tensor:
     """THE policy: logits [..., V] -> log-probabilities [..., V] (float32, or float64 for
     float64 input). The sampler, the log-probs we return and the trainer bridge's log-probs
     (`trainer_bridge.token_logprobs`) all call this one function.
 
     Order: ids in `forbidden` (the mask token: ids the model must never emit) get probability 0,
-    then temperature, then top-k, then top-p.
+    then temperature, then top-k, then top-p, then min-p (tokens whose probability is below
+    min_p x the most likely token's are removed; HF's and vLLM's order).
 
     Each setting is a scalar or a tensor [B] over the leading dimension (per-row settings).
     Order and tie handling follow HF's logits warpers: top-k keeps every token whose logit ties
     the k-th largest; top-p keeps the smallest set of most likely tokens whose mass reaches
-    top_p (always at least one). top_k 0 (or None) and top_p 1 (or None) are off. temperature 0
+    top_p (always at least one). top_k 0 (or None), top_p 1 (or None) and min_p 0 (or None) are off. temperature 0
     is treated as 1 here: greedy decoding picks the argmax, and the log-probs it reports are
     those of the unscaled (filtered) distribution.
     """
@@ -78,6 +79,7 @@ def process_logits(logits: torch.Tensor, temperature: Setting, top_k: Setting, t
         x = x / temperature
     x = _top_k(x, top_k)
     x = _top_p(x, top_p)
+    x = _min_p(x, min_p)
     return torch.log_softmax(x, dim=-1)
 
 
@@ -110,16 +112,26 @@ def _top_p(x: torch.Tensor, top_p: Setting) -> torch.Tensor:
     return x.masked_fill(remove, float("-inf"))
 
 
+def _min_p(x: torch.Tensor, min_p: Setting) -> torch.Tensor:
+    per_row = isinstance(min_p, torch.Tensor)
+    if not per_row and (min_p is None or min_p <= 0):
+        return x
+    m = _per_row(min_p, x).to(x.dtype) if per_row else min_p
+    # p_i < m * p_max  <=>  x_i < x_max + log(m): no softmax needed; m = 0 gives -inf (keeps all).
+    threshold = x.max(dim=-1, keepdim=True).values + torch.log(torch.as_tensor(m, dtype=x.dtype, device=x.device))
+    return x.masked_fill(x < threshold, float("-inf"))
+
+
 def greedy_distribution(logprobs: torch.Tensor) -> torch.Tensor:
     """One-hot [..., V] at the argmax: the distribution greedy decoding samples from."""
     return torch.zeros_like(logprobs).scatter_(-1, logprobs.argmax(-1, keepdim=True), 1.0)
 
 
 def policy_distribution(logits: torch.Tensor, temperature: Setting, top_k: Setting, top_p: Setting,
-                        forbidden: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                        forbidden: Sequence[int] = (), min_p: Setting = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(probs the token is drawn from, log-probs reported for it), both [..., V]. Rows at
     temperature 0 draw from the one-hot argmax."""
-    logprobs = process_logits(logits, temperature, top_k, top_p, forbidden)
+    logprobs = process_logits(logits, temperature, top_k, top_p, forbidden, min_p)
     if isinstance(temperature, torch.Tensor):
         greedy = _per_row(temperature == 0, logprobs)
         return torch.where(greedy, greedy_distribution(logprobs), logprobs.exp()), logprobs
@@ -140,8 +152,8 @@ def mixed_logits(ar_logits: torch.Tensor, diffusion_logits: torch.Tensor, weight
 class RowSampling:
     """One step's per-row sampling settings as device tensors [B], built once per step.
 
-    temperature 0 = greedy; top_k / top_p are None when no row of the step filters (the sort
-    is skipped); mix_weight is the verification weight w of the mixing sampler, 1 (plain p)
+    temperature 0 = greedy; top_k / top_p / min_p are None when no row of the step filters (the
+    sort is skipped); mix_weight is the verification weight w of the mixing sampler, 1 (plain p)
     for every row that is not `mixed` at temperature > 0; `any_mixed` says whether any row
     needs the mixed target at all; `forbidden`: ids no row may ever sample (the mask token),
     removed from target and draft distributions alike."""
@@ -151,6 +163,7 @@ class RowSampling:
     mix_weight: torch.Tensor
     any_mixed: bool
     forbidden: tuple[int, ...] = ()
+    min_p: torch.Tensor | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], device: torch.device | str,
@@ -158,17 +171,19 @@ class RowSampling:
         mixed = [p.sampler == "mixed" and p.temperature > 0 and p.mix_weight < 1 for p in params]
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
+        min_p = [p.min_p for p in params]
         return cls(
             temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device),
             top_k=torch.tensor(top_k).to(device) if any(top_k) else None,
             top_p=torch.tensor(top_p, dtype=torch.float32).to(device) if min(top_p) < 1 else None,
             mix_weight=torch.tensor([p.mix_weight if m else 1.0 for p, m in zip(params, mixed)],
                                     dtype=torch.float32).to(device),
-            any_mixed=any(mixed), forbidden=forbidden)
+            any_mixed=any(mixed), forbidden=forbidden,
+            min_p=torch.tensor(min_p, dtype=torch.float32).to(device) if max(min_p) > 0 else None)
 
     def policy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`policy_distribution` with these rows' settings: logits [B, ..., V]."""
-        return policy_distribution(logits, self.temperature, self.top_k, self.top_p, self.forbidden)
+        return policy_distribution(logits, self.temperature, self.top_k, self.top_p, self.forbidden, self.min_p)
 
 
 def row_key(seed: int, prompt_index: int, sample_index: int) -> int:

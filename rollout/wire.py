@@ -36,13 +36,15 @@ def params_from_proto(p: pb.SamplingParams) -> SamplingParams:
         seed=p.seed if p.HasField("seed") else None,
         mix_weight=p.mix_weight if p.HasField("mix_weight") else 0.5,
         stop_token_ids=tuple(p.stop_token_ids),
+        min_p=p.min_p,
+        logprobs=p.logprobs,
     )
 
 
 def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
     msg = pb.SamplingParams(sampler=p.sampler, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                             max_tokens=p.max_tokens, n=p.n, mix_weight=p.mix_weight,
-                            stop_token_ids=list(p.stop_token_ids))
+                            stop_token_ids=list(p.stop_token_ids), min_p=p.min_p, logprobs=p.logprobs)
     if p.seed is not None:
         msg.seed = p.seed
     return msg
@@ -56,7 +58,13 @@ def completion_to_record(c: Completion) -> dict:
                 behavior_logprobs=np.asarray(c.behavior_logprobs, dtype="<f4"),
                 policy_versions=np.asarray(c.policy_versions, dtype="<i8"),
                 from_draft=np.asarray(c.from_draft, dtype="u1"),
-                finish_reason=str(c.finish_reason), num_forward_passes=c.num_forward_passes)
+                finish_reason=str(c.finish_reason), num_forward_passes=c.num_forward_passes,
+                top_token_ids=_matrix(c.top_token_ids, "<i4"), top_logprobs=_matrix(c.top_logprobs, "<f4"))
+
+
+def _matrix(rows: list[list], dtype: str) -> np.ndarray:
+    """[tokens x N] (N = the request's logprobs); [0 x 0] when none were asked for."""
+    return np.asarray(rows, dtype=dtype) if rows else np.zeros((0, 0), dtype=dtype)
 
 
 def record_to_trajectory(r: dict, group_id: str, replica: str, timings: dict) -> pb.Trajectory:
@@ -68,7 +76,15 @@ def record_to_trajectory(r: dict, group_id: str, replica: str, timings: dict) ->
         from_draft=r["from_draft"].tobytes(), finish_reason=FINISH_REASONS[r["finish_reason"]],
         timings=pb.Timings(**timings), tokens_per_forward=n / max(r["num_forward_passes"], 1),
         num_forward_passes=r["num_forward_passes"], group_id=group_id, replica=replica,
-        error=r.get("error", ""))
+        error=r.get("error", ""), **_top_fields(r))
+
+
+def _top_fields(r: dict) -> dict:
+    top = r.get("top_token_ids")
+    if top is None or top.size == 0:
+        return {}
+    return dict(top_token_ids=top.tobytes(), top_logprobs=r["top_logprobs"].tobytes(),
+                num_top_logprobs=top.shape[1])
 
 
 def trajectory_arrays(t: pb.Trajectory) -> dict:
@@ -77,7 +93,11 @@ def trajectory_arrays(t: pb.Trajectory) -> dict:
                 logprobs=np.frombuffer(t.logprobs, dtype="<f4"),
                 behavior_logprobs=np.frombuffer(t.behavior_logprobs, dtype="<f4"),
                 policy_versions=np.frombuffer(t.policy_versions, dtype="<i8"),
-                from_draft=np.frombuffer(t.from_draft, dtype="u1").astype(bool))
+                from_draft=np.frombuffer(t.from_draft, dtype="u1").astype(bool),
+                top_token_ids=np.frombuffer(t.top_token_ids, dtype="<i4").reshape(-1, max(t.num_top_logprobs, 1))
+                if t.num_top_logprobs else np.zeros((0, 0), dtype="<i4"),
+                top_logprobs=np.frombuffer(t.top_logprobs, dtype="<f4").reshape(-1, max(t.num_top_logprobs, 1))
+                if t.num_top_logprobs else np.zeros((0, 0), dtype="<f4"))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -30,14 +30,14 @@ def model_dir(tmp_path_factory):
                            hidden_size=32, init_std=0.25, seed=3)
 
 
-def exact_ar_distribution(model_dir, temperature, top_k, top_p) -> torch.Tensor:
+def exact_ar_distribution(model_dir, temperature, top_k, top_p, min_p=0.0) -> torch.Tensor:
     """P(x1, x2, x3 | PROMPT) [V, V, V] by enumeration with the HF model."""
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     V = VOCAB
     with torch.no_grad():
         def next_probs(prefixes):
             logits = hf(torch.tensor([PROMPT + p for p in prefixes])).logits[:, -1]
-            return process_logits(logits, temperature, top_k, top_p, (VOCAB - 1,)).exp()  # the mask id
+            return process_logits(logits, temperature, top_k, top_p, (VOCAB - 1,), min_p).exp()  # the mask id
         p1 = next_probs([[]])[0]  # [V]
         p2 = next_probs([[a] for a in range(V)])  # [V, V]
         p3 = next_probs([[a, b] for a in range(V) for b in range(V)]).view(V, V, V)
@@ -66,17 +66,19 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 CASES = [
-    ("lossless", 1.0, 0, 1.0, 11),
-    ("lossless", 0.8, 5, 0.9, 12),
-    ("mixed", 1.0, 0, 1.0, 13),  # mixed at w = 1 is the lossless sampler
+    ("lossless", 1.0, 0, 1.0, 0.0, 11),
+    ("lossless", 0.8, 5, 0.9, 0.0, 12),
+    ("mixed", 1.0, 0, 1.0, 0.0, 13),  # mixed at w = 1 is the lossless sampler
+    ("lossless", 1.2, 0, 1.0, 0.1, 14),
 ]
 
 
-@pytest.mark.parametrize("sampler,temperature,top_k,top_p,seed", CASES)
-def test_lossless_matches_ar_distribution(model_dir, sampler, temperature, top_k, top_p, seed):
-    params = SamplingParams(sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p,
+@pytest.mark.parametrize("sampler,temperature,top_k,top_p,min_p,seed", CASES)
+def test_lossless_matches_ar_distribution(model_dir, sampler, temperature, top_k, top_p, min_p, seed):
+    params = SamplingParams(sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             max_tokens=3, n=NUM_SAMPLES, seed=seed, mix_weight=1.0)
-    p = chi_square_pvalue(sample_counts(model_dir, params), exact_ar_distribution(model_dir, temperature, top_k, top_p))
+    p = chi_square_pvalue(sample_counts(model_dir, params),
+                          exact_ar_distribution(model_dir, temperature, top_k, top_p, min_p))
     assert p > ALPHA, f"lossless samples differ from AR (chi-square p = {p:.2e}; a correct sampler fails w.p. {ALPHA})"
 
 

@@ -34,9 +34,10 @@ def test_greedy_ar_equals_hf_generate(engine, hf_model):
 
 
 @pytest.mark.parametrize("sampler", ["ar", "lossless", "mixed"])
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 6, 0.9), (0.0, 0, 1.0)])
-def test_logprobs_match_teacher_forced_hf(engine, hf_model, sampler, temperature, top_k, top_p):
-    params = SamplingParams(sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p,
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 0, 1.0, 0.0), (0.8, 6, 0.9, 0.0), (0.0, 0, 1.0, 0.0),
+                                                         (1.2, 0, 1.0, 0.1)])
+def test_logprobs_match_teacher_forced_hf(engine, hf_model, sampler, temperature, top_k, top_p, min_p):
+    params = SamplingParams(sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             max_tokens=25, n=2, seed=5)
     outs = engine.generate(PROMPTS, params)
     for prompt, group in zip(PROMPTS, outs):
@@ -44,7 +45,8 @@ def test_logprobs_match_teacher_forced_hf(engine, hf_model, sampler, temperature
             ids = torch.tensor([prompt + c.token_ids])
             with torch.no_grad():
                 logits = hf_model(ids).logits[0, len(prompt) - 1:-1]
-            ref = process_logits(logits, temperature, top_k, top_p, (15,)).gather(-1, torch.tensor(c.token_ids)[:, None])
+            ref = process_logits(logits, temperature, top_k, top_p, (15,), min_p).gather(
+                -1, torch.tensor(c.token_ids)[:, None])
             ref, ours = ref.squeeze(-1), torch.tensor(c.logprobs)
             # Only `mixed` can emit a token that top-k/top-p removed from p: log p = -inf on both sides.
             assert torch.equal(torch.isinf(ref), torch.isinf(ours))
@@ -191,15 +193,46 @@ def test_the_mask_token_is_never_sampled_even_at_high_temperature(engine):
         assert all(math.isfinite(lp) for g in outs for c in g for lp in c.logprobs)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 6, 0.9), (1.3, 0, 0.7), (1.0, 3, 1.0)])
-def test_trainer_bridge_logprobs_are_the_rollout_policy(engine, temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(0.8, 6, 0.9, 0.0), (1.3, 0, 0.7, 0.0), (1.0, 3, 1.0, 0.0),
+                                                         (1.5, 0, 1.0, 0.05)])
+def test_trainer_bridge_logprobs_are_the_rollout_policy(engine, temperature, top_k, top_p, min_p):
     """trainer_bridge.token_logprobs, given the request's settings and the mask id, computes the
-    same policy as the rollout's returned log-probs (top-k / top-p included)."""
+    same policy as the rollout's returned log-probs (top-k / top-p / min-p included)."""
     from trainer_bridge import token_logprobs
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=20, n=2, seed=6)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, max_tokens=20, n=2,
+                            seed=6)
     for prompt, group in zip(PROMPTS, engine.generate(PROMPTS, params)):
         for c in group:
             ids = torch.tensor([prompt + c.token_ids])
             logits = engine.forward_logits(ids.tolist())[0][None]  # [1, S, V]
-            new = token_logprobs(logits, ids, temperature, top_k, top_p, forbidden=(15,))[0, len(prompt):]
+            new = token_logprobs(logits, ids, temperature, top_k, top_p, forbidden=(15,), min_p=min_p)[0, len(prompt):]
             assert (new - torch.tensor(c.logprobs)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("sampler", ["ar", "lossless", "mixed"])
+def test_top_logprobs_are_the_policys_most_likely_tokens(engine, sampler):
+    """logprobs=N returns, per token, the N most likely ids under the same policy as `logprobs`
+    (teacher-forced reference), most likely first; rows without it get none."""
+    params = SamplingParams(sampler=sampler, temperature=0.9, top_k=8, max_tokens=18, n=2, seed=3, logprobs=4)
+    outs = engine.generate(PROMPTS, params)
+    for prompt, group in zip(PROMPTS, outs):
+        for c in group:
+            assert len(c.top_token_ids) == len(c.top_logprobs) == len(c.token_ids)
+            ids = torch.tensor([prompt + c.token_ids])
+            ref = process_logits(engine.forward_logits(ids.tolist())[0][len(prompt) - 1:-1], 0.9, 8, 1.0, (15,))
+            values, _ = ref.topk(4, dim=-1)
+            ours = torch.tensor(c.top_logprobs)
+            assert (ours - values).abs().max().item() <= 1e-5
+            chosen = ref.gather(-1, torch.tensor(c.top_token_ids))
+            assert (chosen - ours).abs().max().item() <= 1e-5  # the ids are the ones with those log-probs
+            assert all(a >= b for row in c.top_logprobs for a, b in zip(row, row[1:]))
+    plain = engine.generate(PROMPTS[:1], SamplingParams(sampler=sampler, max_tokens=5, seed=3))[0][0]
+    assert plain.top_token_ids == [] and plain.top_logprobs == []
+
+
+def test_logprobs_count_is_bounded():
+    from rollout.params import MAX_LOGPROBS
+    with pytest.raises(ValueError, match=f"logprobs must be an integer in \\[0, {MAX_LOGPROBS}\\]"):
+        SamplingParams(logprobs=MAX_LOGPROBS + 1)
+    with pytest.raises(ValueError, match="min_p must be in"):
+        SamplingParams(min_p=1.5)

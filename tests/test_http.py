@@ -104,6 +104,18 @@ def test_http_and_grpc_return_the_same_tokens_and_logprobs_for_the_same_seed(run
         assert c.from_draft == a["from_draft"].tolist() and c.policy_versions == a["policy_versions"].tolist()
 
 
+def test_top_logprobs_and_min_p_are_the_same_over_http_and_grpc(runner, client):
+    http = complete(client, PROMPTS, max_tokens=8, seed=6, logprobs=3,
+                    extra_body=dict(ignore_eos=True, return_tokens_as_token_ids=True, min_p=0.05))
+    grpc = runner.stub().Generate(request(PROMPTS, max_tokens=8, seed=6, logprobs=3, min_p=0.05),
+                                  timeout=CALL_TIMEOUT)
+    for c, t in zip(http.choices, grpc.trajectories):
+        a = trajectory_arrays(t)
+        assert a["top_token_ids"].shape == a["top_logprobs"].shape == (len(c.token_ids), 3)
+        for ids, lps, top in zip(a["top_token_ids"].tolist(), a["top_logprobs"].tolist(), c.logprobs.top_logprobs):
+            assert all(np.float32(top[f"token_id:{i}"]) == np.float32(lp) for i, lp in zip(ids, lps))
+
+
 def test_logprobs_are_the_sampled_tokens_with_ids_as_token_strings(client):
     resp = complete(client, [PROMPTS[0]], max_tokens=5, seed=2, logprobs=1,
                     extra_body=dict(ignore_eos=True, return_tokens_as_token_ids=True))
@@ -112,7 +124,29 @@ def test_logprobs_are_the_sampled_tokens_with_ids_as_token_strings(client):
     assert all(lp <= 0 for lp in c.logprobs.token_logprobs)
     # lossless: the behaviour distribution is the policy's
     assert c.logprobs.token_logprobs == c.behavior_logprobs
-    assert c.logprobs.top_logprobs == [{s: lp} for s, lp in zip(c.logprobs.tokens, c.logprobs.token_logprobs)]
+    # logprobs=1 (vLLM): the most likely token and the sampled one (one entry when they coincide)
+    for s, lp, top in zip(c.logprobs.tokens, c.logprobs.token_logprobs, c.logprobs.top_logprobs):
+        assert top[s] == lp and len(top) in (1, 2) and max(top.values()) >= lp
+
+
+def test_top_n_logprobs_on_completions_chat_and_generate(runner, client):
+    """logprobs=N: per token the N most likely tokens under the policy and the sampled one, in
+    vLLM's formats; the sampled token's entry equals its reported log-prob."""
+    resp = complete(client, [PROMPTS[0]], max_tokens=6, seed=4, logprobs=3, top_p=0.95,
+                    extra_body=dict(ignore_eos=True, return_tokens_as_token_ids=True, min_p=0.02))
+    [c] = resp.choices
+    for token, lp, top in zip(c.logprobs.tokens, c.logprobs.token_logprobs, c.logprobs.top_logprobs):
+        assert len(top) in (3, 4) and top[token] == lp
+        alternatives = sorted(top.values(), reverse=True)[:3]
+        assert lp <= alternatives[0] and all(v <= 0 for v in alternatives)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "bcd"}], max_tokens=5,
+                                          seed=7, logprobs=True, top_logprobs=2, extra_body=dict(ignore_eos=True))
+    for e in chat.choices[0].logprobs.content:
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.logprob - 1e9
+        assert e.logprob <= e.top_logprobs[0].logprob
+    body = dict(token_ids=PROMPTS[0], sampling_params=dict(max_tokens=4, seed=9, logprobs=5, ignore_eos=True))
+    gen = httpx.post(url(runner, "/inference/v1/generate"), json=body, timeout=CALL_TIMEOUT).json()
+    assert all(len(e["top_logprobs"]) == 5 for e in gen["choices"][0]["logprobs"]["content"])
 
 
 def test_generation_stops_at_eos_unless_ignore_eos(client):
@@ -208,18 +242,19 @@ def test_bad_input_is_400_naming_the_field(runner, fields, named):
 
 
 @pytest.mark.parametrize("route,fields,named", [
-    ("/v1/completions", dict(logprobs=5), "logprobs=5"),
+    ("/v1/completions", dict(logprobs=21), r"logprobs must be an integer in \[0, 20\]"),
+    ("/v1/completions", dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
+    ("/v1/chat/completions", dict(top_logprobs=3), "top_logprobs=3 needs logprobs: true"),
+    ("/v1/chat/completions", dict(logprobs=True, top_logprobs=30), r"top_logprobs must be in \[0, 20\]"),
     ("/v1/completions", dict(presence_penalty=0.5), "presence_penalty is not supported"),
     ("/v1/completions", dict(repetition_penalty=1.2), "repetition_penalty is not supported"),
-    ("/v1/completions", dict(min_p=0.1), "min_p is not supported"),
     ("/v1/completions", dict(best_of=2), "best_of is not supported"),
     ("/v1/completions", dict(echo=True), "echo is not supported"),
-    ("/v1/chat/completions", dict(logprobs=True, top_logprobs=3), "top_logprobs=3"),
 ])
 def test_unsupported_fields_are_400_naming_the_field(runner, route, fields, named):
     base = dict(prompt=[2, 3]) if route == "/v1/completions" else dict(messages=[{"role": "user", "content": "b"}])
     resp = httpx.post(url(runner, route), json=dict(base, max_tokens=4, **fields), timeout=CALL_TIMEOUT)
-    assert resp.status_code == 400 and named in resp.json()["error"]["message"]
+    assert resp.status_code == 400 and re.search(named, resp.json()["error"]["message"])
 
 
 def test_openai_client_sees_a_bad_request_error_naming_the_field(client):

@@ -159,3 +159,32 @@ def test_forbidden_ids_get_probability_zero_before_temperature_and_top_p():
     assert lp[0, 0] == float("-inf")
     expected = process_logits(logits[:, 1:], 2.0, 0, 0.8)  # the same policy over the other ids
     torch.testing.assert_close(lp[:, 1:], expected)
+
+
+def test_min_p_matches_hf_warper_after_temperature_top_k_top_p():
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(4)) * 2
+    for t, k, p, m in ((1.0, 0, 1.0, 0.1), (0.7, 10, 1.0, 0.05), (1.3, 0, 0.9, 0.2), (1.0, 0, 1.0, 1.0)):
+        x = TemperatureLogitsWarper(t)(None, logits.clone())
+        if k:
+            x = TopKLogitsWarper(k)(None, x)
+        if p < 1:
+            x = TopPLogitsWarper(p)(None, x)
+        ref = torch.log_softmax(MinPLogitsWarper(m)(None, x), -1)
+        ours = process_logits(logits, t, k, p, min_p=m)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (t, k, p, m)
+        finite = torch.isfinite(ref)
+        assert torch.allclose(ours[finite], ref[finite], atol=1e-6)
+
+
+def test_per_row_min_p_equals_each_rows_scalar_setting():
+    logits = torch.randn(3, 4, 30, generator=torch.Generator().manual_seed(5)) * 3
+    min_p = torch.tensor([0.0, 0.2, 0.6])
+    rows = process_logits(logits, 1.0, 0, 1.0, min_p=min_p)
+    for b in range(3):
+        torch.testing.assert_close(rows[b], process_logits(logits[b], 1.0, 0, 1.0, min_p=float(min_p[b])))

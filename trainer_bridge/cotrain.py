@@ -29,12 +29,12 @@ def tidar_forward(model: Decoder, input_ids: torch.Tensor, mask_token_id: int, b
 
 
 def token_logprobs(ar_logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, forbidden: tuple[int, ...] = ()) -> torch.Tensor:
+                   top_p: float = 1.0, forbidden: tuple[int, ...] = (), min_p: float = 0.0) -> torch.Tensor:
     """[B, S] log-prob of each token under the AR policy (position 0: 0), aligned with input_ids
     like RolloutBatch.old_logprobs. The policy is the rollout's, by the same function
-    (`rollout.sampling.process_logits`): pass the request's temperature, top_k, top_p and the
+    (`rollout.sampling.process_logits`): pass the request's temperature, top_k, top_p, min_p and the
     model's mask token id as `forbidden` (the served policy never emits it)."""
-    logp = process_logits(ar_logits[:, :-1], temperature, top_k, top_p, forbidden)
+    logp = process_logits(ar_logits[:, :-1], temperature, top_k, top_p, forbidden, min_p)
     picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return F.pad(picked, (1, 0))
 

@@ -220,8 +220,9 @@ class Engine:
     def _record(self, result: StepTokens) -> list[Sequence]:
         """Appends a step's tokens to its sequences; returns those that finished."""
         finished, now = [], time.perf_counter()
-        for seq, tokens, lps, blps, a, offered in zip(result.seqs, result.tokens, result.logprobs, result.behavior,
-                                                      result.accepted, result.offered):
+        for seq, tokens, lps, blps, a, offered, top in zip(result.seqs, result.tokens, result.logprobs,
+                                                           result.behavior, result.accepted, result.offered,
+                                                           result.top):
             seq.out.num_forward_passes += 1
             stats = seq.request.stats
             if seq.first_token_at is None:
@@ -231,7 +232,7 @@ class Engine:
                 stats.draft_attempts[i] += 1
             for i in range(a):
                 stats.draft_accepts[i] += 1
-            if self.scheduler.append(seq, tokens, lps, blps, [True] * a + [False], self.weight_version):
+            if self.scheduler.append(seq, tokens, lps, blps, [True] * a + [False], self.weight_version, top):
                 finished.append(seq)
         return finished
 

@@ -38,12 +38,29 @@ from .sequence import Sequence
 class StepTokens:
     """One step's result for each of its sequences, on the CPU: the tokens it emits (accepted
     drafts then the verifier's token), their log-probs under p and under what sampled them,
-    and how many drafts were offered and accepted."""
-    __slots__ = ("seqs", "tokens", "logprobs", "behavior", "accepted", "offered")
+    and how many drafts were offered and accepted. `top`: per row, None or per emitted token
+    (ids, log-probs) of the most likely alternatives under p (rows that asked for logprobs > 0)."""
+    __slots__ = ("seqs", "tokens", "logprobs", "behavior", "accepted", "offered", "top")
 
-    def __init__(self, seqs, tokens, logprobs, behavior, accepted, offered):
+    def __init__(self, seqs, tokens, logprobs, behavior, accepted, offered, top=None):
         self.seqs, self.tokens, self.logprobs, self.behavior = seqs, tokens, logprobs, behavior
         self.accepted, self.offered = accepted, offered
+        self.top = top if top is not None else [None] * len(seqs)
+
+
+def top_alternatives(seqs, logprobs: torch.Tensor, emitted: list[int]) -> list | None:
+    """Per row: None, or [(ids, log-probs)] of the row's `params.logprobs` most likely tokens at
+    each of its first `emitted[row]` positions. logprobs [B, V] or [B, k, V] (the policy p)."""
+    wanted = [s.params.logprobs for s in seqs]
+    N = max(wanted)
+    if N == 0:
+        return None
+    values, ids = logprobs.topk(N, dim=-1)
+    if values.dim() == 2:
+        values, ids = values[:, None], ids[:, None]
+    values, ids = values.tolist(), ids.tolist()
+    return [None if n == 0 else [(ids[b][i][:n], values[b][i][:n]) for i in range(emitted[b])]
+            for b, n in enumerate(wanted)]
 
 
 class ModelRunner:
@@ -155,7 +172,8 @@ class ModelRunner:
         self.keys[slots] = keys
         self._store(slots, drafts, draft_logits, torch.where(drafting, K, 1) if block else torch.ones_like(slots))
         tokens, lps = first.tolist(), first_lp.tolist()
-        return StepTokens(seqs, [[t] for t in tokens], [[x] for x in lps], [[x] for x in lps], [0] * R, [0] * R)
+        return StepTokens(seqs, [[t] for t in tokens], [[x] for x in lps], [[x] for x in lps], [0] * R, [0] * R,
+                          top_alternatives(seqs, logprobs, [1] * R))
 
     def _store(self, slots: torch.Tensor, drafts: torch.Tensor, draft_logits: torch.Tensor,
                num_valid: torch.Tensor) -> None:
@@ -226,7 +244,8 @@ class ModelRunner:
             blps.append(row[2 * k:2 * k + a + 1])
             acc.append(a)
             offered.append(int(row[3 * k + 1]))
-        return StepTokens(seqs, tokens, lps, blps, acc, offered)
+        return StepTokens(seqs, tokens, lps, blps, acc, offered,
+                          top_alternatives(seqs, p_logprobs, [a + 1 for a in acc]))
 
     def _decode_forward(self, slots: torch.Tensor, L: torch.Tensor, prefix_max: int, drafts: torch.Tensor,
                         layout: DecodeLayout) -> torch.Tensor:

@@ -149,10 +149,14 @@ class Scheduler:
                 self.running.extend(chunk.group.sequences)
 
     def append(self, seq: Sequence, tokens: list[int], logprobs: list[float], behavior: list[float],
-               from_draft: list[bool], version: int) -> bool:
-        """Appends one step's tokens, cutting at a stop token or max_tokens. True when finished."""
+               from_draft: list[bool], version: int, top: list | None = None) -> bool:
+        """Appends one step's tokens, cutting at a stop token or max_tokens. True when finished.
+        top: None or per token (ids, log-probs) of the top alternatives."""
         c, params = seq.out, seq.params
-        for t, lp, blp, fd in zip(tokens, logprobs, behavior, from_draft):
+        for i, (t, lp, blp, fd) in enumerate(zip(tokens, logprobs, behavior, from_draft)):
+            if top is not None:
+                c.top_token_ids.append(top[i][0])
+                c.top_logprobs.append(top[i][1])
             c.token_ids.append(t)
             c.logprobs.append(lp)
             c.behavior_logprobs.append(blp)

@@ -11,10 +11,12 @@ Design decisions:
 - Our provenance rides along in each choice: per-token `policy_versions`, `from_draft` and
   `behavior_logprobs`; finish reason `abort` passes through. `sampler` and `mix_weight` are extra
   body fields (default lossless, i.e. exact).
-- The engine computes the sampled token's log-prob only, so `logprobs` 0 / 1 (chat: `true` with
-  no alternatives) is all we serve; top-N alternatives and the sampling features the engine lacks
-  (penalties, min_p, best_of, echo, structured output, ...) are refused with a 400 naming the field,
-  never silently ignored. Fields we do not know are ignored, as vLLM does.
+- Log-probs: the sampled token's, plus top-N alternatives (`logprobs` N, chat `top_logprobs` N,
+  up to `params.MAX_LOGPROBS`) under the same policy, computed by the engine. `min_p` is part of
+  the policy (`sampling.process_logits`). The sampling features the engine lacks (penalties,
+  best_of, echo, structured output, ...) are refused with a 400 naming the field, never silently
+  ignored: a penalty would change the policy the trainer has to reproduce. Fields we do not know
+  are ignored, as vLLM does.
 - Like vLLM, generation stops at the model's EOS token unless `ignore_eos`; stop strings are
   applied here, after generation (see `_cut_at_stop`).
 - The router hands back a trajectory when it finishes, so a stream sends one chunk per finished
@@ -44,7 +46,7 @@ from ray.exceptions import RayTaskError
 
 from ..config import ModelConfig, TidarConfig
 from ..engine.engine import LoadError
-from ..params import SamplingParams
+from ..params import MAX_LOGPROBS, SamplingParams
 from ..tokenizer import TextTokenizer
 from .http_protocol import (UNSUPPORTED, ChatRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
                             SamplingFields, TokenizeRequest)
@@ -76,6 +78,7 @@ class Choice:
     token_ids: list[int]
     logprobs: list[float]
     extras: dict = field(default_factory=dict)   # policy_versions, from_draft, behavior_logprobs
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # per token: top-N (id, log-prob)
     finish_reason: str = "length"
     stop_reason: int | str | None = None
     text: str = ""
@@ -92,7 +95,8 @@ class HttpFrontend:
         self.app = self._build_app()
 
     # ------------------------------------------------------------------ parsing
-    def _job(self, body: SamplingFields, prompts: list[list[int]], default_max_tokens: int | None) -> Job:
+    def _job(self, body: SamplingFields, prompts: list[list[int]], default_max_tokens: int | None,
+             top_logprobs: int = 0) -> Job:
         for name, neutral in UNSUPPORTED.items():
             if name in (body.model_extra or {}) and body.model_extra[name] not in neutral:
                 raise ValueError(f"{name} is not supported by this server (TiDAR rollout engine)")
@@ -115,7 +119,8 @@ class HttpFrontend:
             sampler=body.sampler, temperature=1.0 if body.temperature is None else body.temperature,
             top_k=0 if body.top_k in (None, -1) else body.top_k, top_p=1.0 if body.top_p is None else body.top_p,
             max_tokens=max_tokens, n=body.n, seed=body.seed, mix_weight=body.mix_weight,
-            stop_token_ids=tuple(user_stop_ids + eos))
+            stop_token_ids=tuple(user_stop_ids + eos), min_p=0.0 if body.min_p is None else body.min_p,
+            logprobs=top_logprobs)
         validate_request(prompts, params, self.router, self.config, self.tidar)
         deadline = time.monotonic() + body.timeout_seconds if body.timeout_seconds else None
         include_usage = bool((getattr(body, "stream_options", None) or {}).get("include_usage"))
@@ -167,6 +172,9 @@ class HttpFrontend:
                    extras=dict(policy_versions=r["policy_versions"].tolist(),
                                from_draft=r["from_draft"].astype(bool).tolist(),
                                behavior_logprobs=r["behavior_logprobs"].tolist()))
+        top = r.get("top_token_ids")
+        if top is not None and top.size:
+            c.top = [list(zip(ids, lps)) for ids, lps in zip(top.tolist(), r["top_logprobs"].tolist())]
         if c.finish_reason == "stop" and tokens and tokens[-1] in job.user_stop_ids:
             c.stop_reason = tokens[-1]
         if self.tokenizer is None:
@@ -175,7 +183,7 @@ class HttpFrontend:
         cut = _cut_at_stop(tokens, job.stops, lambda ids: self.tokenizer.decode(ids, job.skip_special))
         if cut is not None:
             keep, text_end, stop = cut
-            c.token_ids, c.logprobs = tokens[:keep], c.logprobs[:keep]
+            c.token_ids, c.logprobs, c.top = tokens[:keep], c.logprobs[:keep], c.top[:keep]
             c.extras = {k: v[:keep] for k, v in c.extras.items()}
             c.text, c.finish_reason, c.stop_reason = c.text[:text_end], "stop", stop
             if job.include_stop_str:
@@ -245,14 +253,19 @@ class HttpFrontend:
         for s in tokens:
             offsets.append(at)
             at += len(s)
-        return dict(text_offset=offsets, token_logprobs=c.logprobs, tokens=tokens,
-                    top_logprobs=[{s: lp} for s, lp in zip(tokens, c.logprobs)])
+        top = []  # vLLM: the top-N alternatives and the sampled token
+        for i, (s, lp) in enumerate(zip(tokens, c.logprobs)):
+            alternatives = {self._token_str(t, as_ids): a for t, a in (c.top[i] if c.top else ())}
+            top.append({**alternatives, s: lp})
+        return dict(text_offset=offsets, token_logprobs=c.logprobs, tokens=tokens, top_logprobs=top)
 
     def _chat_logprobs(self, c: Choice, as_ids: bool) -> dict:
-        content = []
-        for t, lp in zip(c.token_ids, c.logprobs):
+        def entry(t: int, lp: float) -> dict:
             s = self._token_str(t, as_ids)
-            content.append(dict(token=s, logprob=lp, bytes=list(s.encode()), top_logprobs=[]))
+            return dict(token=s, logprob=lp, bytes=list(s.encode()))
+        content = []
+        for i, (t, lp) in enumerate(zip(c.token_ids, c.logprobs)):
+            content.append(dict(entry(t, lp), top_logprobs=[entry(a, alp) for a, alp in (c.top[i] if c.top else ())]))
         return dict(content=content)
 
     # ------------------------------------------------------------------ routes
@@ -284,10 +297,8 @@ class HttpFrontend:
 
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request):
-            if body.logprobs is not None and body.logprobs not in (0, 1):
-                raise ValueError(f"logprobs={body.logprobs}: only the sampled token's log-prob exists "
-                                 "(logprobs 0 or 1); top-N alternatives are not supported")
-            job = self._job(body, self._completion_prompts(body.prompt), default_max_tokens=16)
+            job = self._job(body, self._completion_prompts(body.prompt), default_max_tokens=16,
+                            top_logprobs=body.logprobs or 0)
             head = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()),
                         model=self.model_name)
             as_ids = bool(body.return_tokens_as_token_ids)
@@ -305,13 +316,15 @@ class HttpFrontend:
             return await self._respond(request, "/v1/completions", job, response, body.stream)
 
         async def chat(body: ChatRequest, request: Request):
-            if body.top_logprobs not in (None, 0):
-                raise ValueError(f"top_logprobs={body.top_logprobs}: only the sampled token's log-prob exists "
-                                 "(logprobs true with top_logprobs 0); alternatives are not supported")
+            if body.top_logprobs and not body.logprobs:
+                raise ValueError(f"top_logprobs={body.top_logprobs} needs logprobs: true")
+            if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {body.top_logprobs}")
             if body.max_completion_tokens is not None:
                 body.max_tokens = body.max_completion_tokens
             prompt = self._chat_prompt(body)
-            job = self._job(body, [prompt], default_max_tokens=None)
+            job = self._job(body, [prompt], default_max_tokens=None,
+                            top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0)
             chunk = "chat.completion.chunk" if body.stream else "chat.completion"
             head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", object=chunk, created=int(time.time()),
                         model=self.model_name)
@@ -340,10 +353,7 @@ class HttpFrontend:
         @app.post("/inference/v1/generate")
         async def generate(body: GenerateRequest, request: Request):
             sp = body.sampling_params
-            if sp.logprobs is not None and sp.logprobs not in (0, 1):
-                raise ValueError(f"sampling_params.logprobs={sp.logprobs}: only the sampled token's log-prob "
-                                 "exists (0 or 1)")
-            job = self._job(sp, [list(body.token_ids)], default_max_tokens=None)
+            job = self._job(sp, [list(body.token_ids)], default_max_tokens=None, top_logprobs=sp.logprobs or 0)
             rid = body.request_id or uuid.uuid4().hex
 
             def response(choices: list[Choice], usage: dict | None, first: bool = True) -> dict:

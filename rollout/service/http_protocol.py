@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 UNSUPPORTED = {
     "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
-    "min_p": (None, 0), "min_tokens": (None, 0), "use_beam_search": (None, False), "length_penalty": (None, 1),
+    "min_tokens": (None, 0), "use_beam_search": (None, False), "length_penalty": (None, 1),
     "prompt_logprobs": (None,), "logprob_token_ids": (None,), "allowed_token_ids": (None,), "bad_words": (None, []),
     "response_format": (None, {"type": "text"}), "structured_outputs": (None,), "guided_json": (None,),
     "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,), "tools": (None, []),
@@ -28,6 +28,7 @@ class SamplingFields(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None

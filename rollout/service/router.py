@@ -367,6 +367,5 @@ def _left(deadline: float) -> float:
 
 
 def _params_dict(p: SamplingParams) -> dict:
-    return dict(sampler=p.sampler, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                max_tokens=p.max_tokens, n=p.n, seed=p.seed, mix_weight=p.mix_weight,
-                stop_token_ids=p.stop_token_ids)
+    """Every field (a hand-written list once dropped new ones on the way to the replica)."""
+    return {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
