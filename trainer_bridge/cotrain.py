@@ -6,6 +6,14 @@ DESIGN.md section 2 ([x | MASK*S], one forward) and returns both halves' logits:
 is exactly the causal policy (it never sees mask tokens), so the RL loss uses it, and
 `diffusion_cotrain_loss` trains the mask half toward the (detached) AR distribution on the same
 rollout tokens: KL(p_AR(. | x_<i) || q_diff(. | block context)) at each completion position.
+
+`tidar_forward` takes our `Decoder` or the transformers `*ForCausalLM` a TRL / veRL user trains.
+Both get the same layout from `rollout.train.objective` (ids `[x | MASK*S]`, positions
+`[0..S-1 | 0..S-1]`, the dense visibility of `rollout.step_layout.training_visible`); the HF
+model receives it as an explicit `position_ids` and a 4D additive float mask `[B, 1, 2S, 2S]`
+(0 visible, dtype-min hidden), which transformers passes through unchanged to the "eager" and
+"sdpa" attention implementations (eager only adds a mask, so a boolean one would be wrong;
+flash-attention and flex take no dense mask and are refused).
 """
 
 from __future__ import annotations
@@ -15,17 +23,39 @@ import torch.nn.functional as F
 
 from rollout.model.decoder import Decoder, SequenceBatch
 from rollout.sampling import process_logits
+from rollout.step_layout import training_visible
 from rollout.train.objective import training_inputs, training_mask
 
 
-def tidar_forward(model: Decoder, input_ids: torch.Tensor, mask_token_id: int, block_size: int
+DENSE_MASK_ATTENTION = ("eager", "sdpa")
+
+
+def tidar_forward(model: Decoder | torch.nn.Module, input_ids: torch.Tensor, mask_token_id: int, block_size: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids [B, S] -> (ar_logits [B, S, V]: position i predicts x_{i+1};
-    diffusion_logits [B, S, V]: mask position i predicts x_i), float32."""
+    diffusion_logits [B, S, V]: mask position i predicts x_i), float32. `model` is our Decoder
+    or a transformers causal LM with attn_implementation "eager" or "sdpa"."""
     S = input_ids.shape[1]
     ids, positions = training_inputs(input_ids, mask_token_id)
-    hidden = model(ids, SequenceBatch(positions, training_mask(S, block_size, input_ids.device)), None)
-    return model.logits(hidden[:, :S]), model.logits(hidden[:, S:])
+    if isinstance(model, Decoder):
+        hidden = model(ids, SequenceBatch(positions, training_mask(S, block_size, input_ids.device)), None)
+        return model.logits(hidden[:, :S]), model.logits(hidden[:, S:])
+    logits = model(input_ids=ids, position_ids=positions, attention_mask=hf_training_mask(model, S, block_size, ids),
+                   use_cache=False).logits.float()
+    return logits[:, :S], logits[:, S:]
+
+
+def hf_training_mask(model: torch.nn.Module, seq_len: int, block_size: int, ids: torch.Tensor) -> torch.Tensor:
+    """The training visibility as the 4D additive mask [B, 1, 2S, 2S] a transformers model takes."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in DENSE_MASK_ATTENTION:
+        raise ValueError(f"attn_implementation must be one of {', '.join(DENSE_MASK_ATTENTION)} for the TiDAR "
+                         f"training layout (it needs a dense 4D mask), got {impl!r}: load the model with "
+                         "attn_implementation='sdpa'")
+    dtype = model.get_input_embeddings().weight.dtype
+    visible = training_visible(seq_len, block_size).to(ids.device)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=ids.device).masked_fill(~visible, torch.finfo(dtype).min)
+    return mask[None, None].expand(ids.shape[0], 1, -1, -1)
 
 
 def token_logprobs(ar_logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
