@@ -189,7 +189,9 @@ def test_mutating_routes_without_the_token_are_401(runner, route):
 
 @pytest.mark.parametrize("call", [
     lambda s: s.BeginWeightUpdate(pb.BeginWeightUpdateRequest(), timeout=CALL_TIMEOUT),
+    lambda s: s.PushWeightBucket(iter([pb.WeightChunk()]), timeout=CALL_TIMEOUT),
     lambda s: s.CommitWeightUpdate(pb.CommitWeightUpdateRequest(update_id="x"), timeout=CALL_TIMEOUT),
+    lambda s: s.AbortWeightUpdate(pb.AbortWeightUpdateRequest(update_id="x"), timeout=CALL_TIMEOUT),
     lambda s: s.UpdateWeightsFromDisk(pb.UpdateWeightsFromDiskRequest(model_path="/"), timeout=CALL_TIMEOUT),
     lambda s: s.ResetWeights(pb.ResetWeightsRequest(), timeout=CALL_TIMEOUT),
     lambda s: s.PauseGeneration(pb.PauseRequest(), timeout=CALL_TIMEOUT),

@@ -252,7 +252,6 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         return await self._mutating(context, "BeginWeightUpdate", work)
 
     async def PushWeightBucket(self, request_iterator, context):
-        await self._require_token(context, "PushWeightBucket")
         assembler = WeightAssembler(self.weight_shapes, self.updates.canonical)
 
         async def work():
