@@ -1,6 +1,7 @@
 """Weight updates on one replica and in the front end's pieces, without Ray: names, bucket
 headers, partial and from-disk staging, pause / resume."""
 
+import asyncio
 import json
 import struct
 import threading
@@ -255,3 +256,65 @@ def test_a_commit_while_paused_applies_at_once_and_running_requests_continue_on_
 def test_bad_pause_arguments_are_refused(replica, mode, timeout, match):
     with pytest.raises(ValueError, match=match):
         replica.pause(mode, timeout)
+
+
+# ---------------------------------------------------------------------------- open updates (front end)
+class FakeRouter:
+    def __init__(self):
+        self.pushes = []
+
+    async def push_weights(self, tensors, version=None, mode="wait", partial=False):
+        self.pushes.append((dict(tensors), mode, partial))
+        return len(self.pushes)
+
+
+def test_buckets_commit_as_one_partial_push_with_the_tied_head_folded(expected):
+    from rollout.service.updates import WeightUpdates, UnknownUpdateError
+
+    async def run():
+        router = FakeRouter()
+        updates = WeightUpdates(router, expected, tied=True)
+        update = updates.begin(60)
+        updates.add(update.update_id, {"model.norm.weight": torch.ones(32)})
+        updates.add(update.update_id, {"lm_head.weight": torch.ones(expected["lm_head.weight"])})
+        with pytest.raises(WeightMismatchError, match="model.norm.weight was already sent"):
+            updates.add(update.update_id, {"model.norm.weight": torch.ones(32)})
+        version, n, _ = await updates.commit(update.update_id, "keep")
+        with pytest.raises(UnknownUpdateError, match="was committed as version 1"):
+            updates.get(update.update_id)
+        return router, version, n
+    router, version, n = asyncio.run(run())
+    [(tensors, mode, partial)] = router.pushes
+    assert version == 1 and n == 2 and mode == "keep" and partial
+    assert sorted(tensors) == ["model.embed_tokens.weight", "model.norm.weight"]  # the head is the embedding
+
+
+def test_an_update_past_its_deadline_is_aborted_and_freed(expected):
+    from rollout.service.updates import WeightUpdates, UnknownUpdateError
+
+    async def run():
+        updates = WeightUpdates(FakeRouter(), expected, tied=True)
+        update = updates.begin(0.05)
+        updates.add(update.update_id, {"model.norm.weight": torch.ones(32)})
+        for _ in range(500):  # the loop's timer fires at the deadline
+            if update.update_id not in updates.open:
+                break
+            await asyncio.sleep(0.01)
+        assert update.tensors == {}
+        with pytest.raises(UnknownUpdateError, match="expired .* staged tensors were freed"):
+            await updates.commit(update.update_id)
+    asyncio.run(run())
+
+
+def test_at_most_two_updates_are_open(expected):
+    from rollout.service.router import QueueFullError
+    from rollout.service.updates import WeightUpdates
+
+    async def run():
+        updates = WeightUpdates(FakeRouter(), expected, tied=True)
+        first, _ = updates.begin(60), updates.begin(60)
+        with pytest.raises(QueueFullError, match="2 weight updates are open"):
+            updates.begin(60)
+        assert updates.abort(first.update_id) == 0
+        updates.begin(60)
+    asyncio.run(run())
