@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import msgpack
 import numpy as np
@@ -122,9 +122,11 @@ def tensor_crc32(tensor: torch.Tensor) -> int:
 
 
 def weight_chunks(tensors: Iterable[tuple[str, torch.Tensor]], version: int, num_tensors: int,
-                  chunk_bytes: int = WEIGHT_CHUNK_BYTES, mode: str = "wait") -> Iterator[pb.WeightChunk]:
+                  chunk_bytes: int = WEIGHT_CHUNK_BYTES, mode: str = "wait",
+                  update_id: str | None = None) -> Iterator[pb.WeightChunk]:
     """Splits named tensors (HF names) into WeightChunk messages (the UpdateWeights stream).
-    `mode` says what happens to in-flight requests at the swap: "wait", "abort" or "keep"."""
+    `mode` says what happens to in-flight requests at the swap: "wait", "abort" or "keep".
+    With `update_id` the chunks are one bucket of that open update (PushWeightBucket)."""
     first = True
     for name, tensor in tensors:
         data = tensor_bytes(tensor)
@@ -133,20 +135,38 @@ def weight_chunks(tensors: Iterable[tuple[str, torch.Tensor]], version: int, num
         for offset in range(0, max(data.size, 1), chunk_bytes):
             meta = dict(head, offset=offset)
             if first:
-                meta.update(version=version, num_tensors=num_tensors, mode=mode)
+                meta.update(num_tensors=num_tensors, mode=mode)
+                if update_id is not None:
+                    meta["update_id"] = update_id
+                else:
+                    meta["version"] = version
                 first = False
             yield pb.WeightChunk(metadata=msgpack.packb(meta), data=data[offset:offset + chunk_bytes].tobytes())
+
+
+def chunk_update_id(chunk: pb.WeightChunk) -> str:
+    """The update id a bucket's first chunk carries (PushWeightBucket); ValueError if none."""
+    try:
+        meta = msgpack.unpackb(chunk.metadata)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"weight chunk metadata is not msgpack: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("update_id"), str):
+        raise ValueError("a bucket's first chunk must carry 'update_id' (from BeginWeightUpdate)")
+    return meta["update_id"]
 
 
 class WeightAssembler:
     """Rebuilds named tensors from WeightChunk messages, checking order, sizes and checksums."""
 
-    def __init__(self, expected: dict[str, tuple[int, ...]] | None = None):
+    def __init__(self, expected: dict[str, tuple[int, ...]] | None = None,
+                 canonical: Callable[[str], str] | None = None):
         # The served model's tensor names and shapes: a header is checked against them before
         # its buffer is allocated, so a push cannot make the front end allocate more than the model.
-        self.expected = expected
+        # `canonical` maps a trainer's (wrapped) name to the model's, raising ValueError if it cannot.
+        self.expected, self.canonical = expected, canonical
         self.tensors: dict[str, torch.Tensor] = {}
         self.version: int | None = None
+        self.update_id: str | None = None
         self.num_tensors: int | None = None
         self.mode = "wait"
         self.num_bytes = 0
@@ -184,12 +204,16 @@ class WeightAssembler:
         except Exception as e:  # noqa: BLE001 - any malformed framing is the caller's error
             raise ValueError(f"weight chunk metadata is not a msgpack map with name/offset/nbytes: {e}") from None
         if self.version is None:
-            if "version" not in meta:
-                raise ValueError("the first weight chunk must carry 'version' and 'num_tensors'")
-            self.version, self.num_tensors = int(meta["version"]), int(meta["num_tensors"])
+            if ("version" not in meta and "update_id" not in meta) or "num_tensors" not in meta:
+                raise ValueError("the first weight chunk must carry 'version' (or 'update_id') and 'num_tensors'")
+            self.version, self.num_tensors = int(meta.get("version", 0)), int(meta["num_tensors"])
+            self.update_id = str(meta["update_id"]) if "update_id" in meta else None
             self.mode = str(meta.get("mode", "wait"))
-        if self._current is None or self._current[0]["name"] != name:
+        if self._current is None or self._current[0]["key"] != name:
             self._finish_current()
+            meta = dict(meta, key=name)  # the sender's name: later chunks of the tensor carry it
+            if self.canonical is not None:
+                meta["name"] = name = self.canonical(name)
             if name in self.tensors:
                 raise ValueError(f"tensor {name} was sent twice")
             if not isinstance(nbytes, int) or not 0 <= nbytes <= MAX_TENSOR_BYTES:
@@ -198,6 +222,7 @@ class WeightAssembler:
                 self._check_header(meta)
             self._current = (meta, bytearray(nbytes), [0])  # preallocated: one copy per byte
         head, buf, filled = self._current
+        name = head["name"]
         if offset != filled[0]:
             raise ValueError(f"tensor {name}: chunk at offset {offset}, expected {filled[0]}")
         end = offset + len(chunk.data)

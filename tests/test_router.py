@@ -152,8 +152,8 @@ def test_a_push_goes_on_without_a_restarting_replica_which_catches_up_later():
         live, restarting = Staging(), Staging(restarting=True)
         router.add_replica(live, "live")
         router.add_replica(restarting, "restarting")
-        version = await router._two_phase_push(lambda r, v: r.actor.stage_weights.remote(v, None), "ref", None,
-                                               "wait")
+        version = await router._two_phase_push(lambda r, v: r.actor.stage_weights.remote(v, None), None, "wait",
+                                               catch_up="ref", source="push")
         return router, version, live, restarting
     router, version, live, restarting = asyncio.run(run())
     assert version == 1 and router.version == 1 and live.committed == [1] and restarting.committed == []

@@ -9,6 +9,12 @@ Transports:
   carries the timeout.
 Either way the service verifies everything, swaps between engine steps on every replica, and
 bumps the version; a failed push leaves the old version serving everywhere.
+
+Beyond whole pushes (always over gRPC, whatever the transport): `push_named` sends any subset of
+tensors in buckets of about `bucket_bytes` as one update (one version; tensors not sent keep their
+served values; wrapped names such as `module.` or `_orig_mod.` are mapped by the service),
+`update_from_disk` loads a safetensors checkpoint the replicas can read, `reset` goes back to the
+weights the service started with, and `pause` / `resume` hold generation around an update.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import grpc
 import msgpack
 import torch
 
@@ -28,6 +35,7 @@ from rollout.wire import WEIGHT_CHUNK_BYTES, dtype_name, tensor_crc32, weight_ch
 from .client import RolloutClient
 
 TRANSPORTS = ("grpc", "broadcast")
+BUCKET_BYTES = 256 << 20
 
 
 @dataclass
@@ -82,6 +90,55 @@ class WeightSync:
             resp = self._push_broadcast(items, mode)
         return PushResult(resp.version, resp.num_tensors, resp.num_bytes, time.perf_counter() - started)
 
+    def push_named(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                   mode: str = "wait", bucket_bytes: int = BUCKET_BYTES, update_timeout: float = 600.0) -> PushResult:
+        """Pushes named tensors (any subset of the model's, HF or wrapped names) in buckets of
+        about `bucket_bytes`, committed as ONE new version. On any failure the update is aborted
+        (nothing changes) and the error raised."""
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+        stub, md = self.client.stub, self.client.auth_metadata
+        started = time.perf_counter()
+        update_id = stub.BeginWeightUpdate(pb.BeginWeightUpdateRequest(timeout_seconds=update_timeout),
+                                           timeout=self.timeout, metadata=md).update_id
+        try:
+            for bucket in _buckets(weights.items() if isinstance(weights, Mapping) else weights, bucket_bytes):
+                stub.PushWeightBucket(weight_chunks(bucket, 0, len(bucket), self.chunk_bytes, mode, update_id),
+                                      timeout=self.timeout, metadata=md)
+            resp = stub.CommitWeightUpdate(pb.CommitWeightUpdateRequest(update_id=update_id, mode=mode),
+                                           timeout=self.timeout, metadata=md)
+        except BaseException:
+            try:
+                stub.AbortWeightUpdate(pb.AbortWeightUpdateRequest(update_id=update_id), timeout=self.timeout,
+                                       metadata=md)
+            except grpc.RpcError:
+                pass  # already gone (expired, or the service is down): nothing is staged either way
+            raise
+        return PushResult(resp.version, resp.num_tensors, resp.num_bytes, time.perf_counter() - started)
+
+    def update_from_disk(self, path: str, mode: str = "wait") -> PushResult:
+        """Every replica loads the safetensors file or directory at `path` (shared storage) as
+        one new version."""
+        started = time.perf_counter()
+        resp = self.client.stub.UpdateWeightsFromDisk(pb.UpdateWeightsFromDiskRequest(model_path=str(path), mode=mode),
+                                                      timeout=self.timeout, metadata=self.client.auth_metadata)
+        return PushResult(resp.version, resp.num_tensors, 0, time.perf_counter() - started)
+
+    def reset(self, mode: str = "wait") -> int:
+        """The weights the service started with, as a new version. Returns the version."""
+        return self.client.stub.ResetWeights(pb.ResetWeightsRequest(mode=mode), timeout=self.timeout,
+                                             metadata=self.client.auth_metadata).version
+
+    def pause(self, mode: str = "keep", timeout_seconds: float = 300.0) -> int:
+        """No engine step until `resume` (or `timeout_seconds`). "keep": running requests stay;
+        "abort": they end now with finish reason abort. Returns the requests ended."""
+        return self.client.stub.PauseGeneration(pb.PauseRequest(mode=mode, timeout_seconds=timeout_seconds),
+                                                timeout=self.timeout, metadata=self.client.auth_metadata
+                                                ).aborted_requests
+
+    def resume(self) -> None:
+        self.client.stub.ResumeGeneration(pb.ResumeRequest(), timeout=self.timeout, metadata=self.client.auth_metadata)
+
     def _ensure_group(self) -> None:
         if self._group is not None:
             return
@@ -111,3 +168,17 @@ class WeightSync:
             call.cancel()
             raise
         return call.result(timeout=self.timeout)
+
+
+def _buckets(items: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterable[list[tuple[str, torch.Tensor]]]:
+    """Consecutive groups of tensors of about `bucket_bytes` each (a larger tensor is a bucket alone)."""
+    bucket, size = [], 0
+    for name, t in items:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield bucket

@@ -5,6 +5,15 @@ Routes: GET /health, GET /v1/models, POST /v1/completions, /v1/chat/completions 
 fields are vLLM's, so its clients (the `openai` package with `extra_body`, TRL, AReaL, prime-rl,
 SkyRL, verifiers) work unchanged.
 
+Weight and control routes (all need the bearer token; the work is the gRPC front end's, shared
+through `updates.WeightUpdates` and the Router): POST /pause?mode=keep|abort&timeout_seconds=T
+(vLLM / prime-rl; SGLang's /pause_generation takes the same as JSON), /resume
+(/continue_generation), GET /is_paused; POST /update_weights {"weight_dir"} (prime-rl) and
+/update_weights_from_disk {"model_path"} (SGLang / AReaL), both with an optional "mode";
+/reset_weights {"mode"}; bucketed named updates: /v1/weights/begin {"timeout_seconds"} ->
+{"update_id"}, /v1/weights/{id}/tensors (body: one safetensors blob, Content-Length required),
+/v1/weights/{id}/commit {"mode"}, /v1/weights/{id}/abort.
+
 Design decisions:
 - One Router behind both front ends: HTTP requests are placed, admitted, bounded and re-dispatched
   exactly like gRPC ones, and checked by the same `validate_request` against the same pool limits.
@@ -21,8 +30,12 @@ Design decisions:
   applied here, after generation (see `_cut_at_stop`).
 - The router hands back a trajectory when it finishes, so a stream sends one chunk per finished
   choice carrying all its tokens, not one chunk per token.
-- Generation mutates nothing, so by default no route here needs the bearer token (weight updates
-  stay on gRPC); with `require_auth_for_generate` every route but /health does.
+- Generation mutates nothing, so by default no generation route needs the bearer token; with
+  `require_auth_for_generate` every route but /health does. Weight and pause routes always do
+  (and are refused when the server has no token), checked before the body is read.
+- A bucket is a safetensors blob (a format every trainer already writes, with a JSON header that
+  is checked against the model before a tensor is built); its size is checked from Content-Length
+  before the body is read: at most the whole model in float64 plus a header.
 """
 
 from __future__ import annotations
@@ -53,8 +66,22 @@ from .http_protocol import (UNSUPPORTED, ChatRequest, CompletionRequest, Detoken
 from .metrics import FrontendMetrics
 from .router import DeadlineExceededError, NoReplicaError, QueueFullError, Routed, Router
 from .servicer import bearer_matches, max_context, validate_request
+from .updates import UnknownUpdateError, WeightUpdates, read_bucket
 
 log = logging.getLogger(__name__)
+MAX_CONTROL_BODY = 1 << 20  # bytes of a weight / pause route's JSON body
+
+
+class Unauthorized(Exception):
+    """A mutating route without the server's bearer token (401)."""
+
+
+class BodyTooLarge(ValueError):
+    """A body larger than its route allows, or without a Content-Length (413 / 411)."""
+
+    def __init__(self, message: str, status: int = 413):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -86,9 +113,12 @@ class Choice:
 
 class HttpFrontend:
     def __init__(self, router: Router, config: ModelConfig, tidar: TidarConfig, model_dir: str,
-                 metrics: FrontendMetrics, required_token: str | None = None):
+                 metrics: FrontendMetrics, required_token: str | None = None, updates: WeightUpdates | None = None,
+                 auth_token: str | None = None):
         self.router, self.config, self.tidar, self.metrics = router, config, tidar, metrics
         self.required_token = required_token  # set: every route but /health needs "Bearer <token>"
+        self.auth_token = auth_token  # weight and pause routes need it; None: they are refused
+        self.updates = updates  # bucketed updates, shared with the gRPC front end (None: no bucket routes)
         self.model_name = Path(model_dir).name
         self.tokenizer = TextTokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None
         self.ready = False  # set by the service once every replica has answered
@@ -272,7 +302,7 @@ class HttpFrontend:
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="tidar-rollout (vLLM-compatible)", docs_url=None, redoc_url=None)
         for exc in (ValueError, QueueFullError, LoadError, DeadlineExceededError, TimeoutError, NoReplicaError,
-                    RayTaskError, RequestValidationError):
+                    RayTaskError, RequestValidationError, Unauthorized):
             app.add_exception_handler(exc, self._error)
 
         @app.middleware("http")
@@ -293,7 +323,7 @@ class HttpFrontend:
             return {"object": "list", "data": [{
                 "id": self.model_name, "object": "model", "created": 0, "owned_by": "tidar-rollout",
                 "root": self.model_name, "max_model_len": max_context(self.router, self.config),
-                "weight_version": self.router.version}]}
+                "weight_version": self.router.version, "weight_source": self.router.weight_source}]}
 
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request):
@@ -384,7 +414,131 @@ class HttpFrontend:
                 raise ValueError(f"tokens has token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})")
             return dict(prompt=self.tokenizer.decode(body.tokens))
 
+        self._add_weight_routes(app)
         return app
+
+    # ------------------------------------------------------------------ weights, pause / resume
+    def _authorize(self, request: Request) -> None:
+        if self.auth_token is None:
+            raise Unauthorized(f"{request.url.path} changes what is served: this server was started without a "
+                               "token (--auth-token-file), so it refuses every such route")
+        if not bearer_matches(request.headers.getlist("authorization"), self.auth_token):
+            raise Unauthorized(f"{request.url.path} needs 'Authorization: Bearer <token>' with the server's token "
+                               "(exactly one header)")
+
+    async def _body(self, request: Request, limit: int) -> bytes:
+        """The body, once its Content-Length says it fits `limit` (sizes before contents)."""
+        length = request.headers.get("content-length")
+        if length is None:
+            if request.headers.get("transfer-encoding"):
+                raise BodyTooLarge("Content-Length is required on this route (no chunked bodies)", 411)
+            return b""
+        if not length.isdigit() or int(length) > limit:
+            raise BodyTooLarge(f"the body is {length} bytes; this route takes at most {limit}")
+        return await request.body()
+
+    async def _control(self, request: Request) -> dict:
+        """Authorizes, then the route's fields: the JSON body's, with query parameters on top."""
+        self._authorize(request)
+        raw = await self._body(request, MAX_CONTROL_BODY)
+        try:
+            fields = json.loads(raw) if raw.strip() else {}
+        except ValueError as e:
+            raise ValueError(f"the body is not JSON: {e}") from None
+        if not isinstance(fields, dict):
+            raise ValueError("the body must be a JSON object")
+        return dict(fields, **request.query_params)
+
+    def _add_weight_routes(self, app: FastAPI) -> None:
+        def number(fields: dict, name: str, default: float) -> float:
+            try:
+                return float(fields.get(name) or default)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a number of seconds, got {fields.get(name)!r}") from None
+
+        async def pause(request: Request):
+            fields = await self._control(request)
+            ended = await self.router.pause(str(fields.get("mode") or "keep"), number(fields, "timeout_seconds", 300.0))
+            self._count(request.url.path, 200)
+            return {"paused": True, "aborted_requests": ended}
+
+        async def resume(request: Request):
+            await self._control(request)
+            await self.router.resume()
+            self._count(request.url.path, 200)
+            return {"paused": False}
+
+        for route in ("/pause", "/pause_generation"):
+            app.post(route)(pause)
+        for route in ("/resume", "/continue_generation"):
+            app.post(route)(resume)
+
+        @app.get("/is_paused")
+        async def is_paused():
+            return {"is_paused": self.router.paused}
+
+        async def swapped(request: Request, version: int, started: float, **extra) -> dict:
+            seconds = time.perf_counter() - started
+            self.metrics.weight_push_seconds.observe(seconds)
+            self._count(request.url.path, 200)
+            return dict(success=True, message=f"serving weight version {version}", version=version,
+                        weight_version=version, seconds=seconds, **extra)
+
+        async def from_disk(request: Request):
+            fields = await self._control(request)
+            started = time.perf_counter()
+            key = "weight_dir" if request.url.path == "/update_weights" else "model_path"
+            path = fields.get(key) or fields.get("model_path") or fields.get("weight_dir")
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"{key} is required: a safetensors file or directory every replica can read")
+            version = await self.router.update_from_disk(path, str(fields.get("mode") or "wait"))
+            return await swapped(request, version, started)
+
+        app.post("/update_weights")(from_disk)  # prime-rl: {"weight_dir": ...}
+        app.post("/update_weights_from_disk")(from_disk)  # SGLang / AReaL: {"model_path": ...}
+
+        @app.post("/reset_weights")
+        async def reset(request: Request):
+            fields = await self._control(request)
+            started = time.perf_counter()
+            return await swapped(request, await self.router.reset_weights(str(fields.get("mode") or "wait")), started)
+
+        if self.updates is None:
+            return
+        updates = self.updates
+
+        @app.post("/v1/weights/begin")
+        async def begin(request: Request):
+            fields = await self._control(request)
+            update = updates.begin(number(fields, "timeout_seconds", 600.0))
+            self._count("/v1/weights/begin", 200)
+            return {"update_id": update.update_id, "expires_in_seconds": update.deadline - time.monotonic()}
+
+        @app.post("/v1/weights/{update_id}/tensors")
+        async def tensors(update_id: str, request: Request):
+            self._authorize(request)
+            updates.get(update_id)  # open, before the body is read
+            body = await self._body(request, updates.max_bucket_bytes)
+            bucket = read_bucket(body, updates.canonical, updates.expected)
+            staged = updates.add(update_id, bucket)
+            self.metrics.weight_push_bytes.inc(len(body))
+            self._count("/v1/weights/{id}/tensors", 200)
+            return {"update_id": update_id, "num_tensors": len(bucket), "staged_tensors": staged,
+                    "num_bytes": len(body)}
+
+        @app.post("/v1/weights/{update_id}/commit")
+        async def commit(update_id: str, request: Request):
+            fields = await self._control(request)
+            started = time.perf_counter()
+            version, n, nbytes = await updates.commit(update_id, str(fields.get("mode") or "wait"))
+            return await swapped(request, version, started, num_tensors=n, num_bytes=nbytes)
+
+        @app.post("/v1/weights/{update_id}/abort")
+        async def abort(update_id: str, request: Request):
+            await self._control(request)
+            freed = updates.abort(update_id)
+            self._count("/v1/weights/{id}/abort", 200)
+            return {"update_id": update_id, "freed_tensors": freed}
 
     def _count(self, route: str, status: int) -> None:
         self.metrics.requests.labels(f"POST {route}", str(status)).inc()
@@ -398,7 +552,8 @@ class HttpFrontend:
                                        "param": None, "code": status}}, status_code=status)
 
 
-_ERROR_TYPES = {400: "BadRequestError", 429: "RateLimitError", 503: "ServiceUnavailableError",
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 411: "LengthRequired",
+                413: "RequestTooLarge", 429: "RateLimitError", 503: "ServiceUnavailableError",
                 504: "GatewayTimeoutError"}
 
 
@@ -410,10 +565,16 @@ def _status_of(e: BaseException) -> tuple[int, str]:
         errors = e.errors()
         where = ".".join(str(p) for p in errors[0]["loc"] if p != "body") if errors else "body"
         return 400, f"{where}: {errors[0]['msg']}" if errors else "malformed request body"
+    if isinstance(e, Unauthorized):
+        return 401, str(e)
     if isinstance(e, (QueueFullError, LoadError)):
         return 429, str(e)
     if isinstance(e, (DeadlineExceededError, asyncio.TimeoutError)):
         return 504, str(e) or "deadline exceeded"
+    if isinstance(e, UnknownUpdateError):
+        return 404, str(e)
+    if isinstance(e, BodyTooLarge):
+        return e.status, str(e)
     if isinstance(e, ValueError):
         return 400, str(e)
     if isinstance(e, NoReplicaError):

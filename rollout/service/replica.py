@@ -17,6 +17,16 @@ Design decisions:
   "wait" (requests already started finish on the old weights, new ones wait for the swap),
   "abort" (started requests end now with what they have, then the swap) or "keep" (swap at
   the next step; running rows' K/V are recomputed; every token is tagged with its version).
+  Staging takes a full or partial state dict (`stage_weights`), or reads safetensors from a path
+  on this replica's filesystem (`stage_from_disk`; no path: the files the replica started from,
+  i.e. the base weights).
+- Pause (`pause`): the loop takes no step until `resume` or until the pause's timeout passes
+  (then it resumes by itself and logs it), so a trainer that dies mid-update cannot leave the
+  replica stopped. Commands (requests, aborts, swaps) are still applied while paused; new requests
+  queue. "keep": running requests stay where they are; "abort": they end now with what they have
+  (finish reason abort). A commit while paused applies at once whatever its mode (a "wait"
+  commit could not drain paused requests): running requests continue on the new weights, as
+  with "keep".
 """
 
 from __future__ import annotations
@@ -42,10 +52,20 @@ from ..wire import completion_to_record, tensor_crc32
 from .messages import Failed, Finished, RequestDone, Stale, Started
 from .metrics import ReplicaMetrics
 from .weight_group import broadcast, make_weight_group
-from .weights import StagedWeights, WeightMismatchError, check_swap_mode, stage_weights
+from .weights import (StagedWeights, WeightMismatchError, check_swap_mode, read_weights_from_disk,
+                      stage_weights)
 
 log = logging.getLogger(__name__)
 IDLE_WAIT = 0.05  # seconds the loop sleeps on its command queue when it has nothing to run
+PAUSE_MODES = ("keep", "abort")
+MAX_PAUSE_SECONDS = 3600.0
+
+
+def check_pause(mode: str, timeout: float) -> None:
+    if mode not in PAUSE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}")
+    if not 0 < timeout <= MAX_PAUSE_SECONDS:
+        raise ValueError(f"timeout_seconds must be in (0, {MAX_PAUSE_SECONDS:.0f}], got {timeout}")
 
 
 @dataclass
@@ -70,6 +90,7 @@ class GeneratorReplica:
         self._first_token_at: dict[str, float] = {}
         self._staged: StagedWeights | None = None
         self._swap: _Swap | None = None
+        self._paused_until: float | None = None  # time.monotonic(); set by pause, cleared by resume
         self._group, self._group_backend, self._group_timeout = None, "", 300.0
         self.restarts = _actor_restarts()
         port = metrics_port if metrics_port is not None else int(os.environ.get("ROLLOUT_REPLICA_METRICS_PORT", "0"))
@@ -94,10 +115,10 @@ class GeneratorReplica:
 
     def _run_loop(self) -> None:
         while True:
-            idle = not self.engine.has_work and self._swap is None
+            idle = (not self.engine.has_work or self.paused) and self._swap is None
             self._run_commands(block=idle, timeout=1.0 if idle else None)
             self._apply_swap_if_due()
-            if not self.engine.has_work:
+            if not self.engine.has_work or self.paused:
                 continue
             try:
                 out = self.engine.step()
@@ -231,14 +252,24 @@ class GeneratorReplica:
                     **dataclasses.asdict(limits),
                     generated_tokens=e.totals.generated_tokens, row_forward_passes=e.totals.row_forward_passes,
                     draft_attempts=list(e.totals.draft_attempts), draft_accepts=list(e.totals.draft_accepts),
-                    restarts=self.restarts, metrics_address=self.metrics.address, device=self.device,
+                    paused=self.paused, restarts=self.restarts, metrics_address=self.metrics.address,
+                    device=self.device,
                     block_size=e.tidar.block_size, levels=list(e.tidar.level_set), **e.drafting.status())
 
     # ------------------------------------------------------------------ weights
-    def stage_weights(self, version: int, tensors: dict[str, torch.Tensor]) -> int:
-        """Verifies a full state dict (HF names) and keeps it ready for commit. Returns its bytes."""
-        self._staged = stage_weights(self.engine.model, version, tensors, self.device)
+    def stage_weights(self, version: int, tensors: dict[str, torch.Tensor], partial: bool = False) -> int:
+        """Verifies a state dict (HF names; with `partial` a subset, the rest keeping its served
+        values) and keeps it ready for commit. Returns its bytes."""
+        self._staged = None  # an older staged version is replaced, never mixed in
+        self._staged = stage_weights(self.engine.model, version, tensors, self.device, partial)
         return self._staged.nbytes
+
+    def stage_from_disk(self, version: int, path: str | None = None) -> int:
+        """Reads a whole state dict from safetensors at `path` (None: the model directory this
+        replica started from, i.e. the base weights), checked header first, and stages it."""
+        self._staged = None
+        tensors = read_weights_from_disk(path if path is not None else self.model_dir, self.engine.model)
+        return self.stage_weights(version, tensors)
 
     def commit_weights(self, version: int, mode: str = "wait", timeout: float = 600.0) -> int:
         """Swaps the staged weights in between engine steps; every later token carries the new
@@ -269,7 +300,7 @@ class GeneratorReplica:
     def _apply_swap_if_due(self) -> None:
         """On the loop: applies a pending commit once its mode allows (wait: no started request left)."""
         swap = self._swap
-        if swap is None or (swap.mode == "wait" and self.engine.scheduler.active):
+        if swap is None or (swap.mode == "wait" and self.engine.scheduler.active and not self.paused):
             return
         self._swap = None
         self.engine.scheduler.admit_new = True
@@ -288,6 +319,41 @@ class GeneratorReplica:
         self.metrics.weight_version.set(staged.version)
         log.info("replica %s now serves weight version %d", self.name, staged.version)
         swap.done.set_result(staged.version)
+
+    # ------------------------------------------------------------------ pause / resume
+    @property
+    def paused(self) -> bool:
+        """Paused, and the pause has not timed out (an expired pause is lifted here, logged)."""
+        if self._paused_until is None:
+            return False
+        if time.monotonic() < self._paused_until:
+            return True
+        self._paused_until = None
+        log.warning("replica %s: the pause timed out without a resume; generating again", self.name)
+        return False
+
+    def pause(self, mode: str = "keep", timeout: float = 300.0) -> int:
+        """Stops taking engine steps from the next step boundary until `resume`, or until
+        `timeout` seconds have passed. "abort" also ends the started requests now (their
+        trajectories stream back with finish reason abort). Returns the requests ended."""
+        check_pause(mode, timeout)
+
+        def apply() -> int:
+            self._paused_until = time.monotonic() + timeout
+            if mode != "abort":
+                return 0
+            started = list(self.engine.scheduler.active)
+            for rid in started:
+                self._abort_and_stream(rid)
+            return len(started)
+
+        ended = self._call(apply, "pause")
+        log.info("replica %s paused (%s, at most %.0f s; %d requests ended)", self.name, mode, timeout, ended)
+        return ended
+
+    def resume(self) -> None:
+        """Generation goes on from where it stopped (a no-op when not paused)."""
+        self._call(lambda: setattr(self, "_paused_until", None), "resume")
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         """The served weights on the CPU (to bring a restarted replica up to date)."""

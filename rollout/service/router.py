@@ -15,8 +15,13 @@ Design decisions:
   one included once it has caught up with the current weights). Each trajectory reaches the
   caller exactly once.
 - Every wait has a deadline: the request's own, else `request_timeout`.
-- Weight pushes are two-phase over all replicas (stage everywhere, then commit everywhere), so
-  a push that fails anywhere changes nothing.
+- Weight updates are two-phase over all replicas (stage everywhere, then commit everywhere), so
+  an update that fails anywhere changes nothing; each is one version, whatever its source: a
+  full push, a partial one (the other tensors keep their values), safetensors on shared storage,
+  or the base weights again (`reset_weights`). A replica that restarts catches up from the
+  object store (full pushes) or by copying a live replica's weights (everything else).
+- Pause / resume go to every replica; a pause carries a timeout after which replicas resume by
+  themselves (see replica.py), so a pause can never outlive its caller's intent forever.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from ..params import SamplingParams
 from ..engine.engine import EngineLimits
 from .messages import Finished, RequestDone, Stale, Started
 from .metrics import FrontendMetrics
+from .replica import check_pause
 from .weights import check_swap_mode
 
 log = logging.getLogger(__name__)
@@ -87,7 +93,9 @@ class Router:
         self.metrics, self.max_queue = metrics, max_queue
         self.request_timeout, self.control_timeout = request_timeout, control_timeout
         self.version = 0
-        self.weights_ref = None
+        self.weight_source = "base"  # what the served version came from: base, push, disk:<path>, reset
+        self.weights_ref = None  # the served version in the object store, when it holds all of it
+        self.paused_until: float | None = None  # time.monotonic() when replicas resume by themselves
         self.admitted = 0
         self.waiting = 0  # sent to a replica, not started there yet
         self.limits: EngineLimits | None = None  # the tightest over the replicas, once they answered
@@ -277,11 +285,27 @@ class Router:
         self.admitted += 1
 
     # ------------------------------------------------------------------ weights
-    async def push_weights(self, tensors: dict, version: int | None = None, mode: str = "wait") -> int:
+    async def push_weights(self, tensors: dict, version: int | None = None, mode: str = "wait",
+                           partial: bool = False) -> int:
         """Stages `tensors` on every replica, then commits everywhere (`mode`: what in-flight
-        requests do, see GeneratorReplica.commit_weights). Returns the new version."""
+        requests do, see GeneratorReplica.commit_weights). With `partial`, the tensors left out
+        keep their served values. Returns the new version."""
         ref = ray.put(tensors)
-        return await self._two_phase_push(lambda r, v: r.actor.stage_weights.remote(v, ref), ref, version, mode)
+        return await self._two_phase_push(lambda r, v: r.actor.stage_weights.remote(v, ref, partial), version, mode,
+                                          catch_up=None if partial else ref, source="push")
+
+    async def update_from_disk(self, path: str, mode: str = "wait", version: int | None = None) -> int:
+        """Every replica reads safetensors at `path` (shared storage) and stages them; then one
+        commit. Returns the new version."""
+        if not path:
+            raise ValueError("model_path (weight_dir) must name a safetensors file or directory")
+        return await self._two_phase_push(lambda r, v: r.actor.stage_from_disk.remote(v, path), version, mode,
+                                          catch_up=None, source=f"disk:{path}")
+
+    async def reset_weights(self, mode: str = "wait") -> int:
+        """The weights the replicas started from (their model directory), as a new version."""
+        return await self._two_phase_push(lambda r, v: r.actor.stage_from_disk.remote(v, None), None, mode,
+                                          catch_up=None, source="reset")
 
     async def init_weight_group(self, address: str, port: int, backend: str, timeout: float) -> tuple[int, str]:
         """Tells every replica to join the trainer's torch.distributed group (ranks 1..N)."""
@@ -303,10 +327,14 @@ class Router:
         except BaseException:
             self._group_joins = None
             raise
-        return await self._two_phase_push(lambda r, v: r.actor.receive_broadcast.remote(v, manifest), None,
-                                          version, mode)
+        return await self._two_phase_push(lambda r, v: r.actor.receive_broadcast.remote(v, manifest), version, mode,
+                                          catch_up=None, source="push", everyone=True)
 
-    async def _two_phase_push(self, stage, ref, version: int | None, mode: str) -> int:
+    async def _two_phase_push(self, stage, version: int | None, mode: str, catch_up, source: str,
+                              everyone: bool = False) -> int:
+        """Stage on every replica, then commit on every live one. `catch_up`: the object-store
+        ref of the whole new state (None: a restarted replica copies a live one's weights).
+        `everyone`: a replica that cannot stage fails the update (a broadcast needs all ranks)."""
         check_swap_mode(mode)
         async with self._push_lock:
             new_version = self.version + 1
@@ -319,12 +347,11 @@ class Router:
                 errors = [res for res in staged if isinstance(res, BaseException) and not isinstance(res, REPLICA_FAILURES)]
                 if errors:
                     raise errors[0]
-                # A replica that is restarting cannot stage; with the weights in the object store
-                # (gRPC pushes) it loads them before its next request, so the push goes on without
-                # it. A broadcast push needs every replica in the collective: it fails instead.
-                if down and (ref is None or len(down) == len(self.replicas)):
+                # A replica that is restarting cannot stage; it catches up before its next request
+                # (from the object store, or from a live replica), so the update goes on without it.
+                if down and (everyone or len(down) == len(self.replicas)):
                     raise NoReplicaError(f"replica {down[0].name} is restarting and could not stage version "
-                                         f"{new_version}; nothing changed, retry the push")
+                                         f"{new_version}; nothing changed, retry the update")
             except BaseException:
                 await asyncio.wait_for(asyncio.gather(*(r.actor.discard_weights.remote() for r in self.replicas),
                                                       return_exceptions=True), self.control_timeout)
@@ -333,7 +360,7 @@ class Router:
             results = await asyncio.wait_for(asyncio.gather(
                 *(r.actor.commit_weights.remote(new_version, mode) for r in live), return_exceptions=True),
                 self.request_timeout)
-            self.version, self.weights_ref = new_version, ref
+            self.version, self.weights_ref, self.weight_source = new_version, catch_up, source
             self._version_changed.set()
             self._version_changed = asyncio.Event()
             for r in down:
@@ -342,7 +369,39 @@ class Router:
                 # A replica that died between stage and commit catches up before its next request.
                 r.version = new_version if res == new_version else None
             self.metrics.weight_version.set(new_version)
+            log.info("serving weight version %d (%s)", new_version, source)
             return new_version
+
+    # ------------------------------------------------------------------ pause / resume
+    @property
+    def paused(self) -> bool:
+        return self.paused_until is not None and time.monotonic() < self.paused_until
+
+    async def pause(self, mode: str = "keep", timeout: float = 300.0) -> int:
+        """Pauses every replica (see GeneratorReplica.pause); they resume by themselves after
+        `timeout` seconds. If any replica fails to pause, the others are resumed and the error
+        raised. Returns the requests ended (mode "abort")."""
+        check_pause(mode, timeout)
+        if not self.replicas:
+            raise NoReplicaError("no generator replica has been placed yet")
+        results = await asyncio.wait_for(asyncio.gather(
+            *(r.actor.pause.remote(mode, timeout) for r in self.replicas), return_exceptions=True),
+            self.control_timeout)
+        errors = [res for res in results if isinstance(res, BaseException)]
+        if errors:
+            await self.resume()
+            raise errors[0]
+        self.paused_until = time.monotonic() + timeout
+        return sum(results)
+
+    async def resume(self) -> None:
+        """Resumes every replica that answers (one that is restarting comes back unpaused)."""
+        self.paused_until = None
+        results = await asyncio.wait_for(asyncio.gather(
+            *(r.actor.resume.remote() for r in self.replicas), return_exceptions=True), self.control_timeout)
+        errors = [res for res in results if isinstance(res, BaseException) and not isinstance(res, REPLICA_FAILURES)]
+        if errors:
+            raise errors[0]
 
 
 async def _records(gen, deadline: float):

@@ -95,7 +95,8 @@ class RolloutService:
         self.server, self.health, self.port = await start_server(servicer, self.port, self.host, self.tls)
         if self.http_port is not None:
             self.http = HttpFrontend(self.router, self.config, self.tidar, self.model_dir, metrics,
-                                     self.auth_token if self.require_auth_for_generate else None)
+                                     self.auth_token if self.require_auth_for_generate else None,
+                                     updates=servicer.updates, auth_token=self.auth_token)
             self._http_server, self._http_task, self.http_port = await start_http(self.http, self.http_port, self.host)
         await self._place_replicas()
         await self.router.wait_ready(self.ready_timeout)
@@ -175,7 +176,8 @@ def main_serve(argv: list[str]) -> int:
     p.add_argument("--host", default="[::]", help="address to bind")
     p.add_argument("--address", default=None,
                    help="Ray cluster: 'auto' (running cluster), 'ray://HOST:10001', or omit for a local one")
-    p.add_argument("--auth-token-file", type=Path, help="file holding the bearer token for UpdateWeights")
+    p.add_argument("--auth-token-file", type=Path,
+                   help="file holding the bearer token for weight updates and pause / resume (gRPC and HTTP)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables TLS with --tls-key)")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus port of the front end")
@@ -222,7 +224,7 @@ def main_serve(argv: list[str]) -> int:
         p.error("--tls-cert and --tls-key go together")
     token = args.auth_token_file.read_text().strip() if args.auth_token_file else None
     if token is None:
-        log.warning("no --auth-token-file: UpdateWeights will refuse every call")
+        log.warning("no --auth-token-file: weight updates and pause / resume will refuse every call")
     tls = (args.tls_cert.read_bytes(), args.tls_key.read_bytes()) if args.tls_cert else None
     ray.init(address=args.address, namespace="tidar-rollout")
     service = RolloutService(args.model, args.replicas, args.port, args.host, token, tls, args.metrics_port,

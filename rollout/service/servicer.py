@@ -7,7 +7,10 @@ Design decisions:
   allow, the limit named in the message), RESOURCE_EXHAUSTED (queue full: the front end's or
   a replica's), DEADLINE_EXCEEDED, CANCELLED (the client went away: its work is aborted on the replica),
   UNAUTHENTICATED (mutating RPC without the bearer token), FAILED_PRECONDITION (policy version
-  older than the caller requires), UNAVAILABLE (no replica could serve).
+  older than the caller requires), UNAVAILABLE (no replica could serve), NOT_FOUND (a weight
+  update id that is not open; the message says whether it was committed, aborted or expired).
+- Every RPC that changes what is served (weight updates, pause / resume) needs the bearer token;
+  the work is shared with the HTTP front end: `updates.WeightUpdates` and the Router.
 - The health service reports NOT_SERVING until every replica has answered once.
 """
 
@@ -29,12 +32,13 @@ from ..config import ModelConfig, TidarConfig
 from ..params import SamplingParams, validate_prompts
 from ..v1 import rollout_pb2 as pb
 from ..v1 import rollout_pb2_grpc as pb_grpc
-from ..wire import WeightAssembler, params_from_proto, record_to_trajectory
+from ..wire import WeightAssembler, chunk_update_id, params_from_proto, record_to_trajectory
 from .metrics import FrontendMetrics
 from ..engine.engine import LoadError, check_request_size
 from ..model.decoder import Decoder
 from .messages import RequestDone, Started
 from .router import REPLICA_FAILURES, DeadlineExceededError, NoReplicaError, QueueFullError, Router
+from .updates import UnknownUpdateError, WeightUpdates
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RolloutService"].full_name
@@ -76,6 +80,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         self.auth_token, self.metrics = auth_token, metrics
         self.require_auth_for_generate = require_auth_for_generate and auth_token is not None
         self.weight_shapes = model_weight_shapes(config)
+        self.updates = WeightUpdates(router, self.weight_shapes, config.tie_word_embeddings)  # shared with HTTP
 
     async def _check_read_access(self, context, method: str) -> None:
         """With require_auth_for_generate, generation and status need the token too."""
@@ -180,7 +185,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "UpdateWeights needs 'authorization: Bearer <token>' metadata with the server's token")
         started = time.perf_counter()
-        assembler = WeightAssembler(self.weight_shapes)
+        assembler = WeightAssembler(self.weight_shapes, self.updates.canonical)
         try:
             async for chunk in request_iterator:
                 manifest = assembler.broadcast_manifest(chunk)
@@ -216,6 +221,91 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             await self._fail(context, "InitWeightGroup", e)
         return pb.WeightGroupResponse(world_size=world, backend=backend)
 
+    async def _mutating(self, context, method: str, work):
+        """Runs `work()` (a coroutine function) for a mutating RPC: the token first, every failure
+        a status, the outcome counted."""
+        await self._require_token(context, method)
+        try:
+            result = await work()
+        except Exception as e:  # noqa: BLE001
+            await self._fail(context, method, e)
+        self.metrics.requests.labels(method, "OK").inc()
+        return result
+
+    async def _require_token(self, context, method: str) -> None:
+        if not self._authorized(context):
+            self.metrics.requests.labels(method, "UNAUTHENTICATED").inc()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"{method} needs 'authorization: Bearer <token>' metadata with the server's token")
+
+    def _swapped(self, version: int, started: float, num_tensors: int = 0, num_bytes: int = 0):
+        seconds = time.perf_counter() - started
+        self.metrics.weight_push_seconds.observe(seconds)
+        return pb.UpdateWeightsResponse(version=version, num_tensors=num_tensors, num_bytes=num_bytes,
+                                        seconds=seconds)
+
+    async def BeginWeightUpdate(self, request, context):
+        async def work():
+            update = self.updates.begin(request.timeout_seconds or 600.0)
+            return pb.BeginWeightUpdateResponse(update_id=update.update_id,
+                                                expires_in_seconds=update.deadline - time.monotonic())
+        return await self._mutating(context, "BeginWeightUpdate", work)
+
+    async def PushWeightBucket(self, request_iterator, context):
+        assembler = WeightAssembler(self.weight_shapes, self.updates.canonical)
+
+        async def work():
+            async for chunk in request_iterator:
+                if assembler.update_id is None:  # the update must be open before its bytes are taken
+                    self.updates.get(chunk_update_id(chunk))
+                assembler.add(chunk)
+            if assembler.update_id is None:
+                raise ValueError("the bucket was empty")
+            tensors = assembler.finish()
+            staged = self.updates.add(assembler.update_id, tensors)
+            self.metrics.weight_push_bytes.inc(assembler.num_bytes)
+            return pb.WeightBucketResponse(update_id=assembler.update_id, num_tensors=len(tensors),
+                                           staged_tensors=staged, num_bytes=assembler.num_bytes)
+        return await self._mutating(context, "PushWeightBucket", work)
+
+    async def CommitWeightUpdate(self, request, context):
+        async def work():
+            started = time.perf_counter()
+            version, n, nbytes = await self.updates.commit(request.update_id, request.mode or "wait")
+            return self._swapped(version, started, n, nbytes)
+        return await self._mutating(context, "CommitWeightUpdate", work)
+
+    async def AbortWeightUpdate(self, request, context):
+        async def work():
+            return pb.AbortWeightUpdateResponse(freed_tensors=self.updates.abort(request.update_id))
+        return await self._mutating(context, "AbortWeightUpdate", work)
+
+    async def UpdateWeightsFromDisk(self, request, context):
+        async def work():
+            started = time.perf_counter()
+            version = await self.router.update_from_disk(request.model_path, request.mode or "wait")
+            return self._swapped(version, started, len(self.weight_shapes))
+        return await self._mutating(context, "UpdateWeightsFromDisk", work)
+
+    async def ResetWeights(self, request, context):
+        async def work():
+            started = time.perf_counter()
+            return self._swapped(await self.router.reset_weights(request.mode or "wait"), started,
+                                 len(self.weight_shapes))
+        return await self._mutating(context, "ResetWeights", work)
+
+    async def PauseGeneration(self, request, context):
+        async def work():
+            ended = await self.router.pause(request.mode or "keep", request.timeout_seconds or 300.0)
+            return pb.PauseResponse(paused=True, aborted_requests=ended)
+        return await self._mutating(context, "PauseGeneration", work)
+
+    async def ResumeGeneration(self, request, context):
+        async def work():
+            await self.router.resume()
+            return pb.PauseResponse(paused=False)
+        return await self._mutating(context, "ResumeGeneration", work)
+
     async def GetStatus(self, request, context):
         await self._check_read_access(context, "GetStatus")
         replicas = await self.router.replica_status()
@@ -231,7 +321,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         return pb.StatusResponse(
             model=self.model_name, weight_version=self.router.version,
             replicas=[pb.ReplicaStatus(name=r["name"], node_id=r.get("node_id", ""), ready=r.get("ready", False),
-                                       weight_version=r.get("weight_version", -1),
+                                       weight_version=r.get("weight_version", -1), paused=r.get("paused", False),
                                        running_requests=r.get("running_requests", 0),
                                        outstanding_tokens=r["outstanding_tokens"], restarts=r["restarts"],
                                        metrics_address=r.get("metrics_address", ""),
@@ -244,7 +334,9 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             running_requests=sum(r.running for r in self.router.replicas) - self.router.waiting,
             tokens_per_forward=tokens / forwards if forwards else 0.0,
             acceptance_by_position=[a / n if n else 0.0 for a, n in zip(accepts, attempts)],
-            block_size=self.tidar.block_size, levels=list(self.tidar.level_set))
+            block_size=self.tidar.block_size, levels=list(self.tidar.level_set),
+            weight_source=self.router.weight_source, paused=self.router.paused,
+            open_weight_updates=len(self.updates.open))
 
     def _authorized(self, context) -> bool:
         if self.auth_token is None:
@@ -275,6 +367,8 @@ def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(e) or "deadline exceeded"
     if isinstance(e, PolicyVersionError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(e)
+    if isinstance(e, UnknownUpdateError):
+        return grpc.StatusCode.NOT_FOUND, str(e)
     if isinstance(e, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, (NoReplicaError, *REPLICA_FAILURES)):

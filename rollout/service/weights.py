@@ -1,16 +1,41 @@
 """The weight-update lifecycle of a replica: stage (verify names, shapes, dtypes, finite values;
 move to the device) -> commit (swap between engine steps, version + 1). Nothing the engine
-serves changes before commit, and a commit swaps every tensor at once."""
+serves changes before commit, and a commit swaps every tensor at once.
+
+Design decisions:
+- Names are the model's HF names. A trainer's wrapped names map to them when the mapping is
+  unambiguous (`canonical_name`): DDP's `module.`, torch.compile's `_orig_mod.`, FSDP1's
+  `_fsdp_wrapped_module.` and activation checkpointing's `_checkpoint_wrapped_module.` (anywhere
+  in the path), a leading `model.` too many (`model.model.` -> `model.`) and PEFT's
+  `base_model.model.`. Anything else is refused with the name in the message.
+- A tied `lm_head.weight` is the embedding: alone it updates `model.embed_tokens.weight`; sent
+  with the embedding it must equal it (`fold_tied_head`).
+- A partial update (some tensors) keeps the served values of the others; the version is still
+  atomic: every tensor of the update swaps in the same step boundary.
+- From disk (`read_weights_from_disk`): a safetensors file, or a directory (with an HF shard
+  index, or every *.safetensors in it). Names, shapes and dtypes are checked from the files'
+  headers before any tensor is read, and the set must be complete (a checkpoint is a whole model).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from ..config import read_json
 from ..model.decoder import Decoder
+from ..model.loader import SAFETENSORS_INDEX
 
 WEIGHT_SWAP_MODES = ("wait", "abort", "keep")
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_orig_mod", "_checkpoint_wrapped_module")
+WRAPPER_PREFIXES = ("module.", "base_model.model.", "model.")
+TIED_HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+# safetensors dtype names -> torch (floating point only: weights are never integers)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class WeightMismatchError(ValueError):
@@ -29,25 +54,149 @@ def check_swap_mode(mode: str) -> None:
         raise ValueError(f"mode must be one of {', '.join(WEIGHT_SWAP_MODES)}, got {mode!r}")
 
 
-def stage_weights(model: Decoder, version: int, tensors: dict[str, torch.Tensor], device: str | torch.device
-                  ) -> StagedWeights:
-    """Verifies a full state dict (HF names) against the model and prepares it for commit."""
+def canonical_name(name: str, expected: dict[str, tuple[int, ...]]) -> str:
+    """The model's name for a trainer's tensor name (see the module docstring); raises
+    WeightMismatchError naming it when it is unknown or could be two weights."""
+    if name in expected:
+        return name
+    parts = [p for p in name.split(".") if p not in WRAPPER_SEGMENTS]
+    base = ".".join(parts)
+    candidates = {base} if base in expected else set()
+    stack = [base]
+    while stack:  # strip leading wrapper prefixes in any order (e.g. module.model.model.x)
+        n = stack.pop()
+        for prefix in WRAPPER_PREFIXES:
+            if n.startswith(prefix):
+                stripped = n[len(prefix):]
+                if stripped in expected:
+                    candidates.add(stripped)
+                stack.append(stripped)
+    if len(candidates) == 1:
+        return candidates.pop()
+    if not candidates:
+        raise WeightMismatchError(f"tensor {name!r} is not a weight of the served model (nor a wrapped name of "
+                                  "one: module., _orig_mod., _fsdp_wrapped_module., model.model., "
+                                  "base_model.model.; merge LoRA adapters before pushing)")
+    raise WeightMismatchError(f"tensor {name!r} is ambiguous: it could be {sorted(candidates)}")
+
+
+def check_tensor_header(name: str, shape: list[int] | tuple[int, ...], dtype: torch.dtype,
+                        expected: dict[str, tuple[int, ...]]) -> None:
+    """Shape and dtype of a (canonical) tensor against the model, before its data is read."""
+    if tuple(shape) != tuple(expected[name]):
+        raise WeightMismatchError(f"{name}: shape {list(shape)}, the model has {list(expected[name])}")
+    if not dtype.is_floating_point:
+        raise WeightMismatchError(f"{name}: dtype {dtype} is not a floating-point type")
+
+
+def verify_tensor(name: str, t: torch.Tensor, expected: dict[str, tuple[int, ...]]) -> None:
+    """Shape, dtype and finite values of one (canonical) tensor."""
+    check_tensor_header(name, t.shape, t.dtype, expected)
+    # amax/amin propagate NaN and expose +-inf: two reductions, no boolean copy of t.
+    if t.numel() and not (torch.isfinite(t.amax()) and torch.isfinite(t.amin())):
+        raise WeightMismatchError(f"{name}: contains NaN or Inf")
+
+
+def fold_tied_head(tensors: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+    """With tied embeddings, lm_head.weight is the embedding: alone it stands for it, beside it
+    it must be equal. Returns the tensors without lm_head.weight."""
+    if not tied or TIED_HEAD not in tensors:
+        return tensors
+    tensors = dict(tensors)
+    head = tensors.pop(TIED_HEAD)
+    if EMBEDDING not in tensors:
+        tensors[EMBEDDING] = head
+    elif not torch.equal(head, tensors[EMBEDDING].to(head.dtype)):
+        raise WeightMismatchError(f"{TIED_HEAD} differs from {EMBEDDING}, but the model ties them: "
+                                  "send one of them, or equal values")
+    return tensors
+
+
+def stage_weights(model: Decoder, version: int, tensors: dict[str, torch.Tensor], device: str | torch.device,
+                  partial: bool = False) -> StagedWeights:
+    """Verifies a state dict (HF names) against the model and prepares it for commit. With
+    `partial`, tensors left out keep their served values; otherwise every weight must be there."""
     expected = model.weight_names_and_shapes()
-    if model.config.tie_word_embeddings:  # a trainer may send the tied head too: it is the embedding
-        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    tensors = fold_tied_head(tensors, model.config.tie_word_embeddings)
+    missing = [] if partial else sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise WeightMismatchError(f"weight names differ from the model: missing {missing[:5]}, "
                                   f"unexpected {extra[:5]}")
+    if not tensors:
+        raise WeightMismatchError("the update holds no tensor")
     staged, nbytes, params = {}, 0, model.state_dict()
     for name, t in tensors.items():
-        if t.shape != expected[name]:
-            raise WeightMismatchError(f"{name}: shape {list(t.shape)}, the model has {list(expected[name])}")
-        if not t.is_floating_point():
-            raise WeightMismatchError(f"{name}: dtype {t.dtype} is not a floating-point type")
-        # amax/amin propagate NaN and expose +-inf: two reductions, no boolean copy of t.
-        if t.numel() and not (torch.isfinite(t.amax()) and torch.isfinite(t.amin())):
-            raise WeightMismatchError(f"{name}: contains NaN or Inf")
+        verify_tensor(name, t, expected)
         staged[name] = t.to(device=device, dtype=params[name].dtype)
         nbytes += t.numel() * t.element_size()
     return StagedWeights(version, staged, nbytes)
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the file itself, the shards an HF index names, or
+    every *.safetensors of a directory. WeightMismatchError naming the path otherwise."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise WeightMismatchError(f"{path} is not a .safetensors file")
+        return [path]
+    if not path.is_dir():
+        raise WeightMismatchError(f"weight path {path} does not exist (or is not readable) on this replica")
+    index = path / SAFETENSORS_INDEX
+    if index.exists():
+        try:
+            names = sorted(set(read_json(index)["weight_map"].values()))
+        except (KeyError, AttributeError, ValueError) as e:
+            raise WeightMismatchError(f"{index} is not an HF shard index with a weight_map: {e}") from None
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise WeightMismatchError(f"{path} lacks shards named in {SAFETENSORS_INDEX}: {missing[:5]}")
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WeightMismatchError(f"{path} holds no *.safetensors file")
+    return files
+
+
+def read_weights_from_disk(path: str | Path, model: Decoder) -> dict[str, torch.Tensor]:
+    """A whole state dict from safetensors on disk (CPU tensors, canonical names): every header is
+    checked against the model (names, shapes, dtypes, completeness) before a tensor is read."""
+    expected = dict(model.weight_names_and_shapes())
+    tied = model.config.tie_word_embeddings
+    if tied:
+        expected[TIED_HEAD] = expected[EMBEDDING]
+    found: dict[str, tuple[Path, str]] = {}
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    name = canonical_name(key, expected)
+                    if name in found:
+                        raise WeightMismatchError(f"{file}: tensor {key!r} is {name}, already in {found[name][0]}")
+                    piece = f.get_slice(key)
+                    dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
+                    if dtype is None:
+                        raise WeightMismatchError(f"{key}: dtype {piece.get_dtype()} is not a floating-point type")
+                    check_tensor_header(name, piece.get_shape(), dtype, expected)
+                    found[name] = (file, key)
+        except WeightMismatchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a corrupt or truncated file: name it
+            raise WeightMismatchError(f"{file} is not a readable safetensors file: {e}") from None
+    missing = sorted(set(expected) - set(found) - ({TIED_HEAD} if tied else set()))
+    if missing:
+        raise WeightMismatchError(f"{path} lacks {len(missing)} weights of the model: {missing[:5]}")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted({f for f, _ in found.values()}):
+        with safe_open(str(file), framework="pt") as f:
+            for name, (where, key) in found.items():
+                if where == file:
+                    tensors[name] = f.get_tensor(key)
+    return tensors
+
+
+def total_bytes(expected: dict[str, tuple[int, ...]], itemsize: int = 8) -> int:
+    """Bytes of every weight at `itemsize` bytes per element (float64 by default: the most any
+    floating-point push of the model can carry)."""
+    return sum(math.prod(s) for s in expected.values()) * itemsize

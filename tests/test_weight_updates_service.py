@@ -1,0 +1,235 @@
+"""Weight updates a trainer drives, end to end on the embedded model (tied embeddings): bucketed
+named pushes, update from disk, reset, pause / resume, over gRPC (WeightSync) and HTTP, on local Ray."""
+
+import shutil
+import threading
+
+import grpc
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+httpx = pytest.importorskip("httpx")
+
+from safetensors.torch import save, save_file  # noqa: E402
+from service_helpers import CALL_TIMEOUT, ServiceRunner, request, wait_until  # noqa: E402
+
+from rollout import Engine, SamplingParams  # noqa: E402
+from rollout.service.serve import DEFAULT_MODEL, RolloutService  # noqa: E402
+from rollout.v1 import rollout_pb2 as pb  # noqa: E402
+from rollout.wire import trajectory_arrays  # noqa: E402
+from trainer_bridge import RolloutClient, WeightSync  # noqa: E402
+
+TOKEN = "weights-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PROMPTS = [[5, 6, 7], [100, 200, 300, 400], [42]]
+SAMPLING = dict(max_tokens=12, n=2, seed=7)
+LONG = dict(prompts=[[2 + i, 3] for i in range(4)], max_tokens=160, n=2, seed=0)  # seconds of work
+
+
+@pytest.fixture(scope="module")
+def runner():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="test-weight-updates")
+    r = ServiceRunner(RolloutService(DEFAULT_MODEL, replicas=1, port=0, auth_token=TOKEN, metrics_port=0,
+                                     http_port=0, name="weights"))
+    r.wait_started()
+    yield r
+    r.stop()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def base_state():
+    """The model's weights, without the tied lm_head (it is the embedding)."""
+    model = Engine.from_pretrained(DEFAULT_MODEL).model
+    return {k: v.clone() for k, v in model.state_dict().items() if k in model.weight_names_and_shapes()}
+
+
+def url(runner, path: str) -> str:
+    return f"http://localhost:{runner.service.http_port}{path}"
+
+
+def post(runner, path: str, token: bool = True, **kw) -> httpx.Response:
+    return httpx.post(url(runner, path), headers=AUTH if token else {}, timeout=CALL_TIMEOUT, **kw)
+
+
+def served(runner) -> list[list[int]]:
+    got = runner.stub().Generate(request(PROMPTS, **SAMPLING), timeout=CALL_TIMEOUT)
+    return [trajectory_arrays(t)["token_ids"].tolist() for t in got.trajectories]
+
+
+def expected_with(state: dict[str, torch.Tensor], tmp_path) -> list[list[int]]:
+    """What an engine loaded from a model directory holding `state` generates."""
+    model_dir = tmp_path / "reference"
+    shutil.copytree(DEFAULT_MODEL, model_dir)
+    save_file({k: v.contiguous() for k, v in state.items()}, model_dir / "model.safetensors")
+    groups = Engine.from_pretrained(model_dir).generate(PROMPTS, SamplingParams(**SAMPLING))
+    return [c.token_ids for row in groups for c in row]
+
+
+def perturbed(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+
+
+def status(runner) -> pb.StatusResponse:
+    return runner.stub().GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT)
+
+
+def test_a_bucketed_push_is_one_version_serving_exactly_those_weights(runner, base_state, tmp_path):
+    state = perturbed(base_state, 1)
+    pushed = dict(state, **{"lm_head.weight": state["model.embed_tokens.weight"]})  # tied: sent too, equal
+    before = status(runner).weight_version
+    sync = WeightSync(RolloutClient(runner.address, token=TOKEN))
+    buckets_sent = []
+    original = sync.client.stub.PushWeightBucket
+    sync.client.stub.PushWeightBucket = lambda chunks, **kw: buckets_sent.append(1) or original(chunks, **kw)
+    result = sync.push_named(pushed, bucket_bytes=4 << 20)
+    assert len(buckets_sent) >= 2
+    assert result.version == before + 1 == status(runner).weight_version
+    assert served(runner) == expected_with(state, tmp_path)
+    assert status(runner).weight_source == "push"
+
+
+def test_a_bad_bucket_is_refused_naming_the_tensor_and_nothing_changes(runner):
+    before, outputs = status(runner).weight_version, served(runner)
+    update_id = post(runner, "/v1/weights/begin", json=dict(timeout_seconds=60)).json()["update_id"]
+    first = post(runner, f"/v1/weights/{update_id}/tensors", content=save({"model.norm.weight": torch.ones(256)}))
+    assert first.status_code == 200 and first.json()["staged_tensors"] == 1
+    bad = save({"model.layers.0.mlp.up_proj.weight": torch.zeros(704, 255)})
+    second = post(runner, f"/v1/weights/{update_id}/tensors", content=bad)
+    assert second.status_code == 400
+    assert "model.layers.0.mlp.up_proj.weight: shape [704, 255], the model has [704, 256]" in \
+        second.json()["error"]["message"]
+    assert status(runner).weight_version == before and served(runner) == outputs
+    assert post(runner, f"/v1/weights/{update_id}/abort").json()["freed_tensors"] == 1  # bucket 1 was kept
+    gone = post(runner, f"/v1/weights/{update_id}/commit")
+    assert gone.status_code == 404 and "was aborted" in gone.json()["error"]["message"]
+    assert status(runner).weight_version == before and served(runner) == outputs
+
+
+def test_wrapped_names_are_mapped_and_a_partial_update_keeps_the_other_tensors(runner, base_state, tmp_path):
+    httpx.post(url(runner, "/reset_weights"), headers=AUTH, timeout=CALL_TIMEOUT).raise_for_status()
+    before = status(runner).weight_version
+    norm = base_state["model.norm.weight"] * 1.5
+    up = base_state["model.layers.2.mlp.up_proj.weight"] * 0.5
+    update_id = post(runner, "/v1/weights/begin").json()["update_id"]
+    for bucket in ({"module._orig_mod.model.norm.weight": norm},
+                   {"model.model.layers.2.mlp.up_proj.weight": up}):
+        post(runner, f"/v1/weights/{update_id}/tensors", content=save(bucket)).raise_for_status()
+    done = post(runner, f"/v1/weights/{update_id}/commit", json=dict(mode="keep")).json()
+    assert done["version"] == before + 1 and done["num_tensors"] == 2
+    state = dict(base_state, **{"model.norm.weight": norm, "model.layers.2.mlp.up_proj.weight": up})
+    assert served(runner) == expected_with(state, tmp_path)
+
+
+def test_an_unknown_name_is_refused_naming_it(runner):
+    update_id = post(runner, "/v1/weights/begin").json()["update_id"]
+    resp = post(runner, f"/v1/weights/{update_id}/tensors", content=save({"model.layers.0.lora_A.weight":
+                                                                         torch.zeros(2)}))
+    assert resp.status_code == 400 and "'model.layers.0.lora_A.weight' is not a weight" in resp.json()["error"]["message"]
+    post(runner, f"/v1/weights/{update_id}/abort").raise_for_status()
+
+
+@pytest.mark.parametrize("route,key", [("/update_weights", "weight_dir"), ("/update_weights_from_disk", "model_path")])
+def test_update_from_disk_serves_the_checkpoint(runner, base_state, tmp_path, route, key):
+    state = perturbed(base_state, 2)
+    checkpoint = tmp_path / "step-100"
+    checkpoint.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, checkpoint / "model.safetensors")
+    before = status(runner).weight_version
+    resp = post(runner, route, json={key: str(checkpoint)})
+    assert resp.status_code == 200 and resp.json()["version"] == before + 1
+    assert served(runner) == expected_with(state, tmp_path)
+    assert status(runner).weight_source == f"disk:{checkpoint}"
+
+
+def test_a_checkpoint_whose_tied_head_differs_from_the_embedding_is_refused(runner, base_state, tmp_path):
+    state = dict(base_state, **{"lm_head.weight": base_state["model.embed_tokens.weight"] + 1})
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    before = status(runner).weight_version
+    resp = post(runner, "/update_weights", json=dict(weight_dir=str(tmp_path)))
+    assert resp.status_code == 400 and "lm_head.weight differs from model.embed_tokens.weight" in \
+        resp.json()["error"]["message"]
+    assert status(runner).weight_version == before
+
+
+def test_update_from_a_missing_path_is_a_clear_error_and_changes_nothing(runner, tmp_path):
+    before = status(runner).weight_version
+    resp = post(runner, "/update_weights_from_disk", json=dict(model_path=str(tmp_path / "nope")))
+    assert resp.status_code == 400
+    assert f"weight path {tmp_path / 'nope'} does not exist" in resp.json()["error"]["message"]
+    with pytest.raises(grpc.RpcError) as info:
+        WeightSync(RolloutClient(runner.address, token=TOKEN)).update_from_disk(str(tmp_path / "nope"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not exist" in info.value.details()
+    assert status(runner).weight_version == before
+
+
+def test_reset_returns_to_the_base_outputs_as_a_new_version(runner, base_state, tmp_path):
+    base = expected_with(base_state, tmp_path)
+    WeightSync(RolloutClient(runner.address, token=TOKEN)).push(perturbed(base_state, 3))
+    assert served(runner) != base
+    before = status(runner).weight_version
+    resp = post(runner, "/reset_weights")
+    assert resp.json()["version"] == before + 1 and served(runner) == base
+    [model] = httpx.get(url(runner, "/v1/models"), timeout=CALL_TIMEOUT).json()["data"]
+    assert model["id"] == "default_model" and model["weight_version"] == before + 1
+    assert model["weight_source"] == "reset" and status(runner).model == "default_model"
+
+
+@pytest.mark.parametrize("route", ["/pause", "/pause_generation", "/resume", "/continue_generation",
+                                   "/update_weights", "/update_weights_from_disk", "/reset_weights",
+                                   "/v1/weights/begin", "/v1/weights/x/tensors", "/v1/weights/x/commit",
+                                   "/v1/weights/x/abort"])
+def test_mutating_routes_without_the_token_are_401(runner, route):
+    assert post(runner, route, token=False, json={}).status_code == 401
+    wrong = httpx.post(url(runner, route), headers={"Authorization": "Bearer nope"}, json={}, timeout=CALL_TIMEOUT)
+    assert wrong.status_code == 401
+
+
+@pytest.mark.parametrize("call", [
+    lambda s: s.BeginWeightUpdate(pb.BeginWeightUpdateRequest(), timeout=CALL_TIMEOUT),
+    lambda s: s.PushWeightBucket(iter([pb.WeightChunk()]), timeout=CALL_TIMEOUT),
+    lambda s: s.CommitWeightUpdate(pb.CommitWeightUpdateRequest(update_id="x"), timeout=CALL_TIMEOUT),
+    lambda s: s.AbortWeightUpdate(pb.AbortWeightUpdateRequest(update_id="x"), timeout=CALL_TIMEOUT),
+    lambda s: s.UpdateWeightsFromDisk(pb.UpdateWeightsFromDiskRequest(model_path="/"), timeout=CALL_TIMEOUT),
+    lambda s: s.ResetWeights(pb.ResetWeightsRequest(), timeout=CALL_TIMEOUT),
+    lambda s: s.PauseGeneration(pb.PauseRequest(), timeout=CALL_TIMEOUT),
+    lambda s: s.ResumeGeneration(pb.ResumeRequest(), timeout=CALL_TIMEOUT),
+])
+def test_mutating_rpcs_without_the_token_are_unauthenticated(runner, call):
+    with pytest.raises(grpc.RpcError) as info:
+        call(runner.stub())
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def long_stream(runner) -> tuple[threading.Thread, dict]:
+    out = {}
+    stub = runner.stub()
+    t = threading.Thread(target=lambda: out.setdefault("got", list(stub.GenerateStream(request(**LONG),
+                                                                                        timeout=600))))
+    t.start()
+    wait_until(lambda: sum(r.running_requests for r in status(runner).replicas) == 1, what="the long request running")
+    return t, out
+
+
+def test_pause_keep_over_http_holds_requests_and_resume_finishes_them(runner):
+    t, out = long_stream(runner)
+    assert post(runner, "/pause?mode=keep&timeout_seconds=60").json() == {"paused": True, "aborted_requests": 0}
+    assert httpx.get(url(runner, "/is_paused"), timeout=CALL_TIMEOUT).json() == {"is_paused": True}
+    st = status(runner)
+    assert st.paused and st.replicas[0].paused and st.replicas[0].running_requests == 1
+    post(runner, "/resume").raise_for_status()
+    t.join(600)
+    assert len(out["got"]) == 8 and all(x.finish_reason == pb.LENGTH for x in out["got"])
+    assert not status(runner).paused
+
+
+def test_pause_abort_ends_running_requests_with_abort(runner):
+    t, out = long_stream(runner)
+    sync = WeightSync(RolloutClient(runner.address, token=TOKEN))
+    assert sync.pause("abort", timeout_seconds=60) == 1
+    t.join(600)
+    assert len(out["got"]) == 8 and all(x.finish_reason == pb.ABORT for x in out["got"])
+    sync.resume()
+    assert runner.stub().Generate(request([[5]], max_tokens=3), timeout=CALL_TIMEOUT).trajectories
