@@ -318,3 +318,60 @@ def test_at_most_two_updates_are_open(expected):
         assert updates.abort(first.update_id) == 0
         updates.begin(60)
     asyncio.run(run())
+
+
+# ---------------------------------------------------------------- dtype policy (issue 11, item 7)
+@pytest.mark.parametrize("pushed,served,ok", [
+    (torch.float32, torch.float32, True),
+    (torch.float32, torch.bfloat16, True),    # wider than served: rounded to the served precision
+    (torch.float64, torch.float32, True),
+    (torch.float16, torch.float32, False),    # the trainer rounded: the served policy would differ
+    (torch.bfloat16, torch.float32, False),
+    (torch.bfloat16, torch.float16, False),   # different 16-bit formats: lossy both ways
+])
+def test_strict_dtype_policy_takes_the_served_dtype_or_wider(tiny_dir, pushed, served, ok):
+    from rollout.service.weights import stage_weights
+    engine = Engine.from_pretrained(tiny_dir, dtype=served)
+    tensors = {k: v.to(pushed) for k, v in perturbed(engine, 3).items()}
+    if ok:
+        staged = stage_weights(engine.model, 1, tensors, "cpu")
+        assert all(t.dtype == served for t in staged.tensors.values())
+    else:
+        with pytest.raises(WeightMismatchError, match=f"pushed as {pushed}, the replica serves {served}.*"
+                                                      "--weight-dtype-policy cast"):
+            stage_weights(engine.model, 1, tensors, "cpu")
+        staged = stage_weights(engine.model, 1, tensors, "cpu", dtype_policy="cast")
+        assert all(t.dtype == served for t in staged.tensors.values())
+
+
+def test_replica_applies_its_dtype_policy_and_reset_casts_the_base(tiny_dir, tmp_path):
+    strict = GeneratorReplica(str(tiny_dir), "strict", metrics_port=None)
+    half = {k: v.half() for k, v in perturbed(strict.engine, 4).items()}
+    with pytest.raises(WeightMismatchError, match="pushed as torch.float16"):
+        strict.stage_weights(1, half)
+    cast = GeneratorReplica(str(tiny_dir), "cast", metrics_port=None, weight_dtype_policy="cast")
+    assert cast.stage_weights(1, half) > 0
+    # a float16 checkpoint on disk is refused by the strict replica, the base weights are not
+    save_file({k: v.contiguous() for k, v in half.items()}, tmp_path / "model.safetensors")
+    with pytest.raises(WeightMismatchError, match="pushed as torch.float16"):
+        strict.stage_from_disk(1, str(tmp_path))
+    assert strict.stage_from_disk(1, None) > 0
+
+
+def test_engine_loads_a_half_precision_checkpoint_in_its_declared_dtype(tmp_path):
+    """A bfloat16 checkpoint loaded without a dtype gets bfloat16 weights and a bfloat16 KV cache
+    (it used to get float32 for both)."""
+    import transformers
+
+    from rollout.train.tiny import make_tiny_model
+    path = make_tiny_model(tmp_path / "fp32", vocab_size=16)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    hf.save_pretrained(tmp_path / "bf16")
+    (tmp_path / "bf16" / "tidar_config.json").write_text((path / "tidar_config.json").read_text())
+    engine = Engine.from_pretrained(tmp_path / "bf16")
+    assert engine.dtype == torch.bfloat16
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    assert engine.runner.cache.k.dtype == torch.bfloat16
+    assert Engine.from_pretrained(path).dtype == torch.float32
+    out = engine.generate([[2, 3]], SamplingParams(max_tokens=6, seed=0))
+    assert len(out[0][0].token_ids) == 6

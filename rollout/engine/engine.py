@@ -31,7 +31,7 @@ import torch
 from ..config import DEFAULT_MAX_NUM_SEQS, EngineConfig, ModelConfig, TidarConfig, load_tidar_config
 from ..model.decoder import Decoder
 from ..model.kv_cache import KVCache
-from ..model.loader import load_decoder, read_model_config
+from ..model.loader import declared_dtype, load_decoder, read_model_config
 from ..params import Completion, SamplingParams, validate_prompts
 from ..sampling import row_key
 from .drafting import DraftPolicy, level_label
@@ -94,11 +94,13 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32, mask_token_id: int | None = None,
+                        dtype: torch.dtype | None = None, mask_token_id: int | None = None,
                         block_size: int | None = None, levels: tuple[int, ...] | None = None,
                         config: EngineConfig | None = None) -> Engine:
-        """Loads an HF directory (config.json, *.safetensors, TiDAR settings beside them)."""
+        """Loads an HF directory (config.json, *.safetensors, TiDAR settings beside them). dtype
+        None: the dtype config.json declares (weights and KV cache alike; float32 if none)."""
         model_dir, hf_cfg, cfg = read_model_config(path)
+        dtype = dtype or declared_dtype(hf_cfg)
         tidar = load_tidar_config(model_dir, hf_cfg, mask_token_id, block_size, levels)
         model = load_decoder(model_dir, cfg, device, dtype)
         return cls(model, tidar, device, dtype, config)

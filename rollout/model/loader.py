@@ -38,6 +38,13 @@ def read_model_config(model_dir: str | Path) -> tuple[Path, dict, ModelConfig]:
     return model_dir, hf_cfg, ModelConfig.from_hf_dict(hf_cfg)
 
 
+def declared_dtype(hf_cfg: dict) -> torch.dtype:
+    """The dtype config.json declares ("dtype", or transformers 4's "torch_dtype"): bfloat16 and
+    float16 checkpoints stay half precision; anything else (or nothing) is float32."""
+    name = str(hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
 def load_decoder(model_dir: Path, cfg: ModelConfig, device: torch.device | str,
                  dtype: torch.dtype) -> Decoder:
     with torch.device("meta"):

@@ -78,11 +78,13 @@ class _Swap:
 class GeneratorReplica:
     def __init__(self, model_dir: str, name: str, device: str | None = None, dtype: str | None = None,
                  metrics_port: int | None = None, lock_timeout: float = 600.0,
-                 engine_config: EngineConfig | None = None, metrics_host: str = "0.0.0.0"):
+                 engine_config: EngineConfig | None = None, metrics_host: str = "0.0.0.0",
+                 weight_dtype_policy: str = "strict"):
         on_gpu = torch.cuda.is_available()  # true on ROCm builds too (HIP devices)
         self.device = device or ("cuda" if on_gpu else "cpu")
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device != "cpu" else torch.float32)
         self.name, self.model_dir = name, model_dir
+        self.weight_dtype_policy = weight_dtype_policy  # weights.check_dtype
         self.engine = Engine.from_pretrained(model_dir, device=self.device, dtype=torch_dtype, config=engine_config)
         self.lock_timeout = lock_timeout  # the longest any caller waits for the engine loop or a stream
         self._commands: queue.Queue = queue.Queue()
@@ -257,11 +259,13 @@ class GeneratorReplica:
                     block_size=e.tidar.block_size, levels=list(e.tidar.level_set), **e.drafting.status())
 
     # ------------------------------------------------------------------ weights
-    def stage_weights(self, version: int, tensors: dict[str, torch.Tensor], partial: bool = False) -> int:
+    def stage_weights(self, version: int, tensors: dict[str, torch.Tensor], partial: bool = False,
+                      dtype_policy: str | None = None) -> int:
         """Verifies a state dict (HF names; with `partial` a subset, the rest keeping its served
         values) and keeps it ready for commit. Returns its bytes."""
         self._staged = None  # an older staged version is replaced, never mixed in
-        self._staged = stage_weights(self.engine.model, version, tensors, self.device, partial)
+        self._staged = stage_weights(self.engine.model, version, tensors, self.device, partial,
+                                     dtype_policy or self.weight_dtype_policy)
         return self._staged.nbytes
 
     def stage_from_disk(self, version: int, path: str | None = None) -> int:
@@ -269,7 +273,8 @@ class GeneratorReplica:
         replica started from, i.e. the base weights), checked header first, and stages it."""
         self._staged = None
         tensors = read_weights_from_disk(path if path is not None else self.model_dir, self.engine.model)
-        return self.stage_weights(version, tensors)
+        # The base weights are cast as loading them was; another checkpoint follows the policy.
+        return self.stage_weights(version, tensors, dtype_policy="cast" if path is None else None)
 
     def commit_weights(self, version: int, mode: str = "wait", timeout: float = 600.0) -> int:
         """Swaps the staged weights in between engine steps; every later token carries the new

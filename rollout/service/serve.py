@@ -30,6 +30,7 @@ from .replica import replica_actor_class
 from .router import Router
 from .http import HttpFrontend, start_http, stop_http
 from .servicer import RolloutServicer, set_serving, start_server
+from .weights import DTYPE_POLICIES, check_dtype_policy
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = Path(__file__).parents[1] / "default_model"
@@ -45,7 +46,8 @@ class RolloutService:
                  gpus_per_replica: float | None = None, replica_metrics_port: int | None = None,
                  name: str = "rollout", dtype: str | None = None, engine_config: EngineConfig | None = None,
                  http_port: int | None = None, metrics_host: str | None = None,
-                 require_auth_for_generate: bool = False):
+                 require_auth_for_generate: bool = False, weight_dtype_policy: str = "strict"):
+        check_dtype_policy(weight_dtype_policy)
         self.model_dir = str(Path(model_dir).resolve())
         _, hf_cfg, self.config = read_model_config(self.model_dir)
         self.tidar = load_tidar_config(Path(self.model_dir), hf_cfg, None, None)
@@ -60,6 +62,7 @@ class RolloutService:
         # Metrics listen where the service does unless told otherwise ("[::1]" -> "::1").
         self.metrics_host = metrics_host or ("0.0.0.0" if host in ("[::]", "0.0.0.0", "") else host.strip("[]"))
         self.require_auth_for_generate = require_auth_for_generate  # every RPC and route needs the token
+        self.weight_dtype_policy = weight_dtype_policy  # weights.check_dtype: "strict" or "cast"
         self.server = self.health = self.router = self.pg = self.http = None
         self.actors: list = []
 
@@ -81,7 +84,8 @@ class RolloutService:
             self.actors.append(cls.options(
                 name=name, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)
             ).remote(self.model_dir, name, dtype=self.dtype, metrics_port=self.replica_metrics_port,
-                     engine_config=self.engine_config, metrics_host=self.metrics_host))
+                     engine_config=self.engine_config, metrics_host=self.metrics_host,
+                     weight_dtype_policy=self.weight_dtype_policy))
             self.router.add_replica(self.actors[-1], name)
 
     async def start(self) -> int:
@@ -217,6 +221,9 @@ def main_serve(argv: list[str]) -> int:
                    help="GPUs each replica asks Ray for (default: 1 if the cluster has GPUs, else 0)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="replica weight dtype (default: bfloat16 on GPUs, float32 on CPUs)")
+    p.add_argument("--weight-dtype-policy", default="strict", choices=list(DTYPE_POLICIES),
+                   help="strict: pushed tensors must be in the served dtype or wider (float32 to a bfloat16 replica); "
+                        "cast: any floating-point dtype is cast to the served one")
     p.add_argument("--placement", default="SPREAD", choices=["SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK"],
                    help="placement-group strategy for the replicas")
     args = p.parse_args(argv)
@@ -236,7 +243,8 @@ def main_serve(argv: list[str]) -> int:
                                  max_prefill_tokens=args.max_prefill_tokens,
                                  max_running_requests=args.max_running_requests, drafting=args.drafting,
                                  attention=args.attention, compile=args.compile), http_port=args.http_port,
-                             metrics_host=args.metrics_host, require_auth_for_generate=args.require_auth_for_generate)
+                             metrics_host=args.metrics_host, require_auth_for_generate=args.require_auth_for_generate,
+                             weight_dtype_policy=args.weight_dtype_policy)
     try:
         asyncio.run(_serve_until_signal(service, args.grace))
     finally:

@@ -12,6 +12,12 @@ Design decisions:
   with the embedding it must equal it (`fold_tied_head`).
 - A partial update (some tensors) keeps the served values of the others; the version is still
   atomic: every tensor of the update swaps in the same step boundary.
+- Dtypes (`check_dtype`, policy "strict" by default): a tensor is taken in the served dtype, or
+  wider (float32 to a bfloat16 replica: rounding to the served precision is what serving in
+  bfloat16 means). A narrower or different 16-bit dtype (float16 to a float32 replica) is
+  refused: the trainer rounded its weights, so the served policy would silently differ from
+  the one it computed. Policy "cast" (`rollout serve --weight-dtype-policy cast`) takes any
+  floating-point dtype. Resetting to the base weights casts as loading them did.
 - From disk (`read_weights_from_disk`): a safetensors file, or a directory (with an HF shard
   index, or every *.safetensors in it). Names, shapes and dtypes are checked from the files'
   headers before any tensor is read, and the set must be complete (a checkpoint is a whole model).
@@ -31,6 +37,7 @@ from ..model.decoder import Decoder
 from ..model.loader import SAFETENSORS_INDEX
 
 WEIGHT_SWAP_MODES = ("wait", "abort", "keep")
+DTYPE_POLICIES = ("strict", "cast")
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_orig_mod", "_checkpoint_wrapped_module")
 WRAPPER_PREFIXES = ("module.", "base_model.model.", "model.")
 TIED_HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
@@ -89,6 +96,24 @@ def check_tensor_header(name: str, shape: list[int] | tuple[int, ...], dtype: to
         raise WeightMismatchError(f"{name}: dtype {dtype} is not a floating-point type")
 
 
+def check_dtype_policy(policy: str) -> None:
+    if policy not in DTYPE_POLICIES:
+        raise ValueError(f"weight_dtype_policy must be one of {', '.join(DTYPE_POLICIES)}, got {policy!r}")
+
+
+def check_dtype(name: str, dtype: torch.dtype, served: torch.dtype, policy: str = "strict") -> None:
+    """The dtype policy of a push (module docstring): served or wider, unless policy "cast"."""
+    check_dtype_policy(policy)
+    if policy == "cast" or dtype == served:
+        return
+    if torch.finfo(dtype).bits > torch.finfo(served).bits and dtype in (torch.float32, torch.float64):
+        return
+    raise WeightMismatchError(
+        f"{name}: pushed as {dtype}, the replica serves {served}: a narrower or different 16-bit dtype would "
+        f"silently serve a policy other than the trainer's; send {served} or wider, or start the service with "
+        "--weight-dtype-policy cast")
+
+
 def verify_tensor(name: str, t: torch.Tensor, expected: dict[str, tuple[int, ...]]) -> None:
     """Shape, dtype and finite values of one (canonical) tensor."""
     check_tensor_header(name, t.shape, t.dtype, expected)
@@ -113,9 +138,10 @@ def fold_tied_head(tensors: dict[str, torch.Tensor], tied: bool) -> dict[str, to
 
 
 def stage_weights(model: Decoder, version: int, tensors: dict[str, torch.Tensor], device: str | torch.device,
-                  partial: bool = False) -> StagedWeights:
+                  partial: bool = False, dtype_policy: str = "strict") -> StagedWeights:
     """Verifies a state dict (HF names) against the model and prepares it for commit. With
-    `partial`, tensors left out keep their served values; otherwise every weight must be there."""
+    `partial`, tensors left out keep their served values; otherwise every weight must be there.
+    Dtypes follow `dtype_policy` (`check_dtype`)."""
     expected = model.weight_names_and_shapes()
     tensors = fold_tied_head(tensors, model.config.tie_word_embeddings)
     missing = [] if partial else sorted(set(expected) - set(tensors))
@@ -128,6 +154,7 @@ def stage_weights(model: Decoder, version: int, tensors: dict[str, torch.Tensor]
     staged, nbytes, params = {}, 0, model.state_dict()
     for name, t in tensors.items():
         verify_tensor(name, t, expected)
+        check_dtype(name, t.dtype, params[name].dtype, dtype_policy)
         staged[name] = t.to(device=device, dtype=params[name].dtype)
         nbytes += t.numel() * t.element_size()
     return StagedWeights(version, staged, nbytes)

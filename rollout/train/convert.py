@@ -30,7 +30,7 @@ import torch
 
 from ..config import TIDAR_CONFIG_FILE, ModelConfig, TidarConfig
 from ..model.decoder import Decoder
-from ..model.loader import load_decoder, read_model_config
+from ..model.loader import declared_dtype, load_decoder, read_model_config
 from .corpus import Corpus, fixed_windows, open_corpus, pack_tokens
 from .loop import (
     CHECKPOINT_DIR,
@@ -104,12 +104,6 @@ def _drop_loader_state(path: Path) -> None:
         for key in ("is_local", "local_files_only"):
             cfg.pop(key, None)
         path.write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def _stored_dtype(hf_cfg: dict) -> torch.dtype:
-    """The dtype the base checkpoint declares (half-precision bases stay half), else float32."""
-    name = str(hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32")
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
 def _write_metrics(out_dir: Path, metrics: dict) -> None:
@@ -226,7 +220,7 @@ def convert(base_dir: str | Path, corpus: str | Path | Corpus, out_dir: str | Pa
             converted_ppl = ar_perplexity(model, heldout) if heldout is not None else None
             hf_config = AutoConfig.from_pretrained(model_dir)
             _save_model(model, hf_config, tokenizer, out_dir, {"mask_token_id": mask_id, "block_size": block_size},
-                        _stored_dtype(hf_cfg))
+                        declared_dtype(hf_cfg))
             base_metrics = model_dir / METRICS_FILE
             metrics = {
                 "conversion": {"base": str(model_dir), "corpus": corpus.name, "train_documents": len(corpus.train),
