@@ -44,7 +44,8 @@ def test_serve_with_tls_answers_then_exits_cleanly_on_sigterm(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "rollout", "serve", "--model", str(model_dir), "--replicas", "1", "--port", str(port),
          "--host", "localhost", "--metrics-port", "0", "--auth-token-file", str(tmp_path / "token"),
-         "--tls-cert", str(cert), "--tls-key", str(key), "--grace", "5"],
+         "--tls-cert", str(cert), "--tls-key", str(key), "--grace", "5", "--max-sequences-per-request", "3",
+         "--weight-dtype-policy", "cast"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, RAY_DEDUP_LOGS="0"))
     try:
         creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
@@ -62,6 +63,11 @@ def test_serve_with_tls_answers_then_exits_cleanly_on_sigterm(tmp_path):
         resp = pb_grpc.RolloutServiceStub(channel).Generate(request([[2, 3]], max_tokens=6, seed=0),
                                                             timeout=CALL_TIMEOUT)
         assert len(resp.trajectories) == 1
+        with pytest.raises(grpc.RpcError) as refused:  # --max-sequences-per-request reaches the replicas' limits
+            pb_grpc.RolloutServiceStub(channel).Generate(request([[2, 3], [4, 5]], max_tokens=6, n=2),
+                                                         timeout=CALL_TIMEOUT)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "2 prompts x n=2 = 4 sequences exceeds" in refused.value.details()
         with pytest.raises(grpc.RpcError):  # plaintext is refused on a TLS port
             pb_grpc.RolloutServiceStub(grpc.insecure_channel(f"localhost:{port}")).GetStatus(
                 pb.StatusRequest(), timeout=5)

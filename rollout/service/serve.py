@@ -212,6 +212,11 @@ def main_serve(argv: list[str]) -> int:
                         "merged by log-sum-exp (for long contexts on a GPU)")
     p.add_argument("--compile", action="store_true",
                    help="run each replica's model forward through torch.compile (default: eager)")
+    p.add_argument("--max-sequences-per-request", type=int, default=None,
+                   help="prompts x n one request may ask for (default: 8 x the KV pool's slots)")
+    p.add_argument("--max-waiting-sequences", type=int, default=None,
+                   help="sequences queued on a replica before new requests are refused as load "
+                        "(default: 32 x the KV pool's slots)")
     p.add_argument("--max-running-requests", type=int, default=None,
                    help="requests a replica runs at once (default: as many as its KV pool holds; 1 = serial)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="deadline of requests that set none (s)")
@@ -242,6 +247,8 @@ def main_serve(argv: list[str]) -> int:
                                  kv_cache_gib=args.kv_cache_gib, gpu_memory_utilization=args.gpu_memory_utilization,
                                  max_prefill_tokens=args.max_prefill_tokens,
                                  max_running_requests=args.max_running_requests, drafting=args.drafting,
+                                 max_sequences_per_request=args.max_sequences_per_request,
+                                 max_waiting_sequences=args.max_waiting_sequences,
                                  attention=args.attention, compile=args.compile), http_port=args.http_port,
                              metrics_host=args.metrics_host, require_auth_for_generate=args.require_auth_for_generate,
                              weight_dtype_policy=args.weight_dtype_policy)
