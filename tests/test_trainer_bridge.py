@@ -181,6 +181,18 @@ def test_pad_groups_aligns_tokens_logprobs_and_masks(client):
             row += 1
 
 
+def test_client_returns_top_alternatives_and_min_p_applies(client):
+    import dataclasses
+    groups = client.generate(PROMPTS, dataclasses.replace(PARAMS, logprobs=3, min_p=0.05))
+    for g in groups:
+        for t in g.trajectories:
+            assert t.top_token_ids.shape == t.top_logprobs.shape == (len(t.token_ids), 3)
+            assert (t.top_logprobs[:, 0] >= t.logprobs - 1e-6).all()  # the most likely is at least the sampled
+            assert (t.top_logprobs[:, :-1] >= t.top_logprobs[:, 1:]).all()
+    plain = client.generate(PROMPTS[:1], PARAMS)[0].trajectories[0]
+    assert plain.top_token_ids.shape == (0, 0)
+
+
 def test_cotrain_loss_trains_the_drafts_toward_the_policy(model_dir):
     engine = Engine.from_pretrained(model_dir)
     model, tidar = engine.model, engine.tidar

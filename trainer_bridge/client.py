@@ -37,6 +37,8 @@ class Trajectory:
     timings: dict
     replica: str
     group_id: str
+    top_token_ids: np.ndarray      # int32 [T, N]: SamplingParams.logprobs = N most likely ids ([0, 0] if none)
+    top_logprobs: np.ndarray       # float32 [T, N], their log-probs under the same policy as `logprobs`
 
     @classmethod
     def from_proto(cls, t: pb.Trajectory) -> Trajectory:
