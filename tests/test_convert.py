@@ -115,6 +115,25 @@ def test_folder_corpus_converts(base_dir, folder_corpus, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").exists() and metrics["conversion"]["steps"] == 1
 
 
+def test_export_writes_a_checkpoint_as_a_loadable_model(converted, tmp_path):
+    from rollout.train.convert import export_checkpoint
+    out, _ = converted
+    step = export_checkpoint(out, tmp_path / "exported")
+    assert step == SMALL["steps"]
+    params = SamplingParams(max_tokens=8, n=2, seed=3)
+    assert [c.token_ids for c in Engine.from_pretrained(tmp_path / "exported").generate([[5, 6, 7]], params)[0]] == \
+        [c.token_ids for c in Engine.from_pretrained(out).generate([[5, 6, 7]], params)[0]]
+    with pytest.raises(FileNotFoundError, match="state.pt does not exist"):
+        export_checkpoint(tmp_path / "exported", tmp_path / "again")
+    # a run still going has no config.json yet: --like names where the files come from
+    (tmp_path / "running" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "running" / "checkpoint" / "state.pt").write_bytes((out / "checkpoint" / "state.pt").read_bytes())
+    with pytest.raises(FileNotFoundError, match="--like"):
+        export_checkpoint(tmp_path / "running", tmp_path / "again")
+    assert export_checkpoint(tmp_path / "running", tmp_path / "again", like=out) == step
+    assert (tmp_path / "again" / "tidar_config.json").exists()
+
+
 def test_resumed_run_equals_uninterrupted_run(base_dir, jsonl_corpus, tmp_path, monkeypatch):
     settings = {**SMALL, "steps": 4, "checkpoint_every": 2}
     convert(base_dir, jsonl_corpus, tmp_path / "full", **settings)

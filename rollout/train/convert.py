@@ -444,11 +444,55 @@ def main_pretrain(argv: list[str] | None = None) -> dict:
                     progress=True)
 
 
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path, like: str | Path | None = None) -> int:
+    """Writes a run's checkpoint (RUN/checkpoint/state.pt, e.g. an intermediate step) as a model
+    directory: the checkpoint's weights with the config, tokenizer and TiDAR files of `like`
+    (default: RUN itself, once the run has finished and written them; during a continued
+    conversion, its base). Returns the checkpoint's step."""
+    from safetensors.torch import save_file
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    like = Path(like) if like is not None else run_dir
+    ckpt = run_dir / CHECKPOINT_DIR / "state.pt"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt} does not exist")
+    if not (like / "config.json").exists():
+        raise FileNotFoundError(f"{like} has no config.json: name a directory with the run's config (--like)")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    _, _, cfg = read_model_config(like)
+    weights = {k: v.contiguous() for k, v in state["model"].items()
+               if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    embed = weights.get("model.embed_tokens.weight")
+    if embed is not None and embed.shape[0] != cfg.vocab_size:
+        raise ValueError(f"the checkpoint's vocabulary ({embed.shape[0]}) differs from {like}'s config "
+                         f"({cfg.vocab_size}): name the run's own directory as --like")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in like.iterdir():
+        if f.is_file() and f.name != "model.safetensors" and not f.name.endswith(".safetensors.index.json") \
+                and f.name != METRICS_FILE:
+            (out_dir / f.name).write_bytes(f.read_bytes())
+    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return int(state["step"])
+
+
+def main_export(argv: list[str] | None = None) -> int:
+    """`rollout convert export`: a run's checkpoint (an intermediate step) as a model directory."""
+    p = argparse.ArgumentParser(prog="rollout export", description=export_checkpoint.__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="a finished convert/pretrain output directory (with checkpoint/)")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--like", default=None,
+                   help="take config, tokenizer and TiDAR files from here (default: --run, once finished)")
+    args = p.parse_args(argv)
+    step = export_checkpoint(args.run, args.out, args.like)
+    print(f"wrote {args.out} (step {step})")
+    return step
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"convert": main_convert, "pretrain": main_pretrain}
+    commands = {"convert": main_convert, "pretrain": main_pretrain, "export": main_export}
     if not argv or argv[0] not in commands:
-        sys.exit("usage: python -m rollout.convert {convert,pretrain} [--help] ...")
+        sys.exit("usage: python -m rollout.convert {convert,pretrain,export} [--help] ...")
     commands[argv[0]](argv[1:])
 
 
