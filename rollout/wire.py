@@ -121,6 +121,24 @@ def tensor_crc32(tensor: torch.Tensor) -> int:
     return zlib.crc32(tensor_bytes(tensor))
 
 
+CHECKSUM_CHUNK_BYTES = 1 << 24  # bytes widened to int64 at a time (a 128 MiB temporary)
+
+
+def tensor_checksum(tensor: torch.Tensor) -> int:
+    """A position-weighted sum of a tensor's bytes, sum_i byte_i * (i mod 65521 + 1), computed on
+    the tensor's own device: the broadcast path checks tensors where they land (a GPU tensor is
+    never copied to the host for it). Products stay below 2^24, so the int64 sum is exact for any
+    tensor under 2^39 bytes and the same on every device and in any reduction order; any single
+    changed byte, and any swap of bytes not 65521 apart, changes it."""
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    total = torch.zeros((), dtype=torch.int64, device=data.device)
+    for start in range(0, data.numel(), CHECKSUM_CHUNK_BYTES):
+        piece = data[start:start + CHECKSUM_CHUNK_BYTES].to(torch.int64)
+        weight = torch.arange(start, start + piece.numel(), dtype=torch.int64, device=data.device) % 65521 + 1
+        total += (piece * weight).sum()
+    return int(total)
+
+
 def weight_chunks(tensors: Iterable[tuple[str, torch.Tensor]], version: int, num_tensors: int,
                   chunk_bytes: int = WEIGHT_CHUNK_BYTES, mode: str = "wait",
                   update_id: str | None = None) -> Iterator[pb.WeightChunk]:
@@ -184,11 +202,11 @@ class WeightAssembler:
             return None
         manifest = meta.get("tensors")
         if not isinstance(manifest, list) or not all(isinstance(m, list) and len(m) == 4 for m in manifest):
-            raise ValueError("a broadcast push needs 'tensors': [[name, dtype, shape, crc32], ...]")
+            raise ValueError("a broadcast push needs 'tensors': [[name, dtype, shape, checksum], ...]")
         for name, dtype, shape, crc in manifest:
             if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)
                     and isinstance(crc, int)):
-                raise ValueError(f"tensor {name}: shape must be a list of ints >= 0 and crc32 an int")
+                raise ValueError(f"tensor {name}: shape must be a list of ints >= 0 and checksum an int")
             if self.expected is not None and (name not in self.expected or tuple(shape) != tuple(self.expected[name])):
                 raise ValueError(f"tensor {name!r}: shape {shape} is not a weight of the served model "
                                  f"({list(self.expected[name]) if name in self.expected else 'no such name'})")

@@ -157,7 +157,7 @@ def test_a_broadcast_push_with_a_bad_checksum_still_receives_every_tensor(replic
     """Verify after receiving: a replica that stopped at the bad tensor would leave the trainer
     and the other replicas blocked in the collective until the timeout."""
     import rollout.service.replica as replica_module
-    from rollout.wire import tensor_crc32
+    from rollout.wire import tensor_checksum
     state = replica.engine.model.state_dict()
     names = list(replica.engine.model.weight_names_and_shapes())
     received = []
@@ -168,7 +168,7 @@ def test_a_broadcast_push_with_a_bad_checksum_still_receives_every_tensor(replic
         received.append(name)
     monkeypatch.setattr(replica_module, "broadcast", fake_broadcast)
     replica._group, replica._group_backend = object(), "gloo"
-    manifest = [[n, str(state[n].dtype).removeprefix("torch."), list(state[n].shape), tensor_crc32(state[n])]
+    manifest = [[n, str(state[n].dtype).removeprefix("torch."), list(state[n].shape), tensor_checksum(state[n])]
                 for n in names]
     manifest[0][3] ^= 1  # the first tensor's checksum is wrong
     with pytest.raises(WeightMismatchError, match=f"checksum mismatch after broadcast: {names[0]}"):

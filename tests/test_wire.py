@@ -62,7 +62,7 @@ def test_an_empty_push_is_refused():
 @pytest.mark.parametrize("entry,match", [
     (["a", "float99", [2], 0], "tensor a: unknown dtype 'float99'"),
     (["a", "float32", [2, -1], 0], "tensor a: shape must be a list of ints >= 0"),
-    (["a", "float32", [2], "x"], "crc32 an int"),
+    (["a", "float32", [2], "x"], "checksum an int"),
 ])
 def test_a_bad_broadcast_manifest_is_refused_before_anything_is_received(entry, match):
     meta = msgpack.packb(dict(transport="broadcast", version=0, mode="wait", tensors=[entry]))
@@ -95,3 +95,23 @@ def test_a_broadcast_manifest_must_name_the_models_tensors():
     meta = msgpack.packb(dict(transport="broadcast", version=0, tensors=[["model.norm.weight", "float32", [1 << 30], 0]]))
     with pytest.raises(ValueError, match="not a weight of the served model"):
         WeightAssembler({"model.norm.weight": (32,)}).broadcast_manifest(pb.WeightChunk(metadata=meta))
+
+
+def test_tensor_checksum_sees_any_changed_byte_and_swaps_and_is_chunking_invariant(monkeypatch):
+    import rollout.wire as wire
+    from rollout.wire import tensor_checksum
+    t = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    base = tensor_checksum(t)
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        assert tensor_checksum(t.to(dtype)) != base  # the bytes, not the values
+    raw = t.clone().view(torch.uint8)
+    for i in (0, 1, 1234, 3999):
+        changed = raw.clone()
+        changed[i] ^= 1
+        assert tensor_checksum(changed.view(torch.float32)) != base
+    swapped = t.clone()
+    swapped[[3, 700]] = swapped[[700, 3]]
+    assert tensor_checksum(swapped) != base
+    monkeypatch.setattr(wire, "CHECKSUM_CHUNK_BYTES", 7)  # the chunked sum is the same sum
+    assert tensor_checksum(t) == base
+    assert tensor_checksum(torch.tensor(2.5)) == tensor_checksum(torch.tensor([2.5]))

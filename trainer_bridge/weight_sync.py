@@ -30,7 +30,7 @@ import torch
 
 from rollout.service.weight_group import broadcast, make_weight_group
 from rollout.v1 import rollout_pb2 as pb
-from rollout.wire import WEIGHT_CHUNK_BYTES, dtype_name, tensor_crc32, weight_chunks
+from rollout.wire import WEIGHT_CHUNK_BYTES, dtype_name, tensor_checksum, weight_chunks
 
 from .client import RolloutClient
 
@@ -155,7 +155,8 @@ class WeightSync:
         self._ensure_group()
         device = "cuda" if self._group_backend == "nccl" else "cpu"
         tensors = [(name, t.detach().to(device).contiguous()) for name, t in items]
-        manifest = [[name, dtype_name(t.dtype), list(t.shape), tensor_crc32(t)] for name, t in tensors]
+        # checksums where the tensors are (on the GPU for NCCL): no host copy of the weights
+        manifest = [[name, dtype_name(t.dtype), list(t.shape), tensor_checksum(t)] for name, t in tensors]
         head = pb.WeightChunk(metadata=msgpack.packb(dict(transport="broadcast", version=0, mode=mode,
                                                           tensors=manifest)))
         call = self.client.stub.UpdateWeights.future(iter([head]), timeout=self.timeout,

@@ -48,7 +48,7 @@ from ..config import EngineConfig
 from ..engine.engine import Engine, StepOutput
 from ..engine.sequence import Request, Sequence
 from ..params import SamplingParams
-from ..wire import completion_to_record, tensor_crc32
+from ..wire import completion_to_record, tensor_checksum
 from .messages import Failed, Finished, RequestDone, Stale, Started
 from .metrics import ReplicaMetrics
 from .weight_group import broadcast, make_weight_group
@@ -377,8 +377,9 @@ class GeneratorReplica:
         return backend
 
     def receive_broadcast(self, version: int, manifest: list) -> int:
-        """Receives the tensors of `manifest` ([name, dtype, shape, crc32] in order) broadcast
-        from rank 0, checks each crc32, then stages them like a gRPC push."""
+        """Receives the tensors of `manifest` ([name, dtype, shape, checksum] in order) broadcast
+        from rank 0, checks each `wire.tensor_checksum` on the device they landed on (no host
+        copy), then stages them like a gRPC push."""
         if self._group is None:
             raise RuntimeError(f"replica {self.name} is not in a weight group: call InitWeightGroup first")
         device = self.device if self._group_backend == "nccl" else "cpu"
@@ -388,7 +389,7 @@ class GeneratorReplica:
         for name, dtype, shape, _ in manifest:
             tensors[name] = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
             broadcast(self._group, tensors[name], self._group_timeout)
-        bad = [name for name, _, _, crc in manifest if tensor_crc32(tensors[name].cpu()) != crc]
+        bad = [name for name, _, _, checksum in manifest if tensor_checksum(tensors[name]) != checksum]
         if bad:
             raise WeightMismatchError(f"checksum mismatch after broadcast: {', '.join(bad[:5])}")
         return self.stage_weights(version, tensors)
