@@ -170,3 +170,46 @@ def test_requests_waiting_for_a_policy_version_count_against_the_queue():
         assert router.admitted == 1
         await router.wait_for_version(0, time.monotonic() + 60)  # already served: no place needed
     asyncio.run(run())
+
+
+def test_a_catch_up_waits_for_a_running_push_instead_of_racing_it():
+    """A request that finds its replica behind loads the current weights under the push lock: a
+    push that stages on the replica meanwhile used to discard the catch-up's staged weights and
+    fail the request ("staged weights for version N were discarded"). Waiting for the lock is
+    bounded by the request's deadline."""
+    from rollout.service.router import DeadlineExceededError
+
+    class Behind(FakeReplica):
+        def __init__(self):
+            super().__init__()
+            self.loads = []
+            self.status = FakeMethod(lambda: done(dict(weight_version=self.served, ready=True)))
+            self.load_weights = FakeMethod(lambda v, ref: done(self.loads.append(v) or v))
+            self.served = 0
+
+    async def run():
+        router = Router(FrontendMetrics(None))
+        replica = Behind()
+        router.add_replica(replica, "behind")
+        router.version, router.weights_ref = 1, "ref-v1"
+        router.replicas[0].version = None           # restarted: must catch up before work
+        await router._push_lock.acquire()           # a push (to version 2) is running
+        request = asyncio.create_task(collect(router, [[5]], SamplingParams(n=1, seed=0)))
+        await asyncio.sleep(0.05)
+        assert not request.done() and replica.loads == []  # no catch-up while the push runs
+        replica.served = router.version = 2           # the push caught this replica up too
+        router.replicas[0].version = 2
+        router._push_lock.release()
+        records = await asyncio.wait_for(request, 5)
+        assert len(records) == 1 and replica.loads == []  # nothing left to load
+
+        router.replicas[0].version = None
+        await router._push_lock.acquire()
+        with pytest.raises(DeadlineExceededError, match="weight update"):
+            await collect_by(router, time.monotonic() + 0.1)
+        router._push_lock.release()
+        assert not router._push_lock.locked()
+
+    async def collect_by(router, deadline):
+        return [e async for e in router.generate([[5]], SamplingParams(n=1, seed=0), deadline)]
+    asyncio.run(run())

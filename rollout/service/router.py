@@ -246,9 +246,19 @@ class Router:
         self.metrics.running.set(sum(r.running for r in self.replicas) - self.waiting)
 
     async def _ensure_version(self, replica: ReplicaSlot, deadline: float) -> None:
-        """A replica that restarted (or missed a push) loads the current weights before work."""
+        """A replica that restarted (or missed a push) loads the current weights before work,
+        holding the push lock: a push staging on it meanwhile would discard what the catch-up
+        staged (the request then failed with "staged weights ... were discarded")."""
         if replica.version == self.version:
             return
+        await _acquire(self._push_lock, deadline)
+        try:
+            if replica.version != self.version:  # the push we waited for may have caught it up
+                await self._catch_up(replica, deadline)
+        finally:
+            self._push_lock.release()
+
+    async def _catch_up(self, replica: ReplicaSlot, deadline: float) -> None:
         st = await asyncio.wait_for(replica.actor.status.remote(), _left(deadline))
         replica.down = False
         if st["weight_version"] != self.version:
@@ -423,6 +433,19 @@ def _left(deadline: float) -> float:
     if left <= 0:
         raise DeadlineExceededError("deadline passed")
     return left
+
+
+async def _acquire(lock: asyncio.Lock, deadline: float) -> None:
+    """lock.acquire() bounded by the request's deadline. asyncio.timeout (3.11+) cancels the
+    acquire cleanly; wait_for on 3.10 could lose an acquisition that races the timeout."""
+    try:
+        if hasattr(asyncio, "timeout"):
+            async with asyncio.timeout(_left(deadline)):
+                await lock.acquire()
+        else:
+            await asyncio.wait_for(lock.acquire(), _left(deadline))
+    except (asyncio.TimeoutError, TimeoutError):
+        raise DeadlineExceededError("deadline passed while a weight update held the replicas") from None
 
 
 def _params_dict(p: SamplingParams) -> dict:
