@@ -94,10 +94,13 @@ def trajectory_arrays(t: pb.Trajectory) -> dict:
                 behavior_logprobs=np.frombuffer(t.behavior_logprobs, dtype="<f4"),
                 policy_versions=np.frombuffer(t.policy_versions, dtype="<i8"),
                 from_draft=np.frombuffer(t.from_draft, dtype="u1").astype(bool),
-                top_token_ids=np.frombuffer(t.top_token_ids, dtype="<i4").reshape(-1, max(t.num_top_logprobs, 1))
-                if t.num_top_logprobs else np.zeros((0, 0), dtype="<i4"),
-                top_logprobs=np.frombuffer(t.top_logprobs, dtype="<f4").reshape(-1, max(t.num_top_logprobs, 1))
-                if t.num_top_logprobs else np.zeros((0, 0), dtype="<f4"))
+                top_token_ids=_from_matrix(t.top_token_ids, "<i4", t.num_top_logprobs),
+                top_logprobs=_from_matrix(t.top_logprobs, "<f4", t.num_top_logprobs))
+
+
+def _from_matrix(data: bytes, dtype: str, columns: int) -> np.ndarray:
+    """The inverse of `_matrix`: [tokens x columns], or [0 x 0] when none were asked for."""
+    return np.frombuffer(data, dtype=dtype).reshape(-1, columns) if columns else np.zeros((0, 0), dtype=dtype)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
