@@ -15,12 +15,17 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
+    """The shards an HF index names, or every *.safetensors of the directory (the one reading of
+    a checkpoint directory: model loading and weight updates from disk both use it)."""
     index = model_dir / SAFETENSORS_INDEX
     if index.exists():
-        names = sorted(set(read_json(index).get("weight_map", {}).values()))
-        missing = [n for n in names if not (model_dir / n).exists()]
+        try:
+            names = sorted(set(read_json(index)["weight_map"].values()))
+        except (KeyError, AttributeError, TypeError) as e:
+            raise UnsupportedModelError(f"{index} is not an HF shard index with a weight_map: {e}") from None
+        missing = [n for n in names if not (model_dir / n).is_file()]
         if missing:
-            raise UnsupportedModelError(f"{model_dir} lacks weight files named in {SAFETENSORS_INDEX}: {missing}")
+            raise UnsupportedModelError(f"{model_dir} lacks weight files named in {SAFETENSORS_INDEX}: {missing[:5]}")
         return [model_dir / n for n in names]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..config import read_json
+from ..config import UnsupportedModelError
 from ..model.decoder import Decoder
-from ..model.loader import SAFETENSORS_INDEX
+from ..model.loader import safetensors_files
 
 WEIGHT_SWAP_MODES = ("wait", "abort", "keep")
 DTYPE_POLICIES = ("strict", "cast")
@@ -170,20 +170,10 @@ def weight_files(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise WeightMismatchError(f"weight path {path} does not exist (or is not readable) on this replica")
-    index = path / SAFETENSORS_INDEX
-    if index.exists():
-        try:
-            names = sorted(set(read_json(index)["weight_map"].values()))
-        except (KeyError, AttributeError, ValueError) as e:
-            raise WeightMismatchError(f"{index} is not an HF shard index with a weight_map: {e}") from None
-        missing = [n for n in names if not (path / n).is_file()]
-        if missing:
-            raise WeightMismatchError(f"{path} lacks shards named in {SAFETENSORS_INDEX}: {missing[:5]}")
-        return [path / n for n in names]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise WeightMismatchError(f"{path} holds no *.safetensors file")
-    return files
+    try:
+        return safetensors_files(path)
+    except UnsupportedModelError as e:  # the same reading as model loading, refused as a mismatch
+        raise WeightMismatchError(str(e)) from None
 
 
 def read_weights_from_disk(path: str | Path, model: Decoder) -> dict[str, torch.Tensor]:
