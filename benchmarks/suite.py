@@ -4,8 +4,8 @@
     python -m benchmarks.suite --smoke                                         # same code, tiny, CPU
 
 Tables (random-weight Qwen2.5 shapes unless named; bf16 on a GPU, fp32 on the CPU):
-1. Step time: our decode step (AR, and TiDAR with 1 / 4 / all pre-draft levels) at batch 1 and 16,
-   1k and 8k context, dense and split attention; TiDAR step / AR step. The AR step at batch 1,
+1. Step time: our decode step (AR; TiDAR with draft length 2 and one level; 1 / 4 / all levels
+   of the full block) at batch 1 and 16, 1k and 8k context, dense and split attention; TiDAR step / AR step. The AR step at batch 1,
    1k context, is compared with the CUDA-graph floor measured for DESIGN.md (2.39 ms on an H100,
    1.5B shape; target <= 1.25x) -- that ratio means something only on that device and shape.
 2. Tokens/s of lossless, mixed (w = 0.5), our AR and HF `generate` (same weights) on the embedded
@@ -28,6 +28,7 @@ import torch
 
 from rollout import Engine, SamplingParams
 from rollout.config import EngineConfig
+from rollout.engine.drafting import DraftShape
 
 from .shapes import SHAPES, hf_config, random_engine
 
@@ -58,8 +59,8 @@ def fill(engine: Engine, batch: int, context: int) -> list:
     return list(engine.scheduler.running)
 
 
-def time_steps(engine: Engine, seqs: list, levels, repeats: int, device: str) -> float:
-    """Median seconds of one decode forward over `seqs` with `levels` (the same step, repeated)."""
+def time_steps(engine: Engine, seqs: list, levels: DraftShape | None, repeats: int, device: str) -> float:
+    """Median seconds of one decode step over `seqs` of this shape (the same step, repeated)."""
     with torch.inference_mode():
         for _ in range(2):
             engine.runner.decode(seqs, levels)
@@ -75,11 +76,12 @@ def time_steps(engine: Engine, seqs: list, levels, repeats: int, device: str) ->
 
 def step_table(args, dtype) -> list[str]:
     block = args.block
-    level_sets = [("AR", None), ("1 level", (1,)), ("4 levels", tuple(range(1, min(4, block) + 1))),
-                  (f"all {block}", tuple(range(1, block + 1)))]
+    level_sets = [("AR", None), ("1 level, length 2", DraftShape(2, (1,))), ("1 level", DraftShape(block, (1,))),
+                  ("4 levels", DraftShape(block, tuple(range(1, min(4, block) + 1)))),
+                  (f"all {block}", DraftShape(block, tuple(range(1, block + 1))))]
     lines = [f"## 1. Decode step time, {args.shape} (random weights), block {block}, {dtype}",
              "| attention | batch | context | " + " | ".join(f"{n} ms" for n, _ in level_sets) +
-             " | TiDAR / AR (1 / 4 / all levels) |",
+             " | TiDAR / AR (length 2; 1 / 4 / all levels) |",
              "|---|---|---|" + "---|" * len(level_sets) + "---|"]
     floor = None
     for attention in ("dense", "split"):
@@ -159,7 +161,7 @@ def capacity_table(args, dtype) -> list[str]:
     t0 = time.perf_counter()
     seqs = fill(engine, batch, context)
     prefill = time.perf_counter() - t0
-    step = time_steps(engine, seqs, (1,), max(args.repeats // 2, 1), args.device)
+    step = time_steps(engine, seqs, DraftShape(args.block, (1,)), max(args.repeats // 2, 1), args.device)
     peak = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB peak" if args.device.startswith("cuda") else "-"
     return [f"## 3. Capacity: {batch} sequences x {context} context, {args.shape}, split attention",
             f"prefill {prefill:.1f} s, decode step (1 level) {1000 * step:.1f} ms, {peak}: no OOM"]

@@ -1,5 +1,5 @@
 """Cost-aware drafting: the expected-tokens model, the choice it makes, and exactness when the
-level set changes from one step to the next."""
+draft shape (draft length and level set) changes from one step to the next."""
 
 import random
 
@@ -9,7 +9,7 @@ import torch
 
 from rollout import Engine, SamplingParams
 from rollout.config import EngineConfig
-from rollout.engine.drafting import DraftPolicy, expected_tokens
+from rollout.engine.drafting import DraftPolicy, DraftShape, expected_tokens, level_label
 from test_distribution import (  # noqa: F401 - the model_dir fixture
     ALPHA,
     NUM_SAMPLES,
@@ -66,7 +66,22 @@ def test_compute_bound_device_with_weak_drafts_takes_ar_steps():
 
 def test_memory_bound_device_with_good_drafts_pre_drafts_every_level_at_batch_one():
     policy = policy_with_costs(2e-3, 1e-8, [0.9] * 7)  # a GPU at batch 1: extra tokens are nearly free
-    assert policy.choose([SamplingParams()], 64) == tuple(range(1, 9))
+    assert policy.choose([SamplingParams()], 64) == DraftShape(8, tuple(range(1, 9)))
+
+
+def test_costly_tokens_and_a_good_first_draft_choose_a_short_draft():
+    # Per-step overhead plus a per-token cost (a CPU at batch 1): only the first draft is
+    # likely to pass, so a short step (<= 6 tokens per row instead of up to 72) wins.
+    policy = policy_with_costs(4e-3, 1e-4, [0.6, 0.15, 0.1, 0.1, 0.1, 0.1, 0.1])
+    shape = policy.choose([SamplingParams()], 64)
+    assert shape is not None and shape.length <= 3 and policy.tokens_per_row(shape) <= 6
+    assert level_label(DraftShape(2, (1,)), 8) == "1/2" and level_label(DraftShape(8, (1, 2)), 8) == "2"
+
+
+def test_candidates_cover_every_draft_length_with_the_levels_that_fit():
+    policy = DraftPolicy(4, (1, 3), "auto")
+    assert policy.candidates == [None, DraftShape(2, (1,)), DraftShape(3, (1,)), DraftShape(3, (1, 3)),
+                                 DraftShape(4, (1,)), DraftShape(4, (1, 3))]
 
 
 def test_ar_rows_alone_never_draft():
@@ -75,14 +90,16 @@ def test_ar_rows_alone_never_draft():
 
 
 def random_levels(engine, seed):
-    """Replaces the policy's choice by a random level set per step (None = AR step)."""
+    """Replaces the policy's choice by a random draft shape per step (None = AR step): every
+    draft length, level prefixes and sparse level sets."""
     rng = random.Random(seed)
-    options = engine.drafting.candidates + [(1, 3), (1, 4)]  # sparse sets too
+    k = engine.tidar.block_size
+    options = engine.drafting.candidates + [DraftShape(k, (1, 3)), DraftShape(k, (1, 4)), DraftShape(3, (1, 3))]
     engine.drafting.choose = lambda params, context: rng.choice(options)
     return engine
 
 
-def test_greedy_tidar_equals_greedy_ar_whatever_the_level_set_of_each_step(engine):
+def test_greedy_tidar_equals_greedy_ar_whatever_the_shape_of_each_step(engine):
     ar = engine.generate(PROMPTS, SamplingParams(sampler="ar", temperature=0, max_tokens=30))
     shuffled = random_levels(Engine(engine.model, engine.tidar), 0)
     for sampler in ("lossless", "mixed"):
@@ -90,7 +107,7 @@ def test_greedy_tidar_equals_greedy_ar_whatever_the_level_set_of_each_step(engin
         assert [[c.token_ids for c in g] for g in out] == [[c.token_ids for c in g] for g in ar]
 
 
-def test_lossless_keeps_the_ar_distribution_when_the_level_set_changes_between_steps(model_dir):  # noqa: F811
+def test_lossless_keeps_the_ar_distribution_when_the_draft_shape_changes_between_steps(model_dir):  # noqa: F811
     engine = random_levels(Engine.from_pretrained(model_dir), 1)
     outs = engine.generate([PROMPT], SamplingParams(max_tokens=3, n=NUM_SAMPLES, seed=17))[0]
     counts = torch.zeros(VOCAB ** 3, dtype=torch.float64)
@@ -99,7 +116,7 @@ def test_lossless_keeps_the_ar_distribution_when_the_level_set_changes_between_s
         counts[(a * VOCAB + b) * VOCAB + d] += 1
     assert sum(engine.last_stats.level_choices.values()) > 0 and len(engine.last_stats.level_choices) > 2
     p = chi_square_pvalue(counts, exact_ar_distribution(model_dir, 1.0, 0, 1.0))
-    assert p > ALPHA, f"samples under changing level sets differ from AR (chi-square p = {p:.2e})"
+    assert p > ALPHA, f"samples under changing draft shapes differ from AR (chi-square p = {p:.2e})"
 
 
 def test_auto_drafting_reports_its_choices_and_learns_acceptance(engine):

@@ -1,11 +1,17 @@
 """Cost-aware drafting: how many pre-draft levels each decode step carries (DESIGN.md section 6).
 
-A TiDAR step costs more than an AR step (every pre-draft level adds a block of k mask tokens
-per row) and pays back only through accepted drafts. Which choice wins depends on the batch,
-the context, the acceptance rate and the device, so the engine chooses per step, among:
+A TiDAR step costs more than an AR step (every pre-draft level adds a block of mask tokens per
+row) and pays back only through accepted drafts. Which choice wins depends on the batch, the
+context, the acceptance rate and the device, so the engine chooses per step, among:
     None                  a plain AR step (T = 1 per row; pending drafts are dropped)
-    levels[:m], m >= 1    verify the drafts and pre-draft the first m levels (T = k (1 + m))
-the one with the most expected committed tokens per second:
+    DraftShape(d, J)      draft length d (2 <= d <= the block length k): verify up to d - 1
+                          drafts and pre-draft blocks of d masks at the first m levels J <= d
+                          (T = d (1 + m) per row)
+the one with the most expected committed tokens per second. A shorter draft length gives up
+the later, rarely accepted drafts for a much cheaper step: where every token costs compute
+(a CPU, a GPU at large batch) d = 2 with one level carries 4 tokens per row instead of k (1 + k).
+Blocks shorter than the trained k see fewer mask tokens, so their drafts differ slightly from
+the full block's; the sampler is exact for any draft source, so this changes speed only.
 - expected tokens per row-step: the stationary mean of a small Markov chain over "valid drafts
   at the start of a step", driven by acceptance-by-position estimates tracked online per
   request class (sampler, temperature bucket) and seeded from `tidar_config.json`
@@ -31,6 +37,18 @@ PRIOR_ACCEPTANCE = 0.5  # per draft position, when nothing is known about a clas
 PRIOR_WEIGHT = 8.0      # how many observed attempts the prior (or calibration) is worth
 DECAY = 0.995           # per observed step: older acceptance counts fade
 EXPLORE_EVERY = 32      # AR-step time per exploring drafting step's time (see DraftPolicy._best)
+
+
+@dataclass(frozen=True)
+class DraftShape:
+    """A TiDAR decode step: draft length (drafts d_0..d_{length-1}, so up to length - 1 are
+    verified) and the pre-draft levels, each a block of `length` mask tokens."""
+    length: int
+    levels: tuple[int, ...]
+
+    @property
+    def tokens_per_row(self) -> int:
+        return self.length * (1 + len(self.levels))
 
 
 def request_class(params: SamplingParams) -> str:
@@ -135,46 +153,53 @@ class DraftPolicy:
         if mode not in ("fixed", "auto"):
             raise ValueError(f"drafting must be 'fixed' or 'auto', got {mode!r}")
         self.k, self.level_set, self.mode = block_size, tuple(level_set), mode
-        self.candidates: list[tuple[int, ...] | None] = [None] + [self.level_set[:m] for m in
-                                                                  range(1, len(self.level_set) + 1)]
+        self.full = DraftShape(block_size, self.level_set)  # what a plain TiDAR engine runs
+        # Every draft length 2..k, each with every prefix of the levels that fit in it.
+        self.candidates: list[DraftShape | None] = [None]
+        for length in range(2, block_size + 1):
+            fit = tuple(j for j in self.level_set if j <= length)
+            self.candidates += [DraftShape(length, fit[:m]) for m in range(1, len(fit) + 1)]
         self.calibration = calibration or {}
         self.estimates: dict[str, AcceptanceEstimate] = {}
         self.costs = StepCostModel()
         self.ar_seconds_since_drafting = 0.0  # predicted time spent in AR steps since the last drafting step
-        self.last_choice: tuple[int, ...] | None = self.level_set
+        self.last_choice: DraftShape | None = self.full
         self.choices: dict[str, int] = {}  # level-set label -> steps (reported in status)
-        self._expected: dict[tuple[str, tuple[int, ...] | None], tuple[int, float]] = {}
+        self._expected: dict[tuple[str, DraftShape | None], tuple[int, float]] = {}
         self._observations = 0
 
-    def tokens_per_row(self, levels: tuple[int, ...] | None) -> int:
-        """In-step tokens of one row: 1 for an AR step, k drafts plus k per pre-draft level."""
-        return 1 if levels is None else self.k * (1 + len(levels))
+    @staticmethod
+    def tokens_per_row(shape: DraftShape | None) -> int:
+        """In-step tokens of one row: 1 for an AR step, d drafts plus d per pre-draft level."""
+        return 1 if shape is None else shape.tokens_per_row
 
     def estimate(self, cls: str) -> AcceptanceEstimate:
         if cls not in self.estimates:
             self.estimates[cls] = AcceptanceEstimate.prior(self.k, self.calibration.get(cls))
         return self.estimates[cls]
 
-    def _expected_tokens(self, cls: str, levels: tuple[int, ...] | None) -> float:
-        """Cached per (class, levels); recomputed every 16 observations."""
+    def _expected_tokens(self, cls: str, shape: DraftShape | None) -> float:
+        """Cached per (class, shape); recomputed every 16 observations."""
         epoch = self._observations // 16
-        hit = self._expected.get((cls, levels))
+        hit = self._expected.get((cls, shape))
         if hit is None or hit[0] != epoch:
-            hit = (epoch, expected_tokens(self.estimate(cls).rates, self.k, levels))
-            self._expected[(cls, levels)] = hit
+            value = 1.0 if shape is None else expected_tokens(self.estimate(cls).rates[:shape.length - 1],
+                                                              shape.length, shape.levels)
+            hit = (epoch, value)
+            self._expected[(cls, shape)] = hit
         return hit[1]
 
-    def choose(self, params: list[SamplingParams], context: float) -> tuple[int, ...] | None:
-        """The level set for a decode step over rows with these params (None: AR step)."""
+    def choose(self, params: list[SamplingParams], context: float) -> DraftShape | None:
+        """The shape of a decode step over rows with these params (None: AR step)."""
         drafting = [p for p in params if p.sampler != "ar"]
         if not drafting or self.k < 2:
             choice = None
         elif self.mode == "fixed":
-            choice = self.level_set
+            choice = self.full
         else:
             choice = self._best(params, drafting, context)
         self.last_choice = choice
-        label = level_label(choice)
+        label = level_label(choice, self.k)
         self.choices[label] = self.choices.get(label, 0) + 1
         return choice
 
@@ -185,14 +210,14 @@ class DraftPolicy:
             counts[cls] = counts.get(cls, 0) + 1
         ar_rows = len(params) - len(drafting)
         best, best_rate, best_drafting, best_drafting_rate, seconds = None, -1.0, None, -1.0, {}
-        for levels in self.candidates:
-            tokens = ar_rows + sum(n * self._expected_tokens(cls, levels) for cls, n in counts.items())
-            seconds[levels] = max(self.costs.predict(len(params) * self.tokens_per_row(levels), context), 1e-12)
-            rate = tokens / seconds[levels]
+        for shape in self.candidates:
+            tokens = ar_rows + sum(n * self._expected_tokens(cls, shape) for cls, n in counts.items())
+            seconds[shape] = max(self.costs.predict(len(params) * self.tokens_per_row(shape), context), 1e-12)
+            rate = tokens / seconds[shape]
             if rate > best_rate:
-                best, best_rate = levels, rate
-            if levels is not None and rate > best_drafting_rate:
-                best_drafting, best_drafting_rate = levels, rate
+                best, best_rate = shape, rate
+            if shape is not None and rate > best_drafting_rate:
+                best_drafting, best_drafting_rate = shape, rate
         if best is not None:
             self.ar_seconds_since_drafting = 0.0
             return best
@@ -221,11 +246,15 @@ class DraftPolicy:
 
     def status(self) -> dict:
         coef = self.costs.coefficients()
-        return dict(drafting=self.mode, level_set=level_label(self.last_choice), level_choices=dict(self.choices),
+        return dict(drafting=self.mode, level_set=level_label(self.last_choice, self.k), level_choices=dict(self.choices),
                     acceptance={c: [round(r, 3) for r in e.rates] for c, e in self.estimates.items()},
                     step_cost=list(coef) if coef else [])
 
 
-def level_label(levels: tuple[int, ...] | None) -> str:
-    """"ar" for an AR step, else the number of pre-draft levels ("0" would be verify-only)."""
-    return "ar" if levels is None else str(len(levels))
+def level_label(shape: DraftShape | None, block_size: int) -> str:
+    """"ar" for an AR step; else the number of pre-draft levels, then "/d" when the draft
+    length d is shorter than the block ("1/2": one level, draft length 2)."""
+    if shape is None:
+        return "ar"
+    m = str(len(shape.levels))
+    return m if shape.length == block_size else f"{m}/{shape.length}"

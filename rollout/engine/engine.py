@@ -199,7 +199,7 @@ class Engine:
                 touched = {id(c.group.request): c.group.request for c in plan.prefill}
             else:
                 started = time.perf_counter()
-                result = self.runner.decode(plan.decode, plan.levels)  # ends in the step's one sync
+                result = self.runner.decode(plan.decode, plan.shape)  # ends in the step's one sync
                 self._observe_decode(plan, result, time.perf_counter() - started)
                 touched = {id(s.request): s.request for s in plan.decode}
         for request in touched.values():
@@ -212,11 +212,11 @@ class Engine:
     def _observe_decode(self, plan, result: StepTokens, seconds: float) -> None:
         """Feeds the drafting policy: the step's time and each row's acceptance."""
         self.drafting.observe_step([s.params for s in plan.decode], result.accepted, result.offered,
-                                   len(plan.decode) * self.drafting.tokens_per_row(plan.levels), plan.context,
+                                   len(plan.decode) * self.drafting.tokens_per_row(plan.shape), plan.context,
                                    seconds)
         for seq in plan.decode:
             levels = seq.request.stats.level_choices
-            label = level_label(plan.levels if seq.drafts else None)
+            label = level_label(plan.shape if seq.drafts else None, self.tidar.block_size)
             levels[label] = levels.get(label, 0) + 1
 
     def _record(self, result: StepTokens) -> list[Sequence]:

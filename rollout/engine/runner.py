@@ -9,9 +9,10 @@ Design decisions:
 - Inputs are built on the CPU from Sequence bookkeeping (slots, committed lengths, params) and
   copied once per step; the only device->host sync of a step is reading its sampled tokens.
 - A batch may mix samplers and settings: per-row tensors (`sampling.RowSampling`). A decode
-  step's pre-draft levels are the scheduler's choice (`drafting.py`): a TiDAR step with those
-  levels, where `ar` rows simply carry no drafts (their draft positions hold mask tokens and
-  are never verified), or a plain AR step (T = 1) that drops pending drafts.
+  step's shape (draft length and pre-draft levels) is the scheduler's choice (`drafting.py`):
+  a TiDAR step of that shape, where `ar` rows simply carry no drafts (their draft positions
+  hold mask tokens and are never verified), or a plain AR step (T = 1) that drops pending
+  drafts. Drafts are stored per slot at the block length; a shorter step verifies a prefix.
 - `compile=True`: the forward goes through torch.compile (dynamic shapes; decode batches padded
   to powers of two with sink rows). Not built: CUDA-graph capture, which needs static prefix
   shapes (the split path over whole slots).
@@ -31,6 +32,7 @@ from ..model.kv_cache import KVCache
 from ..sampling import (ACCEPT, DRAFT, RESAMPLE, RowSampling, counter_uniforms, mixed_logits, sample_from,
                         verify_drafts)
 from ..step_layout import DecodeLayout, ar_layout, decode_layout, prefill_layout
+from .drafting import DraftShape
 from .scheduler import PREFILL_MASK_BUDGET, PrefillChunk
 from .sequence import Sequence
 
@@ -80,24 +82,31 @@ class ModelRunner:
         self.num_valid = torch.ones(S, dtype=torch.long, device=device)  # drafts incl. d_0
         self.keys = torch.zeros(S, dtype=torch.long, device=device)
         self.ar_layout = ar_layout().to(device)
-        self._layouts: dict[tuple[int, ...], tuple[DecodeLayout, torch.Tensor]] = {}
-        # A decode step's uniforms, by layout width k, as offsets from L and purposes: ACCEPT at
-        # L+1..L+k-1, RESAMPLE at L+1..L+k, then (TiDAR) DRAFT at L+2..L+k+K-1, which covers
-        # the next step's draft positions whatever the acceptance.
-        self._uniform_offsets, self._uniform_purposes = {}, {}
-        for k in {1, K}:
-            drafts = list(range(2, k + K)) if k > 1 else []
+        self._layouts: dict[DraftShape, tuple[DecodeLayout, torch.Tensor]] = {}
+        self._uniforms: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def layout(self, shape: DraftShape) -> tuple[DecodeLayout, torch.Tensor]:
+        """The TiDAR step layout for a draft shape and its levels as a device tensor (cached)."""
+        if shape not in self._layouts:
+            if not 2 <= shape.length <= self.tidar.block_size:
+                raise ValueError(f"draft length must be in [2, {self.tidar.block_size}], got {shape.length}")
+            self._layouts[shape] = (decode_layout(shape.length, shape.levels).to(self.device),
+                                    torch.tensor(shape.levels, device=self.device))
+        return self._layouts[shape]
+
+    def uniform_plan(self, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step's uniforms for layout width k and pre-draft block length `block` (0 for
+        an AR step), as offsets from L and purposes: ACCEPT at L+1..L+k-1, RESAMPLE at
+        L+1..L+k, then DRAFT at L+2..L+k+block-1, which covers the next step's draft positions
+        whatever the acceptance. Counter-based: the same (position, purpose) draws the same
+        uniform whichever shape a step has."""
+        if (k, block) not in self._uniforms:
+            drafts = list(range(2, k + block)) if block else []
             offsets = list(range(1, k)) + list(range(1, k + 1)) + drafts
             purposes = [ACCEPT] * (k - 1) + [RESAMPLE] * k + [DRAFT] * len(drafts)
-            self._uniform_offsets[k] = torch.tensor(offsets, device=device)
-            self._uniform_purposes[k] = torch.tensor(purposes, device=device)
-
-    def layout(self, levels: tuple[int, ...]) -> tuple[DecodeLayout, torch.Tensor]:
-        """The TiDAR step layout for a level set and the levels as a device tensor (cached)."""
-        if levels not in self._layouts:
-            self._layouts[levels] = (decode_layout(self.tidar.block_size, levels).to(self.device),
-                                     torch.tensor(levels, device=self.device))
-        return self._layouts[levels]
+            self._uniforms[(k, block)] = (torch.tensor(offsets, device=self.device),
+                                          torch.tensor(purposes, device=self.device))
+        return self._uniforms[(k, block)]
 
     @staticmethod
     def draft_state_bytes(cfg: ModelConfig, tidar: TidarConfig) -> int:
@@ -189,18 +198,19 @@ class ModelRunner:
         return sample_from(q.reshape(B * m, V), u.reshape(B * m)).view(B, m)
 
     # ------------------------------------------------------------------ decode
-    def decode(self, seqs: list[Sequence], levels: tuple[int, ...] | None) -> StepTokens:
-        """One step over running sequences: with `levels`, a TiDAR step (verify their drafts,
-        sample the next token, pre-draft those levels); None, an AR step (pending drafts are
-        dropped: no draft is ever verified against a step it was not made for). Returns each
-        row's emitted tokens."""
-        drafting = levels is not None and any(s.drafts for s in seqs)
-        layout, level_t = self.layout(levels) if drafting else (self.ar_layout, None)
+    def decode(self, seqs: list[Sequence], shape: DraftShape | None) -> StepTokens:
+        """One step over running sequences: with a draft shape, a TiDAR step (verify up to
+        shape.length - 1 of their drafts, sample the next token, pre-draft the shape's levels);
+        None, an AR step (pending drafts are dropped: no draft is ever verified against a step
+        it was not made for). Returns each row's emitted tokens."""
+        drafting = shape is not None and any(s.drafts for s in seqs)
+        layout, level_t = self.layout(shape) if drafting else (self.ar_layout, None)
         k, dev = layout.num_drafts, self.device
         committed = [s.num_committed for s in seqs]
         slots, L = self._tensor([s.slot for s in seqs]), self._tensor(committed)
         drafts = self.drafts[slots, :k]                      # [B, k]
-        num_valid = self.num_valid[slots] if drafting else torch.ones_like(L)
+        # A shorter step verifies only the drafts it carries (the rest are dropped).
+        num_valid = self.num_valid[slots].clamp(max=k) if drafting else torch.ones_like(L)
         keys = self.keys[slots]
         hidden = self._decode_forward(slots, L, max(committed), drafts, layout)
 
@@ -217,7 +227,8 @@ class ModelRunner:
             target = torch.cat((torch.where(drafted, r, p[:, :k - 1]), p[:, k - 1:]), dim=1)
             target_logprobs = torch.cat(
                 (torch.where(drafted, r_logprobs, p_logprobs[:, :k - 1]), p_logprobs[:, k - 1:]), dim=1)
-        u = counter_uniforms(keys, L[:, None] + self._uniform_offsets[k], self._uniform_purposes[k])
+        offsets, purposes = self.uniform_plan(k, layout.block_size if drafting else 0)
+        u = counter_uniforms(keys, L[:, None] + offsets, purposes)
         u_accept, u_sample, u_draft = u[:, :k - 1], u[:, k - 1:2 * k - 1], u[:, 2 * k - 1:]
         accepted, next_token = verify_drafts(drafts[:, 1:], q, target, num_valid - 1, u_accept, u_sample)
 
@@ -227,8 +238,8 @@ class ModelRunner:
         lp = p_logprobs.gather(-1, out[..., None]).squeeze(-1)
         blp = target_logprobs.gather(-1, out[..., None]).squeeze(-1)
         if drafting:
-            # The drafts of the next step sit at L+a+1+s (s = 1..K-1): u_draft holds L+2.. onwards.
-            u_next = u_draft.gather(1, accepted[:, None] + torch.arange(self.tidar.block_size - 1, device=dev))
+            # The drafts of the next step sit at L+a+1+s (s = 1..block-1): u_draft holds L+2.. onwards.
+            u_next = u_draft.gather(1, accepted[:, None] + torch.arange(layout.block_size - 1, device=dev))
             self._next_drafts(seqs, slots, hidden, layout, level_t, accepted + 1, next_token, rows, u_next)
         else:
             self.drafts[slots, 0] = next_token
@@ -274,22 +285,26 @@ class ModelRunner:
         """Drafts for the next step from the block pre-drafted for each row's acceptance level.
 
         committed [B] = a (tokens committed this step); the new decided token sits at L+a. The
-        block for the largest level j <= a starts at L+j, so its slot (a - j) + s drafts L+a+s.
+        block (length b) for the largest level j <= a starts at L+j, so its slot (a - j) + s
+        drafts L+a+s. Stored padded to the engine's block length with mask tokens.
         """
-        K, dev = self.tidar.block_size, self.device
+        K, b, dev = self.tidar.block_size, layout.block_size, self.device
         B = hidden.shape[0]
         level_idx = torch.searchsorted(levels, committed, right=True) - 1  # [B]
         shift = committed - levels[level_idx]  # [B]
-        slot = (shift[:, None] + torch.arange(1, K, device=dev)[None]).clamp(max=K - 1)  # [B, K-1]
-        token_idx = layout.num_drafts + level_idx[:, None] * K + slot  # in-step index
-        block_logits = self.model.logits(hidden[torch.arange(B, device=dev)[:, None], token_idx])  # [B, K-1, V]
+        slot = (shift[:, None] + torch.arange(1, b, device=dev)[None]).clamp(max=b - 1)  # [B, b-1]
+        token_idx = layout.num_drafts + level_idx[:, None] * b + slot  # in-step index
+        block_logits = self.model.logits(hidden[torch.arange(B, device=dev)[:, None], token_idx])  # [B, b-1, V]
         drafting = self._tensor([s.drafts for s in seqs], torch.bool)
-        num_valid = torch.where(drafting, K - shift, 1)
+        num_valid = torch.where(drafting, b - shift, 1)
         drafts = self._draw(block_logits, rows, u)
-        invalid = torch.arange(1, K, device=dev)[None] >= num_valid[:, None]
+        invalid = torch.arange(1, b, device=dev)[None] >= num_valid[:, None]
         drafts = drafts.masked_fill(invalid, self.tidar.mask_token_id)
-        draft_logits = torch.cat((torch.zeros_like(block_logits[:, :1]), block_logits), dim=1)
-        self._store(slots, torch.cat((next_token[:, None], drafts), dim=1), draft_logits, num_valid)
+        padded = torch.full((B, K), self.tidar.mask_token_id, dtype=drafts.dtype, device=dev)
+        padded[:, 0], padded[:, 1:b] = next_token, drafts
+        self.drafts[slots] = padded
+        self.draft_logits[slots[:, None], torch.arange(1, b, device=dev)[None]] = block_logits
+        self.num_valid[slots] = num_valid  # logits past a row's valid drafts are never used
 
     # ------------------------------------------------------------------ whole sequences
     def recompute(self, seqs: list[Sequence]) -> None:

@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..params import FinishReason
-from .drafting import DraftPolicy
+from .drafting import DraftPolicy, DraftShape
 from .kv_slots import SlotAllocator
 from .sequence import PromptGroup, Request, Sequence
 
@@ -49,11 +49,11 @@ class PrefillChunk:
 @dataclass
 class Plan:
     """One step: prefill chunks, or the running sequences to decode (exactly one is non-empty)
-    with the step's pre-draft levels (None: an AR step; see `drafting.py`)."""
+    with the step's draft shape (None: an AR step; see `drafting.py`)."""
     prefill: list[PrefillChunk]
     decode: list[Sequence]
     started: list[Request]   # requests whose first group was admitted for this step
-    levels: tuple[int, ...] | None = None
+    shape: DraftShape | None = None
     context: float = 0.0     # mean committed length of the decoded rows
 
 
@@ -94,8 +94,8 @@ class Scheduler:
             self._prefill_turn = True
             rows = list(self.running)
             context = sum(s.num_committed for s in rows) / len(rows)
-            levels = self.drafting.choose([s.params for s in rows], context) if self.drafting else None
-            return Plan([], rows, started, levels, context)
+            shape = self.drafting.choose([s.params for s in rows], context) if self.drafting else None
+            return Plan([], rows, started, shape, context)
         return None
 
     def _admit(self) -> list[Request]:

@@ -40,6 +40,8 @@ class ReplicaMetrics:
                                 ["position"], registry=r)
         self.level_set = Gauge("rollout_replica_level_set_size",
                                "Pre-draft levels of the last decode step (0: an AR step)", registry=r)
+        self.draft_length = Gauge("rollout_replica_draft_length",
+                                  "Draft length of the last decode step (0: an AR step)", registry=r)
         self.weight_version = Gauge("rollout_replica_weight_version", "Weight version served", registry=r)
         self.weight_swap_seconds = Histogram("rollout_replica_weight_swap_seconds", "Time to swap weights",
                                              registry=r)

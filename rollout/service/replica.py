@@ -129,8 +129,9 @@ class GeneratorReplica:
                 self._fail_all(f"{type(e).__name__}: {e}")
                 continue
             self._emit(out)
-            levels = self.engine.drafting.last_choice
-            self.metrics.level_set.set(0 if levels is None else len(levels))
+            shape = self.engine.drafting.last_choice
+            self.metrics.level_set.set(0 if shape is None else len(shape.levels))
+            self.metrics.draft_length.set(0 if shape is None else shape.length)
             if not (out.finished or out.started) and not self.engine.scheduler.busy:
                 self._run_commands(block=True, timeout=IDLE_WAIT)  # queued work that cannot start yet
 
