@@ -260,6 +260,11 @@ class EngineConfig:
     max_sequences_per_request: prompts x n of one request; None: 8 x the pool's slots.
     max_waiting_sequences: sequences queued but not yet admitted, over all requests; beyond it
         new requests are refused (load, not a bad request); None: 32 x the pool's slots.
+    calibration_seconds: with auto drafting, the time budget of the start-up step-cost
+        calibration (`Engine.calibrate_step_costs`); 0: none, the cost model learns from live
+        steps only.
+    calibration_cache: a JSON file of measured step costs keyed by device, model shape, dtype,
+        block length and threads; a hit skips the calibration. None: no cache.
     """
     max_num_seqs: int | None = None
     max_model_len: int | None = None
@@ -272,6 +277,8 @@ class EngineConfig:
     drafting: str = "fixed"
     attention: str = "dense"
     compile: bool = False
+    calibration_seconds: float = 0.0
+    calibration_cache: str | None = None
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_running_requests", "max_sequences_per_request",
@@ -287,6 +294,8 @@ class EngineConfig:
             raise ValueError(f"attention must be 'dense' or 'split', got {self.attention!r}")
         if self.drafting not in ("fixed", "auto"):
             raise ValueError(f"drafting must be 'fixed' or 'auto', got {self.drafting!r}")
+        if not (0 <= self.calibration_seconds <= 600 and math.isfinite(self.calibration_seconds)):
+            raise ValueError(f"calibration_seconds must be in [0, 600], got {self.calibration_seconds}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

@@ -53,9 +53,9 @@ def test_expected_tokens_grows_with_levels_and_acceptance():
 
 def policy_with_costs(intercept, per_token, rates):
     policy = DraftPolicy(8, tuple(range(1, 9)), "auto", {"lossless@1.1": rates})
-    for tokens in (8, 64, 512, 4096, 20000):  # as if these steps had been timed
+    for rows, tokens in ((1, 1), (1, 8), (1, 64), (8, 8), (8, 512), (64, 4096), (256, 20000)):  # as if timed
         for context in (16, 128):
-            policy.costs.observe(tokens, context, intercept + per_token * tokens)
+            policy.costs.observe(tokens > rows, rows, tokens, context, intercept + per_token * tokens)
     return policy
 
 
@@ -124,5 +124,27 @@ def test_auto_drafting_reports_its_choices_and_learns_acceptance(engine):
     auto.generate(PROMPTS * 4, SamplingParams(max_tokens=40, n=2, seed=3))
     status = auto.drafting.status()
     assert status["drafting"] == "auto" and sum(status["level_choices"].values()) > 0
-    assert "lossless@1.1" in status["acceptance"] and len(status["step_cost"]) == 3
+    assert "lossless@1.1" in status["acceptance"] and len(status["step_cost"]) == 5
     assert sum(auto.last_stats.level_choices.values()) > 0
+
+
+def test_start_up_calibration_times_every_kind_of_step_and_caches_it(tiny_dir, tmp_path):
+    cache = tmp_path / "costs.json"
+    config = EngineConfig(drafting="auto", calibration_seconds=60, calibration_cache=str(cache), max_num_seqs=8,
+                          max_model_len=48)
+    first = Engine.from_pretrained(tiny_dir, config=config)
+    assert first.calibration["cached"] is False and first.calibration["steps"] > 0
+    samples = list(first.drafting.costs.samples)
+    assert {s[0] for s in samples} == {0, 1}  # AR steps and TiDAR steps
+    assert {s[1] for s in samples} >= {1, 8}  # batch 1 and 8 (the pool holds 8)
+    # AR; length 2 with one level; block 4 with one level; all 4 levels
+    assert {s[2] // s[1] for s in samples if s[1] == 1} == {1, 2 * 2, 4 * 2, 4 * 5}
+    assert first.drafting.costs.coefficients() is not None
+    # Scratch prompts teach nothing about acceptance and count in no totals.
+    assert first.drafting.estimates == {} and first.totals.generated_tokens == 0 and first.drafting.choices == {}
+    second = Engine.from_pretrained(tiny_dir, config=config)
+    assert second.calibration["cached"] is True and list(second.drafting.costs.samples) == samples
+    out = second.generate(PROMPTS, SamplingParams(max_tokens=8, seed=0))
+    assert all(len(c.token_ids) == 8 for g in out for c in g)
+    other = Engine.from_pretrained(tiny_dir, config=config, dtype=torch.float64)  # another key: measured again
+    assert other.calibration["cached"] is False

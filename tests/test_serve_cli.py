@@ -1,5 +1,6 @@
 """`python -m rollout serve` as a user runs it: TLS, a real client, then SIGTERM and a clean exit."""
 
+import json
 import os
 import shutil
 import signal
@@ -45,7 +46,8 @@ def test_serve_with_tls_answers_then_exits_cleanly_on_sigterm(tmp_path):
         [sys.executable, "-m", "rollout", "serve", "--model", str(model_dir), "--replicas", "1", "--port", str(port),
          "--host", "localhost", "--metrics-port", "0", "--auth-token-file", str(tmp_path / "token"),
          "--tls-cert", str(cert), "--tls-key", str(key), "--grace", "5", "--max-sequences-per-request", "3",
-         "--weight-dtype-policy", "cast"],
+         "--weight-dtype-policy", "cast", "--calibration-seconds", "5",
+         "--calibration-cache", str(tmp_path / "step_costs.json")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, RAY_DEDUP_LOGS="0"))
     try:
         creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
@@ -63,6 +65,8 @@ def test_serve_with_tls_answers_then_exits_cleanly_on_sigterm(tmp_path):
         resp = pb_grpc.RolloutServiceStub(channel).Generate(request([[2, 3]], max_tokens=6, seed=0),
                                                             timeout=CALL_TIMEOUT)
         assert len(resp.trajectories) == 1
+        costs = json.loads((tmp_path / "step_costs.json").read_text())  # the replica calibrated its step costs
+        assert len(costs) == 1 and len(next(iter(costs.values()))) > 0
         with pytest.raises(grpc.RpcError) as refused:  # --max-sequences-per-request reaches the replicas' limits
             pb_grpc.RolloutServiceStub(channel).Generate(request([[2, 3], [4, 5]], max_tokens=6, n=2),
                                                          timeout=CALL_TIMEOUT)

@@ -17,7 +17,9 @@ the full block's; the sampler is exact for any draft source, so this changes spe
   request class (sampler, temperature bucket) and seeded from `tidar_config.json`
   (`"acceptance": {"<sampler>@<temperature>": [a_1, ..., a_{k-1}]}`) or a flat prior;
 - step time: `StepCostModel`, a least-squares fit t = a + b * tokens + c * tokens * context
-  over the steps this engine has timed (seeded by a short calibration at start).
+  over the steps this engine has timed, seeded by a short start-up calibration
+  (`Engine.calibrate_step_costs`: timed steps of each kind on scratch prompts, cached per
+  device, model shape and dtype) when the engine is configured for one.
 The sampler is exact for any draft source, so nothing here can change the distribution of the
 output; it changes which drafts are proposed, hence which tokens a given seed produces.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,35 +115,46 @@ def expected_tokens(rates: list[float], k: int, levels: tuple[int, ...] | None) 
 
 @dataclass
 class StepCostModel:
-    """Seconds of one decode forward as a + b * tokens + c * tokens * context, fitted by least
-    squares to the 256 most recent timed steps (tokens = rows x tokens per row; context = mean
-    committed length). Coefficients are kept non-negative; with fewer than three distinct
+    """Seconds of one decode step as a + e * drafting + b * rows + c * tokens + d * tokens * context,
+    fitted by least squares on relative error to the 256 most recent timed steps (drafting: 1
+    for a TiDAR step, whose verification and drafting cost more than an AR step's sampling;
+    rows: sequences in the step; tokens = rows x tokens per row; context = mean committed
+    length). The per-row term is what does not grow with a row's tokens (its logits, sampling,
+    bookkeeping). Coefficients are kept non-negative; with fewer than five distinct
     observations, time is taken as proportional to tokens."""
     samples: deque = field(default_factory=lambda: deque(maxlen=256))
-    _coef: tuple[float, float, float] | None = None
+    _coef: tuple[float, ...] | None = None
     _dirty: bool = True
 
-    def observe(self, tokens: int, context: float, seconds: float) -> None:
-        self.samples.append((tokens, context, seconds))
+    def observe(self, drafting: bool, rows: int, tokens: int, context: float, seconds: float) -> None:
+        self.samples.append((int(drafting), rows, tokens, context, seconds))
         self._dirty = True
 
-    def coefficients(self) -> tuple[float, float, float] | None:
+    def clear(self) -> None:
+        self.samples.clear()
+        self._dirty = True
+
+    def coefficients(self) -> tuple[float, ...] | None:
         if self._dirty:
             self._dirty = False
             data = np.array(self.samples, dtype=np.float64)
             self._coef = None
-            if len(data) and len({(t, round(c)) for t, c, _ in self.samples}) >= 3:
-                X = np.stack([np.ones(len(data)), data[:, 0], data[:, 0] * data[:, 1]], axis=1)
-                coef, *_ = np.linalg.lstsq(X, data[:, 2], rcond=None)
+            if len(data) and len({(g, r, t, round(c)) for g, r, t, c, _ in self.samples}) >= 5:
+                # Rows weighted by 1 / t: a 5 ms step and a 500 ms one count alike, so the
+                # biggest steps do not decide the fit alone.
+                X = np.stack([np.ones(len(data)), data[:, 0], data[:, 1], data[:, 2], data[:, 2] * data[:, 3]],
+                             axis=1)
+                w = 1.0 / np.maximum(data[:, 4], 1e-9)
+                coef, *_ = np.linalg.lstsq(X * w[:, None], data[:, 4] * w, rcond=None)
                 self._coef = tuple(float(max(x, 0.0)) for x in coef)
         return self._coef
 
-    def predict(self, tokens: int, context: float) -> float:
+    def predict(self, drafting: bool, rows: int, tokens: int, context: float) -> float:
         coef = self.coefficients()
-        if coef is None or coef == (0.0, 0.0, 0.0):
+        if coef is None or not any(coef):
             return float(tokens)  # only the ranking matters: cost proportional to work
-        a, b, c = coef
-        return a + b * tokens + c * tokens * context
+        a, e, b, c, d = coef
+        return a + e * drafting + b * rows + c * tokens + d * tokens * context
 
 
 class DraftPolicy:
@@ -167,6 +181,17 @@ class DraftPolicy:
         self.choices: dict[str, int] = {}  # level-set label -> steps (reported in status)
         self._expected: dict[tuple[str, DraftShape | None], tuple[int, float]] = {}
         self._observations = 0
+        self._forced: tuple[DraftShape | None] | None = None  # (shape,) while calibrating
+
+    @contextmanager
+    def forcing(self, shape: DraftShape | None):
+        """Every step takes `shape`, and steps teach only the cost model (calibration on
+        scratch prompts, whose acceptance says nothing about real requests)."""
+        self._forced = (shape,)
+        try:
+            yield
+        finally:
+            self._forced = None
 
     @staticmethod
     def tokens_per_row(shape: DraftShape | None) -> int:
@@ -192,6 +217,8 @@ class DraftPolicy:
     def choose(self, params: list[SamplingParams], context: float) -> DraftShape | None:
         """The shape of a decode step over rows with these params (None: AR step)."""
         drafting = [p for p in params if p.sampler != "ar"]
+        if self._forced is not None:
+            return self._forced[0]
         if not drafting or self.k < 2:
             choice = None
         elif self.mode == "fixed":
@@ -212,7 +239,8 @@ class DraftPolicy:
         best, best_rate, best_drafting, best_drafting_rate, seconds = None, -1.0, None, -1.0, {}
         for shape in self.candidates:
             tokens = ar_rows + sum(n * self._expected_tokens(cls, shape) for cls, n in counts.items())
-            seconds[shape] = max(self.costs.predict(len(params) * self.tokens_per_row(shape), context), 1e-12)
+            seconds[shape] = max(self.costs.predict(shape is not None, len(params),
+                                                    len(params) * self.tokens_per_row(shape), context), 1e-12)
             rate = tokens / seconds[shape]
             if rate > best_rate:
                 best, best_rate = shape, rate
@@ -230,10 +258,13 @@ class DraftPolicy:
         self.ar_seconds_since_drafting += seconds[None]
         return None
 
-    def observe_step(self, params: list[SamplingParams], accepted: list[int], offered: list[int],
-                     tokens: int, context: float, seconds: float) -> None:
-        """After a decode step: its time, and each drafting row's acceptance."""
-        self.costs.observe(tokens, context, seconds)
+    def observe_step(self, params: list[SamplingParams], shape: DraftShape | None, accepted: list[int],
+                     offered: list[int], context: float, seconds: float) -> None:
+        """After a decode step of this shape (None: it ran as an AR step): its time, and each
+        drafting row's acceptance."""
+        self.costs.observe(shape is not None, len(params), len(params) * self.tokens_per_row(shape), context, seconds)
+        if self._forced is not None:
+            return
         seen = set()
         for p, a, n in zip(params, accepted, offered):
             if n > 0:

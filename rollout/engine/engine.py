@@ -19,8 +19,11 @@ Design decisions:
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
+import platform
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +37,7 @@ from ..model.kv_cache import KVCache
 from ..model.loader import declared_dtype, load_decoder, read_model_config
 from ..params import Completion, SamplingParams, validate_prompts
 from ..sampling import row_key
-from .drafting import DraftPolicy, level_label
+from .drafting import DraftPolicy, DraftShape, level_label
 from .runner import ModelRunner, StepTokens
 from .scheduler import Scheduler
 from .sequence import GenerationStats, PromptGroup, Request, Sequence
@@ -91,6 +94,10 @@ class Engine:
         self.weight_version = 0  # the policy version every emitted token is tagged with
         self._ids = itertools.count()
         log.info("KV pool: %d slots x %d positions on %s", num_slots, slot_len, self.device)
+        self.calibration: dict = {}  # what the start-up step-cost calibration did (status)
+        if config.drafting == "auto" and config.calibration_seconds > 0:
+            self.calibration = self.calibrate_step_costs(config.calibration_seconds, config.calibration_cache)
+            log.info("step-cost calibration: %s", self.calibration)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu",
@@ -121,6 +128,75 @@ class Engine:
             raise ValueError(f"the KV budget of {budget / 2 ** 30:.2f} GiB holds no slot of {slot_len} positions "
                              f"({per_slot / 2 ** 20:.1f} MiB each): raise kv_cache_gib or lower max_model_len")
         return slots
+
+    # ---------------------------------------------------------------- step costs
+    def cost_key(self) -> str:
+        """What step costs depend on: device, threads, torch, dtype, model shape, block length,
+        attention path (the key of the calibration cache)."""
+        if self.device.type == "cpu":
+            device = f"cpu:{platform.processor() or platform.machine()}:threads={torch.get_num_threads()}"
+        else:
+            device = f"{self.device.type}:{torch.cuda.get_device_name(self.device)}"
+        c = self.config
+        return (f"{device}|torch={torch.__version__}|{self.dtype}|layers={c.num_layers},hidden={c.hidden_size},"
+                f"intermediate={c.intermediate_size},heads={c.num_heads}/{c.num_kv_heads},vocab={c.vocab_size}|"
+                f"block={self.tidar.block_size}|{self.engine_config.attention}|compile={self.engine_config.compile}")
+
+    def calibrate_step_costs(self, seconds: float, cache: str | Path | None = None) -> dict:
+        """Seeds the drafting policy's step-cost model with this device's figures: decode steps
+        of each kind (AR; draft length 2 with one level; one level of the full block; every
+        level) at batch 1, 8 and 64 (up to the pool), each over a few steps on scratch prompts,
+        cheapest batch first, until `seconds` run out. With `cache`, figures stored for the same
+        `cost_key()` are read instead, and fresh ones are stored. Engine totals, request stats
+        and acceptance estimates are left as they were. Returns what it did (seconds, steps,
+        cached)."""
+        t0 = time.perf_counter()
+        key = self.cost_key()
+        costs = self.drafting.costs
+        stored = _read_costs(cache).get(key) if cache else None
+        if stored and not all(isinstance(x, list) and len(x) == 5 for x in stored):
+            stored = None  # another version's format: measure again
+        if stored:
+            for drafting, rows, tokens, context, secs in stored:
+                costs.observe(bool(drafting), rows, tokens, context, secs)
+            return dict(seconds=round(time.perf_counter() - t0, 3), steps=len(stored), cached=True)
+        K, steps = self.tidar.block_size, 4
+        full = self.drafting.full
+        shapes = [None] + ([DraftShape(2, full.levels[:1]), DraftShape(K, full.levels[:1]), full] if K >= 2 else [])
+        shapes = list(dict.fromkeys(shapes))
+        room = self.limits.max_model_len - steps - 1
+        if room < 1:
+            return dict(seconds=0.0, steps=0, cached=False)
+        short, long = min(64, room), min(512, room)
+        runs = [(1, short), (1, long)] + [(b, short) for b in (8, 64) if b <= self.limits.num_slots]
+        runs = list(dict.fromkeys(runs))
+        rng = random.Random(0)
+        mask = self.tidar.mask_token_id
+
+        def scratch(batch: int, context: int) -> list[list[int]]:
+            draw = (rng.randrange(self.config.vocab_size - 1) for _ in range(batch * context))
+            ids = [t if t < mask else t + 1 for t in draw]
+            return [ids[i * context:(i + 1) * context] for i in range(batch)]
+
+        totals, last = self.totals, self.last_stats
+        self.totals = GenerationStats()  # scratch requests are not counted
+        try:
+            for shape in shapes:  # warm-up: first calls of a shape pay one-off costs
+                with self.drafting.forcing(shape):
+                    self.generate(scratch(1, short), SamplingParams(max_tokens=3, seed=0))
+            costs.clear()
+            for batch, context in runs:
+                for shape in shapes:
+                    if time.perf_counter() - t0 > seconds:
+                        break
+                    with self.drafting.forcing(shape):
+                        self.generate(scratch(batch, context), SamplingParams(max_tokens=steps + 1, seed=0))
+        finally:
+            self.totals, self.last_stats = totals, last
+        measured = [list(x) for x in costs.samples]
+        if cache and measured:
+            _write_costs(cache, key, measured)
+        return dict(seconds=round(time.perf_counter() - t0, 3), steps=len(measured), cached=False)
 
     # ---------------------------------------------------------------- validation
     def validate(self, prompts: list[list[int]], params: SamplingParams) -> None:
@@ -211,8 +287,8 @@ class Engine:
 
     def _observe_decode(self, plan, result: StepTokens, seconds: float) -> None:
         """Feeds the drafting policy: the step's time and each row's acceptance."""
-        self.drafting.observe_step([s.params for s in plan.decode], result.accepted, result.offered,
-                                   len(plan.decode) * self.drafting.tokens_per_row(plan.shape), plan.context,
+        ran = plan.shape if plan.shape is not None and any(s.drafts for s in plan.decode) else None
+        self.drafting.observe_step([s.params for s in plan.decode], ran, result.accepted, result.offered, plan.context,
                                    seconds)
         for seq in plan.decode:
             levels = seq.request.stats.level_choices
@@ -288,6 +364,28 @@ class Engine:
         finally:
             self.abort(request.request_id)  # a caller that stops early frees the slots
             self.last_stats = request.stats
+
+
+def _read_costs(path: str | Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_costs(path: str | Path, key: str, samples: list) -> None:
+    """Adds one key's figures to the cache file (written whole, then renamed into place)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_costs(path)
+        data[key] = samples
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home must not stop a replica
+        log.warning("could not write the step-cost cache %s: %s", path, e)
 
 
 def check_request_size(num_prompts: int, n: int, limits: EngineLimits, prompt_tokens: int | None = None) -> None:

@@ -257,7 +257,8 @@ class GeneratorReplica:
                     draft_attempts=list(e.totals.draft_attempts), draft_accepts=list(e.totals.draft_accepts),
                     paused=self.paused, restarts=self.restarts, metrics_address=self.metrics.address,
                     device=self.device,
-                    block_size=e.tidar.block_size, levels=list(e.tidar.level_set), **e.drafting.status())
+                    block_size=e.tidar.block_size, levels=list(e.tidar.level_set), calibration=dict(e.calibration),
+                    **e.drafting.status())
 
     # ------------------------------------------------------------------ weights
     def stage_weights(self, version: int, tensors: dict[str, torch.Tensor], partial: bool = False,

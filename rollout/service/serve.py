@@ -207,6 +207,12 @@ def main_serve(argv: list[str]) -> int:
     p.add_argument("--drafting", default="auto", choices=["auto", "fixed"],
                    help="auto: each decode step takes an AR step or some pre-draft levels, whichever gives more "
                         "tokens/s (exact either way); fixed: always every level (tokens reproducible per seed)")
+    p.add_argument("--calibration-seconds", type=float, default=10.0,
+                   help="with auto drafting: time budget of each replica's start-up step-cost calibration "
+                        "(0: none; the cost model then learns from live steps only)")
+    p.add_argument("--calibration-cache", default=str(Path.home() / ".cache" / "tidar-rollout" / "step_costs.json"),
+                   help="JSON file of measured step costs per device, model shape and dtype; a hit skips the "
+                        "calibration ('' : no cache)")
     p.add_argument("--attention", default="dense", choices=["dense", "split"],
                    help="dense: one masked SDPA (the reference); split: prefix through FlexAttention by lengths, "
                         "merged by log-sum-exp (for long contexts on a GPU)")
@@ -249,7 +255,9 @@ def main_serve(argv: list[str]) -> int:
                                  max_running_requests=args.max_running_requests, drafting=args.drafting,
                                  max_sequences_per_request=args.max_sequences_per_request,
                                  max_waiting_sequences=args.max_waiting_sequences,
-                                 attention=args.attention, compile=args.compile), http_port=args.http_port,
+                                 attention=args.attention, compile=args.compile,
+                                 calibration_seconds=args.calibration_seconds,
+                                 calibration_cache=args.calibration_cache or None), http_port=args.http_port,
                              metrics_host=args.metrics_host, require_auth_for_generate=args.require_auth_for_generate,
                              weight_dtype_policy=args.weight_dtype_policy)
     try:
