@@ -11,6 +11,8 @@ Tables (random-weight Qwen2.5 shapes unless named; bf16 on a GPU, fp32 on the CP
 2. Tokens/s of lossless, mixed (w = 0.5), our AR and HF `generate` (same weights) on the embedded
    model and on the 1.5B shape (fixed drafting: every level, as the model was trained).
 3. Capacity: 64 sequences x 8k context on the 1.5B shape, prefilled and decoded without OOM.
+4. Step-speed targets (`benchmarks/speed_targets.py`): lossless / AR and mixed / lossless with
+   cost-aware drafting at batch 1 / 8 / 64 / 256 and T = 0 / 1, the shapes chosen, our AR / HF.
 `--smoke` runs every table with tiny shapes and contexts (the test suite runs it, so the suite
 cannot rot while no GPU is at hand). Timings are medians of `--repeats` steps after warm-up.
 """
@@ -167,12 +169,25 @@ def capacity_table(args, dtype) -> list[str]:
             f"prefill {prefill:.1f} s, decode step (1 level) {1000 * step:.1f} ms, {peak}: no OOM"]
 
 
+def speed_targets_table(args, dtype) -> list[str]:
+    """Table 4: `benchmarks/speed_targets.py` (cost-aware drafting, held-out prompts, HF)."""
+    from .speed_targets import main as speed_targets
+    if args.smoke:
+        argv = ["--batches", "1,2", "--hf-batches", "1", "--max-tokens", "6", "--prompt-len", "8", "--repeats", "1",
+                "--calibration-seconds", "2"]
+    else:
+        argv = ["--batches", "1,8,64,256", "--hf-batches", "1,16", "--max-tokens", "128", "--repeats", "3"]
+    text = speed_targets(argv + ["--device", args.device])
+    return ["## 4. Step-speed targets: embedded model, auto drafting, held-out prompts "
+            "(`python -m benchmarks.speed_targets`)", *text.splitlines()]
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny shapes and contexts (CPU, seconds)")
     p.add_argument("--out", help="also write the tables (markdown) to this file")
-    p.add_argument("--tables", default="1,2,3", help="which tables to run")
+    p.add_argument("--tables", default="1,2,3,4", help="which tables to run")
     args = p.parse_args(argv)
     if args.smoke:
         args.shape, args.block, args.batches, args.contexts, args.repeats = "tiny", 4, [1, 2], [16, 48], 2
@@ -186,7 +201,7 @@ def main(argv: list[str] | None = None) -> str:
     out = [f"# Benchmark suite: {device_name}, torch {torch.__version__}, {dtype}, {time.strftime('%Y-%m-%d')}"
            f"{' (smoke)' if args.smoke else ''}", "`python -m benchmarks.suite " + " ".join(argv or []) + "`", ""]
     tables = set(args.tables.split(","))
-    for key, fn in (("1", step_table), ("2", throughput_table), ("3", capacity_table)):
+    for key, fn in (("1", step_table), ("2", throughput_table), ("3", capacity_table), ("4", speed_targets_table)):
         if key in tables:
             table = fn(args, dtype) + [""]
             print("\n".join(table), flush=True)

@@ -26,6 +26,7 @@ output; it changes which drafts are proposed, hence which tokens a given seed pr
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from contextlib import contextmanager
@@ -39,7 +40,8 @@ TEMPERATURE_BUCKETS = (0.0, 0.5, 0.9, 1.1)  # upper edges; above the last: one m
 PRIOR_ACCEPTANCE = 0.5  # per draft position, when nothing is known about a class
 PRIOR_WEIGHT = 8.0      # how many observed attempts the prior (or calibration) is worth
 DECAY = 0.995           # per observed step: older acceptance counts fade
-EXPLORE_EVERY = 32      # AR-step time per exploring drafting step's time (see DraftPolicy._best)
+EXPLORE_EVERY = 64      # AR-step time per exploring drafting step's time (see DraftPolicy._best)
+REFIT_EVERY = 16        # observed steps between re-rankings (acceptance estimates, cost fit)
 
 
 @dataclass(frozen=True)
@@ -113,33 +115,49 @@ def expected_tokens(rates: list[float], k: int, levels: tuple[int, ...] | None) 
     return float(dist @ mean_c)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _expected_tokens_memo(rates: tuple[float, ...], k: int, levels: tuple[int, ...]) -> float:
+    return expected_tokens(list(rates), k, levels)
+
+
 @dataclass
 class StepCostModel:
     """Seconds of one decode step as a + e * drafting + b * rows + c * tokens + d * tokens * context,
-    fitted by least squares on relative error to the 256 most recent timed steps (drafting: 1
-    for a TiDAR step, whose verification and drafting cost more than an AR step's sampling;
-    rows: sequences in the step; tokens = rows x tokens per row; context = mean committed
+    fitted by least squares on relative error to the calibration steps (`anchor`) and the 256
+    most recent timed steps (drafting: 1 for a TiDAR step, whose verification and drafting cost
+    more than an AR step's sampling; rows: sequences in the step; tokens = rows x tokens per row; context = mean committed
     length). The per-row term is what does not grow with a row's tokens (its logits, sampling,
     bookkeeping). Coefficients are kept non-negative; with fewer than five distinct
     observations, time is taken as proportional to tokens."""
     samples: deque = field(default_factory=lambda: deque(maxlen=256))
+    # Calibration steps: kept for the engine's life, so a long run of live AR steps (which say
+    # nothing about a TiDAR step's cost) cannot push the only TiDAR figures out of the fit.
+    anchor: list = field(default_factory=list)
     _coef: tuple[float, ...] | None = None
     _dirty: bool = True
+    _pending: int = 0  # samples since the last fit: refitted every REFIT_EVERY (or while unfitted)
 
     def observe(self, drafting: bool, rows: int, tokens: int, context: float, seconds: float) -> None:
         self.samples.append((int(drafting), rows, tokens, context, seconds))
-        self._dirty = True
+        self._pending += 1
+        self._dirty = self._dirty or self._coef is None or self._pending >= REFIT_EVERY
 
     def clear(self) -> None:
         self.samples.clear()
-        self._dirty = True
+        self._dirty, self._coef, self._pending = True, None, 0
+
+    def set_anchor(self, samples: list) -> None:
+        """Makes these (calibration) samples permanent and clears the live ones."""
+        self.anchor = [tuple(x) for x in samples]
+        self.clear()
 
     def coefficients(self) -> tuple[float, ...] | None:
         if self._dirty:
-            self._dirty = False
-            data = np.array(self.samples, dtype=np.float64)
+            self._dirty, self._pending = False, 0
+            both = self.anchor + list(self.samples)
+            data = np.array(both, dtype=np.float64)
             self._coef = None
-            if len(data) and len({(g, r, t, round(c)) for g, r, t, c, _ in self.samples}) >= 5:
+            if len(data) and len({(g, r, t, round(c)) for g, r, t, c, _ in both}) >= 5:
                 # Rows weighted by 1 / t: a 5 ms step and a 500 ms one count alike, so the
                 # biggest steps do not decide the fit alone.
                 X = np.stack([np.ones(len(data)), data[:, 0], data[:, 1], data[:, 2], data[:, 2] * data[:, 3]],
@@ -179,9 +197,9 @@ class DraftPolicy:
         self.ar_seconds_since_drafting = 0.0  # predicted time spent in AR steps since the last drafting step
         self.last_choice: DraftShape | None = self.full
         self.choices: dict[str, int] = {}  # level-set label -> steps (reported in status)
-        self._expected: dict[tuple[str, DraftShape | None], tuple[int, float]] = {}
         self._observations = 0
         self._forced: tuple[DraftShape | None] | None = None  # (shape,) while calibrating
+        self._decisions: dict[tuple, tuple] = {}
 
     @contextmanager
     def forcing(self, shape: DraftShape | None):
@@ -204,15 +222,12 @@ class DraftPolicy:
         return self.estimates[cls]
 
     def _expected_tokens(self, cls: str, shape: DraftShape | None) -> float:
-        """Cached per (class, shape); recomputed every 16 observations."""
-        epoch = self._observations // 16
-        hit = self._expected.get((cls, shape))
-        if hit is None or hit[0] != epoch:
-            value = 1.0 if shape is None else expected_tokens(self.estimate(cls).rates[:shape.length - 1],
-                                                              shape.length, shape.levels)
-            hit = (epoch, value)
-            self._expected[(cls, shape)] = hit
-        return hit[1]
+        """From the class's rates rounded to 0.01 (memoised: rates move slowly, and the chain
+        is solved again only when they move)."""
+        if shape is None:
+            return 1.0
+        rates = tuple(round(r, 2) for r in self.estimate(cls).rates[:shape.length - 1])
+        return _expected_tokens_memo(rates, shape.length, shape.levels)
 
     def choose(self, params: list[SamplingParams], context: float) -> DraftShape | None:
         """The shape of a decode step over rows with these params (None: AR step)."""
@@ -235,28 +250,41 @@ class DraftPolicy:
         for p in drafting:
             cls = request_class(p)
             counts[cls] = counts.get(cls, 0) + 1
-        ar_rows = len(params) - len(drafting)
-        best, best_rate, best_drafting, best_drafting_rate, seconds = None, -1.0, None, -1.0, {}
-        for shape in self.candidates:
-            tokens = ar_rows + sum(n * self._expected_tokens(cls, shape) for cls, n in counts.items())
-            seconds[shape] = max(self.costs.predict(shape is not None, len(params),
-                                                    len(params) * self.tokens_per_row(shape), context), 1e-12)
-            rate = tokens / seconds[shape]
-            if rate > best_rate:
-                best, best_rate = shape, rate
-            if shape is not None and rate > best_drafting_rate:
-                best_drafting, best_drafting_rate = shape, rate
+        # The ranking changes only when the estimates or the cost fit do (every REFIT_EVERY
+        # observations), or the batch's mix or context bucket does: decided once, then reused.
+        key = (tuple(sorted(counts.items())), len(params), int(context) // 32, self._observations // REFIT_EVERY)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = self._rank(counts, len(params) - len(drafting), len(params), context)
+            if len(self._decisions) > 4096:
+                self._decisions.clear()
+            self._decisions[key] = decision
+        best, best_drafting, ar_seconds, drafting_seconds = decision
         if best is not None:
             self.ar_seconds_since_drafting = 0.0
             return best
         # AR wins. Acceptance is only learned from drafting steps, so now and then draft anyway,
         # when the AR time since the last drafting step is EXPLORE_EVERY times that step's cost:
         # exploring costs at most ~1/EXPLORE_EVERY of the time, whatever the device.
-        if self.ar_seconds_since_drafting >= EXPLORE_EVERY * seconds[best_drafting]:
+        if self.ar_seconds_since_drafting >= EXPLORE_EVERY * drafting_seconds:
             self.ar_seconds_since_drafting = 0.0
             return best_drafting
-        self.ar_seconds_since_drafting += seconds[None]
+        self.ar_seconds_since_drafting += ar_seconds
         return None
+
+    def _rank(self, counts: dict[str, int], ar_rows: int, rows: int, context: float):
+        """(best shape, best drafting shape, predicted seconds of an AR step, of that drafting step)."""
+        best, best_rate, best_drafting, best_drafting_rate, seconds = None, -1.0, None, -1.0, {}
+        for shape in self.candidates:
+            tokens = ar_rows + sum(n * self._expected_tokens(cls, shape) for cls, n in counts.items())
+            seconds[shape] = max(self.costs.predict(shape is not None, rows, rows * self.tokens_per_row(shape),
+                                                    context), 1e-12)
+            rate = tokens / seconds[shape]
+            if rate > best_rate:
+                best, best_rate = shape, rate
+            if shape is not None and rate > best_drafting_rate:
+                best_drafting, best_drafting_rate = shape, rate
+        return best, best_drafting, seconds[None], seconds[best_drafting]
 
     def observe_step(self, params: list[SamplingParams], shape: DraftShape | None, accepted: list[int],
                      offered: list[int], context: float, seconds: float) -> None:

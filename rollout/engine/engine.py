@@ -157,8 +157,7 @@ class Engine:
         if stored and not all(isinstance(x, list) and len(x) == 5 for x in stored):
             stored = None  # another version's format: measure again
         if stored:
-            for drafting, rows, tokens, context, secs in stored:
-                costs.observe(bool(drafting), rows, tokens, context, secs)
+            costs.set_anchor(stored)
             return dict(seconds=round(time.perf_counter() - t0, 3), steps=len(stored), cached=True)
         K, steps = self.tidar.block_size, 4
         full = self.drafting.full
@@ -194,6 +193,7 @@ class Engine:
         finally:
             self.totals, self.last_stats = totals, last
         measured = [list(x) for x in costs.samples]
+        costs.set_anchor(measured)
         if cache and measured:
             _write_costs(cache, key, measured)
         return dict(seconds=round(time.perf_counter() - t0, 3), steps=len(measured), cached=False)

@@ -209,12 +209,14 @@ class ModelRunner:
         committed = [s.num_committed for s in seqs]
         slots, L = self._tensor([s.slot for s in seqs]), self._tensor(committed)
         drafts = self.drafts[slots, :k]                      # [B, k]
-        # A shorter step verifies only the drafts it carries (the rest are dropped).
-        num_valid = self.num_valid[slots].clamp(max=k) if drafting else torch.ones_like(L)
         keys = self.keys[slots]
         hidden = self._decode_forward(slots, L, max(committed), drafts, layout)
-
         rows = RowSampling.build([s.params for s in seqs], dev, self.forbidden)
+        if not drafting:
+            return self._ar_tokens(seqs, slots, L, keys, hidden, rows)
+        # A shorter step verifies only the drafts it carries (the rest are dropped).
+        num_valid = self.num_valid[slots].clamp(max=k)
+
         ar_logits = self.model.logits(hidden[:, :k])  # [B, k, V]: predicts positions L+1..L+k
         p, p_logprobs = rows.policy(ar_logits)
         target, target_logprobs = p, p_logprobs
@@ -227,7 +229,7 @@ class ModelRunner:
             target = torch.cat((torch.where(drafted, r, p[:, :k - 1]), p[:, k - 1:]), dim=1)
             target_logprobs = torch.cat(
                 (torch.where(drafted, r_logprobs, p_logprobs[:, :k - 1]), p_logprobs[:, k - 1:]), dim=1)
-        offsets, purposes = self.uniform_plan(k, layout.block_size if drafting else 0)
+        offsets, purposes = self.uniform_plan(k, layout.block_size)
         u = counter_uniforms(keys, L[:, None] + offsets, purposes)
         u_accept, u_sample, u_draft = u[:, :k - 1], u[:, k - 1:2 * k - 1], u[:, 2 * k - 1:]
         accepted, next_token = verify_drafts(drafts[:, 1:], q, target, num_valid - 1, u_accept, u_sample)
@@ -237,13 +239,9 @@ class ModelRunner:
         out.scatter_(1, accepted[:, None], next_token[:, None])
         lp = p_logprobs.gather(-1, out[..., None]).squeeze(-1)
         blp = target_logprobs.gather(-1, out[..., None]).squeeze(-1)
-        if drafting:
-            # The drafts of the next step sit at L+a+1+s (s = 1..block-1): u_draft holds L+2.. onwards.
-            u_next = u_draft.gather(1, accepted[:, None] + torch.arange(layout.block_size - 1, device=dev))
-            self._next_drafts(seqs, slots, hidden, layout, level_t, accepted + 1, next_token, rows, u_next)
-        else:
-            self.drafts[slots, 0] = next_token
-            self.num_valid[slots] = 1
+        # The drafts of the next step sit at L+a+1+s (s = 1..block-1): u_draft holds L+2.. onwards.
+        u_next = u_draft.gather(1, accepted[:, None] + torch.arange(layout.block_size - 1, device=dev))
+        self._next_drafts(seqs, slots, hidden, layout, level_t, accepted + 1, next_token, rows, u_next)
 
         packed = torch.cat((out.double(), lp.double(), blp.double(), accepted[:, None].double(),
                             (num_valid - 1)[:, None].double()), dim=1).tolist()  # the step's one sync
@@ -257,6 +255,22 @@ class ModelRunner:
             offered.append(int(row[3 * k + 1]))
         return StepTokens(seqs, tokens, lps, blps, acc, offered,
                           top_alternatives(seqs, p_logprobs, [a + 1 for a in acc]))
+
+    def _ar_tokens(self, seqs: list[Sequence], slots: torch.Tensor, L: torch.Tensor, keys: torch.Tensor,
+                   hidden: torch.Tensor, rows: RowSampling) -> StepTokens:
+        """The rest of an AR step: nothing to verify, so the token is drawn from p with the
+        RESAMPLE uniform at L+1, exactly what verification with no valid drafts draws."""
+        p, logprobs = rows.policy(self.model.logits(hidden[:, 0]))  # [B, V]
+        offsets, purposes = self.uniform_plan(1, 0)
+        token = sample_from(p, counter_uniforms(keys, L[:, None] + offsets, purposes)[:, 0])
+        lp = logprobs.gather(-1, token[:, None]).squeeze(-1)
+        self.drafts[slots, 0] = token
+        self.num_valid[slots] = 1
+        packed = torch.stack((token.double(), lp.double()), dim=1).tolist()  # the step's one sync
+        B = len(seqs)
+        tokens, lps = [[int(t)] for t, _ in packed], [[x] for _, x in packed]
+        return StepTokens(seqs, tokens, lps, [list(x) for x in lps], [0] * B, [0] * B,
+                          top_alternatives(seqs, logprobs, [1] * B))
 
     def _decode_forward(self, slots: torch.Tensor, L: torch.Tensor, prefix_max: int, drafts: torch.Tensor,
                         layout: DecodeLayout) -> torch.Tensor:
