@@ -27,14 +27,36 @@ def random_step(gen, heads, kv_heads, prefix_lens, visible, positions, write, D=
     slots = torch.arange(B)
     lens = torch.tensor(prefix_lens)
 
-    def run(path):
+    def run(path, slot_range=None, ar_step=False):
         c = KVCache(1, B, kv_heads, 400, D, torch.float32, "cpu")
         c.k.copy_(cache.k)
         c.v.copy_(cache.v)
         batch = StepBatch(slots, lens, max(prefix_lens), positions, visible, c.write_index(slots, positions, write),
-                          path)
+                          path, slot_range=slot_range, ar_step=ar_step)
         return attend(q, k, v, c, 0, batch), c
     return run
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_the_ar_step_and_slot_range_shortcuts_equal_the_dense_oracle(heads, kv_heads):
+    """An AR step written first and attended over the cache alone, and a consecutive slot range
+    read as a view, give what the gathered [prefix | step] dense path gives."""
+    gen = torch.Generator().manual_seed(heads + kv_heads)
+    prefix_lens = [0, 1, 57, 130, 300]
+    B = len(prefix_lens)
+    positions = torch.tensor(prefix_lens)[:, None]
+    run = random_step(gen, heads, kv_heads, prefix_lens, torch.ones(B, 1, 1, dtype=torch.bool), positions,
+                      torch.ones(B, 1, dtype=torch.bool))
+    reference, c_ref = run("dense")
+    for slot_range, ar_step in (((0, B), False), (None, True), ((0, B), True)):
+        out, c = run("dense", slot_range, ar_step)
+        torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-5)
+        assert torch.equal(c.k, c_ref.k) and torch.equal(c.v, c_ref.v)
+    layout = decode_layout(4, (1, 2))  # a TiDAR step reading its prefix through the view
+    T = layout.num_tokens
+    run = random_step(gen, heads, kv_heads, prefix_lens, layout.visible.expand(B, T, T),
+                      positions + layout.offsets[None], (torch.arange(T) < 4)[None].expand(B, T))
+    torch.testing.assert_close(run("dense", (0, B))[0], run("dense")[0], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])

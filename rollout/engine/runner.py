@@ -130,7 +130,8 @@ class ModelRunner:
             ids[b, :len(t)] = torch.tensor(t)
         slots_t, positions = self._tensor(slots), positions.to(self.device)
         batch = StepBatch(slots_t, self._tensor(starts), max(starts), positions, visible.to(self.device),
-                          cache.write_index(slots_t, positions, write.to(self.device)), self.attention)
+                          cache.write_index(slots_t, positions, write.to(self.device)), self.attention,
+                          slot_range=consecutive(slots))
         return self.forward(ids.to(self.device), batch, cache)
 
     def prefill(self, chunks: list[PrefillChunk]) -> StepTokens | None:
@@ -210,7 +211,7 @@ class ModelRunner:
         slots, L = self._tensor([s.slot for s in seqs]), self._tensor(committed)
         drafts = self.drafts[slots, :k]                      # [B, k]
         keys = self.keys[slots]
-        hidden = self._decode_forward(slots, L, max(committed), drafts, layout)
+        hidden = self._decode_forward(slots, L, max(committed), drafts, layout, consecutive([s.slot for s in seqs]))
         rows = RowSampling.build([s.params for s in seqs], dev, self.forbidden)
         if not drafting:
             return self._ar_tokens(seqs, slots, L, keys, hidden, rows)
@@ -273,12 +274,14 @@ class ModelRunner:
                           top_alternatives(seqs, logprobs, [1] * B))
 
     def _decode_forward(self, slots: torch.Tensor, L: torch.Tensor, prefix_max: int, drafts: torch.Tensor,
-                        layout: DecodeLayout) -> torch.Tensor:
+                        layout: DecodeLayout, slot_range: tuple[int, int] | None = None) -> torch.Tensor:
         """The decode forward: hidden states [B, T, H] of the rows. When compiled, the batch is
         padded to a power of two with rows that read nothing and write to the sink, so the
         compiled step sees a few batch shapes, not every one."""
         B, k, T, dev = slots.shape[0], layout.num_drafts, layout.num_tokens, self.device
         padded = 1 << (B - 1).bit_length() if self.compiled else B
+        if self.compiled:
+            slot_range = None  # a Python int pair would be a guard: one recompilation per range
         if padded > B:
             pad = padded - B
             slots = torch.cat((slots, torch.full((pad,), self.cache.sink, dtype=slots.dtype, device=dev)))
@@ -290,7 +293,8 @@ class ModelRunner:
         positions = L[:, None] + layout.offsets[None]
         write = (torch.arange(T, device=dev) < k)[None].expand(padded, T)
         batch = StepBatch(slots, L, prefix_max, positions, layout.visible.expand(padded, T, T),
-                          self.cache.write_index(slots, positions, write), self.attention)
+                          self.cache.write_index(slots, positions, write), self.attention, slot_range=slot_range,
+                          ar_step=layout is self.ar_layout)
         return self.forward(ids, batch, self.cache)[:B]
 
     def _next_drafts(self, seqs: list[Sequence], slots: torch.Tensor, hidden: torch.Tensor, layout: DecodeLayout,
@@ -340,6 +344,12 @@ class ModelRunner:
             hidden = self._forward_chunks(part, [token_ids[i] for i in part], [0] * len(part), 0, cache)
             out += [self.model.logits(hidden[b, :len(token_ids[i])]) for b, i in enumerate(part)]
         return out
+
+
+def consecutive(slots: list[int]) -> tuple[int, int] | None:
+    """(a, b) when `slots` is exactly a, a+1, ..., b-1 (the KV prefix is then a view)."""
+    a = slots[0]
+    return (a, a + len(slots)) if slots == list(range(a, a + len(slots))) else None
 
 
 def _mask_bounded(seqs: list[list[int]]) -> list[list[int]]:

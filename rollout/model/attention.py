@@ -42,7 +42,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
     no host sync inside the forward."""
     B, _, T, _ = q.shape
     prefix_max, prefix_lens, step_visible = batch.prefix_max, batch.prefix_lens, batch.step_visible
-    kp, vp = cache.prefix(layer, batch.slots, prefix_max)
+    gqa = q.shape[1] != k.shape[1]
+    if batch.ar_step and batch.attention == "dense":
+        # One token per row at position prefix_lens[b]: store it, then attend over the cache
+        # positions <= prefix_lens[b] (the same keys as [prefix | itself], no concatenation).
+        cache.write(layer, batch.write_index, k, v)
+        keys, values = cache.prefix(layer, batch.slots, prefix_max + 1, batch.slot_range)
+        mask = torch.arange(prefix_max + 1, device=q.device) <= prefix_lens[:, None]  # [B, Lp + 1]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None], enable_gqa=gqa)
+    kp, vp = cache.prefix(layer, batch.slots, prefix_max, batch.slot_range)
     if batch.attention == "split":
         out = split_attention(q, k, v, kp, vp, prefix_lens, step_visible, batch.prefix_mask)
         cache.write(layer, batch.write_index, k, v)
@@ -50,8 +58,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
     keys, values = torch.cat((kp, k), dim=2), torch.cat((vp, v), dim=2)
     in_prefix = torch.arange(prefix_max, device=q.device) < prefix_lens[:, None]  # [B, Lp]
     mask = torch.cat((in_prefix[:, None, :].expand(B, T, prefix_max), step_visible), dim=-1)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],
-                                         enable_gqa=q.shape[1] != k.shape[1])
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], enable_gqa=gqa)
     cache.write(layer, batch.write_index, k, v)
     return out
 

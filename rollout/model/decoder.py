@@ -105,15 +105,20 @@ class StepBatch:
     keys each in-step query sees; write_index: (slot, position) [B, T] where each in-step
     token's K/V is stored (`KVCache.write_index`; the sink for tokens not to keep);
     attention: "dense" or "split" (`attention.py`); prefix_mask: the split path's BlockMask over
-    the prefix, built once per step (`attention.prefix_block_mask`).
+    the prefix, built once per step (`attention.prefix_block_mask`); slot_range: (a, b) when
+    the slots are the consecutive range a..b-1 in row order, known on the CPU (the prefix is then
+    read as a view, not gathered); ar_step: one token per row, written at its position and seeing
+    exactly its prefix and itself (the dense path then writes first and attends over the cache
+    alone, with no concatenation).
     """
     __slots__ = ("slots", "prefix_lens", "prefix_max", "positions", "step_visible", "write_index", "attention",
-                 "prefix_mask")
+                 "prefix_mask", "slot_range", "ar_step")
 
     def __init__(self, slots, prefix_lens, prefix_max: int, positions, step_visible, write_index,
-                 attention: str = "dense"):
+                 attention: str = "dense", slot_range: tuple[int, int] | None = None, ar_step: bool = False):
         self.slots, self.prefix_lens, self.prefix_max, self.positions = slots, prefix_lens, prefix_max, positions
         self.step_visible, self.write_index, self.attention = step_visible, write_index, attention
+        self.slot_range, self.ar_step = slot_range, ar_step
         self.prefix_mask = (prefix_block_mask(prefix_lens, positions.shape[1], prefix_max)
                             if attention == "split" and prefix_max > 0 else None)
 

@@ -39,8 +39,13 @@ class KVCache:
         return (torch.where(write, slots[:, None], torch.full_like(positions, self.sink)),
                 torch.where(write, positions, sink_pos))
 
-    def prefix(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of the first `length` positions of each slot: [B, Hkv, length, D] each."""
+    def prefix(self, layer: int, slots: torch.Tensor, length: int, slot_range: tuple[int, int] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of the first `length` positions of each slot: [B, Hkv, length, D] each. When the
+        slots are known to be the consecutive range [a, b) in order, views (no copy)."""
+        if slot_range is not None:
+            a, b = slot_range
+            return self.k[layer, a:b, :, :length], self.v[layer, a:b, :, :length]
         return self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]
 
     def write(self, layer: int, index: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
