@@ -151,3 +151,14 @@ def test_start_up_calibration_times_every_kind_of_step_and_caches_it(tiny_dir, t
     assert all(len(c.token_ids) == 8 for g in out for c in g)
     other = Engine.from_pretrained(tiny_dir, config=config, dtype=torch.float64)  # another key: measured again
     assert other.calibration["cached"] is False
+
+
+def test_a_prefill_drafts_the_first_step_only_when_the_policy_is_drafting(engine):
+    auto = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="auto"))
+    K = auto.tidar.block_size
+    for last, valid in ((None, 1), (auto.drafting.full, K)):
+        auto.drafting.last_choice = last  # the last decode step was an AR step / a drafting step
+        request = auto.add_request(PROMPTS[:1], SamplingParams(max_tokens=4, seed=0))
+        auto.step()  # the prefill
+        assert int(auto.runner.num_valid[request.sequences[0].slot]) == valid
+        auto.abort(request.request_id)

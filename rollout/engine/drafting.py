@@ -229,6 +229,11 @@ class DraftPolicy:
         rates = tuple(round(r, 2) for r in self.estimate(cls).rates[:shape.length - 1])
         return _expected_tokens_memo(rates, shape.length, shape.levels)
 
+    def expects_drafts(self) -> bool:
+        """Whether a prefill should draft its rows' first step: always when fixed; with auto,
+        when the last decode step drafted (else the mask block would be computed for nothing)."""
+        return self.mode == "fixed" or self.last_choice is not None
+
     def choose(self, params: list[SamplingParams], context: float) -> DraftShape | None:
         """The shape of a decode step over rows with these params (None: AR step)."""
         drafting = [p for p in params if p.sampler != "ar"]

@@ -270,7 +270,7 @@ class Engine:
             return StepOutput([], [])
         with torch.inference_mode():
             if plan.prefill:
-                result = self.runner.prefill(plan.prefill)
+                result = self.runner.prefill(plan.prefill, self.drafting.expects_drafts())
                 self.scheduler.prefilled(plan.prefill)
                 touched = {id(c.group.request): c.group.request for c in plan.prefill}
             else:

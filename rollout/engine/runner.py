@@ -134,12 +134,13 @@ class ModelRunner:
                           slot_range=consecutive(slots))
         return self.forward(ids.to(self.device), batch, cache)
 
-    def prefill(self, chunks: list[PrefillChunk]) -> StepTokens | None:
+    def prefill(self, chunks: list[PrefillChunk], draft: bool = True) -> StepTokens | None:
         """Prefills the chunks; for each group whose prompt is now complete, copies its K/V to
         the other samples' slots and samples every sample's first token (and, for drafting
-        rows, the drafts of its first step from the mask block). Returns the first tokens."""
+        rows when `draft`, the drafts of its first step from a mask block; without them the
+        first decode step has nothing to verify). Returns the first tokens."""
         K = self.tidar.block_size
-        block = K if K > 1 and any(c.last and c.group.sequences[0].drafts for c in chunks) else 0
+        block = K if draft and K > 1 and any(c.last and c.group.sequences[0].drafts for c in chunks) else 0
         hidden = self._forward_chunks([c.group.sequences[0].slot for c in chunks],
                                       [c.group.prompt[c.start:c.start + c.length] for c in chunks],
                                       [c.start for c in chunks], block, self.cache)
