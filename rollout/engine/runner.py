@@ -219,7 +219,14 @@ class ModelRunner:
         # A shorter step verifies only the drafts it carries (the rest are dropped).
         num_valid = self.num_valid[slots].clamp(max=k)
 
-        ar_logits = self.model.logits(hidden[:, :k])  # [B, k, V]: predicts positions L+1..L+k
+        b = layout.block_size
+        if len(layout.levels) == 1:
+            # One level: its block slots 1..b-1 are the only ones the next drafts can come from,
+            # so their logits come with the verifier's in one pass over the LM head's weights.
+            logits = self.model.logits(torch.cat((hidden[:, :k], hidden[:, k + 1:k + b]), dim=1))
+            ar_logits, block_logits = logits[:, :k], logits[:, k:]  # [B, k, V], [B, b-1, V]
+        else:
+            ar_logits, block_logits = self.model.logits(hidden[:, :k]), None  # predicts positions L+1..L+k
         p, p_logprobs = rows.policy(ar_logits)
         target, target_logprobs = p, p_logprobs
         draft_logits = self.draft_logits[slots, 1:k]          # [B, k-1, V]
@@ -242,8 +249,8 @@ class ModelRunner:
         lp = p_logprobs.gather(-1, out[..., None]).squeeze(-1)
         blp = target_logprobs.gather(-1, out[..., None]).squeeze(-1)
         # The drafts of the next step sit at L+a+1+s (s = 1..block-1): u_draft holds L+2.. onwards.
-        u_next = u_draft.gather(1, accepted[:, None] + torch.arange(layout.block_size - 1, device=dev))
-        self._next_drafts(seqs, slots, hidden, layout, level_t, accepted + 1, next_token, rows, u_next)
+        u_next = u_draft.gather(1, accepted[:, None] + torch.arange(b - 1, device=dev))
+        self._next_drafts(seqs, slots, hidden, layout, level_t, accepted + 1, next_token, rows, u_next, block_logits)
 
         packed = torch.cat((out.double(), lp.double(), blp.double(), accepted[:, None].double(),
                             (num_valid - 1)[:, None].double()), dim=1).tolist()  # the step's one sync
@@ -300,20 +307,24 @@ class ModelRunner:
 
     def _next_drafts(self, seqs: list[Sequence], slots: torch.Tensor, hidden: torch.Tensor, layout: DecodeLayout,
                      levels: torch.Tensor, committed: torch.Tensor, next_token: torch.Tensor, rows: RowSampling,
-                     u: torch.Tensor) -> None:
+                     u: torch.Tensor, single_block: torch.Tensor | None = None) -> None:
         """Drafts for the next step from the block pre-drafted for each row's acceptance level.
 
         committed [B] = a (tokens committed this step); the new decided token sits at L+a. The
         block (length b) for the largest level j <= a starts at L+j, so its slot (a - j) + s
         drafts L+a+s. Stored padded to the engine's block length with mask tokens.
+        single_block: with one level, the logits of its slots 1..b-1, already computed.
         """
         K, b, dev = self.tidar.block_size, layout.block_size, self.device
         B = hidden.shape[0]
         level_idx = torch.searchsorted(levels, committed, right=True) - 1  # [B]
         shift = committed - levels[level_idx]  # [B]
         slot = (shift[:, None] + torch.arange(1, b, device=dev)[None]).clamp(max=b - 1)  # [B, b-1]
-        token_idx = layout.num_drafts + level_idx[:, None] * b + slot  # in-step index
-        block_logits = self.model.logits(hidden[torch.arange(B, device=dev)[:, None], token_idx])  # [B, b-1, V]
+        if single_block is not None:
+            block_logits = single_block.gather(1, (slot - 1)[..., None].expand(-1, -1, single_block.shape[-1]))
+        else:
+            token_idx = layout.num_drafts + level_idx[:, None] * b + slot  # in-step index
+            block_logits = self.model.logits(hidden[torch.arange(B, device=dev)[:, None], token_idx])  # [B, b-1, V]
         drafting = self._tensor([s.drafts for s in seqs], torch.bool)
         num_valid = torch.where(drafting, b - shift, 1)
         drafts = self._draw(block_logits, rows, u)
