@@ -26,3 +26,6 @@ class SlotAllocator:
                 raise RuntimeError(f"KV slot {s} freed twice or never allocated")
             self._used.discard(s)
             self._free.append(s)
+        # Lowest first: sequences admitted together get consecutive slots in row order where
+        # they can, and a step over consecutive slots reads its KV prefix as a view.
+        self._free.sort(reverse=True)
