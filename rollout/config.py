@@ -254,7 +254,9 @@ class EngineConfig:
         gives then depends on the choices made).
     attention: "dense" (one masked SDPA over prefix + step: the reference) or "split" (the prefix
         through FlexAttention by lengths only, merged with the in-step part by log-sum-exp; the
-        fast path for long contexts on a GPU, see `model/attention.py`).
+        fast path for long contexts on a GPU, see `model/attention.py`) or "triton" (as "split",
+        with the prefix part by a fused split-KV Triton kernel reading the cache by slot; needs
+        triton on a CUDA / ROCm device, `model/triton_attention.py`).
     compile: run the model forward through torch.compile (Inductor; dynamic shapes, decode
         batches padded to powers of two). False is the eager fallback.
     max_sequences_per_request: prompts x n of one request; None: 8 x the pool's slots.
@@ -290,8 +292,8 @@ class EngineConfig:
             raise ValueError(f"max_prefill_tokens must be an integer >= 1, got {self.max_prefill_tokens!r}")
         if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
-        if self.attention not in ("dense", "split"):
-            raise ValueError(f"attention must be 'dense' or 'split', got {self.attention!r}")
+        if self.attention not in ("dense", "split", "triton"):
+            raise ValueError(f"attention must be 'dense', 'split' or 'triton', got {self.attention!r}")
         if self.drafting not in ("fixed", "auto"):
             raise ValueError(f"drafting must be 'fixed' or 'auto', got {self.drafting!r}")
         if not (0 <= self.calibration_seconds <= 600 and math.isfinite(self.calibration_seconds)):

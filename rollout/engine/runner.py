@@ -29,6 +29,7 @@ import torch
 from ..config import ModelConfig, TidarConfig
 from ..model.decoder import Decoder, StepBatch
 from ..model.kv_cache import KVCache
+from ..model.triton_attention import triton_unavailable_reason
 from ..sampling import (ACCEPT, DRAFT, RESAMPLE, RowSampling, counter_uniforms, mixed_logits, sample_from,
                         verify_drafts)
 from ..step_layout import DecodeLayout, ar_layout, decode_layout, prefill_layout
@@ -69,6 +70,9 @@ class ModelRunner:
     def __init__(self, model: Decoder, tidar: TidarConfig, device: torch.device, dtype: torch.dtype,
                  num_slots: int, slot_len: int, attention: str = "dense", compile: bool = False):
         self.model, self.tidar, self.device, self.attention = model, tidar, device, attention
+        if attention == "triton" and (reason := triton_unavailable_reason(device)) is not None:
+            raise RuntimeError(f"attention path 'triton' cannot run on {device}: {reason} "
+                               "(use attention='split' or 'dense')")
         self.forbidden = (tidar.mask_token_id,)  # ids the policy never emits (sampling.process_logits)
         # torch.compile of the forward (Inductor: CPU and GPU alike), with dynamic shapes: the
         # prefix length changes every step. Off: eager, the reference it must match.

@@ -1,7 +1,7 @@
 """Attention of in-step queries over a slot's cached prefix plus the step's own tokens.
 
 Every query sees the whole committed prefix of its row (positions < its prefix length) and the
-in-step keys that `step_visible` allows. Two paths, chosen per engine (`StepBatch.attention`):
+in-step keys that `step_visible` allows. Three paths, chosen per engine (`StepBatch.attention`):
 - "dense": the reference. One boolean mask over [prefix | step] keys, plain SDPA; runs wherever
   PyTorch runs. On a GPU a multi-token query with a mask falls onto a kernel that parallelises
   only over batch x heads, which makes long prefixes slow (DESIGN.md section 3).
@@ -10,6 +10,10 @@ in-step keys that `step_visible` allows. Two paths, chosen per engine (`StepBatc
   returning the log-sum-exp; the in-step part (T x T, small) is computed with its step mask; the
   two are merged by log-sum-exp. Compiled on CUDA / ROCm; eager (a correctness path) elsewhere.
   The dense path is its oracle (`tests/test_attention.py`).
+- "triton": the split path with the prefix part computed by a fused split-KV Triton kernel
+  (`triton_attention.prefix_attention`) that reads K/V from the cache by slot (no gather, no
+  block mask) instead of FlexAttention; the in-step part and the merge are the split path's.
+  Needs triton on a CUDA / ROCm device (or TRITON_INTERPRET=1 on the CPU, for tests).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import KVCache
+from .triton_attention import prefix_attention
 
 if TYPE_CHECKING:
     from .decoder import StepBatch
@@ -50,6 +55,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
         keys, values = cache.prefix(layer, batch.slots, prefix_max + 1, batch.slot_range)
         mask = torch.arange(prefix_max + 1, device=q.device) <= prefix_lens[:, None]  # [B, Lp + 1]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None], enable_gqa=gqa)
+    if batch.attention == "triton":  # the prefix is read from the cache by slot: no gather
+        out_s, lse_s = _masked_attention(q, k, v, step_visible)
+        if prefix_max > 0:
+            out_p, lse_p = prefix_attention(q, cache.k[layer], cache.v[layer], batch.slots, prefix_lens, prefix_max)
+            out_s = merge_by_lse(out_p, lse_p, out_s, lse_s, q.dtype)
+        cache.write(layer, batch.write_index, k, v)
+        return out_s
     kp, vp = cache.prefix(layer, batch.slots, prefix_max, batch.slot_range)
     if batch.attention == "split":
         out = split_attention(q, k, v, kp, vp, prefix_lens, step_visible, batch.prefix_mask)
@@ -63,7 +75,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
     return out
 
 
-ATTENTION_PATHS = ("dense", "split")
+ATTENTION_PATHS = ("dense", "split", "triton")
 PREFIX_BLOCK = 128  # FlexAttention's block size along the prefix
 
 
@@ -110,11 +122,18 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: torch
         lse_p = aux.lse
     else:  # torch < 2.9
         out_p, lse_p = kernel(q, kp, vp, block_mask=prefix_mask, enable_gqa=gqa, return_lse=True)
-    # Rows with an empty prefix have lse_p = -inf and out_p = 0: their weight is exp(-inf) = 0.
+    return merge_by_lse(out_p, lse_p, out_s, lse_s, q.dtype)
+
+
+def merge_by_lse(out_p: torch.Tensor, lse_p: torch.Tensor, out_s: torch.Tensor, lse_s: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Softmax attention over the union of two disjoint key sets from each set's (out [B, H, T, D],
+    lse [B, H, T]); the in-step set (s) is never empty. Rows with an empty prefix have
+    lse_p = -inf and out_p = 0: their weight is exp(-inf) = 0."""
     m = torch.maximum(lse_p, lse_s)
     w_p, w_s = torch.exp(lse_p - m)[..., None], torch.exp(lse_s - m)[..., None]
     out = (w_p * out_p.float() + w_s * out_s.float()) / (w_p + w_s)
-    return out.to(q.dtype)
+    return out.to(dtype)
 
 
 def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor

@@ -104,7 +104,7 @@ class StepBatch:
     positions [B, T]: position id of each in-step token; step_visible [B, T, T]: which in-step
     keys each in-step query sees; write_index: (slot, position) [B, T] where each in-step
     token's K/V is stored (`KVCache.write_index`; the sink for tokens not to keep);
-    attention: "dense" or "split" (`attention.py`); prefix_mask: the split path's BlockMask over
+    attention: "dense", "split" or "triton" (`attention.py`); prefix_mask: the split path's BlockMask over
     the prefix, built once per step (`attention.prefix_block_mask`); slot_range: (a, b) when
     the slots are the consecutive range a..b-1 in row order, known on the CPU (the prefix is then
     read as a view, not gathered); ar_step: one token per row, written at its position and seeing

@@ -213,9 +213,10 @@ def main_serve(argv: list[str]) -> int:
     p.add_argument("--calibration-cache", default=str(Path.home() / ".cache" / "tidar-rollout" / "step_costs.json"),
                    help="JSON file of measured step costs per device, model shape and dtype; a hit skips the "
                         "calibration ('' : no cache)")
-    p.add_argument("--attention", default="dense", choices=["dense", "split"],
+    p.add_argument("--attention", default="dense", choices=["dense", "split", "triton"],
                    help="dense: one masked SDPA (the reference); split: prefix through FlexAttention by lengths, "
-                        "merged by log-sum-exp (for long contexts on a GPU)")
+                        "merged by log-sum-exp (for long contexts on a GPU); triton: as split, the prefix by a "
+                        "split-KV Triton kernel (needs triton on a CUDA / ROCm GPU)")
     p.add_argument("--compile", action="store_true",
                    help="run each replica's model forward through torch.compile (default: eager)")
     p.add_argument("--max-sequences-per-request", type=int, default=None,
