@@ -5,8 +5,8 @@
 
 Tables (random-weight Qwen2.5 shapes unless named; bf16 on a GPU, fp32 on the CPU):
 1. Step time: our decode step (AR; TiDAR with draft length 2 and one level; 1 / 4 / all levels
-   of the full block) at batch 1 and 16, 1k and 8k context, dense and split attention; TiDAR step / AR step. The AR step at batch 1,
-   1k context, is compared with the CUDA-graph floor measured for DESIGN.md (2.39 ms on an H100,
+   of the full block) at batch 1 and 16, 1k and 8k context, dense, split and (on a GPU) triton
+   attention; TiDAR step / AR step. The AR step at batch 1, 1k context, is compared with the CUDA-graph floor measured for DESIGN.md (2.39 ms on an H100,
    1.5B shape; target <= 1.25x) -- that ratio means something only on that device and shape.
 2. Tokens/s of lossless, mixed (w = 0.5), our AR and HF `generate` (same weights) on the embedded
    model and on the 1.5B shape (fixed drafting: every level, as the model was trained).
@@ -31,6 +31,7 @@ import torch
 from rollout import Engine, SamplingParams
 from rollout.config import EngineConfig
 from rollout.engine.drafting import DraftShape
+from rollout.model.triton_attention import triton_available
 
 from .shapes import SHAPES, hf_config, random_engine
 
@@ -86,7 +87,9 @@ def step_table(args, dtype) -> list[str]:
              " | TiDAR / AR (length 2; 1 / 4 / all levels) |",
              "|---|---|---|" + "---|" * len(level_sets) + "---|"]
     floor = None
-    for attention in ("dense", "split"):
+    # The Triton path only where it is compiled (a GPU): interpreted on a CPU it says nothing.
+    gpu_triton = args.device.startswith("cuda") and triton_available(args.device)
+    for attention in ("dense", "split") + (("triton",) if gpu_triton else ()):
         for batch in args.batches:
             for context in args.contexts:
                 engine = random_engine(args.shape, block, args.device, dtype, EngineConfig(

@@ -1,8 +1,16 @@
-import pytest
+import os
+
 import torch
 
-from rollout import Engine
-from rollout.train.tiny import make_tiny_model
+if not torch.cuda.is_available():
+    # Triton kernels run under Triton's interpreter where there is no GPU; triton reads the flag
+    # when it is first imported, so it is set before any test module can import it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from rollout import Engine  # noqa: E402
+from rollout.train.tiny import make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The split-KV Triton prefix kernel against its dense PyTorch oracle (lengths, GQA ratios, splits,
 slot order, dtypes), the "triton" attention path against the dense path on decode steps, and
-through the engine. Runs on a GPU, or on the CPU under TRITON_INTERPRET=1 (slow: tiny shapes)."""
+through the engine. Runs on a GPU, or on the CPU under Triton's interpreter (slow: tiny shapes),
+which conftest.py turns on where there is no GPU."""
 
 import os
 
