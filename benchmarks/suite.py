@@ -6,8 +6,9 @@
 Tables (random-weight Qwen2.5 shapes unless named; bf16 on a GPU, fp32 on the CPU):
 1. Step time: our decode step (AR; TiDAR with draft length 2 and one level; 1 / 4 / all levels
    of the full block) at batch 1 and 16, 1k and 8k context, dense, split and (on a GPU) triton
-   attention; TiDAR step / AR step. The AR step at batch 1, 1k context, is compared with the CUDA-graph floor measured for DESIGN.md (2.39 ms on an H100,
-   1.5B shape; target <= 1.25x) -- that ratio means something only on that device and shape.
+   attention; TiDAR step / AR step. The AR step at batch 1, 1k context, is compared with the
+   CUDA-graph floor measured for DESIGN.md (2.39 ms on an H100, 1.5B shape; target <= 1.25x) --
+   that ratio means something only on that device and shape.
 2. Tokens/s of lossless, mixed (w = 0.5), our AR and HF `generate` (same weights) on the embedded
    model and on the 1.5B shape (fixed drafting: every level, as the model was trained).
 3. Capacity: 64 sequences x 8k context on the 1.5B shape, prefilled and decoded without OOM.
