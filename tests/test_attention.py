@@ -37,6 +37,15 @@ def random_step(gen, heads, kv_heads, prefix_lens, visible, positions, write, D=
     return run
 
 
+def decode_step(gen, heads, kv_heads, levels, prefix_lens):
+    """`random_step` over a TiDAR decode step of block 4 with these levels (drafts written)."""
+    layout = decode_layout(4, levels)
+    B, T = len(prefix_lens), layout.num_tokens
+    positions = torch.tensor(prefix_lens)[:, None] + layout.offsets[None]
+    write = (torch.arange(T) < 4)[None].expand(B, T)
+    return random_step(gen, heads, kv_heads, prefix_lens, layout.visible.expand(B, T, T), positions, write)
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
 def test_the_ar_step_and_slot_range_shortcuts_equal_the_dense_oracle(heads, kv_heads):
     """An AR step written first and attended over the cache alone, and a consecutive slot range
@@ -52,10 +61,7 @@ def test_the_ar_step_and_slot_range_shortcuts_equal_the_dense_oracle(heads, kv_h
         out, c = run("dense", slot_range, ar_step)
         torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-5)
         assert torch.equal(c.k, c_ref.k) and torch.equal(c.v, c_ref.v)
-    layout = decode_layout(4, (1, 2))  # a TiDAR step reading its prefix through the view
-    T = layout.num_tokens
-    run = random_step(gen, heads, kv_heads, prefix_lens, layout.visible.expand(B, T, T),
-                      positions + layout.offsets[None], (torch.arange(T) < 4)[None].expand(B, T))
+    run = decode_step(gen, heads, kv_heads, (1, 2), prefix_lens)  # a TiDAR step: its prefix through the view
     torch.testing.assert_close(run("dense", (0, B))[0], run("dense")[0], atol=0, rtol=0)
 
 
@@ -63,13 +69,9 @@ def test_the_ar_step_and_slot_range_shortcuts_equal_the_dense_oracle(heads, kv_h
 @pytest.mark.parametrize("levels", [(1, 2, 3, 4), (1, 3), ()])
 def test_split_attention_equals_the_dense_oracle_on_decode_steps(heads, kv_heads, levels):
     gen = torch.Generator().manual_seed(heads * 10 + len(levels))
-    layout = decode_layout(4, levels)
-    T = layout.num_tokens
     prefix_lens = [0, 1, 127, 128, 129, 300]  # empty, tiny, around the 128-key block edge, several blocks
     B = len(prefix_lens)
-    positions = torch.tensor(prefix_lens)[:, None] + layout.offsets[None]
-    write = (torch.arange(T) < 4)[None].expand(B, T)
-    run = random_step(gen, heads, kv_heads, prefix_lens, layout.visible.expand(B, T, T), positions, write)
+    run = decode_step(gen, heads, kv_heads, levels, prefix_lens)
     (dense, c_dense), (split, c_split) = run("dense"), run("split")
     torch.testing.assert_close(split, dense, atol=2e-6, rtol=1e-5)
     # Same cache writes (the sink slot, which nothing reads, takes colliding writes in any order).

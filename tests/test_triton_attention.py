@@ -14,10 +14,9 @@ from rollout import Engine, SamplingParams  # noqa: E402
 from rollout.config import EngineConfig  # noqa: E402
 from rollout.model.triton_attention import (prefix_attention, prefix_attention_reference,  # noqa: E402
                                             triton_available)
-from rollout.step_layout import decode_layout  # noqa: E402
 
 from conftest import PROMPTS  # noqa: E402
-from test_attention import random_step  # noqa: E402
+from test_attention import decode_step  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET),
@@ -80,13 +79,9 @@ def test_prefix_attention_rejects_a_head_dim_that_is_not_a_power_of_two():
 @pytest.mark.parametrize("levels", [(1, 3), ()])
 def test_the_triton_path_equals_the_dense_oracle_on_decode_steps(heads, kv_heads, levels):
     gen = torch.Generator().manual_seed(heads * 10 + kv_heads + len(levels))
-    layout = decode_layout(4, levels)
-    T = layout.num_tokens
     prefix_lens = [0, 1, 64, 200]
     B = len(prefix_lens)
-    positions = torch.tensor(prefix_lens)[:, None] + layout.offsets[None]
-    write = (torch.arange(T) < 4)[None].expand(B, T)
-    run = random_step(gen, heads, kv_heads, prefix_lens, layout.visible.expand(B, T, T), positions, write)
+    run = decode_step(gen, heads, kv_heads, levels, prefix_lens)
     (dense, c_dense), (fused, c_fused) = run("dense"), run("triton")
     torch.testing.assert_close(fused, dense, atol=5e-6, rtol=1e-5)
     assert torch.equal(c_dense.k[:, :B], c_fused.k[:, :B]) and torch.equal(c_dense.v[:, :B], c_fused.v[:, :B])
