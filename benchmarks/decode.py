@@ -23,7 +23,7 @@ import torch
 from shapes import SHAPES, random_engine
 
 from rollout import Engine, SamplingParams
-from rollout.config import EngineConfig
+from rollout.config import ATTENTION_PATHS, EngineConfig
 
 
 def sync(device: str) -> None:
@@ -70,7 +70,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--drafting", default="fixed", choices=["fixed", "auto"],
                    help="fixed: every decode step pre-drafts all levels; auto: cost-aware level choice")
-    p.add_argument("--attention", default="dense", choices=["dense", "split", "triton"], help="attention path")
+    p.add_argument("--attention", default="dense", choices=list(ATTENTION_PATHS), help="attention path")
     p.add_argument("--compile", action="store_true", help="torch.compile the model forward")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()

@@ -117,7 +117,7 @@ def hf_table(engine: Engine, model_dir: Path, prompts, args) -> list[str]:
                 params = SamplingParams(sampler="ar", max_tokens=args.max_tokens, seed=rep)
                 ours.append(timed(engine, prompts[:batch], params, args.device)[0])
         h, o = statistics.median(hf_rates), statistics.median(ours)
-        target = TARGETS[f"ar / hf, batch {batch}"] if f"ar / hf, batch {batch}" in TARGETS else None
+        target = TARGETS.get(f"ar / hf, batch {batch}")
         verdict = f" ({'>=' if o / h >= target else 'below'} {target})" if target else ""
         lines.append(f"| {batch} | {h:.0f} | {o:.0f} | {o / h:.2f}x{verdict} |")
         print(lines[-1], flush=True)

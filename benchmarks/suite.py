@@ -63,16 +63,16 @@ def fill(engine: Engine, batch: int, context: int) -> list:
     return list(engine.scheduler.running)
 
 
-def time_steps(engine: Engine, seqs: list, levels: DraftShape | None, repeats: int, device: str) -> float:
+def time_steps(engine: Engine, seqs: list, shape: DraftShape | None, repeats: int, device: str) -> float:
     """Median seconds of one decode step over `seqs` of this shape (the same step, repeated)."""
     with torch.inference_mode():
         for _ in range(2):
-            engine.runner.decode(seqs, levels)
+            engine.runner.decode(seqs, shape)
         times = []
         for _ in range(repeats):
             sync(device)
             t0 = time.perf_counter()
-            engine.runner.decode(seqs, levels)
+            engine.runner.decode(seqs, shape)
             sync(device)
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -96,7 +96,7 @@ def step_table(args, dtype) -> list[str]:
                 engine = random_engine(args.shape, block, args.device, dtype, EngineConfig(
                     max_num_seqs=batch, max_model_len=context + 16, attention=attention))
                 seqs = fill(engine, batch, context)
-                ms = [1000 * time_steps(engine, seqs, levels, args.repeats, args.device) for _, levels in level_sets]
+                ms = [1000 * time_steps(engine, seqs, shape, args.repeats, args.device) for _, shape in level_sets]
                 ratios = " / ".join(f"{m / ms[0]:.2f}x" for m in ms[1:])
                 lines.append(f"| {attention} | {batch} | {context} | " + " | ".join(f"{m:.3f}" for m in ms) +
                              f" | {ratios} |")

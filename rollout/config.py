@@ -19,6 +19,7 @@ from pathlib import Path
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 TIDAR_CONFIG_FILE = "tidar_config.json"
+ATTENTION_PATHS = ("dense", "split", "triton")  # `model/attention.py`
 
 
 class UnsupportedModelError(ValueError):
@@ -292,8 +293,8 @@ class EngineConfig:
             raise ValueError(f"max_prefill_tokens must be an integer >= 1, got {self.max_prefill_tokens!r}")
         if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
-        if self.attention not in ("dense", "split", "triton"):
-            raise ValueError(f"attention must be 'dense', 'split' or 'triton', got {self.attention!r}")
+        if self.attention not in ATTENTION_PATHS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got {self.attention!r}")
         if self.drafting not in ("fixed", "auto"):
             raise ValueError(f"drafting must be 'fixed' or 'auto', got {self.drafting!r}")
         if not (0 <= self.calibration_seconds <= 600 and math.isfinite(self.calibration_seconds)):

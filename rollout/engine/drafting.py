@@ -16,8 +16,8 @@ the full block's; the sampler is exact for any draft source, so this changes spe
   at the start of a step", driven by acceptance-by-position estimates tracked online per
   request class (sampler, temperature bucket) and seeded from `tidar_config.json`
   (`"acceptance": {"<sampler>@<temperature>": [a_1, ..., a_{k-1}]}`) or a flat prior;
-- step time: `StepCostModel`, a least-squares fit t = a + b * tokens + c * tokens * context
-  over the steps this engine has timed, seeded by a short start-up calibration
+- step time: `StepCostModel`, a least-squares fit of a + e * [TiDAR step] + b * rows +
+  c * tokens + d * tokens * context over the steps this engine has timed, seeded by a short start-up calibration
   (`Engine.calibrate_step_costs`: timed steps of each kind on scratch prompts, cached per
   device, model shape and dtype) when the engine is configured for one.
 The sampler is exact for any draft source, so nothing here can change the distribution of the
@@ -125,8 +125,8 @@ class StepCostModel:
     """Seconds of one decode step as a + e * drafting + b * rows + c * tokens + d * tokens * context,
     fitted by least squares on relative error to the calibration steps (`anchor`) and the 256
     most recent timed steps (drafting: 1 for a TiDAR step, whose verification and drafting cost
-    more than an AR step's sampling; rows: sequences in the step; tokens = rows x tokens per row; context = mean committed
-    length). The per-row term is what does not grow with a row's tokens (its logits, sampling,
+    more than an AR step's sampling; rows: sequences in the step; tokens = rows x tokens per
+    row; context = mean committed length). The per-row term is what does not grow with a row's tokens (its logits, sampling,
     bookkeeping). Coefficients are kept non-negative; with fewer than five distinct
     observations, time is taken as proportional to tokens."""
     samples: deque = field(default_factory=lambda: deque(maxlen=256))
@@ -236,9 +236,9 @@ class DraftPolicy:
 
     def choose(self, params: list[SamplingParams], context: float) -> DraftShape | None:
         """The shape of a decode step over rows with these params (None: AR step)."""
-        drafting = [p for p in params if p.sampler != "ar"]
         if self._forced is not None:
             return self._forced[0]
+        drafting = [p for p in params if p.sampler != "ar"]
         if not drafting or self.k < 2:
             choice = None
         elif self.mode == "fixed":
@@ -310,7 +310,8 @@ class DraftPolicy:
 
     def status(self) -> dict:
         coef = self.costs.coefficients()
-        return dict(drafting=self.mode, level_set=level_label(self.last_choice, self.k), level_choices=dict(self.choices),
+        return dict(drafting=self.mode, level_set=level_label(self.last_choice, self.k),
+                    level_choices=dict(self.choices),
                     acceptance={c: [round(r, 3) for r in e.rates] for c, e in self.estimates.items()},
                     step_cost=list(coef) if coef else [])
 

@@ -287,9 +287,8 @@ class Engine:
 
     def _observe_decode(self, plan, result: StepTokens, seconds: float) -> None:
         """Feeds the drafting policy: the step's time and each row's acceptance."""
-        ran = plan.shape if plan.shape is not None and any(s.drafts for s in plan.decode) else None
-        self.drafting.observe_step([s.params for s in plan.decode], ran, result.accepted, result.offered, plan.context,
-                                   seconds)
+        self.drafting.observe_step([s.params for s in plan.decode], result.shape, result.accepted, result.offered,
+                                   plan.context, seconds)
         for seq in plan.decode:
             levels = seq.request.stats.level_choices
             label = level_label(plan.shape if seq.drafts else None, self.tidar.block_size)

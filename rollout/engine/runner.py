@@ -42,13 +42,15 @@ class StepTokens:
     """One step's result for each of its sequences, on the CPU: the tokens it emits (accepted
     drafts then the verifier's token), their log-probs under p and under what sampled them,
     and how many drafts were offered and accepted. `top`: per row, None or per emitted token
-    (ids, log-probs) of the most likely alternatives under p (rows that asked for logprobs > 0)."""
-    __slots__ = ("seqs", "tokens", "logprobs", "behavior", "accepted", "offered", "top")
+    (ids, log-probs) of the most likely alternatives under p (rows that asked for logprobs > 0).
+    `shape`: the draft shape a decode step ran with (None: an AR step, or a prefill)."""
+    __slots__ = ("seqs", "tokens", "logprobs", "behavior", "accepted", "offered", "top", "shape")
 
-    def __init__(self, seqs, tokens, logprobs, behavior, accepted, offered, top=None):
+    def __init__(self, seqs, tokens, logprobs, behavior, accepted, offered, top=None, shape=None):
         self.seqs, self.tokens, self.logprobs, self.behavior = seqs, tokens, logprobs, behavior
         self.accepted, self.offered = accepted, offered
         self.top = top if top is not None else [None] * len(seqs)
+        self.shape = shape
 
 
 def top_alternatives(seqs, logprobs: torch.Tensor, emitted: list[int]) -> list | None:
@@ -212,11 +214,11 @@ class ModelRunner:
         drafting = shape is not None and any(s.drafts for s in seqs)
         layout, level_t = self.layout(shape) if drafting else (self.ar_layout, None)
         k, dev = layout.num_drafts, self.device
-        committed = [s.num_committed for s in seqs]
-        slots, L = self._tensor([s.slot for s in seqs]), self._tensor(committed)
+        committed, slot_list = [s.num_committed for s in seqs], [s.slot for s in seqs]
+        slots, L = self._tensor(slot_list), self._tensor(committed)
         drafts = self.drafts[slots, :k]                      # [B, k]
         keys = self.keys[slots]
-        hidden = self._decode_forward(slots, L, max(committed), drafts, layout, consecutive([s.slot for s in seqs]))
+        hidden = self._decode_forward(slots, L, max(committed), drafts, layout, consecutive(slot_list))
         rows = RowSampling.build([s.params for s in seqs], dev, self.forbidden)
         if not drafting:
             return self._ar_tokens(seqs, slots, L, keys, hidden, rows)
@@ -242,7 +244,7 @@ class ModelRunner:
             target = torch.cat((torch.where(drafted, r, p[:, :k - 1]), p[:, k - 1:]), dim=1)
             target_logprobs = torch.cat(
                 (torch.where(drafted, r_logprobs, p_logprobs[:, :k - 1]), p_logprobs[:, k - 1:]), dim=1)
-        offsets, purposes = self.uniform_plan(k, layout.block_size)
+        offsets, purposes = self.uniform_plan(k, b)
         u = counter_uniforms(keys, L[:, None] + offsets, purposes)
         u_accept, u_sample, u_draft = u[:, :k - 1], u[:, k - 1:2 * k - 1], u[:, 2 * k - 1:]
         accepted, next_token = verify_drafts(drafts[:, 1:], q, target, num_valid - 1, u_accept, u_sample)
@@ -267,7 +269,7 @@ class ModelRunner:
             acc.append(a)
             offered.append(int(row[3 * k + 1]))
         return StepTokens(seqs, tokens, lps, blps, acc, offered,
-                          top_alternatives(seqs, p_logprobs, [a + 1 for a in acc]))
+                          top_alternatives(seqs, p_logprobs, [a + 1 for a in acc]), shape)
 
     def _ar_tokens(self, seqs: list[Sequence], slots: torch.Tensor, L: torch.Tensor, keys: torch.Tensor,
                    hidden: torch.Tensor, rows: RowSampling) -> StepTokens:

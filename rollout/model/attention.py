@@ -75,7 +75,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
     return out
 
 
-ATTENTION_PATHS = ("dense", "split", "triton")
 PREFIX_BLOCK = 128  # FlexAttention's block size along the prefix
 
 

@@ -20,8 +20,9 @@ of cache slot `slots[b]` at positions < prefix_lens[b], with no other mask. This
 - Accumulation in float32; the softmax runs in base 2 (exp2, the scale times log2(e) folded
   into the scores). float32 inputs use IEEE dots (no TF32), bfloat16 inputs bf16 dots with
   float32 accumulation (under the CPU interpreter, whose bf16 `tl.dot` multiplies raw bit
-  patterns, triton-lang/triton#11584, bf16 operands are upcast to float32 first). The output is float32: the merge with the in-step part happens in
-  float32 anyway, so no intermediate rounding to the input dtype.
+  patterns, triton-lang/triton#11584, bf16 operands are upcast to float32 first). The output
+  is float32: the merge with the in-step part happens in float32 anyway, so no intermediate
+  rounding to the input dtype.
 - Block sizes are constexpr; prefix lengths, split length and T are runtime arguments, so a
   new step shape does not recompile. D must be a power of two; a D under 16 (tl.dot's
   minimum, tiny test models) is padded to 16 by masked loads.

@@ -23,7 +23,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ..config import EngineConfig, load_tidar_config
+from ..config import ATTENTION_PATHS, EngineConfig, load_tidar_config
 from ..model.loader import read_model_config
 from .metrics import FrontendMetrics
 from .replica import replica_actor_class
@@ -213,7 +213,7 @@ def main_serve(argv: list[str]) -> int:
     p.add_argument("--calibration-cache", default=str(Path.home() / ".cache" / "tidar-rollout" / "step_costs.json"),
                    help="JSON file of measured step costs per device, model shape and dtype; a hit skips the "
                         "calibration ('' : no cache)")
-    p.add_argument("--attention", default="dense", choices=["dense", "split", "triton"],
+    p.add_argument("--attention", default="dense", choices=list(ATTENTION_PATHS),
                    help="dense: one masked SDPA (the reference); split: prefix through FlexAttention by lengths, "
                         "merged by log-sum-exp (for long contexts on a GPU); triton: as split, the prefix by a "
                         "split-KV Triton kernel (needs triton on a CUDA / ROCm GPU)")
