@@ -260,6 +260,10 @@ class EngineConfig:
         triton on a CUDA / ROCm device, `model/triton_attention.py`).
     compile: run the model forward through torch.compile (Inductor; dynamic shapes, decode
         batches padded to powers of two). False is the eager fallback.
+    cuda_graphs: run decode forwards at static shapes (rows and prefix length rounded up to powers
+        of two) and, on a CUDA / ROCm GPU, as captured graphs replayed with one launch
+        (`engine/step_graphs.py`); on the CPU the same static shapes run eagerly (the tested
+        path, no speed-up). Needs attention "dense" or "triton"; exclusive with compile.
     max_sequences_per_request: prompts x n of one request; None: 8 x the pool's slots.
     max_waiting_sequences: sequences queued but not yet admitted, over all requests; beyond it
         new requests are refused (load, not a bad request); None: 32 x the pool's slots.
@@ -280,6 +284,7 @@ class EngineConfig:
     drafting: str = "fixed"
     attention: str = "dense"
     compile: bool = False
+    cuda_graphs: bool = False
     calibration_seconds: float = 0.0
     calibration_cache: str | None = None
 
@@ -295,6 +300,10 @@ class EngineConfig:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.attention not in ATTENTION_PATHS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got {self.attention!r}")
+        if self.cuda_graphs and self.compile:
+            raise ValueError("cuda_graphs and compile are exclusive: choose one")
+        if self.cuda_graphs and self.attention not in ("dense", "triton"):
+            raise ValueError(f"cuda_graphs needs attention 'dense' or 'triton', got {self.attention!r}")
         if self.drafting not in ("fixed", "auto"):
             raise ValueError(f"drafting must be 'fixed' or 'auto', got {self.drafting!r}")
         if not (0 <= self.calibration_seconds <= 600 and math.isfinite(self.calibration_seconds)):

@@ -84,7 +84,7 @@ class Engine:
             config.max_sequences_per_request or 8 * num_slots,
             config.max_waiting_sequences or 32 * num_slots)
         self.runner = ModelRunner(model, tidar, self.device, dtype, num_slots, slot_len, config.attention,
-                                  config.compile)
+                                  config.compile, config.cuda_graphs)
         self.drafting = DraftPolicy(tidar.block_size, tidar.level_set, config.drafting, tidar.acceptance)
         self.scheduler = Scheduler(num_slots, tidar.block_size, config.max_prefill_tokens, config.max_running_requests,
                                    self.drafting)
@@ -140,7 +140,8 @@ class Engine:
         c = self.config
         return (f"{device}|torch={torch.__version__}|{self.dtype}|layers={c.num_layers},hidden={c.hidden_size},"
                 f"intermediate={c.intermediate_size},heads={c.num_heads}/{c.num_kv_heads},vocab={c.vocab_size}|"
-                f"block={self.tidar.block_size}|{self.engine_config.attention}|compile={self.engine_config.compile}")
+                f"block={self.tidar.block_size}|{self.engine_config.attention}|compile={self.engine_config.compile}"
+                f"|graphs={self.engine_config.cuda_graphs}")
 
     def calibrate_step_costs(self, seconds: float, cache: str | Path | None = None) -> dict:
         """Seeds the drafting policy's step-cost model with this device's figures: decode steps

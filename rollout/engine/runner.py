@@ -36,6 +36,7 @@ from ..step_layout import DecodeLayout, ar_layout, decode_layout, prefill_layout
 from .drafting import DraftShape
 from .scheduler import PREFILL_MASK_BUDGET, PrefillChunk
 from .sequence import Sequence
+from .step_graphs import StepGraphs
 
 
 class StepTokens:
@@ -70,7 +71,8 @@ def top_alternatives(seqs, logprobs: torch.Tensor, emitted: list[int]) -> list |
 
 class ModelRunner:
     def __init__(self, model: Decoder, tidar: TidarConfig, device: torch.device, dtype: torch.dtype,
-                 num_slots: int, slot_len: int, attention: str = "dense", compile: bool = False):
+                 num_slots: int, slot_len: int, attention: str = "dense", compile: bool = False,
+                 cuda_graphs: bool = False):
         self.model, self.tidar, self.device, self.attention = model, tidar, device, attention
         if attention == "triton" and (reason := triton_unavailable_reason(device)) is not None:
             raise RuntimeError(f"attention path 'triton' cannot run on {device}: {reason} "
@@ -88,6 +90,10 @@ class ModelRunner:
         self.num_valid = torch.ones(S, dtype=torch.long, device=device)  # drafts incl. d_0
         self.keys = torch.zeros(S, dtype=torch.long, device=device)
         self.ar_layout = ar_layout().to(device)
+        if cuda_graphs and compile:
+            raise ValueError("cuda_graphs and compile are exclusive: choose one")
+        self.graphs = (StepGraphs(model, self.cache, attention, self.ar_layout, tidar.mask_token_id)
+                       if cuda_graphs else None)
         self._layouts: dict[DraftShape, tuple[DecodeLayout, torch.Tensor]] = {}
         self._uniforms: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -293,6 +299,12 @@ class ModelRunner:
         padded to a power of two with rows that read nothing and write to the sink, so the
         compiled step sees a few batch shapes, not every one."""
         B, k, T, dev = slots.shape[0], layout.num_drafts, layout.num_tokens, self.device
+        if self.graphs is not None:
+            ids = torch.full((B, T), self.tidar.mask_token_id, dtype=torch.long, device=dev)
+            ids[:, :k] = drafts
+            hidden = self.graphs.forward(ids, slots, L, prefix_max, layout)
+            if hidden is not None:
+                return hidden
         padded = 1 << (B - 1).bit_length() if self.compiled else B
         if self.compiled:
             slot_range = None  # a Python int pair would be a guard: one recompilation per range

@@ -7,6 +7,14 @@ Design decisions:
   the in-step visibility and which in-step tokens to commit to the cache. The TiDAR step layout
   (drafts + mask blocks) is built elsewhere (`step_layout`) and is just data here.
 - Numerics follow HF: RMSNorm in float32, RoPE cos/sin in float32, SDPA attention.
+- Packed projections (`Decoder.pack_projections`, done by `load_decoder`): q/k/v and gate/up
+  weights live in one tensor per layer whose row blocks ARE the HF-named parameters (views), so
+  an inference step runs one GEMM where it ran three (or two), with no second copy of any
+  weight: loading and weight pushes write the parameters, and the packed tensor sees it. The
+  packed path runs only without autograd (parameters get their own gradients on the plain path)
+  and only while every parameter still lies where it was packed (`Packed.current`): a `.to()`,
+  an FSDP wrap or a reassigned parameter silently falls back to the plain path, never to stale
+  weights.
 """
 
 from __future__ import annotations
@@ -28,10 +36,57 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # HF's float32 arithmetic in one kernel (no casts to round): the same numbers.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class Packed:
+    """Linear layers that read one input, packed: `weight` [sum of outputs, in] (and `bias`)
+    hold them as consecutive row blocks, each layer's parameter a view of its block. `current()`
+    tells whether every parameter still lies at its packed place (a pointer check per tensor)."""
+    __slots__ = ("weight", "bias", "sizes", "params", "pointers")
+
+    def __init__(self, linears: list[nn.Linear]):
+        self.weight = torch.cat([m.weight.detach() for m in linears])
+        has_bias = linears[0].bias is not None
+        self.bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
+        self.sizes = [m.out_features for m in linears]
+        start = 0
+        for m, n in zip(linears, self.sizes):
+            m.weight = nn.Parameter(self.weight[start:start + n], requires_grad=m.weight.requires_grad)
+            if has_bias:
+                m.bias = nn.Parameter(self.bias[start:start + n], requires_grad=m.bias.requires_grad)
+            start += n
+        self.params = [t for m in linears for t in ((m.weight, m.bias) if has_bias else (m.weight,))]
+        self.pointers = [t.data_ptr() for t in self.params]
+
+    def current(self, linears: list[nn.Linear]) -> bool:
+        """True while the layers' parameters are the packed views (not reassigned, not moved)."""
+        i = 0
+        for m in linears:
+            for t in (m.weight, m.bias):
+                if t is None:
+                    continue
+                if i >= len(self.params) or t is not self.params[i] or t.data_ptr() != self.pointers[i]:
+                    return False
+                i += 1
+        return i == len(self.params)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def _packed_ready(packed: Packed | None, linears: list[nn.Linear]) -> bool:
+    """Whether to take the packed path now: packed, no autograd, not inside torch.compile (whose
+    guards would not see a parameter's storage change), parameters where they were packed."""
+    if packed is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return packed.current(linears)
 
 
 class Attention(nn.Module):
@@ -46,17 +101,32 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.packed: Packed | None = None
+
+    def pack(self) -> None:
+        self.packed = Packed([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 batch: StepBatch | SequenceBatch, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rotary(q.transpose(1, 2), cos, sin)
-        k = apply_rotary(k.transpose(1, 2), cos, sin)
+        H, Hk, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if _packed_ready(self.packed, [self.q_proj, self.k_proj, self.v_proj]):
+            qkv = F.linear(x, self.packed.weight, self.packed.bias).view(B, T, H + 2 * Hk, D)
+            v = qkv[:, :, H + Hk:].transpose(1, 2)
+            if hasattr(self, "q_norm"):
+                q = apply_rotary(self.q_norm(qkv[:, :, :H]).transpose(1, 2), cos, sin)
+                k = apply_rotary(self.k_norm(qkv[:, :, H:H + Hk]).transpose(1, 2), cos, sin)
+            else:  # q and k heads are adjacent: one rotation for both
+                qk = apply_rotary(qkv[:, :, :H + Hk].transpose(1, 2), cos, sin)
+                q, k = qk[:, :H], qk[:, H:]
+        else:
+            q = self.q_proj(x).view(B, T, H, D)
+            k = self.k_proj(x).view(B, T, Hk, D)
+            v = self.v_proj(x).view(B, T, Hk, D).transpose(1, 2)
+            if hasattr(self, "q_norm"):
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = apply_rotary(q.transpose(1, 2), cos, sin)
+            k = apply_rotary(k.transpose(1, 2), cos, sin)
         if cache is None:
             out = attend_sequence(q, k, v, batch.mask)
         else:
@@ -70,8 +140,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.packed: Packed | None = None
+
+    def pack(self) -> None:
+        self.packed = Packed([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _packed_ready(self.packed, [self.gate_proj, self.up_proj]):
+            gate, up = self.packed(x)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -152,6 +229,23 @@ class Decoder(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, batch, cache)
         return self.model.norm(x)
+
+    @torch.no_grad()
+    def pack_projections(self) -> Decoder:
+        """Packs each layer's q/k/v and gate/up weights (see the module docstring). Call before
+        an optimizer takes the parameters: packing replaces them with views (same names, shapes
+        and values)."""
+        for layer in self.model.layers:
+            layer.self_attn.pack()
+            layer.mlp.pack()
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # A conversion (.to(), .float(), ...) gives each parameter new storage: drop the packs
+        # (the plain path then runs; `pack_projections()` packs again) rather than keep the old.
+        for layer in self.model.layers:
+            layer.self_attn.packed = layer.mlp.packed = None
+        return super()._apply(fn, recurse)
 
     def weight_names_and_shapes(self) -> dict[str, torch.Size]:
         """The tensors a checkpoint or weight push must provide (HF names); a tied lm_head

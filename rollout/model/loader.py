@@ -76,4 +76,4 @@ def load_decoder(model_dir: Path, cfg: ModelConfig, device: torch.device | str,
     model.load_state_dict(state, strict=False)
     # to_empty left the RoPE buffer uninitialised, and .to(dtype) would have rounded it.
     model.inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)[0].to(device)
-    return model.eval()
+    return model.pack_projections().eval()

@@ -219,6 +219,9 @@ def main_serve(argv: list[str]) -> int:
                         "split-KV Triton kernel (needs triton on a CUDA / ROCm GPU)")
     p.add_argument("--compile", action="store_true",
                    help="run each replica's model forward through torch.compile (default: eager)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture decode forwards as CUDA / HIP graphs at bucketed static shapes and replay them "
+                        "(needs --attention dense or triton; exclusive with --compile)")
     p.add_argument("--max-sequences-per-request", type=int, default=None,
                    help="prompts x n one request may ask for (default: 8 x the KV pool's slots)")
     p.add_argument("--max-waiting-sequences", type=int, default=None,
@@ -257,6 +260,7 @@ def main_serve(argv: list[str]) -> int:
                                  max_sequences_per_request=args.max_sequences_per_request,
                                  max_waiting_sequences=args.max_waiting_sequences,
                                  attention=args.attention, compile=args.compile,
+                                 cuda_graphs=args.cuda_graphs,
                                  calibration_seconds=args.calibration_seconds,
                                  calibration_cache=args.calibration_cache or None), http_port=args.http_port,
                              metrics_host=args.metrics_host, require_auth_for_generate=args.require_auth_for_generate,

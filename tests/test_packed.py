@@ -1,0 +1,138 @@
+"""Packed projections (`Decoder.pack_projections`): one GEMM for q/k/v and one for gate/up, the
+HF-named parameters being views of the packed tensors. The packed path must give the plain
+path's numbers, see every write to the parameters (weight loads, optimizer steps) and fall back
+to the plain path, never to stale weights, once a parameter is moved or replaced."""
+
+import pytest
+import torch
+from torch import nn
+
+from rollout import Engine
+from rollout.model.decoder import SequenceBatch
+from rollout.train.tiny import make_tiny_model
+
+pytest.importorskip("transformers")
+
+VARIANTS = {"qwen2": {}, "llama_bias": dict(attention_bias=True, mlp_bias=True), "qwen3": dict(head_dim=16)}
+
+
+def _model(tmp_path, name):
+    model_type = "llama" if name.startswith("llama") else name
+    path = make_tiny_model(tmp_path / name, model_type, vocab_size=64, hidden_size=64, num_heads=4,
+                           num_kv_heads=2, **VARIANTS[name])
+    return Engine.from_pretrained(path)
+
+
+def _logits(model, ids):
+    S = ids.shape[1]
+    batch = SequenceBatch(torch.arange(S)[None], torch.ones(S, S, dtype=torch.bool).tril())
+    return model.logits(model(ids, batch, None))
+
+
+def _packs(model):
+    return [(layer.self_attn, layer.mlp) for layer in model.model.layers]
+
+
+def _all_current(model):
+    return all(a.packed.current([a.q_proj, a.k_proj, a.v_proj]) and m.packed.current([m.gate_proj, m.up_proj])
+               for a, m in _packs(model))
+
+
+IDS = torch.tensor([[3, 9, 2, 17, 40, 5, 11, 8, 30, 2]])
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_packed_forward_equals_plain_forward(tmp_path, name):
+    model = _model(tmp_path, name).model
+    assert _all_current(model)
+    with torch.inference_mode():
+        packed = _logits(model, IDS)
+        saved = [(a.packed, m.packed) for a, m in _packs(model)]
+        for a, m in _packs(model):
+            a.packed = m.packed = None
+        plain = _logits(model, IDS)
+        for (a, m), (pa, pm) in zip(_packs(model), saved):
+            a.packed, m.packed = pa, pm
+    assert torch.allclose(packed, plain, atol=1e-5, rtol=0)
+    assert (packed - plain).abs().max().item() < 1e-5
+
+
+def test_parameters_are_views_of_the_packed_tensor(tmp_path):
+    model = _model(tmp_path, "llama_bias").model
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.data_ptr() == attn.packed.weight.data_ptr()
+    with torch.no_grad():
+        attn.v_proj.weight.fill_(0.5)
+        attn.k_proj.bias.fill_(-2.0)
+    q, k, v = attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features
+    assert (attn.packed.weight[q + k:q + k + v] == 0.5).all()
+    assert (attn.packed.bias[q:q + k] == -2.0).all()
+    assert set(model.state_dict()) >= {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"}
+
+
+def test_a_weight_load_reaches_the_packed_path(tmp_path):
+    """Engine.load_weights copies into the parameters; the packed GEMM reads the new values."""
+    engine = _model(tmp_path, "qwen2")
+    before = engine.forward_logits(IDS.tolist())[0]
+    name = "model.layers.1.mlp.gate_proj.weight"
+    new = torch.randn_like(engine.model.state_dict()[name])
+    engine.load_weights({name: new}, version=1)
+    assert _all_current(engine.model)
+    after = engine.forward_logits(IDS.tolist())[0]
+    mlp = engine.model.model.layers[1].mlp
+    mlp.packed = None  # the plain path on the same parameters: the reference
+    plain = engine.forward_logits(IDS.tolist())[0]
+    assert not torch.allclose(before, after)
+    assert (after - plain).abs().max().item() < 1e-5
+
+
+def test_a_replaced_or_moved_parameter_falls_back_to_the_plain_path(tmp_path):
+    model = _model(tmp_path, "qwen2").model
+    attn = model.model.layers[0].self_attn
+    with torch.inference_mode():
+        base = _logits(model, IDS)
+    # A new Parameter object: the pack no longer holds the layer's weight.
+    attn.q_proj.weight = nn.Parameter(attn.q_proj.weight.detach().clone() * 2)
+    assert not attn.packed.current([attn.q_proj, attn.k_proj, attn.v_proj])
+    with torch.inference_mode():
+        replaced = _logits(model, IDS)
+    assert not torch.allclose(base, replaced)
+    # Same Parameter object, new storage (param.data = ...): caught by the pointer check.
+    mlp = model.model.layers[1].mlp
+    mlp.up_proj.weight.data = mlp.up_proj.weight.detach().clone() * 0
+    assert not mlp.packed.current([mlp.gate_proj, mlp.up_proj])
+    with torch.inference_mode():
+        zeroed = _logits(model, IDS)
+    for a, m in _packs(model):
+        a.packed = m.packed = None
+    with torch.inference_mode():
+        assert torch.equal(zeroed, _logits(model, IDS))
+    # A conversion drops every pack; packing again restores the packed path.
+    model = _model(tmp_path, "qwen3").model.to(torch.float64)
+    assert all(a.packed is None and m.packed is None for a, m in _packs(model))
+    with torch.inference_mode():
+        wide = _logits(model, IDS)
+        model.pack_projections()
+        assert _all_current(model)
+        assert (wide - _logits(model, IDS)).abs().max().item() < 1e-9
+
+
+def test_training_gets_gradients_and_inference_sees_the_optimizer_step(tmp_path):
+    model = _model(tmp_path, "llama_bias").model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = _logits(model, IDS[:, :-1]).log_softmax(-1).gather(-1, IDS[:, 1:, None]).sum().neg()
+    loss.backward()
+    layer = model.model.layers[0]
+    for p in (layer.self_attn.q_proj.weight, layer.self_attn.v_proj.bias, layer.mlp.up_proj.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    with torch.inference_mode():
+        before = _logits(model, IDS)
+    opt.step()
+    assert _all_current(model)
+    with torch.inference_mode():
+        after = _logits(model, IDS)
+        for a, m in _packs(model):
+            a.packed = m.packed = None
+        plain = _logits(model, IDS)
+    assert not torch.allclose(before, after)
+    assert (after - plain).abs().max().item() < 1e-5
