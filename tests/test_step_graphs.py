@@ -91,3 +91,16 @@ def test_captured_graphs_sample_what_eager_steps_sample(tiny_dir):
             _same(dynamic.generate(prompts, params), static.generate(prompts, params))
     status = static.runner.graphs.status()
     assert status["captured"] > 0 and status["replays"] > status["captured"] and status["static_eager_steps"] == 0
+
+
+def test_start_up_calibration_runs_on_static_shapes(tiny_dir):
+    """With graphs on, calibration first runs every measured (batch, context, shape) unmeasured (a
+    GPU captures then), and its cost samples come from the static steps the engine will replay."""
+    config = EngineConfig(drafting="auto", cuda_graphs=True, calibration_seconds=60, max_num_seqs=8, max_model_len=48)
+    engine = Engine.from_pretrained(tiny_dir, config=config)
+    assert engine.calibration["steps"] > 0 and engine.drafting.costs.coefficients() is not None
+    samples = engine.drafting.costs.anchor
+    assert {s[0] for s in samples} == {0, 1} and {s[1] for s in samples} >= {1, 8}  # AR and TiDAR; batch 1 and 8
+    status = engine.runner.graphs.status()
+    assert status["dynamic_steps"] == 0 and status["static_eager_steps"] > 0
+    assert {1, 8} <= {key[2] for key in engine.runner.graphs.entries}  # (layout, tokens, rows, prefix)
