@@ -72,6 +72,8 @@ def main() -> None:
                    help="fixed: every decode step pre-drafts all levels; auto: cost-aware level choice")
     p.add_argument("--attention", default="dense", choices=list(ATTENTION_PATHS), help="attention path")
     p.add_argument("--compile", action="store_true", help="torch.compile the model forward")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="static-shape decode steps (CUDA graphs on a GPU, eager static shapes on the CPU)")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     if args.threads:
@@ -80,7 +82,8 @@ def main() -> None:
     # A KV pool with a slot for every row of the largest batch, sized to this run's sequences.
     config = EngineConfig(max_num_seqs=max(int(b) for b in args.batch_sizes.split(",")),
                           max_model_len=args.prompt_len + args.max_tokens, drafting=args.drafting,
-                          attention=args.attention, compile=args.compile)
+                          attention=args.attention, compile=args.compile,
+                          cuda_graphs=args.cuda_graphs)
     if args.model:
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, block_size=args.block_size,
                                         config=config)
@@ -90,7 +93,8 @@ def main() -> None:
         what = f"random {args.shape}"
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"# {what}, block {engine.tidar.block_size}, levels {len(engine.tidar.level_set)} ({args.drafting}), "
-          f"{args.attention} attention{', compiled' if args.compile else ''}, "
+          f"{args.attention} attention{', compiled' if args.compile else ''}"
+          f"{', CUDA graphs' if args.cuda_graphs else ''}, "
           f"{args.device} "
           f"({device_name}, {torch.get_num_threads()} threads), {dtype}, prompt {args.prompt_len}, "
           f"max_tokens {args.max_tokens}, T={args.temperature}, torch {torch.__version__}")
