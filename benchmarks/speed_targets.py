@@ -3,6 +3,7 @@ faster than HF `generate`? (Issue 10's "Measured" list; any device.)
 
     python -m benchmarks.speed_targets                       # embedded model, CPU, ~10 min on 2 cores
     python -m benchmarks.speed_targets --device cuda --batches 1,8,64,256
+    python -m benchmarks.speed_targets --compile             # our forward and AR sampling through Inductor
 
 One engine with cost-aware drafting (`--drafting auto`, as `rollout serve` runs it) and its
 start-up step-cost calibration; prompts are held-out documents (`benchmarks/acceptance.py`).
@@ -58,6 +59,10 @@ def engine_table(engine: Engine, prompts, args) -> list[str]:
         for batch in args.batches:
             rates = {s: [] for s in samplers}
             tpf, shapes = [], Counter()
+            if args.compile:  # compile every step shape this cell meets before timing it
+                for sampler in samplers:
+                    engine.generate(prompts[:batch], SamplingParams(sampler=sampler, temperature=temperature,
+                                                                    max_tokens=args.max_tokens, seed=99))
             for rep in range(args.repeats):
                 for sampler in samplers:
                     params = SamplingParams(sampler=sampler, temperature=temperature, max_tokens=args.max_tokens,
@@ -107,6 +112,8 @@ def hf_table(engine: Engine, model_dir: Path, prompts, args) -> list[str]:
         with torch.inference_mode():
             hf.generate(ids[:1], attention_mask=mask[:1], do_sample=True, max_new_tokens=2, min_new_tokens=2,
                         pad_token_id=0)
+            if args.compile:
+                engine.generate(prompts[:batch], SamplingParams(sampler="ar", max_tokens=args.max_tokens, seed=99))
             for rep in range(args.repeats):
                 sync(args.device)
                 t0 = time.perf_counter()
@@ -138,6 +145,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--mix-weight", type=float, default=0.5)
     p.add_argument("--calibration-seconds", type=float, default=20.0, help="start-up step-cost calibration budget")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model forward (HF generate stays eager)")
     p.add_argument("--out", help="also write the tables (markdown) to this file")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -151,10 +159,11 @@ def main(argv: list[str] | None = None) -> str:
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, config=EngineConfig(
         max_num_seqs=biggest, max_model_len=args.prompt_len + args.max_tokens, drafting="auto",
-        calibration_seconds=args.calibration_seconds))
+        calibration_seconds=args.calibration_seconds, compile=args.compile))
     load = time.perf_counter() - t0
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    head = [f"# {args.model.name}, {args.device} ({device}, {torch.get_num_threads()} threads), {dtype}, "
+    head = [f"# {args.model.name}{' (compiled)' if args.compile else ''}, {args.device} ({device}, "
+            f"{torch.get_num_threads()} threads), {dtype}, "
             f"torch {torch.__version__}; {len(prompts)} held-out prompts of {args.prompt_len} tokens, "
             f"{args.max_tokens} generated, median of {args.repeats}",
             f"engine start {load:.1f} s, of which step-cost calibration {engine.calibration['seconds']:.1f} s "

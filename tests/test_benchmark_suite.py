@@ -4,6 +4,7 @@ import math
 import re
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -26,3 +27,17 @@ def test_suite_smoke_writes_every_table(tmp_path):
     numbers = [float(x) for line in step_rows + throughput for x in re.findall(r"\d+\.\d+|\b\d+\b", line)]
     assert numbers and all(math.isfinite(x) and x >= 0 for x in numbers)
     assert "no OOM" in text
+
+
+def test_linear_rows_times_every_matmul_of_a_decode_forward(tiny_dir):
+    from benchmarks.linear_rows import model_linears, time_rows
+    from rollout import Engine
+    model = Engine.from_pretrained(tiny_dir).model
+    linears = model_linears(model)
+    cfg = model.config
+    assert len(linears) == 4 * cfg.num_layers + 1  # packed q/k/v, o, packed gate/up, down; the LM head
+    counted = sum(w.numel() + (b.numel() if b is not None else 0) for w, b in linears)
+    expected = sum(p.numel() for n, p in model.named_parameters() if "norm" not in n and "embed" not in n)
+    assert counted == expected + (model.lm_head.weight.numel() if cfg.tie_word_embeddings else 0)
+    secs = time_rows(linears, [1, 3], 2, "cpu", torch.float32)
+    assert set(secs) == {1, 3} and all(s > 0 for s in secs.values())

@@ -172,11 +172,12 @@ def test_acceptance_stats_count_only_drafted_positions(tiny_dir):
     assert s.draft_accepts[1] <= s.draft_accepts[0]
 
 
-def test_compiled_engine_samples_what_the_eager_engine_samples(engine):
-    """torch.compile of the forward (Inductor on the CPU; padded decode batches) against eager:
-    same tokens, log-probs within 1e-5."""
+@pytest.mark.parametrize("sampler,top_p", [("lossless", 1.0), ("ar", 1.0), ("ar", 0.8)])
+def test_compiled_engine_samples_what_the_eager_engine_samples(engine, sampler, top_p):
+    """torch.compile of the forward (Inductor on the CPU; padded decode batches) and of the AR
+    step's sampling half against eager: same tokens, log-probs within 1e-5."""
     compiled = Engine(engine.model, engine.tidar, config=EngineConfig(compile=True))
-    params = SamplingParams(max_tokens=12, n=3, seed=8, temperature=0.9)
+    params = SamplingParams(sampler=sampler, max_tokens=12, n=3, seed=8, temperature=0.9, top_p=top_p)
     eager = engine.generate(PROMPTS[:3], params)
     for a, b in zip(sum(compiled.generate(PROMPTS[:3], params), []), sum(eager, [])):
         assert a.token_ids == b.token_ids

@@ -147,7 +147,8 @@ class Engine:
         """Seeds the drafting policy's step-cost model with this device's figures: decode steps
         of each kind (AR; draft length 2 with one level; one level of the full block; every
         level) at batch 1, 8 and 64 (up to the pool), each over a few steps on scratch prompts,
-        cheapest batch first, until `seconds` run out. With `cache`, figures stored for the same
+        cheapest batch first, until `seconds` of measuring run out (after an unmeasured warm-up
+        that pays compilation and graph capture). With `cache`, figures stored for the same
         `cost_key()` are read instead, and fresh ones are stored. Engine totals, request stats
         and acceptance estimates are left as they were. Returns what it did (seconds, steps,
         cached)."""
@@ -181,9 +182,12 @@ class Engine:
         totals, last = self.totals, self.last_stats
         self.totals = GenerationStats()  # scratch requests are not counted
         try:
-            # Warm-up: first calls of a shape pay one-off costs; with CUDA graphs every (batch,
-            # context, shape) pays its capture once, so each measured run is first run unmeasured.
-            warm = [(1, short, 3)] + ([(b, c, steps + 1) for b, c in runs] if self.runner.graphs is not None else [])
+            # Warm-up: first calls of a shape pay one-off costs. With CUDA graphs (a capture per
+            # batch, context and shape) or torch.compile (a compilation per shape and batch
+            # class), each measured run is first run unmeasured. The batch-1 warm-up always runs;
+            # the others while half the budget is left. Measuring gets `seconds` after it.
+            one_off = self.runner.graphs is not None or self.runner.compiled
+            warm = [(1, short, 3)] + ([(b, c, steps + 1) for b, c in runs] if one_off else [])
             for batch, context, tokens in warm:
                 for shape in shapes:
                     if batch > 1 and time.perf_counter() - t0 > seconds / 2:
@@ -191,9 +195,10 @@ class Engine:
                     with self.drafting.forcing(shape):
                         self.generate(scratch(batch, context), SamplingParams(max_tokens=tokens, seed=0))
             costs.clear()
+            t_measure = time.perf_counter()
             for batch, context in runs:
                 for shape in shapes:
-                    if time.perf_counter() - t0 > seconds:
+                    if time.perf_counter() - t_measure > seconds:
                         break
                     with self.drafting.forcing(shape):
                         self.generate(scratch(batch, context), SamplingParams(max_tokens=steps + 1, seed=0))

@@ -14,8 +14,9 @@ Design decisions:
   hold mask tokens and are never verified), or a plain AR step (T = 1) that drops pending
   drafts. Drafts are stored per slot at the block length; a shorter step verifies a prefix.
 - `compile=True`: the forward goes through torch.compile (dynamic shapes; decode batches padded
-  to powers of two with sink rows). Not built: CUDA-graph capture, which needs static prefix
-  shapes (the split path over whole slots).
+  to powers of two with sink rows), and so does the sampling half of an AR step (`ar_sample`:
+  LM head, policy, uniforms, draw). `cuda_graphs=True`: static-shape decode forwards, captured
+  on a GPU (`step_graphs.py`).
 - Logits only where needed: the k draft positions, and the one pre-drafted block each row
   continues from (chosen after verification), not every mask token.
 - Randomness: `sampling.counter_uniforms` of (row key, position, purpose), on the device, one
@@ -82,6 +83,8 @@ class ModelRunner:
         # prefix length changes every step. Off: eager, the reference it must match.
         self.compiled = compile
         self.forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
+        self.ar_sample = torch.compile(ar_sample, dynamic=True) if compile else ar_sample
+        self.tidar_sample = torch.compile(tidar_sample, dynamic=True) if compile else tidar_sample
         cfg: ModelConfig = model.config
         self.cache = KVCache(cfg.num_layers, num_slots, cfg.num_kv_heads, slot_len, cfg.head_dim, dtype, device)
         K, V, S = tidar.block_size, cfg.vocab_size, num_slots + 1  # + the sink slot
@@ -189,7 +192,7 @@ class ModelRunner:
         if block:
             # Mask slot 0 sits at the position of `first`; slots 1..K-1 draft the positions after it.
             draft_logits[:, 1:] = self.model.logits(hidden[src_t, N + 1:])
-            drafts[:, 1:] = torch.where(drafting[:, None], self._draw(draft_logits[:, 1:], rows, u[:, 1:]),
+            drafts[:, 1:] = torch.where(drafting[:, None], draw(draft_logits[:, 1:], rows, u[:, 1:]),
                                         self.tidar.mask_token_id)
         slots = self._tensor([s.slot for s in seqs])
         self.keys[slots] = keys
@@ -203,13 +206,6 @@ class ModelRunner:
         self.drafts[slots] = drafts
         self.draft_logits[slots] = draft_logits
         self.num_valid[slots] = num_valid
-
-    @staticmethod
-    def _draw(logits: torch.Tensor, rows: RowSampling, u: torch.Tensor) -> torch.Tensor:
-        """logits [B, m, V], u [B, m] -> draft tokens [B, m] drawn from the processed distribution."""
-        B, m, V = logits.shape
-        q, _ = rows.policy(logits)
-        return sample_from(q.reshape(B * m, V), u.reshape(B * m)).view(B, m)
 
     # ------------------------------------------------------------------ decode
     def decode(self, seqs: list[Sequence], shape: DraftShape | None) -> StepTokens:
@@ -230,40 +226,15 @@ class ModelRunner:
             return self._ar_tokens(seqs, slots, L, keys, hidden, rows)
         # A shorter step verifies only the drafts it carries (the rest are dropped).
         num_valid = self.num_valid[slots].clamp(max=k)
-
-        b = layout.block_size
-        if len(layout.levels) == 1:
-            # One level: its block slots 1..b-1 are the only ones the next drafts can come from,
-            # so their logits come with the verifier's in one pass over the LM head's weights.
-            logits = self.model.logits(torch.cat((hidden[:, :k], hidden[:, k + 1:k + b]), dim=1))
-            ar_logits, block_logits = logits[:, :k], logits[:, k:]  # [B, k, V], [B, b-1, V]
-        else:
-            ar_logits, block_logits = self.model.logits(hidden[:, :k]), None  # predicts positions L+1..L+k
-        p, p_logprobs = rows.policy(ar_logits)
-        target, target_logprobs = p, p_logprobs
-        draft_logits = self.draft_logits[slots, 1:k]          # [B, k-1, V]
-        q, _ = rows.policy(draft_logits)
-        if rows.any_mixed:
-            r, r_logprobs = rows.policy(mixed_logits(ar_logits[:, :k - 1], draft_logits, rows.mix_weight))
-            drafted = ((torch.arange(k - 1, device=dev)[None] < num_valid[:, None] - 1)
-                       & (rows.mix_weight < 1)[:, None])[..., None]
-            target = torch.cat((torch.where(drafted, r, p[:, :k - 1]), p[:, k - 1:]), dim=1)
-            target_logprobs = torch.cat(
-                (torch.where(drafted, r_logprobs, p_logprobs[:, :k - 1]), p_logprobs[:, k - 1:]), dim=1)
+        b, K = layout.block_size, self.tidar.block_size
         offsets, purposes = self.uniform_plan(k, b)
-        u = counter_uniforms(keys, L[:, None] + offsets, purposes)
-        u_accept, u_sample, u_draft = u[:, :k - 1], u[:, k - 1:2 * k - 1], u[:, 2 * k - 1:]
-        accepted, next_token = verify_drafts(drafts[:, 1:], q, target, num_valid - 1, u_accept, u_sample)
-
-        # Emitted tokens: d_1..d_a then the verifier's token (index i predicts position L+i+1).
-        out = torch.cat((drafts[:, 1:], next_token[:, None]), dim=1)
-        out.scatter_(1, accepted[:, None], next_token[:, None])
-        lp = p_logprobs.gather(-1, out[..., None]).squeeze(-1)
-        blp = target_logprobs.gather(-1, out[..., None]).squeeze(-1)
-        # The drafts of the next step sit at L+a+1+s (s = 1..block-1): u_draft holds L+2.. onwards.
-        u_next = u_draft.gather(1, accepted[:, None] + torch.arange(b - 1, device=dev))
-        self._next_drafts(seqs, slots, hidden, layout, level_t, accepted + 1, next_token, rows, u_next, block_logits)
-
+        drafting_rows = self._tensor([s.drafts for s in seqs], torch.bool)
+        out, lp, blp, accepted, p_logprobs, next_drafts, next_logits, next_valid = self.tidar_sample(
+            self.model, hidden, drafts, self.draft_logits[slots, 1:k], num_valid, keys, L[:, None] + offsets,
+            purposes, rows, level_t, drafting_rows, b, len(layout.levels) == 1, K, self.tidar.mask_token_id)
+        self.drafts[slots] = next_drafts
+        self.draft_logits[slots[:, None], torch.arange(1, b, device=dev)[None]] = next_logits
+        self.num_valid[slots] = next_valid  # logits past a row's valid drafts are never used
         packed = torch.cat((out.double(), lp.double(), blp.double(), accepted[:, None].double(),
                             (num_valid - 1)[:, None].double()), dim=1).tolist()  # the step's one sync
         tokens, lps, blps, acc, offered = [], [], [], [], []
@@ -281,10 +252,8 @@ class ModelRunner:
                    hidden: torch.Tensor, rows: RowSampling) -> StepTokens:
         """The rest of an AR step: nothing to verify, so the token is drawn from p with the
         RESAMPLE uniform at L+1, exactly what verification with no valid drafts draws."""
-        p, logprobs = rows.policy(self.model.logits(hidden[:, 0]))  # [B, V]
         offsets, purposes = self.uniform_plan(1, 0)
-        token = sample_from(p, counter_uniforms(keys, L[:, None] + offsets, purposes)[:, 0])
-        lp = logprobs.gather(-1, token[:, None]).squeeze(-1)
+        token, lp, logprobs = self.ar_sample(self.model, hidden[:, 0], rows, keys, L[:, None] + offsets, purposes)
         self.drafts[slots, 0] = token
         self.num_valid[slots] = 1
         packed = torch.stack((token.double(), lp.double()), dim=1).tolist()  # the step's one sync
@@ -323,37 +292,6 @@ class ModelRunner:
                           ar_step=layout is self.ar_layout)
         return self.forward(ids, batch, self.cache)[:B]
 
-    def _next_drafts(self, seqs: list[Sequence], slots: torch.Tensor, hidden: torch.Tensor, layout: DecodeLayout,
-                     levels: torch.Tensor, committed: torch.Tensor, next_token: torch.Tensor, rows: RowSampling,
-                     u: torch.Tensor, single_block: torch.Tensor | None = None) -> None:
-        """Drafts for the next step from the block pre-drafted for each row's acceptance level.
-
-        committed [B] = a (tokens committed this step); the new decided token sits at L+a. The
-        block (length b) for the largest level j <= a starts at L+j, so its slot (a - j) + s
-        drafts L+a+s. Stored padded to the engine's block length with mask tokens.
-        single_block: with one level, the logits of its slots 1..b-1, already computed.
-        """
-        K, b, dev = self.tidar.block_size, layout.block_size, self.device
-        B = hidden.shape[0]
-        level_idx = torch.searchsorted(levels, committed, right=True) - 1  # [B]
-        shift = committed - levels[level_idx]  # [B]
-        slot = (shift[:, None] + torch.arange(1, b, device=dev)[None]).clamp(max=b - 1)  # [B, b-1]
-        if single_block is not None:
-            block_logits = single_block.gather(1, (slot - 1)[..., None].expand(-1, -1, single_block.shape[-1]))
-        else:
-            token_idx = layout.num_drafts + level_idx[:, None] * b + slot  # in-step index
-            block_logits = self.model.logits(hidden[torch.arange(B, device=dev)[:, None], token_idx])  # [B, b-1, V]
-        drafting = self._tensor([s.drafts for s in seqs], torch.bool)
-        num_valid = torch.where(drafting, b - shift, 1)
-        drafts = self._draw(block_logits, rows, u)
-        invalid = torch.arange(1, b, device=dev)[None] >= num_valid[:, None]
-        drafts = drafts.masked_fill(invalid, self.tidar.mask_token_id)
-        padded = torch.full((B, K), self.tidar.mask_token_id, dtype=drafts.dtype, device=dev)
-        padded[:, 0], padded[:, 1:b] = next_token, drafts
-        self.drafts[slots] = padded
-        self.draft_logits[slots[:, None], torch.arange(1, b, device=dev)[None]] = block_logits
-        self.num_valid[slots] = num_valid  # logits past a row's valid drafts are never used
-
     # ------------------------------------------------------------------ whole sequences
     def recompute(self, seqs: list[Sequence]) -> None:
         """Rewrites the committed K/V of running sequences with the current weights (a keep-mode
@@ -374,6 +312,92 @@ class ModelRunner:
             hidden = self._forward_chunks(part, [token_ids[i] for i in part], [0] * len(part), 0, cache)
             out += [self.model.logits(hidden[b, :len(token_ids[i])]) for b, i in enumerate(part)]
         return out
+
+
+def draw(logits: torch.Tensor, rows: RowSampling, u: torch.Tensor) -> torch.Tensor:
+    """logits [B, m, V], u [B, m] -> draft tokens [B, m] drawn from the processed distribution."""
+    B, m, V = logits.shape
+    q, _ = rows.policy(logits)
+    return sample_from(q.reshape(B * m, V), u.reshape(B * m)).view(B, m)
+
+
+def ar_sample(model: Decoder, hidden: torch.Tensor, rows: RowSampling, keys: torch.Tensor, positions: torch.Tensor,
+              purposes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampling half of an AR step: hidden [B, H] -> (token [B], its log-prob [B], the
+    policy's log-probs [B, V]). The token is drawn from p with the RESAMPLE uniform at L+1
+    (`positions` [B, 1], `purposes` [1]), exactly what verification with no valid drafts draws.
+    A pure tensor function, so `compile=True` can run it through torch.compile."""
+    p, logprobs = rows.policy(model.logits(hidden))  # [B, V]
+    token = sample_from(p, counter_uniforms(keys, positions, purposes)[:, 0])
+    return token, logprobs.gather(-1, token[:, None]).squeeze(-1), logprobs
+
+
+def tidar_sample(model: Decoder, hidden: torch.Tensor, drafts: torch.Tensor, draft_logits: torch.Tensor,
+                 num_valid: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, purposes: torch.Tensor,
+                 rows: RowSampling, levels: torch.Tensor, drafting: torch.Tensor, block: int, single_level: bool,
+                 K: int, mask_token_id: int) -> tuple[torch.Tensor, ...]:
+    """The sampling half of a TiDAR step, a pure tensor function (`compile=True` runs it
+    through torch.compile): verify the drafts, sample the next token, draw the next drafts.
+
+    hidden [B, T, H] (the step layout: k draft positions, then a block of `block` masks per
+    level); drafts [B, k] (d_0 decided, d_1.. to verify); draft_logits [B, k-1, V] (what d_1..
+    were drawn from); num_valid [B] drafts incl. d_0 this step carries; positions [B, n] and
+    purposes [n]: the step's uniforms (`ModelRunner.uniform_plan`); levels [m] the pre-drafted
+    levels; drafting [B] rows that draft next step; single_level: m == 1.
+    Returns (out, lp, blp) [B, k]: tokens emitted (the first accepted + 1 count), their log-probs
+    under p and under the verification target; accepted [B]; p's log-probs [B, k, V]; and the
+    next step's state: drafts [B, K] (padded with mask tokens), their logits [B, block-1, V]
+    and valid counts [B].
+    """
+    B, k = drafts.shape
+    b, dev = block, drafts.device
+    if single_level:
+        # One level: its block slots 1..b-1 are the only ones the next drafts can come from,
+        # so their logits come with the verifier's in one pass over the LM head's weights.
+        logits = model.logits(torch.cat((hidden[:, :k], hidden[:, k + 1:k + b]), dim=1))
+        ar_logits, single_block = logits[:, :k], logits[:, k:]  # [B, k, V], [B, b-1, V]
+    else:
+        ar_logits, single_block = model.logits(hidden[:, :k]), None  # predicts positions L+1..L+k
+    p, p_logprobs = rows.policy(ar_logits)
+    target, target_logprobs = p, p_logprobs
+    q, _ = rows.policy(draft_logits)
+    if rows.any_mixed:
+        r, r_logprobs = rows.policy(mixed_logits(ar_logits[:, :k - 1], draft_logits, rows.mix_weight))
+        mixed = ((torch.arange(k - 1, device=dev)[None] < num_valid[:, None] - 1)
+                 & (rows.mix_weight < 1)[:, None])[..., None]
+        target = torch.cat((torch.where(mixed, r, p[:, :k - 1]), p[:, k - 1:]), dim=1)
+        target_logprobs = torch.cat(
+            (torch.where(mixed, r_logprobs, p_logprobs[:, :k - 1]), p_logprobs[:, k - 1:]), dim=1)
+    u = counter_uniforms(keys, positions, purposes)
+    u_accept, u_sample, u_draft = u[:, :k - 1], u[:, k - 1:2 * k - 1], u[:, 2 * k - 1:]
+    accepted, next_token = verify_drafts(drafts[:, 1:], q, target, num_valid - 1, u_accept, u_sample)
+
+    # Emitted tokens: d_1..d_a then the verifier's token (index i predicts position L+i+1).
+    out = torch.cat((drafts[:, 1:], next_token[:, None]), dim=1)
+    out = out.scatter(1, accepted[:, None], next_token[:, None])
+    lp = p_logprobs.gather(-1, out[..., None]).squeeze(-1)
+    blp = target_logprobs.gather(-1, out[..., None]).squeeze(-1)
+
+    # Next drafts, from the block pre-drafted for each row's acceptance level. a + 1 tokens are
+    # committed; the new decided token sits at L+a+1. The block (length b) for the largest
+    # level j <= a + 1 starts at L+j, so its slot (a + 1 - j) + s drafts L+a+1+s.
+    committed = accepted + 1
+    level_idx = torch.searchsorted(levels, committed, right=True) - 1  # [B]
+    shift = committed - levels[level_idx]  # [B]
+    slot = (shift[:, None] + torch.arange(1, b, device=dev)[None]).clamp(max=b - 1)  # [B, b-1]
+    if single_block is not None:
+        block_logits = single_block.gather(1, (slot - 1)[..., None].expand(-1, -1, single_block.shape[-1]))
+    else:
+        token_idx = k + level_idx[:, None] * b + slot  # in-step index
+        block_logits = model.logits(hidden[torch.arange(B, device=dev)[:, None], token_idx])  # [B, b-1, V]
+    next_valid = torch.where(drafting, b - shift, 1)
+    # The drafts of the next step sit at L+a+1+s (s = 1..b-1): u_draft holds L+2.. onwards.
+    u_next = u_draft.gather(1, accepted[:, None] + torch.arange(b - 1, device=dev))
+    invalid = torch.arange(1, b, device=dev)[None] >= next_valid[:, None]
+    new = draw(block_logits, rows, u_next).masked_fill(invalid, mask_token_id)
+    pad = torch.full((B, K - b), mask_token_id, dtype=new.dtype, device=dev)
+    next_drafts = torch.cat((next_token[:, None], new, pad), dim=1)
+    return out, lp, blp, accepted, p_logprobs, next_drafts, block_logits, next_valid
 
 
 def consecutive(slots: list[int]) -> tuple[int, int] | None:
