@@ -51,8 +51,12 @@ class KVCache:
     def write(self, layer: int, index: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores k, v [B, Hkv, T, D] at the (slot, position) pairs of `index` ([B, T] each)."""
         dst_slots, dst_pos = index
-        self.k[layer][dst_slots, :, dst_pos] = k.transpose(1, 2)
-        self.v[layer][dst_slots, :, dst_pos] = v.transpose(1, 2)
+        # One index_put_ on the whole pool tensor (the layer as an index too), not on a view of
+        # it: under torch.compile a write into a view of a graph input is functionalised into a
+        # copy of the whole pool per layer, while this one stays in place.
+        at = (torch.full_like(dst_slots, layer), dst_slots, slice(None), dst_pos)
+        self.k[at] = k.transpose(1, 2)
+        self.v[at] = v.transpose(1, 2)
 
     def copy_prefix(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         """Copies the first `length` positions of slots `src` [N] to slots `dst` [N] (the n
