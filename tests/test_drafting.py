@@ -84,6 +84,17 @@ def test_candidates_cover_every_draft_length_with_the_levels_that_fit():
                                  DraftShape(4, (1,)), DraftShape(4, (1, 3))]
 
 
+def test_compiled_engines_choose_among_the_calibrated_shapes_only(engine):
+    """Each step shape is a compilation under compile=True: the policy keeps to the four shapes
+    calibration compiles and times (AR, length 2, one level of the block, every level)."""
+    k = engine.tidar.block_size
+    calibrated = [None, DraftShape(2, (1,)), DraftShape(k, (1,)), DraftShape(k, tuple(range(1, k + 1)))]
+    compiled = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="auto", compile=True))
+    assert compiled.drafting.calibration_shapes() == calibrated and compiled.drafting.candidates == calibrated
+    eager = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="auto"))
+    assert len(eager.drafting.candidates) > len(calibrated)
+
+
 def test_ar_rows_alone_never_draft():
     policy = policy_with_costs(2e-3, 1e-8, [0.9] * 7)
     assert policy.choose([SamplingParams(sampler="ar")] * 4, 64) is None

@@ -201,6 +201,20 @@ class DraftPolicy:
         self._forced: tuple[DraftShape | None] | None = None  # (shape,) while calibrating
         self._decisions: dict[tuple, tuple] = {}
 
+    def calibration_shapes(self) -> list[DraftShape | None]:
+        """The step kinds start-up calibration times: AR; draft length 2 with one level; one
+        level of the full block; every level."""
+        if self.k < 2:
+            return [None]
+        first = self.full.levels[:1]
+        return list(dict.fromkeys([None, DraftShape(2, first), DraftShape(self.k, first), self.full]))
+
+    def restrict_to_calibrated(self) -> None:
+        """Chooses among the calibrated shapes only (compiled steps: each shape is a compilation,
+        paid once at start-up instead of whenever exploration first picks it)."""
+        self.candidates = self.calibration_shapes()
+        self._decisions.clear()
+
     @contextmanager
     def forcing(self, shape: DraftShape | None):
         """Every step takes `shape`, and steps teach only the cost model (calibration on

@@ -37,7 +37,7 @@ from ..model.kv_cache import KVCache
 from ..model.loader import declared_dtype, load_decoder, read_model_config
 from ..params import Completion, SamplingParams, validate_prompts
 from ..sampling import row_key
-from .drafting import DraftPolicy, DraftShape, level_label
+from .drafting import DraftPolicy, level_label
 from .runner import ModelRunner, StepTokens
 from .scheduler import Scheduler
 from .sequence import GenerationStats, PromptGroup, Request, Sequence
@@ -86,6 +86,8 @@ class Engine:
         self.runner = ModelRunner(model, tidar, self.device, dtype, num_slots, slot_len, config.attention,
                                   config.compile, config.cuda_graphs)
         self.drafting = DraftPolicy(tidar.block_size, tidar.level_set, config.drafting, tidar.acceptance)
+        if config.compile:
+            self.drafting.restrict_to_calibrated()
         self.scheduler = Scheduler(num_slots, tidar.block_size, config.max_prefill_tokens, config.max_running_requests,
                                    self.drafting)
         self.requests: dict[str, Request] = {}
@@ -161,10 +163,8 @@ class Engine:
         if stored:
             costs.set_anchor(stored)
             return dict(seconds=round(time.perf_counter() - t0, 3), steps=len(stored), cached=True)
-        K, steps = self.tidar.block_size, 4
-        full = self.drafting.full
-        shapes = [None] + ([DraftShape(2, full.levels[:1]), DraftShape(K, full.levels[:1]), full] if K >= 2 else [])
-        shapes = list(dict.fromkeys(shapes))
+        steps = 4
+        shapes = self.drafting.calibration_shapes()
         room = self.limits.max_model_len - steps - 1
         if room < 1:
             return dict(seconds=0.0, steps=0, cached=False)

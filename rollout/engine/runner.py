@@ -70,6 +70,9 @@ def top_alternatives(seqs, logprobs: torch.Tensor, emitted: list[int]) -> list |
             for b, n in enumerate(wanted)]
 
 
+RECOMPILE_LIMIT = 64  # compilations per function under compile=True (see ModelRunner.__init__)
+
+
 class ModelRunner:
     def __init__(self, model: Decoder, tidar: TidarConfig, device: torch.device, dtype: torch.dtype,
                  num_slots: int, slot_len: int, attention: str = "dense", compile: bool = False,
@@ -82,6 +85,11 @@ class ModelRunner:
         # torch.compile of the forward (Inductor: CPU and GPU alike), with dynamic shapes: the
         # prefix length changes every step. Off: eager, the reference it must match.
         self.compiled = compile
+        if compile:
+            # A step's sampling half compiles once per guard set (step shape, batch 1 or more,
+            # mixed rows, filters): more than dynamo's default of 8 per function, past which it
+            # would run eagerly. Process-wide, raised only.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self.forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
         self.ar_sample = torch.compile(ar_sample, dynamic=True) if compile else ar_sample
         self.tidar_sample = torch.compile(tidar_sample, dynamic=True) if compile else tidar_sample
