@@ -89,7 +89,9 @@ class ModelRunner:
             # A step's sampling half compiles once per guard set (step shape, batch 1 or more,
             # mixed rows, filters): more than dynamo's default of 8 per function, past which it
             # would run eagerly. Process-wide, raised only.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            config = torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+            setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
         self.forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
         self.ar_sample = torch.compile(ar_sample, dynamic=True) if compile else ar_sample
         self.tidar_sample = torch.compile(tidar_sample, dynamic=True) if compile else tidar_sample
