@@ -14,9 +14,9 @@ Design decisions:
   hold mask tokens and are never verified), or a plain AR step (T = 1) that drops pending
   drafts. Drafts are stored per slot at the block length; a shorter step verifies a prefix.
 - `compile=True`: the forward goes through torch.compile (dynamic shapes; decode batches padded
-  to powers of two with sink rows), and so does the sampling half of an AR step (`ar_sample`:
-  LM head, policy, uniforms, draw). `cuda_graphs=True`: static-shape decode forwards, captured
-  on a GPU (`step_graphs.py`).
+  to powers of two with sink rows), and so does each decode step's sampling half (`ar_sample`,
+  `tidar_sample`: pure tensor functions; the runner writes the slot state they return).
+  `cuda_graphs=True`: static-shape decode forwards, captured on a GPU (`step_graphs.py`).
 - Logits only where needed: the k draft positions, and the one pre-drafted block each row
   continues from (chosen after verification), not every mask token.
 - Randomness: `sampling.counter_uniforms` of (row key, position, purpose), on the device, one
