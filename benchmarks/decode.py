@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--drafting", default="fixed", choices=["fixed", "auto"],
                    help="fixed: every decode step pre-drafts all levels; auto: cost-aware level choice")
     p.add_argument("--attention", default="dense", choices=list(ATTENTION_PATHS), help="attention path")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model forward")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward and step sampling")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="static-shape decode steps (CUDA graphs on a GPU, eager static shapes on the CPU)")
     p.add_argument("--json", help="also write the rows to this file")

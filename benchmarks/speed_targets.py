@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="runs per cell (medians)")
     p.add_argument("--mix-weight", type=float, default=0.5)
-    p.add_argument("--calibration-seconds", type=float, default=20.0, help="start-up step-cost calibration budget")
+    p.add_argument("--calibration-seconds", type=float, default=20.0, help="seconds of timed steps in the start-up calibration")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--compile", action="store_true", help="torch.compile our model forward (HF generate stays eager)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our forward and step sampling (HF generate stays eager)")
     p.add_argument("--out", help="also write the tables (markdown) to this file")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]

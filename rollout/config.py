@@ -258,8 +258,9 @@ class EngineConfig:
         fast path for long contexts on a GPU, see `model/attention.py`) or "triton" (as "split",
         with the prefix part by a fused split-KV Triton kernel reading the cache by slot; needs
         triton on a CUDA / ROCm device, `model/triton_attention.py`).
-    compile: run the model forward through torch.compile (Inductor; dynamic shapes, decode
-        batches padded to powers of two). False is the eager fallback.
+    compile: run the model forward and each decode step's sampling half through torch.compile
+        (Inductor; dynamic shapes, decode batches padded to powers of two); auto drafting then
+        chooses among the calibrated step shapes only. False is the eager fallback.
     cuda_graphs: run decode forwards at static shapes (rows and prefix length rounded up to powers
         of two) and, on a CUDA / ROCm GPU, as captured graphs replayed with one launch
         (`engine/step_graphs.py`); on the CPU the same static shapes run eagerly (the tested
@@ -267,11 +268,13 @@ class EngineConfig:
     max_sequences_per_request: prompts x n of one request; None: 8 x the pool's slots.
     max_waiting_sequences: sequences queued but not yet admitted, over all requests; beyond it
         new requests are refused (load, not a bad request); None: 32 x the pool's slots.
-    calibration_seconds: with auto drafting, the time budget of the start-up step-cost
-        calibration (`Engine.calibrate_step_costs`); 0: none, the cost model learns from live
-        steps only.
+    calibration_seconds: with auto drafting, the seconds of timed steps in the start-up
+        step-cost calibration (`Engine.calibrate_step_costs`), after an unmeasured warm-up
+        (longer with compile or cuda_graphs: it compiles or captures every calibrated shape);
+        0: none, the cost model learns from live steps only.
     calibration_cache: a JSON file of measured step costs keyed by device, model shape, dtype,
-        block length and threads; a hit skips the calibration. None: no cache.
+        block length and threads; a hit skips the timed steps (not the warm-up of compiled or
+        captured steps). None: no cache.
     """
     max_num_seqs: int | None = None
     max_model_len: int | None = None

@@ -95,6 +95,19 @@ def test_compiled_engines_choose_among_the_calibrated_shapes_only(engine):
     assert len(eager.drafting.candidates) > len(calibrated)
 
 
+def test_steps_that_compile_or_capture_are_not_timed(engine):
+    """A step during which a graph was captured or compiled paid a one-off cost: the cost model
+    must not learn from its time (acceptance is still learned)."""
+    auto = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="auto"))
+    calls = iter(range(10 ** 6))
+    auto.runner.one_off_count = lambda: next(calls)  # every step "compiles"
+    auto.generate(PROMPTS[:2], SamplingParams(max_tokens=8, seed=0))
+    assert len(auto.drafting.costs.samples) == 0 and auto.totals.generated_tokens == 16
+    del auto.runner.one_off_count
+    auto.generate(PROMPTS[:2], SamplingParams(max_tokens=8, seed=0))
+    assert len(auto.drafting.costs.samples) > 0
+
+
 def test_ar_rows_alone_never_draft():
     policy = policy_with_costs(2e-3, 1e-8, [0.9] * 7)
     assert policy.choose([SamplingParams(sampler="ar")] * 4, 64) is None

@@ -93,11 +93,23 @@ def test_captured_graphs_sample_what_eager_steps_sample(tiny_dir):
     assert status["captured"] > 0 and status["replays"] > status["captured"] and status["static_eager_steps"] == 0
 
 
-def test_start_up_calibration_runs_on_static_shapes(tiny_dir):
-    """With graphs on, calibration first runs every measured (batch, context, shape) unmeasured (a
-    GPU captures then), and its cost samples come from the static steps the engine will replay."""
-    config = EngineConfig(drafting="auto", cuda_graphs=True, calibration_seconds=60, max_num_seqs=8, max_model_len=48)
-    engine = Engine.from_pretrained(tiny_dir, config=config)
+def test_start_up_calibration_runs_on_static_shapes(tiny_dir, monkeypatch):
+    """With graphs on, calibration first runs every measured (batch, context, shape) unmeasured, on
+    the same prompts, so every static shape (a capture on a GPU) is met before timing starts; its
+    cost samples come from the static steps the engine will replay."""
+    from rollout.engine.drafting import StepCostModel
+    from rollout.engine.step_graphs import StepGraphs
+    events = []
+    new_entry, clear = StepGraphs._new_entry, StepCostModel.clear
+    monkeypatch.setattr(StepGraphs, "_new_entry", lambda self, *a: events.append("shape") or new_entry(self, *a))
+    monkeypatch.setattr(StepCostModel, "clear", lambda self: events.append("timing starts") or clear(self))
+    for max_model_len in (48, 200):
+        events.clear()
+        config = EngineConfig(drafting="auto", cuda_graphs=True, calibration_seconds=60, max_num_seqs=8,
+                              max_model_len=max_model_len)
+        engine = Engine.from_pretrained(tiny_dir, config=config)
+        start = events.index("timing starts")
+        assert "shape" in events[:start] and "shape" not in events[start:], (max_model_len, events)
     assert engine.calibration["steps"] > 0 and engine.drafting.costs.coefficients() is not None
     samples = engine.drafting.costs.anchor
     assert {s[0] for s in samples} == {0, 1} and {s[1] for s in samples} >= {1, 8}  # AR and TiDAR; batch 1 and 8

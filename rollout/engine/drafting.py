@@ -306,10 +306,12 @@ class DraftPolicy:
         return best, best_drafting, seconds[None], seconds[best_drafting]
 
     def observe_step(self, params: list[SamplingParams], shape: DraftShape | None, accepted: list[int],
-                     offered: list[int], context: float, seconds: float) -> None:
-        """After a decode step of this shape (None: it ran as an AR step): its time, and each
-        drafting row's acceptance."""
-        self.costs.observe(shape is not None, len(params), len(params) * self.tokens_per_row(shape), context, seconds)
+                     offered: list[int], context: float, seconds: float | None) -> None:
+        """After a decode step of this shape (None: it ran as an AR step): its time (None: the
+        step paid a one-off cost and is not timed), and each drafting row's acceptance."""
+        if seconds is not None:
+            self.costs.observe(shape is not None, len(params), len(params) * self.tokens_per_row(shape), context,
+                               seconds)
         if self._forced is not None:
             return
         seen = set()

@@ -149,8 +149,10 @@ class Engine:
         """Seeds the drafting policy's step-cost model with this device's figures: decode steps
         of each kind (AR; draft length 2 with one level; one level of the full block; every
         level) at batch 1, 8 and 64 (up to the pool), each over a few steps on scratch prompts,
-        cheapest batch first, until `seconds` of measuring run out (after an unmeasured warm-up
-        that pays compilation and graph capture). With `cache`, figures stored for the same
+        cheapest batch first, until `seconds` of measuring run out. An unmeasured warm-up goes
+        first; with graphs or compile it runs every measured (batch, context, shape) once, cache
+        hit or not, so that captures and compilations happen here (steps that still capture or
+        compile are not timed: `step`). With `cache`, figures stored for the same
         `cost_key()` are read instead, and fresh ones are stored. Engine totals, request stats
         and acceptance estimates are left as they were. Returns what it did (seconds, steps,
         cached)."""
@@ -160,9 +162,6 @@ class Engine:
         stored = _read_costs(cache).get(key) if cache else None
         if stored and not all(isinstance(x, list) and len(x) == 5 for x in stored):
             stored = None  # another version's format: measure again
-        if stored:
-            costs.set_anchor(stored)
-            return dict(seconds=round(time.perf_counter() - t0, 3), steps=len(stored), cached=True)
         steps = 4
         shapes = self.drafting.calibration_shapes()
         room = self.limits.max_model_len - steps - 1
@@ -171,29 +170,35 @@ class Engine:
         short, long = min(64, room), min(512, room)
         runs = [(1, short), (1, long)] + [(b, short) for b in (8, 64) if b <= self.limits.num_slots]
         runs = list(dict.fromkeys(runs))
-        rng = random.Random(0)
         mask = self.tidar.mask_token_id
 
         def scratch(batch: int, context: int) -> list[list[int]]:
+            """The same prompts for the same (batch, context): a warm-up meets the shapes the
+            measured run will (rows finish at the same steps)."""
+            rng = random.Random(batch * 1_000_003 + context)
             draw = (rng.randrange(self.config.vocab_size - 1) for _ in range(batch * context))
             ids = [t if t < mask else t + 1 for t in draw]
             return [ids[i * context:(i + 1) * context] for i in range(batch)]
 
+        # With CUDA graphs (a capture per batch, context and shape) or torch.compile (a
+        # compilation per shape and batch class) every measured run is first run unmeasured, even
+        # when the figures are cached: those one-off costs are paid here, not by live requests.
+        one_off = self.runner.graphs is not None or self.runner.compiled
+        if stored and not one_off:
+            costs.set_anchor(stored)
+            return dict(seconds=round(time.perf_counter() - t0, 3), steps=len(stored), cached=True)
         totals, last = self.totals, self.last_stats
         self.totals = GenerationStats()  # scratch requests are not counted
         try:
-            # Warm-up: first calls of a shape pay one-off costs. With CUDA graphs (a capture per
-            # batch, context and shape) or torch.compile (a compilation per shape and batch
-            # class), each measured run is first run unmeasured. The batch-1 warm-up always runs;
-            # the others while half the budget is left. Measuring gets `seconds` after it.
-            one_off = self.runner.graphs is not None or self.runner.compiled
-            warm = [(1, short, 3)] + ([(b, c, steps + 1) for b, c in runs] if one_off else [])
+            # Warm-up: first calls of a shape pay one-off costs (eager: batch 1 only, one short run).
+            warm = [(b, c, steps + 1) for b, c in runs] if one_off else [(1, short, 3)]
             for batch, context, tokens in warm:
                 for shape in shapes:
-                    if batch > 1 and time.perf_counter() - t0 > seconds / 2:
-                        break
                     with self.drafting.forcing(shape):
                         self.generate(scratch(batch, context), SamplingParams(max_tokens=tokens, seed=0))
+            if stored:
+                costs.set_anchor(stored)
+                return dict(seconds=round(time.perf_counter() - t0, 3), steps=len(stored), cached=True)
             costs.clear()
             t_measure = time.perf_counter()
             for batch, context in runs:
@@ -286,9 +291,11 @@ class Engine:
                 self.scheduler.prefilled(plan.prefill)
                 touched = {id(c.group.request): c.group.request for c in plan.prefill}
             else:
-                started = time.perf_counter()
+                started, one_offs = time.perf_counter(), self.runner.one_off_count()
                 result = self.runner.decode(plan.decode, plan.shape)  # ends in the step's one sync
-                self._observe_decode(plan, result, time.perf_counter() - started)
+                # A step that captured or compiled is not timed (its cost is paid once).
+                seconds = None if self.runner.one_off_count() != one_offs else time.perf_counter() - started
+                self._observe_decode(plan, result, seconds)
                 touched = {id(s.request): s.request for s in plan.decode}
         for request in touched.values():
             request.stats.forward_passes += 1
@@ -297,8 +304,9 @@ class Engine:
         self._finish(finished)
         return StepOutput(finished, plan.started)
 
-    def _observe_decode(self, plan, result: StepTokens, seconds: float) -> None:
-        """Feeds the drafting policy: the step's time and each row's acceptance."""
+    def _observe_decode(self, plan, result: StepTokens, seconds: float | None) -> None:
+        """Feeds the drafting policy: the step's time (None: not a representative one) and each
+        row's acceptance."""
         self.drafting.observe_step([s.params for s in plan.decode], result.shape, result.accepted, result.offered,
                                    plan.context, seconds)
         for seq in plan.decode:

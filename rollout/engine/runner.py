@@ -110,6 +110,15 @@ class ModelRunner:
         self._layouts: dict[DraftShape, tuple[DecodeLayout, torch.Tensor]] = {}
         self._uniforms: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def one_off_count(self) -> int:
+        """CUDA graphs captured plus graphs torch.compile produced so far (process-wide): a step
+        during which this grows paid a one-off cost, and its time says nothing of the next one."""
+        n = self.graphs.captures if self.graphs is not None else 0
+        if self.compiled:
+            from torch._dynamo.utils import counters
+            n += counters["stats"]["unique_graphs"]
+        return n
+
     def layout(self, shape: DraftShape) -> tuple[DecodeLayout, torch.Tensor]:
         """The TiDAR step layout for a draft shape and its levels as a device tensor (cached)."""
         if shape not in self._layouts:

@@ -14,7 +14,9 @@ Design decisions:
 - Each key owns its input buffers (ids, slots, lengths: copied into before a replay) and its
   output; everything else the forward builds (positions, write index, masks) is recorded in the
   graph from those buffers. Graphs are captured lazily, the first time a key is seen, up to
-  `max_graphs` (then that key runs eagerly); each has a private memory pool.
+  `max_graphs` (then that key runs eagerly). All graphs share one memory pool (their
+  intermediates reuse the same memory): safe because replays never overlap and a replay's
+  output is consumed by the step's sampling, on the same stream, before the next replay.
 - Weights are read in place: a weight load copies into the parameters, so the next replay sees
   it. A graph would NOT see a parameter replaced or moved (new storage), so every replay first
   compares the parameters' storage addresses with those at capture (`_weights_signature`);
@@ -69,6 +71,7 @@ class StepGraphs:
         self.device = cache.k.device
         self.capture = self.device.type == "cuda"  # CUDA and ROCm builds alike; the CPU replays eagerly
         self.entries: dict[tuple, _Entry] = {}
+        self.pool = None  # the graphs' shared memory pool (torch.cuda.graph_pool_handle), made on first capture
         self.signature = self._weights_signature()
         self.captures = self.replays = self.static = self.eager = self.resets = 0
 
@@ -85,6 +88,7 @@ class StepGraphs:
     def reset(self) -> None:
         """Drops every graph (they are captured again on use)."""
         self.entries.clear()
+        self.pool = None
         self.resets += 1
 
     def key(self, rows: int, prefix_max: int, layout: DecodeLayout) -> tuple[int, int] | None:
@@ -159,8 +163,10 @@ class StepGraphs:
             for _ in range(2):
                 run()
         torch.cuda.current_stream(self.device).wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.pool):
             entry.out = run()
         entry.graph = graph
         self.captures += 1

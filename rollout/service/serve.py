@@ -208,8 +208,8 @@ def main_serve(argv: list[str]) -> int:
                    help="auto: each decode step takes an AR step or some pre-draft levels, whichever gives more "
                         "tokens/s (exact either way); fixed: always every level (tokens reproducible per seed)")
     p.add_argument("--calibration-seconds", type=float, default=10.0,
-                   help="with auto drafting: time budget of each replica's start-up step-cost calibration "
-                        "(0: none; the cost model then learns from live steps only)")
+                   help="with auto drafting: seconds of timed steps in each replica's start-up step-cost "
+                        "calibration, after a warm-up (0: none; the cost model then learns from live steps only)")
     p.add_argument("--calibration-cache", default=str(Path.home() / ".cache" / "tidar-rollout" / "step_costs.json"),
                    help="JSON file of measured step costs per device, model shape and dtype; a hit skips the "
                         "calibration ('' : no cache)")
@@ -218,7 +218,8 @@ def main_serve(argv: list[str]) -> int:
                         "merged by log-sum-exp (for long contexts on a GPU); triton: as split, the prefix by a "
                         "split-KV Triton kernel (needs triton on a CUDA / ROCm GPU)")
     p.add_argument("--compile", action="store_true",
-                   help="run each replica's model forward through torch.compile (default: eager)")
+                   help="run each replica's model forward and step sampling through torch.compile "
+                        "(default: eager); auto drafting then keeps to the calibrated step shapes")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture decode forwards as CUDA / HIP graphs at bucketed static shapes and replay them "
                         "(needs --attention dense or triton; exclusive with --compile)")

@@ -87,7 +87,9 @@ def _save_model(model: Decoder, hf_config, tokenizer, out_dir: Path, tidar: dict
     hf_config.vocab_size = model.config.vocab_size
     hf_config.architectures = [type(hf_config).__name__.replace("Config", "ForCausalLM")]
     hf_config.save_pretrained(out_dir)
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    # Copies: packed projections are views of one tensor, and older safetensors refuse tensors
+    # that share memory.
+    state = {k: v.detach().to("cpu", dtype, copy=True).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
