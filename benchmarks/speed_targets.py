@@ -3,7 +3,7 @@ faster than HF `generate`? (Issue 10's "Measured" list; any device.)
 
     python -m benchmarks.speed_targets                       # embedded model, CPU, ~10 min on 2 cores
     python -m benchmarks.speed_targets --device cuda --batches 1,8,64,256
-    python -m benchmarks.speed_targets --compile             # our forward and AR sampling through Inductor
+    python -m benchmarks.speed_targets --compile             # our forward and step sampling through Inductor
 
 One engine with cost-aware drafting (`--drafting auto`, as `rollout serve` runs it) and its
 start-up step-cost calibration; prompts are held-out documents (`benchmarks/acceptance.py`).
@@ -143,9 +143,11 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="runs per cell (medians)")
     p.add_argument("--mix-weight", type=float, default=0.5)
-    p.add_argument("--calibration-seconds", type=float, default=20.0, help="seconds of timed steps in the start-up calibration")
+    p.add_argument("--calibration-seconds", type=float, default=20.0,
+                   help="seconds of timed steps in the start-up calibration")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--compile", action="store_true", help="torch.compile our forward and step sampling (HF generate stays eager)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile our forward and step sampling (HF generate stays eager)")
     p.add_argument("--out", help="also write the tables (markdown) to this file")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
