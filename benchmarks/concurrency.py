@@ -33,7 +33,7 @@ from rollout import Engine, SamplingParams
 from rollout.config import EngineConfig
 from rollout.service.messages import RequestDone
 from rollout.service.replica import GeneratorReplica
-from rollout.service.serve import RolloutService
+from rollout.service.serve import RolloutService, init_ray
 from rollout.v1 import rollout_pb2 as pb
 from rollout.v1 import rollout_pb2_grpc as pb_grpc
 
@@ -149,7 +149,7 @@ def main() -> None:
     print(f"# {args.model}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"drafting {args.drafting}, {time.strftime('%Y-%m-%d')}")
     if "1" in parts:
-        ray.init(include_dashboard=False, log_to_driver=False, namespace="bench-concurrency")
+        init_ray(include_dashboard=False, log_to_driver=False, namespace="bench-concurrency")
         print(f"\n## {args.requests} concurrent requests (1 prompt x n={args.n}, {args.max_tokens} tokens, "
               f"lossless T=1), one replica")
         print("| mode | seconds | requests/s | tokens/s | p50 latency s | p99 latency s |")

@@ -25,7 +25,7 @@ import ray  # noqa: E402
 from service_helpers import ServiceRunner  # noqa: E402
 
 from rollout import Engine  # noqa: E402
-from rollout.service.serve import DEFAULT_MODEL, RolloutService  # noqa: E402
+from rollout.service.serve import DEFAULT_MODEL, RolloutService, init_ray  # noqa: E402
 from trainer_bridge import RolloutClient, WeightSync  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--pushes", type=int, default=40)
     p.add_argument("--replicas", type=int, default=2)
     args = p.parse_args(argv)
-    ray.init(num_cpus=args.replicas + 2, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=args.replicas + 2, include_dashboard=False, log_to_driver=False)
     runner = ServiceRunner(RolloutService(DEFAULT_MODEL, replicas=args.replicas, port=0, metrics_port=0,
                                           auth_token="push-memory", name="push-memory"))
     runner.wait_started()

@@ -23,7 +23,7 @@ import ray
 import torch
 
 from rollout import Engine, SamplingParams
-from rollout.service.serve import RolloutService
+from rollout.service.serve import RolloutService, init_ray
 from rollout.v1 import rollout_pb2 as pb
 from rollout.v1 import rollout_pb2_grpc as pb_grpc
 
@@ -90,7 +90,7 @@ def main() -> None:
     vocab = [t for t in range(engine.config.vocab_size) if t != engine.tidar.mask_token_id]
     prompts = [[rng.choice(vocab) for _ in range(args.prompt_len)] for _ in range(args.batch)]
     del engine
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="bench-service")
+    init_ray(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="bench-service")
     try:
         direct, served = asyncio.run(overhead(args.model, prompts, args))
         rps, tokens = asyncio.run(requests_per_second(args.model, prompts, args))

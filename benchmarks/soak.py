@@ -32,7 +32,7 @@ import grpc
 import ray
 import torch
 
-from rollout.service.serve import BackgroundService, RolloutService
+from rollout.service.serve import BackgroundService, RolloutService, init_ray
 from rollout.v1 import rollout_pb2 as pb
 from rollout.v1 import rollout_pb2_grpc as pb_grpc
 from rollout.wire import trajectory_arrays, weight_chunks
@@ -215,7 +215,7 @@ def main() -> None:
     p.add_argument("--kill-every", type=float, default=20.0)
     p.add_argument("--max-tokens", type=int, default=32)
     args = p.parse_args()
-    ray.init(include_dashboard=False, log_to_driver=False, namespace="soak")
+    init_ray(include_dashboard=False, log_to_driver=False, namespace="soak")
     report = run_soak(args.model, requests=args.requests, seconds=args.seconds, clients=args.clients,
                       push_every=args.push_every, kill_every=args.kill_every, max_tokens=args.max_tokens)
     print(f"# soak {time.strftime('%Y-%m-%d')}: {report.summary()}")

@@ -23,7 +23,7 @@ from shapes import SHAPES, hf_config
 
 from rollout.config import ModelConfig
 from rollout.model.decoder import Decoder
-from rollout.service.serve import BackgroundService, RolloutService
+from rollout.service.serve import BackgroundService, RolloutService, init_ray
 from trainer_bridge import RolloutClient, WeightSync
 
 
@@ -47,7 +47,7 @@ def main() -> None:
                  if not (cfg["tie_word_embeddings"] and k == "lm_head.weight")}
         save_file(state, model_dir / "model.safetensors")
         nbytes = sum(t.numel() * t.element_size() for t in state.values())
-        ray.init(include_dashboard=False, log_to_driver=False, namespace="bench-push")
+        init_ray(include_dashboard=False, log_to_driver=False, namespace="bench-push")
         service = BackgroundService(RolloutService(model_dir, replicas=args.replicas, port=0, auth_token="t",
                                                    name="push", dtype=args.dtype))
         try:

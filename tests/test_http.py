@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx")
 
 from service_helpers import CALL_TIMEOUT, ServiceRunner, request, wait_until  # noqa: E402
 
-from rollout.service.serve import DEFAULT_MODEL, RolloutService  # noqa: E402
+from rollout.service.serve import DEFAULT_MODEL, RolloutService, init_ray  # noqa: E402
 from rollout.v1 import rollout_pb2 as pb  # noqa: E402
 from rollout.train.tiny import make_tiny_model  # noqa: E402
 from rollout.wire import trajectory_arrays  # noqa: E402
@@ -45,7 +45,7 @@ def write_char_tokenizer(model_dir):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="test-http")
+    init_ray(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="test-http")
     yield
     ray.shutdown()
 

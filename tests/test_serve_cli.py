@@ -81,3 +81,28 @@ def test_serve_with_tls_answers_then_exits_cleanly_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def test_init_ray_starts_again_after_a_missed_start_window_and_gives_up_after_the_last_try(monkeypatch):
+    import ray
+
+    from rollout.service import serve
+
+    calls = []
+
+    def flaky_init(**kwargs):
+        calls.append(("init", kwargs))
+        if sum(c[0] == "init" for c in calls) < 3:
+            raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(ray, "init", flaky_init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append(("shutdown", None)))
+    monkeypatch.setattr(serve.time, "sleep", lambda s: None)
+    serve.init_ray(attempts=3, namespace="x")
+    assert [c[0] for c in calls] == ["init", "shutdown", "init", "shutdown", "init"]
+    assert all(c[1] == {"namespace": "x"} for c in calls if c[0] == "init")
+
+    calls.clear()
+    with pytest.raises(Exception, match="timed out during startup"):
+        serve.init_ray(attempts=2, namespace="x")
+    assert [c[0] for c in calls] == ["init", "shutdown", "init", "shutdown"]

@@ -13,7 +13,7 @@ ray = pytest.importorskip("ray")
 from service_helpers import CALL_TIMEOUT, ServiceRunner, request, wait_until  # noqa: E402
 
 from rollout import Engine, SamplingParams  # noqa: E402
-from rollout.service.serve import RolloutService  # noqa: E402
+from rollout.service.serve import RolloutService, init_ray  # noqa: E402
 from rollout.train.tiny import make_tiny_model  # noqa: E402
 from rollout.v1 import rollout_pb2 as pb  # noqa: E402
 from rollout.wire import trajectory_arrays, weight_chunks  # noqa: E402
@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, namespace="test-service")
+    init_ray(num_cpus=6, include_dashboard=False, log_to_driver=False, namespace="test-service")
     yield
     ray.shutdown()
 

@@ -13,7 +13,7 @@ ray = pytest.importorskip("ray")
 from service_helpers import CALL_TIMEOUT, ServiceRunner, request, wait_until  # noqa: E402
 
 from rollout.config import EngineConfig  # noqa: E402
-from rollout.service.serve import RolloutService  # noqa: E402
+from rollout.service.serve import RolloutService, init_ray  # noqa: E402
 from rollout.train.tiny import make_tiny_model  # noqa: E402
 
 POOL = EngineConfig(max_num_seqs=4, max_model_len=200, max_sequences_per_request=8, max_waiting_sequences=8)
@@ -22,7 +22,7 @@ POOL = EngineConfig(max_num_seqs=4, max_model_len=200, max_sequences_per_request
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
     model_dir = make_tiny_model(tmp_path_factory.mktemp("load"), "qwen2", vocab_size=16, block_size=4)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="test-load")
+    init_ray(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="test-load")
     r = ServiceRunner(RolloutService(model_dir, replicas=1, port=0, name="load", max_queue=64, engine_config=POOL))
     r.wait_started()
     yield r

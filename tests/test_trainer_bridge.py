@@ -12,7 +12,7 @@ ray = pytest.importorskip("ray")
 from service_helpers import CALL_TIMEOUT, ServiceRunner  # noqa: E402
 
 from rollout import Engine, SamplingParams  # noqa: E402
-from rollout.service.serve import RolloutService  # noqa: E402
+from rollout.service.serve import RolloutService, init_ray  # noqa: E402
 from rollout.train.tiny import make_tiny_model  # noqa: E402
 from rollout.wire import weight_chunks  # noqa: E402
 from trainer_bridge import (  # noqa: E402
@@ -37,7 +37,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(model_dir):
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, namespace="test-bridge")
+    init_ray(num_cpus=6, include_dashboard=False, log_to_driver=False, namespace="test-bridge")
     runner = ServiceRunner(RolloutService(model_dir, replicas=2, port=0, auth_token=TOKEN, name="bridge"))
     runner.wait_started()
     yield runner

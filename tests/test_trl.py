@@ -14,7 +14,7 @@ from service_helpers import CALL_TIMEOUT, ServiceRunner  # noqa: E402
 from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
 
 from rollout.params import SamplingParams  # noqa: E402
-from rollout.service.serve import DEFAULT_MODEL, RolloutService  # noqa: E402
+from rollout.service.serve import DEFAULT_MODEL, RolloutService, init_ray  # noqa: E402
 from trainer_bridge import RolloutClient, pad_groups, token_logprobs  # noqa: E402
 from trainer_bridge.trl import check_sampling, forbid_tokens  # noqa: E402
 from trainer_bridge.trl_example import train  # noqa: E402
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not (Path(DEFAULT_MODEL) / "config.json").exists
 @pytest.fixture(scope="module")
 def service():
     torch.set_num_threads(1)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="test-trl")
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="test-trl")
     runner = ServiceRunner(RolloutService(DEFAULT_MODEL, replicas=1, port=0, http_port=0, auth_token=TOKEN,
                                           name="trl"))
     runner.wait_started()

@@ -15,7 +15,7 @@ from safetensors.torch import save, save_file  # noqa: E402
 from service_helpers import CALL_TIMEOUT, ServiceRunner, request, wait_until  # noqa: E402
 
 from rollout import Engine, SamplingParams  # noqa: E402
-from rollout.service.serve import DEFAULT_MODEL, RolloutService  # noqa: E402
+from rollout.service.serve import DEFAULT_MODEL, RolloutService, init_ray  # noqa: E402
 from rollout.v1 import rollout_pb2 as pb  # noqa: E402
 from rollout.wire import trajectory_arrays  # noqa: E402
 from trainer_bridge import RolloutClient, WeightSync  # noqa: E402
@@ -29,7 +29,7 @@ LONG = dict(prompts=[[2 + i, 3] for i in range(4)], max_tokens=160, n=2, seed=0)
 
 @pytest.fixture(scope="module")
 def runner():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="test-weight-updates")
+    init_ray(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="test-weight-updates")
     r = ServiceRunner(RolloutService(DEFAULT_MODEL, replicas=1, port=0, auth_token=TOKEN, metrics_port=0,
                                      http_port=0, name="weights"))
     r.wait_started()

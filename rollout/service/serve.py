@@ -17,6 +17,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 
 import ray
@@ -34,6 +35,26 @@ from .weights import DTYPE_POLICIES, check_dtype_policy
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = Path(__file__).parents[1] / "default_model"
+RAY_START_ATTEMPTS = 3
+
+
+def init_ray(attempts: int = RAY_START_ATTEMPTS, **kwargs) -> None:
+    """`ray.init(**kwargs)`, tried again after a failed start.
+
+    Ray waits a fixed 30 s for a new raylet to register with the GCS; on a loaded machine (a
+    2-core CI box between test modules) that start can miss the window and raise, though a
+    second start succeeds. Each failed try is shut down before the next; the last error is raised.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as e:  # ray raises a bare Exception when the node misses its start window
+            ray.shutdown()
+            if attempt == attempts:
+                raise
+            log.warning("ray.init failed (try %d of %d): %s; starting again", attempt, attempts, e)
+            time.sleep(1.0)
 
 
 class RolloutService:
@@ -249,7 +270,7 @@ def main_serve(argv: list[str]) -> int:
     if token is None:
         log.warning("no --auth-token-file: weight updates and pause / resume will refuse every call")
     tls = (args.tls_cert.read_bytes(), args.tls_key.read_bytes()) if args.tls_cert else None
-    ray.init(address=args.address, namespace="tidar-rollout")
+    init_ray(address=args.address, namespace="tidar-rollout")
     service = RolloutService(args.model, args.replicas, args.port, args.host, token, tls, args.metrics_port,
                              args.max_queue, args.request_timeout, args.ready_timeout, args.placement,
                              gpus_per_replica=args.gpus_per_replica, replica_metrics_port=args.replica_metrics_port,
