@@ -34,8 +34,7 @@ def _packs(model):
 
 
 def _all_current(model):
-    return all(a.packed.current([a.q_proj, a.k_proj, a.v_proj]) and m.packed.current([m.gate_proj, m.up_proj])
-               for a, m in _packs(model))
+    return all(a.packed.current() and m.packed.current() for a, m in _packs(model))
 
 
 IDS = torch.tensor([[3, 9, 2, 17, 40, 5, 11, 8, 30, 2]])
@@ -93,20 +92,29 @@ def test_a_replaced_or_moved_parameter_falls_back_to_the_plain_path(tmp_path):
         base = _logits(model, IDS)
     # A new Parameter object: the pack no longer holds the layer's weight.
     attn.q_proj.weight = nn.Parameter(attn.q_proj.weight.detach().clone() * 2)
-    assert not attn.packed.current([attn.q_proj, attn.k_proj, attn.v_proj])
+    assert not attn.packed.current() and not model.packs_current()
     with torch.inference_mode():
         replaced = _logits(model, IDS)
     assert not torch.allclose(base, replaced)
     # Same Parameter object, new storage (param.data = ...): caught by the pointer check.
     mlp = model.model.layers[1].mlp
     mlp.up_proj.weight.data = mlp.up_proj.weight.detach().clone() * 0
-    assert not mlp.packed.current([mlp.gate_proj, mlp.up_proj])
+    assert not mlp.packed.current()
     with torch.inference_mode():
         zeroed = _logits(model, IDS)
     for a, m in _packs(model):
         a.packed = m.packed = None
     with torch.inference_mode():
         assert torch.equal(zeroed, _logits(model, IDS))
+    # A replaced layer (an adapter wrapping it, say): its parameters are no longer the views.
+    model2 = _model(tmp_path, "llama_bias").model
+    mlp2 = model2.model.layers[0].mlp
+    assert model2.packs_current()
+    old = mlp2.gate_proj
+    mlp2.gate_proj = nn.Linear(old.in_features, old.out_features, bias=True)
+    assert not mlp2.packed.current() and not model2.packs_current()
+    mlp2.gate_proj = old
+    assert model2.packs_current()
     # A conversion drops every pack; packing again restores the packed path.
     model = _model(tmp_path, "qwen3").model.to(torch.float64)
     assert all(a.packed is None and m.packed is None for a, m in _packs(model))
@@ -136,3 +144,40 @@ def test_training_gets_gradients_and_inference_sees_the_optimizer_step(tmp_path)
         plain = _logits(model, IDS)
     assert not torch.allclose(before, after)
     assert (after - plain).abs().max().item() < 1e-5
+
+
+def test_compiled_steps_run_the_packed_path_yet_never_serve_a_replaced_parameter_stale(tmp_path):
+    """Under compile=True the runner checks the packs every step (`StepBatch.packed`): compiled
+    decode steps run the packed GEMMs, and once a parameter is replaced they run the plain path
+    on the new parameter, as eager does."""
+    from rollout import SamplingParams
+    from rollout.config import EngineConfig
+
+    engine = _model(tmp_path, "llama_bias")
+    compiled = Engine(engine.model, engine.tidar, config=EngineConfig(compile=True))
+    params = SamplingParams(sampler="ar", temperature=0.8, max_tokens=6, seed=4)
+    prompts = [[3, 9, 2, 17], [40, 5]]
+
+    def run(e):
+        outs = [c for g in e.generate(prompts, params) for c in g]
+        return [c.token_ids for c in outs], torch.tensor([c.logprobs for c in outs])
+
+    tokens, logprobs = run(engine)
+    c_tokens, c_logprobs = run(compiled)
+    assert c_tokens == tokens and (c_logprobs - logprobs).abs().max().item() <= 1e-5
+    # The packed tensor is what a compiled step multiplies by: a pack that no longer matches its
+    # parameters (never done outside this test) changes what the compiled engine returns.
+    attn = engine.model.model.layers[0].self_attn
+    real = attn.packed.weight
+    attn.packed.weight = real * 0.5
+    try:
+        assert not torch.allclose(run(compiled)[1], logprobs, atol=1e-3)
+    finally:
+        attn.packed.weight = real
+    assert (run(compiled)[1] - logprobs).abs().max().item() <= 1e-5
+    # A replaced parameter: the packs are not current, both engines take the plain path with it.
+    attn.q_proj.weight = nn.Parameter(attn.q_proj.weight.detach().clone() * 2)
+    e_tokens, e_logprobs = run(engine)
+    c_tokens, c_logprobs = run(compiled)
+    assert not torch.allclose(e_logprobs, logprobs, atol=1e-3)
+    assert c_tokens == e_tokens and (c_logprobs - e_logprobs).abs().max().item() <= 1e-5

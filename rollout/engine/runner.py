@@ -16,6 +16,8 @@ Design decisions:
 - `compile=True`: the forward goes through torch.compile (dynamic shapes; decode batches padded
   to powers of two with sink rows), and so does each decode step's sampling half (`ar_sample`,
   `tidar_sample`: pure tensor functions; the runner writes the slot state they return).
+  Each forward's `StepBatch.packed` says the packed projections were checked current just
+  before it (`Decoder.packs_current`), so compiled steps run them too.
   `cuda_graphs=True`: static-shape decode forwards, captured on a GPU (`step_graphs.py`).
 - Logits only where needed: the k draft positions, and the one pre-drafted block each row
   continues from (chosen after verification), not every mask token.
@@ -165,7 +167,7 @@ class ModelRunner:
         slots_t, positions = self._tensor(slots), positions.to(self.device)
         batch = StepBatch(slots_t, self._tensor(starts), max(starts), positions, visible.to(self.device),
                           cache.write_index(slots_t, positions, write.to(self.device)), self.attention,
-                          slot_range=consecutive(slots))
+                          slot_range=consecutive(slots), packed=self.model.packs_current())
         return self.forward(ids.to(self.device), batch, cache)
 
     def prefill(self, chunks: list[PrefillChunk], draft: bool = True) -> StepTokens | None:
@@ -308,7 +310,7 @@ class ModelRunner:
         write = (torch.arange(T, device=dev) < k)[None].expand(padded, T)
         batch = StepBatch(slots, L, prefix_max, positions, layout.visible.expand(padded, T, T),
                           self.cache.write_index(slots, positions, write), self.attention, slot_range=slot_range,
-                          ar_step=layout is self.ar_layout)
+                          ar_step=layout is self.ar_layout, packed=self.model.packs_current())
         return self.forward(ids, batch, self.cache)[:B]
 
     # ------------------------------------------------------------------ whole sequences

@@ -78,11 +78,7 @@ class StepGraphs:
     def _weights_signature(self) -> tuple:
         """Where every parameter's storage is (and whether its pack is current): what a graph
         baked in at capture."""
-        packs = tuple(layer.self_attn.packed is not None and layer.mlp.packed is not None
-                      and layer.self_attn.packed.current([layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                                          layer.self_attn.v_proj])
-                      and layer.mlp.packed.current([layer.mlp.gate_proj, layer.mlp.up_proj])
-                      for layer in self.model.model.layers)
+        packs = tuple(p is not None and p.current() for p in self.model._packs())
         return tuple(p.data_ptr() for p in self.model.parameters()) + packs
 
     def reset(self) -> None:

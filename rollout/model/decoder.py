@@ -46,12 +46,14 @@ class RMSNorm(nn.Module):
 
 
 class Packed:
-    """Linear layers that read one input, packed: `weight` [sum of outputs, in] (and `bias`)
-    hold them as consecutive row blocks, each layer's parameter a view of its block. `current()`
-    tells whether every parameter still lies at its packed place (a pointer check per tensor)."""
-    __slots__ = ("weight", "bias", "sizes", "params", "pointers")
+    """Linear layers of one module that read one input (`owner.<name>` for each name), packed:
+    `weight` [sum of outputs, in] (and `bias`) hold them as consecutive row blocks, each layer's
+    parameter a view of its block. `current()` tells whether every parameter still lies at its
+    packed place."""
+    __slots__ = ("weight", "bias", "sizes", "entries")
 
-    def __init__(self, linears: list[nn.Linear]):
+    def __init__(self, owner: nn.Module, names: list[str]):
+        linears = [getattr(owner, n) for n in names]
         self.weight = torch.cat([m.weight.detach() for m in linears])
         has_bias = linears[0].bias is not None
         self.bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
@@ -62,31 +64,36 @@ class Packed:
             if has_bias:
                 m.bias = nn.Parameter(self.bias[start:start + n], requires_grad=m.bias.requires_grad)
             start += n
-        self.params = [t for m in linears for t in ((m.weight, m.bias) if has_bias else (m.weight,))]
-        self.pointers = [t.data_ptr() for t in self.params]
+        # (owner's module dict, layer name, layer, its parameter dict, parameter name, the packed
+        # view, its storage address): read straight from the dicts, so a check costs a few dict
+        # reads per layer, not nn.Module attribute lookups.
+        self.entries = [(owner._modules, n, m, m._parameters, p, m._parameters[p], m._parameters[p].data_ptr())
+                        for n, m in zip(names, linears) for p in (("weight", "bias") if has_bias else ("weight",))]
 
-    def current(self, linears: list[nn.Linear]) -> bool:
-        """True while the layers' parameters are the packed views (not reassigned, not moved)."""
-        i = 0
-        for m in linears:
-            for t in (m.weight, m.bias):
-                if t is None:
-                    continue
-                if i >= len(self.params) or t is not self.params[i] or t.data_ptr() != self.pointers[i]:
-                    return False
-                i += 1
-        return i == len(self.params)
+    def current(self) -> bool:
+        """True while the layers' parameters are the packed views: no layer replaced, no
+        parameter reassigned (a new Parameter object) or given new storage (`param.data = ...`)."""
+        for modules, name, module, params, pname, view, pointer in self.entries:
+            if (modules.get(name) is not module or params.get(pname) is not view
+                    or view.data_ptr() != pointer):
+                return False
+        return True
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
-def _packed_ready(packed: Packed | None, linears: list[nn.Linear]) -> bool:
-    """Whether to take the packed path now: packed, no autograd, not inside torch.compile (whose
-    guards would not see a parameter's storage change), parameters where they were packed."""
-    if packed is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+def _packed_ready(packed: Packed | None, checked: bool) -> bool:
+    """Whether to take the packed path now: packed, no autograd, parameters where they were
+    packed. `checked`: the caller has just seen `Decoder.packs_current()` hold for this forward
+    (the engine's runner, every step). Without it, the check runs here, but not inside
+    torch.compile: there it would be decided once, at tracing, and no guard would see a
+    parameter moved later."""
+    if packed is None or torch.is_grad_enabled():
         return False
-    return packed.current(linears)
+    if checked:
+        return True
+    return not torch.compiler.is_compiling() and packed.current()
 
 
 class Attention(nn.Module):
@@ -104,13 +111,13 @@ class Attention(nn.Module):
         self.packed: Packed | None = None
 
     def pack(self) -> None:
-        self.packed = Packed([self.q_proj, self.k_proj, self.v_proj])
+        self.packed = Packed(self, ["q_proj", "k_proj", "v_proj"])
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 batch: StepBatch | SequenceBatch, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hk, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if _packed_ready(self.packed, [self.q_proj, self.k_proj, self.v_proj]):
+        if _packed_ready(self.packed, batch.packed):
             qkv = F.linear(x, self.packed.weight, self.packed.bias).view(B, T, H + 2 * Hk, D)
             v = qkv[:, :, H + Hk:].transpose(1, 2)
             if hasattr(self, "q_norm"):
@@ -143,10 +150,11 @@ class MLP(nn.Module):
         self.packed: Packed | None = None
 
     def pack(self) -> None:
-        self.packed = Packed([self.gate_proj, self.up_proj])
+        self.packed = Packed(self, ["gate_proj", "up_proj"])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _packed_ready(self.packed, [self.gate_proj, self.up_proj]):
+    def forward(self, x: torch.Tensor, checked: bool = False) -> torch.Tensor:
+        """`checked`: as in `_packed_ready`."""
+        if _packed_ready(self.packed, checked):
             gate, up = self.packed(x)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -162,7 +170,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, batch: StepBatch | SequenceBatch, cache: KVCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), batch.packed)
 
 
 class DecoderStack(nn.Module):
@@ -186,16 +194,19 @@ class StepBatch:
     the slots are the consecutive range a..b-1 in row order, known on the CPU (the prefix is then
     read as a view, not gathered); ar_step: one token per row, written at its position and seeing
     exactly its prefix and itself (the dense path then writes first and attends over the cache
-    alone, with no concatenation).
+    alone, with no concatenation); packed: the caller saw `Decoder.packs_current()` hold just
+    before this forward, so the packed projections run without a check per layer, also under
+    torch.compile (where the check could not run; the compiled step is specialised on this flag).
     """
     __slots__ = ("slots", "prefix_lens", "prefix_max", "positions", "step_visible", "write_index", "attention",
-                 "prefix_mask", "slot_range", "ar_step")
+                 "prefix_mask", "slot_range", "ar_step", "packed")
 
     def __init__(self, slots, prefix_lens, prefix_max: int, positions, step_visible, write_index,
-                 attention: str = "dense", slot_range: tuple[int, int] | None = None, ar_step: bool = False):
+                 attention: str = "dense", slot_range: tuple[int, int] | None = None, ar_step: bool = False,
+                 packed: bool = False):
         self.slots, self.prefix_lens, self.prefix_max, self.positions = slots, prefix_lens, prefix_max, positions
         self.step_visible, self.write_index, self.attention = step_visible, write_index, attention
-        self.slot_range, self.ar_step = slot_range, ar_step
+        self.slot_range, self.ar_step, self.packed = slot_range, ar_step, packed
         self.prefix_mask = (prefix_block_mask(prefix_lens, positions.shape[1], prefix_max)
                             if attention == "split" and prefix_max > 0 else None)
 
@@ -204,6 +215,7 @@ class SequenceBatch:
     """A whole sequence with no cache (training): positions [B, S] and the attention mask
     (a FlexAttention BlockMask, or a dense bool [S, S] / [B, S, S] tensor)."""
     __slots__ = ("positions", "mask")
+    packed = False  # projections packed only after a check per layer (see StepBatch.packed)
 
     def __init__(self, positions, mask):
         self.positions, self.mask = positions, mask
@@ -239,6 +251,21 @@ class Decoder(nn.Module):
             layer.self_attn.pack()
             layer.mlp.pack()
         return self
+
+    def packs_current(self) -> bool:
+        """Whether every layer is packed and its parameters still lie where they were packed
+        (a pointer check per parameter): then a forward may take the packed path unchecked
+        (`StepBatch.packed`)."""
+        packs = self._packs()
+        return all(p is not None and p.current() for p in packs) and len(packs) > 0
+
+    def _packs(self) -> list[Packed | None]:
+        """Every layer's attention and MLP pack (None where not packed), layer by layer; read
+        from the module dicts (nn.Module attribute lookups would cost more than the checks)."""
+        out = []
+        for layer in self._modules["model"]._modules["layers"]._modules.values():
+            out += (layer._modules["self_attn"].packed, layer._modules["mlp"].packed)
+        return out
 
     def _apply(self, fn, recurse=True):
         # A conversion (.to(), .float(), ...) gives each parameter new storage: drop the packs
