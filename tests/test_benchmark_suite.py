@@ -41,3 +41,12 @@ def test_linear_rows_times_every_matmul_of_a_decode_forward(tiny_dir):
     assert counted == expected + (model.lm_head.weight.numel() if cfg.tie_word_embeddings else 0)
     secs = time_rows(linears, [1, 3], 2, "cpu", torch.float32)
     assert set(secs) == {1, 3} and all(s > 0 for s in secs.values())
+
+
+def test_packed_benchmark_times_packed_and_plain_projections_per_batch():
+    from benchmarks.packed import main as packed_main
+    text = packed_main(["--batches", "1,2", "--max-tokens", "3", "--repeats", "1", "--modes", "eager",
+                        "--prompt-len", "8"])
+    rows = [line for line in text.splitlines() if line.startswith("| eager |")]
+    assert len(rows) == 2
+    assert all(re.search(r"\| \d+ \| \d+ \| \d\.\d\dx \|$", line) for line in rows)
