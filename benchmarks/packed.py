@@ -38,8 +38,7 @@ def set_packed(engine: Engine, packed: bool) -> None:
     if packed:
         engine.model.pack_projections()
     else:
-        for layer in engine.model.model.layers:
-            layer.self_attn.packed = layer.mlp.packed = None
+        engine.model.unpack_projections()
     assert engine.model.packs_current() == packed
 
 

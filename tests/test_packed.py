@@ -102,8 +102,8 @@ def test_a_replaced_or_moved_parameter_falls_back_to_the_plain_path(tmp_path):
     assert not mlp.packed.current()
     with torch.inference_mode():
         zeroed = _logits(model, IDS)
-    for a, m in _packs(model):
-        a.packed = m.packed = None
+    model.unpack_projections()
+    assert all(a.packed is None and m.packed is None for a, m in _packs(model))
     with torch.inference_mode():
         assert torch.equal(zeroed, _logits(model, IDS))
     # A replaced layer (an adapter wrapping it, say): its parameters are no longer the views.
@@ -139,8 +139,7 @@ def test_training_gets_gradients_and_inference_sees_the_optimizer_step(tmp_path)
     assert _all_current(model)
     with torch.inference_mode():
         after = _logits(model, IDS)
-        for a, m in _packs(model):
-            a.packed = m.packed = None
+        model.unpack_projections()
         plain = _logits(model, IDS)
     assert not torch.allclose(before, after)
     assert (after - plain).abs().max().item() < 1e-5

@@ -78,7 +78,7 @@ class StepGraphs:
     def _weights_signature(self) -> tuple:
         """Where every parameter's storage is (and whether its pack is current): what a graph
         baked in at capture."""
-        packs = tuple(p is not None and p.current() for p in self.model._packs())
+        packs = tuple(p is not None and p.current() for p in self.model.packs())
         return tuple(p.data_ptr() for p in self.model.parameters()) + packs
 
     def reset(self) -> None:

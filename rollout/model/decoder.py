@@ -256,10 +256,10 @@ class Decoder(nn.Module):
         """Whether every layer is packed and its parameters still lie where they were packed
         (a pointer check per parameter): then a forward may take the packed path unchecked
         (`StepBatch.packed`)."""
-        packs = self._packs()
+        packs = self.packs()
         return all(p is not None and p.current() for p in packs) and len(packs) > 0
 
-    def _packs(self) -> list[Packed | None]:
+    def packs(self) -> list[Packed | None]:
         """Every layer's attention and MLP pack (None where not packed), layer by layer; read
         from the module dicts (nn.Module attribute lookups would cost more than the checks)."""
         out = []
@@ -267,11 +267,17 @@ class Decoder(nn.Module):
             out += (layer._modules["self_attn"].packed, layer._modules["mlp"].packed)
         return out
 
-    def _apply(self, fn, recurse=True):
-        # A conversion (.to(), .float(), ...) gives each parameter new storage: drop the packs
-        # (the plain path then runs; `pack_projections()` packs again) rather than keep the old.
+    def unpack_projections(self) -> Decoder:
+        """Drops every pack: the plain path runs (the parameters keep their values and storage;
+        `pack_projections()` packs again)."""
         for layer in self.model.layers:
             layer.self_attn.packed = layer.mlp.packed = None
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # A conversion (.to(), .float(), ...) gives each parameter new storage: drop the packs
+        # rather than keep the old.
+        self.unpack_projections()
         return super()._apply(fn, recurse)
 
     def weight_names_and_shapes(self) -> dict[str, torch.Size]:
