@@ -122,13 +122,18 @@ def memory(model_dir: str, prompts, args) -> tuple[float, float]:
                                engine_config=EngineConfig(max_model_len=args.max_model_len))
     rng = random.Random(0)
     after = {}
-    for i in range(1000):
-        n, count = rng.choice([1, 2, 4, 8]), rng.choice([1, 2, 4])
-        params = dict(sampler=rng.choice(["lossless", "ar", "mixed"]), max_tokens=rng.randrange(4, 40), n=n, seed=i)
-        messages = list(replica.generate(f"r{i}", [prompts[(i + j) % len(prompts)] for j in range(count)], params, 0))
-        assert isinstance(messages[-1], RequestDone)
-        if i + 1 in (100, 1000):
-            after[i + 1] = rss_mib()
+    try:
+        for i in range(1000):
+            n, count = rng.choice([1, 2, 4, 8]), rng.choice([1, 2, 4])
+            params = dict(sampler=rng.choice(["lossless", "ar", "mixed"]), max_tokens=rng.randrange(4, 40), n=n,
+                          seed=i)
+            prompts_i = [prompts[(i + j) % len(prompts)] for j in range(count)]
+            messages = list(replica.generate(f"r{i}", prompts_i, params, 0))
+            assert isinstance(messages[-1], RequestDone)
+            if i + 1 in (100, 1000):
+                after[i + 1] = rss_mib()
+    finally:
+        replica.close()
     return after[100], after[1000]
 
 

@@ -133,7 +133,8 @@ def run_soak(model_dir: str, *, requests: int, seconds: float, clients: int = 8,
                                               max_queue=4 * clients, request_timeout=120))
     runner.wait_started()
     service = runner.service
-    stub = pb_grpc.RolloutServiceStub(grpc.insecure_channel(runner.address))
+    channel = grpc.insecure_channel(runner.address)
+    stub = pb_grpc.RolloutServiceStub(channel)
     report, lock = SoakReport(), threading.Lock()
     report.budget = requests
     deadline = time.monotonic() + seconds
@@ -177,10 +178,13 @@ def run_soak(model_dir: str, *, requests: int, seconds: float, clients: int = 8,
     for t in threads:
         t.join(seconds + 300)
     stop.set()
+    for t in side:
+        t.join(180)  # a push in flight ends within its 120 s deadline
     report.rss_mib.append(_rss_mib())
     try:
         report.idle = _wait_idle(runner, service)
     finally:
+        channel.close()
         runner.stop()
     return report
 

@@ -31,3 +31,27 @@ def hf_model(tiny_dir):
 
 
 PROMPTS = [[2, 3, 4], [5, 6, 7, 8, 9, 10, 11], [12], [3, 3, 3, 3, 9]]
+
+
+@pytest.fixture
+def make_replica(tiny_dir):
+    """make_replica(name, **kwargs): an in-process GeneratorReplica on the tiny model, closed at
+    teardown (its engine loop and metrics server stopped: no thread outlives the test)."""
+    from rollout.service.replica import GeneratorReplica
+
+    made = []
+
+    def make(name: str, **kwargs):
+        made.append(GeneratorReplica(str(tiny_dir), name, metrics_port=None, **kwargs))
+        return made[-1]
+    yield make
+    for r in made:
+        r.close()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Objects the tests dropped (a gRPC channel, say) are freed now, while the interpreter is
+    whole; left to its shutdown, a channel's poller thread can crash the process after a green run."""
+    import gc
+
+    gc.collect()

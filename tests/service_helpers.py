@@ -15,10 +15,26 @@ CALL_TIMEOUT = 60
 
 
 class ServiceRunner(BackgroundService):
-    """BackgroundService plus blocking stubs for tests."""
+    """BackgroundService plus blocking stubs for tests; stop() closes the channels it made
+    (a gRPC channel left to the garbage collector at interpreter exit can crash the process)."""
 
     def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.address)
+        channel = grpc.insecure_channel(self.address)
+        self.__dict__.setdefault("_channels", []).append(channel)
+        return channel
+
+    def client(self, token: str | None = None, **kwargs):
+        """A trainer_bridge RolloutClient on this service, closed by stop()."""
+        from trainer_bridge.client import RolloutClient
+
+        client = RolloutClient(self.address, token=token, **kwargs)
+        self.__dict__.setdefault("_channels", []).append(client)
+        return client
+
+    def stop(self, grace: float = 1.0, timeout: float = 120.0) -> None:
+        for channel in self.__dict__.pop("_channels", []):
+            channel.close()
+        super().stop(grace, timeout)
 
     def stub(self) -> pb_grpc.RolloutServiceStub:
         return pb_grpc.RolloutServiceStub(self.channel())

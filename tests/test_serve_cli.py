@@ -72,9 +72,9 @@ def test_serve_with_tls_answers_then_exits_cleanly_on_sigterm(tmp_path):
                                                          timeout=CALL_TIMEOUT)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "2 prompts x n=2 = 4 sequences exceeds" in refused.value.details()
-        with pytest.raises(grpc.RpcError):  # plaintext is refused on a TLS port
-            pb_grpc.RolloutServiceStub(grpc.insecure_channel(f"localhost:{port}")).GetStatus(
-                pb.StatusRequest(), timeout=5)
+        with pytest.raises(grpc.RpcError), grpc.insecure_channel(f"localhost:{port}") as plain:
+            pb_grpc.RolloutServiceStub(plain).GetStatus(pb.StatusRequest(), timeout=5)  # refused on a TLS port
+        channel.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
     finally:

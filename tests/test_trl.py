@@ -107,8 +107,8 @@ def test_sampling_settings_trl_cannot_score_are_refused(field, value):
 def _vllm_client_generate(client, service):
     ids = [[3, 14, 15, 92], [65, 35, 89]]
     out = client.generate(ids, n=2, max_tokens=6, temperature=1.0, generation_kwargs={"seed": 5})
-    grpc_groups = RolloutClient(service.address, timeout=CALL_TIMEOUT).generate(
-        ids, SamplingParams(max_tokens=6, n=2, seed=5, stop_token_ids=(0,)))
+    with RolloutClient(service.address, timeout=CALL_TIMEOUT) as grpc_client:
+        grpc_groups = grpc_client.generate(ids, SamplingParams(max_tokens=6, n=2, seed=5, stop_token_ids=(0,)))
     assert out["prompt_ids"] == ids
     assert out["completion_ids"] == [t.token_ids.tolist() for g in grpc_groups for t in g.trajectories]
     got = [[lp[0] for lp in seq] for seq in out["logprobs"]]  # TRL keeps the top-1, the sampled token

@@ -1,5 +1,6 @@
 """Weight swap lifecycle on one replica: verify on stage, and the wait / abort / keep modes."""
 
+import socket
 import threading
 from concurrent.futures import Future
 
@@ -11,15 +12,14 @@ from service_helpers import wait_until
 from rollout import Engine
 from rollout.sampling import process_logits
 from rollout.service.messages import Finished, Stale, Started
-from rollout.service.replica import GeneratorReplica
 from rollout.service.weights import WeightMismatchError
 
 PARAMS = dict(max_tokens=200, seed=1)  # long enough that a request is still running when a test acts
 
 
 @pytest.fixture
-def replica(tiny_dir):
-    return GeneratorReplica(str(tiny_dir), "r0", metrics_port=None)
+def replica(make_replica):
+    return make_replica("r0")
 
 
 def perturbed(engine: Engine, seed: int) -> dict[str, torch.Tensor]:
@@ -144,13 +144,45 @@ def test_unknown_mode_is_refused(replica):
         replica.commit_weights(1, "later")
 
 
-def test_a_request_waiting_for_a_busy_engine_loop_times_out_with_a_message(tiny_dir):
-    replica = GeneratorReplica(str(tiny_dir), "r1", metrics_port=None, lock_timeout=0.2)
+def test_a_request_waiting_for_a_busy_engine_loop_times_out_with_a_message(make_replica):
+    replica = make_replica("r1", lock_timeout=0.2)
     release = pause(replica)
     with pytest.raises(TimeoutError, match="request second waited 0 s for the engine loop"):
         next(replica.generate("second", PROMPTS, PARAMS, 0))
     release.set()
     assert drain(replica.generate("third", PROMPTS, PARAMS, 0))  # the loop serves again
+
+
+def test_close_fails_running_requests_stops_the_loop_and_frees_the_metrics_port(make_replica):
+    replica = make_replica("closing")
+    replica.stage_weights(1, perturbed(replica.engine, 0))
+    running = run(replica, "running")
+    release = pause(replica)
+    commit, out = in_thread(lambda: _error_of(replica.commit_weights, 1, "wait", 60))
+    wait_until(lambda: replica._commands.qsize() == 1, what="commit queued")
+    closing, _ = in_thread(replica.close)
+    wait_until(lambda: replica._commands.qsize() == 2, what="close's wake-up queued")
+    release.set()
+    closing.join(60)
+    commit.join(60)
+    assert not replica._loop.is_alive()
+    with pytest.raises(RuntimeError, match="replica closing: replica closed"):
+        drain(running)
+    assert "replica closing closed before version 1 was applied" in out["result"]
+    with pytest.raises(RuntimeError, match="replica closing is closed: request later refused"):
+        next(replica.generate("later", PROMPTS, PARAMS, 0))
+    port = int(replica.metrics.address.rsplit(":", 1)[1])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    assert replica.engine.weight_version == 0
+
+
+def _error_of(fn, *args) -> str:
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - the test reads the message
+        return str(e)
+    return ""
 
 
 def test_a_broadcast_push_with_a_bad_checksum_still_receives_every_tensor(replica, monkeypatch):

@@ -15,7 +15,6 @@ from service_helpers import wait_until
 
 from rollout import Engine, SamplingParams
 from rollout.service.messages import Finished, Started
-from rollout.service.replica import GeneratorReplica
 from rollout.service.servicer import model_weight_shapes
 from rollout.service.updates import read_bucket
 from rollout.service.weights import WeightMismatchError, canonical_name, read_weights_from_disk
@@ -24,8 +23,8 @@ PARAMS = dict(max_tokens=200, seed=1)
 
 
 @pytest.fixture
-def replica(tiny_dir):
-    return GeneratorReplica(str(tiny_dir), "r0", metrics_port=None)
+def replica(make_replica):
+    return make_replica("r0")
 
 
 @pytest.fixture(scope="module")
@@ -344,12 +343,12 @@ def test_strict_dtype_policy_takes_the_served_dtype_or_wider(tiny_dir, pushed, s
         assert all(t.dtype == served for t in staged.tensors.values())
 
 
-def test_replica_applies_its_dtype_policy_and_reset_casts_the_base(tiny_dir, tmp_path):
-    strict = GeneratorReplica(str(tiny_dir), "strict", metrics_port=None)
+def test_replica_applies_its_dtype_policy_and_reset_casts_the_base(make_replica, tmp_path):
+    strict = make_replica("strict")
     half = {k: v.half() for k, v in perturbed(strict.engine, 4).items()}
     with pytest.raises(WeightMismatchError, match="pushed as torch.float16"):
         strict.stage_weights(1, half)
-    cast = GeneratorReplica(str(tiny_dir), "cast", metrics_port=None, weight_dtype_policy="cast")
+    cast = make_replica("cast", weight_dtype_policy="cast")
     assert cast.stage_weights(1, half) > 0
     # a float16 checkpoint on disk is refused by the strict replica, the base weights are not
     save_file({k: v.contiguous() for k, v in half.items()}, tmp_path / "model.safetensors")

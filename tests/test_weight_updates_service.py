@@ -18,7 +18,7 @@ from rollout import Engine, SamplingParams  # noqa: E402
 from rollout.service.serve import DEFAULT_MODEL, RolloutService, init_ray  # noqa: E402
 from rollout.v1 import rollout_pb2 as pb  # noqa: E402
 from rollout.wire import trajectory_arrays  # noqa: E402
-from trainer_bridge import RolloutClient, WeightSync  # noqa: E402
+from trainer_bridge import WeightSync  # noqa: E402
 
 TOKEN = "weights-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -80,7 +80,7 @@ def test_a_bucketed_push_is_one_version_serving_exactly_those_weights(runner, ba
     state = perturbed(base_state, 1)
     pushed = dict(state, **{"lm_head.weight": state["model.embed_tokens.weight"]})  # tied: sent too, equal
     before = status(runner).weight_version
-    sync = WeightSync(RolloutClient(runner.address, token=TOKEN))
+    sync = WeightSync(runner.client(TOKEN))
     buckets_sent = []
     original = sync.client.stub.PushWeightBucket
     sync.client.stub.PushWeightBucket = lambda chunks, **kw: buckets_sent.append(1) or original(chunks, **kw)
@@ -160,14 +160,14 @@ def test_update_from_a_missing_path_is_a_clear_error_and_changes_nothing(runner,
     assert resp.status_code == 400
     assert f"weight path {tmp_path / 'nope'} does not exist" in resp.json()["error"]["message"]
     with pytest.raises(grpc.RpcError) as info:
-        WeightSync(RolloutClient(runner.address, token=TOKEN)).update_from_disk(str(tmp_path / "nope"))
+        WeightSync(runner.client(TOKEN)).update_from_disk(str(tmp_path / "nope"))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not exist" in info.value.details()
     assert status(runner).weight_version == before
 
 
 def test_reset_returns_to_the_base_outputs_as_a_new_version(runner, base_state, tmp_path):
     base = expected_with(base_state, tmp_path)
-    WeightSync(RolloutClient(runner.address, token=TOKEN)).push(perturbed(base_state, 3))
+    WeightSync(runner.client(TOKEN)).push(perturbed(base_state, 3))
     assert served(runner) != base
     before = status(runner).weight_version
     resp = post(runner, "/reset_weights")
@@ -227,7 +227,7 @@ def test_pause_keep_over_http_holds_requests_and_resume_finishes_them(runner):
 
 def test_pause_abort_ends_running_requests_with_abort(runner):
     t, out = long_stream(runner)
-    sync = WeightSync(RolloutClient(runner.address, token=TOKEN))
+    sync = WeightSync(runner.client(TOKEN))
     assert sync.pause("abort", timeout_seconds=60) == 1
     t.join(600)
     assert len(out["got"]) == 8 and all(x.finish_reason == pb.ABORT for x in out["got"])

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ray.init(include_dashboard=False, log_to_driver=False, namespace="grpo-example")
     service = BackgroundService(RolloutService(model_dir, replicas=args.replicas, port=0, auth_token=TOKEN,
                                                name="grpo"))
-    history = []
+    history, client = [], None
     try:
         service.wait_started()
         client = RolloutClient(service.address, token=TOKEN)
@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{step:>4} {row['reward']:>7.3f} {row['dlogp_mean']:>12.2e} {row['dlogp_max']:>9.2e} "
                   f"{row['kl']:>9.2e} {tpf:>8.2f} {row['cotrain']:>8.3f} {push.seconds:>7.2f} {version:>7}",
                   flush=True)
-        client.close()
     finally:
+        if client is not None:
+            client.close()  # before the service and the interpreter go: gRPC channels are not for the GC
         service.stop()
         ray.shutdown()
     if args.json:

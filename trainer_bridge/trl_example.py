@@ -57,11 +57,12 @@ def train(address: str, token: str, model_dir: Path = DEFAULT_MODEL, *, steps: i
         per_device_train_batch_size=prompts_per_step * group_size, num_generations=group_size,
         max_completion_length=max_tokens, temperature=1.0, use_cpu=True, bf16=False, report_to="none",
         logging_steps=1, save_strategy="no", seed=seed, dataloader_num_workers=0, disable_tqdm=True)
-    rollout = ServiceRollout(RolloutClient(address, token=token), tidar.mask_token_id, seed=seed)
-    trainer = ServiceGRPOTrainer(model=model, reward_funcs=python_line_reward, args=args,
-                                 train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
-                                 rollout=rollout, callbacks=callbacks)
-    trainer.train()
+    with RolloutClient(address, token=token) as client:
+        rollout = ServiceRollout(client, tidar.mask_token_id, seed=seed)
+        trainer = ServiceGRPOTrainer(model=model, reward_funcs=python_line_reward, args=args,
+                                     train_dataset=Dataset.from_dict({"prompt": prompts}),
+                                     processing_class=tokenizer, rollout=rollout, callbacks=callbacks)
+        trainer.train()
     return trainer
 
 

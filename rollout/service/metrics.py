@@ -20,16 +20,28 @@ from ..engine.sequence import GenerationStats
 from ..params import Completion
 
 
-def _serve(registry: CollectorRegistry, port: int | None, host: str) -> str:
-    """Serves /metrics on host:port (port 0: any free one); returns the address to scrape."""
+def _serve(registry: CollectorRegistry, port: int | None, host: str):
+    """Serves /metrics on host:port (port 0: any free one); returns (address to scrape, server)."""
     if port is None:
-        return ""
+        return "", None
     server, _ = start_http_server(port, addr=host, registry=registry)
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
-    return f"{shown}:{server.server_port}"
+    return f"{shown}:{server.server_port}", server
 
 
-class ReplicaMetrics:
+class _Served:
+    """Owns the /metrics HTTP server (if any); close() stops its thread and frees the port."""
+
+    _server = None
+
+    def close(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+class ReplicaMetrics(_Served):
     def __init__(self, replica: str, port: int | None = None, host: str = "0.0.0.0"):
         self.registry = r = CollectorRegistry()
         self.tokens = Counter("rollout_replica_generated_tokens", "Tokens generated", registry=r)
@@ -49,7 +61,7 @@ class ReplicaMetrics:
         self.restarts = Gauge("rollout_replica_restarted", "1 if this replica process is a Ray restart", registry=r)
         self.finished = Counter("rollout_replica_trajectories", "Finished trajectories", ["finish_reason"],
                                 registry=r)
-        self.address = _serve(r, port, host)
+        self.address, self._server = _serve(r, port, host)
         self.replica = replica
 
     def observe_completion(self, c: Completion) -> None:
@@ -63,7 +75,7 @@ class ReplicaMetrics:
             self.acceptance.labels(str(i + 1)).set(a)
 
 
-class FrontendMetrics:
+class FrontendMetrics(_Served):
     def __init__(self, port: int | None = None, host: str = "0.0.0.0"):
         self.registry = r = CollectorRegistry()
         self.queue_depth = Gauge("rollout_queue_depth", "Requests admitted and waiting for a replica", registry=r)
@@ -79,4 +91,4 @@ class FrontendMetrics:
         self.retries = Counter("rollout_redispatches", "Requests re-dispatched after a replica failure", registry=r)
         self.replica_restarts = Counter("rollout_replica_failures", "Replica actor deaths seen", registry=r)
         self.aborts = Counter("rollout_aborts", "Requests aborted (cancel, deadline, shutdown)", registry=r)
-        self.address = _serve(r, port, host)
+        self.address, self._server = _serve(r, port, host)

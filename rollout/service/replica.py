@@ -99,6 +99,7 @@ class GeneratorReplica:
         self.metrics = ReplicaMetrics(name, port, metrics_host)
         self.metrics.weight_version.set(0)
         self.metrics.restarts.set(self.restarts)
+        self._closing = False  # set by close(); the loop ends at its next turn
         self._loop = threading.Thread(target=self._run_loop, name=f"engine-loop-{name}", daemon=True)
         self._loop.start()
         log.info("replica %s ready on %s (%s), restarts=%d, %s", name, self.device, torch_dtype, self.restarts,
@@ -107,6 +108,8 @@ class GeneratorReplica:
     # ------------------------------------------------------------------ the engine loop
     def _call(self, fn, what: str):
         """Runs fn() on the engine loop between steps; waits at most lock_timeout for it."""
+        if self._closing:
+            raise RuntimeError(f"replica {self.name} is closed: {what} refused")
         done: Future = Future()
         self._commands.put((fn, done))
         try:
@@ -116,7 +119,18 @@ class GeneratorReplica:
             raise TimeoutError(f"replica {self.name}: {what} waited {self.lock_timeout:.0f} s for the engine loop") from None
 
     def _run_loop(self) -> None:
-        while True:
+        try:
+            self._serve_steps()
+        finally:
+            self._fail_all("replica closed")
+            self._refuse_queued_commands()
+            swap, self._swap = self._swap, None
+            if swap is not None and not swap.done.done():
+                swap.done.set_exception(RuntimeError(f"replica {self.name} closed before version {swap.version} "
+                                                     "was applied"))
+
+    def _serve_steps(self) -> None:
+        while not self._closing:
             idle = (not self.engine.has_work or self.paused) and self._swap is None
             self._run_commands(block=idle, timeout=1.0 if idle else None)
             self._apply_swap_if_due()
@@ -134,6 +148,26 @@ class GeneratorReplica:
             self.metrics.draft_length.set(0 if shape is None else shape.length)
             if not (out.finished or out.started) and not self.engine.scheduler.busy:
                 self._run_commands(block=True, timeout=IDLE_WAIT)  # queued work that cannot start yet
+
+    def _refuse_queued_commands(self) -> None:
+        while True:
+            try:
+                _, done = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if done.set_running_or_notify_cancel():
+                done.set_exception(RuntimeError(f"replica {self.name} is closed"))
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stops the engine loop after its current step (running requests end with Failed,
+        queued commands with RuntimeError), waits up to `timeout` for it, and stops the metrics
+        server. For in-process owners (tests, benchmarks); a Ray actor ends with its process."""
+        self._closing = True
+        self._commands.put((lambda: None, Future()))  # wakes a loop waiting for commands
+        self._loop.join(timeout)
+        if self._loop.is_alive():
+            raise TimeoutError(f"replica {self.name}: the engine loop did not stop within {timeout:.0f} s")
+        self.metrics.close()
 
     def _fail_all(self, error: str) -> None:
         """After a failed step: every request ends (slots freed) and its caller gets Failed."""

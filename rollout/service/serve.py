@@ -148,6 +148,8 @@ class RolloutService:
         if self.pg is not None:
             remove_placement_group(self.pg)
         self.actors, self.pg = [], None
+        if self.router is not None:
+            self.router.metrics.close()
 
 
 class BackgroundService:
