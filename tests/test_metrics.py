@@ -24,3 +24,9 @@ def test_metrics_bind_the_given_host_only():
                 raise AssertionError(f"metrics answered on {ip}:{port}")
             except OSError:
                 pass
+        metrics.close()  # the server thread stops and the port is free again
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            raise AssertionError(f"metrics still answer on 127.0.0.1:{port} after close()")
+        except ConnectionRefusedError:
+            pass
