@@ -50,3 +50,11 @@ def test_packed_benchmark_times_packed_and_plain_projections_per_batch():
     rows = [line for line in text.splitlines() if line.startswith("| eager |")]
     assert len(rows) == 2
     assert all(re.search(r"\| \d+ \| \d+ \| \d\.\d\dx \|$", line) for line in rows)
+
+
+def test_fused_ar_benchmark_times_both_variants_and_checks_their_tokens():
+    from benchmarks.fused_ar import main as fused_main
+    text = fused_main(["--batches", "1", "--max-tokens", "3", "--repeats", "1", "--prompt-len", "8",
+                       "--samplers", "ar"])
+    rows = [line for line in text.splitlines() if line.startswith("| ar | 1 |")]
+    assert len(rows) == 1 and re.search(r"\| \d+ \| \d+ \| \d\.\d{3}x \| yes \|$", rows[0])

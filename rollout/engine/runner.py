@@ -15,7 +15,8 @@ Design decisions:
   drafts. Drafts are stored per slot at the block length; a shorter step verifies a prefix.
 - `compile=True`: the forward goes through torch.compile (dynamic shapes; decode batches padded
   to powers of two with sink rows), and so does each decode step's sampling half (`ar_sample`,
-  `tidar_sample`: pure tensor functions; the runner writes the slot state they return).
+  `tidar_sample`: pure tensor functions; the runner writes the slot state they return), in
+  the same compiled call as the decode forward (`ar_step`, `tidar_step`).
   Each forward's `StepBatch.packed` says the packed projections were checked current just
   before it (`Decoder.packs_current`), so compiled steps run them too.
   `cuda_graphs=True`: static-shape decode forwards, captured on a GPU (`step_graphs.py`).
@@ -97,6 +98,13 @@ class ModelRunner:
         self.forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
         self.ar_sample = torch.compile(ar_sample, dynamic=True) if compile else ar_sample
         self.tidar_sample = torch.compile(tidar_sample, dynamic=True) if compile else tidar_sample
+        # A compiled decode step is one call (the forward, then ar_sample or tidar_sample): it
+        # pays dynamo's guards and Inductor's Python wrapper once, not twice (AR steps 1.03-1.11x
+        # tokens/s at batch 1 and 8 on the CPU, all-level TiDAR steps within noise:
+        # benchmarks/fused_ar.py). `fused` False: two calls.
+        self.fused = compile
+        self.ar_step = torch.compile(ar_step, dynamic=True) if compile else ar_step
+        self.tidar_step = torch.compile(tidar_step, dynamic=True) if compile else tidar_step
         cfg: ModelConfig = model.config
         self.cache = KVCache(cfg.num_layers, num_slots, cfg.num_kv_heads, slot_len, cfg.head_dim, dtype, device)
         K, V, S = tidar.block_size, cfg.vocab_size, num_slots + 1  # + the sink slot
@@ -241,18 +249,27 @@ class ModelRunner:
         slots, L = self._tensor(slot_list), self._tensor(committed)
         drafts = self.drafts[slots, :k]                      # [B, k]
         keys = self.keys[slots]
-        hidden = self._decode_forward(slots, L, max(committed), drafts, layout, consecutive(slot_list))
+        if self.fused:  # compiled: the forward and the sampling half are one call
+            ids, batch = self._decode_inputs(slots, L, max(committed), drafts, layout)
+        else:
+            hidden = self._decode_forward(slots, L, max(committed), drafts, layout, consecutive(slot_list))
         rows = RowSampling.build([s.params for s in seqs], dev, self.forbidden)
         if not drafting:
-            return self._ar_tokens(seqs, slots, L, keys, hidden, rows)
+            offsets, purposes = self.uniform_plan(1, 0)
+            args = (rows, keys, L[:, None] + offsets, purposes)
+            sampled = (self.ar_step(self.model, ids, batch, self.cache, *args) if self.fused
+                       else self.ar_sample(self.model, hidden[:, 0], *args))
+            return self._ar_tokens(seqs, slots, *sampled)
         # A shorter step verifies only the drafts it carries (the rest are dropped).
         num_valid = self.num_valid[slots].clamp(max=k)
         b, K = layout.block_size, self.tidar.block_size
         offsets, purposes = self.uniform_plan(k, b)
         drafting_rows = self._tensor([s.drafts for s in seqs], torch.bool)
-        out, lp, blp, accepted, p_logprobs, next_drafts, next_logits, next_valid = self.tidar_sample(
-            self.model, hidden, drafts, self.draft_logits[slots, 1:k], num_valid, keys, L[:, None] + offsets,
-            purposes, rows, level_t, drafting_rows, b, len(layout.levels) == 1, K, self.tidar.mask_token_id)
+        args = (drafts, self.draft_logits[slots, 1:k], num_valid, keys, L[:, None] + offsets, purposes, rows,
+                level_t, drafting_rows, b, len(layout.levels) == 1, K, self.tidar.mask_token_id)
+        out, lp, blp, accepted, p_logprobs, next_drafts, next_logits, next_valid = (
+            self.tidar_step(self.model, ids, batch, self.cache, *args) if self.fused
+            else self.tidar_sample(self.model, hidden, *args))
         self.drafts[slots] = next_drafts
         self.draft_logits[slots[:, None], torch.arange(1, b, device=dev)[None]] = next_logits
         self.num_valid[slots] = next_valid  # logits past a row's valid drafts are never used
@@ -269,12 +286,9 @@ class ModelRunner:
         return StepTokens(seqs, tokens, lps, blps, acc, offered,
                           top_alternatives(seqs, p_logprobs, [a + 1 for a in acc]), shape)
 
-    def _ar_tokens(self, seqs: list[Sequence], slots: torch.Tensor, L: torch.Tensor, keys: torch.Tensor,
-                   hidden: torch.Tensor, rows: RowSampling) -> StepTokens:
-        """The rest of an AR step: nothing to verify, so the token is drawn from p with the
-        RESAMPLE uniform at L+1, exactly what verification with no valid drafts draws."""
-        offsets, purposes = self.uniform_plan(1, 0)
-        token, lp, logprobs = self.ar_sample(self.model, hidden[:, 0], rows, keys, L[:, None] + offsets, purposes)
+    def _ar_tokens(self, seqs: list[Sequence], slots: torch.Tensor, token: torch.Tensor, lp: torch.Tensor,
+                   logprobs: torch.Tensor) -> StepTokens:
+        """The rest of an AR step (`ar_sample`'s token, its log-prob and the policy's log-probs)."""
         self.drafts[slots, 0] = token
         self.num_valid[slots] = 1
         packed = torch.stack((token.double(), lp.double()), dim=1).tolist()  # the step's one sync
@@ -295,6 +309,13 @@ class ModelRunner:
             hidden = self.graphs.forward(ids, slots, L, prefix_max, layout)
             if hidden is not None:
                 return hidden
+        ids, batch = self._decode_inputs(slots, L, prefix_max, drafts, layout, slot_range)
+        return self.forward(ids, batch, self.cache)[:B]
+
+    def _decode_inputs(self, slots: torch.Tensor, L: torch.Tensor, prefix_max: int, drafts: torch.Tensor,
+                       layout: DecodeLayout, slot_range: tuple[int, int] | None = None) -> tuple[torch.Tensor, StepBatch]:
+        """A decode forward's token ids [padded, T] and StepBatch (rows past B: sink padding)."""
+        B, k, T, dev = slots.shape[0], layout.num_drafts, layout.num_tokens, self.device
         padded = 1 << (B - 1).bit_length() if self.compiled else B
         if self.compiled:
             slot_range = None  # a Python int pair would be a guard: one recompilation per range
@@ -311,7 +332,7 @@ class ModelRunner:
         batch = StepBatch(slots, L, prefix_max, positions, layout.visible.expand(padded, T, T),
                           self.cache.write_index(slots, positions, write), self.attention, slot_range=slot_range,
                           ar_step=layout is self.ar_layout, packed=self.model.packs_current())
-        return self.forward(ids, batch, self.cache)[:B]
+        return ids, batch
 
     # ------------------------------------------------------------------ whole sequences
     def recompute(self, seqs: list[Sequence]) -> None:
@@ -351,6 +372,23 @@ def ar_sample(model: Decoder, hidden: torch.Tensor, rows: RowSampling, keys: tor
     p, logprobs = rows.policy(model.logits(hidden))  # [B, V]
     token = sample_from(p, counter_uniforms(keys, positions, purposes)[:, 0])
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1), logprobs
+
+
+def ar_step(model: Decoder, ids: torch.Tensor, batch: StepBatch, cache: KVCache, rows: RowSampling,
+            keys: torch.Tensor, positions: torch.Tensor, purposes: torch.Tensor):
+    """A whole AR step as one function (for torch.compile): the forward over `ids` (rows past
+    len(keys) are padding), then `ar_sample` of the real rows."""
+    hidden = model.forward(ids, batch, cache)[:keys.shape[0], 0]
+    return ar_sample(model, hidden, rows, keys, positions, purposes)
+
+
+def tidar_step(model: Decoder, ids: torch.Tensor, batch: StepBatch, cache: KVCache, drafts: torch.Tensor,
+               *args) -> tuple[torch.Tensor, ...]:
+    """A whole TiDAR step as one function (for torch.compile): the forward over `ids` (rows
+    past len(drafts) are padding), then `tidar_sample` of the real rows (`args`: the rest of
+    its arguments)."""
+    hidden = model.forward(ids, batch, cache)[:drafts.shape[0]]
+    return tidar_sample(model, hidden, drafts, *args)
 
 
 def tidar_sample(model: Decoder, hidden: torch.Tensor, drafts: torch.Tensor, draft_logits: torch.Tensor,
