@@ -18,9 +18,13 @@ class ServiceRunner(BackgroundService):
     """BackgroundService plus blocking stubs for tests; stop() closes the channels it made
     (a gRPC channel left to the garbage collector at interpreter exit can crash the process)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._open: list = []  # channels and clients handed out, closed by stop()
+
     def channel(self) -> grpc.Channel:
         channel = grpc.insecure_channel(self.address)
-        self.__dict__.setdefault("_channels", []).append(channel)
+        self._open.append(channel)
         return channel
 
     def client(self, token: str | None = None, **kwargs):
@@ -28,12 +32,12 @@ class ServiceRunner(BackgroundService):
         from trainer_bridge.client import RolloutClient
 
         client = RolloutClient(self.address, token=token, **kwargs)
-        self.__dict__.setdefault("_channels", []).append(client)
+        self._open.append(client)
         return client
 
     def stop(self, grace: float = 1.0, timeout: float = 120.0) -> None:
-        for channel in self.__dict__.pop("_channels", []):
-            channel.close()
+        while self._open:
+            self._open.pop().close()
         super().stop(grace, timeout)
 
     def stub(self) -> pb_grpc.RolloutServiceStub:
