@@ -18,42 +18,22 @@ runs both variants back to back, so the ratio of a pair is less exposed to a noi
 
 from __future__ import annotations
 
-import argparse
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from rollout import Engine, SamplingParams
 from rollout.config import EngineConfig
 
-from .acceptance import heldout_prompts
-
-EMBEDDED = Path(__file__).resolve().parents[1] / "rollout" / "default_model"
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from .packed import ab_parser, ab_setup, sync
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=EMBEDDED)
-    p.add_argument("--corpus", default="python-sources", help="corpus whose held-out split gives the prompts")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=9, help="interleaved runs of each variant (medians)")
+    p = ab_parser(__doc__, repeats=9)
     p.add_argument("--samplers", default="ar,lossless", help="comma-separated: ar (AR steps), lossless (TiDAR)")
     args = p.parse_args(argv)
-    batches = [int(b) for b in args.batches.split(",")]
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    prompts = heldout_prompts(args.model, args.corpus, max(batches), args.prompt_len)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    batches, dtype, prompts, device = ab_setup(args)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, config=EngineConfig(
         max_num_seqs=max(batches), max_model_len=args.prompt_len + args.max_tokens, compile=True,
         drafting="fixed"))
@@ -68,11 +48,11 @@ def main(argv: list[str] | None = None) -> str:
         sync(args.device)
         return engine.last_stats.generated_tokens / (time.perf_counter() - t0), [g[0].token_ids for g in out]
 
-    lines = [f"# compiled decode steps, fused vs two calls: {args.model.name}, {args.device} ({device}, "
+    title = (f"# compiled decode steps, fused vs two calls: {args.model.name}, {args.device} ({device}, "
              f"{torch.get_num_threads()} threads), {dtype}, torch {torch.__version__}; "
-             f"{args.max_tokens} tokens per row, {args.repeats} interleaved repeats", "",
-             "| sampler | batch | two calls tokens/s | fused tokens/s | fused / two (median of pairs) "
-             "| same tokens |", "|---|---|---|---|---|---|"]
+             f"{args.max_tokens} tokens per row, {args.repeats} interleaved repeats")
+    header = "| sampler | batch | two calls tokens/s | fused tokens/s | fused / two (median of pairs) | same tokens |"
+    lines = [title, "", header, "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for sampler in args.samplers.split(","):
         for batch in batches:

@@ -50,21 +50,33 @@ def rate(engine: Engine, prompts, args, seed: int) -> float:
     return engine.last_stats.generated_tokens / (time.perf_counter() - t0)
 
 
-def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def ab_parser(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The options of an in-process A/B benchmark (this one, `fused_ar`): model, prompts, batches."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=EMBEDDED)
     p.add_argument("--corpus", default="python-sources", help="corpus whose held-out split gives the prompts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5, help="interleaved runs of each variant (medians)")
-    p.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
-    args = p.parse_args(argv)
+    p.add_argument("--repeats", type=int, default=repeats, help="interleaved runs of each variant (medians)")
+    return p
+
+
+def ab_setup(args) -> tuple[list[int], torch.dtype, list[list[int]], str]:
+    """Parsed `ab_parser` options -> (batch sizes, dtype, held-out prompts, device name)."""
     batches = [int(b) for b in args.batches.split(",")]
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     prompts = heldout_prompts(args.model, args.corpus, max(batches), args.prompt_len)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    return batches, dtype, prompts, device
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = ab_parser(__doc__, repeats=5)
+    p.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
+    args = p.parse_args(argv)
+    batches, dtype, prompts, device = ab_setup(args)
     lines = [f"# packed vs plain projections: {args.model.name}, {args.device} ({device}, "
              f"{torch.get_num_threads()} threads), {dtype}, torch {torch.__version__}; AR, "
              f"{args.max_tokens} tokens per row, median of {args.repeats}", "",
