@@ -174,9 +174,9 @@ def test_acceptance_stats_count_only_drafted_positions(tiny_dir):
 
 @pytest.mark.parametrize("sampler,top_p", [("lossless", 1.0), ("ar", 1.0), ("ar", 0.8)])
 def test_compiled_engine_samples_what_the_eager_engine_samples(engine, sampler, top_p):
-    """torch.compile of the forward (Inductor on the CPU; padded decode batches), of a TiDAR
-    step's sampling half and of the whole AR step (forward and sampling in one call) against
-    eager: same tokens, log-probs within 1e-5."""
+    """torch.compile (Inductor on the CPU; padded decode batches) of whole decode steps, the
+    forward and the sampling half in one call (`ar_step`, `tidar_step`), against eager: same
+    tokens, log-probs within 1e-5."""
     compiled = Engine(engine.model, engine.tidar, config=EngineConfig(compile=True))
     calls = {"ar": 0, "tidar": 0}
     for kind in calls:
