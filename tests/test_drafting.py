@@ -123,6 +123,35 @@ def random_levels(engine, seed):
     return engine
 
 
+def test_compiled_steps_sample_what_eager_steps_sample_when_the_shape_changes_every_step(engine):
+    """Compiled decode steps build their inputs and write the slots' next drafts inside the
+    compiled call (`ModelRunner._fused_ar`, `_fused_tidar`): an AR step after a TiDAR step, a
+    TiDAR step after an AR step, shorter after longer, must leave the same slot state as the
+    eager runner, so the same shape script gives the same tokens and log-probs."""
+    compiled = Engine(engine.model, engine.tidar, config=EngineConfig(compile=True))
+    shapes = [s for s in compiled.drafting.calibration_shapes() if s is None or s.length == 2 or len(s.levels) > 1]
+    assert len(shapes) == 3  # AR, length 2 with one level, the whole block with every level
+    calls = {"ar": 0, "tidar": 0}
+    for kind in calls:  # count the fused calls
+        fused = getattr(compiled.runner, f"{kind}_step")
+        setattr(compiled.runner, f"{kind}_step", lambda *a, f=fused, k=kind: calls.update({k: calls[k] + 1}) or f(*a))
+    outs = []
+    for e in (Engine(engine.model, engine.tidar), compiled):
+        rng = random.Random(5)
+        e.drafting.choose = lambda params, context: rng.choice(shapes)
+        outs.append(sum(e.generate(PROMPTS, SamplingParams(max_tokens=12, n=2, seed=4, temperature=0.8)), []))
+        assert len(e.last_stats.level_choices) == len(shapes)  # every shape ran
+    assert calls["ar"] > 0 and calls["tidar"] > 0
+    for a, b in zip(*outs):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
+
+
+def test_split_attention_is_refused_with_compile_on_the_cpu(engine):
+    with pytest.raises(ValueError, match="attention 'split' cannot be compiled on the CPU"):
+        Engine(engine.model, engine.tidar, config=EngineConfig(compile=True, attention="split"))
+
+
 def test_greedy_tidar_equals_greedy_ar_whatever_the_shape_of_each_step(engine):
     ar = engine.generate(PROMPTS, SamplingParams(sampler="ar", temperature=0, max_tokens=30))
     shuffled = random_levels(Engine(engine.model, engine.tidar), 0)

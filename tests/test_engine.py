@@ -172,25 +172,21 @@ def test_acceptance_stats_count_only_drafted_positions(tiny_dir):
     assert s.draft_accepts[1] <= s.draft_accepts[0]
 
 
-@pytest.mark.parametrize("sampler,top_p", [("lossless", 1.0), ("ar", 1.0), ("ar", 0.8)])
-def test_compiled_engine_samples_what_the_eager_engine_samples(engine, sampler, top_p):
-    """torch.compile (Inductor on the CPU; padded decode batches) of whole decode steps, the
-    forward and the sampling half in one call (`ar_step`, `tidar_step`), against eager: same
-    tokens, log-probs within 1e-5."""
+def test_compiled_engine_samples_what_the_eager_engine_samples_with_a_filter(engine):
+    """torch.compile (Inductor on the CPU; padded decode batches) of whole AR decode steps
+    (`ar_step`: inputs, forward, sampling and slot update in one call) with a top-p filter,
+    against eager: same tokens, log-probs within 1e-5. TiDAR steps, and AR and TiDAR steps
+    taking turns: test_drafting."""
     compiled = Engine(engine.model, engine.tidar, config=EngineConfig(compile=True))
-    calls = {"ar": 0, "tidar": 0}
-    for kind in calls:
-        fused = getattr(compiled.runner, f"{kind}_step")
-        setattr(compiled.runner, f"{kind}_step", lambda *a, f=fused, k=kind: calls.update({k: calls[k] + 1}) or f(*a))
-    params = SamplingParams(sampler=sampler, max_tokens=12, n=3, seed=8, temperature=0.9, top_p=top_p)
+    calls = []
+    fused = compiled.runner.ar_step
+    compiled.runner.ar_step = lambda *a: calls.append(1) or fused(*a)
+    params = SamplingParams(sampler="ar", max_tokens=12, n=3, seed=8, temperature=0.9, top_p=0.8)
     eager = engine.generate(PROMPTS[:3], params)
     for a, b in zip(sum(compiled.generate(PROMPTS[:3], params), []), sum(eager, [])):
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
-    # decode steps ran fused: at least 12 / 4 of them (block length 4), TiDAR ones only for lossless
-    assert calls["ar" if sampler == "ar" else "tidar"] >= 3
-    if sampler == "ar":
-        assert calls["tidar"] == 0
+    assert len(calls) >= 3  # decode steps ran fused (12 tokens: at least 11 steps)
 
 
 def test_the_mask_token_is_never_sampled_even_at_high_temperature(engine):

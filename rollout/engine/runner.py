@@ -32,6 +32,7 @@ import torch
 
 from ..config import ModelConfig, TidarConfig
 from ..model.decoder import Decoder, StepBatch
+from ..params import SamplingParams
 from ..model.kv_cache import KVCache
 from ..model.triton_attention import triton_unavailable_reason
 from ..sampling import (ACCEPT, DRAFT, RESAMPLE, RowSampling, counter_uniforms, mixed_logits, sample_from,
@@ -84,6 +85,9 @@ class ModelRunner:
         if attention == "triton" and (reason := triton_unavailable_reason(device)) is not None:
             raise RuntimeError(f"attention path 'triton' cannot run on {device}: {reason} "
                                "(use attention='split' or 'dense')")
+        if attention == "split" and compile and torch.device(device).type == "cpu":
+            raise ValueError("attention 'split' cannot be compiled on the CPU (Inductor's CPU FlexAttention "
+                             "has no log-sum-exp output): use attention='dense' with compile=True, or compile=False")
         self.forbidden = (tidar.mask_token_id,)  # ids the policy never emits (sampling.process_logits)
         # torch.compile of the forward (Inductor: CPU and GPU alike), with dynamic shapes: the
         # prefix length changes every step. Off: eager, the reference it must match.
@@ -119,6 +123,8 @@ class ModelRunner:
                        if cuda_graphs else None)
         self._layouts: dict[DraftShape, tuple[DecodeLayout, torch.Tensor]] = {}
         self._uniforms: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows_key: list | None = None
+        self._rows_value: RowSampling | None = None
 
     def one_off_count(self) -> int:
         """CUDA graphs captured plus graphs torch.compile produced so far (process-wide): a step
@@ -243,40 +249,41 @@ class ModelRunner:
         None, an AR step (pending drafts are dropped: no draft is ever verified against a step
         it was not made for). Returns each row's emitted tokens."""
         drafting = shape is not None and any(s.drafts for s in seqs)
+        if self.fused:
+            return self._fused_tidar(seqs, shape) if drafting else self._fused_ar(seqs)
         layout, level_t = self.layout(shape) if drafting else (self.ar_layout, None)
         k, dev = layout.num_drafts, self.device
         committed, slot_list = [s.num_committed for s in seqs], [s.slot for s in seqs]
         slots, L = self._tensor(slot_list), self._tensor(committed)
         drafts = self.drafts[slots, :k]                      # [B, k]
         keys = self.keys[slots]
-        if self.fused:  # compiled: the forward and the sampling half are one call
-            ids, batch = self._decode_inputs(slots, L, max(committed), drafts, layout)
-        else:
-            hidden = self._decode_forward(slots, L, max(committed), drafts, layout, consecutive(slot_list))
-        rows = RowSampling.build([s.params for s in seqs], dev, self.forbidden)
-        if not drafting:
+        hidden = self._decode_forward(slots, L, max(committed), drafts, layout, consecutive(slot_list))
+        rows = self._rows([s.params for s in seqs])
+        if not drafting:  # the forward, then the sampling half
             offsets, purposes = self.uniform_plan(1, 0)
-            args = (rows, keys, L[:, None] + offsets, purposes)
-            sampled = (self.ar_step(self.model, ids, batch, self.cache, *args) if self.fused
-                       else self.ar_sample(self.model, hidden[:, 0], *args))
+            sampled = self.ar_sample(self.model, hidden[:, 0], rows, keys, L[:, None] + offsets, purposes)
             return self._ar_tokens(seqs, slots, *sampled)
         # A shorter step verifies only the drafts it carries (the rest are dropped).
         num_valid = self.num_valid[slots].clamp(max=k)
         b, K = layout.block_size, self.tidar.block_size
         offsets, purposes = self.uniform_plan(k, b)
         drafting_rows = self._tensor([s.drafts for s in seqs], torch.bool)
-        args = (drafts, self.draft_logits[slots, 1:k], num_valid, keys, L[:, None] + offsets, purposes, rows,
-                level_t, drafting_rows, b, len(layout.levels) == 1, K, self.tidar.mask_token_id)
-        out, lp, blp, accepted, p_logprobs, next_drafts, next_logits, next_valid = (
-            self.tidar_step(self.model, ids, batch, self.cache, *args) if self.fused
-            else self.tidar_sample(self.model, hidden, *args))
+        out, lp, blp, accepted, p_logprobs, next_drafts, next_logits, next_valid = self.tidar_sample(
+            self.model, hidden, drafts, self.draft_logits[slots, 1:k], num_valid, keys, L[:, None] + offsets,
+            purposes, rows, level_t, drafting_rows, b, len(layout.levels) == 1, K, self.tidar.mask_token_id)
         self.drafts[slots] = next_drafts
         self.draft_logits[slots[:, None], torch.arange(1, b, device=dev)[None]] = next_logits
         self.num_valid[slots] = next_valid  # logits past a row's valid drafts are never used
         packed = torch.cat((out.double(), lp.double(), blp.double(), accepted[:, None].double(),
-                            (num_valid - 1)[:, None].double()), dim=1).tolist()  # the step's one sync
+                            (num_valid - 1)[:, None].double()), dim=1)
+        return self._tidar_tokens(seqs, packed, p_logprobs, shape, k)
+
+    def _tidar_tokens(self, seqs: list[Sequence], packed: torch.Tensor, p_logprobs: torch.Tensor,
+                      shape: DraftShape, k: int) -> StepTokens:
+        """The rest of a TiDAR step, from its rows' [B, 3k + 2] float64 (tokens, log-probs
+        under p, under the verification target, accepted, drafts offered) and p's log-probs."""
         tokens, lps, blps, acc, offered = [], [], [], [], []
-        for row in packed:
+        for row in packed.tolist():  # the step's one sync
             a = int(row[3 * k])
             tokens.append([int(t) for t in row[:a + 1]])
             lps.append(row[k:k + a + 1])
@@ -285,6 +292,51 @@ class ModelRunner:
             offered.append(int(row[3 * k + 1]))
         return StepTokens(seqs, tokens, lps, blps, acc, offered,
                           top_alternatives(seqs, p_logprobs, [a + 1 for a in acc]), shape)
+
+    def _fused_tidar(self, seqs: list[Sequence], shape: DraftShape) -> StepTokens:
+        """A TiDAR step as one call (`tidar_step`), its inputs built inside it from the rows'
+        slots and committed lengths (see `_fused_ar`); padding rows (compiled: up to a power
+        of two) only run through the forward, writing to the sink."""
+        layout, level_t = self.layout(shape)
+        k, b, B = layout.num_drafts, layout.block_size, len(seqs)
+        pad = (1 << (B - 1).bit_length()) - B if self.compiled else 0
+        committed = [s.num_committed for s in seqs]
+        index = self._tensor([[s.slot for s in seqs] + [self.cache.sink] * pad, committed + [0] * pad])
+        offsets, purposes = self.uniform_plan(k, b)
+        packed, p_logprobs = self.tidar_step(
+            self.model, self.cache, self.drafts, self.draft_logits, self.num_valid, self.keys, index[0], index[1],
+            max(committed), layout.offsets, layout.visible, k, self._tensor([s.drafts for s in seqs], torch.bool),
+            offsets, purposes, self._rows([s.params for s in seqs]), level_t, b, len(layout.levels) == 1,
+            self.tidar.block_size, self.tidar.mask_token_id, self.attention, self.model.packs_current())
+        return self._tidar_tokens(seqs, packed, p_logprobs, shape, k)
+
+    def _fused_ar(self, seqs: list[Sequence]) -> StepTokens:
+        """An AR step as one call (`ar_step`): the runner sends only the rows' slots and
+        committed lengths (one host->device copy) and their sampling settings; the token ids,
+        positions, K/V write index, keys and the slot-state update are computed inside the
+        call, not by ~20 small eager ops around it. Compiled, the batch is padded to a power of
+        two with sink rows (sampled too, then dropped)."""
+        B = len(seqs)
+        pad = (1 << (B - 1).bit_length()) - B if self.compiled else 0
+        committed = [s.num_committed for s in seqs]
+        index = self._tensor([[s.slot for s in seqs] + [self.cache.sink] * pad, committed + [0] * pad])
+        rows = self._rows([s.params for s in seqs] + [seqs[0].params] * pad)
+        offsets, purposes = self.uniform_plan(1, 0)
+        sampled, logprobs = self.ar_step(self.model, self.cache, self.drafts, self.num_valid, self.keys, index[0],
+                                         index[1], max(committed), rows, offsets, purposes, self.attention,
+                                         self.model.packs_current())
+        packed = sampled.tolist()[:B]  # the step's one sync
+        tokens, lps = [[int(t)] for t, _ in packed], [[x] for _, x in packed]
+        return StepTokens(seqs, tokens, lps, [list(x) for x in lps], [0] * B, [0] * B,
+                          top_alternatives(seqs, logprobs[:B], [1] * B))
+
+    def _rows(self, params: list[SamplingParams]) -> RowSampling:
+        """`RowSampling.build` of the rows' settings, reused while a step's rows have the same
+        settings as the last step's (the common case: the same requests decode step after step)."""
+        key = [(p.sampler, p.temperature, p.top_k, p.top_p, p.min_p, p.mix_weight) for p in params]
+        if key != self._rows_key:
+            self._rows_key, self._rows_value = key, RowSampling.build(params, self.device, self.forbidden)
+        return self._rows_value
 
     def _ar_tokens(self, seqs: list[Sequence], slots: torch.Tensor, token: torch.Tensor, lp: torch.Tensor,
                    logprobs: torch.Tensor) -> StepTokens:
@@ -374,21 +426,58 @@ def ar_sample(model: Decoder, hidden: torch.Tensor, rows: RowSampling, keys: tor
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1), logprobs
 
 
-def ar_step(model: Decoder, ids: torch.Tensor, batch: StepBatch, cache: KVCache, rows: RowSampling,
-            keys: torch.Tensor, positions: torch.Tensor, purposes: torch.Tensor):
-    """A whole AR step as one function (for torch.compile): the forward over `ids` (rows past
-    len(keys) are padding), then `ar_sample` of the real rows."""
-    hidden = model.forward(ids, batch, cache)[:keys.shape[0], 0]
-    return ar_sample(model, hidden, rows, keys, positions, purposes)
+def ar_step(model: Decoder, cache: KVCache, drafts: torch.Tensor, num_valid: torch.Tensor, keys: torch.Tensor,
+            slots: torch.Tensor, lengths: torch.Tensor, prefix_max: int, rows: RowSampling, offsets: torch.Tensor,
+            purposes: torch.Tensor, attention: str, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole AR step as one function (for torch.compile), from the rows' slots [B] and
+    committed lengths [B] (padding rows: the sink slot, length 0) and the runner's per-slot
+    state (drafts [S, K], num_valid [S], keys [S]): each row's last token (d_0) is written at
+    position L and attends over its prefix; `ar_sample` draws the next token with the
+    uniforms at L + `offsets`; the slot state is updated in place (d_0 = the new token, one
+    valid draft). Returns ([B, 2] float64 (token, its log-prob), the policy's log-probs [B, V])."""
+    positions = lengths[:, None]
+    batch = StepBatch(slots, lengths, prefix_max, positions, torch.ones_like(positions, dtype=torch.bool)[:, :, None],
+                      (slots[:, None], positions), attention, ar_step=True, packed=packed)
+    hidden = model.forward(drafts[slots, :1], batch, cache)[:, 0]
+    token, lp, logprobs = ar_sample(model, hidden, rows, keys[slots], positions + offsets, purposes)
+    drafts.index_put_((slots, torch.zeros_like(slots)), token)
+    num_valid.index_put_((slots,), torch.ones_like(slots))
+    return torch.stack((token.double(), lp.double()), dim=1), logprobs
 
 
-def tidar_step(model: Decoder, ids: torch.Tensor, batch: StepBatch, cache: KVCache, drafts: torch.Tensor,
-               *args) -> tuple[torch.Tensor, ...]:
-    """A whole TiDAR step as one function (for torch.compile): the forward over `ids` (rows
-    past len(drafts) are padding), then `tidar_sample` of the real rows (`args`: the rest of
-    its arguments)."""
-    hidden = model.forward(ids, batch, cache)[:drafts.shape[0]]
-    return tidar_sample(model, hidden, drafts, *args)
+def tidar_step(model: Decoder, cache: KVCache, drafts: torch.Tensor, draft_logits: torch.Tensor,
+               num_valid: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+               prefix_max: int, layout_offsets: torch.Tensor, visible: torch.Tensor, k: int, drafting: torch.Tensor,
+               offsets: torch.Tensor, purposes: torch.Tensor, rows: RowSampling, levels: torch.Tensor, block: int,
+               single_level: bool, K: int, mask_token_id: int, attention: str,
+               packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole TiDAR step as one function (for torch.compile), from the rows' slots [P] and
+    committed lengths [P] (the first B = len(drafting) are the real rows, the rest padding: the
+    sink slot, length 0) and the runner's per-slot state (drafts [S, K], draft_logits [S, K, V],
+    num_valid [S], keys [S]): the step layout (`layout_offsets` [T], `visible` [T, T], the
+    first k tokens drafts) over the rows' drafts, then `tidar_sample` of the real rows, whose
+    next drafts, their logits and valid counts are written back in place. Returns ([B, 3k + 2]
+    float64: tokens, log-probs under p and under the verification target, accepted, drafts
+    offered; p's log-probs [B, k, V])."""
+    B, (P, T) = drafting.shape[0], (slots.shape[0], layout_offsets.shape[0])
+    real, L = slots[:B], lengths[:B]
+    row_drafts = drafts[real, :k]
+    ids = torch.full((P, T), mask_token_id, dtype=torch.long, device=slots.device)
+    ids[:B, :k] = row_drafts
+    positions = lengths[:, None] + layout_offsets[None]
+    write = (torch.arange(T, device=slots.device) < k)[None].expand(P, T)
+    batch = StepBatch(slots, lengths, prefix_max, positions, visible.expand(P, T, T),
+                      cache.write_index(slots, positions, write), attention, packed=packed)
+    hidden = model.forward(ids, batch, cache)[:B]
+    valid = num_valid[real].clamp(max=k)  # a shorter step verifies only the drafts it carries
+    out, lp, blp, accepted, p_logprobs, next_drafts, next_logits, next_valid = tidar_sample(
+        model, hidden, row_drafts, draft_logits[real, 1:k], valid, keys[real], L[:, None] + offsets, purposes,
+        rows, levels, drafting, block, single_level, K, mask_token_id)
+    drafts.index_put_((real,), next_drafts)
+    draft_logits.index_put_((real[:, None], torch.arange(1, block, device=slots.device)[None]), next_logits)
+    num_valid.index_put_((real,), next_valid)  # logits past a row's valid drafts are never used
+    return torch.cat((out.double(), lp.double(), blp.double(), accepted[:, None].double(),
+                      (valid - 1)[:, None].double()), dim=1), p_logprobs
 
 
 def tidar_sample(model: Decoder, hidden: torch.Tensor, drafts: torch.Tensor, draft_logits: torch.Tensor,
