@@ -1,9 +1,11 @@
-"""Compiled decode steps as one call (forward and sampling fused) against two calls, in one run.
+"""Compiled decode steps as one call (inputs, forward, sampling, slot update) against two calls, in one run.
 
 Under `compile=True` the runner runs a decode step through `runner.ar_step` or
-`runner.tidar_step`, one compiled function for the forward and the sampling half; before, a
-step made two compiled calls (`forward`, then `ar_sample` or `tidar_sample`), each paying
-dynamo's guard evaluation and Inductor's Python wrapper. This script times both on the same
+`runner.tidar_step`, one compiled function that builds the step's inputs from the rows'
+slots and lengths, runs the forward and the sampling half and writes the slots' next drafts;
+the other variant makes two compiled calls (`forward`, then `ar_sample` or `tidar_sample`),
+each paying dynamo's guard evaluation and Inductor's Python wrapper, with the inputs and the
+slot update as ~20 eager ops around them. This script times both on the same
 compiled engine (the two-call variant is the runner with `fused = False`), interleaved
 `--repeats` times after a warm-up that compiles both, for the `ar` sampler (AR steps) and the
 `lossless` one (TiDAR steps of every level: fixed drafting), and says whether both variants

@@ -13,10 +13,12 @@ Design decisions:
   a TiDAR step of that shape, where `ar` rows simply carry no drafts (their draft positions
   hold mask tokens and are never verified), or a plain AR step (T = 1) that drops pending
   drafts. Drafts are stored per slot at the block length; a shorter step verifies a prefix.
-- `compile=True`: the forward goes through torch.compile (dynamic shapes; decode batches padded
-  to powers of two with sink rows), and so does each decode step's sampling half (`ar_sample`,
-  `tidar_sample`: pure tensor functions; the runner writes the slot state they return), in
-  the same compiled call as the decode forward (`ar_step`, `tidar_step`).
+- `compile=True`: a decode step is one torch.compile call (`ar_step`, `tidar_step`; dynamic
+  shapes, batches padded to powers of two with sink rows) that takes the rows' slots and
+  committed lengths (one host->device copy) and does the rest: token ids, positions and K/V
+  write index from the slot state, the forward, the sampling half (`ar_sample`,
+  `tidar_sample`: pure tensor functions) and the write of each slot's next drafts. Eagerly
+  (or `fused` False) the runner builds the inputs and writes the state around the calls.
   Each forward's `StepBatch.packed` says the packed projections were checked current just
   before it (`Decoder.packs_current`), so compiled steps run them too.
   `cuda_graphs=True`: static-shape decode forwards, captured on a GPU (`step_graphs.py`).
@@ -102,10 +104,10 @@ class ModelRunner:
         self.forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
         self.ar_sample = torch.compile(ar_sample, dynamic=True) if compile else ar_sample
         self.tidar_sample = torch.compile(tidar_sample, dynamic=True) if compile else tidar_sample
-        # A compiled decode step is one call (the forward, then ar_sample or tidar_sample): it
-        # pays dynamo's guards and Inductor's Python wrapper once, not twice (AR steps 1.03-1.11x
-        # tokens/s at batch 1 and 8 on the CPU, all-level TiDAR steps within noise:
-        # benchmarks/fused_ar.py). `fused` False: two calls.
+        # A compiled decode step is one call (inputs, forward, sampling, slot update): it pays
+        # dynamo's guards and Inductor's Python wrapper once and no eager op around it
+        # (benchmarks/fused_ar.py). `fused` False: the forward and the sampling half as two
+        # calls, with the inputs and the slot update as eager ops around them.
         self.fused = compile
         self.ar_step = torch.compile(ar_step, dynamic=True) if compile else ar_step
         self.tidar_step = torch.compile(tidar_step, dynamic=True) if compile else tidar_step
