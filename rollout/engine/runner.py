@@ -34,9 +34,9 @@ import torch
 
 from ..config import ModelConfig, TidarConfig
 from ..model.decoder import Decoder, StepBatch
-from ..params import SamplingParams
 from ..model.kv_cache import KVCache
 from ..model.triton_attention import triton_unavailable_reason
+from ..params import SamplingParams
 from ..sampling import (ACCEPT, DRAFT, RESAMPLE, RowSampling, counter_uniforms, mixed_logits, sample_from,
                         verify_drafts)
 from ..step_layout import DecodeLayout, ar_layout, decode_layout, prefill_layout
