@@ -119,6 +119,8 @@ class ModelRunner:
         self.num_valid = torch.ones(S, dtype=torch.long, device=device)  # drafts incl. d_0
         self.keys = torch.zeros(S, dtype=torch.long, device=device)
         self.ar_layout = ar_layout().to(device)
+        for t in (self.cache.k, self.cache.v, self.drafts, self.draft_logits, self.num_valid, self.keys):
+            self._static(t)  # shapes fixed for the engine's life
         if cuda_graphs and compile:
             raise ValueError("cuda_graphs and compile are exclusive: choose one")
         self.graphs = (StepGraphs(model, self.cache, attention, self.ar_layout, tidar.mask_token_id)
@@ -142,9 +144,18 @@ class ModelRunner:
         if shape not in self._layouts:
             if not 2 <= shape.length <= self.tidar.block_size:
                 raise ValueError(f"draft length must be in [2, {self.tidar.block_size}], got {shape.length}")
-            self._layouts[shape] = (decode_layout(shape.length, shape.levels).to(self.device),
-                                    torch.tensor(shape.levels, device=self.device))
+            layout = decode_layout(shape.length, shape.levels).to(self.device)
+            self._layouts[shape] = (layout, self._static(torch.tensor(shape.levels, device=self.device)))
+            self._static(layout.offsets), self._static(layout.visible)
         return self._layouts[shape]
+
+    def _static(self, t: torch.Tensor) -> torch.Tensor:
+        """Marks a tensor whose shape never changes (a layout's, the pool's) static for dynamo
+        when compiling: duck sizing would otherwise tie it to an equal batch size and recompile
+        when they part."""
+        if self.compiled:
+            torch._dynamo.mark_static(t)
+        return t
 
     def uniform_plan(self, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step's uniforms for layout width k and pre-draft block length `block` (0 for
@@ -156,8 +167,8 @@ class ModelRunner:
             drafts = list(range(2, k + block)) if block else []
             offsets = list(range(1, k)) + list(range(1, k + 1)) + drafts
             purposes = [ACCEPT] * (k - 1) + [RESAMPLE] * k + [DRAFT] * len(drafts)
-            self._uniforms[(k, block)] = (torch.tensor(offsets, device=self.device),
-                                          torch.tensor(purposes, device=self.device))
+            self._uniforms[(k, block)] = (self._static(torch.tensor(offsets, device=self.device)),
+                                          self._static(torch.tensor(purposes, device=self.device)))
         return self._uniforms[(k, block)]
 
     @staticmethod
