@@ -311,14 +311,13 @@ class ModelRunner:
         slots and committed lengths (see `_fused_ar`); padding rows (compiled: up to a power
         of two) only run through the forward, writing to the sink."""
         layout, level_t = self.layout(shape)
-        k, b, B = layout.num_drafts, layout.block_size, len(seqs)
-        pad = (1 << (B - 1).bit_length()) - B if self.compiled else 0
-        committed = [s.num_committed for s in seqs]
-        index = self._tensor([[s.slot for s in seqs] + [self.cache.sink] * pad, committed + [0] * pad])
+        k, b = layout.num_drafts, layout.block_size
+        index, _ = self._step_index(seqs)
         offsets, purposes = self.uniform_plan(k, b)
         packed, p_logprobs = self.tidar_step(
             self.model, self.cache, self.drafts, self.draft_logits, self.num_valid, self.keys, index[0], index[1],
-            max(committed), layout.offsets, layout.visible, k, self._tensor([s.drafts for s in seqs], torch.bool),
+            max(s.num_committed for s in seqs), layout.offsets, layout.visible, k,
+            self._tensor([s.drafts for s in seqs], torch.bool),
             offsets, purposes, self._rows([s.params for s in seqs]), level_t, b, len(layout.levels) == 1,
             self.tidar.block_size, self.tidar.mask_token_id, self.attention, self.model.packs_current())
         return self._tidar_tokens(seqs, packed, p_logprobs, shape, k)
@@ -329,15 +328,27 @@ class ModelRunner:
         positions, K/V write index, keys and the slot-state update are computed inside the
         call, not by ~20 small eager ops around it. Compiled, the batch is padded to a power of
         two with sink rows (sampled too, then dropped)."""
-        B = len(seqs)
-        pad = (1 << (B - 1).bit_length()) - B if self.compiled else 0
-        committed = [s.num_committed for s in seqs]
-        index = self._tensor([[s.slot for s in seqs] + [self.cache.sink] * pad, committed + [0] * pad])
+        index, pad = self._step_index(seqs)
         rows = self._rows([s.params for s in seqs] + [seqs[0].params] * pad)
         offsets, purposes = self.uniform_plan(1, 0)
         sampled, logprobs = self.ar_step(self.model, self.cache, self.drafts, self.num_valid, self.keys, index[0],
-                                         index[1], max(committed), rows, offsets, purposes, self.attention,
-                                         self.model.packs_current())
+                                         index[1], max(s.num_committed for s in seqs), rows, offsets, purposes,
+                                         self.attention, self.model.packs_current())
+        return self._ar_result(seqs, sampled, logprobs)
+
+    def _step_index(self, seqs: list[Sequence]) -> tuple[torch.Tensor, int]:
+        """A fused step's one host->device copy: [2, P] (slots, committed lengths) of the rows,
+        then, compiled, `pad` padding rows (the sink slot, length 0) up to a power of two."""
+        B = len(seqs)
+        pad = (1 << (B - 1).bit_length()) - B if self.compiled else 0
+        return self._tensor([[s.slot for s in seqs] + [self.cache.sink] * pad,
+                             [s.num_committed for s in seqs] + [0] * pad]), pad
+
+    @staticmethod
+    def _ar_result(seqs: list[Sequence], sampled: torch.Tensor, logprobs: torch.Tensor) -> StepTokens:
+        """An AR step's StepTokens from [P, 2] (token, log-prob) and the policy's log-probs
+        [P, V] (rows past len(seqs): padding, dropped)."""
+        B = len(seqs)
         packed = sampled.tolist()[:B]  # the step's one sync
         tokens, lps = [[int(t)] for t, _ in packed], [[x] for _, x in packed]
         return StepTokens(seqs, tokens, lps, [list(x) for x in lps], [0] * B, [0] * B,
@@ -356,11 +367,7 @@ class ModelRunner:
         """The rest of an AR step (`ar_sample`'s token, its log-prob and the policy's log-probs)."""
         self.drafts[slots, 0] = token
         self.num_valid[slots] = 1
-        packed = torch.stack((token.double(), lp.double()), dim=1).tolist()  # the step's one sync
-        B = len(seqs)
-        tokens, lps = [[int(t)] for t, _ in packed], [[x] for _, x in packed]
-        return StepTokens(seqs, tokens, lps, [list(x) for x in lps], [0] * B, [0] * B,
-                          top_alternatives(seqs, logprobs, [1] * B))
+        return self._ar_result(seqs, torch.stack((token.double(), lp.double()), dim=1), logprobs)
 
     def _decode_forward(self, slots: torch.Tensor, L: torch.Tensor, prefix_max: int, drafts: torch.Tensor,
                         layout: DecodeLayout, slot_range: tuple[int, int] | None = None) -> torch.Tensor:
