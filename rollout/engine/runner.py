@@ -145,8 +145,10 @@ class ModelRunner:
             if not 2 <= shape.length <= self.tidar.block_size:
                 raise ValueError(f"draft length must be in [2, {self.tidar.block_size}], got {shape.length}")
             layout = decode_layout(shape.length, shape.levels).to(self.device)
-            self._layouts[shape] = (layout, self._static(torch.tensor(shape.levels, device=self.device)))
-            self._static(layout.offsets), self._static(layout.visible)
+            levels = torch.tensor(shape.levels, device=self.device)
+            for t in (layout.offsets, layout.visible, levels):
+                self._static(t)
+            self._layouts[shape] = (layout, levels)
         return self._layouts[shape]
 
     def _static(self, t: torch.Tensor) -> torch.Tensor:
