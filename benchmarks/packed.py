@@ -36,7 +36,7 @@ def sync(device: str) -> None:
 
 def set_packed(engine: Engine, packed: bool) -> None:
     if packed:
-        engine.model.pack_projections()
+        engine.model.pack_projections()  # in the layout it had
     else:
         engine.model.unpack_projections()
     assert engine.model.packs_current() == packed

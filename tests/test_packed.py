@@ -13,11 +13,12 @@ from rollout.train.tiny import make_tiny_model
 
 pytest.importorskip("transformers")
 
-VARIANTS = {"qwen2": {}, "llama_bias": dict(attention_bias=True, mlp_bias=True), "qwen3": dict(head_dim=16)}
+VARIANTS = {"qwen2": {}, "llama_bias": dict(attention_bias=True, mlp_bias=True), "qwen3": dict(head_dim=16),
+            "qwen2_tied": dict(tie_word_embeddings=True)}
 
 
 def _model(tmp_path, name):
-    model_type = "llama" if name.startswith("llama") else name
+    model_type = "llama" if name.startswith("llama") else name.split("_")[0]
     path = make_tiny_model(tmp_path / name, model_type, vocab_size=64, hidden_size=64, num_heads=4,
                            num_kv_heads=2, **VARIANTS[name])
     return Engine.from_pretrained(path)
@@ -180,3 +181,58 @@ def test_compiled_steps_run_the_packed_path_yet_never_serve_a_replaced_parameter
     c_tokens, c_logprobs = run(compiled)
     assert not torch.allclose(e_logprobs, logprobs, atol=1e-3)
     assert c_tokens == e_tokens and (c_logprobs - e_logprobs).abs().max().item() <= 1e-5
+
+
+def _linear_weights(model):
+    """Every weight a linear layer multiplies by (packs, o/down projections, LM head)."""
+    out = [model.lm_head.weight]
+    for attn, mlp in _packs(model):
+        out += [attn.packed.weight, attn.o_proj.weight, mlp.packed.weight, mlp.down_proj.weight]
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama_bias", "qwen2_tied"])
+def test_the_engine_stores_weights_input_major_on_the_cpu_with_the_default_layouts_numbers(tmp_path, name):
+    """On the CPU the engine multiplies by weights stored as their transposes (faster in MKL);
+    names, shapes, values, the packs and a tied embedding stay, and the logits are the default
+    layout's."""
+    from rollout.model.decoder import is_input_major
+
+    model = _model(tmp_path, name).model
+    tied = model.config.tie_word_embeddings
+    assert tied == (name == "qwen2_tied")
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert model.input_major and all(is_input_major(w) and not w.is_contiguous() for w in _linear_weights(model))
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied and _all_current(model)
+    with torch.inference_mode():
+        fast = _logits(model, IDS)
+        model.pack_projections(input_major=False)
+        assert all(w.is_contiguous() for w in _linear_weights(model)) and _all_current(model)
+        assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+        default = _logits(model, IDS)
+    # The same sums in another order: float32 rounding apart, no more.
+    assert (fast - default).abs().max().item() < 1e-5 * default.abs().max().item()
+    pointers = [w.data_ptr() for w in _linear_weights(model)]
+    model.pack_projections()  # repacking keeps the layout and copies nothing it need not
+    assert not model.input_major and [w.data_ptr() for w in _linear_weights(model)][1:3] != pointers[1:3]
+    assert model.lm_head.weight.data_ptr() == pointers[0]
+
+
+def test_a_weight_push_lands_in_input_major_weights_in_place(tmp_path):
+    """Engine.load_weights copies into the input-major parameters (their layout and storage
+    stay), and the engine then computes what a default-layout model with those weights does."""
+    engine = _model(tmp_path, "qwen2_tied")
+    reference = _model(tmp_path / "ref", "qwen2_tied")
+    reference.model.pack_projections(input_major=False)
+    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.o_proj.weight",
+             "model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.k_proj.weight"]
+    gen = torch.Generator().manual_seed(3)
+    new = {n: torch.randn(engine.model.state_dict()[n].shape, generator=gen) for n in names}
+    pointers = [w.data_ptr() for w in _linear_weights(engine.model)]
+    engine.load_weights(new, version=1)
+    reference.load_weights(new, version=1)
+    assert [w.data_ptr() for w in _linear_weights(engine.model)] == pointers and _all_current(engine.model)
+    assert torch.equal(engine.model.lm_head.weight, new["model.embed_tokens.weight"])
+    ours, ref = engine.forward_logits(IDS.tolist())[0], reference.forward_logits(IDS.tolist())[0]
+    assert (ours - ref).abs().max().item() < 1e-5 * ref.abs().max().item()

@@ -123,7 +123,7 @@ def test_a_stale_replica_refuses_work(replica):
     (lambda s: s.pop("model.norm.weight"), r"missing \['model.norm.weight'\]"),
     (lambda s: s.update({"extra.weight": torch.zeros(1)}), r"unexpected \['extra.weight'\]"),
     (lambda s: s.update({"model.norm.weight": torch.zeros(3)}), r"model.norm.weight: shape \[3\]"),
-    (lambda s: s["model.layers.0.mlp.up_proj.weight"].view(-1).__setitem__(0, float("nan")), "NaN or Inf"),
+    (lambda s: s["model.layers.0.mlp.up_proj.weight"].__setitem__((0, 0), float("nan")), "NaN or Inf"),
     (lambda s: s.update({"model.norm.weight": torch.zeros(32, dtype=torch.long)}), "not a floating-point"),
 ])
 def test_bad_weights_are_refused_and_nothing_changes(replica, corrupt, match):

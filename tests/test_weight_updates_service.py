@@ -116,7 +116,8 @@ def test_wrapped_names_are_mapped_and_a_partial_update_keeps_the_other_tensors(r
     update_id = post(runner, "/v1/weights/begin").json()["update_id"]
     for bucket in ({"module._orig_mod.model.norm.weight": norm},
                    {"model.model.layers.2.mlp.up_proj.weight": up}):
-        post(runner, f"/v1/weights/{update_id}/tensors", content=save(bucket)).raise_for_status()
+        post(runner, f"/v1/weights/{update_id}/tensors",
+             content=save({k: v.contiguous() for k, v in bucket.items()})).raise_for_status()
     done = post(runner, f"/v1/weights/{update_id}/commit", json=dict(mode="keep")).json()
     assert done["version"] == before + 1 and done["num_tensors"] == 2
     state = dict(base_state, **{"model.norm.weight": norm, "model.layers.2.mlp.up_proj.weight": up})

@@ -107,11 +107,12 @@ class Engine:
                         block_size: int | None = None, levels: tuple[int, ...] | None = None,
                         config: EngineConfig | None = None) -> Engine:
         """Loads an HF directory (config.json, *.safetensors, TiDAR settings beside them). dtype
-        None: the dtype config.json declares (weights and KV cache alike; float32 if none)."""
+        None: the dtype config.json declares (weights and KV cache alike; float32 if none). On the
+        CPU the weights are stored input-major (`rollout.model.decoder`): MKL reads them faster."""
         model_dir, hf_cfg, cfg = read_model_config(path)
         dtype = dtype or declared_dtype(hf_cfg)
         tidar = load_tidar_config(model_dir, hf_cfg, mask_token_id, block_size, levels)
-        model = load_decoder(model_dir, cfg, device, dtype)
+        model = load_decoder(model_dir, cfg, device, dtype, input_major=torch.device(device).type == "cpu")
         return cls(model, tidar, device, dtype, config)
 
     def _slots_from_memory(self, slot_len: int) -> int:

@@ -15,6 +15,13 @@ Design decisions:
   and only while every parameter still lies where it was packed (`Packed.current`): a `.to()`,
   an FSDP wrap or a reassigned parameter silently falls back to the plain path, never to stale
   weights.
+- Input-major weights (`pack_projections(input_major=True)`, asked for by the engine on the
+  CPU): every linear weight, the tied embedding included, keeps its [out, in] shape and HF name
+  but is stored as its transpose, an [in, out] contiguous tensor (strides (1, out)). MKL
+  multiplies a few rows by weights stored so 1.2-1.5x faster than by PyTorch's default [out, in]
+  storage (`benchmarks/RESULTS.md`, "Step speed, seventh pass"); a GPU's GEMMs read either
+  equally well, so there the default stays. Loading, weight pushes (`copy_`) and saving
+  (`.contiguous()`) see only shapes and values.
 """
 
 from __future__ import annotations
@@ -45,16 +52,35 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def is_input_major(weight: torch.Tensor) -> bool:
+    """Whether a 2-D weight [out, in] is stored as its transpose (see the module docstring)."""
+    return weight.t().is_contiguous()
+
+
+def _lay_out(module: nn.Module, name: str, input_major: bool) -> None:
+    """Stores `module.<name>` [out, in] input-major or as PyTorch's default, copying (into a new
+    Parameter of the same name) only when its layout changes."""
+    weight = module._parameters[name]
+    if (is_input_major(weight) if input_major else weight.is_contiguous()):
+        return
+    data = weight.detach().t().contiguous().t() if input_major else weight.detach().contiguous()
+    setattr(module, name, nn.Parameter(data, requires_grad=weight.requires_grad))
+
+
 class Packed:
     """Linear layers of one module that read one input (`owner.<name>` for each name), packed:
     `weight` [sum of outputs, in] (and `bias`) hold them as consecutive row blocks, each layer's
-    parameter a view of its block. `current()` tells whether every parameter still lies at its
-    packed place."""
+    parameter a view of its block. `input_major`: `weight` is the transpose of a contiguous [in,
+    sum of outputs] tensor (the blocks are then column blocks of that tensor). `current()` tells
+    whether every parameter still lies at its packed place."""
     __slots__ = ("weight", "bias", "sizes", "entries")
 
-    def __init__(self, owner: nn.Module, names: list[str]):
+    def __init__(self, owner: nn.Module, names: list[str], input_major: bool = False):
         linears = [getattr(owner, n) for n in names]
-        self.weight = torch.cat([m.weight.detach() for m in linears])
+        if input_major:
+            self.weight = torch.cat([m.weight.detach().t() for m in linears], dim=1).t()
+        else:
+            self.weight = torch.cat([m.weight.detach() for m in linears])
         has_bias = linears[0].bias is not None
         self.bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
         self.sizes = [m.out_features for m in linears]
@@ -110,8 +136,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.packed: Packed | None = None
 
-    def pack(self) -> None:
-        self.packed = Packed(self, ["q_proj", "k_proj", "v_proj"])
+    def pack(self, input_major: bool = False) -> None:
+        self.packed = Packed(self, ["q_proj", "k_proj", "v_proj"], input_major)
+        _lay_out(self.o_proj, "weight", input_major)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 batch: StepBatch | SequenceBatch, cache: KVCache | None) -> torch.Tensor:
@@ -149,8 +176,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.packed: Packed | None = None
 
-    def pack(self) -> None:
-        self.packed = Packed(self, ["gate_proj", "up_proj"])
+    def pack(self, input_major: bool = False) -> None:
+        self.packed = Packed(self, ["gate_proj", "up_proj"], input_major)
+        _lay_out(self.down_proj, "weight", input_major)
 
     def forward(self, x: torch.Tensor, checked: bool = False) -> torch.Tensor:
         """`checked`: as in `_packed_ready`."""
@@ -231,6 +259,7 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         inv_freq, self.rope_scaling = inverse_frequencies(cfg.rope, cfg.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.input_major = False  # the weight layout packing gives (`pack_projections`)
 
     def forward(self, input_ids: torch.Tensor, batch: StepBatch | SequenceBatch,
                 cache: KVCache | None) -> torch.Tensor:
@@ -243,13 +272,20 @@ class Decoder(nn.Module):
         return self.model.norm(x)
 
     @torch.no_grad()
-    def pack_projections(self) -> Decoder:
-        """Packs each layer's q/k/v and gate/up weights (see the module docstring). Call before
-        an optimizer takes the parameters: packing replaces them with views (same names, shapes
-        and values)."""
+    def pack_projections(self, input_major: bool | None = None) -> Decoder:
+        """Packs each layer's q/k/v and gate/up weights and lays out every linear weight, the
+        tied embedding included, input-major or as PyTorch's default (None: as the last packing
+        did; see the module docstring). Call before an optimizer takes the parameters: packing
+        and a change of layout replace them (same names, shapes and values)."""
+        if input_major is None:
+            input_major = self.input_major
+        self.input_major = input_major
         for layer in self.model.layers:
-            layer.self_attn.pack()
-            layer.mlp.pack()
+            layer.self_attn.pack(input_major)
+            layer.mlp.pack(input_major)
+        _lay_out(self.lm_head, "weight", input_major)
+        if self.config.tie_word_embeddings:
+            self.model.embed_tokens.weight = self.lm_head.weight
         return self
 
     def packs_current(self) -> bool:

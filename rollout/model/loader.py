@@ -51,7 +51,9 @@ def declared_dtype(hf_cfg: dict) -> torch.dtype:
 
 
 def load_decoder(model_dir: Path, cfg: ModelConfig, device: torch.device | str,
-                 dtype: torch.dtype) -> Decoder:
+                 dtype: torch.dtype, input_major: bool = False) -> Decoder:
+    """The decoder with `model_dir`'s weights, packed (`Decoder.pack_projections`; `input_major`:
+    its weight layout, for inference on the CPU)."""
     with torch.device("meta"):
         model = Decoder(cfg)
     expected = model.weight_names_and_shapes()
@@ -76,4 +78,4 @@ def load_decoder(model_dir: Path, cfg: ModelConfig, device: torch.device | str,
     model.load_state_dict(state, strict=False)
     # to_empty left the RoPE buffer uninitialised, and .to(dtype) would have rounded it.
     model.inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)[0].to(device)
-    return model.pack_projections().eval()
+    return model.pack_projections(input_major=input_major).eval()
