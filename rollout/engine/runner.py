@@ -389,7 +389,7 @@ class ModelRunner:
     def _decode_inputs(self, slots: torch.Tensor, L: torch.Tensor, prefix_max: int, drafts: torch.Tensor,
                        layout: DecodeLayout, slot_range: tuple[int, int] | None = None) -> tuple[torch.Tensor, StepBatch]:
         """A decode forward's token ids [padded, T] and StepBatch (rows past B: sink padding)."""
-        B, k, T, dev = slots.shape[0], layout.num_drafts, layout.num_tokens, self.device
+        B, dev = slots.shape[0], self.device
         padded = 1 << (B - 1).bit_length() if self.compiled else B
         if self.compiled:
             slot_range = None  # a Python int pair would be a guard: one recompilation per range
@@ -397,16 +397,9 @@ class ModelRunner:
             pad = padded - B
             slots = torch.cat((slots, torch.full((pad,), self.cache.sink, dtype=slots.dtype, device=dev)))
             L = torch.cat((L, torch.zeros(pad, dtype=L.dtype, device=dev)))
-            drafts = torch.cat((drafts, torch.full((pad, k), self.tidar.mask_token_id, dtype=drafts.dtype,
-                                                   device=dev)))
-        ids = torch.full((padded, T), self.tidar.mask_token_id, dtype=torch.long, device=dev)
-        ids[:, :k] = drafts
-        positions = L[:, None] + layout.offsets[None]
-        write = (torch.arange(T, device=dev) < k)[None].expand(padded, T)
-        batch = StepBatch(slots, L, prefix_max, positions, layout.visible.expand(padded, T, T),
-                          self.cache.write_index(slots, positions, write), self.attention, slot_range=slot_range,
-                          ar_step=layout is self.ar_layout, packed=self.model.packs_current())
-        return ids, batch
+        return step_inputs(self.cache, slots, L, prefix_max, drafts, layout.offsets, layout.visible,
+                           self.tidar.mask_token_id, self.attention, self.model.packs_current(),
+                           ar_step=layout is self.ar_layout, slot_range=slot_range)
 
     # ------------------------------------------------------------------ whole sequences
     def recompute(self, seqs: list[Sequence]) -> None:
@@ -448,6 +441,26 @@ def ar_sample(model: Decoder, hidden: torch.Tensor, rows: RowSampling, keys: tor
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1), logprobs
 
 
+def step_inputs(cache: KVCache, slots: torch.Tensor, lengths: torch.Tensor, prefix_max: int,
+                row_drafts: torch.Tensor, layout_offsets: torch.Tensor, visible: torch.Tensor, mask_token_id: int,
+                attention: str, packed: bool, ar_step: bool = False,
+                slot_range: tuple[int, int] | None = None) -> tuple[torch.Tensor, StepBatch]:
+    """A decode forward's token ids [P, T] and StepBatch, from the rows' slots and committed
+    lengths [P] (rows past row_drafts' B: padding, the sink slot and length 0) and the step
+    layout (`layout_offsets` [T], `visible` [T, T]): each real row's drafts [B, k] fill its first
+    k tokens (committed to the cache at their positions), mask tokens the rest. Pure tensor work:
+    the eager step and the compiled `tidar_step` build their inputs with it alike."""
+    (P, T), (B, k) = (slots.shape[0], layout_offsets.shape[0]), row_drafts.shape
+    ids = torch.full((P, T), mask_token_id, dtype=torch.long, device=slots.device)
+    ids[:B, :k] = row_drafts
+    positions = lengths[:, None] + layout_offsets[None]
+    write = (torch.arange(T, device=slots.device) < k)[None].expand(P, T)
+    batch = StepBatch(slots, lengths, prefix_max, positions, visible.expand(P, T, T),
+                      cache.write_index(slots, positions, write), attention, slot_range=slot_range,
+                      ar_step=ar_step, packed=packed)
+    return ids, batch
+
+
 def ar_step(model: Decoder, cache: KVCache, drafts: torch.Tensor, num_valid: torch.Tensor, keys: torch.Tensor,
             slots: torch.Tensor, lengths: torch.Tensor, prefix_max: int, rows: RowSampling, offsets: torch.Tensor,
             purposes: torch.Tensor, attention: str, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -481,15 +494,11 @@ def tidar_step(model: Decoder, cache: KVCache, drafts: torch.Tensor, draft_logit
     next drafts, their logits and valid counts are written back in place. Returns ([B, 3k + 2]
     float64: tokens, log-probs under p and under the verification target, accepted, drafts
     offered; p's log-probs [B, k, V])."""
-    B, (P, T) = drafting.shape[0], (slots.shape[0], layout_offsets.shape[0])
+    B = drafting.shape[0]
     real, L = slots[:B], lengths[:B]
     row_drafts = drafts[real, :k]
-    ids = torch.full((P, T), mask_token_id, dtype=torch.long, device=slots.device)
-    ids[:B, :k] = row_drafts
-    positions = lengths[:, None] + layout_offsets[None]
-    write = (torch.arange(T, device=slots.device) < k)[None].expand(P, T)
-    batch = StepBatch(slots, lengths, prefix_max, positions, visible.expand(P, T, T),
-                      cache.write_index(slots, positions, write), attention, packed=packed)
+    ids, batch = step_inputs(cache, slots, lengths, prefix_max, row_drafts, layout_offsets, visible, mask_token_id,
+                             attention, packed)
     hidden = model.forward(ids, batch, cache)[:B]
     valid = num_valid[real].clamp(max=k)  # a shorter step verifies only the drafts it carries
     out, lp, blp, accepted, p_logprobs, next_drafts, next_logits, next_valid = tidar_sample(
