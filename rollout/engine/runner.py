@@ -18,7 +18,8 @@ Design decisions:
   committed lengths (one host->device copy) and does the rest: token ids, positions and K/V
   write index from the slot state, the forward, the sampling half (`ar_sample`,
   `tidar_sample`: pure tensor functions) and the write of each slot's next drafts. Eagerly
-  (or `fused` False) the runner builds the inputs and writes the state around the calls.
+  (or `fused` False) the runner builds the inputs (`step_inputs`, the same function
+  `tidar_step` calls) and writes the state around the calls.
   Each forward's `StepBatch.packed` says the packed projections were checked current just
   before it (`Decoder.packs_current`), so compiled steps run them too.
   `cuda_graphs=True`: static-shape decode forwards, captured on a GPU (`step_graphs.py`).
