@@ -20,15 +20,12 @@ runs both variants back to back, so the ratio of a pair is less exposed to a noi
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
-from rollout import Engine, SamplingParams
+from rollout import Engine
 from rollout.config import EngineConfig
 
-from .packed import ab_parser, ab_setup, sync
+from .packed import ab_parser, ab_setup, generate_rate, interleaved
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -43,13 +40,6 @@ def main(argv: list[str] | None = None) -> str:
     def use(variant: str) -> None:
         engine.runner.fused = variant == "fused"
 
-    def run(sampler: str, batch: int, seed: int) -> tuple[float, list[list[int]]]:
-        sync(args.device)
-        t0 = time.perf_counter()
-        out = engine.generate(prompts[:batch], SamplingParams(sampler=sampler, max_tokens=args.max_tokens, seed=seed))
-        sync(args.device)
-        return engine.last_stats.generated_tokens / (time.perf_counter() - t0), [g[0].token_ids for g in out]
-
     title = (f"# compiled decode steps, fused vs two calls: {args.model.name}, {args.device} ({device}, "
              f"{torch.get_num_threads()} threads), {dtype}, torch {torch.__version__}; "
              f"{args.max_tokens} tokens per row, {args.repeats} interleaved repeats")
@@ -58,19 +48,10 @@ def main(argv: list[str] | None = None) -> str:
     print("\n".join(lines), flush=True)
     for sampler in args.samplers.split(","):
         for batch in batches:
-            tokens = {}
-            for variant in ("fused", "two"):  # compile (or warm) both before timing
-                use(variant)
-                tokens[variant] = run(sampler, batch, seed=99)[1]
-            rates = {"fused": [], "two": []}
-            for rep in range(args.repeats):
-                for variant in (("fused", "two") if rep % 2 else ("two", "fused")):
-                    use(variant)
-                    rates[variant].append(run(sampler, batch, seed=rep)[0])
-            ratio = statistics.median(f / t for f, t in zip(rates["fused"], rates["two"]))
-            lines.append(f"| {sampler} | {batch} | {statistics.median(rates['two']):.0f} "
-                         f"| {statistics.median(rates['fused']):.0f} | {ratio:.3f}x "
-                         f"| {'yes' if tokens['fused'] == tokens['two'] else 'NO'} |")
+            med, ratio, same = interleaved(lambda seed: generate_rate(engine, prompts[:batch], sampler, args, seed),
+                                           use, ('fused', 'two'), args.repeats)
+            lines.append(f"| {sampler} | {batch} | {med['two']:.0f} | {med['fused']:.0f} | {ratio:.3f}x "
+                         f"| {'yes' if same else 'NO'} |")
             print(lines[-1], flush=True)
     use("fused")
     return "\n".join(lines)

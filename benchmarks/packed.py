@@ -7,7 +7,7 @@ and, with --compile, compiled (each variant is its own compilation, done before 
     python -m benchmarks.packed                       # embedded model, CPU, eager and compiled
     python -m benchmarks.packed --device cuda --batches 1,16
 
-Prints median tokens/s of each and packed / plain per batch. Tokens are the same either way
+Prints median tokens/s of each and packed / plain (the median of interleaved pairs) per batch. Tokens are the same either way
 (the test suite checks the numbers agree to 1e-5); only the speed differs.
 """
 
@@ -42,12 +42,33 @@ def set_packed(engine: Engine, packed: bool) -> None:
     assert engine.model.packs_current() == packed
 
 
-def rate(engine: Engine, prompts, args, seed: int) -> float:
+def generate_rate(engine: Engine, prompts, sampler: str, args, seed: int) -> tuple[float, list[list[int]]]:
+    """Tokens/s of one timed `generate` of `prompts`, and each prompt's first completion."""
     sync(args.device)
     t0 = time.perf_counter()
-    engine.generate(prompts, SamplingParams(sampler="ar", max_tokens=args.max_tokens, seed=seed))
+    out = engine.generate(prompts, SamplingParams(sampler=sampler, max_tokens=args.max_tokens, seed=seed))
     sync(args.device)
-    return engine.last_stats.generated_tokens / (time.perf_counter() - t0)
+    return engine.last_stats.generated_tokens / (time.perf_counter() - t0), [g[0].token_ids for g in out]
+
+
+def interleaved(run, use, variants: tuple[str, str], repeats: int) -> tuple[dict[str, float], float, bool]:
+    """One cell of an in-process A/B: `use(v)` switches the engine to variant v, `run(seed)`
+    returns (tokens/s, tokens). Each variant runs once untimed (compiling or warming it), then
+    `repeats` pairs back to back, the order alternating. Returns the median tokens/s of each
+    variant, the median of the pairs' first / second ratios (a pair is less exposed than a
+    ratio of medians to a machine whose speed drifts) and whether the untimed runs returned the
+    same tokens."""
+    tokens, rates = {}, {v: [] for v in variants}
+    for v in variants:
+        use(v)
+        tokens[v] = run(99)[1]
+    for rep in range(repeats):
+        for v in (variants if rep % 2 else variants[::-1]):
+            use(v)
+            rates[v].append(run(rep)[0])
+    first, second = variants
+    ratio = statistics.median(a / b for a, b in zip(rates[first], rates[second]))
+    return {v: statistics.median(r) for v, r in rates.items()}, ratio, tokens[first] == tokens[second]
 
 
 def ab_parser(description: str, repeats: int) -> argparse.ArgumentParser:
@@ -87,16 +108,10 @@ def main(argv: list[str] | None = None) -> str:
             max_num_seqs=max(batches), max_model_len=args.prompt_len + args.max_tokens,
             compile=mode == "compiled"))
         for batch in batches:
-            rates = {True: [], False: []}
-            for packed in (True, False):  # compile (or warm) both variants before timing
-                set_packed(engine, packed)
-                rate(engine, prompts[:batch], args, seed=99)
-            for rep in range(args.repeats):
-                for packed in (True, False):
-                    set_packed(engine, packed)
-                    rates[packed].append(rate(engine, prompts[:batch], args, seed=rep))
-            plain, packed = statistics.median(rates[False]), statistics.median(rates[True])
-            lines.append(f"| {mode} | {batch} | {plain:.0f} | {packed:.0f} | {packed / plain:.2f}x |")
+            med, ratio, _ = interleaved(lambda seed: generate_rate(engine, prompts[:batch], "ar", args, seed),
+                                        lambda v: set_packed(engine, v == "packed"), ("packed", "plain"),
+                                        args.repeats)
+            lines.append(f"| {mode} | {batch} | {med['plain']:.0f} | {med['packed']:.0f} | {ratio:.2f}x |")
             print(lines[-1], flush=True)
     return "\n".join(lines)
 

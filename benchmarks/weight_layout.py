@@ -17,15 +17,12 @@ Prints per batch the median tokens/s of each and the median of the paired ratios
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
-from rollout import Engine, SamplingParams
+from rollout import Engine
 from rollout.config import EngineConfig
 
-from .packed import ab_parser, ab_setup, sync
+from .packed import ab_parser, ab_setup, generate_rate, interleaved
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -42,13 +39,6 @@ def main(argv: list[str] | None = None) -> str:
         engine.model.pack_projections(input_major=layout == "input")
         assert engine.model.packs_current()
 
-    def run(sampler: str, batch: int, seed: int) -> tuple[float, list[list[int]]]:
-        sync(args.device)
-        t0 = time.perf_counter()
-        out = engine.generate(prompts[:batch], SamplingParams(sampler=sampler, max_tokens=args.max_tokens, seed=seed))
-        sync(args.device)
-        return engine.last_stats.generated_tokens / (time.perf_counter() - t0), [g[0].token_ids for g in out]
-
     title = (f"# input-major vs default weight layout: {args.model.name}, {args.device} ({device}, "
              f"{torch.get_num_threads()} threads), {dtype}, {'eager' if args.eager else 'compiled'}, "
              f"torch {torch.__version__}; {args.max_tokens} tokens per row, {args.repeats} interleaved repeats")
@@ -57,19 +47,10 @@ def main(argv: list[str] | None = None) -> str:
     print("\n".join(lines), flush=True)
     for sampler in args.samplers.split(","):
         for batch in batches:
-            tokens = {}
-            for layout in ("input", "default"):  # compile (or warm) both before timing
-                use(layout)
-                tokens[layout] = run(sampler, batch, seed=99)[1]
-            rates = {"input": [], "default": []}
-            for rep in range(args.repeats):
-                for layout in (("input", "default") if rep % 2 else ("default", "input")):
-                    use(layout)
-                    rates[layout].append(run(sampler, batch, seed=rep)[0])
-            ratio = statistics.median(a / b for a, b in zip(rates["input"], rates["default"]))
-            lines.append(f"| {sampler} | {batch} | {statistics.median(rates['default']):.0f} "
-                         f"| {statistics.median(rates['input']):.0f} | {ratio:.3f}x "
-                         f"| {'yes' if tokens['input'] == tokens['default'] else 'NO'} |")
+            med, ratio, same = interleaved(lambda seed: generate_rate(engine, prompts[:batch], sampler, args, seed),
+                                           use, ('input', 'default'), args.repeats)
+            lines.append(f"| {sampler} | {batch} | {med['default']:.0f} | {med['input']:.0f} | {ratio:.3f}x "
+                         f"| {'yes' if same else 'NO'} |")
             print(lines[-1], flush=True)
     use("input" if args.device == "cpu" else "default")
     return "\n".join(lines)

@@ -52,6 +52,14 @@ def test_packed_benchmark_times_packed_and_plain_projections_per_batch():
     assert all(re.search(r"\| \d+ \| \d+ \| \d\.\d\dx \|$", line) for line in rows)
 
 
+def test_weight_layout_benchmark_times_both_layouts_per_sampler():
+    from benchmarks.weight_layout import main as layout_main
+    text = layout_main(["--batches", "1", "--max-tokens", "3", "--repeats", "1", "--prompt-len", "8",
+                        "--samplers", "ar,lossless", "--eager"])
+    rows = [line for line in text.splitlines() if re.match(r"\| (ar|lossless) \| 1 \|", line)]
+    assert len(rows) == 2 and all(re.search(r"\| \d+ \| \d+ \| \d\.\d{3}x \| (yes|NO) \|$", r) for r in rows)
+
+
 def test_fused_ar_benchmark_times_both_variants_and_checks_their_tokens():
     from benchmarks.fused_ar import main as fused_main
     text = fused_main(["--batches", "1", "--max-tokens", "3", "--repeats", "1", "--prompt-len", "8",
