@@ -7,8 +7,9 @@ and, with --compile, compiled (each variant is its own compilation, done before 
     python -m benchmarks.packed                       # embedded model, CPU, eager and compiled
     python -m benchmarks.packed --device cuda --batches 1,16
 
-Prints median tokens/s of each and packed / plain (the median of interleaved pairs) per batch. Tokens are the same either way
-(the test suite checks the numbers agree to 1e-5); only the speed differs.
+Prints median tokens/s of each and packed / plain (the median of interleaved pairs) per batch.
+Tokens are the same either way (the test suite checks the numbers agree to 1e-5); only the
+speed differs.
 """
 
 from __future__ import annotations
