@@ -25,7 +25,7 @@ import torch
 from rollout import Engine
 from rollout.config import EngineConfig
 
-from .packed import ab_parser, ab_setup, generate_rate, interleaved
+from .packed import ab_parser, ab_setup, sampler_table
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -43,16 +43,7 @@ def main(argv: list[str] | None = None) -> str:
     title = (f"# compiled decode steps, fused vs two calls: {args.model.name}, {args.device} ({device}, "
              f"{torch.get_num_threads()} threads), {dtype}, torch {torch.__version__}; "
              f"{args.max_tokens} tokens per row, {args.repeats} interleaved repeats")
-    header = "| sampler | batch | two calls tokens/s | fused tokens/s | fused / two (median of pairs) | same tokens |"
-    lines = [title, "", header, "|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
-    for sampler in args.samplers.split(","):
-        for batch in batches:
-            med, ratio, same = interleaved(lambda seed: generate_rate(engine, prompts[:batch], sampler, args, seed),
-                                           use, ('fused', 'two'), args.repeats)
-            lines.append(f"| {sampler} | {batch} | {med['two']:.0f} | {med['fused']:.0f} | {ratio:.3f}x "
-                         f"| {'yes' if same else 'NO'} |")
-            print(lines[-1], flush=True)
+    lines = sampler_table(title, ("fused", "two calls"), engine, args, batches, prompts, use, ("fused", "two"))
     use("fused")
     return "\n".join(lines)
 

@@ -72,6 +72,27 @@ def interleaved(run, use, variants: tuple[str, str], repeats: int) -> tuple[dict
     return {v: statistics.median(r) for v, r in rates.items()}, ratio, tokens[first] == tokens[second]
 
 
+def sampler_table(title: str, labels: tuple[str, str], engine: Engine, args, batches: list[int], prompts,
+                  use, variants: tuple[str, str]) -> list[str]:
+    """An A/B table with a row per sampler (`args.samplers`) and batch: the median tokens/s of
+    the second variant and the first (headed by `labels`, in that order), the median of the
+    pairs' first / second ratios and whether both returned the same tokens. Printed as it
+    goes; returns its lines."""
+    new, old = labels
+    lines = [title, "", f"| sampler | batch | {old} tokens/s | {new} tokens/s | {new} / {old} (median of pairs) "
+             "| same tokens |", "|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    first, second = variants
+    for sampler in args.samplers.split(","):
+        for batch in batches:
+            med, ratio, same = interleaved(lambda seed: generate_rate(engine, prompts[:batch], sampler, args, seed),
+                                           use, variants, args.repeats)
+            lines.append(f"| {sampler} | {batch} | {med[second]:.0f} | {med[first]:.0f} | {ratio:.3f}x "
+                         f"| {'yes' if same else 'NO'} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def ab_parser(description: str, repeats: int) -> argparse.ArgumentParser:
     """The options of an in-process A/B benchmark (this one, `fused_ar`): model, prompts, batches."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -22,7 +22,7 @@ import torch
 from rollout import Engine
 from rollout.config import EngineConfig
 
-from .packed import ab_parser, ab_setup, generate_rate, interleaved
+from .packed import ab_parser, ab_setup, sampler_table
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -42,16 +42,8 @@ def main(argv: list[str] | None = None) -> str:
     title = (f"# input-major vs default weight layout: {args.model.name}, {args.device} ({device}, "
              f"{torch.get_num_threads()} threads), {dtype}, {'eager' if args.eager else 'compiled'}, "
              f"torch {torch.__version__}; {args.max_tokens} tokens per row, {args.repeats} interleaved repeats")
-    header = "| sampler | batch | default tokens/s | input-major tokens/s | input-major / default (median of pairs) | same tokens |"
-    lines = [title, "", header, "|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
-    for sampler in args.samplers.split(","):
-        for batch in batches:
-            med, ratio, same = interleaved(lambda seed: generate_rate(engine, prompts[:batch], sampler, args, seed),
-                                           use, ('input', 'default'), args.repeats)
-            lines.append(f"| {sampler} | {batch} | {med['default']:.0f} | {med['input']:.0f} | {ratio:.3f}x "
-                         f"| {'yes' if same else 'NO'} |")
-            print(lines[-1], flush=True)
+    lines = sampler_table(title, ("input-major", "default"), engine, args, batches, prompts, use,
+                          ("input", "default"))
     use("input" if args.device == "cpu" else "default")
     return "\n".join(lines)
 
