@@ -29,15 +29,18 @@ import torch
 
 from rollout import Engine, SamplingParams
 from rollout.config import TIDAR_CONFIG_FILE
-from rollout.engine.drafting import request_class
+from rollout.config import EngineConfig
+from rollout.engine.drafting import DraftShape, request_class
 from rollout.train.corpus import open_corpus
 
-RUNS = [  # (name, sampler, temperature)
-    ("ar_t0", "ar", 0.0),
-    ("lossless_t0", "lossless", 0.0),
-    ("lossless_t0.7", "lossless", 0.7),
-    ("lossless_t1", "lossless", 1.0),
-    ("mixed_w0.5_t1", "mixed", 1.0),
+RUNS = [  # (name, sampler, temperature, drafts from lookup instead of the model)
+    ("ar_t0", "ar", 0.0, False),
+    ("lossless_t0", "lossless", 0.0, False),
+    ("lossless_t0.7", "lossless", 0.7, False),
+    ("lossless_t1", "lossless", 1.0, False),
+    ("mixed_w0.5_t1", "mixed", 1.0, False),
+    ("lookup_t0", "lossless", 0.0, True),
+    ("lookup_t1", "lossless", 1.0, True),
 ]
 
 
@@ -55,15 +58,25 @@ def heldout_prompts(model_dir: Path, corpus: str, count: int, prompt_len: int) -
     raise ValueError(f"the held-out split of {corpus} has only {len(prompts)} documents of >= {prompt_len} tokens")
 
 
-def measure(engine: Engine, prompts: list[list[int]], sampler: str, temperature: float, args) -> tuple[dict, list]:
+def measure(engine: Engine, prompts: list[list[int]], sampler: str, temperature: float, args,
+            lookup: bool = False) -> tuple[dict, list]:
+    """One run; `lookup`: every decode step a lookup step of the full block (acceptance of
+    lookup drafts, by position, where a row had them)."""
     params = SamplingParams(sampler=sampler, temperature=temperature, max_tokens=args.max_tokens,
                             seed=args.seed, mix_weight=args.mix_weight)
     t0 = time.perf_counter()
-    out = engine.generate(prompts, params)
+    if lookup:
+        lookups = Engine(engine.model, engine.tidar, device=engine.device, dtype=engine.dtype,
+                         config=EngineConfig(drafting="auto"))
+        with lookups.drafting.forcing(DraftShape(engine.tidar.block_size, (), lookup=True)):
+            out = lookups.generate(prompts, params)
+        engine = lookups
+    else:
+        out = engine.generate(prompts, params)
     seconds = time.perf_counter() - t0
     stats = engine.last_stats
     per_prompt = [c[0].tokens_per_forward for c in out]
-    result = {"sampler": sampler, "temperature": temperature,
+    result = {"sampler": sampler, "temperature": temperature, "lookup": lookup,
               "mix_weight": args.mix_weight if sampler == "mixed" else None,
               "tokens_per_forward": round(stats.tokens_per_forward, 3),
               "tokens_per_forward_min_max": [round(min(per_prompt), 3), round(max(per_prompt), 3)],
@@ -86,13 +99,14 @@ def heldout_perplexity(engine: Engine, model_dir: Path, corpus: str, seq_len: in
 def evaluate(model_dir: Path, prompts: list[list[int]], args) -> dict:
     engine = Engine.from_pretrained(model_dir, device=args.device)
     results, outputs = {}, {}
-    for name, sampler, temperature in RUNS:
-        results[name], outputs[name] = measure(engine, prompts, sampler, temperature, args)
+    for name, sampler, temperature, lookup in RUNS:
+        results[name], outputs[name] = measure(engine, prompts, sampler, temperature, args, lookup)
     report = {"model": str(model_dir), "corpus": args.corpus, "prompts": len(prompts), "prompt_len": args.prompt_len,
               "max_tokens": args.max_tokens, "seed": args.seed, "block_size": engine.tidar.block_size,
               "device": args.device, "host": platform.processor() or platform.machine(),
               "torch_threads": torch.get_num_threads(),
               "greedy_lossless_equals_ar": outputs["lossless_t0"] == outputs["ar_t0"],
+              "greedy_lookup_equals_ar": outputs["lookup_t0"] == outputs["ar_t0"],
               "heldout_ar_perplexity": heldout_perplexity(engine, model_dir, args.corpus, args.perplexity_seq_len)
               if args.perplexity_seq_len else None,
               "runs": results}
@@ -100,7 +114,8 @@ def evaluate(model_dir: Path, prompts: list[list[int]], args) -> dict:
         path = model_dir / TIDAR_CONFIG_FILE
         tidar = json.loads(path.read_text())
         tidar["acceptance"] = {
-            request_class(SamplingParams(sampler=r["sampler"], temperature=r["temperature"])): r["acceptance_by_position"]
+            request_class(SamplingParams(sampler=r["sampler"], temperature=r["temperature"]), r["lookup"]):
+                r["acceptance_by_position"]
             for r in results.values() if r["sampler"] != "ar"}
         path.write_text(json.dumps(tidar, indent=2) + "\n")
     if args.update_metrics:

@@ -272,6 +272,9 @@ class EngineConfig:
         step-cost calibration (`Engine.calibrate_step_costs`), after an unmeasured warm-up
         (longer with compile or cuda_graphs: it compiles or captures every calibrated shape);
         0: none, the cost model learns from live steps only.
+    lookup_drafts: with auto drafting, also consider verify-only steps over lookup drafts (the
+        tokens that followed the latest earlier occurrence of a row's last few tokens in its
+        own prompt and output; `engine/lookup.py`), for lossless rows. Exact like any draft.
     calibration_cache: a JSON file of measured step costs keyed by device, model shape, dtype,
         block length and threads; a hit skips the timed steps (not the warm-up of compiled or
         captured steps). None: no cache.
@@ -290,6 +293,7 @@ class EngineConfig:
     cuda_graphs: bool = False
     calibration_seconds: float = 0.0
     calibration_cache: str | None = None
+    lookup_drafts: bool = True
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_running_requests", "max_sequences_per_request",
@@ -307,6 +311,8 @@ class EngineConfig:
             raise ValueError("cuda_graphs and compile are exclusive: choose one")
         if self.cuda_graphs and self.attention not in ("dense", "triton"):
             raise ValueError(f"cuda_graphs needs attention 'dense' or 'triton', got {self.attention!r}")
+        if not isinstance(self.lookup_drafts, bool):
+            raise ValueError(f"lookup_drafts must be true or false, got {self.lookup_drafts!r}")
         if self.drafting not in ("fixed", "auto"):
             raise ValueError(f"drafting must be 'fixed' or 'auto', got {self.drafting!r}")
         if not (0 <= self.calibration_seconds <= 600 and math.isfinite(self.calibration_seconds)):

@@ -89,8 +89,10 @@ def test_compiled_engines_choose_among_the_calibrated_shapes_only(engine):
     calibration compiles and times (AR, length 2, one level of the block, every level)."""
     k = engine.tidar.block_size
     calibrated = [None, DraftShape(2, (1,)), DraftShape(k, (1,)), DraftShape(k, tuple(range(1, k + 1)))]
+    lookup = DraftShape(min(4, k), (), lookup=True)
     compiled = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="auto", compile=True))
-    assert compiled.drafting.calibration_shapes() == calibrated and compiled.drafting.candidates == calibrated
+    assert compiled.drafting.calibration_shapes() == calibrated + [lookup]
+    assert compiled.drafting.candidates == calibrated and compiled.drafting.lookup_candidates == [lookup]
     eager = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="auto"))
     assert len(eager.drafting.candidates) > len(calibrated)
 
@@ -118,8 +120,10 @@ def random_levels(engine, seed):
     draft length, level prefixes and sparse level sets."""
     rng = random.Random(seed)
     k = engine.tidar.block_size
-    options = engine.drafting.candidates + [DraftShape(k, (1, 3)), DraftShape(k, (1, 4)), DraftShape(3, (1, 3))]
-    engine.drafting.choose = lambda params, context: rng.choice(options)
+    options = engine.drafting.candidates + [DraftShape(k, (1, 3)), DraftShape(k, (1, 4)), DraftShape(3, (1, 3)),
+                                            DraftShape(2, (), lookup=True), DraftShape(k, (), lookup=True)]
+    engine.drafting.choose = lambda params, context, lookups=None: rng.choice(options)
+    engine.drafting.wants_lookup = lambda params: True  # lossless rows look up drafts every step
     return engine
 
 
@@ -131,6 +135,7 @@ def test_compiled_steps_sample_what_eager_steps_sample_when_the_shape_changes_ev
     compiled = Engine(engine.model, engine.tidar, config=EngineConfig(compile=True))
     shapes = [s for s in compiled.drafting.calibration_shapes() if s is None or s.length == 2 or len(s.levels) > 1]
     assert len(shapes) == 3  # AR, length 2 with one level, the whole block with every level
+    shapes.append(DraftShape(3, (), lookup=True))  # and a lookup step
     calls = {"ar": 0, "tidar": 0}
     for kind in calls:  # count the fused calls
         fused = getattr(compiled.runner, f"{kind}_step")
@@ -138,7 +143,8 @@ def test_compiled_steps_sample_what_eager_steps_sample_when_the_shape_changes_ev
     outs = []
     for e in (Engine(engine.model, engine.tidar), compiled):
         rng = random.Random(5)
-        e.drafting.choose = lambda params, context: rng.choice(shapes)
+        e.drafting.choose = lambda params, context, lookups=None: rng.choice(shapes)
+        e.drafting.wants_lookup = lambda params: True
         outs.append(sum(e.generate(PROMPTS[:1], SamplingParams(max_tokens=12, n=3, seed=4, temperature=0.8)), []))
         assert len(e.last_stats.level_choices) == len(shapes)  # every shape ran
     assert calls["ar"] > 0 and calls["tidar"] > 0

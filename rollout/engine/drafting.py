@@ -7,6 +7,10 @@ context, the acceptance rate and the device, so the engine chooses per step, amo
     DraftShape(d, J)      draft length d (2 <= d <= the block length k): verify up to d - 1
                           drafts and pre-draft blocks of d masks at the first m levels J <= d
                           (T = d (1 + m) per row)
+    DraftShape(d, (), lookup=True)
+                          verify up to d - 1 lookup drafts (`lookup.py`: the tokens that followed
+                          the latest earlier occurrence of the row's last few tokens), no
+                          pre-draft blocks (T = d per row); lossless rows only
 the one with the most expected committed tokens per second. A shorter draft length gives up
 the later, rarely accepted drafts for a much cheaper step: where every token costs compute
 (a CPU, a GPU at large batch) d = 2 with one level carries 4 tokens per row instead of k (1 + k).
@@ -16,6 +20,9 @@ the full block's; the sampler is exact for any draft source, so this changes spe
   at the start of a step", driven by acceptance-by-position estimates tracked online per
   request class (sampler, temperature bucket) and seeded from `tidar_config.json`
   (`"acceptance": {"<sampler>@<temperature>": [a_1, ..., a_{k-1}]}`) or a flat prior;
+- lookup steps: expected tokens from the drafts each row has this step and acceptance by
+  position tracked per class ("lossless@0+lookup"), prior PRIOR_ACCEPTANCE; chosen when they
+  beat the best of the above this step (a myopic comparison: a lookup step leaves no drafts);
 - step time: `StepCostModel`, a least-squares fit of a + e * [TiDAR step] + b * rows +
   c * tokens + d * tokens * context over the steps this engine has timed, seeded by a short start-up calibration
   (`Engine.calibrate_step_costs`: timed steps of each kind on scratch prompts, cached per
@@ -29,6 +36,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import deque
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -41,25 +49,39 @@ PRIOR_ACCEPTANCE = 0.5  # per draft position, when nothing is known about a clas
 PRIOR_WEIGHT = 8.0      # how many observed attempts the prior (or calibration) is worth
 DECAY = 0.995           # per observed step: older acceptance counts fade
 EXPLORE_EVERY = 64      # AR-step time per exploring drafting step's time (see DraftPolicy._best)
+# A lookup step must beat the best other step by this factor: its gain is judged for this step
+# alone, and it advances only the rows that have drafts, so a batch that must finish as a whole
+# (an RL rollout batch) ends at uneven row lengths, with its last steps carrying few rows
+# (measured on the CPU at batch 64: lookup steps rated 1.02x the AR rate gave 0.80x).
+LOOKUP_MARGIN = 1.2
+LOOKUP_LENGTH = 4       # the lookup step's draft length when only calibrated shapes run (compiled)
 REFIT_EVERY = 16        # observed steps between re-rankings (acceptance estimates, cost fit)
 
 
 @dataclass(frozen=True)
 class DraftShape:
     """A TiDAR decode step: draft length (drafts d_0..d_{length-1}, so up to length - 1 are
-    verified) and the pre-draft levels, each a block of `length` mask tokens."""
+    verified) and the pre-draft levels, each a block of `length` mask tokens. `lookup`: a
+    verify-only step (no levels) whose drafts come from each row's history (`lookup.py`)."""
     length: int
     levels: tuple[int, ...]
+    lookup: bool = False
 
     @property
     def tokens_per_row(self) -> int:
         return self.length * (1 + len(self.levels))
 
 
-def request_class(params: SamplingParams) -> str:
-    """The acceptance class of a row: sampler and temperature bucket ("lossless@0.9")."""
+def request_class(params: SamplingParams, lookup: bool = False) -> str:
+    """The acceptance class of a row: sampler and temperature bucket ("lossless@0.9"), and
+    "+lookup" for its lookup drafts."""
     edge = next((e for e in TEMPERATURE_BUCKETS if params.temperature <= e), math.inf)
-    return f"{params.sampler}@{edge:g}"
+    return f"{params.sampler}@{edge:g}" + ("+lookup" if lookup else "")
+
+
+def takes_lookup(params: SamplingParams) -> bool:
+    """Whether a row may verify lookup drafts (lossless only: see `lookup.py`)."""
+    return params.sampler == "lossless"
 
 
 @dataclass
@@ -181,7 +203,7 @@ class DraftPolicy:
     seed); "auto" chooses by expected tokens per second."""
 
     def __init__(self, block_size: int, level_set: tuple[int, ...], mode: str = "fixed",
-                 calibration: dict[str, list[float]] | None = None):
+                 calibration: dict[str, list[float]] | None = None, lookup: bool = True):
         if mode not in ("fixed", "auto"):
             raise ValueError(f"drafting must be 'fixed' or 'auto', got {mode!r}")
         self.k, self.level_set, self.mode = block_size, tuple(level_set), mode
@@ -191,6 +213,10 @@ class DraftPolicy:
         for length in range(2, block_size + 1):
             fit = tuple(j for j in self.level_set if j <= length)
             self.candidates += [DraftShape(length, fit[:m]) for m in range(1, len(fit) + 1)]
+        # Verify-only steps over lookup drafts, every draft length (auto drafting only).
+        self.lookup_candidates = ([DraftShape(length, (), lookup=True) for length in range(2, block_size + 1)]
+                                  if lookup and mode == "auto" else [])
+        self._explore_lookup = False  # exploration alternates between the two draft sources
         self.calibration = calibration or {}
         self.estimates: dict[str, AcceptanceEstimate] = {}
         self.costs = StepCostModel()
@@ -203,16 +229,20 @@ class DraftPolicy:
 
     def calibration_shapes(self) -> list[DraftShape | None]:
         """The step kinds start-up calibration times: AR; draft length 2 with one level; one
-        level of the full block; every level."""
+        level of the full block; every level; with lookup drafts, a verify-only lookup step of
+        LOOKUP_LENGTH."""
         if self.k < 2:
             return [None]
         first = self.full.levels[:1]
-        return list(dict.fromkeys([None, DraftShape(2, first), DraftShape(self.k, first), self.full]))
+        lookup = [DraftShape(min(LOOKUP_LENGTH, self.k), (), lookup=True)] if self.lookup_candidates else []
+        return list(dict.fromkeys([None, DraftShape(2, first), DraftShape(self.k, first), self.full] + lookup))
 
     def restrict_to_calibrated(self) -> None:
         """Chooses among the calibrated shapes only (compiled steps: each shape is a compilation,
         paid once at start-up instead of whenever exploration first picks it)."""
-        self.candidates = self.calibration_shapes()
+        shapes = self.calibration_shapes()
+        self.candidates = [s for s in shapes if s is None or not s.lookup]
+        self.lookup_candidates = [s for s in shapes if s is not None and s.lookup]
         self._decisions.clear()
 
     @contextmanager
@@ -245,11 +275,18 @@ class DraftPolicy:
 
     def expects_drafts(self) -> bool:
         """Whether a prefill should draft its rows' first step: always when fixed; with auto,
-        when the last decode step drafted (else the mask block would be computed for nothing)."""
-        return self.mode == "fixed" or self.last_choice is not None
+        when the last decode step pre-drafted (else the mask block would be computed for nothing)."""
+        return self.mode == "fixed" or (self.last_choice is not None and not self.last_choice.lookup)
 
-    def choose(self, params: list[SamplingParams], context: float) -> DraftShape | None:
-        """The shape of a decode step over rows with these params (None: AR step)."""
+    def wants_lookup(self, params: list[SamplingParams]) -> bool:
+        """Whether this step's rows should look up their drafts (`choose`'s `lookups`)."""
+        return bool(self.lookup_candidates) and (self._forced is None or self._forced[0] is not None
+                                                 and self._forced[0].lookup) and any(map(takes_lookup, params))
+
+    def choose(self, params: list[SamplingParams], context: float,
+               lookups: Callable[[], list[list[int]]] | None = None) -> DraftShape | None:
+        """The shape of a decode step over rows with these params (None: AR step); `lookups`:
+        gives each row's lookup drafts this step (called only when a lookup step might win)."""
         if self._forced is not None:
             return self._forced[0]
         drafting = [p for p in params if p.sampler != "ar"]
@@ -258,13 +295,14 @@ class DraftPolicy:
         elif self.mode == "fixed":
             choice = self.full
         else:
-            choice = self._best(params, drafting, context)
+            choice = self._best(params, drafting, context, lookups)
         self.last_choice = choice
         label = level_label(choice, self.k)
         self.choices[label] = self.choices.get(label, 0) + 1
         return choice
 
-    def _best(self, params: list[SamplingParams], drafting: list[SamplingParams], context: float):
+    def _best(self, params: list[SamplingParams], drafting: list[SamplingParams], context: float,
+              lookups: Callable[[], list[list[int]]] | None):
         counts: dict[str, int] = {}
         for p in drafting:
             cls = request_class(p)
@@ -274,25 +312,73 @@ class DraftPolicy:
         key = (tuple(sorted(counts.items())), len(params), int(context) // 32, self._observations // REFIT_EVERY)
         decision = self._decisions.get(key)
         if decision is None:
-            decision = self._rank(counts, len(params) - len(drafting), len(params), context)
+            # Rows look up their drafts only when a lookup step could win even if every row
+            # that takes them had k - 1 (the lookup costs host time on every row).
+            full = {(f"{cls}+lookup", self.k - 1): n for cls, n in counts.items() if cls.startswith("lossless@")}
+            decision = self._rank(counts, len(params) - len(drafting), len(params), context) + (
+                self._lookup_rate(len(params), full, context)[1],)
             if len(self._decisions) > 4096:
                 self._decisions.clear()
             self._decisions[key] = decision
-        best, best_drafting, ar_seconds, drafting_seconds = decision
+        best, best_drafting, ar_seconds, drafting_seconds, best_rate, lookup_bound = decision
+        if lookups is not None and lookup_bound > LOOKUP_MARGIN * best_rate:
+            lookup, rate = self._lookup_rate(len(params), self._offered(params, lookups()), context)
+            if lookup is not None and rate > LOOKUP_MARGIN * best_rate:
+                best = lookup
         if best is not None:
             self.ar_seconds_since_drafting = 0.0
             return best
         # AR wins. Acceptance is only learned from drafting steps, so now and then draft anyway,
         # when the AR time since the last drafting step is EXPLORE_EVERY times that step's cost:
-        # exploring costs at most ~1/EXPLORE_EVERY of the time, whatever the device.
+        # exploring costs at most ~1/EXPLORE_EVERY of the time, whatever the device. The two
+        # draft sources take turns (each one's estimates only learn from its own steps).
         if self.ar_seconds_since_drafting >= EXPLORE_EVERY * drafting_seconds:
             self.ar_seconds_since_drafting = 0.0
+            self._explore_lookup = not self._explore_lookup
+            if not self._explore_lookup and lookups is not None:  # this turn is lookup's
+                lookup, _ = self._lookup_rate(len(params), self._offered(params, lookups()), context)
+                best_drafting = lookup or best_drafting
             return best_drafting
         self.ar_seconds_since_drafting += ar_seconds
         return None
 
+    @staticmethod
+    def _offered(params: list[SamplingParams], lookups: list[list[int]]) -> dict[tuple[str, int], int]:
+        """Rows by (lookup class, drafts they have this step), for the rows that take them."""
+        offered: dict[tuple[str, int], int] = {}
+        for p, drafts in zip(params, lookups):
+            if drafts and takes_lookup(p):
+                key = (request_class(p, lookup=True), len(drafts))
+                offered[key] = offered.get(key, 0) + 1
+        return offered
+
+    def _lookup_rate(self, rows: int, offered: dict[tuple[str, int], int],
+                     context: float) -> tuple[DraftShape | None, float]:
+        """The best lookup step over `rows` rows and its expected tokens per second (None, -1
+        when no row has lookup drafts); `offered`: rows by (lookup class, drafts they have).
+        A row commits 1 + the chained acceptance of the drafts a step verifies, one without
+        drafts 1."""
+        if not offered or not self.lookup_candidates:
+            return None, -1.0
+        gains: dict[str, list[float]] = {}  # class -> expected extra tokens by drafts verified
+        for cls, _ in offered:
+            if cls not in gains:
+                chain, gain = 1.0, [0.0]
+                for r in self.estimate(cls).rates:
+                    chain *= r
+                    gain.append(gain[-1] + chain)
+                gains[cls] = gain
+        best, best_rate = None, -1.0
+        for shape in self.lookup_candidates:
+            tokens = rows + sum(n * gains[cls][min(d, shape.length - 1)] for (cls, d), n in offered.items())
+            rate = tokens / max(self.costs.predict(True, rows, rows * shape.length, context), 1e-12)
+            if rate > best_rate:
+                best, best_rate = shape, rate
+        return best, best_rate
+
     def _rank(self, counts: dict[str, int], ar_rows: int, rows: int, context: float):
-        """(best shape, best drafting shape, predicted seconds of an AR step, of that drafting step)."""
+        """(best shape, best drafting shape, predicted seconds of an AR step, of that drafting
+        step, the best shape's expected tokens per second)."""
         best, best_rate, best_drafting, best_drafting_rate, seconds = None, -1.0, None, -1.0, {}
         for shape in self.candidates:
             tokens = ar_rows + sum(n * self._expected_tokens(cls, shape) for cls, n in counts.items())
@@ -303,7 +389,7 @@ class DraftPolicy:
                 best, best_rate = shape, rate
             if shape is not None and rate > best_drafting_rate:
                 best_drafting, best_drafting_rate = shape, rate
-        return best, best_drafting, seconds[None], seconds[best_drafting]
+        return best, best_drafting, seconds[None], seconds[best_drafting], best_rate
 
     def observe_step(self, params: list[SamplingParams], shape: DraftShape | None, accepted: list[int],
                      offered: list[int], context: float, seconds: float | None) -> None:
@@ -317,7 +403,7 @@ class DraftPolicy:
         seen = set()
         for p, a, n in zip(params, accepted, offered):
             if n > 0:
-                est = self.estimate(request_class(p))
+                est = self.estimate(request_class(p, lookup=shape is not None and shape.lookup))
                 if id(est) not in seen:
                     est.decay()
                     seen.add(id(est))
@@ -333,9 +419,12 @@ class DraftPolicy:
 
 
 def level_label(shape: DraftShape | None, block_size: int) -> str:
-    """"ar" for an AR step; else the number of pre-draft levels, then "/d" when the draft
-    length d is shorter than the block ("1/2": one level, draft length 2)."""
+    """"ar" for an AR step; "lookup/d" for a lookup step of draft length d; else the number of
+    pre-draft levels, then "/d" when the draft length d is shorter than the block ("1/2": one
+    level, draft length 2)."""
     if shape is None:
         return "ar"
+    if shape.lookup:
+        return f"lookup/{shape.length}"
     m = str(len(shape.levels))
     return m if shape.length == block_size else f"{m}/{shape.length}"

@@ -85,7 +85,8 @@ class Engine:
             config.max_waiting_sequences or 32 * num_slots)
         self.runner = ModelRunner(model, tidar, self.device, dtype, num_slots, slot_len, config.attention,
                                   config.compile, config.cuda_graphs)
-        self.drafting = DraftPolicy(tidar.block_size, tidar.level_set, config.drafting, tidar.acceptance)
+        self.drafting = DraftPolicy(tidar.block_size, tidar.level_set, config.drafting, tidar.acceptance,
+                                    config.lookup_drafts)
         if config.compile:
             self.drafting.restrict_to_calibrated()
         self.scheduler = Scheduler(num_slots, tidar.block_size, config.max_prefill_tokens, config.max_running_requests,
@@ -293,7 +294,7 @@ class Engine:
                 touched = {id(c.group.request): c.group.request for c in plan.prefill}
             else:
                 started, one_offs = time.perf_counter(), self.runner.one_off_count()
-                result = self.runner.decode(plan.decode, plan.shape)  # ends in the step's one sync
+                result = self.runner.decode(plan.decode, plan.shape, plan.lookup)  # ends in the step's one sync
                 # A step that captured or compiled is not timed (its cost is paid once).
                 seconds = None if self.runner.one_off_count() != one_offs else time.perf_counter() - started
                 self._observe_decode(plan, result, seconds)

@@ -146,7 +146,7 @@ class ModelRunner:
             if not 2 <= shape.length <= self.tidar.block_size:
                 raise ValueError(f"draft length must be in [2, {self.tidar.block_size}], got {shape.length}")
             layout = decode_layout(shape.length, shape.levels).to(self.device)
-            levels = torch.tensor(shape.levels, device=self.device)
+            levels = torch.tensor(shape.levels, dtype=torch.long, device=self.device)
             for t in (layout.offsets, layout.visible, levels):
                 self._static(t)
             self._layouts[shape] = (layout, levels)
@@ -259,12 +259,17 @@ class ModelRunner:
         self.num_valid[slots] = num_valid
 
     # ------------------------------------------------------------------ decode
-    def decode(self, seqs: list[Sequence], shape: DraftShape | None) -> StepTokens:
+    def decode(self, seqs: list[Sequence], shape: DraftShape | None,
+               lookup: list[list[int]] | None = None) -> StepTokens:
         """One step over running sequences: with a draft shape, a TiDAR step (verify up to
         shape.length - 1 of their drafts, sample the next token, pre-draft the shape's levels);
         None, an AR step (pending drafts are dropped: no draft is ever verified against a step
-        it was not made for). Returns each row's emitted tokens."""
+        it was not made for). A lookup shape verifies each row's `lookup` drafts where it has
+        some (its own pending drafts where not) and pre-drafts nothing. Returns each row's
+        emitted tokens."""
         drafting = shape is not None and any(s.drafts for s in seqs)
+        if drafting and shape.lookup and lookup:
+            self._store_lookup(seqs, shape.length, lookup)
         if self.fused:
             return self._fused_tidar(seqs, shape) if drafting else self._fused_ar(seqs)
         layout, level_t = self.layout(shape) if drafting else (self.ar_layout, None)
@@ -281,18 +286,35 @@ class ModelRunner:
             return self._ar_tokens(seqs, slots, *sampled)
         # A shorter step verifies only the drafts it carries (the rest are dropped).
         num_valid = self.num_valid[slots].clamp(max=k)
-        b, K = layout.block_size, self.tidar.block_size
+        b, K = 0 if shape.lookup else layout.block_size, self.tidar.block_size
         offsets, purposes = self.uniform_plan(k, b)
         drafting_rows = self._tensor([s.drafts for s in seqs], torch.bool)
         out, lp, blp, accepted, p_logprobs, next_drafts, next_logits, next_valid = self.tidar_sample(
             self.model, hidden, drafts, self.draft_logits[slots, 1:k], num_valid, keys, L[:, None] + offsets,
             purposes, rows, level_t, drafting_rows, b, len(layout.levels) == 1, K, self.tidar.mask_token_id)
         self.drafts[slots] = next_drafts
-        self.draft_logits[slots[:, None], torch.arange(1, b, device=dev)[None]] = next_logits
+        self.draft_logits[slots[:, None], torch.arange(1, max(b, 1), device=dev)[None]] = next_logits
         self.num_valid[slots] = next_valid  # logits past a row's valid drafts are never used
         packed = torch.cat((out.double(), lp.double(), blp.double(), accepted[:, None].double(),
                             (num_valid - 1)[:, None].double()), dim=1)
         return self._tidar_tokens(seqs, packed, p_logprobs, shape, k)
+
+    def _store_lookup(self, seqs: list[Sequence], length: int, lookup: list[list[int]]) -> None:
+        """Makes the rows' lookup drafts (up to length - 1 each) their slots' pending drafts, each
+        drawn from a point mass (logits 0 at the draft, -inf elsewhere: q(d) = 1)."""
+        rows = [(s.slot, d[:length - 1]) for s, d in zip(seqs, lookup) if d]
+        if not rows:
+            return
+        n = max(len(d) for _, d in rows)
+        drafts = torch.full((len(rows), n), self.tidar.mask_token_id, dtype=torch.long)
+        for i, (_, d) in enumerate(rows):
+            drafts[i, :len(d)] = torch.tensor(d)
+        slots, drafts = self._tensor([s for s, _ in rows]), drafts.to(self.device)
+        point = torch.full((len(rows), n, self.draft_logits.shape[-1]), -torch.inf, device=self.device)
+        point.scatter_(2, drafts[..., None], 0.0)
+        self.drafts[slots[:, None], torch.arange(1, n + 1, device=self.device)[None]] = drafts
+        self.draft_logits[slots[:, None], torch.arange(1, n + 1, device=self.device)[None]] = point
+        self.num_valid[slots] = self._tensor([1 + len(d) for _, d in rows])
 
     def _tidar_tokens(self, seqs: list[Sequence], packed: torch.Tensor, p_logprobs: torch.Tensor,
                       shape: DraftShape, k: int) -> StepTokens:
@@ -314,7 +336,7 @@ class ModelRunner:
         slots and committed lengths (see `_fused_ar`); padding rows (compiled: up to a power
         of two) only run through the forward, writing to the sink."""
         layout, level_t = self.layout(shape)
-        k, b = layout.num_drafts, layout.block_size
+        k, b = layout.num_drafts, 0 if shape.lookup else layout.block_size
         index, _ = self._step_index(seqs)
         offsets, purposes = self.uniform_plan(k, b)
         packed, p_logprobs = self.tidar_step(
@@ -506,7 +528,7 @@ def tidar_step(model: Decoder, cache: KVCache, drafts: torch.Tensor, draft_logit
         model, hidden, row_drafts, draft_logits[real, 1:k], valid, keys[real], L[:, None] + offsets, purposes,
         rows, levels, drafting, block, single_level, K, mask_token_id)
     drafts.index_put_((real,), next_drafts)
-    draft_logits.index_put_((real[:, None], torch.arange(1, block, device=slots.device)[None]), next_logits)
+    draft_logits.index_put_((real[:, None], torch.arange(1, max(block, 1), device=slots.device)[None]), next_logits)
     num_valid.index_put_((real,), next_valid)  # logits past a row's valid drafts are never used
     return torch.cat((out.double(), lp.double(), blp.double(), accepted[:, None].double(),
                       (valid - 1)[:, None].double()), dim=1), p_logprobs
@@ -523,7 +545,8 @@ def tidar_sample(model: Decoder, hidden: torch.Tensor, drafts: torch.Tensor, dra
     level); drafts [B, k] (d_0 decided, d_1.. to verify); draft_logits [B, k-1, V] (what d_1..
     were drawn from); num_valid [B] drafts incl. d_0 this step carries; positions [B, n] and
     purposes [n]: the step's uniforms (`ModelRunner.uniform_plan`); levels [m] the pre-drafted
-    levels; drafting [B] rows that draft next step; single_level: m == 1.
+    levels; drafting [B] rows that draft next step; block: the pre-draft block length (0: a
+    verify-only lookup step, whose next state is no drafts); single_level: m == 1.
     Returns (out, lp, blp) [B, k]: tokens emitted (the first accepted + 1 count), their log-probs
     under p and under the verification target; accepted [B]; p's log-probs [B, k, V]; and the
     next step's state: drafts [B, K] (padded with mask tokens), their logits [B, block-1, V]
@@ -558,6 +581,10 @@ def tidar_sample(model: Decoder, hidden: torch.Tensor, drafts: torch.Tensor, dra
     lp = p_logprobs.gather(-1, out[..., None]).squeeze(-1)
     blp = target_logprobs.gather(-1, out[..., None]).squeeze(-1)
 
+    if b == 0:  # verify-only (a lookup step): nothing pre-drafted, the next step starts without drafts
+        next_drafts = torch.cat((next_token[:, None], torch.full((B, K - 1), mask_token_id, dtype=out.dtype,
+                                                                  device=dev)), dim=1)
+        return out, lp, blp, accepted, p_logprobs, next_drafts, ar_logits[:, :0], torch.ones_like(accepted)
     # Next drafts, from the block pre-drafted for each row's acceptance level. a + 1 tokens are
     # committed; the new decided token sits at L+a+1. The block (length b) for the largest
     # level j <= a + 1 starts at L+j, so its slot (a + 1 - j) + s drafts L+a+1+s.

@@ -14,7 +14,8 @@ Design decisions (nano-vllm's shape, TiDAR's needs):
 - Stop tokens, max_tokens, aborts and freeing slots are handled here, after the runner's
   forward; a finished or aborted sequence's slot is free for the next admission at once.
 - The level set of each decode step (how many pre-draft blocks it carries) is chosen here, by
-  the `DraftPolicy` (`drafting.py`), from what is running.
+  the `DraftPolicy` (`drafting.py`), from what is running; so are the rows' lookup drafts
+  (`lookup.py`), looked up only when the policy asks (a lookup step might win).
 - Two admission brakes: `max_running_requests` (1 = the serial mode, for comparisons) and
   `admit_new` (off while a wait-mode weight swap drains the requests already started, so no
   request mixes weight versions).
@@ -22,12 +23,14 @@ Design decisions (nano-vllm's shape, TiDAR's needs):
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from dataclasses import dataclass
 
 from ..params import FinishReason
-from .drafting import DraftPolicy, DraftShape
+from .drafting import DraftPolicy, DraftShape, takes_lookup
+from .lookup import lookup_drafts
 from .kv_slots import SlotAllocator
 from .sequence import PromptGroup, Request, Sequence
 
@@ -55,6 +58,7 @@ class Plan:
     started: list[Request]   # requests whose first group was admitted for this step
     shape: DraftShape | None = None
     context: float = 0.0     # mean committed length of the decoded rows
+    lookup: list[list[int]] | None = None  # per decoded row, its lookup drafts (a lookup step's)
 
 
 class Scheduler:
@@ -94,8 +98,14 @@ class Scheduler:
             self._prefill_turn = True
             rows = list(self.running)
             context = sum(s.num_committed for s in rows) / len(rows)
-            shape = self.drafting.choose([s.params for s in rows], context) if self.drafting else None
-            return Plan([], rows, started, shape, context)
+            params = [s.params for s in rows]
+            if not self.drafting:
+                return Plan([], rows, started, None, context)
+            lookups = functools.cache(lambda: self._lookup_drafts(rows))  # looked up once, if asked
+            wants = self.drafting.wants_lookup(params)
+            shape = self.drafting.choose(params, context, lookups if wants else None)
+            lookup = lookups() if wants and shape is not None and shape.lookup else None
+            return Plan([], rows, started, shape, context, lookup)
         return None
 
     def _admit(self) -> list[Request]:
@@ -169,6 +179,17 @@ class Scheduler:
                 seq.finish(FinishReason.LENGTH)
                 return True
         return False
+
+    def _lookup_drafts(self, rows: list[Sequence]) -> list[list[int]]:
+        """Each row's lookup drafts for this step (up to block length - 1; none for rows that
+        cannot take them), its n-gram index brought up to date."""
+        out = []
+        for s in rows:
+            drafts = []
+            if takes_lookup(s.params):
+                s.lookup, drafts = lookup_drafts(s.lookup, s.prompt, s.out.token_ids, self.block_size - 1)
+            out.append(drafts)
+        return out
 
     def retire(self, finished: list[Sequence]) -> None:
         """Frees the slots of finished sequences and drops them from the running set."""

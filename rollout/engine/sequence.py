@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..params import Completion, FinishReason, SamplingParams
+from .lookup import NgramIndex
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Sequence:
     out: Completion              # prompt/sample index, tokens, log-probs, provenance, finish reason
     slot: int = -1               # KV slot while admitted, else -1
     first_token_at: float | None = None  # perf_counter time its first token was sampled
+    lookup: NgramIndex | None = None     # its history's n-grams, once a step looked up drafts
 
     @property
     def params(self) -> SamplingParams:

@@ -51,7 +51,7 @@ class ReplicaMetrics(_Served):
         self.acceptance = Gauge("rollout_replica_draft_acceptance", "Acceptance rate by draft position, last request",
                                 ["position"], registry=r)
         self.level_set = Gauge("rollout_replica_level_set_size",
-                               "Pre-draft levels of the last decode step (0: an AR step)", registry=r)
+                               "Pre-draft levels of the last decode step (0: an AR or lookup step)", registry=r)
         self.draft_length = Gauge("rollout_replica_draft_length",
                                   "Draft length of the last decode step (0: an AR step)", registry=r)
         self.weight_version = Gauge("rollout_replica_weight_version", "Weight version served", registry=r)

@@ -230,6 +230,9 @@ def main_serve(argv: list[str]) -> int:
     p.add_argument("--drafting", default="auto", choices=["auto", "fixed"],
                    help="auto: each decode step takes an AR step or some pre-draft levels, whichever gives more "
                         "tokens/s (exact either way); fixed: always every level (tokens reproducible per seed)")
+    p.add_argument("--no-lookup-drafts", dest="lookup_drafts", action="store_false",
+                   help="with auto drafting: never take verify-only steps over lookup drafts (tokens that "
+                        "followed an earlier occurrence of a row's last few tokens; lossless rows only)")
     p.add_argument("--calibration-seconds", type=float, default=10.0,
                    help="with auto drafting: seconds of timed steps in each replica's start-up step-cost "
                         "calibration, after a warm-up (0: none; the cost model then learns from live steps only)")
@@ -281,6 +284,7 @@ def main_serve(argv: list[str]) -> int:
                                  kv_cache_gib=args.kv_cache_gib, gpu_memory_utilization=args.gpu_memory_utilization,
                                  max_prefill_tokens=args.max_prefill_tokens,
                                  max_running_requests=args.max_running_requests, drafting=args.drafting,
+                                 lookup_drafts=args.lookup_drafts,
                                  max_sequences_per_request=args.max_sequences_per_request,
                                  max_waiting_sequences=args.max_waiting_sequences,
                                  attention=args.attention, compile=args.compile,

@@ -1,0 +1,172 @@
+"""Lookup drafts (`engine/lookup.py`): what they propose, when the policy takes them, and that
+verifying them keeps the lossless sampler exact."""
+
+import random
+
+import pytest
+import torch
+
+from rollout import Engine, SamplingParams
+from rollout.config import EngineConfig
+from rollout.engine.drafting import DraftPolicy, DraftShape
+from rollout.engine.lookup import NgramIndex, lookup_drafts
+from test_distribution import (  # noqa: F401 - the model_dir fixture
+    ALPHA,
+    NUM_SAMPLES,
+    PROMPT,
+    VOCAB,
+    chi_square_pvalue,
+    exact_ar_distribution,
+    model_dir,
+)
+
+
+def index_of(tokens):
+    index = NgramIndex()
+    index.extend(tokens)
+    return index
+
+
+def test_drafts_follow_the_latest_earlier_occurrence_of_the_longest_matching_suffix():
+    # suffix (7, 8) occurred at 0 (then 1, 2) and at 5 (then 3, 4); (8,) alone last at 9.
+    assert index_of([7, 8, 1, 2, 0, 7, 8, 3, 4, 8, 9, 7, 8]).drafts(3) == [3, 4, 8]
+    assert index_of([5, 6, 5, 6, 9, 1, 6]).drafts(4) == [9, 1, 6]  # only (6,) matches: its latest, at 3
+    assert index_of([1, 2, 3]).drafts(4) == []  # no earlier occurrence
+    assert index_of([4, 4]).drafts(3) == [4]  # the continuation may run into the suffix itself
+    assert index_of([]).drafts(3) == [] and index_of([4]).drafts(3) == []
+
+
+def test_an_index_built_step_by_step_proposes_what_one_built_at_once_does():
+    rng = random.Random(0)
+    prompt, generated, index = [rng.randrange(5) for _ in range(12)], [], None
+    for _ in range(60):
+        generated.append(rng.randrange(5))
+        index, drafts = lookup_drafts(index, prompt, generated, 4)
+        assert drafts == index_of(prompt + generated).drafts(4)
+
+
+def costly_tokens_policy(**kwargs) -> DraftPolicy:
+    """A CPU-like cost fit: 4 ms a step plus 0.1 ms a token; lookup drafts that usually pass."""
+    policy = DraftPolicy(4, (1, 2, 3, 4), "auto", {"lossless@0+lookup": [0.9, 0.9, 0.9]}, **kwargs)
+    for rows, tokens in ((1, 1), (1, 4), (1, 20), (8, 8), (8, 160), (64, 512)):
+        for context in (16, 128):
+            policy.costs.observe(tokens > rows, rows, tokens, context, 4e-3 + 1e-4 * tokens)
+    return policy
+
+
+def test_rows_with_lookup_drafts_take_a_verify_only_lookup_step():
+    policy = costly_tokens_policy()
+    params = [SamplingParams(temperature=0)]
+    assert policy.wants_lookup(params)
+    shape = policy.choose(params, 64, lambda: [[5, 6, 7]])
+    assert shape is not None and shape.lookup and shape.levels == () and shape.length >= 2
+    without = policy.choose(params, 64, lambda: [[]])
+    assert without is None or not without.lookup
+
+
+def test_rows_look_up_drafts_only_when_a_lookup_step_could_win():
+    policy = DraftPolicy(4, (1, 2, 3, 4), "auto")
+    for rows, tokens in ((1, 1), (1, 4), (1, 20), (8, 8), (8, 160), (64, 512)):  # every token costs, nothing fixed
+        for context in (16, 128):
+            policy.costs.observe(tokens > rows, rows, tokens, context, 1e-3 * tokens)
+    asked = []
+    policy._explore_lookup = True  # exploration's next turn is TiDAR's
+    assert policy.choose([SamplingParams(temperature=0)] * 8, 64, lambda: asked.append(1) or [[5, 6, 7]] * 8) is None
+    assert asked == []
+
+
+def test_only_lossless_rows_take_lookup_drafts_and_only_with_auto_drafting():
+    policy = costly_tokens_policy()
+    mixed = [SamplingParams(sampler="mixed", temperature=0)]
+    assert not policy.wants_lookup(mixed) and not policy.wants_lookup([SamplingParams(sampler="ar")])
+    shape = policy.choose(mixed, 64, lambda: [[5, 6, 7]])  # drafts a mixed row cannot verify count for nothing
+    assert shape is None or not shape.lookup
+    assert not costly_tokens_policy(lookup=False).wants_lookup([SamplingParams()])
+    assert DraftPolicy(4, (1, 2, 3, 4), "fixed").lookup_candidates == []
+
+
+def test_lookup_acceptance_is_learned_apart_from_the_diffusion_drafts():
+    policy = costly_tokens_policy()
+    params = [SamplingParams(temperature=0)]
+    policy.observe_step(params, DraftShape(4, (), lookup=True), [3], [3], 64, 5e-3)
+    policy.observe_step(params, DraftShape(4, (1,)), [0], [3], 64, 5e-3)
+    acceptance = policy.status()["acceptance"]
+    assert acceptance["lossless@0+lookup"][0] > 0.5 > acceptance["lossless@0"][0]
+
+
+def counting_lookups(engine):
+    """Counts the rows that were given lookup drafts."""
+    store, seen = engine.runner._store_lookup, {"rows": 0}
+
+    def counted(seqs, length, lookup):
+        seen["rows"] += sum(1 for d in lookup if d)
+        store(seqs, length, lookup)
+    engine.runner._store_lookup = counted
+    return seen
+
+
+def every_step_a_lookup_step(engine, seed):
+    """Each step a lookup step of a random draft length, or now and then a TiDAR or AR step."""
+    rng = random.Random(seed)
+    k = engine.tidar.block_size
+    options = [DraftShape(d, (), lookup=True) for d in range(2, k + 1)] * 2 + [None, DraftShape(k, (1, 2))]
+    engine.drafting.choose = lambda params, context, lookups=None: rng.choice(options)
+    engine.drafting.wants_lookup = lambda params: True
+    return engine
+
+
+def test_lossless_keeps_the_ar_distribution_when_it_verifies_lookup_drafts(model_dir):  # noqa: F811
+    engine = every_step_a_lookup_step(Engine.from_pretrained(model_dir), 3)
+    seen = counting_lookups(engine)
+    outs = engine.generate([PROMPT], SamplingParams(max_tokens=3, n=NUM_SAMPLES, seed=23))[0]
+    counts = torch.zeros(VOCAB ** 3, dtype=torch.float64)
+    for c in outs:
+        a, b, d = c.token_ids
+        counts[(a * VOCAB + b) * VOCAB + d] += 1
+    assert seen["rows"] > NUM_SAMPLES // 8  # lookup drafts were verified often
+    p = chi_square_pvalue(counts, exact_ar_distribution(model_dir, 1.0, 0, 1.0))
+    assert p > ALPHA, f"samples verified against lookup drafts differ from AR (chi-square p = {p:.2e})"
+
+
+def test_lookup_drafts_verified_as_if_drawn_from_a_spread_distribution_are_detected(model_dir):  # noqa: F811
+    """Negative control: the point mass q = 1[d] is what makes accepting with min(1, p(d))
+    exact; leaving the slot's old (uniform) draft logits under the lookup drafts accepts them
+    too often, and the test above must see it."""
+    engine = every_step_a_lookup_step(Engine.from_pretrained(model_dir), 3)
+    runner = engine.runner
+
+    def spread(seqs, length, lookup):
+        rows = [(s.slot, d[:length - 1]) for s, d in zip(seqs, lookup) if d]
+        for slot, d in rows:
+            runner.drafts[slot, 1:1 + len(d)] = torch.tensor(d)
+            runner.draft_logits[slot, 1:1 + len(d)] = 0.0
+            runner.num_valid[slot] = 1 + len(d)
+    runner._store_lookup = spread
+    outs = engine.generate([PROMPT], SamplingParams(max_tokens=3, n=NUM_SAMPLES, seed=23))[0]
+    counts = torch.zeros(VOCAB ** 3, dtype=torch.float64)
+    for c in outs:
+        a, b, d = c.token_ids
+        counts[(a * VOCAB + b) * VOCAB + d] += 1
+    p = chi_square_pvalue(counts, exact_ar_distribution(model_dir, 1.0, 0, 1.0))
+    assert p < ALPHA, f"a wrong draft distribution went unnoticed (chi-square p = {p:.2e})"
+
+
+def test_auto_drafting_takes_lookup_steps_on_repetitive_text_and_stays_greedy(engine):
+    prompt = [3, 5, 7, 9, 11] * 6
+    greedy = engine.generate([prompt], SamplingParams(sampler="ar", temperature=0, max_tokens=24))[0][0]
+    for lookup in (True, False):
+        auto = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="auto", lookup_drafts=lookup))
+        auto.drafting.costs = costly_tokens_policy().costs
+        out = auto.generate([prompt], SamplingParams(temperature=0, max_tokens=24))[0][0]
+        assert out.token_ids == greedy.token_ids
+        assert max(abs(x - y) for x, y in zip(out.logprobs, greedy.logprobs)) <= 1e-5
+        lookups = {k: n for k, n in auto.last_stats.level_choices.items() if k.startswith("lookup/")}
+        assert bool(lookups) == lookup
+        if lookup:
+            assert "lossless@0+lookup" in auto.drafting.status()["acceptance"]
+            assert auto.last_stats.tokens_per_forward > 1
+
+
+def test_lookup_drafts_must_be_a_boolean():
+    with pytest.raises(ValueError, match="lookup_drafts must be true or false"):
+        EngineConfig(lookup_drafts="yes")
