@@ -8,11 +8,12 @@ faster than HF `generate`? (Issue 10's "Measured" list; any device.)
 One engine with cost-aware drafting (`--drafting auto`, as `rollout serve` runs it) and its
 start-up step-cost calibration; prompts are held-out documents (`benchmarks/acceptance.py`).
 For each temperature and batch, the samplers run in turn, `--repeats` times (each repeat with
-another seed; the samplers' order alternates between repeats); the table gives the median
-tokens/s of each, the ratios (medians of the per-repeat ratios) beside their targets,
-the tokens per forward and the step shapes the cost model chose (row-steps by label: "ar", "m"
-levels of the full block, "m/d" m levels at draft length d). Then our AR against HF `generate`
-(same weights, same prompts, sampling at T = 1, every row forced to --max-tokens).
+another seed and the next `batch` prompts; the samplers' order alternates between repeats);
+the table gives the median tokens/s of each, the ratios (medians of the per-repeat ratios)
+beside their targets, the tokens per forward and the step shapes the cost model chose
+(row-steps by label: "ar", "m" levels of the full block, "m/d" m levels at draft length d,
+"lookup/d" a lookup step). Then our AR against HF `generate` (same weights, same prompts,
+sampling at T = 1, every row forced to --max-tokens).
 Ratios are only meaningful within one run; this machine's absolute times are not a GPU's.
 """
 
@@ -57,6 +58,14 @@ def timed(engine: Engine, prompts, params: SamplingParams, device: str) -> tuple
     return s.generated_tokens / (time.perf_counter() - t0), s.tokens_per_forward, Counter(s.level_choices)
 
 
+def repeat_prompts(prompts: list, batch: int, rep: int) -> list:
+    """The prompts of one repeat of a cell: each repeat takes the next `batch` of them (wrapping
+    round), so a small batch is not the measure of one prompt (lookup drafts, for one, gain on
+    some documents far more than on others)."""
+    start = rep * batch % len(prompts)
+    return (prompts[start:] + prompts[:start])[:batch]
+
+
 def engine_table(engine: Engine, prompts, args) -> list[str]:
     lines = ["| T | batch | ar tokens/s | lossless tokens/s | mixed tokens/s | lossless / ar (target) | "
              "mixed / lossless | tokens/forward lossless | lossless row-steps by shape |",
@@ -71,10 +80,11 @@ def engine_table(engine: Engine, prompts, args) -> list[str]:
                     engine.generate(prompts[:batch], SamplingParams(sampler=sampler, temperature=temperature,
                                                                     max_tokens=args.max_tokens, seed=99))
             for rep in range(args.repeats):
+                batch_prompts = repeat_prompts(prompts, batch, rep)
                 for sampler in (samplers if rep % 2 == 0 else samplers[::-1]):  # no sampler always first
                     params = SamplingParams(sampler=sampler, temperature=temperature, max_tokens=args.max_tokens,
                                             seed=rep, mix_weight=args.mix_weight)
-                    rate, per_forward, chosen = timed(engine, prompts[:batch], params, args.device)
+                    rate, per_forward, chosen = timed(engine, batch_prompts, params, args.device)
                     rates[sampler].append(rate)
                     if sampler == "lossless":
                         tpf.append(per_forward)

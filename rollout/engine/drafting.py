@@ -49,11 +49,10 @@ PRIOR_ACCEPTANCE = 0.5  # per draft position, when nothing is known about a clas
 PRIOR_WEIGHT = 8.0      # how many observed attempts the prior (or calibration) is worth
 DECAY = 0.995           # per observed step: older acceptance counts fade
 EXPLORE_EVERY = 64      # AR-step time per exploring drafting step's time (see DraftPolicy._best)
-# A lookup step must beat the best other step by this factor: its gain is judged for this step
-# alone, and it advances only the rows that have drafts, so a batch that must finish as a whole
-# (an RL rollout batch) ends at uneven row lengths, with its last steps carrying few rows
-# (measured on the CPU at batch 64: lookup steps rated 1.02x the AR rate gave 0.80x).
-LOOKUP_MARGIN = 1.2
+# What a lookup step saves must exceed its extra cost by this factor (`_lookup_rate`): the cost
+# fit is least sure of the steps it rarely times, and row-steps saved late are cheaper than its
+# per-row cost says (a shrinking batch; compiled steps pad rows to a power of two).
+LOOKUP_MARGIN = 1.25
 LOOKUP_LENGTH = 4       # the lookup step's draft length when only calibrated shapes run (compiled)
 REFIT_EVERY = 16        # observed steps between re-rankings (acceptance estimates, cost fit)
 
@@ -321,9 +320,9 @@ class DraftPolicy:
                 self._decisions.clear()
             self._decisions[key] = decision
         best, best_drafting, ar_seconds, drafting_seconds, best_rate, lookup_bound = decision
-        if lookups is not None and lookup_bound > LOOKUP_MARGIN * best_rate:
+        if lookups is not None and lookup_bound > best_rate:
             lookup, rate = self._lookup_rate(len(params), self._offered(params, lookups()), context)
-            if lookup is not None and rate > LOOKUP_MARGIN * best_rate:
+            if lookup is not None and rate > best_rate:
                 best = lookup
         if best is not None:
             self.ar_seconds_since_drafting = 0.0
@@ -355,9 +354,17 @@ class DraftPolicy:
     def _lookup_rate(self, rows: int, offered: dict[tuple[str, int], int],
                      context: float) -> tuple[DraftShape | None, float]:
         """The best lookup step over `rows` rows and its expected tokens per second (None, -1
-        when no row has lookup drafts); `offered`: rows by (lookup class, drafts they have).
-        A row commits 1 + the chained acceptance of the drafts a step verifies, one without
-        drafts 1."""
+        when none pays); `offered`: rows by (lookup class, drafts they have). A row commits 1 +
+        g, g the chained acceptance of the drafts the step verifies (g = 0 without drafts).
+
+        A lookup step must also pay against an AR step in a batch that has to finish as a whole
+        (an RL rollout batch): it advances only the rows that have drafts, and the batch ends
+        with its slowest row. Against an AR step of fixed cost a plus r per row, its extra cost
+        must be below what it saves later: r per extra token (row-steps no longer needed) plus
+        a per step the whole batch is shortened by, i.e. min g over the rows (0 unless every
+        row has drafts), by LOOKUP_MARGIN. At batch 1 this is the rate comparison; at batch 64
+        on a CPU, where a lookup step costs 2.4x an AR step, the rate alone chose lookup steps
+        that ran 0.8x."""
         if not offered or not self.lookup_candidates:
             return None, -1.0
         gains: dict[str, list[float]] = {}  # class -> expected extra tokens by drafts verified
@@ -368,12 +375,20 @@ class DraftPolicy:
                     chain *= r
                     gain.append(gain[-1] + chain)
                 gains[cls] = gain
+        every_row = sum(offered.values()) == rows
+        fixed = self.costs.predict(False, 0, 0, context)
+        ar = self.costs.predict(False, rows, rows, context)
+        per_row = (ar - fixed) / rows
         best, best_rate = None, -1.0
         for shape in self.lookup_candidates:
-            tokens = rows + sum(n * gains[cls][min(d, shape.length - 1)] for (cls, d), n in offered.items())
-            rate = tokens / max(self.costs.predict(True, rows, rows * shape.length, context), 1e-12)
-            if rate > best_rate:
-                best, best_rate = shape, rate
+            g = {key: gains[key[0]][min(key[1], shape.length - 1)] for key in offered}
+            extra = sum(n * g[key] for key, n in offered.items())
+            shortened = min(g.values()) if every_row else 0.0
+            seconds = max(self.costs.predict(True, rows, rows * shape.length, context), 1e-12)
+            if per_row * extra + fixed * shortened <= LOOKUP_MARGIN * (seconds - ar):
+                continue
+            if (rows + extra) / seconds > best_rate:
+                best, best_rate = shape, (rows + extra) / seconds
         return best, best_rate
 
     def _rank(self, counts: dict[str, int], ar_rows: int, rows: int, context: float):
