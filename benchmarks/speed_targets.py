@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> str:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     biggest = max(args.batches + args.hf_batches)
-    prompts = heldout_prompts(args.model, args.corpus, biggest, args.prompt_len)
+    prompts = heldout_prompts(args.model, args.corpus, max(biggest, args.repeats), args.prompt_len)  # see repeat_prompts
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, config=EngineConfig(
         max_num_seqs=biggest, max_model_len=args.prompt_len + args.max_tokens, drafting="auto",

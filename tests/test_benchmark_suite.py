@@ -66,3 +66,11 @@ def test_fused_ar_benchmark_times_both_variants_and_checks_their_tokens():
                        "--samplers", "ar"])
     rows = [line for line in text.splitlines() if line.startswith("| ar | 1 |")]
     assert len(rows) == 1 and re.search(r"\| \d+ \| \d+ \| \d\.\d{3}x \| yes \|$", rows[0])
+
+
+def test_speed_targets_gives_each_repeat_the_next_prompts():
+    from benchmarks.speed_targets import repeat_prompts
+    prompts = [[i] for i in range(5)]
+    assert [repeat_prompts(prompts, 1, r) for r in range(3)] == [[[0]], [[1]], [[2]]]
+    assert repeat_prompts(prompts, 2, 2) == [[4], [0]]  # wraps round
+    assert repeat_prompts(prompts, 5, 1) == prompts
