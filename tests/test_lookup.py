@@ -70,7 +70,7 @@ def test_rows_look_up_drafts_only_when_a_lookup_step_could_win():
         for context in (16, 128):
             policy.costs.observe(tokens > rows, rows, tokens, context, 1e-3 * tokens)
     asked = []
-    policy._explore_lookup = True  # exploration's next turn is TiDAR's
+    policy._explore_lookup = False  # an exploring step now would be a TiDAR step
     assert policy.choose([SamplingParams(temperature=0)] * 8, 64, lambda: asked.append(1) or [[5, 6, 7]] * 8) is None
     assert asked == []
 
@@ -97,6 +97,22 @@ def test_only_lossless_rows_take_lookup_drafts_and_only_with_auto_drafting():
     assert shape is None or not shape.lookup
     assert not costly_tokens_policy(lookup=False).wants_lookup([SamplingParams()])
     assert DraftPolicy(4, (1, 2, 3, 4), "fixed").lookup_candidates == []
+
+
+def test_exploring_steps_alternate_between_the_models_drafts_and_lookup_drafts():
+    """Where neither pays (every token costs, nothing is fixed) AR steps run, and the exploring
+    steps that keep both estimates fresh take turns, lookup's even though it does not pay."""
+    policy = DraftPolicy(4, (1, 2, 3, 4), "auto")
+    for rows, tokens in ((1, 1), (1, 4), (1, 20), (8, 8), (8, 160), (64, 512)):
+        for context in (16, 128):
+            policy.costs.observe(tokens > rows, rows, tokens, context, 1e-3 * tokens)
+    params, explored = [SamplingParams(temperature=0)], []
+    assert policy.choose(params, 64, lambda: [[5, 6, 7]]) is None
+    for _ in range(4):
+        policy.ar_seconds_since_drafting = 1e9  # exploration is due
+        explored.append(policy.choose(params, 64, lambda: [[5, 6, 7]]))
+    assert [s is not None and s.lookup for s in explored] == [False, True, False, True]
+    assert None not in explored
 
 
 def test_lookup_acceptance_is_learned_apart_from_the_diffusion_drafts():

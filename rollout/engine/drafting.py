@@ -21,8 +21,9 @@ the full block's; the sampler is exact for any draft source, so this changes spe
   request class (sampler, temperature bucket) and seeded from `tidar_config.json`
   (`"acceptance": {"<sampler>@<temperature>": [a_1, ..., a_{k-1}]}`) or a flat prior;
 - lookup steps: expected tokens from the drafts each row has this step and acceptance by
-  position tracked per class ("lossless@0+lookup"), prior PRIOR_ACCEPTANCE; chosen when they
-  beat the best of the above this step (a myopic comparison: a lookup step leaves no drafts);
+  position tracked per class ("lossless@0+lookup", seeded like the others); chosen when they
+  beat the best of the above this step and also pay against an AR step in a batch that must
+  finish as a whole (`DraftPolicy._lookup_rate`);
 - step time: `StepCostModel`, a least-squares fit of a + e * [TiDAR step] + b * rows +
   c * tokens + d * tokens * context over the steps this engine has timed, seeded by a short start-up calibration
   (`Engine.calibrate_step_costs`: timed steps of each kind on scratch prompts, cached per
@@ -215,7 +216,7 @@ class DraftPolicy:
         # Verify-only steps over lookup drafts, every draft length (auto drafting only).
         self.lookup_candidates = ([DraftShape(length, (), lookup=True) for length in range(2, block_size + 1)]
                                   if lookup and mode == "auto" else [])
-        self._explore_lookup = False  # exploration alternates between the two draft sources
+        self._explore_lookup = False  # whether the next exploring step is a lookup step (they alternate)
         self.calibration = calibration or {}
         self.estimates: dict[str, AcceptanceEstimate] = {}
         self.costs = StepCostModel()
@@ -333,9 +334,9 @@ class DraftPolicy:
         # draft sources take turns (each one's estimates only learn from its own steps).
         if self.ar_seconds_since_drafting >= EXPLORE_EVERY * drafting_seconds:
             self.ar_seconds_since_drafting = 0.0
-            self._explore_lookup = not self._explore_lookup
-            if not self._explore_lookup and lookups is not None:  # this turn is lookup's
-                lookup, _ = self._lookup_rate(len(params), self._offered(params, lookups()), context)
+            lookup_turn, self._explore_lookup = self._explore_lookup, not self._explore_lookup
+            if lookup_turn and lookups is not None:
+                lookup, _ = self._lookup_rate(len(params), self._offered(params, lookups()), context, explore=True)
                 best_drafting = lookup or best_drafting
             return best_drafting
         self.ar_seconds_since_drafting += ar_seconds
@@ -351,11 +352,12 @@ class DraftPolicy:
                 offered[key] = offered.get(key, 0) + 1
         return offered
 
-    def _lookup_rate(self, rows: int, offered: dict[tuple[str, int], int],
-                     context: float) -> tuple[DraftShape | None, float]:
+    def _lookup_rate(self, rows: int, offered: dict[tuple[str, int], int], context: float,
+                     explore: bool = False) -> tuple[DraftShape | None, float]:
         """The best lookup step over `rows` rows and its expected tokens per second (None, -1
-        when none pays); `offered`: rows by (lookup class, drafts they have). A row commits 1 +
-        g, g the chained acceptance of the drafts the step verifies (g = 0 without drafts).
+        when none pays; `explore`: the best by rate, paying or not); `offered`: rows by (lookup
+        class, drafts they have). A row commits 1 + g, g the chained acceptance of the drafts
+        the step verifies (g = 0 without drafts).
 
         A lookup step must also pay against an AR step in a batch that has to finish as a whole
         (an RL rollout batch): it advances only the rows that have drafts, and the batch ends
@@ -385,7 +387,7 @@ class DraftPolicy:
             extra = sum(n * g[key] for key, n in offered.items())
             shortened = min(g.values()) if every_row else 0.0
             seconds = max(self.costs.predict(True, rows, rows * shape.length, context), 1e-12)
-            if per_row * extra + fixed * shortened <= LOOKUP_MARGIN * (seconds - ar):
+            if not explore and per_row * extra + fixed * shortened <= LOOKUP_MARGIN * (seconds - ar):
                 continue
             if (rows + extra) / seconds > best_rate:
                 best, best_rate = shape, (rows + extra) / seconds
