@@ -44,8 +44,9 @@ def exact_ar_distribution(model_dir, temperature, top_k, top_p, min_p=0.0) -> to
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def sample_counts(model_dir, params: SamplingParams) -> torch.Tensor:
-    engine = Engine.from_pretrained(model_dir)
+def sample_counts(model_dir, params: SamplingParams, engine: Engine | None = None) -> torch.Tensor:
+    """Counts of (x1, x2, x3) over params.n samples of PROMPT (a fresh engine unless given)."""
+    engine = engine or Engine.from_pretrained(model_dir)
     outs = engine.generate([PROMPT], params)[0]
     counts = torch.zeros(VOCAB ** 3, dtype=torch.float64)
     for c in outs:

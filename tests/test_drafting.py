@@ -13,11 +13,10 @@ from rollout.engine.drafting import DraftPolicy, DraftShape, expected_tokens, le
 from test_distribution import (  # noqa: F401 - the model_dir fixture
     ALPHA,
     NUM_SAMPLES,
-    PROMPT,
-    VOCAB,
     chi_square_pvalue,
     exact_ar_distribution,
     model_dir,
+    sample_counts,
 )
 
 from conftest import PROMPTS
@@ -168,11 +167,7 @@ def test_greedy_tidar_equals_greedy_ar_whatever_the_shape_of_each_step(engine):
 
 def test_lossless_keeps_the_ar_distribution_when_the_draft_shape_changes_between_steps(model_dir):  # noqa: F811
     engine = random_levels(Engine.from_pretrained(model_dir), 1)
-    outs = engine.generate([PROMPT], SamplingParams(max_tokens=3, n=NUM_SAMPLES, seed=17))[0]
-    counts = torch.zeros(VOCAB ** 3, dtype=torch.float64)
-    for c in outs:
-        a, b, d = c.token_ids
-        counts[(a * VOCAB + b) * VOCAB + d] += 1
+    counts = sample_counts(model_dir, SamplingParams(max_tokens=3, n=NUM_SAMPLES, seed=17), engine)
     assert sum(engine.last_stats.level_choices.values()) > 0 and len(engine.last_stats.level_choices) > 2
     p = chi_square_pvalue(counts, exact_ar_distribution(model_dir, 1.0, 0, 1.0))
     assert p > ALPHA, f"samples under changing draft shapes differ from AR (chi-square p = {p:.2e})"
