@@ -71,6 +71,11 @@ class DraftShape:
     def tokens_per_row(self) -> int:
         return self.length * (1 + len(self.levels))
 
+    @property
+    def block_length(self) -> int:
+        """Length of each pre-draft block: the draft length, or 0 for a step with no levels."""
+        return self.length if self.levels else 0
+
 
 def request_class(params: SamplingParams, lookup: bool = False) -> str:
     """The acceptance class of a row: sampler and temperature bucket ("lossless@0.9"), and
@@ -280,8 +285,8 @@ class DraftPolicy:
 
     def wants_lookup(self, params: list[SamplingParams]) -> bool:
         """Whether this step's rows should look up their drafts (`choose`'s `lookups`)."""
-        return bool(self.lookup_candidates) and (self._forced is None or self._forced[0] is not None
-                                                 and self._forced[0].lookup) and any(map(takes_lookup, params))
+        not_forced_elsewhere = self._forced is None or (self._forced[0] is not None and self._forced[0].lookup)
+        return bool(self.lookup_candidates) and not_forced_elsewhere and any(map(takes_lookup, params))
 
     def choose(self, params: list[SamplingParams], context: float,
                lookups: Callable[[], list[list[int]]] | None = None) -> DraftShape | None:

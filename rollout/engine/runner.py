@@ -286,7 +286,7 @@ class ModelRunner:
             return self._ar_tokens(seqs, slots, *sampled)
         # A shorter step verifies only the drafts it carries (the rest are dropped).
         num_valid = self.num_valid[slots].clamp(max=k)
-        b, K = 0 if shape.lookup else layout.block_size, self.tidar.block_size
+        b, K = shape.block_length, self.tidar.block_size
         offsets, purposes = self.uniform_plan(k, b)
         drafting_rows = self._tensor([s.drafts for s in seqs], torch.bool)
         out, lp, blp, accepted, p_logprobs, next_drafts, next_logits, next_valid = self.tidar_sample(
@@ -336,7 +336,7 @@ class ModelRunner:
         slots and committed lengths (see `_fused_ar`); padding rows (compiled: up to a power
         of two) only run through the forward, writing to the sink."""
         layout, level_t = self.layout(shape)
-        k, b = layout.num_drafts, 0 if shape.lookup else layout.block_size
+        k, b = layout.num_drafts, shape.block_length
         index, _ = self._step_index(seqs)
         offsets, purposes = self.uniform_plan(k, b)
         packed, p_logprobs = self.tidar_step(
