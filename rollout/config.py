@@ -278,6 +278,11 @@ class EngineConfig:
     calibration_cache: a JSON file of measured step costs keyed by device, model shape, dtype,
         block length and threads; a hit skips the timed steps (not the warm-up of compiled or
         captured steps). None: no cache.
+    cost_model: how auto drafting prices a step: "calibrated" (this device's measured step costs)
+        or "flat", a what-if: every step shape costs what an AR step over the same rows costs,
+        the memory-bound regime of a GPU at small and medium batch, so drafts are taken whenever
+        they are expected to be accepted (for measuring draft quality on a CPU). Either way the
+        output distribution is the same; only which drafts are proposed changes.
     """
     max_num_seqs: int | None = None
     max_model_len: int | None = None
@@ -294,6 +299,7 @@ class EngineConfig:
     calibration_seconds: float = 0.0
     calibration_cache: str | None = None
     lookup_drafts: bool = True
+    cost_model: str = "calibrated"
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_running_requests", "max_sequences_per_request",
@@ -315,6 +321,8 @@ class EngineConfig:
             raise ValueError(f"lookup_drafts must be true or false, got {self.lookup_drafts!r}")
         if self.drafting not in ("fixed", "auto"):
             raise ValueError(f"drafting must be 'fixed' or 'auto', got {self.drafting!r}")
+        if self.cost_model not in ("calibrated", "flat"):
+            raise ValueError(f"cost_model must be 'calibrated' or 'flat', got {self.cost_model!r}")
         if not (0 <= self.calibration_seconds <= 600 and math.isfinite(self.calibration_seconds)):
             raise ValueError(f"calibration_seconds must be in [0, 600], got {self.calibration_seconds}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -77,6 +77,30 @@ def test_costly_tokens_and_a_good_first_draft_choose_a_short_draft():
     assert level_label(DraftShape(2, (1,)), 8) == "1/2" and level_label(DraftShape(8, (1, 2)), 8) == "2"
 
 
+def test_the_flat_cost_model_prices_every_shape_like_an_ar_step_and_drafts_what_is_accepted():
+    """The what-if of a memory-bound GPU on a compute-bound device: where the calibrated fit takes
+    AR steps (every token costs), the flat model takes the shape with the most expected tokens."""
+    calibrated = policy_with_costs(0.0, 1e-5, [0.3] * 7)
+    flat = policy_with_costs(0.0, 1e-5, [0.3] * 7)
+    flat.cost_model = "flat"
+    rows = [SamplingParams()] * 16
+    assert calibrated.choose(rows, 64) is None
+    assert flat.choose(rows, 64) == DraftShape(8, tuple(range(1, 9)))
+    assert flat._seconds(True, 16, 16 * 72, 64) == flat._seconds(False, 16, 16, 64)
+    with pytest.raises(ValueError, match="cost_model must be"):
+        EngineConfig(cost_model="free")
+    with pytest.raises(ValueError, match="cost_model must be one of calibrated, flat"):
+        DraftPolicy(4, (1,), "auto", cost_model="gpu")
+
+
+def test_the_flat_cost_model_keeps_greedy_output_equal_to_ar(engine):
+    greedy = engine.generate(PROMPTS[:2], SamplingParams(sampler="ar", temperature=0, max_tokens=12))
+    flat = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="auto", cost_model="flat"))
+    out = flat.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=12))
+    assert [c[0].token_ids for c in out] == [c[0].token_ids for c in greedy]
+    assert flat.last_stats.tokens_per_forward > 1 and flat.drafting.status()["cost_model"] == "flat"
+
+
 def test_candidates_cover_every_draft_length_with_the_levels_that_fit():
     policy = DraftPolicy(4, (1, 3), "auto")
     assert policy.candidates == [None, DraftShape(2, (1,)), DraftShape(3, (1,)), DraftShape(3, (1, 3)),

@@ -24,7 +24,12 @@ the full block's; the sampler is exact for any draft source, so this changes spe
   position tracked per class ("lossless@0+lookup", seeded like the others); chosen when they
   beat the best of the above this step and also pay against an AR step in a batch that must
   finish as a whole (`DraftPolicy._lookup_rate`);
-- step time: `StepCostModel`, a least-squares fit of a + e * [TiDAR step] + b * rows +
+- step time: with `cost_model="flat"` (a documented what-if, not a measurement) every step shape
+  costs what an AR step over the same rows costs: the memory-bound regime of a GPU at small and
+  medium batch, where a verify step of 8-16 tokens per row reads the same weights as an AR step.
+  The policy then drafts whenever drafts are expected to be accepted; benchmarks use it to
+  measure draft quality on a CPU, whose steps are compute-bound. Otherwise (`"calibrated"`,
+  the default): `StepCostModel`, a least-squares fit of a + e * [TiDAR step] + b * rows +
   c * tokens + d * tokens * context over the steps this engine has timed, seeded by a short start-up calibration
   (`Engine.calibrate_step_costs`: timed steps of each kind on scratch prompts, cached per
   device, model shape and dtype) when the engine is configured for one.
@@ -56,6 +61,7 @@ EXPLORE_EVERY = 64      # AR-step time per exploring drafting step's time (see D
 LOOKUP_MARGIN = 1.25
 LOOKUP_LENGTH = 4       # the lookup step's draft length when only calibrated shapes run (compiled)
 REFIT_EVERY = 16        # observed steps between re-rankings (acceptance estimates, cost fit)
+COST_MODELS = ("calibrated", "flat")
 
 
 @dataclass(frozen=True)
@@ -208,9 +214,13 @@ class DraftPolicy:
     seed); "auto" chooses by expected tokens per second."""
 
     def __init__(self, block_size: int, level_set: tuple[int, ...], mode: str = "fixed",
-                 calibration: dict[str, list[float]] | None = None, lookup: bool = True):
+                 calibration: dict[str, list[float]] | None = None, lookup: bool = True,
+                 cost_model: str = "calibrated"):
         if mode not in ("fixed", "auto"):
             raise ValueError(f"drafting must be 'fixed' or 'auto', got {mode!r}")
+        if cost_model not in COST_MODELS:
+            raise ValueError(f"cost_model must be one of {', '.join(COST_MODELS)}, got {cost_model!r}")
+        self.cost_model = cost_model
         self.k, self.level_set, self.mode = block_size, tuple(level_set), mode
         self.full = DraftShape(block_size, self.level_set)  # what a plain TiDAR engine runs
         # Every draft length 2..k, each with every prefix of the levels that fit in it.
@@ -383,20 +393,27 @@ class DraftPolicy:
                     gain.append(gain[-1] + chain)
                 gains[cls] = gain
         every_row = sum(offered.values()) == rows
-        fixed = self.costs.predict(False, 0, 0, context)
-        ar = self.costs.predict(False, rows, rows, context)
+        fixed = self._seconds(False, 0, 0, context)
+        ar = self._seconds(False, rows, rows, context)
         per_row = (ar - fixed) / rows
         best, best_rate = None, -1.0
         for shape in self.lookup_candidates:
             g = {key: gains[key[0]][min(key[1], shape.length - 1)] for key in offered}
             extra = sum(n * g[key] for key, n in offered.items())
             shortened = min(g.values()) if every_row else 0.0
-            seconds = max(self.costs.predict(True, rows, rows * shape.length, context), 1e-12)
+            seconds = max(self._seconds(True, rows, rows * shape.length, context), 1e-12)
             if not explore and per_row * extra + fixed * shortened <= LOOKUP_MARGIN * (seconds - ar):
                 continue
             if (rows + extra) / seconds > best_rate:
                 best, best_rate = shape, (rows + extra) / seconds
         return best, best_rate
+
+    def _seconds(self, drafting: bool, rows: int, tokens: int, context: float) -> float:
+        """A step's predicted seconds; under the flat cost model, an AR step's over the same rows
+        whatever its shape."""
+        if self.cost_model == "flat":
+            return self.costs.predict(False, rows, rows, context)
+        return self.costs.predict(drafting, rows, tokens, context)
 
     def _rank(self, counts: dict[str, int], ar_rows: int, rows: int, context: float):
         """(best shape, best drafting shape, predicted seconds of an AR step, of that drafting
@@ -404,8 +421,8 @@ class DraftPolicy:
         best, best_rate, best_drafting, best_drafting_rate, seconds = None, -1.0, None, -1.0, {}
         for shape in self.candidates:
             tokens = ar_rows + sum(n * self._expected_tokens(cls, shape) for cls, n in counts.items())
-            seconds[shape] = max(self.costs.predict(shape is not None, rows, rows * self.tokens_per_row(shape),
-                                                    context), 1e-12)
+            seconds[shape] = max(self._seconds(shape is not None, rows, rows * self.tokens_per_row(shape), context),
+                                 1e-12)
             rate = tokens / seconds[shape]
             if rate > best_rate:
                 best, best_rate = shape, rate
@@ -434,7 +451,7 @@ class DraftPolicy:
 
     def status(self) -> dict:
         coef = self.costs.coefficients()
-        return dict(drafting=self.mode, level_set=level_label(self.last_choice, self.k),
+        return dict(drafting=self.mode, cost_model=self.cost_model, level_set=level_label(self.last_choice, self.k),
                     level_choices=dict(self.choices),
                     acceptance={c: [round(r, 3) for r in e.rates] for c, e in self.estimates.items()},
                     step_cost=list(coef) if coef else [])

@@ -86,7 +86,7 @@ class Engine:
         self.runner = ModelRunner(model, tidar, self.device, dtype, num_slots, slot_len, config.attention,
                                   config.compile, config.cuda_graphs)
         self.drafting = DraftPolicy(tidar.block_size, tidar.level_set, config.drafting, tidar.acceptance,
-                                    config.lookup_drafts)
+                                    config.lookup_drafts, config.cost_model)
         if config.compile:
             self.drafting.restrict_to_calibrated()
         self.scheduler = Scheduler(num_slots, tidar.block_size, config.max_prefill_tokens, config.max_running_requests,

@@ -233,6 +233,10 @@ def main_serve(argv: list[str]) -> int:
     p.add_argument("--no-lookup-drafts", dest="lookup_drafts", action="store_false",
                    help="with auto drafting: never take verify-only steps over lookup drafts (tokens that "
                         "followed an earlier occurrence of a row's last few tokens; lossless rows only)")
+    p.add_argument("--cost-model", default="calibrated", choices=["calibrated", "flat"],
+                   help="with auto drafting: calibrated prices each step shape by this device's measured costs; "
+                        "flat is a what-if pricing every shape like an AR step (a GPU's memory-bound regime), to "
+                        "measure draft quality; the output distribution is the same either way")
     p.add_argument("--calibration-seconds", type=float, default=10.0,
                    help="with auto drafting: seconds of timed steps in each replica's start-up step-cost "
                         "calibration, after a warm-up (0: none; the cost model then learns from live steps only)")
@@ -284,7 +288,7 @@ def main_serve(argv: list[str]) -> int:
                                  kv_cache_gib=args.kv_cache_gib, gpu_memory_utilization=args.gpu_memory_utilization,
                                  max_prefill_tokens=args.max_prefill_tokens,
                                  max_running_requests=args.max_running_requests, drafting=args.drafting,
-                                 lookup_drafts=args.lookup_drafts,
+                                 lookup_drafts=args.lookup_drafts, cost_model=args.cost_model,
                                  max_sequences_per_request=args.max_sequences_per_request,
                                  max_waiting_sequences=args.max_waiting_sequences,
                                  attention=args.attention, compile=args.compile,
