@@ -51,6 +51,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -70,6 +71,7 @@ from .updates import UnknownUpdateError, WeightUpdates, read_bucket
 
 log = logging.getLogger(__name__)
 MAX_CONTROL_BODY = 1 << 20  # bytes of a weight / pause route's JSON body
+MIN_LOGPROB = -9999.0  # what JSON responses say for log-prob -inf (vLLM's value)
 
 
 class Unauthorized(Exception):
@@ -198,13 +200,13 @@ class HttpFrontend:
     def _choice(self, r: dict, job: Job) -> Choice:
         tokens = r["token_ids"].tolist()
         c = Choice(index=r["prompt_index"] * job.params.n + r["sample_index"], prompt_index=r["prompt_index"],
-                   token_ids=tokens, logprobs=r["logprobs"].tolist(), finish_reason=r["finish_reason"],
+                   token_ids=tokens, logprobs=json_logprobs(r["logprobs"]), finish_reason=r["finish_reason"],
                    extras=dict(policy_versions=r["policy_versions"].tolist(),
                                from_draft=r["from_draft"].astype(bool).tolist(),
-                               behavior_logprobs=r["behavior_logprobs"].tolist()))
+                               behavior_logprobs=json_logprobs(r["behavior_logprobs"])))
         top = r.get("top_token_ids")
         if top is not None and top.size:
-            c.top = [list(zip(ids, lps)) for ids, lps in zip(top.tolist(), r["top_logprobs"].tolist())]
+            c.top = [list(zip(ids, lps)) for ids, lps in zip(top.tolist(), json_logprobs(r["top_logprobs"]))]
         if c.finish_reason == "stop" and tokens and tokens[-1] in job.user_stop_ids:
             c.stop_reason = tokens[-1]
         if self.tokenizer is None:
@@ -618,13 +620,22 @@ def _cut_at_stop(tokens: list[int], stops: list[str], decode) -> tuple[int, int,
     return lo, at, stop
 
 
+def json_logprobs(logprobs: np.ndarray) -> list:
+    """Log-probs as JSON can carry them: probability zero (-inf, from top-k / top-p / min-p or a
+    token the target policy excludes) becomes vLLM's -9999.0, and so would anything non-finite.
+    Every log-prob an HTTP response holds passes through here."""
+    return np.nan_to_num(np.asarray(logprobs, dtype=np.float64), nan=MIN_LOGPROB, neginf=MIN_LOGPROB,
+                         posinf=0.0).clip(MIN_LOGPROB, None).tolist()
+
+
 def _usage(job: Job, choices: list[Choice]) -> dict:
     prompt, completion = sum(len(p) for p in job.prompts), sum(len(c.token_ids) for c in choices)
     return dict(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
+    # allow_nan=False, as JSONResponse: a non-finite float is a bug to see, never "-Infinity" on the wire.
+    return f"data: {json.dumps(payload, allow_nan=False)}\n\n"
 
 
 GONE = object()
