@@ -39,11 +39,12 @@ class FakeReplica:
         self.status = FakeMethod(lambda: done(dict(weight_version=0, ready=True)))
         self.abort = FakeMethod(lambda request_id: None)
 
-    def _generate(self, request_id, prompts, params, expected_version, timeout):
-        self.calls.append((prompts, params))
+    def _generate(self, request_id, prompts, params, expected_version, timeout, rows=None):
+        self.calls.append((prompts, params, rows))
+        rows = rows or [(i, list(range(params["n"]))) for i in range(len(prompts))]
         records = [Started(0.0, 0)]
         records += [Finished([dict(prompt_index=i, sample_index=j, token_ids=[p[0], j], seed=params["seed"])])
-                    for i, p in enumerate(prompts) for j in range(params["n"])]
+                    for p, (i, samples) in zip(prompts, rows) for j in samples]
         records.append(RequestDone(1.0))
         die_after = self.die_after
 
@@ -75,12 +76,13 @@ def test_a_replica_dying_mid_batch_loses_and_duplicates_nothing():
     # The dying replica streamed prompt 0's two samples and prompt 1's first; the rest is
     # re-dispatched to the other replica, grouped by how many samples each prompt still lacks.
     assert len(dying.calls) == 1
-    assert sorted((p, params["n"]) for p, params in healthy.calls) == [([[20]], 1), ([[30]], 2)]
-    # Re-dispatched records are mapped back to the caller's prompt and sample indices.
+    assert sorted((p, params["n"]) for p, params, _ in healthy.calls) == [([[20]], 1), ([[30]], 2)]
+    # Re-dispatched rows carry the caller's prompt and sample indices and the request's seed:
+    # together they key each row's randomness (the row draws what the one it replaces would have).
+    assert sorted(rows for _, _, rows in healthy.calls) == [[(1, [1])], [(2, [0, 1])]]
+    assert all(params["seed"] == 5 for _, params, _ in healthy.calls)
     for r in got:
-        assert r["token_ids"][0] == [10, 20, 30][r["prompt_index"]]
-    redispatched = [r for r in got if r["seed"] != 5]
-    assert redispatched and all(r["seed"] == 6 for r in redispatched)  # derived seed: seed + attempt
+        assert r["token_ids"] == [[10, 20, 30][r["prompt_index"]], r["sample_index"]]
 
 
 def test_requests_go_to_the_replica_with_fewest_outstanding_tokens():

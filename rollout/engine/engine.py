@@ -243,10 +243,14 @@ class Engine:
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: list[list[int]], params: SamplingParams,
-                    request_id: str | None = None) -> Request:
+                    request_id: str | None = None, rows: list[tuple[int, list[int]]] | None = None) -> Request:
         """Validates and queues a request: params.n samples of every prompt. Returns it; its
-        sequences come back from `step()` as they finish."""
+        sequences come back from `step()` as they finish. `rows` (a router re-dispatching part of
+        a request): per prompt, the caller's prompt index and sample indices of its n samples;
+        they key each row's randomness and label its Completion, so a re-dispatched row draws
+        exactly what the row it replaces would have (default: prompt i, samples 0..n-1)."""
         self.validate(prompt_token_ids, params)
+        rows = _check_rows(rows, len(prompt_token_ids), params.n)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request_id {rid!r} is already running")
@@ -256,9 +260,9 @@ class Engine:
         request = Request(rid, params, stats=GenerationStats(sampler=params.sampler, rows=num,
                                                               draft_attempts=[0] * (k - 1), draft_accepts=[0] * (k - 1)))
         groups = []
-        for i, prompt in enumerate(prompt_token_ids):
+        for prompt, (i, samples) in zip(prompt_token_ids, rows):
             prompt = [int(t) for t in prompt]
-            seqs = [Sequence(request, prompt, row_key(seed, i, j), Completion(i, j)) for j in range(params.n)]
+            seqs = [Sequence(request, prompt, row_key(seed, i, j), Completion(i, j)) for j in samples]
             request.sequences += seqs
             groups.append(PromptGroup(prompt, seqs))
         request.num_unfinished = num
@@ -385,6 +389,27 @@ class Engine:
         finally:
             self.abort(request.request_id)  # a caller that stops early frees the slots
             self.last_stats = request.stats
+
+
+def _check_rows(rows: list[tuple[int, list[int]]] | None, num_prompts: int, n: int) -> list[tuple[int, list[int]]]:
+    """`add_request`'s rows, checked: one (prompt index, n distinct sample indices) per prompt,
+    no (prompt, sample) twice."""
+    if rows is None:
+        return [(i, list(range(n))) for i in range(num_prompts)]
+    if len(rows) != num_prompts:
+        raise ValueError(f"rows must give one (prompt index, sample indices) per prompt: {len(rows)} for "
+                         f"{num_prompts} prompts")
+    checked, seen = [], set()
+    for p, samples in rows:
+        samples = [int(s) for s in samples]
+        if len(samples) != n or int(p) < 0 or min(samples, default=0) < 0:
+            raise ValueError(f"rows: prompt {p} must have n={n} non-negative sample indices, got {samples}")
+        keys = {(int(p), s) for s in samples}
+        if len(keys) != n or keys & seen:
+            raise ValueError(f"rows: a (prompt, sample) pair of prompt {p} appears twice")
+        seen |= keys
+        checked.append((int(p), samples))
+    return checked
 
 
 def _read_costs(path: str | Path) -> dict:

@@ -226,11 +226,13 @@ class GeneratorReplica:
 
     # ------------------------------------------------------------------ requests
     def generate(self, request_id: str, prompts: list[list[int]], params: dict, expected_version: int,
-                 timeout: float = 600.0):
+                 timeout: float = 600.0, rows: list[tuple[int, list[int]]] | None = None):
         """Yields the request's messages (see `messages.py`). If this replica serves an older
         version than `expected_version` (Ray restarted it on the base weights), it yields only
-        Stale and generates nothing. Bad input raises ValueError; a full queue LoadError.
-        After `timeout` seconds (the caller's deadline) the request is aborted: TimeoutError."""
+        Stale and generates nothing. Bad input raises ValueError; a full queue LoadError; a
+        request_id already in use ValueError (the request using it goes on untouched).
+        After `timeout` seconds (the caller's deadline) the request is aborted: TimeoutError.
+        `rows`: the caller's (prompt index, sample indices) per prompt (Engine.add_request)."""
         if self.engine.weight_version < expected_version:
             yield Stale(self.engine.weight_version)
             return
@@ -238,13 +240,12 @@ class GeneratorReplica:
         stream: queue.Queue = queue.Queue()
 
         def add() -> None:
+            # Checked before anything is registered: the stream under this id is another caller's.
+            if request_id in self._streams or request_id in self.engine.requests:
+                raise ValueError(f"request_id {request_id!r} is already running on replica {self.name}")
             self.engine.check_capacity(len(prompts), sampling.n)
+            self.engine.add_request(prompts, sampling, request_id, rows)
             self._streams[request_id] = stream
-            try:
-                self.engine.add_request(prompts, sampling, request_id)
-            except BaseException:
-                self._streams.pop(request_id, None)
-                raise
 
         deadline = time.monotonic() + timeout
         self._call(add, f"request {request_id}")

@@ -13,7 +13,10 @@ Design decisions:
 - Failures: when a replica's actor dies, Ray restarts it. The trajectories already streamed back
   are kept; the samples still missing are dispatched again (to any live replica, the restarted
   one included once it has caught up with the current weights). Each trajectory reaches the
-  caller exactly once.
+  caller exactly once. A re-dispatched sample keeps the key of the row it replaces (the
+  request's seed, the caller's prompt and sample index: `Engine.add_request(rows=...)`), so it
+  draws exactly what that row would have drawn and stays independent of the request's other
+  samples (a request without a seed gets one drawn here, once).
 - Every wait has a deadline: the request's own, else `request_timeout`.
 - Weight updates are two-phase over all replicas (stage everywhere, then commit everywhere), so
   an update that fails anywhere changes nothing; each is one version, whatever its source: a
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -83,7 +87,6 @@ class Routed:
 class SubRequest:
     prompt_indices: list[int]       # into the caller's prompts
     sample_indices: list[list[int]]  # per prompt: the caller's sample index of each engine sample
-    seed: int | None
 
 
 class Router:
@@ -136,8 +139,10 @@ class Router:
             raise NoReplicaError("no generator replica has been placed yet")
         self._admit()
         deadline = deadline or time.monotonic() + self.request_timeout
+        if params.seed is None:  # one seed for every part of the request, re-dispatched parts included
+            params = dataclasses.replace(params, seed=int.from_bytes(os.urandom(8), "little") >> 1)
         try:
-            pending = [SubRequest(list(range(len(prompts))), [list(range(params.n))] * len(prompts), params.seed)]
+            pending = [SubRequest(list(range(len(prompts))), [list(range(params.n))] * len(prompts))]
             attempts, failed = 0, set()
             while pending:
                 sub = pending.pop(0)
@@ -154,19 +159,20 @@ class Router:
                     self.metrics.retries.inc()
                     if attempts > 3 * len(self.replicas):
                         raise NoReplicaError(f"gave up after {attempts} replica failures: {e}") from e
-                    pending = self._regroup(missing, sub.seed, attempts) + pending
+                    pending = self._regroup(missing) + pending
         finally:
             self.admitted -= 1
 
     @staticmethod
-    def _regroup(missing: set[tuple[int, int]], seed: int | None, attempt: int) -> list[SubRequest]:
-        """Missing (prompt, sample) pairs -> sub-requests whose prompts all lack the same count."""
+    def _regroup(missing: set[tuple[int, int]]) -> list[SubRequest]:
+        """Missing (prompt, sample) pairs -> sub-requests whose prompts all lack the same count
+        (each keeps the caller's indices, which key its rows' randomness)."""
         per_prompt: dict[int, list[int]] = {}
         for p, s in sorted(missing):
             per_prompt.setdefault(p, []).append(s)
         by_count: dict[int, SubRequest] = {}
         for p, samples in per_prompt.items():
-            sub = by_count.setdefault(len(samples), SubRequest([], [], None if seed is None else seed + attempt))
+            sub = by_count.setdefault(len(samples), SubRequest([], []))
             sub.prompt_indices.append(p)
             sub.sample_indices.append(samples)
         return list(by_count.values())
@@ -195,9 +201,10 @@ class Router:
         try:
             for _ in range(3):  # again only when the replica turns out to serve stale weights
                 await self._ensure_version(replica, deadline)
-                sub_params = dict(_params_dict(params), n=n, seed=sub.seed)
+                sub_params = dict(_params_dict(params), n=n)
+                rows = [(p, samples) for p, samples in zip(sub.prompt_indices, sub.sample_indices)]
                 gen = replica.actor.generate.remote(request_id, sub_prompts, sub_params, self.version,
-                                                   _left(deadline))
+                                                   _left(deadline), rows)
                 stale = False
                 async for message in _records(gen, deadline):
                     if isinstance(message, Stale):
@@ -210,10 +217,7 @@ class Router:
                             self._update_gauges()
                         yield message
                     elif isinstance(message, Finished):
-                        for r in message.records:
-                            p = r["prompt_index"]
-                            r["sample_index"] = sub.sample_indices[p][r["sample_index"]]
-                            r["prompt_index"] = sub.prompt_indices[p]
+                        for r in message.records:  # the caller's indices already (the rows sent)
                             yield Routed(r, replica.name)
                     elif isinstance(message, RequestDone):
                         yield message
