@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from acceptance import heldout_prompts  # noqa: E402
 
-from rollout.model.decoder import SequenceBatch  # noqa: E402
+from rollout.model.batch import SequenceBatch  # noqa: E402
 from rollout.model.loader import load_decoder, read_model_config  # noqa: E402
 from rollout.config import load_tidar_config  # noqa: E402
 from rollout.sampling import process_logits  # noqa: E402

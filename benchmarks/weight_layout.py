@@ -1,7 +1,7 @@
 """Input-major linear weights against PyTorch's default layout, in one run.
 
 On the CPU the engine stores every linear weight [out, in] as the transpose of a contiguous
-[in, out] tensor (`rollout.model.decoder`, "input-major"): MKL multiplies a few rows by weights
+[in, out] tensor (`rollout.model.layers`, "input-major"): MKL multiplies a few rows by weights
 stored so faster than by the default [out, in] storage. This script times both layouts on the
 same engine (`Decoder.pack_projections(input_major=...)` switches between them, copying the
 weights), interleaved `--repeats` times after a warm-up that compiles both, for the `ar`

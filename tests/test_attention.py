@@ -10,7 +10,7 @@ pytest.importorskip("torch.nn.attention.flex_attention")
 from rollout import Engine, SamplingParams  # noqa: E402
 from rollout.config import EngineConfig  # noqa: E402
 from rollout.model.attention import attend  # noqa: E402
-from rollout.model.decoder import StepBatch  # noqa: E402
+from rollout.model.batch import StepBatch  # noqa: E402
 from rollout.model.kv_cache import KVCache  # noqa: E402
 from rollout.step_layout import decode_layout, prefill_layout  # noqa: E402
 

@@ -58,7 +58,7 @@ def test_transformers4_style_rope_scaling_is_read(tmp_path):
 
 def test_tidar_decode_step_ar_logits_match_hf(tiny_dir, hf_model):
     """The AR logits of a TiDAR step (drafts + mask blocks in one forward) equal HF's causal logits."""
-    from rollout.model.decoder import StepBatch
+    from rollout.model.batch import StepBatch
     from rollout.model.kv_cache import KVCache
     from rollout.step_layout import decode_layout, prefill_layout
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rollout import Engine
-from rollout.model.decoder import SequenceBatch
+from rollout.model.batch import SequenceBatch
 from rollout.train.tiny import make_tiny_model
 
 pytest.importorskip("transformers")
@@ -196,7 +196,7 @@ def test_the_engine_stores_weights_input_major_on_the_cpu_with_the_default_layou
     """On the CPU the engine multiplies by weights stored as their transposes (faster in MKL);
     names, shapes, values, the packs and a tied embedding stay, and the logits are the default
     layout's."""
-    from rollout.model.decoder import is_input_major
+    from rollout.model.layers import is_input_major
 
     model = _model(tmp_path, name).model
     tied = model.config.tie_word_embeddings

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rollout.model.decoder import SequenceBatch
+from rollout.model.batch import SequenceBatch
 from rollout.model.loader import load_decoder, read_model_config
 from rollout.train.objective import (
     IGNORE,

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rollout.model.decoder import Decoder, SequenceBatch
+from rollout.model.batch import SequenceBatch
+from rollout.model.decoder import Decoder
 from rollout.sampling import process_logits
 from rollout.step_layout import training_visible
 from rollout.train.objective import training_inputs, training_mask

@@ -109,7 +109,7 @@ class Engine:
                         config: EngineConfig | None = None) -> Engine:
         """Loads an HF directory (config.json, *.safetensors, TiDAR settings beside them). dtype
         None: the dtype config.json declares (weights and KV cache alike; float32 if none). On the
-        CPU the weights are stored input-major (`rollout.model.decoder`): MKL reads them faster."""
+        CPU the weights are stored input-major (`rollout.model.layers`): MKL reads them faster."""
         model_dir, hf_cfg, cfg = read_model_config(path)
         dtype = dtype or declared_dtype(hf_cfg)
         tidar = load_tidar_config(model_dir, hf_cfg, mask_token_id, block_size, levels)

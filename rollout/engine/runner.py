@@ -34,7 +34,8 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig, TidarConfig
-from ..model.decoder import Decoder, StepBatch
+from ..model.batch import StepBatch
+from ..model.decoder import Decoder
 from ..model.kv_cache import KVCache
 from ..model.triton_attention import triton_unavailable_reason
 from ..params import SamplingParams

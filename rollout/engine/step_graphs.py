@@ -36,7 +36,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..model.decoder import Decoder, StepBatch
+from ..model.batch import StepBatch
+from ..model.decoder import Decoder
 from ..model.kv_cache import KVCache
 from ..step_layout import DecodeLayout
 

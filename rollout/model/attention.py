@@ -19,16 +19,13 @@ in-step keys that `step_visible` allows. Three paths, chosen per engine (`StepBa
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from .batch import StepBatch
 from .kv_cache import KVCache
 from .triton_attention import prefix_attention
-
-if TYPE_CHECKING:
-    from .decoder import StepBatch
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -75,41 +72,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
     return out
 
 
-PREFIX_BLOCK = 128  # FlexAttention's block size along the prefix
-
-
-def prefix_block_mask(prefix_lens: torch.Tensor, num_queries: int, prefix_max: int):
-    """A FlexAttention BlockMask over [B, *, num_queries, prefix_max] in which every query of
-    row b sees keys < prefix_lens[b]: blocks wholly inside the prefix are full (no mask_mod
-    call), the row's last partial block is masked by length. Built from the lengths with a few
-    tensor ops (no [B, T, L] mask is ever materialised)."""
-    from torch.nn.attention.flex_attention import BlockMask as _BlockMask
-
-    B, dev = prefix_lens.shape[0], prefix_lens.device
-    num_kv_blocks = -(-prefix_max // PREFIX_BLOCK)
-    num_q_blocks = -(-num_queries // PREFIX_BLOCK)
-    full = (prefix_lens // PREFIX_BLOCK).to(torch.int32)  # [B] blocks wholly inside the prefix
-    partial = (prefix_lens % PREFIX_BLOCK > 0).to(torch.int32)  # [B] one masked block after them, or none
-    order = torch.arange(num_kv_blocks, device=dev, dtype=torch.int32)[None].expand(B, -1)  # [B, NB]
-    partial_index = order.clone()
-    partial_index[:, 0] = full.clamp(max=num_kv_blocks - 1)
-
-    def per_q(x: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [B, 1, num_q_blocks, ...]
-        return x[:, None, None].expand(B, 1, num_q_blocks, *x.shape[1:]).contiguous()
-
-    def within(b, h, q_idx, kv_idx):
-        return kv_idx < prefix_lens[b]
-
-    return _BlockMask.from_kv_blocks(per_q(partial), per_q(partial_index), per_q(full), per_q(order),
-                                     BLOCK_SIZE=PREFIX_BLOCK, mask_mod=within,
-                                     seq_lengths=(num_queries, prefix_max))
-
-
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor,
                     prefix_lens: torch.Tensor, step_visible: torch.Tensor, prefix_mask) -> torch.Tensor:
     """The "split" path: prefix by FlexAttention (lengths only) + in-step part with its mask,
     merged by log-sum-exp. q [B, H, T, D]; k, v [B, Hkv, T, D]; kp, vp [B, Hkv, Lp, D];
-    step_visible [B, T, T]; prefix_mask from `prefix_block_mask` (None when Lp = 0)."""
+    step_visible [B, T, T]; prefix_mask from `batch.prefix_block_mask` (None when Lp = 0)."""
     gqa = q.shape[1] != k.shape[1]
     out_s, lse_s = _masked_attention(q, k, v, step_visible)
     if kp.shape[2] == 0:

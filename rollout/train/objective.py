@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..model.decoder import Decoder, SequenceBatch
+from ..model.batch import SequenceBatch
+from ..model.decoder import Decoder
 from ..sampling import process_logits
 from ..step_layout import training_mask_rule, training_positions, training_visible
 
