@@ -7,6 +7,7 @@ Both the service and the trainer bridge use these functions, so the format has o
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -140,6 +141,19 @@ def tensor_checksum(tensor: torch.Tensor) -> int:
         weight = torch.arange(start, start + piece.numel(), dtype=torch.int64, device=data.device) % 65521 + 1
         total += (piece * weight).sum()
     return int(total)
+
+
+def weights_fingerprint(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> str:
+    """Names a set of weights: blake2b over (name, dtype, shape, `tensor_checksum`) in name order.
+    A replica reports it for what it serves (GetStatus.weight_fingerprint); a trainer computes it
+    over its state dict with `dtype` = the served dtype (each tensor cast first, as a push is) to
+    know whether the service serves its policy. Equal fingerprints: the same weights, barring a
+    deliberate collision of the checksum."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(tensors, key=lambda item: item[0]):
+        t = t.detach() if dtype is None else t.detach().to(dtype)
+        digest.update(f"{name}|{dtype_name(t.dtype)}|{list(t.shape)}|{tensor_checksum(t)};".encode())
+    return digest.hexdigest()
 
 
 def weight_chunks(tensors: Iterable[tuple[str, torch.Tensor]], version: int, num_tensors: int,

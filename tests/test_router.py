@@ -215,3 +215,45 @@ def test_a_catch_up_waits_for_a_running_push_instead_of_racing_it():
     async def collect_by(router, deadline):
         return [e async for e in router.generate([[5]], SamplingParams(n=1, seed=0), deadline)]
     asyncio.run(run())
+
+
+def test_a_replica_behind_catches_up_without_any_request_and_reports_rays_restart_count():
+    """The supervisor's check finds a replica Ray restarted on the base weights while the router
+    serves version 1 (its slot still believes version 1: it died idle, no request saw it) and
+    loads version 1 onto it at once; GetStatus shows catching_up during the load, then ready,
+    and the replica's own count of Ray restarts."""
+    class Restarted(FakeReplica):
+        def __init__(self):
+            super().__init__()
+            self.served, self.loads, self.release = 0, [], asyncio.Event()
+            self.status = FakeMethod(lambda: done(dict(weight_version=self.served, ready=True, restarts=2)))
+            self.load_weights = FakeMethod(self._load)
+
+        def _load(self, version, ref):
+            async def run():
+                await self.release.wait()
+                self.loads.append((version, ref))
+                self.served = version
+                return version
+            return run()
+
+    async def run():
+        metrics = FrontendMetrics(None)
+        router = Router(metrics)
+        replica = Restarted()
+        router.add_replica(replica, "r")
+        router.version, router.weights_ref = 1, "ref-v1"
+        router.replicas[0].version = 1
+        check = asyncio.create_task(router.check_replicas())
+        while not router.replicas[0].catching_up:
+            await asyncio.sleep(0.01)
+        during = (await router.replica_status())[0]
+        replica.release.set()
+        await asyncio.wait_for(check, 5)
+        after = (await router.replica_status())[0]
+        return replica, during, after, metrics
+    replica, during, after, metrics = asyncio.run(run())
+    assert replica.loads == [(1, "ref-v1")]
+    assert during["catching_up"] and not during["ready"]
+    assert after["ready"] and not after["catching_up"] and after["weight_version"] == 1 and after["restarts"] == 2
+    assert metrics.catch_ups._value.get() == 1 and metrics.ready_replicas._value.get() == 1

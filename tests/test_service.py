@@ -238,6 +238,11 @@ def perturbed_state(model_dir, seed: int) -> dict[str, torch.Tensor]:
     return {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
 
 
+def perturbed_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    from rollout.wire import weights_fingerprint
+    return weights_fingerprint(state.items(), torch.float32)
+
+
 def test_pushed_weights_are_served_and_a_restarted_replica_catches_up(runner, model_dir, tmp_path):
     """Runs last in this module: it moves the served version to 1."""
     import shutil
@@ -263,13 +268,25 @@ def test_pushed_weights_are_served_and_a_restarted_replica_catches_up(runner, mo
             assert a["token_ids"].tolist() == expected[t.prompt_index][t.sample_index].token_ids
             assert a["policy_versions"].tolist() == [1] * len(a["token_ids"])
     assert served_by == {"rollout-replica-0", "rollout-replica-1"}
-    # Kill both replicas: Ray restarts them on the base weights; they must load version 1 first.
-    for name in ("rollout-replica-0", "rollout-replica-1"):
+    # Kill both replicas: Ray restarts them on the base weights. With no request arriving, the
+    # router's supervisor loads version 1 onto each (ready within CATCH_UP_INTERVAL + one load of
+    # the restart), and GetStatus.restarts is Ray's own count.
+    from ray._private.state import actors
+
+    def ray_restarts(name: str) -> int:
+        return actors(actor_id=ray.get_actor(name, namespace="test-service")._actor_id.hex())["NumRestarts"]
+    names = ("rollout-replica-0", "rollout-replica-1")
+    before = {n: ray_restarts(n) for n in names}
+    for name in names:
         ray.kill(ray.get_actor(name, namespace="test-service"), no_restart=False)
-    def restarted() -> bool:  # back, on the base weights, so not ready: ready means serving version 1
+
+    def caught_up() -> bool:
         st = stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT)
-        return all(r.weight_version == 0 and not r.ready for r in st.replicas)
-    wait_until(restarted, timeout=120, what="both replicas restarted on the base weights")
+        return all(r.ready and r.weight_version == 1 and r.restarts == before[r.name] + 1 for r in st.replicas)
+    wait_until(caught_up, timeout=120, what="both replicas restarted and back on version 1 without a request")
+    st = stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT)
+    assert {r.name: r.restarts for r in st.replicas} == {n: ray_restarts(n) for n in names}
+    assert st.weight_fingerprint == perturbed_fingerprint(state)
     got = stub.Generate(request(PROMPTS, max_tokens=16, n=2, seed=8), timeout=CALL_TIMEOUT)
     for t in got.trajectories:
         assert trajectory_arrays(t)["token_ids"].tolist() == expected[t.prompt_index][t.sample_index].token_ids

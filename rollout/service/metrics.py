@@ -58,7 +58,7 @@ class ReplicaMetrics(_Served):
         self.weight_swap_seconds = Histogram("rollout_replica_weight_swap_seconds", "Time to swap weights",
                                              registry=r)
         self.aborts = Counter("rollout_replica_aborts", "Abort requests received", registry=r)
-        self.restarts = Gauge("rollout_replica_restarted", "1 if this replica process is a Ray restart", registry=r)
+        self.restarts = Gauge("rollout_replica_restarted", "Ray's restart count of this replica's actor", registry=r)
         self.finished = Counter("rollout_replica_trajectories", "Finished trajectories", ["finish_reason"],
                                 registry=r)
         self.address, self._server = _serve(r, port, host)
@@ -90,5 +90,9 @@ class FrontendMetrics(_Served):
         self.weight_push_bytes = Counter("rollout_weight_push_bytes", "Bytes received by UpdateWeights", registry=r)
         self.retries = Counter("rollout_redispatches", "Requests re-dispatched after a replica failure", registry=r)
         self.replica_restarts = Counter("rollout_replica_failures", "Replica actor deaths seen", registry=r)
+        self.catch_ups = Counter("rollout_replica_catch_ups", "Weight loads bringing a restarted (or behind) "
+                                 "replica to the current version", registry=r)
+        self.ready_replicas = Gauge("rollout_ready_replicas", "Replicas serving the current weight version, "
+                                    "at the router's last check", registry=r)
         self.aborts = Counter("rollout_aborts", "Requests aborted (cancel, deadline, shutdown)", registry=r)
         self.address, self._server = _serve(r, port, host)

@@ -48,7 +48,7 @@ from ..config import EngineConfig
 from ..engine.engine import Engine, StepOutput
 from ..engine.sequence import Request, Sequence
 from ..params import SamplingParams
-from ..wire import completion_to_record, tensor_checksum
+from ..wire import completion_to_record, dtype_name, tensor_checksum, weights_fingerprint
 from .messages import Failed, Finished, RequestDone, Stale, Started
 from .metrics import ReplicaMetrics
 from .weight_group import broadcast, make_weight_group
@@ -92,6 +92,7 @@ class GeneratorReplica:
         self._first_token_at: dict[str, float] = {}
         self._staged: StagedWeights | None = None
         self._swap: _Swap | None = None
+        self._fingerprint: tuple[int, str, str] | None = None  # weight_fingerprint of one version
         self._paused_until: float | None = None  # time.monotonic(); set by pause, cleared by resume
         self._group, self._group_backend, self._group_timeout = None, "", 300.0
         self.restarts = _actor_restarts()
@@ -402,6 +403,18 @@ class GeneratorReplica:
         return self._call(lambda: {k: v.detach().cpu().clone() for k, v in self.engine.model.state_dict().items()},
                           "export_weights")
 
+    def weight_fingerprint(self) -> tuple[int, str, str]:
+        """(version, `wire.weights_fingerprint` of the served weights, their dtype), computed on the
+        loop between steps the first time it is asked for each version."""
+        def compute() -> tuple[int, str, str]:
+            version = self.engine.weight_version
+            if self._fingerprint is None or self._fingerprint[0] != version:
+                state = self.engine.model.state_dict()
+                self._fingerprint = (version, weights_fingerprint(state.items()),
+                                     dtype_name(next(iter(state.values())).dtype))
+            return self._fingerprint
+        return self._call(compute, "weight_fingerprint")
+
     def discard_weights(self) -> None:
         self._staged = None
 
@@ -438,16 +451,26 @@ class GeneratorReplica:
 
 
 def _actor_restarts() -> int:
-    """1 if Ray restarted this actor's process (its constructor runs again), else 0."""
+    """Ray's restart count of this actor (0 outside Ray or on its first start), from the GCS
+    actor table: the constructor runs again on every restart, so it reads the count of this one."""
     try:
         import ray
-        with warnings.catch_warnings():  # Ray's own implementation trips its deprecation warning
-            warnings.simplefilter("ignore")
-            if ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed:
-                return 1
-    except (ImportError, AttributeError, RuntimeError):
-        pass
-    return 0
+        if not ray.is_initialized():
+            return 0
+        context = ray.get_runtime_context()
+        actor_id = context.get_actor_id()
+        if actor_id is None:
+            return 0
+        from ray._private.state import actors  # the GCS table; ray.util.state needs the dashboard
+        return int(actors(actor_id=actor_id).get("NumRestarts", 0))
+    except Exception:  # noqa: BLE001 - a private API: fall back to "restarted or not"
+        log.warning("Ray's restart count is unreadable; reporting 1 if this actor was restarted", exc_info=True)
+        try:
+            with warnings.catch_warnings():  # Ray's own implementation trips its deprecation warning
+                warnings.simplefilter("ignore")
+                return int(bool(ray.get_runtime_context().was_current_actor_reconstructed))
+        except Exception:  # noqa: BLE001
+            return 0
 
 
 def replica_actor_class(num_gpus: float, max_concurrency: int = 256):

@@ -23,6 +23,12 @@ Design decisions:
   full push, a partial one (the other tensors keep their values), safetensors on shared storage,
   or the base weights again (`reset_weights`). A replica that restarts catches up from the
   object store (full pushes) or by copying a live replica's weights (everything else).
+- Catching up is eager: `supervise` (started with the service) asks every replica's status each
+  CATCH_UP_INTERVAL seconds and brings one on an older version (Ray restarted it on the base
+  weights, or it missed a push) to the current version at once, without waiting for a request.
+  A restarted replica is therefore ready within CATCH_UP_INTERVAL plus one weight load after its
+  constructor returns (a load that fails is logged and tried again at the next check). A request
+  that reaches a replica first still catches it up itself (`_ensure_version`).
 - Pause / resume go to every replica; a pause carries a timeout after which replicas resume by
   themselves (see replica.py), so a pause can never outlive its caller's intent forever.
 """
@@ -50,6 +56,7 @@ from .weights import check_swap_mode
 
 log = logging.getLogger(__name__)
 REPLICA_FAILURES = (RayActorError, ActorUnavailableError)
+CATCH_UP_INTERVAL = 1.0  # seconds between the supervisor's checks of every replica's version
 
 
 class QueueFullError(RuntimeError):
@@ -73,6 +80,8 @@ class ReplicaSlot:
     version: int | None = None  # last version known to be served; None: unknown (e.g. restarted)
     failures: int = 0   # deaths seen (each counted once, however many requests it failed)
     down: bool = False  # failed, and has not answered since
+    restarts: int = 0   # Ray's restart count of the actor, as the replica last reported it
+    catching_up: bool = False  # the current weights are being loaded onto it
 
 
 @dataclass(frozen=True)
@@ -123,11 +132,28 @@ class Router:
                 st = await asyncio.wait_for(r.actor.status.remote(), self.control_timeout)
             except (*REPLICA_FAILURES, asyncio.TimeoutError) as e:
                 st = dict(name=r.name, ready=False, error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+            r.restarts = st.get("restarts", r.restarts)
             # Ready means serving the current weights: a restarted replica is not, until it catches up.
-            st.update(outstanding_tokens=r.outstanding_tokens, restarts=r.failures,
-                      ready=bool(st.get("ready")) and st.get("weight_version") == self.version)
+            st.update(outstanding_tokens=r.outstanding_tokens, restarts=r.restarts, catching_up=r.catching_up,
+                      ready=(bool(st.get("ready")) and st.get("weight_version") == self.version
+                             and not r.catching_up))
             return st
         return list(await asyncio.gather(*(one(r) for r in self.replicas)))
+
+    async def weight_fingerprint(self) -> tuple[str, str]:
+        """(fingerprint, dtype) of the served weights from a replica serving the current version
+        (see GeneratorReplica.weight_fingerprint); ("", "") when none answers with it."""
+        for r in self.replicas:
+            if r.version != self.version or r.catching_up:
+                continue
+            try:
+                version, fingerprint, dtype = await asyncio.wait_for(r.actor.weight_fingerprint.remote(),
+                                                                     self.control_timeout)
+            except (*REPLICA_FAILURES, asyncio.TimeoutError, RuntimeError):
+                continue
+            if version == self.version:
+                return fingerprint, dtype
+        return "", ""
 
     # ------------------------------------------------------------------ generation
     async def generate(self, prompts: list[list[int]], params: SamplingParams, deadline: float | None = None
@@ -265,15 +291,57 @@ class Router:
     async def _catch_up(self, replica: ReplicaSlot, deadline: float) -> None:
         st = await asyncio.wait_for(replica.actor.status.remote(), _left(deadline))
         replica.down = False
+        replica.restarts = st.get("restarts", replica.restarts)
         if st["weight_version"] != self.version:
-            ref = self.weights_ref
-            if ref is None:  # pushed by broadcast: copy from a replica that serves the version
-                source = next((r for r in self.replicas if r is not replica and r.version == self.version), None)
-                if source is None:
-                    raise NoReplicaError(f"no replica holds weight version {self.version} to copy from")
-                ref = self.weights_ref = source.actor.export_weights.remote()
-            await asyncio.wait_for(replica.actor.load_weights.remote(self.version, ref), _left(deadline))
+            replica.catching_up = True
+            try:
+                ref = self.weights_ref
+                if ref is None:  # pushed by broadcast: copy from a replica that serves the version
+                    source = next((r for r in self.replicas if r is not replica and r.version == self.version),
+                                  None)
+                    if source is None:
+                        raise NoReplicaError(f"no replica holds weight version {self.version} to copy from")
+                    ref = self.weights_ref = source.actor.export_weights.remote()
+                await asyncio.wait_for(replica.actor.load_weights.remote(self.version, ref), _left(deadline))
+            finally:
+                replica.catching_up = False
+            self.metrics.catch_ups.inc()
+            log.info("replica %s caught up from version %d to %d (%s)", replica.name, st["weight_version"],
+                     self.version, self.weight_source)
         replica.version = self.version
+
+    async def supervise(self, interval: float = CATCH_UP_INTERVAL) -> None:
+        """Runs until cancelled: every `interval` seconds, `check_replicas`."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check_replicas()
+            except Exception:  # noqa: BLE001 - the supervisor must outlive any one check
+                log.exception("replica check failed")
+
+    async def check_replicas(self) -> None:
+        """Asks every replica its version; one behind the router's (restarted on the base weights,
+        or it missed a push) loads the current weights now. A replica that does not answer
+        (restarting) is looked at again at the next check."""
+        async def check(r: ReplicaSlot) -> bool:
+            try:
+                st = await asyncio.wait_for(r.actor.status.remote(), self.control_timeout)
+            except (*REPLICA_FAILURES, asyncio.TimeoutError):
+                return False
+            r.restarts = st.get("restarts", r.restarts)
+            if st["weight_version"] >= self.version:  # ahead: a commit still returning to the router
+                r.down = False
+                return True
+            r.version = None  # it answered on older weights: whatever the router believed is wrong
+            try:
+                await self._ensure_version(r, time.monotonic() + self.control_timeout)
+            except (*REPLICA_FAILURES, DeadlineExceededError, asyncio.TimeoutError, NoReplicaError) as e:
+                log.warning("replica %s could not catch up to version %d yet: %s", r.name, self.version,
+                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+                return False
+            return True
+        ready = await asyncio.gather(*(check(r) for r in self.replicas))
+        self.metrics.ready_replicas.set(sum(ready))
 
     async def wait_for_version(self, version: int, deadline: float) -> None:
         """Returns once the served version is >= `version`; DeadlineExceededError otherwise. A

@@ -84,7 +84,7 @@ class RolloutService:
         self.metrics_host = metrics_host or ("0.0.0.0" if host in ("[::]", "0.0.0.0", "") else host.strip("[]"))
         self.require_auth_for_generate = require_auth_for_generate  # every RPC and route needs the token
         self.weight_dtype_policy = weight_dtype_policy  # weights.check_dtype: "strict" or "cast"
-        self.server = self.health = self.router = self.pg = self.http = None
+        self.server = self.health = self.router = self.pg = self.http = self._supervisor = None
         self.actors: list = []
 
     async def _place_replicas(self) -> None:
@@ -125,6 +125,7 @@ class RolloutService:
             self._http_server, self._http_task, self.http_port = await start_http(self.http, self.http_port, self.host)
         await self._place_replicas()
         await self.router.wait_ready(self.ready_timeout)
+        self._supervisor = asyncio.get_running_loop().create_task(self.router.supervise())
         await set_serving(self.health, True)
         if self.http is not None:
             self.http.ready = True
@@ -133,6 +134,9 @@ class RolloutService:
         return self.port
 
     async def stop(self, grace: float = 30.0) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            self._supervisor = None
         if self.health is not None:
             await set_serving(self.health, False)
         stopping = []

@@ -308,7 +308,8 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
 
     async def GetStatus(self, request, context):
         await self._check_read_access(context, "GetStatus")
-        replicas = await self.router.replica_status()
+        replicas, (fingerprint, dtype) = await asyncio.gather(self.router.replica_status(),
+                                                             self.router.weight_fingerprint())
         # Lifetime counters of every replica that answered: tokens per forward and acceptance.
         tokens = sum(r.get("generated_tokens", 0) for r in replicas)
         forwards = sum(r.get("row_forward_passes", 0) for r in replicas)
@@ -329,14 +330,15 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                                        level_choices=r.get("level_choices", {}), num_slots=r.get("num_slots", 0),
                                        free_slots=r.get("free_slots", 0),
                                        running_sequences=r.get("running_sequences", 0),
-                                       waiting_sequences=r.get("waiting_sequences", 0)) for r in replicas],
+                                       waiting_sequences=r.get("waiting_sequences", 0),
+                                       catching_up=r.get("catching_up", False)) for r in replicas],
             queue_depth=self.router.waiting,
             running_requests=sum(r.running for r in self.router.replicas) - self.router.waiting,
             tokens_per_forward=tokens / forwards if forwards else 0.0,
             acceptance_by_position=[a / n if n else 0.0 for a, n in zip(accepts, attempts)],
             block_size=self.tidar.block_size, levels=list(self.tidar.level_set),
             weight_source=self.router.weight_source, paused=self.router.paused,
-            open_weight_updates=len(self.updates.open))
+            open_weight_updates=len(self.updates.open), weight_fingerprint=fingerprint, weight_dtype=dtype)
 
     def _authorized(self, context) -> bool:
         if self.auth_token is None:
