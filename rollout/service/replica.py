@@ -57,6 +57,7 @@ from .weights import (StagedWeights, WeightMismatchError, check_swap_mode, read_
 
 log = logging.getLogger(__name__)
 IDLE_WAIT = 0.05  # seconds the loop sleeps on its command queue when it has nothing to run
+STATUS_INTERVAL = 0.05  # seconds between the status snapshots the loop publishes while it steps
 PAUSE_MODES = ("keep", "abort")
 MAX_PAUSE_SECONDS = 3600.0
 
@@ -101,6 +102,7 @@ class GeneratorReplica:
         self.metrics.weight_version.set(0)
         self.metrics.restarts.set(self.restarts)
         self._closing = False  # set by close(); the loop ends at its next turn
+        self._publish_status()
         self._loop = threading.Thread(target=self._run_loop, name=f"engine-loop-{name}", daemon=True)
         self._loop.start()
         log.info("replica %s ready on %s (%s), restarts=%d, %s", name, self.device, torch_dtype, self.restarts,
@@ -135,6 +137,8 @@ class GeneratorReplica:
             idle = (not self.engine.has_work or self.paused) and self._swap is None
             self._run_commands(block=idle, timeout=1.0 if idle else None)
             self._apply_swap_if_due()
+            if idle or time.monotonic() - self._status_at >= STATUS_INTERVAL:
+                self._publish_status()
             if not self.engine.has_work or self.paused:
                 continue
             try:
@@ -277,24 +281,34 @@ class GeneratorReplica:
         if ended:
             self._send_finished(ended[0].request, ended, time.perf_counter())
 
+    def _publish_status(self) -> None:
+        """On the loop (and once before it starts): the parts of `status` that walk the engine's
+        live queues and dicts, as a snapshot. status() runs on other threads; walking them there
+        raced the loop ("deque mutated during iteration")."""
+        e = self.engine
+        self._status = dict(running_requests=len(e.scheduler.active), running_sequences=len(e.scheduler.running),
+                            waiting_sequences=e.scheduler.num_waiting_sequences, free_slots=e.scheduler.slots.num_free,
+                            generated_tokens=e.totals.generated_tokens,
+                            row_forward_passes=e.totals.row_forward_passes,
+                            draft_attempts=list(e.totals.draft_attempts), draft_accepts=list(e.totals.draft_accepts),
+                            calibration=dict(e.calibration), **e.drafting.status())
+        self._status_at = time.monotonic()
+
     def status(self) -> dict:
+        """The loop's latest snapshot (at most STATUS_INTERVAL old while it steps; taken after
+        every command when idle) plus what other threads may read directly: version, pause."""
         node = ""
         try:
             import ray
             node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         except ImportError:
             pass
-        e, limits = self.engine, self.engine.limits
-        return dict(name=self.name, node_id=node, ready=True, weight_version=e.weight_version,
-                    running_requests=len(e.scheduler.active), running_sequences=len(e.scheduler.running),
-                    waiting_sequences=e.scheduler.num_waiting_sequences, free_slots=e.scheduler.slots.num_free,
-                    **dataclasses.asdict(limits),
-                    generated_tokens=e.totals.generated_tokens, row_forward_passes=e.totals.row_forward_passes,
-                    draft_attempts=list(e.totals.draft_attempts), draft_accepts=list(e.totals.draft_accepts),
-                    paused=self.paused, restarts=self.restarts, metrics_address=self.metrics.address,
-                    device=self.device,
-                    block_size=e.tidar.block_size, levels=list(e.tidar.level_set), calibration=dict(e.calibration),
-                    **e.drafting.status())
+        e, until = self.engine, self._paused_until
+        return dict(self._status, name=self.name, node_id=node, ready=True, weight_version=e.weight_version,
+                    **dataclasses.asdict(e.limits),
+                    paused=until is not None and time.monotonic() < until, restarts=self.restarts,
+                    metrics_address=self.metrics.address, device=self.device,
+                    block_size=e.tidar.block_size, levels=list(e.tidar.level_set))
 
     # ------------------------------------------------------------------ weights
     def stage_weights(self, version: int, tensors: dict[str, torch.Tensor], partial: bool = False,
