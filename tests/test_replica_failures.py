@@ -4,6 +4,7 @@ still owns, commands left behind by a timed-out caller."""
 
 import pytest
 from conftest import PROMPTS
+from service_helpers import wait_until
 
 from rollout.service.messages import Finished, RequestDone, Started
 
@@ -57,11 +58,68 @@ def test_status_reads_a_snapshot_and_never_walks_the_engines_live_structures(mak
                   "guard")
     drafting = replica.engine.drafting
     replica._call(lambda: setattr(drafting, "estimates", guard(dict)(drafting.estimates)), "guard")
-    gens = [replica.generate(f"r{i}", PROMPTS, dict(PARAMS, n=8), 0) for i in range(3)]
+    gens = [replica.generate(f"r{i}", PROMPTS, dict(PARAMS, n=8, max_tokens=200), 0) for i in range(3)]
     for g in gens:
         assert isinstance(next(g), Started)
     seen = [replica.status() for _ in range(200)]
+    seen.append(wait_until(lambda: (lambda s: s if s["running_requests"] else None)(replica.status()),
+                           what="a snapshot showing the running requests"))
     for g in gens:
         records(g)
     assert off_loop == []
-    assert any(s["running_requests"] for s in seen) and "acceptance" in seen[-1]
+    assert "acceptance" in seen[-1] and seen[-1]["running_requests"] > 0
+
+
+def call_within(seconds: float, fn, *args):
+    """fn(*args) on a helper thread; fails the test (instead of hanging it) if it blocks."""
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(fn, *args).result(timeout=seconds)
+    finally:
+        pool.shutdown(wait=False)
+
+
+@pytest.mark.parametrize("where", ["in_directory", "as_the_path"])
+def test_a_fifo_in_an_update_from_disk_is_refused_without_being_opened(make_replica, tmp_path, where):
+    import os
+
+    from rollout.service.weights import WeightMismatchError
+    replica = make_replica("fifo")
+    fifo = tmp_path / "w.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(WeightMismatchError, match="is not a regular file"):
+        call_within(30, replica.stage_from_disk, 1, str(tmp_path if where == "in_directory" else fifo))
+    assert replica._staged is None
+    assert records(replica.generate("after", PROMPTS, PARAMS, 0))  # the replica still serves
+
+
+def test_a_read_that_hangs_ends_at_the_deadline_while_the_engine_keeps_stepping(make_replica, tmp_path,
+                                                                                  monkeypatch):
+    import threading
+    import time
+
+    import rollout.service.weights as weights
+    from safetensors.torch import save_file
+    replica = make_replica("slow")
+    save_file({k: v.contiguous() for k, v in replica.engine.model.state_dict().items()}, tmp_path / "m.safetensors")
+    release, stepped = threading.Event(), []
+
+    def hanging_read(*args):
+        before = replica.engine.totals.generated_tokens
+        end = time.monotonic() + 30
+        while replica.engine.totals.generated_tokens == before and time.monotonic() < end:
+            time.sleep(0.01)
+        stepped.append(replica.engine.totals.generated_tokens > before)
+        release.wait(60)  # a read stuck in the kernel
+        return {}
+    monkeypatch.setattr(weights, "read_tensors", hanging_read)
+    gen = replica.generate("busy", PROMPTS, dict(PARAMS, max_tokens=200), 0)
+    assert isinstance(next(gen), Started)
+    try:
+        with pytest.raises(TimeoutError, match="before the update's deadline"):
+            call_within(30, replica.stage_from_disk, 1, str(tmp_path), 2.0)
+    finally:
+        release.set()
+    assert stepped == [True]  # the engine generated while the read was stuck
+    assert len(records(gen)) == len(PROMPTS) and replica._staged is None

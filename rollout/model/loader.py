@@ -18,6 +18,8 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     """The shards an HF index names, or every *.safetensors of the directory (the one reading of
     a checkpoint directory: model loading and weight updates from disk both use it)."""
     index = model_dir / SAFETENSORS_INDEX
+    if index.exists() and not index.is_file():  # a FIFO would block the read (and its caller) forever
+        raise UnsupportedModelError(f"{index} is not a regular file")
     if index.exists():
         try:
             names = sorted(set(read_json(index)["weight_map"].values()))
@@ -28,6 +30,9 @@ def safetensors_files(model_dir: Path) -> list[Path]:
             raise UnsupportedModelError(f"{model_dir} lacks weight files named in {SAFETENSORS_INDEX}: {missing[:5]}")
         return [model_dir / n for n in names]
     files = sorted(model_dir.glob("*.safetensors"))
+    odd = [f.name for f in files if not f.is_file()]
+    if odd:
+        raise UnsupportedModelError(f"{model_dir / odd[0]} is not a regular file (a FIFO or device is never read)")
     if not files:
         raise UnsupportedModelError(f"{model_dir} has no *.safetensors weight files")
     return files

@@ -320,11 +320,13 @@ class GeneratorReplica:
                                      dtype_policy or self.weight_dtype_policy)
         return self._staged.nbytes
 
-    def stage_from_disk(self, version: int, path: str | None = None) -> int:
+    def stage_from_disk(self, version: int, path: str | None = None, timeout: float = 600.0) -> int:
         """Reads a whole state dict from safetensors at `path` (None: the model directory this
-        replica started from, i.e. the base weights), checked header first, and stages it."""
+        replica started from, i.e. the base weights), checked header first, and stages it.
+        Regular files only; the reads run on their own thread (the engine loop keeps stepping)
+        and end with TimeoutError after `timeout` seconds (the update's deadline)."""
         self._staged = None
-        tensors = read_weights_from_disk(path if path is not None else self.model_dir, self.engine.model)
+        tensors = read_weights_from_disk(path if path is not None else self.model_dir, self.engine.model, timeout)
         # The base weights are cast as loading them was; another checkpoint follows the policy.
         return self.stage_weights(version, tensors, dtype_policy="cast" if path is None else None)
 

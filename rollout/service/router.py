@@ -381,13 +381,13 @@ class Router:
         commit. Returns the new version."""
         if not path:
             raise ValueError("model_path (weight_dir) must name a safetensors file or directory")
-        return await self._two_phase_push(lambda r, v: r.actor.stage_from_disk.remote(v, path), version, mode,
-                                          catch_up=None, source=f"disk:{path}")
+        return await self._two_phase_push(lambda r, v: r.actor.stage_from_disk.remote(v, path, self.control_timeout),
+                                          version, mode, catch_up=None, source=f"disk:{path}")
 
     async def reset_weights(self, mode: str = "wait") -> int:
         """The weights the replicas started from (their model directory), as a new version."""
-        return await self._two_phase_push(lambda r, v: r.actor.stage_from_disk.remote(v, None), None, mode,
-                                          catch_up=None, source="reset")
+        return await self._two_phase_push(lambda r, v: r.actor.stage_from_disk.remote(v, None, self.control_timeout),
+                                          None, mode, catch_up=None, source="reset")
 
     async def init_weight_group(self, address: str, port: int, backend: str, timeout: float) -> tuple[int, str]:
         """Tells every replica to join the trainer's torch.distributed group (ranks 1..N)."""

@@ -21,28 +21,28 @@ Design decisions:
 - From disk (`read_weights_from_disk`): a safetensors file, or a directory (with an HF shard
   index, or every *.safetensors in it). Names, shapes and dtypes are checked from the files'
   headers before any tensor is read, and the set must be complete (a checkpoint is a whole model).
+  Only regular files are opened, and every read is bounded by the update's deadline, off the
+  caller's thread (`weight_files.py`).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from ..config import UnsupportedModelError
 from ..model.decoder import Decoder
 from ..model.loader import safetensors_files
+from .weight_files import SAFETENSORS_DTYPES, WeightFileError, check_regular_file, off_thread, read_header, read_tensors
 
 WEIGHT_SWAP_MODES = ("wait", "abort", "keep")
 DTYPE_POLICIES = ("strict", "cast")
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_orig_mod", "_checkpoint_wrapped_module")
 WRAPPER_PREFIXES = ("module.", "base_model.model.", "model.")
 TIED_HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
-# safetensors dtype names -> torch (floating point only: weights are never integers)
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class WeightMismatchError(ValueError):
@@ -162,54 +162,71 @@ def stage_weights(model: Decoder, version: int, tensors: dict[str, torch.Tensor]
 
 def weight_files(path: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint: the file itself, the shards an HF index names, or
-    every *.safetensors of a directory. WeightMismatchError naming the path otherwise."""
+    every *.safetensors of a directory. WeightMismatchError naming the path otherwise (a path
+    that is not a regular file or a directory, e.g. a FIFO, is refused without being opened)."""
     path = Path(path)
-    if path.is_file():
+    if path.is_dir():
+        try:
+            files = safetensors_files(path)
+        except UnsupportedModelError as e:  # the same reading as model loading, refused as a mismatch
+            raise WeightMismatchError(str(e)) from None
+    else:
+        files = [path]
+        if not path.exists():
+            raise WeightMismatchError(f"weight path {path} does not exist (or is not readable) on this replica")
         if path.suffix != ".safetensors":
             raise WeightMismatchError(f"{path} is not a .safetensors file")
-        return [path]
-    if not path.is_dir():
-        raise WeightMismatchError(f"weight path {path} does not exist (or is not readable) on this replica")
-    try:
-        return safetensors_files(path)
-    except UnsupportedModelError as e:  # the same reading as model loading, refused as a mismatch
-        raise WeightMismatchError(str(e)) from None
+    for file in files:
+        try:
+            check_regular_file(file)
+        except WeightFileError as e:
+            raise WeightMismatchError(str(e)) from None
+    return files
 
 
-def read_weights_from_disk(path: str | Path, model: Decoder) -> dict[str, torch.Tensor]:
+def read_weights_from_disk(path: str | Path, model: Decoder, timeout: float = 600.0) -> dict[str, torch.Tensor]:
     """A whole state dict from safetensors on disk (CPU tensors, canonical names): every header is
-    checked against the model (names, shapes, dtypes, completeness) before a tensor is read."""
+    checked against the model (names, shapes, dtypes, completeness) before a tensor is read.
+    Regular files only; the reads run on a worker thread and every one is bounded by `timeout`
+    seconds from now (TimeoutError naming the path), see weight_files.py."""
+    deadline = time.monotonic() + timeout
+    return off_thread(lambda stop: _read_checkpoint(path, model, deadline, stop), deadline,
+                      f"reading weights from {path}")
+
+
+def _read_checkpoint(path: str | Path, model: Decoder, deadline: float, stop) -> dict[str, torch.Tensor]:
     expected = dict(model.weight_names_and_shapes())
     tied = model.config.tie_word_embeddings
     if tied:
         expected[TIED_HEAD] = expected[EMBEDDING]
     found: dict[str, tuple[Path, str]] = {}
+    wanted: dict[Path, dict[str, dict]] = {}
     for file in weight_files(path):
         try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    name = canonical_name(key, expected)
-                    if name in found:
-                        raise WeightMismatchError(f"{file}: tensor {key!r} is {name}, already in {found[name][0]}")
-                    piece = f.get_slice(key)
-                    dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
-                    if dtype is None:
-                        raise WeightMismatchError(f"{key}: dtype {piece.get_dtype()} is not a floating-point type")
-                    check_tensor_header(name, piece.get_shape(), dtype, expected)
-                    found[name] = (file, key)
-        except WeightMismatchError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a corrupt or truncated file: name it
+            entries = read_header(file, deadline, stop)
+        except WeightFileError as e:
+            raise WeightMismatchError(str(e)) from None
+        except OSError as e:  # unreadable: name it
             raise WeightMismatchError(f"{file} is not a readable safetensors file: {e}") from None
+        for key, entry in entries.items():
+            name = canonical_name(key, expected)
+            if name in found:
+                raise WeightMismatchError(f"{file}: tensor {key!r} is {name}, already in {found[name][0]}")
+            check_tensor_header(name, entry["shape"], entry["dtype"], expected)
+            found[name] = (file, key)
+            wanted.setdefault(file, {})[key] = entry
     missing = sorted(set(expected) - set(found) - ({TIED_HEAD} if tied else set()))
     if missing:
         raise WeightMismatchError(f"{path} lacks {len(missing)} weights of the model: {missing[:5]}")
     tensors: dict[str, torch.Tensor] = {}
-    for file in sorted({f for f, _ in found.values()}):
-        with safe_open(str(file), framework="pt") as f:
-            for name, (where, key) in found.items():
-                if where == file:
-                    tensors[name] = f.get_tensor(key)
+    for file, entries in wanted.items():
+        try:
+            by_key = read_tensors(file, entries, deadline, stop)
+        except WeightFileError as e:
+            raise WeightMismatchError(str(e)) from None
+        for name, (where, key) in found.items():
+            if where == file:
+                tensors[name] = by_key[key]
     return tensors
 
 
