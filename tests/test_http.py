@@ -54,7 +54,8 @@ def ray_local():
 def runner(ray_local, tmp_path_factory):
     model_dir = make_tiny_model(tmp_path_factory.mktemp("http"), "qwen2", vocab_size=16, block_size=4)
     write_char_tokenizer(model_dir)
-    r = ServiceRunner(RolloutService(model_dir, replicas=1, port=0, metrics_port=0, http_port=0, name="http"))
+    r = ServiceRunner(RolloutService(model_dir, replicas=1, port=0, metrics_port=0, http_port=0, name="http",
+                                     served_model_names=["tiny"]))
     r.wait_started()
     yield r
     r.stop()

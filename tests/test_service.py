@@ -313,7 +313,7 @@ def test_require_auth_for_generate_guards_generation_status_and_http(ray_local, 
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             call(good)
         url = f"http://localhost:{r.service.http_port}"
-        body = dict(model="m", prompt=[2, 3], max_tokens=2)
+        body = dict(prompt=[2, 3], max_tokens=2)
         assert httpx.get(f"{url}/health", timeout=CALL_TIMEOUT).status_code == 200
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=CALL_TIMEOUT).status_code == 401
         assert httpx.get(f"{url}/v1/models", timeout=CALL_TIMEOUT).status_code == 401

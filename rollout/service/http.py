@@ -27,7 +27,13 @@ Design decisions:
   ignored: a penalty would change the policy the trainer has to reproduce. Fields we do not know
   are ignored, as vLLM does.
 - Like vLLM, generation stops at the model's EOS token unless `ignore_eos`; stop strings are
-  applied here, after generation (see `_cut_at_stop`).
+  applied here, after generation (see `_cut_at_stop`); the text leaves out the stop string or
+  stop token that ended it unless `include_stop_str_in_output`. A `model` other than a served
+  name is a 404; log-probs of -inf are written -9999.0 (JSON has no infinity).
+- Hostile input: a generation body's size is checked before it is read (`max_body_bytes`), then
+  parsed, validated (`http_protocol.parse_body`), rendered and tokenized on worker threads, never
+  on the loop that serves /health and gRPC. A request `chat_template` needs
+  `trust_request_chat_template`; rendering is bounded either way (`tokenizer.RenderLimits`).
 - The router hands back a trajectory when it finishes, so a stream sends one chunk per finished
   choice carrying all its tokens, not one chunk per token.
 - Generation mutates nothing, so by default no generation route needs the bearer token; with
@@ -62,8 +68,10 @@ from ..config import ModelConfig, TidarConfig
 from ..engine.engine import LoadError
 from ..params import MAX_LOGPROBS, SamplingParams
 from ..tokenizer import TextTokenizer
-from .http_protocol import (UNSUPPORTED, ChatRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
-                            SamplingFields, TokenizeRequest)
+from ..tokenizer import RenderLimits, TemplateLimitError
+from .http_protocol import (UNSUPPORTED, Body, ChatRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
+                            SamplingFields, TokenizeRequest, check_message, check_seconds, json_object,
+                            parse_body)
 from .metrics import FrontendMetrics
 from .router import DeadlineExceededError, NoReplicaError, QueueFullError, Routed, Router
 from .servicer import bearer_matches, max_context, validate_request
@@ -72,10 +80,21 @@ from .updates import UnknownUpdateError, WeightUpdates, read_bucket
 log = logging.getLogger(__name__)
 MAX_CONTROL_BODY = 1 << 20  # bytes of a weight / pause route's JSON body
 MIN_LOGPROB = -9999.0  # what JSON responses say for log-prob -inf (vLLM's value)
+# A generation route's body: at most BODY_BYTES_PER_TOKEN per prompt token the KV pool could take
+# (slots x max_model_len; an id is at most 7 digits and a separator, a text token a few characters,
+# \uXXXX escapes included), plus BODY_OVERHEAD for the other fields.
+BODY_BYTES_PER_TOKEN = 16
+BODY_OVERHEAD = 1 << 16
+RENDER_SECONDS = 2.0  # a chat template's rendering time
+RENDER_CHARS_PER_TOKEN = 64  # its output, per token of max_model_len
 
 
 class Unauthorized(Exception):
     """A mutating route without the server's bearer token (401)."""
+
+
+class ModelNotFound(ValueError):
+    """A request naming a model this server does not serve (404, as vLLM)."""
 
 
 class BodyTooLarge(ValueError):
@@ -116,12 +135,16 @@ class Choice:
 class HttpFrontend:
     def __init__(self, router: Router, config: ModelConfig, tidar: TidarConfig, model_dir: str,
                  metrics: FrontendMetrics, required_token: str | None = None, updates: WeightUpdates | None = None,
-                 auth_token: str | None = None):
+                 auth_token: str | None = None, served_model_names: list[str] | None = None,
+                 trust_request_chat_template: bool = False):
         self.router, self.config, self.tidar, self.metrics = router, config, tidar, metrics
         self.required_token = required_token  # set: every route but /health needs "Bearer <token>"
         self.auth_token = auth_token  # weight and pause routes need it; None: they are refused
         self.updates = updates  # bucketed updates, shared with the gRPC front end (None: no bucket routes)
-        self.model_name = Path(model_dir).name
+        # The names a request's `model` may give (vLLM's --served-model-name); the first is reported.
+        self.served_model_names = list(served_model_names or [Path(model_dir).name])
+        self.model_name = self.served_model_names[0]
+        self.trust_request_chat_template = trust_request_chat_template  # vLLM's --trust-request-chat-template
         self.tokenizer = TextTokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None
         self.ready = False  # set by the service once every replica has answered
         self.app = self._build_app()
@@ -142,8 +165,7 @@ class HttpFrontend:
             raise ValueError("stop strings must not be empty")
         user_stop_ids = list(body.stop_token_ids or [])
         eos = [] if body.ignore_eos else [t for t in self.config.eos_token_ids if t not in user_stop_ids]
-        if body.timeout_seconds is not None and body.timeout_seconds < 0:
-            raise ValueError(f"timeout_seconds must be >= 0, got {body.timeout_seconds}")
+        timeout = None if body.timeout_seconds is None else check_seconds(body.timeout_seconds, "timeout_seconds")
         max_tokens = body.max_tokens if body.max_tokens is not None else default_max_tokens
         if max_tokens is None:  # as vLLM: whatever the context leaves after the longest prompt
             max_tokens = max(max_context(self.router, self.config) - max(len(p) for p in prompts), 1)
@@ -154,7 +176,7 @@ class HttpFrontend:
             stop_token_ids=tuple(user_stop_ids + eos), min_p=0.0 if body.min_p is None else body.min_p,
             logprobs=top_logprobs)
         validate_request(prompts, params, self.router, self.config, self.tidar)
-        deadline = time.monotonic() + body.timeout_seconds if body.timeout_seconds else None
+        deadline = time.monotonic() + timeout if timeout is not None else None
         include_usage = bool((getattr(body, "stream_options", None) or {}).get("include_usage"))
         return Job(prompts, params, deadline, stops, set(user_stop_ids), body.include_stop_str_in_output,
                    body.skip_special_tokens, include_usage)
@@ -182,11 +204,16 @@ class HttpFrontend:
             raise ValueError("messages must hold at least one message (or send tokens)")
         if self.tokenizer is None:
             raise ValueError("messages: this model has no tokenizer.json and so no chat template")
-        messages = [_text_message(m, i) for i, m in enumerate(body.messages)]
+        kwargs = dict(body.chat_template_kwargs or {})
+        if (body.chat_template is not None or "chat_template" in kwargs) and not self.trust_request_chat_template:
+            raise ValueError("chat_template: this server renders only the model's own chat template (a template "
+                             "is a program); start it with --trust-request-chat-template to accept request templates")
+        messages = [check_message(m, i) for i, m in enumerate(body.messages)]
+        limits = RenderLimits(RENDER_SECONDS, RENDER_CHARS_PER_TOKEN * max_context(self.router, self.config))
         return self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
             continue_final_message=body.continue_final_message, chat_template=body.chat_template,
-            **(body.chat_template_kwargs or {}))
+            limits=limits, **kwargs)
 
     # ------------------------------------------------------------------ generation
     async def _choices(self, job: Job) -> AsyncIterator[Choice]:
@@ -211,8 +238,12 @@ class HttpFrontend:
             c.stop_reason = tokens[-1]
         if self.tokenizer is None:
             return c
-        c.text = self.tokenizer.decode(tokens, job.skip_special)
-        cut = _cut_at_stop(tokens, job.stops, lambda ids: self.tokenizer.decode(ids, job.skip_special))
+        # As vLLM: the text leaves out the stop token that ended the trajectory (its id stays in
+        # token_ids) unless include_stop_str_in_output.
+        ended_by_token = c.finish_reason == "stop" and tokens and tokens[-1] in job.params.stop_token_ids
+        text_ids = tokens[:-1] if ended_by_token and not job.include_stop_str else tokens
+        c.text = self.tokenizer.decode(text_ids, job.skip_special)
+        cut = _cut_at_stop(text_ids, job.stops, lambda ids: self.tokenizer.decode(ids, job.skip_special))
         if cut is not None:
             keep, text_end, stop = cut
             c.token_ids, c.logprobs, c.top = tokens[:keep], c.logprobs[:keep], c.top[:keep]
@@ -323,14 +354,16 @@ class HttpFrontend:
         @app.get("/v1/models")
         async def models():
             return {"object": "list", "data": [{
-                "id": self.model_name, "object": "model", "created": 0, "owned_by": "tidar-rollout",
+                "id": name, "object": "model", "created": 0, "owned_by": "tidar-rollout",
                 "root": self.model_name, "max_model_len": max_context(self.router, self.config),
-                "weight_version": self.router.version, "weight_source": self.router.weight_source}]}
+                "weight_version": self.router.version, "weight_source": self.router.weight_source}
+                for name in self.served_model_names]}
 
         @app.post("/v1/completions")
-        async def completions(body: CompletionRequest, request: Request):
-            job = self._job(body, self._completion_prompts(body.prompt), default_max_tokens=16,
-                            top_logprobs=body.logprobs or 0)
+        async def completions(request: Request):
+            body = await self._parsed(request, CompletionRequest)
+            job = await asyncio.to_thread(lambda: self._job(body, self._completion_prompts(body.prompt), 16,
+                                                            top_logprobs=body.logprobs or 0))
             head = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()),
                         model=self.model_name)
             as_ids = bool(body.return_tokens_as_token_ids)
@@ -347,16 +380,17 @@ class HttpFrontend:
 
             return await self._respond(request, "/v1/completions", job, response, body.stream)
 
-        async def chat(body: ChatRequest, request: Request):
+        async def chat(request: Request):
+            body = await self._parsed(request, ChatRequest)
             if body.top_logprobs and not body.logprobs:
                 raise ValueError(f"top_logprobs={body.top_logprobs} needs logprobs: true")
             if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
                 raise ValueError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {body.top_logprobs}")
             if body.max_completion_tokens is not None:
                 body.max_tokens = body.max_completion_tokens
-            prompt = self._chat_prompt(body)
-            job = self._job(body, [prompt], default_max_tokens=None,
-                            top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0)
+            prompt = await asyncio.to_thread(self._chat_prompt, body)
+            job = await asyncio.to_thread(self._job, body, [prompt], None,
+                                          (body.top_logprobs or 0) if body.logprobs else 0)
             chunk = "chat.completion.chunk" if body.stream else "chat.completion"
             head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", object=chunk, created=int(time.time()),
                         model=self.model_name)
@@ -383,9 +417,10 @@ class HttpFrontend:
         app.post("/v1/chat/completions/tokens")(chat)  # prime-rl / verifiers' route for `tokens` prompts
 
         @app.post("/inference/v1/generate")
-        async def generate(body: GenerateRequest, request: Request):
+        async def generate(request: Request):
+            body = await self._parsed(request, GenerateRequest)
             sp = body.sampling_params
-            job = self._job(sp, [list(body.token_ids)], default_max_tokens=None, top_logprobs=sp.logprobs or 0)
+            job = await asyncio.to_thread(self._job, sp, [list(body.token_ids)], None, sp.logprobs or 0)
             rid = body.request_id or uuid.uuid4().hex
 
             def response(choices: list[Choice], usage: dict | None, first: bool = True) -> dict:
@@ -397,24 +432,26 @@ class HttpFrontend:
             return await self._respond(request, "/inference/v1/generate", job, response, body.stream)
 
         @app.post("/tokenize")
-        async def tokenize(body: TokenizeRequest):
+        async def tokenize(request: Request):
+            body = await self._parsed(request, TokenizeRequest)
             if body.prompt is not None:
-                tokens = self._encode(body.prompt, "prompt") if body.prompt else []
+                tokens = await asyncio.to_thread(self._encode, body.prompt, "prompt") if body.prompt else []
             else:
-                tokens = self._chat_prompt(body)
+                tokens = await asyncio.to_thread(self._chat_prompt, body)
             out = dict(count=len(tokens), max_model_len=max_context(self.router, self.config), tokens=tokens)
             if body.return_token_strs:
                 out["token_strs"] = [self._token_str(t, False) for t in tokens]
             return out
 
         @app.post("/detokenize")
-        async def detokenize(body: DetokenizeRequest):
+        async def detokenize(request: Request):
+            body = await self._parsed(request, DetokenizeRequest)
             if self.tokenizer is None:
                 raise ValueError("tokens: this model has no tokenizer.json to detokenize with")
             bad = [t for t in body.tokens if not 0 <= t < self.config.vocab_size]
             if bad:
                 raise ValueError(f"tokens has token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})")
-            return dict(prompt=self.tokenizer.decode(body.tokens))
+            return dict(prompt=await asyncio.to_thread(self.tokenizer.decode, body.tokens))
 
         self._add_weight_routes(app)
         return app
@@ -439,24 +476,48 @@ class HttpFrontend:
             raise BodyTooLarge(f"the body is {length} bytes; this route takes at most {limit}")
         return await request.body()
 
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest body a generation route reads: see BODY_BYTES_PER_TOKEN."""
+        limits = self.router.limits
+        tokens = limits.num_slots * limits.max_model_len if limits is not None else self.config.max_position_embeddings
+        return BODY_OVERHEAD + BODY_BYTES_PER_TOKEN * tokens
+
+    async def _parsed(self, request: Request, model: type[Body]) -> Body:
+        """A generation route's body as `model`: its size checked before it is read (413; a chunked
+        body is read up to the limit, no further), then parsed and validated on a worker thread.
+        A `model` field must name this server's model (404 otherwise, as vLLM)."""
+        limit = self.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > limit:
+                raise BodyTooLarge(f"the body is {length} bytes; this route takes at most {limit} "
+                                   f"({BODY_BYTES_PER_TOKEN} bytes per token the KV pool holds + {BODY_OVERHEAD})")
+            raw = await request.body()
+        else:
+            parts, size = [], 0
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise BodyTooLarge(f"the body is over {limit} bytes, the most this route takes")
+                parts.append(part)
+            raw = b"".join(parts)
+        body = await asyncio.to_thread(parse_body, raw, model)
+        name = getattr(body, "model", None)
+        if name and name not in self.served_model_names:
+            raise ModelNotFound(f"The model `{name}` does not exist (this server serves "
+                                f"{', '.join(self.served_model_names)}).")
+        return body
+
     async def _control(self, request: Request) -> dict:
         """Authorizes, then the route's fields: the JSON body's, with query parameters on top."""
         self._authorize(request)
         raw = await self._body(request, MAX_CONTROL_BODY)
-        try:
-            fields = json.loads(raw) if raw.strip() else {}
-        except ValueError as e:
-            raise ValueError(f"the body is not JSON: {e}") from None
-        if not isinstance(fields, dict):
-            raise ValueError("the body must be a JSON object")
-        return dict(fields, **request.query_params)
+        return dict(json_object(raw), **request.query_params)
 
     def _add_weight_routes(self, app: FastAPI) -> None:
         def number(fields: dict, name: str, default: float) -> float:
-            try:
-                return float(fields.get(name) or default)
-            except (TypeError, ValueError):
-                raise ValueError(f"{name} must be a number of seconds, got {fields.get(name)!r}") from None
+            return default if fields.get(name) is None else check_seconds(fields[name], name)
 
         async def pause(request: Request):
             fields = await self._control(request)
@@ -573,7 +634,7 @@ def _status_of(e: BaseException) -> tuple[int, str]:
         return 429, str(e)
     if isinstance(e, (DeadlineExceededError, asyncio.TimeoutError)):
         return 504, str(e) or "deadline exceeded"
-    if isinstance(e, UnknownUpdateError):
+    if isinstance(e, (UnknownUpdateError, ModelNotFound)):
         return 404, str(e)
     if isinstance(e, BodyTooLarge):
         return e.status, str(e)
@@ -582,18 +643,6 @@ def _status_of(e: BaseException) -> tuple[int, str]:
     if isinstance(e, NoReplicaError):
         return 503, str(e)
     return 500, f"{type(e).__name__}: {e}"
-
-
-def _text_message(m: dict, i: int) -> dict:
-    """A message whose content is text (a string or text parts joined), as chat templates expect."""
-    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-        raise ValueError(f"messages[{i}] must be an object with a string 'role'")
-    content = m.get("content")
-    if isinstance(content, list):
-        if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-            raise ValueError(f"messages[{i}].content: only text parts are supported")
-        content = "".join(p.get("text", "") for p in content)
-    return dict(m, content=content if content is not None else "")
 
 
 def _cut_at_stop(tokens: list[int], stops: list[str], decode) -> tuple[int, int, str] | None:

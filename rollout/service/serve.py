@@ -67,7 +67,8 @@ class RolloutService:
                  gpus_per_replica: float | None = None, replica_metrics_port: int | None = None,
                  name: str = "rollout", dtype: str | None = None, engine_config: EngineConfig | None = None,
                  http_port: int | None = None, metrics_host: str | None = None,
-                 require_auth_for_generate: bool = False, weight_dtype_policy: str = "strict"):
+                 require_auth_for_generate: bool = False, weight_dtype_policy: str = "strict",
+                 served_model_names: list[str] | None = None, trust_request_chat_template: bool = False):
         check_dtype_policy(weight_dtype_policy)
         self.model_dir = str(Path(model_dir).resolve())
         _, hf_cfg, self.config = read_model_config(self.model_dir)
@@ -84,6 +85,8 @@ class RolloutService:
         self.metrics_host = metrics_host or ("0.0.0.0" if host in ("[::]", "0.0.0.0", "") else host.strip("[]"))
         self.require_auth_for_generate = require_auth_for_generate  # every RPC and route needs the token
         self.weight_dtype_policy = weight_dtype_policy  # weights.check_dtype: "strict" or "cast"
+        self.served_model_names = served_model_names  # HTTP `model` names; None: the model directory's name
+        self.trust_request_chat_template = trust_request_chat_template  # HTTP: render a request's chat_template
         self.server = self.health = self.router = self.pg = self.http = self._supervisor = None
         self.actors: list = []
 
@@ -121,7 +124,9 @@ class RolloutService:
         if self.http_port is not None:
             self.http = HttpFrontend(self.router, self.config, self.tidar, self.model_dir, metrics,
                                      self.auth_token if self.require_auth_for_generate else None,
-                                     updates=servicer.updates, auth_token=self.auth_token)
+                                     updates=servicer.updates, auth_token=self.auth_token,
+                                     served_model_names=self.served_model_names,
+                                     trust_request_chat_template=self.trust_request_chat_template)
             self._http_server, self._http_task, self.http_port = await start_http(self.http, self.http_port, self.host)
         await self._place_replicas()
         await self.router.wait_ready(self.ready_timeout)
@@ -204,6 +209,12 @@ def main_serve(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=50051, help="gRPC port")
     p.add_argument("--http-port", type=int, default=None,
                    help="also serve vLLM's HTTP routes (/v1/completions, /v1/chat/completions, ...) on this port")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="names an HTTP request's 'model' may give (the first is reported by /v1/models); other "
+                        "names are a 404, as vLLM (default: the model directory's name)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="HTTP chat: render a 'chat_template' sent in the request (a template is a program; "
+                        "rendering is bounded in time and size either way); default: such requests are a 400")
     p.add_argument("--host", default="[::]", help="address to bind")
     p.add_argument("--address", default=None,
                    help="Ray cluster: 'auto' (running cluster), 'ray://HOST:10001', or omit for a local one")
@@ -300,7 +311,8 @@ def main_serve(argv: list[str]) -> int:
                                  calibration_seconds=args.calibration_seconds,
                                  calibration_cache=args.calibration_cache or None), http_port=args.http_port,
                              metrics_host=args.metrics_host, require_auth_for_generate=args.require_auth_for_generate,
-                             weight_dtype_policy=args.weight_dtype_policy)
+                             weight_dtype_policy=args.weight_dtype_policy, served_model_names=args.served_model_name,
+                             trust_request_chat_template=args.trust_request_chat_template)
     try:
         asyncio.run(_serve_until_signal(service, args.grace))
     finally:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 
 import grpc
@@ -110,8 +111,9 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                                  f"that exceeds the model's context of {longest} (max_model_len)")
         prompts = [list(p.token_ids) for p in request.prompts]
         validate_request(prompts, params, self.router, self.config, self.tidar)
-        if request.timeout_seconds < 0:
-            raise ValueError(f"timeout_seconds must be >= 0, got {request.timeout_seconds}")
+        if not (math.isfinite(request.timeout_seconds) and request.timeout_seconds >= 0):
+            raise ValueError(f"timeout_seconds must be a finite number of seconds >= 0 (0: the server's request "
+                             f"timeout), got {request.timeout_seconds}")
         if request.min_policy_version > self.router.version and not request.wait_for_version:
             raise PolicyVersionError(f"served policy version {self.router.version} is older than "
                                      f"min_policy_version {request.min_policy_version}")
@@ -213,6 +215,9 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         try:
             if not request.master_address or not 0 < request.master_port < 65536:
                 raise ValueError("master_address and master_port (1..65535) are required")
+            if not (math.isfinite(request.timeout_seconds) and request.timeout_seconds >= 0):
+                raise ValueError(f"timeout_seconds must be a finite number of seconds >= 0 (0: 300 s), "
+                                 f"got {request.timeout_seconds}")
             if request.backend not in ("", "nccl", "gloo"):
                 raise ValueError(f"backend must be 'nccl' or 'gloo', got {request.backend!r}")
             world, backend = await self.router.init_weight_group(
