@@ -30,9 +30,10 @@ def model_dir(tmp_path_factory):
                            hidden_size=32, init_std=0.25, seed=3)
 
 
-def exact_ar_distribution(model_dir, temperature, top_k, top_p, min_p=0.0) -> torch.Tensor:
-    """P(x1, x2, x3 | PROMPT) [V, V, V] by enumeration with the HF model."""
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+def exact_ar_distribution(model_dir, temperature, top_k, top_p, min_p=0.0, **load_kwargs) -> torch.Tensor:
+    """P(x1, x2, x3 | PROMPT) [V, V, V] by enumeration with the HF model (`load_kwargs` go to
+    from_pretrained)."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, **load_kwargs).eval()
     V = VOCAB
     with torch.no_grad():
         def next_probs(prefixes):

@@ -33,7 +33,7 @@ import torch
 
 from ..config import DEFAULT_MAX_NUM_SEQS, EngineConfig, ModelConfig, TidarConfig, load_tidar_config
 from ..model.decoder import Decoder
-from ..model.kv_cache import KVCache
+from ..model.kv_cache import KVCache, state_widths
 from ..model.loader import declared_dtype, load_decoder, read_model_config
 from ..params import Completion, SamplingParams, validate_prompts
 from ..sampling import row_key
@@ -118,7 +118,8 @@ class Engine:
 
     def _slots_from_memory(self, slot_len: int) -> int:
         cfg, c = self.config, self.engine_config
-        per_slot = (KVCache.bytes_per_slot(cfg.num_layers, cfg.num_kv_heads, slot_len, cfg.head_dim, self.dtype)
+        per_slot = (KVCache.bytes_per_slot(cfg.num_layers, cfg.num_kv_heads, slot_len, cfg.head_dim, self.dtype,
+                                           state_widths(self.model))
                     + ModelRunner.draft_state_bytes(cfg, self.tidar))
         if c.kv_cache_gib is not None:
             budget = c.kv_cache_gib * 2 ** 30

@@ -36,7 +36,7 @@ import torch
 from ..config import ModelConfig, TidarConfig
 from ..model.batch import StepBatch
 from ..model.decoder import Decoder
-from ..model.kv_cache import KVCache
+from ..model.kv_cache import KVCache, state_widths
 from ..model.triton_attention import triton_unavailable_reason
 from ..params import SamplingParams
 from ..sampling import (ACCEPT, DRAFT, RESAMPLE, RowSampling, counter_uniforms, mixed_logits, sample_from,
@@ -114,7 +114,14 @@ class ModelRunner:
         self.ar_step = torch.compile(ar_step, dynamic=True) if compile else ar_step
         self.tidar_step = torch.compile(tidar_step, dynamic=True) if compile else tidar_step
         cfg: ModelConfig = model.config
-        self.cache = KVCache(cfg.num_layers, num_slots, cfg.num_kv_heads, slot_len, cfg.head_dim, dtype, device)
+        if attention not in getattr(model, "attention_paths", (attention,)):
+            raise ValueError(f"attention path {attention!r} cannot run a {cfg.model_type} model: it has sliding-window "
+                             f"layers, which only {'/'.join(model.attention_paths)} honour")
+        if cuda_graphs and not getattr(model, "graph_capturable", True):
+            raise ValueError(f"cuda_graphs cannot run a {cfg.model_type} model (its expert routing reads token "
+                             "counts on the host): use cuda_graphs=False")
+        self.cache = KVCache(cfg.num_layers, num_slots, cfg.num_kv_heads, slot_len, cfg.head_dim, dtype, device,
+                             state_widths(model))
         K, V, S = tidar.block_size, cfg.vocab_size, num_slots + 1  # + the sink slot
         self.drafts = torch.full((S, K), tidar.mask_token_id, dtype=torch.long, device=device)
         self.draft_logits = torch.zeros(S, K, V, device=device)  # index 0 unused (d_0 is decided)
@@ -439,7 +446,7 @@ class ModelRunner:
         the pool): for each sequence the raw next-token logits [len, V] (float32)."""
         cfg = self.model.config
         cache = KVCache(cfg.num_layers, len(token_ids), cfg.num_kv_heads, max(map(len, token_ids)), cfg.head_dim,
-                        dtype, self.device)
+                        dtype, self.device, state_widths(self.model))
         out = []
         for part in _mask_bounded(token_ids):
             hidden = self._forward_chunks(part, [token_ids[i] for i in part], [0] * len(part), 0, cache)

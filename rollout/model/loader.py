@@ -10,6 +10,7 @@ from safetensors import safe_open
 from ..config import ModelConfig, UnsupportedModelError, read_json
 from .decoder import Decoder
 from .rope import inverse_frequencies
+from .zaya import ZayaConfig, ZayaDecoder
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -45,6 +46,8 @@ def read_model_config(model_dir: str | Path) -> tuple[Path, dict, ModelConfig]:
     if not (model_dir / "config.json").exists():
         raise UnsupportedModelError(f"{model_dir} has no config.json")
     hf_cfg = read_json(model_dir / "config.json")
+    if hf_cfg.get("model_type") == "zaya":
+        return model_dir, hf_cfg, ZayaConfig.from_hf_dict(hf_cfg)
     return model_dir, hf_cfg, ModelConfig.from_hf_dict(hf_cfg)
 
 
@@ -60,7 +63,7 @@ def load_decoder(model_dir: Path, cfg: ModelConfig, device: torch.device | str,
     """The decoder with `model_dir`'s weights, packed (`Decoder.pack_projections`; `input_major`:
     its weight layout, for inference on the CPU)."""
     with torch.device("meta"):
-        model = Decoder(cfg)
+        model = ZayaDecoder(cfg) if isinstance(cfg, ZayaConfig) else Decoder(cfg)
     expected = model.weight_names_and_shapes()
     state: dict[str, torch.Tensor] = {}
     for path in safetensors_files(model_dir):
@@ -80,7 +83,10 @@ def load_decoder(model_dir: Path, cfg: ModelConfig, device: torch.device | str,
     model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    # to_empty left the RoPE buffers uninitialised, and .to(dtype) would have rounded them.
+    if isinstance(model, ZayaDecoder):
+        model.reset_buffers(device)
+    else:
+        model.inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)[0].to(device)
     model.load_state_dict(state, strict=False)
-    # to_empty left the RoPE buffer uninitialised, and .to(dtype) would have rounded it.
-    model.inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)[0].to(device)
     return model.pack_projections(input_major=input_major).eval()

@@ -1,0 +1,268 @@
+"""ZAYA (CCA attention + top-1 MLP-routed MoE) against transformers' ZayaForCausalLM (fp32, CPU)."""
+
+import json
+
+import pytest
+import torch
+
+from rollout import Engine, SamplingParams
+from rollout.config import TIDAR_CONFIG_FILE, EngineConfig
+from rollout.model.batch import SequenceBatch, StepBatch
+from rollout.model.kv_cache import KVCache, state_widths
+from rollout.model.zaya import ZayaConfig, ZayaDecoder
+from rollout.sampling import process_logits
+from rollout.step_layout import decode_layout, prefill_layout
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, MASK, WINDOW = 48, 47, 5
+PROMPTS = [[2, 3, 4, 5, 6, 7, 8, 9], [10, 11, 12], [13], [3, 3, 3, 3, 9, 20, 21, 22, 23, 24]]
+
+
+def make_tiny_zaya(path, seed=0, **overrides):
+    """A random ZAYA saved as an HF directory: 3 layers (the middle one sliding, window 5),
+    4 experts + skip, cca_time 2 and 3 (convolutions read 3 earlier tokens), every parameter
+    and balancing bias but the skip expert's random (HF's init leaves the key scale 0 and the
+    residual scales 1)."""
+    kwargs = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, moe_intermediate_size=16, num_experts=4, router_hidden_size=8,
+                  layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=WINDOW,
+                  max_position_embeddings=128, eos_token_id=1, bos_token_id=None, pad_token_id=None,
+                  attention_bias=True, cca_time0=2, cca_time1=3)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.ZayaConfig(**kwargs), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5 if "router_mlp" in name else 0.3)  # routing varies by token
+            else:
+                p.normal_(1.0 if ("scale" in name or "norm" in name) else 0.0, 0.2)
+        for name, b in hf.named_buffers():
+            if name.endswith("balancing_biases"):
+                # transformers' from_pretrained resets the skip expert's bias to -1 after loading
+                # (its _init_weights writes it unguarded); our loader keeps what the file holds.
+                # Experts' biases near the skip expert's: some tokens take the skip expert.
+                b.normal_(-0.8, 0.1)[-1] = -1.0
+    hf.save_pretrained(path, safe_serialization=True)
+    (path / TIDAR_CONFIG_FILE).write_text(json.dumps({"mask_token_id": MASK, "block_size": 4}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def zaya_dir(tmp_path_factory):
+    return make_tiny_zaya(tmp_path_factory.mktemp("tiny_zaya"))
+
+
+@pytest.fixture(scope="module")
+def hf(zaya_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(zaya_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(zaya_dir):
+    return Engine.from_pretrained(zaya_dir)
+
+
+def hf_logits(hf, ids, mask=None):
+    with torch.no_grad():
+        return hf(torch.tensor([ids]), attention_mask=mask).logits[0]
+
+
+def tokens(outs):
+    return [[c.token_ids for c in group] for group in outs]
+
+
+# ------------------------------------------------------------------ stage 1: the decoder
+def test_config_is_read_from_hf_names(engine):
+    cfg = engine.config
+    assert isinstance(cfg, ZayaConfig) and isinstance(engine.model, ZayaDecoder)
+    assert cfg.layer_types == ("hybrid", "hybrid_sliding", "hybrid") and cfg.sliding_window == WINDOW
+    assert cfg.rope_for("hybrid") == (5_000_000.0, 4) and cfg.rope_for("hybrid_sliding") == (10_000.0, 4)
+    assert cfg.conv_context == 3 and state_widths(engine.model) == ((4 + 2) * 8, 2 * 8 // 2)
+
+
+def test_whole_sequence_logits_match_hf_past_the_window(engine, hf):
+    """Our forward without a cache (the training path) on sequences 4x the sliding window."""
+    ids = torch.randint(0, VOCAB - 1, (2, 21), generator=torch.Generator().manual_seed(1))
+    S = ids.shape[1]
+    with torch.no_grad():
+        ref = hf(ids).logits
+        hidden = engine.model(ids, SequenceBatch(torch.arange(S)[None].expand(2, S),
+                                                 torch.ones(S, S, dtype=torch.bool).tril()), None)
+    assert (engine.model.logits(hidden) - ref).abs().max().item() <= 1e-4
+
+
+def test_routing_is_exercised(engine):
+    """The test model routes tokens to several experts and to the skip expert (else the MoE
+    parity above would prove little)."""
+    seen = set()
+    hook = engine.model.model.layers[1].mlp.gate.register_forward_hook(
+        lambda m, args, out: seen.update(out[0].tolist()))
+    try:
+        engine.forward_logits([list(range(2, 40))])
+    finally:
+        hook.remove()
+    assert engine.config.num_experts in seen and len(seen) >= 3
+
+
+def test_unsupported_zaya_settings_are_refused(zaya_dir):
+    from rollout.config import UnsupportedModelError
+
+    cfg = json.loads((zaya_dir / "config.json").read_text())
+    with pytest.raises(UnsupportedModelError, match="num_experts_per_tok"):
+        ZayaConfig.from_hf_dict({**cfg, "num_experts_per_tok": 2})
+    with pytest.raises(UnsupportedModelError, match="sliding_window"):
+        ZayaConfig.from_hf_dict({**cfg, "sliding_window": None})
+
+
+# ------------------------------------------------------------------ stage 2: AR decoding in the engine
+def test_prefill_chunks_and_decode_steps_match_hf(engine, hf):
+    """Prefill in chunks of 3 then one token per step: every token's logits equal HF's causal
+    logits of the whole sequence (the convolutions and delayed value read the pool)."""
+    model, cfg = engine.model, engine.config
+    seq = list(range(2, 26))
+    cache = KVCache(cfg.num_layers, 1, cfg.num_kv_heads, 32, cfg.head_dim, torch.float32, "cpu",
+                    state_widths(model))
+    slots, ours = torch.tensor([0]), []
+    with torch.no_grad():
+        for start in range(0, 12, 3):
+            pos, vis, write = prefill_layout([3], 0, [start])
+            batch = StepBatch(slots, torch.tensor([start]), start, pos, vis, cache.write_index(slots, pos, write))
+            ours.append(model.logits(model(torch.tensor([seq[start:start + 3]]), batch, cache))[0])
+        for t in range(12, len(seq)):
+            pos = torch.tensor([[t]])
+            batch = StepBatch(slots, torch.tensor([t]), t, pos, torch.ones(1, 1, 1, dtype=torch.bool),
+                              (slots[:, None], pos), ar_step=True)
+            ours.append(model.logits(model(torch.tensor([[seq[t]]]), batch, cache))[0])
+    assert (torch.cat(ours) - hf_logits(hf, seq)).abs().max().item() <= 1e-4
+
+
+def test_engine_prefill_logits_match_hf(engine, hf):
+    ids = [list(range(2, 30)), [5, 9, 2]]
+    for ours, seq in zip(engine.forward_logits(ids), ids):
+        assert (ours - hf_logits(hf, seq)).abs().max().item() <= 1e-4
+
+
+def test_greedy_ar_equals_hf_generate(engine, hf):
+    outs = engine.generate(PROMPTS, SamplingParams(sampler="ar", temperature=0, max_tokens=16))
+    for prompt, group in zip(PROMPTS, outs):
+        ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16, min_new_tokens=16,
+                          pad_token_id=0, eos_token_id=None)
+        assert group[0].token_ids == ref[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("sampler", ["ar", "lossless"])
+def test_logprobs_match_teacher_forced_hf(engine, hf, sampler):
+    outs = engine.generate(PROMPTS, SamplingParams(sampler=sampler, temperature=0.9, max_tokens=14, n=2, seed=5))
+    for prompt, group in zip(PROMPTS, outs):
+        for c in group:
+            logits = hf_logits(hf, prompt + c.token_ids)[len(prompt) - 1:-1]
+            ref = process_logits(logits, 0.9, 0, 1.0, (MASK,), 0.0).gather(-1, torch.tensor(c.token_ids)[:, None])
+            assert (ref.squeeze(-1) - torch.tensor(c.logprobs)).abs().max().item() <= 1e-4
+
+
+def test_chunked_prefill_and_shared_prefill_give_the_same_samples(engine):
+    params = SamplingParams(max_tokens=10, n=3, seed=7)
+    whole = engine.generate(PROMPTS, params)
+    chunked = Engine(engine.model, engine.tidar, config=EngineConfig(max_prefill_tokens=2))
+    assert tokens(chunked.generate(PROMPTS, params)) == tokens(whole)
+
+
+# ------------------------------------------------------------------ stage 3: ZAYA inside the TiDAR step
+def hf_block_logits(hf, context, block):
+    """HF's logits of a pre-drafted block after `context`: the block sees the context and its
+    whole self (bidirectional), the context is causal; sliding layers add HF's window. The
+    convolutions run along the sequence, i.e. along each block token's causal path."""
+    n, S = len(context), len(context) + len(block)
+    visible = torch.ones(S, S, dtype=torch.bool).tril()
+    visible[n:, n:] = True
+    pos = torch.arange(S)
+    window = pos[None, :] > pos[:, None] - WINDOW
+    masks = {"hybrid": visible[None, None], "hybrid_sliding": (visible & window)[None, None], "conv": None}
+    return hf_logits(hf, context + block, masks)[n:]
+
+
+def test_tidar_step_tokens_read_their_own_paths(engine, hf):
+    """Every in-step token of a TiDAR step (drafts, then a block per level) gets the logits HF
+    computes over exactly the tokens it may see: a draft, the prefix and the drafts before it;
+    a block at level j, the prefix, the first j drafts and its own block. Two rows of different
+    lengths, past the sliding window."""
+    model, cfg, k = engine.model, engine.config, 4
+    prompts, drafts = [PROMPTS[0], PROMPTS[3]], [[30, 31, 32, 33], [40, 41, 42, 43]]
+    cache = KVCache(cfg.num_layers, 2, cfg.num_kv_heads, 32, cfg.head_dim, torch.float32, "cpu",
+                    state_widths(model))
+    slots = torch.tensor([0, 1])
+    lens = [len(p) for p in prompts]
+    pos, vis, write = prefill_layout(lens, 0)
+    ids = torch.tensor([p + [MASK] * (max(lens) - len(p)) for p in prompts])
+    layout = decode_layout(k, (1, 2, 3, 4))
+    L = torch.tensor(lens)
+    positions = L[:, None] + layout.offsets
+    step_write = torch.zeros(2, layout.num_tokens, dtype=torch.bool)
+    step_write[:, :k] = True
+    step_ids = torch.tensor([d + [MASK] * (layout.num_tokens - k) for d in drafts])
+    with torch.no_grad():
+        model(ids, StepBatch(slots, torch.zeros(2, dtype=torch.long), 0, pos, vis,
+                             cache.write_index(slots, pos, write)), cache)
+        batch = StepBatch(slots, L, max(lens), positions, layout.visible.expand(2, -1, -1),
+                          cache.write_index(slots, positions, step_write))
+        logits = model.logits(model(step_ids, batch, cache))
+    for b, (prompt, d) in enumerate(zip(prompts, drafts)):
+        ar = hf_logits(hf, prompt + d)[len(prompt):]
+        assert (logits[b, :k] - ar).abs().max().item() <= 1e-4
+        for level_index, j in enumerate(layout.levels):
+            s = layout.block_start(level_index)
+            ref = hf_block_logits(hf, prompt + d[:j], [MASK] * k)
+            assert (logits[b, s:s + k] - ref).abs().max().item() <= 1e-4, (b, j)
+
+
+@pytest.mark.parametrize("block_size,levels", [(None, None), (None, (1, 3)), (3, (1, 2))])
+def test_greedy_tidar_equals_greedy_ar(zaya_dir, block_size, levels):
+    engine = Engine.from_pretrained(zaya_dir, block_size=block_size, levels=levels)
+    ar = tokens(engine.generate(PROMPTS, SamplingParams(sampler="ar", temperature=0, max_tokens=20)))
+    out = engine.generate(PROMPTS, SamplingParams(sampler="lossless", temperature=0, max_tokens=20))
+    assert tokens(out) == ar
+    assert engine.last_stats.tokens_per_forward > 1
+
+
+def test_split_and_triton_paths_are_refused_with_sliding_layers(engine):
+    from rollout.engine.runner import ModelRunner
+
+    with pytest.raises(ValueError, match="sliding-window"):
+        ModelRunner(engine.model, engine.tidar, torch.device("cpu"), torch.float32, 2, 32, attention="split")
+
+
+@pytest.fixture(scope="module")
+def zaya8_dir(tmp_path_factory):
+    """Vocab 8 (mask id 7), for the chi-square tests of `test_distribution` (3 tokens: 512
+    outcomes); two pre-draft levels keep its 12k-row steps small."""
+    path = make_tiny_zaya(tmp_path_factory.mktemp("zaya8"), seed=3, vocab_size=8)
+    (path / TIDAR_CONFIG_FILE).write_text(json.dumps({"mask_token_id": 7, "block_size": 4, "levels": [1, 2]}))
+    return path
+
+
+def exact_zaya_distribution(model_dir):
+    from test_distribution import exact_ar_distribution
+
+    # HF's grouped expert kernel has no float64: its eager experts for the float64 enumeration.
+    return exact_ar_distribution(model_dir, 1.0, 0, 1.0, experts_implementation="eager")
+
+
+def test_lossless_matches_ar_distribution(zaya8_dir):
+    from test_distribution import ALPHA, NUM_SAMPLES, chi_square_pvalue, sample_counts
+
+    params = SamplingParams(sampler="lossless", max_tokens=3, n=NUM_SAMPLES, seed=11)
+    p = chi_square_pvalue(sample_counts(zaya8_dir, params), exact_zaya_distribution(zaya8_dir))
+    assert p > ALPHA, f"lossless samples differ from AR (chi-square p = {p:.2e}; a correct sampler fails w.p. {ALPHA})"
+
+
+def test_wrong_residual_is_detected(zaya8_dir, monkeypatch):
+    """Negative control: resampling from p instead of norm(max(0, p - q)) after a rejection."""
+    import rollout.sampling
+    from test_distribution import NUM_SAMPLES, chi_square_pvalue, sample_counts
+
+    monkeypatch.setattr(rollout.sampling, "residual_distribution", lambda p, q: p)
+    params = SamplingParams(sampler="lossless", max_tokens=3, n=NUM_SAMPLES, seed=11)
+    p = chi_square_pvalue(sample_counts(zaya8_dir, params), exact_zaya_distribution(zaya8_dir))
+    assert p < 1e-8, f"the wrong sampler was not detected (p = {p:.2e}): the test has no power"
