@@ -169,7 +169,8 @@ def test_compiled_steps_sample_what_eager_steps_sample_when_the_shape_changes_ev
         e.drafting.choose = lambda params, context, lookups=None: rng.choice(shapes)
         e.drafting.wants_lookup = lambda params: True
         outs.append(sum(e.generate(PROMPTS[:1], SamplingParams(max_tokens=12, n=3, seed=4, temperature=0.8)), []))
-        assert len(e.last_stats.level_choices) == len(shapes)  # every shape ran
+        # every shape ran (rows of a lookup step without a match count as "0/d": they verified model drafts)
+        assert {level_label(s, e.tidar.block_size) for s in shapes} <= set(e.last_stats.level_choices)
     assert calls["ar"] > 0 and calls["tidar"] > 0
     for a, b in zip(*outs):
         assert a.token_ids == b.token_ids

@@ -123,3 +123,73 @@ def test_a_read_that_hangs_ends_at_the_deadline_while_the_engine_keeps_stepping(
         release.set()
     assert stepped == [True]  # the engine generated while the read was stuck
     assert len(records(gen)) == len(PROMPTS) and replica._staged is None
+
+
+def perturbed_state(replica, seed: int) -> dict:
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in replica.engine.model.state_dict().items()}
+
+
+def test_a_second_commit_during_a_wait_mode_drain_fails_the_first_instead_of_leaving_it_waiting(make_replica):
+    """Version 1's wait-mode commit waits for a running request; version 2 is staged (replacing
+    version 1's weights) and committed meanwhile. The first committer used to wait out its whole
+    timeout for a swap that had been overwritten; now it learns at once that it was superseded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    replica = make_replica("twice")
+    gen = replica.generate("long", PROMPTS, dict(PARAMS, max_tokens=200), 0)
+    assert isinstance(next(gen), Started)
+    pool = ThreadPoolExecutor(2)
+    try:
+        replica.stage_weights(1, perturbed_state(replica, 1))
+        first = pool.submit(replica.commit_weights, 1, "wait", 60.0)
+        wait_until(lambda: replica._swap is not None, what="version 1's commit pending")
+        replica.stage_weights(2, perturbed_state(replica, 2))
+        second = pool.submit(replica.commit_weights, 2, "wait", 60.0)
+        with pytest.raises(RuntimeError, match="version 1 was superseded by version 2"):
+            first.result(timeout=30)
+        records(gen)
+        assert second.result(timeout=60) == 2 and replica.engine.weight_version == 2
+    finally:
+        pool.shutdown(wait=False)
+
+
+def test_staged_weights_are_the_replicas_own_copy_not_the_callers_tensors(make_replica):
+    """`t.to(device, dtype)` returns t itself when nothing changes: an in-process caller that
+    edited its tensors between stage and commit changed what was served."""
+    import torch
+    replica = make_replica("alias")
+    state = perturbed_state(replica, 3)
+    expected = {k: v.clone() for k, v in state.items()}
+    replica.stage_weights(1, state)
+    for t in state.values():
+        t.zero_()
+    replica.commit_weights(1)
+    served = replica.engine.model.state_dict()
+    assert all(torch.equal(served[k], expected[k]) for k in expected)
+
+
+def test_a_request_added_after_its_caller_timed_out_is_dropped_not_generated_for_nobody(make_replica):
+    """The add command started just as the caller's wait for the loop ran out: cancelling it
+    failed, and the request used to run to its end with nobody reading it."""
+    import threading
+
+    replica = make_replica("late", lock_timeout=0.5)
+    entered, release, added = threading.Event(), threading.Event(), []
+    check = replica.engine.check_capacity
+
+    def slow_check(*args):
+        entered.set()
+        release.wait(30)  # the caller times out while the add runs
+        return check(*args)
+    replica.engine.check_capacity = slow_check
+    add_request = replica.engine.add_request
+    replica.engine.add_request = lambda *a: added.append(add_request(*a)) or added[-1]
+    with pytest.raises(TimeoutError, match="waited 0 s for the engine loop"):
+        next(replica.generate("late", PROMPTS, dict(PARAMS, max_tokens=200), 0))
+    assert entered.is_set()
+    release.set()
+    wait_until(lambda: added and added[0].done, what="the late request ended")
+    assert {s.out.finish_reason for s in added[0].sequences} == {"abort"}
+    assert "late" not in replica._streams

@@ -431,18 +431,22 @@ class DraftPolicy:
         return best, best_drafting, seconds[None], seconds[best_drafting], best_rate
 
     def observe_step(self, params: list[SamplingParams], shape: DraftShape | None, accepted: list[int],
-                     offered: list[int], context: float, seconds: float | None) -> None:
+                     offered: list[int], context: float, seconds: float | None,
+                     looked_up: list[bool] | None = None) -> None:
         """After a decode step of this shape (None: it ran as an AR step): its time (None: the
-        step paid a one-off cost and is not timed), and each drafting row's acceptance."""
+        step paid a one-off cost and is not timed), and each drafting row's acceptance, under
+        its lookup class only for the rows that verified lookup drafts (`looked_up`; None: every
+        row of a lookup step did). In a lookup step the other rows verified the model's drafts."""
         if seconds is not None:
             self.costs.observe(shape is not None, len(params), len(params) * self.tokens_per_row(shape), context,
                                seconds)
         if self._forced is not None:
             return
         seen = set()
-        for p, a, n in zip(params, accepted, offered):
+        lookup_step = shape is not None and shape.lookup
+        for i, (p, a, n) in enumerate(zip(params, accepted, offered)):
             if n > 0:
-                est = self.estimate(request_class(p, lookup=shape is not None and shape.lookup))
+                est = self.estimate(request_class(p, lookup=lookup_step and (looked_up is None or looked_up[i])))
                 if id(est) not in seen:
                     est.decay()
                     seen.add(id(est))

@@ -37,7 +37,7 @@ from ..model.kv_cache import KVCache, state_widths
 from ..model.loader import declared_dtype, load_decoder, read_model_config
 from ..params import Completion, SamplingParams, validate_prompts
 from ..sampling import row_key
-from .drafting import DraftPolicy, level_label
+from .drafting import DraftPolicy, DraftShape, level_label
 from .runner import ModelRunner, StepTokens
 from .scheduler import Scheduler
 from .sequence import GenerationStats, PromptGroup, Request, Sequence
@@ -314,11 +314,15 @@ class Engine:
     def _observe_decode(self, plan, result: StepTokens, seconds: float | None) -> None:
         """Feeds the drafting policy: the step's time (None: not a representative one) and each
         row's acceptance."""
+        looked_up = [bool(d) for d in plan.lookup] if plan.lookup is not None else [False] * len(plan.decode)
         self.drafting.observe_step([s.params for s in plan.decode], result.shape, result.accepted, result.offered,
-                                   plan.context, seconds)
-        for seq in plan.decode:
+                                   plan.context, seconds, looked_up)
+        for seq, lookup in zip(plan.decode, looked_up):
             levels = seq.request.stats.level_choices
-            label = level_label(plan.shape if seq.drafts else None, self.tidar.block_size)
+            shape = plan.shape if seq.drafts else None
+            if shape is not None and shape.lookup and not lookup:  # it verified the model's drafts
+                shape = DraftShape(shape.length, ())
+            label = level_label(shape, self.tidar.block_size)
             levels[label] = levels.get(label, 0) + 1
 
     def _record(self, result: StepTokens) -> list[Sequence]:

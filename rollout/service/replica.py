@@ -109,8 +109,10 @@ class GeneratorReplica:
                  self.engine.limits)
 
     # ------------------------------------------------------------------ the engine loop
-    def _call(self, fn, what: str):
-        """Runs fn() on the engine loop between steps; waits at most lock_timeout for it."""
+    def _call(self, fn, what: str, undo=None):
+        """Runs fn() on the engine loop between steps; waits at most lock_timeout for it. After a
+        timeout a command not yet started never runs; one already running (or done) is followed
+        by undo() on the loop, if given, since its caller will never use what it did."""
         if self._closing:
             raise RuntimeError(f"replica {self.name} is closed: {what} refused")
         done: Future = Future()
@@ -118,7 +120,8 @@ class GeneratorReplica:
         try:
             return done.result(timeout=self.lock_timeout)
         except FutureTimeout:
-            done.cancel()
+            if not done.cancel() and undo is not None:
+                self._commands.put((undo, Future()))
             raise TimeoutError(f"replica {self.name}: {what} waited {self.lock_timeout:.0f} s for the engine loop") from None
 
     def _run_loop(self) -> None:
@@ -253,7 +256,7 @@ class GeneratorReplica:
             self._streams[request_id] = stream
 
         deadline = time.monotonic() + timeout
-        self._call(add, f"request {request_id}")
+        self._call(add, f"request {request_id}", undo=lambda: self._drop_request(request_id, stream))
         while True:
             try:
                 message = stream.get(timeout=max(deadline - time.monotonic(), 0.0))
@@ -269,6 +272,12 @@ class GeneratorReplica:
             yield message
             if isinstance(message, RequestDone):
                 return
+
+    def _drop_request(self, request_id: str, stream: queue.Queue) -> None:
+        """On the loop: ends a request whose caller gave up before it was added (nobody reads it)."""
+        if self._streams.get(request_id) is stream:
+            self._streams.pop(request_id)
+            self.engine.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         """Ends the request at the next step boundary (its trajectories come back as abort)."""
@@ -340,6 +349,11 @@ class GeneratorReplica:
         done: Future = Future()
 
         def schedule() -> None:
+            pending = self._swap
+            if pending is not None and pending.done.set_running_or_notify_cancel():
+                # Its staged weights were replaced by this version's: it can never be applied.
+                pending.done.set_exception(RuntimeError(f"version {pending.version} was superseded by version "
+                                                        f"{version} before it was applied"))
             self._swap = _Swap(version, mode, done)
             if mode == "abort":
                 for rid in list(self.engine.scheduler.active):
@@ -347,7 +361,7 @@ class GeneratorReplica:
             elif mode == "wait":
                 self.engine.scheduler.admit_new = False
 
-        self._call(schedule, f"commit of version {version}")
+        self._call(schedule, f"commit of version {version}", undo=lambda: done.cancel())
         try:
             done.result(timeout=timeout)
         except FutureTimeout:
@@ -406,7 +420,8 @@ class GeneratorReplica:
                 self._abort_and_stream(rid)
             return len(started)
 
-        ended = self._call(apply, "pause")
+        # A caller told "timed out" believes nothing paused: an apply that ran anyway is lifted.
+        ended = self._call(apply, "pause", undo=lambda: setattr(self, "_paused_until", None))
         log.info("replica %s paused (%s, at most %.0f s; %d requests ended)", self.name, mode, timeout, ended)
         return ended
 

@@ -156,6 +156,10 @@ def stage_weights(model: Decoder, version: int, tensors: dict[str, torch.Tensor]
         verify_tensor(name, t, expected)
         check_dtype(name, t.dtype, params[name].dtype, dtype_policy)
         staged[name] = t.to(device=device, dtype=params[name].dtype)
+        if staged[name].untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            # .to() returned the caller's own tensor: an in-process caller editing it before the
+            # commit would change what is served. Staging owns a copy.
+            staged[name] = staged[name].clone()
         nbytes += t.numel() * t.element_size()
     return StagedWeights(version, staged, nbytes)
 
