@@ -171,19 +171,77 @@ def test_stop_string_keeps_whole_tokens_through_the_one_that_completes_it(client
     assert len(cut.policy_versions) == len(cut.token_ids)
 
 
-def test_stream_sends_each_choice_once_then_done(runner, client):
-    whole = complete(client, PROMPTS, n=2, max_tokens=8, seed=6)
-    chunks = list(complete(client, PROMPTS, n=2, max_tokens=8, seed=6, stream=True,
-                           stream_options=dict(include_usage=True)))
-    streamed = {c.index: c for chunk in chunks for c in chunk.choices}
-    assert sorted(streamed) == [0, 1, 2, 3] and sum(len(ch.choices) for ch in chunks) == 4
+def streamed_choices(chunks) -> dict:
+    """A stream's chunks by choice index, in order."""
+    out = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            out.setdefault(c.index, []).append(c)
+    return out
+
+
+def test_stream_sends_tokens_as_the_steps_make_them_and_adds_up_to_the_whole_response(runner, client):
+    kw = dict(n=2, max_tokens=16, seed=6, logprobs=1, extra_body=dict(ignore_eos=True))
+    whole = complete(client, PROMPTS, **kw)
+    chunks = list(complete(client, PROMPTS, stream=True, stream_options=dict(include_usage=True), **kw))
+    streamed = streamed_choices(chunks)
+    assert sorted(streamed) == [0, 1, 2, 3]
     for c in whole.choices:
-        assert streamed[c.index].token_ids == c.token_ids and streamed[c.index].text == c.text
-        assert streamed[c.index].prompt_token_ids == PROMPTS[c.index // 2]
+        parts = streamed[c.index]
+        assert len([p for p in parts if p.token_ids]) > 1, "one chunk for the whole choice: not streamed per step"
+        assert "".join(p.text for p in parts) == c.text
+        assert sum((p.token_ids for p in parts), []) == c.token_ids
+        assert sum((p.logprobs.token_logprobs for p in parts), []) == c.logprobs.token_logprobs
+        assert sum((p.policy_versions for p in parts), []) == c.policy_versions
+        assert [p.finish_reason for p in parts] == [None] * (len(parts) - 1) + [c.finish_reason]
+        assert parts[0].prompt_token_ids == PROMPTS[c.index // 2] and parts[1].prompt_token_ids is None
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     raw = httpx.post(url(runner, "/v1/completions"), json=dict(prompt=[2, 3], max_tokens=3, stream=True),
                      timeout=CALL_TIMEOUT).text
     assert raw.startswith("data: {") and raw.endswith("data: [DONE]\n\n")
+
+
+def test_openai_chat_stream_gets_content_as_it_is_made(client):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "bcd"}], max_tokens=16, seed=7,
+              extra_body=dict(ignore_eos=True))
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    assert deltas[0].role == "assistant" and all(d.role is None for d in deltas[1:])
+    assert len([d for d in deltas if d.content]) > 1
+    assert "".join(d.content or "" for d in deltas) == whole
+
+
+def test_a_streamed_stop_string_is_cut_where_the_whole_response_cuts_it(client):
+    full = complete(client, [PROMPTS[1]], max_tokens=16, seed=4, extra_body=dict(ignore_eos=True)).choices[0]
+    for stop in (full.text[5:7], full.text[9:10]):
+        kw = dict(max_tokens=16, seed=4, stop=[stop], extra_body=dict(ignore_eos=True))
+        whole = complete(client, [PROMPTS[1]], **kw).choices[0]
+        [parts] = streamed_choices(complete(client, [PROMPTS[1]], stream=True, **kw)).values()
+        assert "".join(p.text for p in parts) == whole.text and stop not in whole.text
+        assert sum((p.token_ids for p in parts), []) == whole.token_ids
+        assert parts[-1].finish_reason == "stop" and parts[-1].stop_reason == stop
+
+
+def test_grpc_stream_tokens_sends_partial_trajectories_per_step_then_the_whole(runner):
+    req = request(PROMPTS, max_tokens=16, n=2, seed=3)
+    req.stream_tokens = True
+    partial, final, messages = {}, {}, {}
+    for t in runner.stub().GenerateStream(req, timeout=CALL_TIMEOUT):
+        key = (t.prompt_index, t.sample_index)
+        if t.partial:
+            messages[key] = messages.get(key, 0) + 1
+            ids = partial.setdefault(key, [])
+            assert t.token_offset == len(ids) and t.finish_reason == pb.FINISH_REASON_UNSPECIFIED
+            ids += trajectory_arrays(t)["token_ids"].tolist()
+        else:
+            final[key] = trajectory_arrays(t)["token_ids"].tolist()
+    plain = runner.stub().Generate(request(PROMPTS, max_tokens=16, n=2, seed=3), timeout=CALL_TIMEOUT)
+    assert {(t.prompt_index, t.sample_index): trajectory_arrays(t)["token_ids"].tolist()
+            for t in plain.trajectories} == final
+    assert len(final) == 4 and max(messages.values()) > 1
+    for key, ids in partial.items():
+        assert final[key][:len(ids)] == ids and len(ids) < len(final[key])
 
 
 def test_chat_applies_the_template_and_returns_prompt_and_completion_ids(runner, client):

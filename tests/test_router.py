@@ -39,7 +39,7 @@ class FakeReplica:
         self.status = FakeMethod(lambda: done(dict(weight_version=0, ready=True)))
         self.abort = FakeMethod(lambda request_id: None)
 
-    def _generate(self, request_id, prompts, params, expected_version, timeout, rows=None):
+    def _generate(self, request_id, prompts, params, expected_version, timeout, rows=None, stream_tokens=False):
         self.calls.append((prompts, params, rows))
         rows = rows or [(i, list(range(params["n"]))) for i in range(len(prompts))]
         records = [Started(0.0, 0)]

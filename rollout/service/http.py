@@ -34,8 +34,8 @@ Design decisions:
   parsed, validated (`http_protocol.parse_body`), rendered and tokenized on worker threads, never
   on the loop that serves /health and gRPC. A request `chat_template` needs
   `trust_request_chat_template`; rendering is bounded either way (`tokenizer.RenderLimits`).
-- The router hands back a trajectory when it finishes, so a stream sends one chunk per finished
-  choice carrying all its tokens, not one chunk per token.
+- Streams send each engine step's committed tokens as they are made (`http_stream.py`), one
+  chunk per choice per step; the chunks of a choice concatenate to the whole response's choice.
 - Generation mutates nothing, so by default no generation route needs the bearer token; with
   `require_auth_for_generate` every route but /health does. Weight and pause routes always do
   (and are refused when the server has no token), checked before the body is read.
@@ -54,7 +54,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,8 @@ from ..tokenizer import RenderLimits, TemplateLimitError
 from .http_protocol import (UNSUPPORTED, Body, ChatRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
                             SamplingFields, TokenizeRequest, check_message, check_seconds, json_object,
                             parse_body)
+from .http_stream import Choice, StreamedChoices, record_arrays
+from .messages import Tokens
 from .metrics import FrontendMetrics
 from .router import DeadlineExceededError, NoReplicaError, QueueFullError, Routed, Router
 from .servicer import bearer_matches, max_context, validate_request
@@ -79,7 +81,6 @@ from .updates import UnknownUpdateError, WeightUpdates, read_bucket
 
 log = logging.getLogger(__name__)
 MAX_CONTROL_BODY = 1 << 20  # bytes of a weight / pause route's JSON body
-MIN_LOGPROB = -9999.0  # what JSON responses say for log-prob -inf (vLLM's value)
 # A generation route's body: at most BODY_BYTES_PER_TOKEN per prompt token the KV pool could take
 # (slots x max_model_len; an id is at most 7 digits and a separator, a text token a few characters,
 # \uXXXX escapes included), plus BODY_OVERHEAD for the other fields.
@@ -116,20 +117,6 @@ class Job:
     include_stop_str: bool
     skip_special: bool
     include_usage: bool = False  # streaming: a last chunk with the usage
-
-
-@dataclass
-class Choice:
-    """A finished trajectory after stop strings, in the caller's numbering."""
-    index: int
-    prompt_index: int
-    token_ids: list[int]
-    logprobs: list[float]
-    extras: dict = field(default_factory=dict)   # policy_versions, from_draft, behavior_logprobs
-    top: list[list[tuple[int, float]]] = field(default_factory=list)  # per token: top-N (id, log-prob)
-    finish_reason: str = "length"
-    stop_reason: int | str | None = None
-    text: str = ""
 
 
 class HttpFrontend:
@@ -225,15 +212,9 @@ class HttpFrontend:
                 yield choice
 
     def _choice(self, r: dict, job: Job) -> Choice:
-        tokens = r["token_ids"].tolist()
         c = Choice(index=r["prompt_index"] * job.params.n + r["sample_index"], prompt_index=r["prompt_index"],
-                   token_ids=tokens, logprobs=json_logprobs(r["logprobs"]), finish_reason=r["finish_reason"],
-                   extras=dict(policy_versions=r["policy_versions"].tolist(),
-                               from_draft=r["from_draft"].astype(bool).tolist(),
-                               behavior_logprobs=json_logprobs(r["behavior_logprobs"])))
-        top = r.get("top_token_ids")
-        if top is not None and top.size:
-            c.top = [list(zip(ids, lps)) for ids, lps in zip(top.tolist(), json_logprobs(r["top_logprobs"]))]
+                   finish_reason=r["finish_reason"], **record_arrays(r))
+        tokens = c.token_ids
         if c.finish_reason == "stop" and tokens and tokens[-1] in job.user_stop_ids:
             c.stop_reason = tokens[-1]
         if self.tokenizer is None:
@@ -268,11 +249,27 @@ class HttpFrontend:
         self._count(route, 200)
         return JSONResponse(body(choices, _usage(job, choices)))
 
+    async def _chunks(self, job: Job) -> AsyncIterator[Choice]:
+        """A streamed request's chunks as the steps make its tokens (see http_stream.py)."""
+        decode = (lambda ids: self.tokenizer.decode(ids, job.skip_special)) if self.tokenizer is not None else None
+        streams = StreamedChoices(job.params.n, decode, job.stops)
+        async for event in self.router.generate(job.prompts, job.params, job.deadline, stream_tokens=True):
+            if isinstance(event, Tokens):
+                for r in event.records:
+                    chunk = streams.delta(r)
+                    if chunk is not None:
+                        yield chunk
+            elif isinstance(event, Routed):
+                choice = self._choice(event.record, job)
+                self.metrics.tokens.inc(len(choice.token_ids))
+                yield streams.final(choice)
+
     async def _stream(self, request: Request, route: str, job: Job, body) -> Response:
-        """SSE: one `data:` line per finished choice (`body([choice], None)`, the first one with
-        `first=True`), a usage chunk when asked, then `data: [DONE]`. The first choice is awaited
-        before answering, so refusals (429, 504, ...) keep their HTTP status."""
-        choices = self._choices(job)
+        """SSE: one `data:` line per chunk (`body([chunk], None)`, the first one with `first=True`):
+        each step's new tokens of a choice, its last chunk with the finish reason; a usage chunk
+        when asked, then `data: [DONE]`. The first chunk is awaited before answering, so refusals
+        (429, 504, ...) keep their HTTP status."""
+        choices = self._chunks(job)
 
         async def next_choice():
             with contextlib.suppress(StopAsyncIteration):
@@ -371,8 +368,9 @@ class HttpFrontend:
             def choice_json(c: Choice) -> dict:
                 out = dict(index=c.index, text=c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                            logprobs=self._completion_logprobs(c, as_ids) if body.logprobs is not None else None)
-                if body.return_token_ids:  # a streamed choice comes in one chunk, so it carries them too
-                    out.update(prompt_token_ids=job.prompts[c.prompt_index], token_ids=c.token_ids)
+                if body.return_token_ids:  # streamed: the prompt's ids in the choice's first chunk
+                    out.update(prompt_token_ids=job.prompts[c.prompt_index] if c.opening else None,
+                               token_ids=c.token_ids)
                 return dict(out, **c.extras)
 
             def response(choices: list[Choice], usage: dict | None, first: bool = True) -> dict:
@@ -398,7 +396,8 @@ class HttpFrontend:
             key = "delta" if body.stream else "message"
 
             def choice_json(c: Choice) -> dict:
-                out = {"index": c.index, key: {"role": "assistant", "content": c.text},
+                message = {"role": "assistant", "content": c.text} if c.opening else {"content": c.text}
+                out = {"index": c.index, key: message,
                        "logprobs": self._chat_logprobs(c, as_ids) if body.logprobs else None,
                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                 if body.return_token_ids:
@@ -667,14 +666,6 @@ def _cut_at_stop(tokens: list[int], stops: list[str], decode) -> tuple[int, int,
         else:
             lo = mid + 1
     return lo, at, stop
-
-
-def json_logprobs(logprobs: np.ndarray) -> list:
-    """Log-probs as JSON can carry them: probability zero (-inf, from top-k / top-p / min-p or a
-    token the target policy excludes) becomes vLLM's -9999.0, and so would anything non-finite.
-    Every log-prob an HTTP response holds passes through here."""
-    return np.nan_to_num(np.asarray(logprobs, dtype=np.float64), nan=MIN_LOGPROB, neginf=MIN_LOGPROB,
-                         posinf=0.0).clip(MIN_LOGPROB, None).tolist()
 
 
 def _usage(job: Job, choices: list[Choice]) -> dict:

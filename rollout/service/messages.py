@@ -1,6 +1,7 @@
 """What a replica streams to the router for one request, as small typed messages (Ray pickles
 them). In order: `Stale` alone, or `Started`, then `Finished` for each engine step that
-finished some of its trajectories, then `RequestDone` (or `Failed`)."""
+finished some of its trajectories (and, for a request that streams tokens, `Tokens` between
+them), then `RequestDone` (or `Failed`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ class Started:
 class Finished:
     """Trajectories that finished in one engine step, as wire records (`wire.completion_to_record`)
     with `first_token_at` and `finished_at` wall-clock times."""
+    records: list[dict]
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """Tokens committed since the last Tokens message, per unfinished trajectory that has new
+    ones: wire records of just those tokens, plus `start` (how many of the trajectory's tokens
+    came before them). A trajectory's last tokens come in its Finished record, which holds all
+    of them; deltas never carry the token that ended it."""
     records: list[dict]
 
 

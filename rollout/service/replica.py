@@ -10,7 +10,11 @@ Design decisions:
   its lifetime, so requests share every forward (continuous batching).
 - `generate` is a Ray streaming generator over the request's own message queue (`messages.py`):
   Started, then Finished per step that finished some of its trajectories, then RequestDone
-  with its own stats. Abort ends the request at the next step boundary; its trajectories come
+  with its own stats. With `stream_tokens`, also Tokens: each step's committed tokens of its
+  unfinished trajectories. The loop never queues more than one Tokens wake-up per request:
+  tokens committed while the request's thread has not taken the last ones are merged into
+  them (`TokenDeltas`), so a slow consumer costs the request's own tokens, never a message per
+  step without bound. Abort ends the request at the next step boundary; its trajectories come
   back with finish reason abort and the tokens they had.
 - Weight updates are two-phase (`weights.py`): `stage_weights` verifies and prepares;
   `commit_weights` is a command the loop applies between steps, in one of three modes:
@@ -49,7 +53,8 @@ from ..engine.engine import Engine, StepOutput
 from ..engine.sequence import Request, Sequence
 from ..params import SamplingParams
 from ..wire import completion_to_record, dtype_name, tensor_checksum, weights_fingerprint
-from .messages import Failed, Finished, RequestDone, Stale, Started
+from ..params import Completion
+from .messages import Failed, Finished, RequestDone, Stale, Started, Tokens
 from .metrics import ReplicaMetrics
 from .weight_group import broadcast, make_weight_group
 from .weights import (StagedWeights, WeightMismatchError, check_swap_mode, read_weights_from_disk,
@@ -90,6 +95,7 @@ class GeneratorReplica:
         self.lock_timeout = lock_timeout  # the longest any caller waits for the engine loop or a stream
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, queue.Queue] = {}
+        self._token_deltas: dict[str, TokenDeltas] = {}  # requests that stream their tokens per step
         self._first_token_at: dict[str, float] = {}
         self._staged: StagedWeights | None = None
         self._swap: _Swap | None = None
@@ -182,6 +188,7 @@ class GeneratorReplica:
         for rid in list(self.engine.requests):
             self.engine.abort(rid)
             stream = self._streams.pop(rid, None)
+            self._token_deltas.pop(rid, None)
             if stream is not None:
                 stream.put(Failed(error))
 
@@ -213,6 +220,10 @@ class GeneratorReplica:
             by_request.setdefault(seq.request.request_id, []).append(seq)
         for rid, seqs in by_request.items():
             self._send_finished(seqs[0].request, seqs, now)
+        for rid, deltas in self._token_deltas.items():
+            request = self.engine.requests.get(rid)
+            if request is not None:
+                deltas.add(request.sequences)
 
     def _send_finished(self, request: Request, seqs: list[Sequence], now: float) -> None:
         """Streams finished sequences (`now`: perf_counter time) and, once the request is done,
@@ -231,21 +242,25 @@ class GeneratorReplica:
             if stream is not None:
                 stream.put(RequestDone(s.tokens_per_forward, s.acceptance_by_position, s.generated_tokens))
             self._streams.pop(request.request_id, None)
+            self._token_deltas.pop(request.request_id, None)
 
     # ------------------------------------------------------------------ requests
     def generate(self, request_id: str, prompts: list[list[int]], params: dict, expected_version: int,
-                 timeout: float = 600.0, rows: list[tuple[int, list[int]]] | None = None):
+                 timeout: float = 600.0, rows: list[tuple[int, list[int]]] | None = None,
+                 stream_tokens: bool = False):
         """Yields the request's messages (see `messages.py`). If this replica serves an older
         version than `expected_version` (Ray restarted it on the base weights), it yields only
         Stale and generates nothing. Bad input raises ValueError; a full queue LoadError; a
         request_id already in use ValueError (the request using it goes on untouched).
         After `timeout` seconds (the caller's deadline) the request is aborted: TimeoutError.
-        `rows`: the caller's (prompt index, sample indices) per prompt (Engine.add_request)."""
+        `rows`: the caller's (prompt index, sample indices) per prompt (Engine.add_request).
+        `stream_tokens`: also Tokens messages, as the steps commit tokens."""
         if self.engine.weight_version < expected_version:
             yield Stale(self.engine.weight_version)
             return
         sampling = SamplingParams(**params)
         stream: queue.Queue = queue.Queue()
+        deltas = TokenDeltas(stream)
 
         def add() -> None:
             # Checked before anything is registered: the stream under this id is another caller's.
@@ -254,6 +269,8 @@ class GeneratorReplica:
             self.engine.check_capacity(len(prompts), sampling.n)
             self.engine.add_request(prompts, sampling, request_id, rows)
             self._streams[request_id] = stream
+            if stream_tokens:
+                self._token_deltas[request_id] = deltas
 
         deadline = time.monotonic() + timeout
         self._call(add, f"request {request_id}", undo=lambda: self._drop_request(request_id, stream))
@@ -269,6 +286,8 @@ class GeneratorReplica:
                 continue
             if isinstance(message, Failed):
                 raise RuntimeError(f"replica {self.name}: {message.error}")
+            if message is TOKENS_READY:
+                message = deltas.take()
             yield message
             if isinstance(message, RequestDone):
                 return
@@ -479,6 +498,51 @@ class GeneratorReplica:
         """Stage + commit in one call (a restarted replica catching up to the current version)."""
         self.stage_weights(version, tensors)
         return self.commit_weights(version, "wait")
+
+
+TOKENS_READY = object()  # on a request's queue: TokenDeltas holds tokens to take
+
+
+class TokenDeltas:
+    """The tokens one request's unfinished trajectories committed and its stream has not sent
+    yet. The engine loop adds after each step (`add`) and puts one TOKENS_READY on the request's
+    queue if none is waiting; the request's thread `take`s everything pending at once. Pending
+    is kept as token ranges of the sequences; the lists they index are only ever appended to,
+    and a range ends where a finished step left them, so the request's thread reads a complete
+    slice while the loop goes on appending."""
+
+    def __init__(self, stream: queue.Queue):
+        self.stream = stream
+        self.sent: dict[tuple[int, int], int] = {}  # (prompt, sample) -> tokens handed on
+        self.pending: dict[tuple[int, int], tuple[Completion, int, int]] = {}
+        self.lock = threading.Lock()
+
+    def add(self, seqs: list[Sequence]) -> None:
+        with self.lock:
+            flagged = bool(self.pending)
+            for seq in seqs:
+                c = seq.out
+                key = (c.prompt_index, c.sample_index)
+                if seq.finished or len(c.token_ids) <= self.sent.get(key, 0):
+                    continue
+                start = self.pending[key][1] if key in self.pending else self.sent.get(key, 0)
+                self.pending[key] = (c, start, len(c.token_ids))
+                self.sent[key] = len(c.token_ids)
+            if self.pending and not flagged:
+                self.stream.put(TOKENS_READY)
+
+    def take(self) -> Tokens:
+        with self.lock:
+            pending, self.pending = self.pending, {}
+        records = []
+        for c, start, end in pending.values():
+            part = Completion(c.prompt_index, c.sample_index, token_ids=c.token_ids[start:end],
+                              logprobs=c.logprobs[start:end], behavior_logprobs=c.behavior_logprobs[start:end],
+                              from_draft=c.from_draft[start:end], policy_versions=c.policy_versions[start:end],
+                              num_forward_passes=c.num_forward_passes, top_token_ids=c.top_token_ids[start:end],
+                              top_logprobs=c.top_logprobs[start:end])
+            records.append(dict(completion_to_record(part), start=start, finish_reason=""))
+        return Tokens(records)
 
 
 def _actor_restarts() -> int:

@@ -49,7 +49,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from ..params import SamplingParams
 from ..engine.engine import EngineLimits
-from .messages import Finished, RequestDone, Stale, Started
+from .messages import Finished, RequestDone, Stale, Started, Tokens
 from .metrics import FrontendMetrics
 from .replica import check_pause
 from .weights import check_swap_mode
@@ -156,11 +156,14 @@ class Router:
         return "", ""
 
     # ------------------------------------------------------------------ generation
-    async def generate(self, prompts: list[list[int]], params: SamplingParams, deadline: float | None = None
-                       ) -> AsyncIterator[Routed | Started | RequestDone]:
+    async def generate(self, prompts: list[list[int]], params: SamplingParams, deadline: float | None = None,
+                       stream_tokens: bool = False) -> AsyncIterator[Routed | Started | RequestDone | Tokens]:
         """Yields a Routed per trajectory (with the caller's prompt/sample indices); before the
         first trajectory of a replica run its Started, and after its last its RequestDone
-        (per-request stats). `deadline` is a time.monotonic() value."""
+        (per-request stats). `deadline` is a time.monotonic() value. `stream_tokens`: also the
+        replicas' Tokens (each step's new tokens, the caller's indices); after a replica failure
+        the re-dispatched samples start again, so a consumer checks its deltas against the
+        final trajectory."""
         if not self.replicas:
             raise NoReplicaError("no generator replica has been placed yet")
         self._admit()
@@ -175,7 +178,7 @@ class Router:
                 missing = {(p, s) for p, samples in zip(sub.prompt_indices, sub.sample_indices) for s in samples}
                 replica = self._pick(avoid=failed)
                 try:
-                    async for event in self._run_on_replica(replica, sub, prompts, params, deadline):
+                    async for event in self._run_on_replica(replica, sub, prompts, params, deadline, stream_tokens):
                         if isinstance(event, Routed):
                             missing.discard((event.record["prompt_index"], event.record["sample_index"]))
                         yield event
@@ -214,7 +217,7 @@ class Router:
         return min(order, key=lambda r: (r.name in avoid, r.outstanding_tokens, r.running))
 
     async def _run_on_replica(self, replica: ReplicaSlot, sub: SubRequest, prompts, params: SamplingParams,
-                              deadline: float):
+                              deadline: float, stream_tokens: bool = False):
         n = len(sub.sample_indices[0])
         sub_prompts = [prompts[i] for i in sub.prompt_indices]
         cost = sum(len(p) + params.max_tokens for p in sub_prompts) * n
@@ -230,7 +233,7 @@ class Router:
                 sub_params = dict(_params_dict(params), n=n)
                 rows = [(p, samples) for p, samples in zip(sub.prompt_indices, sub.sample_indices)]
                 gen = replica.actor.generate.remote(request_id, sub_prompts, sub_params, self.version,
-                                                   _left(deadline), rows)
+                                                   _left(deadline), rows, stream_tokens)
                 stale = False
                 async for message in _records(gen, deadline):
                     if isinstance(message, Stale):
@@ -245,7 +248,7 @@ class Router:
                     elif isinstance(message, Finished):
                         for r in message.records:  # the caller's indices already (the rows sent)
                             yield Routed(r, replica.name)
-                    elif isinstance(message, RequestDone):
+                    elif isinstance(message, (RequestDone, Tokens)):
                         yield message
                 if not stale:
                     return

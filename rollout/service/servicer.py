@@ -37,7 +37,7 @@ from ..wire import WeightAssembler, chunk_update_id, params_from_proto, record_t
 from .metrics import FrontendMetrics
 from ..engine.engine import LoadError, check_request_size
 from ..model.decoder import Decoder
-from .messages import RequestDone, Started
+from .messages import RequestDone, Started, Tokens
 from .router import REPLICA_FAILURES, DeadlineExceededError, NoReplicaError, QueueFullError, Router
 from .updates import UnknownUpdateError, WeightUpdates
 
@@ -126,15 +126,22 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             deadline = own if deadline is None else min(deadline, own)
         return prompts, params, deadline
 
-    async def _trajectories(self, request, context):
+    async def _trajectories(self, request, context, stream_tokens: bool = False):
+        """Finished trajectories; with `stream_tokens` also partial ones (each step's new tokens)."""
         accepted = time.time()
         prompts, params, deadline = self._parse(request, context)
         if request.min_policy_version > self.router.version:
             await self.router.wait_for_version(request.min_policy_version,
                                                deadline or time.monotonic() + self.router.request_timeout)
         started = accepted
-        async for event in self.router.generate(prompts, params, deadline):
-            if isinstance(event, Started):
+        async for event in self.router.generate(prompts, params, deadline, stream_tokens):
+            if isinstance(event, Tokens):
+                for record in event.records:
+                    # Built as a finished one, then marked partial: it has no finish reason yet.
+                    t = record_to_trajectory(dict(record, finish_reason="abort"), request.group_id, "", {})
+                    t.finish_reason, t.partial, t.token_offset = pb.FINISH_REASON_UNSPECIFIED, True, record["start"]
+                    yield t
+            elif isinstance(event, Started):
                 started = event.at
             elif isinstance(event, RequestDone):
                 self.metrics.tokens_per_forward.set(event.tokens_per_forward)
@@ -172,7 +179,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
     async def GenerateStream(self, request, context):
         await self._check_read_access(context, "GenerateStream")
         try:
-            async for t in self._trajectories(request, context):
+            async for t in self._trajectories(request, context, request.stream_tokens):
                 yield t
         except asyncio.CancelledError:
             self.metrics.requests.labels("GenerateStream", "CANCELLED").inc()
