@@ -201,14 +201,28 @@ def read_json(path: Path) -> dict:
         raise UnsupportedModelError(f"{path} is not valid JSON: {e}") from None
 
 
+# config.json keys read for the TiDAR settings when neither tidar_config.json nor a "tidar"
+# entry exists, first match wins.
+CONFIG_ALIASES = {
+    "mask_token_id": ("mask_token_id", "diffusion_mask_token_id", "mask_id"),
+    "block_size": ("block_size", "diffusion_block_size", "block_length", "diffusion_block_length"),
+}
+
+
 def load_tidar_config(model_dir: Path, hf_cfg: dict, mask_token_id: int | None,
                       block_size: int | None, levels: tuple[int, ...] | None = None) -> TidarConfig:
-    """TiDAR settings from `tidar_config.json` (or config.json's "tidar" entry); arguments override."""
+    """TiDAR settings from `tidar_config.json` (or config.json's "tidar" entry, or its top-level
+    keys in `CONFIG_ALIASES`); arguments override."""
     stored: dict = {}
     if (model_dir / TIDAR_CONFIG_FILE).exists():
         stored = read_json(model_dir / TIDAR_CONFIG_FILE)
     elif isinstance(hf_cfg.get("tidar"), dict):
         stored = hf_cfg["tidar"]
+    else:
+        # A converted checkpoint may name the settings at config.json's top level (ZAYA1-8B-
+        # Diffusion-Preview's layout is not public: these names are assumptions).
+        stored = {name: hf_cfg[key] for name, keys in CONFIG_ALIASES.items()
+                  for key in reversed(keys) if hf_cfg.get(key) is not None}
     mask = mask_token_id if mask_token_id is not None else stored.get("mask_token_id")
     block = block_size if block_size is not None else stored.get("block_size")
     if mask is None:

@@ -266,3 +266,62 @@ def test_wrong_residual_is_detected(zaya8_dir, monkeypatch):
     params = SamplingParams(sampler="lossless", max_tokens=3, n=NUM_SAMPLES, seed=11)
     p = chi_square_pvalue(sample_counts(zaya8_dir, params), exact_zaya_distribution(zaya8_dir))
     assert p < 1e-8, f"the wrong sampler was not detected (p = {p:.2e}): the test has no power"
+
+
+# ------------------------------------------------------------------ stage 4: conversion
+def test_training_sequence_tokens_read_their_training_paths(engine, hf):
+    """The doubled training sequence [x | MASK * S] with the training visibility: clean tokens
+    get HF's causal logits; block b's mask tokens get HF's logits over x_<bB then their block
+    (the convolutions and the delayed value follow the training visibility too)."""
+    from rollout.step_layout import training_visible
+    from rollout.train.objective import training_inputs
+
+    x, k = list(range(5, 17)), 4
+    S = len(x)
+    ids, positions = training_inputs(torch.tensor([x]), MASK)
+    with torch.no_grad():
+        logits = engine.model.logits(engine.model(ids, SequenceBatch(positions, training_visible(S, k)), None))[0]
+    assert (logits[:S] - hf_logits(hf, x)).abs().max().item() <= 1e-4
+    for b in range(S // k):
+        ref = hf_block_logits(hf, x[:b * k], [MASK] * k)
+        assert (logits[S + b * k:S + (b + 1) * k] - ref).abs().max().item() <= 1e-4, b
+
+
+def test_convert_trains_a_zaya_base(tmp_path):
+    """Three conversion steps on a tiny ZAYA with a tokenizer: the result loads in the engine and
+    in transformers (same logits) and the loss was finite."""
+    from rollout.train.convert import convert, train_tokenizer
+
+    texts = [f"def f{i}(a, b):\n    return a * {i} + b\n" * 3 for i in range(60)]
+    base = make_tiny_zaya(tmp_path / "base", vocab_size=300)
+    (base / TIDAR_CONFIG_FILE).unlink()
+    train_tokenizer(iter(texts), 300).save_pretrained(base)
+    corpus = tmp_path / "data.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    metrics = convert(base, corpus, tmp_path / "out", steps=3, batch_size=2, seq_len=16, lr=1e-3, warmup=1,
+                      block_size=4, seed=0, device="cpu")
+    final = metrics["conversion"]["final"]
+    assert metrics["conversion"]["steps"] == 3 and all(torch.isfinite(torch.tensor(float(final[key])))
+                                                       for key in ("loss", "ar", "diff"))
+    converted = Engine.from_pretrained(tmp_path / "out")
+    mask = converted.tidar.mask_token_id
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").convert_ids_to_tokens(mask) == "<|mask|>"
+    hf_converted = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = [5, 9, 77, 3, 120, 8]
+    assert (converted.forward_logits([ids])[0] - hf_logits(hf_converted, ids)).abs().max().item() <= 1e-4
+    out = converted.generate([ids], SamplingParams(max_tokens=6, seed=0))[0][0]
+    assert len(out.token_ids) == 6 and mask not in out.token_ids
+
+
+def test_tidar_settings_are_read_under_other_config_names(tmp_path):
+    """A converted checkpoint naming its mask token and block length at config.json's top level
+    (assumed names; ZAYA1-8B-Diffusion-Preview's layout is not public) loads without
+    tidar_config.json."""
+    from rollout.config import load_tidar_config
+
+    tidar = load_tidar_config(tmp_path, {"model_type": "zaya", "diffusion_mask_token_id": 9, "block_length": 16},
+                              None, None)
+    assert (tidar.mask_token_id, tidar.block_size) == (9, 16)
+    tidar = load_tidar_config(tmp_path, {"mask_token_id": 3, "diffusion_mask_token_id": 9, "block_size": 8},
+                              None, 4)
+    assert (tidar.mask_token_id, tidar.block_size) == (3, 4)

@@ -177,10 +177,12 @@ def lag_sources(positions: torch.Tensor, visible: torch.Tensor, P: int) -> Lags:
         in_step = torch.zeros(B, 1, P, dtype=torch.bool, device=positions.device)
         index = torch.zeros(B, 1, P, dtype=torch.long, device=positions.device)
     else:
-        # [B, T, P, T]: key u sits at the wanted position and t sees it
-        match = (positions[:, None, None, :] == wanted[..., None]) & visible[:, :, None, :]
-        in_step = match.any(-1)
-        index = match.to(torch.uint8).argmax(-1)
+        in_step, index = [], []
+        for i in range(P):  # one [B, T, T] match per lag (a training sequence's T is long)
+            match = (positions[:, None, :] == wanted[:, :, i, None]) & visible  # key u sits there, t sees it
+            in_step.append(match.any(-1))
+            index.append(match.to(torch.uint8).argmax(-1))
+        in_step, index = torch.stack(in_step, -1), torch.stack(index, -1)
     return Lags(index, in_step, wanted.clamp(min=0), wanted < 0)
 
 
@@ -493,6 +495,7 @@ class ZayaDecoder(nn.Module):
         self.input_major = False
 
     graph_capturable = False  # the expert grouping reads token counts on the host
+    dense_masks = True  # whole sequences: its convolutions follow the mask, read densely
 
     @property
     def attention_paths(self) -> tuple[str, ...]:
@@ -523,7 +526,7 @@ class ZayaDecoder(nn.Module):
         x = stack.embed_tokens(input_ids)
         rope = {t: rotary_cos_sin(batch.positions, getattr(self, f"inv_freq_{t}"), 1.0, x.dtype)
                 for t in self.layer_types}
-        lags = lag_sources(batch.positions, _visibility(batch, input_ids.shape), self.config.path_context)
+        lags = _lags(batch, input_ids.shape, self.config.path_context)
         residual = ((x + stack.input_hidden_states_bias) * stack.input_hidden_states_scale).float()
         router_state = None
         for layer, kind in zip(stack.layers, self.config.layer_types):
@@ -574,11 +577,16 @@ class ZayaDecoder(nn.Module):
         return shapes
 
 
-def _visibility(batch: StepBatch | SequenceBatch, shape: torch.Size) -> torch.Tensor:
-    """The step's in-step visibility [B, T, T] as a dense bool tensor."""
+def _lags(batch: StepBatch | SequenceBatch, shape: torch.Size, P: int) -> Lags:
+    """`lag_sources` of a forward's batch; computed once for all rows when they share their
+    positions and visibility (a training batch: positions expanded, one 2-D mask)."""
     B, T = shape
     if isinstance(batch, StepBatch):
-        return batch.step_visible.expand(B, T, T)
-    if not isinstance(batch.mask, torch.Tensor):
+        return lag_sources(batch.positions, batch.step_visible.expand(B, T, T), P)
+    mask = batch.mask
+    if not isinstance(mask, torch.Tensor):
         raise ValueError("ZAYA needs a dense attention mask for whole sequences (its convolutions follow it)")
-    return batch.mask.expand(B, T, T) if batch.mask.dim() == 3 else batch.mask[None].expand(B, T, T)
+    if mask.dim() == 2 and batch.positions.stride(0) == 0:
+        one = lag_sources(batch.positions[:1], mask[None], P)
+        return Lags(*(t.expand(B, T, P) for t in (one.index, one.in_step, one.cache_pos, one.before_start)))
+    return lag_sources(batch.positions, mask.expand(B, T, T) if mask.dim() == 3 else mask[None].expand(B, T, T), P)

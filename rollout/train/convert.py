@@ -121,7 +121,7 @@ def resize_vocab(model: Decoder, vocab_size: int) -> Decoder:
     cfg = dataclasses.replace(model.config, vocab_size=vocab_size)
     device = model.lm_head.weight.device
     with torch.device(device):
-        new = Decoder(cfg)
+        new = type(model)(cfg)  # the model's family
     state = model.state_dict()
     with torch.no_grad():
         for name in ("model.embed_tokens.weight", "lm_head.weight"):

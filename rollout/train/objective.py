@@ -59,10 +59,11 @@ def training_labels(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((ar, x), dim=1)
 
 
-def training_mask(seq_len: int, block_size: int, device: torch.device | str):
-    """The attention mask of the doubled sequence: a BlockMask on CUDA, dense bool elsewhere."""
+def training_mask(seq_len: int, block_size: int, device: torch.device | str, dense: bool = False):
+    """The attention mask of the doubled sequence: a BlockMask on CUDA, dense bool elsewhere or
+    when `dense` (`needs_dense_mask`)."""
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and not dense:
         return training_block_mask(seq_len, block_size, device)
     return training_visible(seq_len, block_size).to(device)
 
@@ -78,12 +79,19 @@ def training_block_mask(seq_len: int, block_size: int, device: torch.device):
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=2 * seq_len, KV_LEN=2 * seq_len, device=device)
 
 
-def causal_mask(seq_len: int, device: torch.device | str):
-    """Plain causal mask for AR training / evaluation (BlockMask on CUDA, dense elsewhere)."""
+def causal_mask(seq_len: int, device: torch.device | str, dense: bool = False):
+    """Plain causal mask for AR training / evaluation (BlockMask on CUDA, dense elsewhere or
+    when `dense`)."""
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and not dense:
         return _causal_block_mask(seq_len, device)
     return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+
+
+def needs_dense_mask(model: nn.Module) -> bool:
+    """Whether a model reads its whole-sequence mask densely: ZAYA's convolutions and delayed
+    value follow the mask's visibility (`model/zaya.py`), which a BlockMask does not expose."""
+    return bool(getattr(model, "dense_masks", False))
 
 
 @lru_cache(maxsize=8)
@@ -166,7 +174,7 @@ class HybridLoss(nn.Module):
         if not 0 <= ar_rows <= B:
             raise ValueError(f"ar_rows must be in [0, {B}], got {ar_rows}")
         ids, positions = training_inputs(x, self.mask_token_id)
-        mask = training_mask(S, self.block_size, x.device)
+        mask = training_mask(S, self.block_size, x.device, needs_dense_mask(self.model))
         hidden = self.model(ids, SequenceBatch(positions, mask), None)  # [B, 2S, H]
         labels = training_labels(x)
         ce_ar = hidden.new_zeros((), dtype=torch.float32)
@@ -191,7 +199,7 @@ class CausalLoss(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S = x.shape
         positions = torch.arange(S, device=x.device)[None].expand(B, S)
-        hidden = self.model(x, SequenceBatch(positions, causal_mask(S, x.device)), None)
+        hidden = self.model(x, SequenceBatch(positions, causal_mask(S, x.device, needs_dense_mask(self.model))), None)
         labels = torch.cat((x[:, 1:], torch.full_like(x[:, :1], IGNORE)), dim=1)
         return cross_entropy_sum(self.model, hidden, labels) / (B * (S - 1))
 
