@@ -19,6 +19,7 @@ weights the service started with, and `pause` / `resume` hold generation around 
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Iterable, Mapping
@@ -34,8 +35,12 @@ from rollout.wire import WEIGHT_CHUNK_BYTES, dtype_name, tensor_checksum, weight
 
 from .client import RolloutClient
 
+log = logging.getLogger(__name__)
 TRANSPORTS = ("grpc", "broadcast")
 BUCKET_BYTES = 256 << 20
+
+
+RESTART_RETRY_SECONDS = 120.0  # how long a push refused because a replica is restarting is retried
 
 
 @dataclass
@@ -44,6 +49,10 @@ class PushResult:
     num_tensors: int
     num_bytes: int
     seconds: float
+    # Tries refused with UNAVAILABLE because a replica was restarting (each changed nothing)
+    # before this one went through; the last refusal's message.
+    retries: int = 0
+    retried_because: str = ""
 
     @property
     def gb_per_s(self) -> float:
@@ -63,17 +72,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def restarting(e: BaseException) -> bool:
+    """A push the service refused, changing nothing, because a replica is restarting: worth
+    sending again once Ray has brought it back."""
+    return (isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.UNAVAILABLE
+            and "restarting" in (e.details() or ""))
+
+
 class WeightSync:
+    """Pushes a trainer's weights (see the module docstring). A push refused with UNAVAILABLE
+    because a replica is restarting (nothing changed) is sent again by itself, with backoff, for
+    up to `restart_retry_seconds`; the result says how often (`PushResult.retries`)."""
+
     def __init__(self, client: RolloutClient, transport: str = "grpc", *, chunk_bytes: int = WEIGHT_CHUNK_BYTES,
                  timeout: float = 600.0, master_address: str | None = None, master_port: int | None = None,
-                 backend: str = ""):
+                 backend: str = "", restart_retry_seconds: float = RESTART_RETRY_SECONDS):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         if client.token is None:
             raise ValueError("weight pushes need the service's bearer token: RolloutClient(address, token=...)")
         self.client, self.transport, self.chunk_bytes, self.timeout = client, transport, chunk_bytes, timeout
         self.master_address, self.master_port, self.backend = master_address, master_port, backend
+        self.restart_retry_seconds = restart_retry_seconds
         self._group = None
+
+    def _retrying(self, send) -> PushResult:
+        """send() -> PushResult, sent again while the service refuses it because a replica is
+        restarting, until `restart_retry_seconds` have passed (then the refusal is raised)."""
+        started, retries, delay = time.monotonic(), 0, 0.5
+        while True:
+            try:
+                result = send()
+            except grpc.RpcError as e:
+                left = started + self.restart_retry_seconds - time.monotonic()
+                if not restarting(e) or left <= 0:
+                    raise
+                retries, reason = retries + 1, e.details()
+                log.warning("weight push refused (%s); trying again in %.1f s", reason, min(delay, left))
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 5.0)
+                continue
+            if retries:
+                result.retries, result.retried_because = retries, reason
+                result.seconds = time.monotonic() - started
+            return result
 
     def push(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
              mode: str = "wait") -> PushResult:
@@ -81,14 +123,18 @@ class WeightSync:
         (drain first), "abort" (return partial trajectories) or "keep" (continue on the new
         weights, tokens tagged with the version that sampled them)."""
         items = list(weights.items() if isinstance(weights, Mapping) else weights)
-        started = time.perf_counter()
-        if self.transport == "grpc":
-            resp = self.client.stub.UpdateWeights(
-                weight_chunks(items, version=0, num_tensors=len(items), chunk_bytes=self.chunk_bytes, mode=mode),
-                timeout=self.timeout, metadata=self.client.auth_metadata)
-        else:
-            resp = self._push_broadcast(items, mode)
-        return PushResult(resp.version, resp.num_tensors, resp.num_bytes, time.perf_counter() - started)
+
+        def send() -> PushResult:
+            started = time.perf_counter()
+            if self.transport == "grpc":
+                resp = self.client.stub.UpdateWeights(
+                    weight_chunks(items, version=0, num_tensors=len(items), chunk_bytes=self.chunk_bytes, mode=mode),
+                    timeout=self.timeout, metadata=self.client.auth_metadata)
+            else:
+                resp = self._push_broadcast(items, mode)
+            return PushResult(resp.version, resp.num_tensors, resp.num_bytes, time.perf_counter() - started)
+        # A broadcast cannot be sent again as is: the restarted replica left the weight group.
+        return self._retrying(send) if self.transport == "grpc" else send()
 
     def push_named(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                    mode: str = "wait", bucket_bytes: int = BUCKET_BYTES, update_timeout: float = 600.0) -> PushResult:
@@ -97,12 +143,17 @@ class WeightSync:
         (nothing changes) and the error raised."""
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+        items = list(weights.items() if isinstance(weights, Mapping) else weights)
+        return self._retrying(lambda: self._push_named_once(items, mode, bucket_bytes, update_timeout))
+
+    def _push_named_once(self, items: list[tuple[str, torch.Tensor]], mode: str, bucket_bytes: int,
+                         update_timeout: float) -> PushResult:
         stub, md = self.client.stub, self.client.auth_metadata
         started = time.perf_counter()
         update_id = stub.BeginWeightUpdate(pb.BeginWeightUpdateRequest(timeout_seconds=update_timeout),
                                            timeout=self.timeout, metadata=md).update_id
         try:
-            for bucket in _buckets(weights.items() if isinstance(weights, Mapping) else weights, bucket_bytes):
+            for bucket in _buckets(items, bucket_bytes):
                 stub.PushWeightBucket(weight_chunks(bucket, 0, len(bucket), self.chunk_bytes, mode, update_id),
                                       timeout=self.timeout, metadata=md)
             resp = stub.CommitWeightUpdate(pb.CommitWeightUpdateRequest(update_id=update_id, mode=mode),
@@ -119,15 +170,21 @@ class WeightSync:
     def update_from_disk(self, path: str, mode: str = "wait") -> PushResult:
         """Every replica loads the safetensors file or directory at `path` (shared storage) as
         one new version."""
-        started = time.perf_counter()
-        resp = self.client.stub.UpdateWeightsFromDisk(pb.UpdateWeightsFromDiskRequest(model_path=str(path), mode=mode),
-                                                      timeout=self.timeout, metadata=self.client.auth_metadata)
-        return PushResult(resp.version, resp.num_tensors, 0, time.perf_counter() - started)
+        def send() -> PushResult:
+            started = time.perf_counter()
+            resp = self.client.stub.UpdateWeightsFromDisk(
+                pb.UpdateWeightsFromDiskRequest(model_path=str(path), mode=mode), timeout=self.timeout,
+                metadata=self.client.auth_metadata)
+            return PushResult(resp.version, resp.num_tensors, 0, time.perf_counter() - started)
+        return self._retrying(send)
 
     def reset(self, mode: str = "wait") -> int:
         """The weights the service started with, as a new version. Returns the version."""
-        return self.client.stub.ResetWeights(pb.ResetWeightsRequest(mode=mode), timeout=self.timeout,
-                                             metadata=self.client.auth_metadata).version
+        def send() -> PushResult:
+            resp = self.client.stub.ResetWeights(pb.ResetWeightsRequest(mode=mode), timeout=self.timeout,
+                                                 metadata=self.client.auth_metadata)
+            return PushResult(resp.version, resp.num_tensors, resp.num_bytes, resp.seconds)
+        return self._retrying(send).version
 
     def pause(self, mode: str = "keep", timeout_seconds: float = 300.0) -> int:
         """No engine step until `resume` (or `timeout_seconds`). "keep": running requests stay;
