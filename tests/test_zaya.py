@@ -325,3 +325,97 @@ def test_tidar_settings_are_read_under_other_config_names(tmp_path):
     tidar = load_tidar_config(tmp_path, {"mask_token_id": 3, "diffusion_mask_token_id": 9, "block_size": 8},
                               None, 4)
     assert (tidar.mask_token_id, tidar.block_size) == (3, 4)
+
+
+# ------------------------------------------------------------------ stage 5: around the model
+def test_cotrain_forward_and_loss_run_on_our_zaya_and_refuse_hf_zaya(zaya_dir, hf):
+    from rollout.model.loader import load_decoder, read_model_config
+    from trainer_bridge import diffusion_cotrain_loss, tidar_forward
+
+    model_dir, _, cfg = read_model_config(zaya_dir)
+    model = load_decoder(model_dir, cfg, "cpu", torch.float32).train()
+    x = torch.tensor([list(range(5, 17)), list(range(20, 32))])
+    ar, diff = tidar_forward(model, x, MASK, 4)
+    assert (ar[0].detach() - hf_logits(hf, x[0].tolist())).abs().max().item() <= 1e-4
+    assert (diff[1, 4:8].detach() - hf_block_logits(hf, x[1, :4].tolist(), [MASK] * 4)).abs().max().item() <= 1e-4
+    loss = diffusion_cotrain_loss(ar, diff, torch.ones_like(x, dtype=torch.bool))
+    loss.backward()
+    experts = model.model.layers[0].mlp.experts
+    assert torch.isfinite(loss) and experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot run the TiDAR training layout"):
+        tidar_forward(hf, x, MASK, 4)
+
+
+def test_weight_push_round_trip_with_expert_tensors_and_router_buffers(zaya_dir, tmp_path):
+    """HF-named tensors of another ZAYA (3-D experts, the routers' balancing-bias buffers):
+    staged whole, from disk and in part, then served; logits follow the pushed weights."""
+    from rollout.service.servicer import model_weight_shapes
+    from rollout.service.weights import read_weights_from_disk, stage_weights
+
+    engine = Engine.from_pretrained(zaya_dir)
+    shapes = model_weight_shapes(engine.config)
+    assert shapes["model.layers.0.mlp.experts.gate_up_proj"] == (4, 32, 32)
+    assert shapes["model.layers.2.mlp.gate.balancing_biases"] == (5,)
+    other_dir = make_tiny_zaya(tmp_path / "other", seed=1)
+    other = transformers.AutoModelForCausalLM.from_pretrained(other_dir, dtype=torch.float32).eval()
+    ids = [5, 9, 2, 30, 31, 7, 8, 12]
+    before = engine.forward_logits([ids])[0]
+    engine.load_weights(stage_weights(engine.model, 1, dict(other.state_dict()), "cpu").tensors, 1)
+    assert (engine.forward_logits([ids])[0] - hf_logits(other, ids)).abs().max().item() <= 1e-4
+    c = engine.generate([ids], SamplingParams(max_tokens=4, seed=0))[0][0]
+    assert c.policy_versions == [1] * 4
+    engine.load_weights(stage_weights(engine.model, 2, read_weights_from_disk(zaya_dir, engine.model), "cpu").tensors, 2)
+    assert (engine.forward_logits([ids])[0] - before).abs().max().item() <= 1e-5
+    experts_only = {k: v for k, v in other.state_dict().items() if ".mlp.experts." in k or "balancing" in k}
+    engine.load_weights(stage_weights(engine.model, 3, experts_only, "cpu", partial=True).tensors, 3)
+    served = engine.model.state_dict()
+    assert torch.equal(served["model.layers.1.mlp.experts.down_proj"], other.state_dict()["model.layers.1.mlp.experts.down_proj"])
+    assert torch.equal(served["model.layers.1.mlp.gate.balancing_biases"],
+                       other.state_dict()["model.layers.1.mlp.gate.balancing_biases"])
+    assert not torch.equal(served["model.embed_tokens.weight"], other.state_dict()["model.embed_tokens.weight"])
+
+
+def test_rollout_serve_runs_a_zaya_model(zaya_dir, tmp_path):
+    """`python -m rollout serve --model <tiny ZAYA>`: one gRPC round trip, then a clean exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import grpc
+    from service_helpers import CALL_TIMEOUT, request, wait_until
+    from test_serve_cli import free_port
+
+    from rollout.v1 import rollout_pb2 as pb
+    from rollout.v1 import rollout_pb2_grpc as pb_grpc
+    from rollout.wire import trajectory_arrays
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "rollout", "serve", "--model", str(zaya_dir), "--replicas", "1",
+                             "--port", str(port), "--host", "localhost", "--metrics-port", "0", "--grace", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, RAY_DEDUP_LOGS="0"))
+    try:
+        channel = grpc.insecure_channel(f"localhost:{port}")
+        stub = pb_grpc.RolloutServiceStub(channel)
+
+        def ready():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            try:
+                return any(r.ready for r in stub.GetStatus(pb.StatusRequest(), timeout=5).replicas)
+            except grpc.RpcError:
+                return False
+        wait_until(ready, timeout=240, what="a ready ZAYA replica")
+        prompt = PROMPTS[0]
+        resp = stub.Generate(request([prompt], max_tokens=6, seed=0, sampler="ar", temperature=0.0),
+                             timeout=CALL_TIMEOUT)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(zaya_dir, dtype=torch.float32).eval()
+        ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, min_new_tokens=6,
+                          pad_token_id=0, eos_token_id=None)
+        assert list(trajectory_arrays(resp.trajectories[0])["token_ids"]) == ref[0, len(prompt):].tolist()
+        channel.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)

@@ -7,7 +7,8 @@ is exactly the causal policy (it never sees mask tokens), so the RL loss uses it
 `diffusion_cotrain_loss` trains the mask half toward the (detached) AR distribution on the same
 rollout tokens: KL(p_AR(. | x_<i) || q_diff(. | block context)) at each completion position.
 
-`tidar_forward` takes our `Decoder` or the transformers `*ForCausalLM` a TRL / veRL user trains.
+`tidar_forward` takes our `Decoder` / `ZayaDecoder` or the transformers `*ForCausalLM` a TRL / veRL
+user trains (not transformers' ZAYA: its convolutions cannot follow the layout, so it is refused).
 Both get the same layout from `rollout.train.objective` (ids `[x | MASK*S]`, positions
 `[0..S-1 | 0..S-1]`, the dense visibility of `rollout.step_layout.training_visible`); the HF
 model receives it as an explicit `position_ids` and a 4D additive float mask `[B, 1, 2S, 2S]`
@@ -23,9 +24,10 @@ import torch.nn.functional as F
 
 from rollout.model.batch import SequenceBatch
 from rollout.model.decoder import Decoder
+from rollout.model.zaya import ZayaDecoder
 from rollout.sampling import process_logits
 from rollout.step_layout import training_visible
-from rollout.train.objective import training_inputs, training_mask
+from rollout.train.objective import needs_dense_mask, training_inputs, training_mask
 
 
 DENSE_MASK_ATTENTION = ("eager", "sdpa")
@@ -38,9 +40,15 @@ def tidar_forward(model: Decoder | torch.nn.Module, input_ids: torch.Tensor, mas
     or a transformers causal LM with attn_implementation "eager" or "sdpa"."""
     S = input_ids.shape[1]
     ids, positions = training_inputs(input_ids, mask_token_id)
-    if isinstance(model, Decoder):
-        hidden = model(ids, SequenceBatch(positions, training_mask(S, block_size, input_ids.device)), None)
+    if isinstance(model, (Decoder, ZayaDecoder)):
+        mask = training_mask(S, block_size, input_ids.device, needs_dense_mask(model))
+        hidden = model(ids, SequenceBatch(positions, mask), None)
         return model.logits(hidden[:, :S]), model.logits(hidden[:, S:])
+    if getattr(getattr(model, "config", None), "model_type", None) == "zaya":
+        raise ValueError("transformers' ZAYA cannot run the TiDAR training layout: its CCA convolutions and delayed "
+                         "value mix tokens in sequence order, so the mask half would read the clean half's last "
+                         "tokens, not its own block's visibility; co-train our decoder "
+                         "(rollout.model.loader.load_decoder) instead")
     logits = model(input_ids=ids, position_ids=positions, attention_mask=hf_training_mask(model, S, block_size, ids),
                    use_cache=False).logits.float()
     return logits[:, :S], logits[:, S:]

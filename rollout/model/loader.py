@@ -58,12 +58,17 @@ def declared_dtype(hf_cfg: dict) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
+def build_decoder(cfg: ModelConfig | ZayaConfig) -> Decoder | ZayaDecoder:
+    """The decoder class of the config's family, built on the current default device."""
+    return ZayaDecoder(cfg) if isinstance(cfg, ZayaConfig) else Decoder(cfg)
+
+
 def load_decoder(model_dir: Path, cfg: ModelConfig, device: torch.device | str,
                  dtype: torch.dtype, input_major: bool = False) -> Decoder:
     """The decoder with `model_dir`'s weights, packed (`Decoder.pack_projections`; `input_major`:
     its weight layout, for inference on the CPU)."""
     with torch.device("meta"):
-        model = ZayaDecoder(cfg) if isinstance(cfg, ZayaConfig) else Decoder(cfg)
+        model = build_decoder(cfg)
     expected = model.weight_names_and_shapes()
     state: dict[str, torch.Tensor] = {}
     for path in safetensors_files(model_dir):

@@ -36,7 +36,7 @@ from ..v1 import rollout_pb2_grpc as pb_grpc
 from ..wire import WeightAssembler, chunk_update_id, params_from_proto, record_to_trajectory
 from .metrics import FrontendMetrics
 from ..engine.engine import LoadError, check_request_size
-from ..model.decoder import Decoder
+from ..model.loader import build_decoder
 from .messages import RequestDone, Started, Tokens
 from .router import REPLICA_FAILURES, DeadlineExceededError, NoReplicaError, QueueFullError, Router
 from .updates import UnknownUpdateError, WeightUpdates
@@ -63,7 +63,7 @@ def model_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The tensors a weight push may carry (HF names -> shapes), from the config alone (the
     decoder built on the meta device: no memory). A tied lm_head may be sent as well."""
     with torch.device("meta"):
-        shapes = {k: tuple(v) for k, v in Decoder(config).weight_names_and_shapes().items()}
+        shapes = {k: tuple(v) for k, v in build_decoder(config).weight_names_and_shapes().items()}
     if config.tie_word_embeddings:
         shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
     return shapes
