@@ -98,11 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _delegate(name: str, argv: list[str]) -> int:
+    """Runs a subcommand; its exit status. `convert` / `pretrain` return a summary (logged as
+    they run), so success is 0; bad input (ValueError, OSError: an unsupported architecture, a
+    missing file) is one line on stderr and status 1, its traceback only at debug level."""
     if name == "serve":
         from .service.serve import main_serve
         return main_serve(argv)
     from .train import convert
-    return getattr(convert, f"main_{name}")(argv)
+    try:
+        getattr(convert, f"main_{name}")(argv)
+    except (ValueError, OSError) as e:
+        logging.getLogger(__name__).debug("rollout %s failed", name, exc_info=e)
+        print(f"rollout {name}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -278,3 +278,34 @@ def test_python_sources_splits_stdlib_and_site_packages_once():
 def test_every_cli_flag_has_help(parser):
     for action in parser()._actions:
         assert action.help, f"{action.option_strings} has no help"
+
+
+def cli_convert(base, corpus, out, *extra) -> list[str]:
+    return ["convert", "--base", str(base), "--corpus", str(corpus), "--out", str(out), "--batch-size", "2",
+            "--seq-len", "32", "--block-size", "4", "--device", "cpu", "--lr", "1e-3", *extra]
+
+
+def test_cli_convert_exits_0_and_caps_the_default_warmup_at_the_steps(base_dir, jsonl_corpus, tmp_path, caplog):
+    """`python -m rollout convert` (rollout/__main__.py exits with main()'s value): a short run
+    without --warmup (default 100) trains, and succeeds with status 0."""
+    from rollout.cli import main
+
+    with caplog.at_level("WARNING"):
+        assert main(cli_convert(base_dir, jsonl_corpus, tmp_path / "out", "--steps", "2")) == 0
+    assert "warming up over all 2 steps" in caplog.text
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["conversion"]["warmup"] == 2
+
+
+def test_cli_convert_errors_are_one_line_without_a_traceback(base_dir, jsonl_corpus, tmp_path, capsys):
+    from rollout.cli import main
+
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    for f in base_dir.iterdir():
+        (gpt2 / f.name).write_bytes(f.read_bytes())
+    config = json.loads((gpt2 / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps(dict(config, model_type="gpt2", architectures=["GPT2LMHeadModel"])))
+    for base, named in ((gpt2, "model_type 'gpt2' is not supported"), (tmp_path / "missing", "missing")):
+        assert main(cli_convert(base, jsonl_corpus, tmp_path / "out", "--steps", "2")) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("rollout convert: error: ") and named in err[0], err

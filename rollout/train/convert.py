@@ -352,6 +352,9 @@ def pretrain(out_dir: str | Path, corpus: str | Path | Corpus, *, vocab_size: in
 
 
 # ---------------------------------------------------------------- command line
+DEFAULT_WARMUP = 100  # optimiser steps of linear warmup unless --warmup says otherwise
+
+
 def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", required=True,
                    help="a folder of text files, a .jsonl file with a 'text' field, or 'python-sources' "
@@ -360,7 +363,8 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, required=True, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per process")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
-    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps before the cosine decay")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"linear warmup steps before the cosine decay (default: {DEFAULT_WARMUP}; at most --steps)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and windows")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/ if present")
@@ -375,6 +379,14 @@ def _setup(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    # A warmup longer than the run is capped, not refused: a short trial run (--steps 20) must not
+    # need --warmup too.
+    warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
+    if warmup > args.steps >= 0:
+        log.warning("warmup of %d steps is longer than --steps %d: warming up over all %d steps", warmup,
+                    args.steps, args.steps)
+        warmup = args.steps
+    args.warmup = warmup
 
 
 def convert_parser() -> argparse.ArgumentParser:
