@@ -58,6 +58,7 @@ def test_three_grpo_steps_push_a_version_each_and_logprobs_match(service, client
     trainer = train(service.address, TOKEN, steps=3, group_size=4, max_tokens=8, output_dir=str(tmp_path),
                     callbacks=[served])
     assert served.versions == [base + 1, base + 2, base + 3]
+    assert trainer.push_callback.start_push is None  # the service already served the trainer's weights
     assert [p.version for p in trainer.push_callback.pushes] == served.versions
     gaps = [h["sampling/rollout_logp_gap/max"] for h in trainer.state.log_history
             if "sampling/rollout_logp_gap/max" in h]
@@ -79,6 +80,56 @@ def test_three_grpo_steps_push_a_version_each_and_logprobs_match(service, client
     with torch.no_grad():
         unmasked = token_logprobs(model(input_ids=batch.input_ids).logits, batch.input_ids)
     assert (unmasked[mask] - batch.old_logprobs[mask]).abs().max().item() > 1e-5
+
+
+class ServedAtStart(TrainerCallback):
+    """The served fingerprint once training begins (after the trainer's own on_train_begin)."""
+
+    def __init__(self, client):
+        self.client, self.fingerprint = client, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.fingerprint = self.client.status().weight_fingerprint
+
+
+def base_fingerprint() -> str:
+    from rollout.wire import weights_fingerprint
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)
+    return weights_fingerprint(model.state_dict().items(), torch.float32)
+
+
+def test_a_service_serving_another_runs_weights_gets_the_trainers_before_the_first_rollout(service, client,
+                                                                                          tmp_path, caplog):
+    """The issue's case: the service serves other weights (here, the first test's trained ones, or
+    any push); the trainer starts from the base model. Step 0's old log-probs came from the other
+    weights (gap max 2.3 in the report); now the trainer pushes its own first and says so."""
+    import logging
+    if not client.status().weight_version:  # run alone: make the service serve other weights
+        from trainer_bridge import WeightSync
+        model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)
+        WeightSync(client).push({k: v + 0.05 for k, v in model.state_dict().items()})
+    before = client.status()
+    assert before.weight_fingerprint != base_fingerprint()
+    at_start = ServedAtStart(client)
+    with caplog.at_level(logging.INFO, logger="trainer_bridge"):
+        trainer = train(service.address, TOKEN, steps=1, group_size=4, max_tokens=8, output_dir=str(tmp_path),
+                        callbacks=[at_start])
+    assert trainer.first_logp_gap[1] <= 1e-5  # step 0 is on-policy
+    assert trainer.push_callback.start_push.version == before.weight_version + 1
+    assert at_start.fingerprint == base_fingerprint()
+    assert "pushed these as version" in caplog.text
+
+
+def test_bf16_autocast_in_the_trainer_is_warned_about_on_the_first_step(service, tmp_path, caplog):
+    """GRPOConfig's default bf16=True against a float32 service: a gap of ~1e-2 on every step,
+    silently, before; now the first step's gap is measured and a warning names both dtypes."""
+    import logging
+    with caplog.at_level(logging.WARNING, logger="trainer_bridge"):
+        trainer = train(service.address, TOKEN, steps=1, group_size=4, max_tokens=8, output_dir=str(tmp_path),
+                        config=dict(bf16=True))
+    assert trainer.first_logp_gap[1] > 1e-3
+    warned = [r.getMessage() for r in caplog.records if "log-prob gap" in r.getMessage()]
+    assert len(warned) == 1 and "bfloat16" in warned[0] and "float32" in warned[0] and "bf16=False" in warned[0]
 
 
 def test_forbid_tokens_removes_the_mask_token_and_leaves_the_state_dict_alone():

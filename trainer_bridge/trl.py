@@ -11,9 +11,13 @@ Design decisions:
   for one completion per prompt entry (TRL's sampler already repeats each prompt
   `num_generations` times) and returns `prompt_ids`, `completion_ids` and our per-token
   `logprobs`.
-- On-policy by construction: every optimiser step pushes once, so the version the trainer holds
-  is `base_version + global_step` on every rank without any communication; generation asks for
-  it with `max_staleness` (default 0) and the service waits for the push.
+- On-policy by construction: before the first rollout `PushWeightsCallback.on_train_begin`
+  makes the service serve the trainer's weights (`WeightSync.ensure_served`: the fingerprint
+  GetStatus reports against the trainer's, a push when they differ, logged either way; a
+  service still serving another run's weights made step 0's old log-probs off-policy without a
+  word). Then every optimiser step pushes once, so the version the trainer holds is
+  `base_version + global_step` on every rank; generation asks for it with `max_staleness`
+  (default 0) and the service waits for the push.
 - `PushWeightsCallback` gathers the weights on every rank (a collective under FSDP / ZeRO-3) and
   pushes from the main process only. The default gather is `model.state_dict()`, right for one
   process or DDP. Sharded models need `gather` (it is refused otherwise, never pushed as shards):
@@ -29,13 +33,18 @@ Design decisions:
 - `ServiceGRPOTrainer` uses our log-probs as TRL's old log-probs (the behaviour policy, exact
   also with staleness) and logs `sampling/rollout_logp_gap/{mean,max}`: |ours - TRL's log-prob
   under the current weights| over completion tokens (one extra no-grad forward per generation,
-  as TRL pays for vLLM's importance-sampling correction).
+  as TRL pays for vLLM's importance-sampling correction). On the first generation it warns when
+  the gap's max exceeds LOGP_GAP_TOLERANCE (1e-3; one dtype on both sides gives ~5e-6), naming
+  the dtypes: GRPOConfig enables bf16 by default, and bf16 autocast in the trainer against a
+  float32 service gives gaps of ~1e-2 on every step. `bf16=False` (and a float32 model) keeps
+  them exact.
 - TRL scores completions under the temperature-scaled, untruncated distribution, so top_k,
   top_p, min_p and repetition_penalty are refused rather than silently mismatched.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 
 import torch
@@ -47,7 +56,9 @@ from rollout.params import SamplingParams
 from .client import RolloutClient
 from .weight_sync import WeightSync
 
+log = logging.getLogger(__name__)
 FORBIDDEN_LOGIT = -1e4
+LOGP_GAP_TOLERANCE = 1e-3  # max |rollout - trainer| log-prob on the first step before we warn
 NEUTRAL = dict(top_k=(0, None, -1), top_p=(1.0, None), min_p=(0.0, None), repetition_penalty=(1.0, None))
 
 
@@ -133,6 +144,18 @@ class PushWeightsCallback(TrainerCallback):
                  mode: str = "wait"):
         self.sync, self.rollout, self.gather, self.mode = sync, rollout, gather, mode
         self.pushes = []  # PushResult of each push made by this process
+        self.start_push = None  # on_train_begin's push; None: none made (or not the main process)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """Before the first rollout, the service must serve the trainer's weights: pushed when
+        the served fingerprint differs (`WeightSync.ensure_served`, which logs what it did);
+        every rank then takes the served version as its base."""
+        weights = self.gather(model)  # every rank: a collective when the model is sharded
+        if state.is_world_process_zero:
+            self.start_push = self.sync.ensure_served(weights, mode=self.mode)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank reads the version before the push is served
+        self.rollout.base_version = self.rollout.client.status().weight_version - state.global_step
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         weights = self.gather(model)  # every rank: a collective when the model is sharded
@@ -161,6 +184,7 @@ class ServiceGRPOTrainer(GRPOTrainer):
         super().__init__(*args, rollout_func=rollout, **kwargs)
         check_sampling(self.args)
         self.rollout = rollout
+        self.first_logp_gap: tuple[float, float] | None = None  # (mean, max) on the first generation
         for m in (self.model, self.ref_model):
             if m is not None:
                 forbid_tokens(self.accelerator.unwrap_model(m), (rollout.mask_token_id,))
@@ -175,7 +199,28 @@ class ServiceGRPOTrainer(GRPOTrainer):
                 torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1), output["completion_ids"].size(1))
         gap = (theirs - ours).abs()[mask]
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["sampling/rollout_logp_gap/mean"].append(gap.mean().item() if gap.numel() else 0.0)
-        self._metrics[mode]["sampling/rollout_logp_gap/max"].append(gap.max().item() if gap.numel() else 0.0)
+        mean, worst = (gap.mean().item(), gap.max().item()) if gap.numel() else (0.0, 0.0)
+        self._metrics[mode]["sampling/rollout_logp_gap/mean"].append(mean)
+        self._metrics[mode]["sampling/rollout_logp_gap/max"].append(worst)
+        if self.first_logp_gap is None:
+            self.first_logp_gap = (mean, worst)
+            self._check_first_gap(mean, worst)
         output["old_per_token_logps"] = ours
         return output
+
+    def _check_first_gap(self, mean: float, worst: float) -> None:
+        """Warns when the first step's rollout/trainer log-prob gap says the two compute in
+        different precisions (the usual cause: GRPOConfig's default bf16=True)."""
+        if worst <= LOGP_GAP_TOLERANCE:
+            log.info("rollout/trainer log-prob gap on the first step: mean %.1e, max %.1e (tolerance %.0e)",
+                     mean, worst, LOGP_GAP_TOLERANCE)
+            return
+        params = next(self.model.parameters()).dtype
+        trainer = ("bfloat16 (GRPOConfig bf16=True: autocast)" if self.args.bf16 else
+                   "float16 (GRPOConfig fp16=True: autocast)" if self.args.fp16 else str(params).replace("torch.", ""))
+        served = self.rollout.client.status().weight_dtype or "unknown"
+        log.warning("rollout/trainer log-prob gap on the first step: mean %.1e, max %.1e > tolerance %.0e. "
+                    "The trainer computes log-probs in %s, the service samples in %s: a dtype mismatch makes the "
+                    "old log-probs those of another policy on every step. Keep one dtype on both sides, e.g. "
+                    "GRPOConfig(bf16=False) with a float32 model against a float32 service "
+                    "(`rollout serve --dtype float32`).", mean, worst, LOGP_GAP_TOLERANCE, trainer, served)

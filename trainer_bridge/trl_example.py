@@ -36,9 +36,9 @@ def python_line_reward(completions: list[str], **kwargs) -> list[float]:
 
 def train(address: str, token: str, model_dir: Path = DEFAULT_MODEL, *, steps: int = 3, prompts_per_step: int = 1,
           group_size: int = 4, max_tokens: int = 8, lr: float = 1e-4, seed: int = 0, output_dir: str | None = None,
-          callbacks: list | None = None):
+          callbacks: list | None = None, config: dict | None = None):
     """Runs `steps` GRPO steps against the service at `address`; returns the trainer (its
-    `state.log_history` holds the per-step metrics)."""
+    `state.log_history` holds the per-step metrics). `config`: GRPOConfig fields to override."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
@@ -52,11 +52,14 @@ def train(address: str, token: str, model_dir: Path = DEFAULT_MODEL, *, steps: i
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    args = GRPOConfig(
+    # bf16=False: GRPOConfig's default bf16 autocast would score completions in another precision
+    # than the float32 service samples in (ServiceGRPOTrainer warns about it on the first step).
+    args = GRPOConfig(**{**dict(
         output_dir=output_dir or tempfile.mkdtemp(prefix="trl-example-"), max_steps=steps, learning_rate=lr,
         per_device_train_batch_size=prompts_per_step * group_size, num_generations=group_size,
         max_completion_length=max_tokens, temperature=1.0, use_cpu=True, bf16=False, report_to="none",
-        logging_steps=1, save_strategy="no", seed=seed, dataloader_num_workers=0, disable_tqdm=True)
+        logging_steps=1, save_strategy="no", seed=seed, dataloader_num_workers=0, disable_tqdm=True),
+        **(config or {})})
     with RolloutClient(address, token=token) as client:
         rollout = ServiceRollout(client, tidar.mask_token_id, seed=seed)
         trainer = ServiceGRPOTrainer(model=model, reward_funcs=python_line_reward, args=args,

@@ -31,7 +31,7 @@ import torch
 
 from rollout.service.weight_group import broadcast, make_weight_group
 from rollout.v1 import rollout_pb2 as pb
-from rollout.wire import WEIGHT_CHUNK_BYTES, dtype_name, tensor_checksum, weight_chunks
+from rollout.wire import WEIGHT_CHUNK_BYTES, dtype_name, tensor_checksum, weight_chunks, weights_fingerprint
 
 from .client import RolloutClient
 
@@ -135,6 +135,23 @@ class WeightSync:
             return PushResult(resp.version, resp.num_tensors, resp.num_bytes, time.perf_counter() - started)
         # A broadcast cannot be sent again as is: the restarted replica left the weight group.
         return self._retrying(send) if self.transport == "grpc" else send()
+
+    def ensure_served(self, weights: Mapping[str, torch.Tensor], mode: str = "wait") -> PushResult | None:
+        """Makes the service serve `weights` (a full state dict, HF names): compares their
+        fingerprint (`wire.weights_fingerprint`, cast to the served dtype) with the one GetStatus
+        reports and pushes only when they differ (or the service reports none). Returns the push,
+        or None when the service already served them; logs which."""
+        status = self.client.status(timeout=self.timeout)
+        served = status.weight_fingerprint
+        dtype = getattr(torch, status.weight_dtype, None) if status.weight_dtype else None
+        if served and dtype is not None and weights_fingerprint(weights.items(), dtype) == served:
+            log.info("the service already serves these weights (version %d, fingerprint %s): no push",
+                     status.weight_version, served)
+            return None
+        result = self.push(weights, mode=mode)
+        log.info("the service served other weights (version %d, fingerprint %s); pushed these as version %d",
+                 status.weight_version, served or "not reported", result.version)
+        return result
 
     def push_named(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                    mode: str = "wait", bucket_bytes: int = BUCKET_BYTES, update_timeout: float = 600.0) -> PushResult:
