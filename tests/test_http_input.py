@@ -269,3 +269,30 @@ def test_a_stop_tokens_text_is_left_out_unless_include_stop_str_in_output(runner
         assert c["finish_reason"] == "stop" and c["stop_reason"] == stop_id
         assert c["token_ids"] == full["token_ids"][:cut_at]  # the stop token's id stays
         assert c["text"] == visible(c["token_ids"] if include else c["token_ids"][:-1])
+
+
+def test_reading_a_weight_bucket_does_not_hold_up_health(runner, monkeypatch):
+    """The same for a bucket of weights (up to a model's size): its tensors are built off the loop."""
+    import rollout.service.http as http_module
+
+    entered, release = threading.Event(), threading.Event()
+
+    def held_read_bucket(*args):
+        entered.set()
+        assert release.wait(CALL_TIMEOUT)
+        raise ValueError("held bucket refused")
+    monkeypatch.setattr(http_module, "read_bucket", held_read_bucket)
+    update = post(runner, "/v1/weights/begin", {}, headers=AUTH).json()["update_id"]
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("resp", httpx.post(
+        f"http://localhost:{runner.service.http_port}/v1/weights/{update}/tensors", content=b"x" * 64,
+        headers=AUTH, timeout=CALL_TIMEOUT)))
+    worker.start()
+    try:
+        assert entered.wait(CALL_TIMEOUT)
+        assert httpx.get(f"http://localhost:{runner.service.http_port}/health", timeout=10).status_code == 200
+    finally:
+        release.set()
+        worker.join(CALL_TIMEOUT)
+        post(runner, f"/v1/weights/{update}/abort", {}, headers=AUTH)
+    assert result["resp"].status_code == 400 and "held bucket refused" in result["resp"].text

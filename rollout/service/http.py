@@ -581,7 +581,8 @@ class HttpFrontend:
             self._authorize(request)
             updates.get(update_id)  # open, before the body is read
             body = await self._body(request, updates.max_bucket_bytes)
-            bucket = read_bucket(body, updates.canonical, updates.expected)
+            # Building tensors from a blob of up to a model's size is work for a thread, not the loop.
+            bucket = await asyncio.to_thread(read_bucket, body, updates.canonical, updates.expected)
             staged = updates.add(update_id, bucket)
             self.metrics.weight_push_bytes.inc(len(body))
             self._count("/v1/weights/{id}/tensors", 200)
