@@ -4,9 +4,10 @@ Design decisions:
 - One dataclass per concern: `ModelConfig` (the decoder's shape, from `config.json`) and
   `TidarConfig` (mask token id, block length, acceptance levels, from `tidar_config.json` or a
   `"tidar"` entry of `config.json`).
-- Only the Llama / Qwen2 / Qwen3 dense family is accepted. Anything the decoder would silently
-  compute differently from HF (sliding windows, other activations, unknown RoPE types) is refused
-  at load time with a message naming the field.
+- Accepted: the dense Llama / Qwen2 / Qwen3 family and the top-k MoE families Qwen3-MoE and
+  Mixtral (`model/decoder.py` FAMILY_LAYERS). Anything the decoder would silently compute
+  differently from HF (sliding windows, other activations, unknown RoPE types) is refused at
+  load time with a message naming the field.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 TIDAR_CONFIG_FILE = "tidar_config.json"
 ATTENTION_PATHS = ("dense", "split", "triton")  # `model/attention.py`
@@ -71,6 +72,14 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     eos_token_ids: tuple[int, ...] = ()
+    # Top-k MoE (`model/moe.py`): the layers whose MLP is a sparse MoE block, experts per
+    # block, experts per token, each expert's intermediate size, whether the top-k routing
+    # weights are renormalised to sum to 1.
+    moe_layers: tuple[int, ...] = ()
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -85,6 +94,18 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})")
+        if self.moe_layers:
+            if self.moe_intermediate_size < 1:
+                raise UnsupportedModelError(f"moe_intermediate_size must be >= 1, got {self.moe_intermediate_size}")
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise UnsupportedModelError(
+                    f"num_experts_per_tok must be in [1, num_experts = {self.num_experts}], "
+                    f"got {self.num_experts_per_tok}")
+
+    @property
+    def family(self) -> str:
+        """The decoder family serving this model_type (`model/decoder.py` FAMILY_LAYERS)."""
+        return {"llama": "dense", "qwen2": "dense", "qwen3": "dense"}.get(self.model_type, self.model_type)
 
     @classmethod
     def from_hf_dict(cls, cfg: dict) -> ModelConfig:
@@ -111,6 +132,10 @@ class ModelConfig:
         attention_bias = bool(cfg.get("attention_bias", False))
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        if model_type in ("qwen3_moe", "mixtral"):
+            moe = _moe_from_hf_dict(cfg, model_type)
+        else:
+            moe = {}
         return cls(
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
@@ -127,9 +152,34 @@ class ModelConfig:
             qkv_bias=True if model_type == "qwen2" else attention_bias,
             o_bias=False if model_type == "qwen2" else attention_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type == "llama" else False,
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             eos_token_ids=eos_ids,
+            **moe,
         )
+
+
+def _moe_from_hf_dict(cfg: dict, model_type: str) -> dict:
+    """The MoE fields of a Qwen3-MoE or Mixtral config.json: which layers are sparse (Qwen3-MoE:
+    every `decoder_sparse_step`-th layer not in `mlp_only_layers`; Mixtral: all), experts per
+    block and per token, `norm_topk_prob` (Mixtral always renormalises)."""
+    layers = cfg["num_hidden_layers"]
+    if model_type == "mixtral":
+        experts = cfg.get("num_local_experts", cfg.get("num_experts", 8))
+        if cfg.get("sliding_window") is not None:
+            raise UnsupportedModelError("config.json sliding_window is set: sliding-window attention is not supported")
+        # Mixtral's experts are its MLP: their size is intermediate_size.
+        return dict(moe_layers=tuple(range(layers)), num_experts=experts,
+                    num_experts_per_tok=cfg.get("num_experts_per_tok", 2),
+                    moe_intermediate_size=cfg["intermediate_size"], norm_topk_prob=True)
+    experts = cfg.get("num_experts", cfg.get("num_local_experts", 128))
+    step = cfg.get("decoder_sparse_step", 1)
+    if not isinstance(step, int) or step < 1:
+        raise UnsupportedModelError(f"config.json decoder_sparse_step must be an integer >= 1, got {step!r}")
+    dense_only = set(cfg.get("mlp_only_layers") or ())
+    sparse = tuple(i for i in range(layers) if i not in dense_only and experts > 0 and (i + 1) % step == 0)
+    return dict(moe_layers=sparse, num_experts=experts, num_experts_per_tok=cfg.get("num_experts_per_tok", 8),
+                moe_intermediate_size=cfg.get("moe_intermediate_size", 768),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)))
 
 
 def _rope_from_hf_dict(cfg: dict) -> RopeConfig:

@@ -176,6 +176,7 @@ def test_reset_returns_to_the_base_outputs_as_a_new_version(runner, base_state, 
     [model] = httpx.get(url(runner, "/v1/models"), timeout=CALL_TIMEOUT).json()["data"]
     assert model["id"] == "default_model" and model["weight_version"] == before + 1
     assert model["weight_source"] == "reset" and status(runner).model == "default_model"
+    assert model["family"] == "dense" and model["model_type"] == "qwen2"  # the decoder family serving it
 
 
 @pytest.mark.parametrize("route", ["/pause", "/pause_generation", "/resume", "/continue_generation",

@@ -136,15 +136,20 @@ class Engine:
 
     # ---------------------------------------------------------------- step costs
     def cost_key(self) -> str:
-        """What step costs depend on: device, threads, torch, dtype, model shape, block length,
-        attention path (the key of the calibration cache)."""
+        """What step costs depend on: device, threads, torch, dtype, model family and shape (with
+        MoE: experts, top-k, expert size), block length, attention path (the key of the
+        calibration cache)."""
         if self.device.type == "cpu":
             device = f"cpu:{platform.processor() or platform.machine()}:threads={torch.get_num_threads()}"
         else:
             device = f"{self.device.type}:{torch.cuda.get_device_name(self.device)}"
         c = self.config
-        return (f"{device}|torch={torch.__version__}|{self.dtype}|layers={c.num_layers},hidden={c.hidden_size},"
-                f"intermediate={c.intermediate_size},heads={c.num_heads}/{c.num_kv_heads},vocab={c.vocab_size}|"
+        # MoE: a step's cost depends on how many experts its tokens touch (experts, top-k, their size).
+        moe = (f",moe_layers={len(c.moe_layers)},experts={c.num_experts}/top{c.num_experts_per_tok},"
+               f"expert_intermediate={c.moe_intermediate_size}" if c.moe_layers else "")
+        return (f"{device}|torch={torch.__version__}|{self.dtype}|{c.family}|layers={c.num_layers},"
+                f"hidden={c.hidden_size},intermediate={c.intermediate_size},heads={c.num_heads}/{c.num_kv_heads},"
+                f"vocab={c.vocab_size}{moe}|"
                 f"block={self.tidar.block_size}|{self.engine_config.attention}|compile={self.engine_config.compile}"
                 f"|graphs={self.engine_config.cuda_graphs}")
 

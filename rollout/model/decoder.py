@@ -25,6 +25,7 @@ from .batch import SequenceBatch, StepBatch
 from .dense import DenseLayer
 from .kv_cache import KVCache
 from .layers import Packed, RMSNorm, lay_out
+from .qwen3_moe import MoeLayer
 from .rope import inverse_frequencies, rotary_cos_sin
 
 # config.json model_type -> the family's layer class (one file per family).
@@ -32,6 +33,8 @@ FAMILY_LAYERS: dict[str, type[nn.Module]] = {
     "llama": DenseLayer,
     "qwen2": DenseLayer,
     "qwen3": DenseLayer,
+    "qwen3_moe": MoeLayer,
+    "mixtral": MoeLayer,
 }
 
 

@@ -1,7 +1,17 @@
-"""Loading an HF model directory (config.json + *.safetensors) into our decoder."""
+"""Loading an HF model directory (config.json + *.safetensors) into our decoder.
+
+Checkpoints name most tensors as the model does. MoE experts are the exception: transformers 5
+holds them fused (`mlp.experts.gate_up_proj` [E, 2I, hidden], `mlp.experts.down_proj`
+[E, hidden, I]) but writes, and the Hub stores, one tensor per expert (`mlp.experts.3.gate_proj
+.weight`; Mixtral: `block_sparse_moe.experts.3.w1.weight`, w1 gate, w3 up, w2 down).
+`expert_slot` says where such a tensor goes in the fused one; model loading and weight updates
+from disk both gather them through it, and accept the fused names as they are.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -13,6 +23,52 @@ from .rope import inverse_frequencies
 from .zaya import ZayaConfig, ZayaDecoder
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+_EXPERT_PIECE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+                           r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_GATE, _DOWN = ("gate_proj", "w1"), ("down_proj", "w2")
+
+
+def checkpoint_name(name: str) -> str:
+    """A checkpoint's name in the model's terms: Mixtral's on-disk `block_sparse_moe` is `mlp`."""
+    return name.replace(".block_sparse_moe.", ".mlp.")
+
+
+def expert_slot(name: str, expected: Mapping[str, Sequence[int]]) -> tuple[str, tuple[int, int, int]] | None:
+    """For one expert's tensor in the per-expert layout: (the fused parameter's name, its place
+    (expert, first row, end row): `fused[expert, first:end]`); None for any other name (or an
+    expert the model does not have)."""
+    m = _EXPERT_PIECE.search(name)
+    if m is None:
+        return None
+    layer, expert, proj = int(m.group(1)), int(m.group(2)), m.group(3)
+    fused = f"model.layers.{layer}.mlp.experts." + ("down_proj" if proj in _DOWN else "gate_up_proj")
+    if fused not in expected or expert >= expected[fused][0]:
+        return None
+    rows = expected[fused][1]
+    if proj in _DOWN:
+        return fused, (expert, 0, rows)
+    return fused, (expert, 0, rows // 2) if proj in _GATE else (expert, rows // 2, rows)
+
+
+def slot_shape(shape: Sequence[int], place: tuple[int, int, int]) -> tuple[int, ...]:
+    """The shape of the per-expert tensor at `place` of a fused tensor of `shape`."""
+    return (place[2] - place[1], *shape[2:])
+
+
+def slots_per_tensor(name: str, shape: Sequence[int]) -> int:
+    """How many per-expert tensors make up the fused tensor `name` of `shape`."""
+    return shape[0] * (2 if name.endswith("gate_up_proj") else 1)
+
+
+def gather_experts(name: str, shape: Sequence[int], parts: Mapping[tuple[int, int, int], torch.Tensor]
+                   ) -> torch.Tensor:
+    """The fused tensor `name` from its complete per-expert pieces (in their dtype)."""
+    if len(parts) != slots_per_tensor(name, shape):
+        raise ValueError(f"{name}: {len(parts)} of its {slots_per_tensor(name, shape)} per-expert tensors")
+    fused = torch.empty(tuple(shape), dtype=next(iter(parts.values())).dtype)
+    for (expert, start, end), t in parts.items():
+        fused[expert, start:end] = t
+    return fused
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -71,11 +127,28 @@ def load_decoder(model_dir: Path, cfg: ModelConfig, device: torch.device | str,
         model = build_decoder(cfg)
     expected = model.weight_names_and_shapes()
     state: dict[str, torch.Tensor] = {}
+    pieces: dict[str, dict[tuple, torch.Tensor]] = {}
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
+            for key in f.keys():
+                name = checkpoint_name(key)
                 if name in expected:
-                    state[name] = f.get_tensor(name)
+                    state[name] = f.get_tensor(key)
+                elif (slot := expert_slot(name, expected)) is not None:
+                    fused, place = slot
+                    tensor = f.get_tensor(key)
+                    if tuple(tensor.shape) != slot_shape(expected[fused], place):
+                        raise UnsupportedModelError(
+                            f"{model_dir}: tensor {key} has shape {list(tensor.shape)}, config.json implies "
+                            f"{list(slot_shape(expected[fused], place))}")
+                    pieces.setdefault(fused, {})[place] = tensor
+    for fused, parts in pieces.items():
+        if fused not in state:
+            if len(parts) != slots_per_tensor(fused, expected[fused]):
+                raise UnsupportedModelError(
+                    f"{model_dir} weights hold {len(parts)} of the {slots_per_tensor(fused, expected[fused])} "
+                    f"per-expert tensors of {fused}")
+            state[fused] = gather_experts(fused, expected[fused], parts)
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")

@@ -353,7 +353,8 @@ class HttpFrontend:
             return {"object": "list", "data": [{
                 "id": name, "object": "model", "created": 0, "owned_by": "tidar-rollout",
                 "root": self.model_name, "max_model_len": max_context(self.router, self.config),
-                "weight_version": self.router.version, "weight_source": self.router.weight_source}
+                "weight_version": self.router.version, "weight_source": self.router.weight_source,
+                "family": self.config.family, "model_type": self.config.model_type}
                 for name in self.served_model_names]}
 
         @app.post("/v1/completions")

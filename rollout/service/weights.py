@@ -22,7 +22,10 @@ Design decisions:
   index, or every *.safetensors in it). Names, shapes and dtypes are checked from the files'
   headers before any tensor is read, and the set must be complete (a checkpoint is a whole model).
   Only regular files are opened, and every read is bounded by the update's deadline, off the
-  caller's thread (`weight_files.py`).
+  caller's thread (`weight_files.py`). MoE experts stored one tensor per expert (transformers'
+  on-disk layout) are gathered into the model's fused 3-D tensors (`model.loader.expert_slot`);
+  pushes send the fused tensors under their transformers 5 names (`mlp.experts.gate_up_proj`,
+  `mlp.experts.down_proj`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pathlib import Path
 import torch
 from ..config import UnsupportedModelError
 from ..model.decoder import Decoder
-from ..model.loader import safetensors_files
+from ..model.loader import checkpoint_name, expert_slot, gather_experts, safetensors_files, slot_shape, slots_per_tensor
 from .weight_files import SAFETENSORS_DTYPES, WeightFileError, check_regular_file, off_thread, read_header, read_tensors
 
 WEIGHT_SWAP_MODES = ("wait", "abort", "keep")
@@ -80,6 +83,9 @@ def canonical_name(name: str, expected: dict[str, tuple[int, ...]]) -> str:
                 stack.append(stripped)
     if len(candidates) == 1:
         return candidates.pop()
+    if not candidates and (slot := expert_slot(name, expected)) is not None:
+        raise WeightMismatchError(f"tensor {name!r} is one expert's weight: the served model holds each layer's "
+                                  f"experts as one 3-D tensor ({slot[0]}, transformers 5's name); push that")
     if not candidates:
         raise WeightMismatchError(f"tensor {name!r} is not a weight of the served model (nor a wrapped name of "
                                   "one: module., _orig_mod., _fsdp_wrapped_module., model.model., "
@@ -204,6 +210,7 @@ def _read_checkpoint(path: str | Path, model: Decoder, deadline: float, stop) ->
     if tied:
         expected[TIED_HEAD] = expected[EMBEDDING]
     found: dict[str, tuple[Path, str]] = {}
+    experts: dict[str, dict[tuple, tuple[Path, str]]] = {}  # per-expert tensors of a fused one, by place
     wanted: dict[Path, dict[str, dict]] = {}
     for file in weight_files(path):
         try:
@@ -213,16 +220,25 @@ def _read_checkpoint(path: str | Path, model: Decoder, deadline: float, stop) ->
         except OSError as e:  # unreadable: name it
             raise WeightMismatchError(f"{file} is not a readable safetensors file: {e}") from None
         for key, entry in entries.items():
-            name = canonical_name(key, expected)
+            slot = expert_slot(checkpoint_name(key), expected)  # one expert of a fused tensor
+            if slot is not None:
+                check_tensor_header(key, entry["shape"], entry["dtype"], {key: slot_shape(expected[slot[0]], slot[1])})
+                experts.setdefault(slot[0], {})[slot[1]] = (file, key)
+                wanted.setdefault(file, {})[key] = entry
+                continue
+            name = canonical_name(checkpoint_name(key), expected)
             if name in found:
                 raise WeightMismatchError(f"{file}: tensor {key!r} is {name}, already in {found[name][0]}")
             check_tensor_header(name, entry["shape"], entry["dtype"], expected)
             found[name] = (file, key)
             wanted.setdefault(file, {})[key] = entry
-    missing = sorted(set(expected) - set(found) - ({TIED_HEAD} if tied else set()))
+    complete = {name: places for name, places in experts.items()
+                if name not in found and len(places) == slots_per_tensor(name, expected[name])}
+    missing = sorted(set(expected) - set(found) - set(complete) - ({TIED_HEAD} if tied else set()))
     if missing:
         raise WeightMismatchError(f"{path} lacks {len(missing)} weights of the model: {missing[:5]}")
     tensors: dict[str, torch.Tensor] = {}
+    pieces: dict[str, dict[tuple, torch.Tensor]] = {}
     for file, entries in wanted.items():
         try:
             by_key = read_tensors(file, entries, deadline, stop)
@@ -231,6 +247,11 @@ def _read_checkpoint(path: str | Path, model: Decoder, deadline: float, stop) ->
         for name, (where, key) in found.items():
             if where == file:
                 tensors[name] = by_key[key]
+        for name, places in complete.items():
+            pieces.setdefault(name, {}).update((place, by_key[key]) for place, (where, key) in places.items()
+                                               if where == file)
+    for name, parts in pieces.items():
+        tensors[name] = gather_experts(name, expected[name], parts)
     return tensors
 
 

@@ -14,7 +14,8 @@ import torch
 
 from ..config import TIDAR_CONFIG_FILE
 
-HF_CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
+HF_CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+                     "qwen3_moe": "Qwen3MoeConfig", "mixtral": "MixtralConfig"}
 
 
 def make_tiny_model(path: str | Path, model_type: str = "qwen2", vocab_size: int = 16, hidden_size: int = 32,
