@@ -92,6 +92,11 @@ class ZayaConfig:
     def intermediate_size(self) -> int:  # the engine's cost key names the MLP width
         return self.moe_intermediate_size
 
+    # What the engine's cost key and the status name (as `ModelConfig` has them).
+    family = property(lambda self: "zaya")
+    num_experts_per_tok = property(lambda self: 1)  # top-1 (or the skip expert)
+    moe_layers = property(lambda self: tuple(range(self.num_layers)))
+
     @property
     def conv_context(self) -> int:
         """P: how many earlier tokens a token's q/k convolution reads."""
