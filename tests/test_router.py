@@ -257,3 +257,24 @@ def test_a_replica_behind_catches_up_without_any_request_and_reports_rays_restar
     assert during["catching_up"] and not during["ready"]
     assert after["ready"] and not after["catching_up"] and after["weight_version"] == 1 and after["restarts"] == 2
     assert metrics.catch_ups._value.get() == 1 and metrics.ready_replicas._value.get() == 1
+
+
+def test_a_replica_that_restarted_during_a_pause_is_paused_again_for_the_time_left():
+    class Unpaused(FakeReplica):
+        def __init__(self):
+            super().__init__()
+            self.pauses = []
+            self.status = FakeMethod(lambda: done(dict(weight_version=0, ready=True, paused=not not self.pauses)))
+            self.pause = FakeMethod(lambda mode, timeout: done(self.pauses.append((mode, timeout)) or 0))
+
+    async def run():
+        router = Router(FrontendMetrics(None))
+        replica = Unpaused()
+        router.add_replica(replica, "r")
+        router.paused_until = time.monotonic() + 100
+        await router.check_replicas()
+        await router.check_replicas()  # paused now: nothing more to do
+        router.paused_until = None
+        return replica
+    replica = asyncio.run(run())
+    assert len(replica.pauses) == 1 and replica.pauses[0][0] == "keep" and 90 < replica.pauses[0][1] <= 100

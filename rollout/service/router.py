@@ -324,14 +324,22 @@ class Router:
 
     async def check_replicas(self) -> None:
         """Asks every replica its version; one behind the router's (restarted on the base weights,
-        or it missed a push) loads the current weights now. A replica that does not answer
-        (restarting) is looked at again at the next check."""
+        or it missed a push) loads the current weights now, and one that came back unpaused
+        during a pause is paused for the time left. A replica that does not answer (restarting)
+        is looked at again at the next check."""
         async def check(r: ReplicaSlot) -> bool:
             try:
                 st = await asyncio.wait_for(r.actor.status.remote(), self.control_timeout)
             except (*REPLICA_FAILURES, asyncio.TimeoutError):
                 return False
             r.restarts = st.get("restarts", r.restarts)
+            left = (self.paused_until or 0.0) - time.monotonic()
+            if left > 0 and not st.get("paused", True):  # restarted during a pause: it came back unpaused
+                try:
+                    await asyncio.wait_for(r.actor.pause.remote("keep", left), self.control_timeout)
+                    log.info("replica %s came back during a pause; paused it for the %.0f s left", r.name, left)
+                except (*REPLICA_FAILURES, asyncio.TimeoutError, ValueError) as e:
+                    log.warning("replica %s could not be paused again: %s", r.name, e)
             if st["weight_version"] >= self.version:  # ahead: a commit still returning to the router
                 r.down = False
                 return True
