@@ -3,25 +3,35 @@
 Per-token arrays travel as raw little-endian bytes (int32 ids, float32 log-probs, int64
 versions, uint8 draft flags). Weight pushes travel as chunks whose framing metadata is msgpack.
 Both the service and the trainer bridge use these functions, so the format has one definition.
+
+Weight bytes are checksummed with xxHash XXH3-64 (`tensor_digest`: native, one pass at memory
+speed; zlib's crc32 was a quarter of that), except where tensors land on a GPU
+(`tensor_checksum`, computed on the device). Pushes avoid Python-level copies of the payload:
+`weight_frames` serialises a chunk with one copy of its bytes (protobuf's message object took
+two), `WeightAssembler` writes each chunk once into an uninitialised buffer, and `pack_tensors`
+hands the object store numpy byte arrays, which Ray stores with one copy and every replica maps
+without another (a pickled torch tensor was copied at both ends).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 
 import msgpack
 import numpy as np
 import torch
+import xxhash
 
 from .params import Completion, SamplingParams
 from .v1 import rollout_pb2 as pb
 
 FINISH_REASONS = {"stop": pb.STOP, "length": pb.LENGTH, "abort": pb.ABORT, "error": pb.ERROR}
 FINISH_NAMES = {v: k for k, v in FINISH_REASONS.items()}
-WEIGHT_CHUNK_BYTES = 4 << 20
+WEIGHT_CHUNK_BYTES = 32 << 20  # the server takes messages of up to 64 MiB
 MAX_TENSOR_BYTES = 64 << 30
 
 
@@ -125,6 +135,53 @@ def tensor_crc32(tensor: torch.Tensor) -> int:
     return zlib.crc32(tensor_bytes(tensor))
 
 
+def tensor_digest(tensor: torch.Tensor) -> int:
+    """XXH3-64 of a tensor's bytes (a GPU tensor is copied to the host for it: GPU pushes use
+    `tensor_checksum`)."""
+    return xxhash.xxh3_64_intdigest(tensor_bytes(tensor))
+
+
+def checksum(kind: str, tensor: torch.Tensor) -> int:
+    """The checksum a broadcast manifest names: "xxh3" (host tensors) or "wsum" (`tensor_checksum`,
+    on the tensor's device)."""
+    if kind == "xxh3":
+        if tensor.device.type != "cpu":
+            raise ValueError("checksum 'xxh3' is for host tensors; tensors on a GPU use 'wsum'")
+        return tensor_digest(tensor)
+    if kind == "wsum":
+        return tensor_checksum(tensor)
+    raise ValueError(f"checksum must be 'xxh3' or 'wsum', got {kind!r}")
+
+
+def pack_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, list[int], np.ndarray]]:
+    """Tensors as (dtype name, shape, uint8 bytes) for the object store: Ray stores numpy arrays
+    with one copy and maps them read-only in every reader (no per-replica copy)."""
+    return {name: (dtype_name(t.dtype), list(t.shape), tensor_bytes(t)) for name, t in tensors.items()}
+
+
+def unpack_tensors(packed: dict) -> dict[str, torch.Tensor]:
+    """The inverse of `pack_tensors`: tensors viewing the (read-only) arrays, no copy. Plain
+    tensor values pass through unchanged."""
+    out = {}
+    for name, value in packed.items():
+        if isinstance(value, torch.Tensor):
+            out[name] = value
+            continue
+        dtype, shape, data = value
+        out[name] = bytes_tensor(data).view(parse_dtype(dtype, name)).reshape(shape)
+    return out
+
+
+def bytes_tensor(data: np.ndarray) -> torch.Tensor:
+    """A uint8 tensor viewing `data` (no copy), also when it is read-only (object-store arrays,
+    read-only mappings: nothing writes through these views) or empty."""
+    if data.size == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(data, dtype=np.uint8))
+
+
 CHECKSUM_CHUNK_BYTES = 1 << 24  # bytes widened to int64 at a time (a 128 MiB temporary)
 
 
@@ -156,17 +213,16 @@ def weights_fingerprint(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torc
     return digest.hexdigest()
 
 
-def weight_chunks(tensors: Iterable[tuple[str, torch.Tensor]], version: int, num_tensors: int,
-                  chunk_bytes: int = WEIGHT_CHUNK_BYTES, mode: str = "wait",
-                  update_id: str | None = None) -> Iterator[pb.WeightChunk]:
-    """Splits named tensors (HF names) into WeightChunk messages (the UpdateWeights stream).
-    `mode` says what happens to in-flight requests at the swap: "wait", "abort" or "keep".
-    With `update_id` the chunks are one bucket of that open update (PushWeightBucket)."""
+def _chunk_parts(tensors: Iterable[tuple[str, torch.Tensor]], version: int, num_tensors: int, chunk_bytes: int,
+                 mode: str, update_id: str | None) -> Iterator[tuple[bytes, np.ndarray]]:
+    """(msgpack metadata, byte view) of every chunk of a push; the views are not copies."""
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
     first = True
     for name, tensor in tensors:
         data = tensor_bytes(tensor)
         head = dict(name=name, dtype=dtype_name(tensor.dtype), shape=list(tensor.shape), nbytes=int(data.size),
-                    crc32=zlib.crc32(data))
+                    xxh3=xxhash.xxh3_64_intdigest(data))
         for offset in range(0, max(data.size, 1), chunk_bytes):
             meta = dict(head, offset=offset)
             if first:
@@ -176,7 +232,36 @@ def weight_chunks(tensors: Iterable[tuple[str, torch.Tensor]], version: int, num
                 else:
                     meta["version"] = version
                 first = False
-            yield pb.WeightChunk(metadata=msgpack.packb(meta), data=data[offset:offset + chunk_bytes].tobytes())
+            yield msgpack.packb(meta), data[offset:offset + chunk_bytes]
+
+
+def weight_chunks(tensors: Iterable[tuple[str, torch.Tensor]], version: int, num_tensors: int,
+                  chunk_bytes: int = WEIGHT_CHUNK_BYTES, mode: str = "wait",
+                  update_id: str | None = None) -> Iterator[pb.WeightChunk]:
+    """Splits named tensors (HF names) into WeightChunk messages (the UpdateWeights stream).
+    `mode` says what happens to in-flight requests at the swap: "wait", "abort" or "keep".
+    With `update_id` the chunks are one bucket of that open update (PushWeightBucket)."""
+    for meta, data in _chunk_parts(tensors, version, num_tensors, chunk_bytes, mode, update_id):
+        yield pb.WeightChunk(metadata=meta, data=data.tobytes())
+
+
+def weight_frames(tensors: Iterable[tuple[str, torch.Tensor]], version: int, num_tensors: int,
+                  chunk_bytes: int = WEIGHT_CHUNK_BYTES, mode: str = "wait",
+                  update_id: str | None = None) -> Iterator[bytes]:
+    """The chunks of `weight_chunks`, already serialised (the WeightChunk wire format: field 1
+    metadata, field 2 data), for a call made with no request serialiser (`raw_weight_calls`)."""
+    for meta, data in _chunk_parts(tensors, version, num_tensors, chunk_bytes, mode, update_id):
+        data_field = (b"\x12", _varint(data.size), data) if data.size else ()  # proto3 leaves empty bytes out
+        yield b"".join((b"\x0a", _varint(len(meta)), meta, *data_field))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def chunk_update_id(chunk: pb.WeightChunk) -> str:
@@ -205,7 +290,8 @@ class WeightAssembler:
         self.num_tensors: int | None = None
         self.mode = "wait"
         self.num_bytes = 0
-        self._current: tuple[dict, bytearray, list[int]] | None = None  # header, buffer, [bytes filled]
+        self.broadcast_options: dict = {}  # a broadcast push's checksum kind and bucket size
+        self._current: tuple[dict, np.ndarray, list] | None = None  # header, buffer, [bytes filled, hash state]
 
     def broadcast_manifest(self, chunk: pb.WeightChunk) -> list | None:
         """The tensor list of a broadcast push (see the proto), or None for a chunked push."""
@@ -228,6 +314,12 @@ class WeightAssembler:
                 raise ValueError(f"tensor {name!r}: shape {shape} is not a weight of the served model "
                                  f"({list(self.expected[name]) if name in self.expected else 'no such name'})")
             self.num_bytes += math.prod(shape) * parse_dtype(dtype, name).itemsize
+        kind, bucket_bytes = meta.get("checksum", "wsum"), meta.get("bucket_bytes", 0)
+        if kind not in ("xxh3", "wsum"):
+            raise ValueError(f"a broadcast push's checksum must be 'xxh3' or 'wsum', got {kind!r}")
+        if not isinstance(bucket_bytes, int) or bucket_bytes < 0:
+            raise ValueError(f"a broadcast push's bucket_bytes must be an int >= 0, got {bucket_bytes!r}")
+        self.broadcast_options = dict(checksum=kind, bucket_bytes=bucket_bytes)
         self.version, self.mode = int(meta.get("version", 0)), str(meta.get("mode", "wait"))
         self.num_tensors = len(manifest)
         return manifest
@@ -255,17 +347,27 @@ class WeightAssembler:
                 raise ValueError(f"tensor {name}: nbytes must be in [0, {MAX_TENSOR_BYTES}], got {nbytes!r}")
             if self.expected is not None:
                 self._check_header(meta)
-            self._current = (meta, bytearray(nbytes), [0])  # preallocated: one copy per byte
+            if not isinstance(meta.get("xxh3", meta.get("crc32")), int):
+                raise ValueError(f"tensor {name}: the header needs a checksum ('xxh3', or 'crc32' from older clients)")
+            # Uninitialised (zero-filling would be a pass of its own); every byte is written once
+            # and the tensor is refused unless all of them arrived.
+            state = xxhash.xxh3_64() if "xxh3" in meta else 0
+            self._current = (meta, np.empty(nbytes, dtype=np.uint8), [0, state])
         head, buf, filled = self._current
         name = head["name"]
         if offset != filled[0]:
             raise ValueError(f"tensor {name}: chunk at offset {offset}, expected {filled[0]}")
-        end = offset + len(chunk.data)
+        data = chunk.data
+        end = offset + len(data)
         if end > len(buf):
             raise ValueError(f"tensor {name}: received {end} bytes, header says {len(buf)}")
-        buf[offset:end] = chunk.data
+        buf[offset:end] = np.frombuffer(data, dtype=np.uint8)
+        if isinstance(filled[1], int):
+            filled[1] = zlib.crc32(data, filled[1])
+        else:
+            filled[1].update(data)
         filled[0] = end
-        self.num_bytes += len(chunk.data)
+        self.num_bytes += len(data)
 
     def _check_header(self, meta: dict) -> None:
         """Name, shape and size of a tensor header against the served model (sizes before contents)."""
@@ -287,12 +389,14 @@ class WeightAssembler:
         name = meta["name"]
         if filled[0] != len(buf):
             raise ValueError(f"tensor {name}: received {filled[0]} of {len(buf)} bytes")
-        if zlib.crc32(buf) != meta["crc32"]:
-            raise ValueError(f"tensor {name}: checksum mismatch (crc32)")
+        if isinstance(filled[1], int):
+            if filled[1] != meta["crc32"]:
+                raise ValueError(f"tensor {name}: checksum mismatch (crc32)")
+        elif filled[1].intdigest() != meta["xxh3"]:
+            raise ValueError(f"tensor {name}: checksum mismatch (xxh3)")
         dtype = parse_dtype(meta["dtype"], name)
         try:
-            raw = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
-            tensor = raw.view(dtype).reshape(meta["shape"])
+            tensor = bytes_tensor(buf).view(dtype).reshape(meta["shape"])
         except RuntimeError as e:
             raise ValueError(f"tensor {name}: dtype {meta['dtype']} / shape {meta['shape']} do not fit: {e}") from None
         self.tensors[name] = tensor

@@ -187,22 +187,124 @@ def _error_of(fn, *args) -> str:
 
 def test_a_broadcast_push_with_a_bad_checksum_still_receives_every_tensor(replica, monkeypatch):
     """Verify after receiving: a replica that stopped at the bad tensor would leave the trainer
-    and the other replicas blocked in the collective until the timeout."""
-    import rollout.service.replica as replica_module
-    from rollout.wire import tensor_checksum
+    and the other replicas blocked in the collective until the timeout. Small buckets: several
+    tensors share one, the large ones travel alone."""
+    import rollout.service.weight_group as weight_group
+    from rollout.wire import tensor_digest
     state = replica.engine.model.state_dict()
     names = list(replica.engine.model.weight_names_and_shapes())
+    sizes = [state[n].numel() * state[n].element_size() for n in names]
+    buckets = weight_group.bucket_layout(sizes, 4096)
+    assert any(len(b.items) > 1 for b in buckets) and any(b.alone for b in buckets)
     received = []
 
-    def fake_broadcast(group, tensor, timeout):
-        name = names[len(received)]
-        tensor.copy_(state[name])
-        received.append(name)
-    monkeypatch.setattr(replica_module, "broadcast", fake_broadcast)
+    class Done:
+        def wait(self):
+            return True
+
+    def fake_broadcast(group, tensor, timeout):  # the sender's bytes, as rank 0 would pack them
+        bucket = buckets[len(received)]
+        for i, offset, nbytes in bucket.items:
+            src = state[names[i]].reshape(-1).view(torch.uint8)
+            (tensor.reshape(-1).view(torch.uint8) if bucket.alone else tensor[offset:offset + nbytes]).copy_(src)
+        received.append(bucket)
+        return Done()
+    monkeypatch.setattr(weight_group, "broadcast_async", fake_broadcast)
     replica._group, replica._group_backend = object(), "gloo"
-    manifest = [[n, str(state[n].dtype).removeprefix("torch."), list(state[n].shape), tensor_checksum(state[n])]
+    manifest = [[n, str(state[n].dtype).removeprefix("torch."), list(state[n].shape), tensor_digest(state[n])]
                 for n in names]
     manifest[0][3] ^= 1  # the first tensor's checksum is wrong
     with pytest.raises(WeightMismatchError, match=f"checksum mismatch after broadcast: {names[0]}"):
-        replica.receive_broadcast(1, manifest)
-    assert received == names and replica._staged is None
+        replica.receive_broadcast(1, manifest, "xxh3", 4096)
+    assert received == buckets and replica._staged is None
+    manifest[0][3] ^= 1  # the same bytes, every checksum right: staged, equal to what was sent
+    received.clear()
+    replica.receive_broadcast(1, manifest, "xxh3", 4096)
+    assert all(torch.equal(replica._staged.tensors[n], state[n]) for n in names)
+
+
+TRAINER = """
+import json, sys, time
+from safetensors.torch import load_file
+from rollout.service.shared_weights import SharedSegment
+segment = SharedSegment(list(load_file(sys.argv[1]).items()))
+print(json.dumps(dict(fd=segment.fd, size=segment.size, entries=[list(e.__dict__.values()) for e in segment.entries])),
+      flush=True)
+time.sleep(600)
+"""
+
+
+def _memfd_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("memfd:rollout-weights" in line for line in f)
+
+
+def test_a_trainer_killed_mid_push_leaves_no_segment_and_the_old_version_serving(replica, tmp_path):
+    """Same-host push: the trainer (another process) writes a sealed memfd, the replica maps and
+    stages it, the trainer is killed before the commit: nothing is left in /dev/shm, the mapping
+    goes with the discarded staging, and the replica serves version 0 as before; a push naming
+    the dead trainer's segment is refused."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from rollout.service.shared_weights import SharedEntry, SharedSegmentError, host_id
+    before_shm = set(os.listdir("/dev/shm"))
+    before_out = [r["token_ids"].tolist() for r in drain(replica.generate("before", PROMPTS, dict(max_tokens=8, seed=1), 0))]
+    state = perturbed(replica.engine, 3)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "state.safetensors")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, str(tmp_path / "state.safetensors")],
+                               stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        seg = json.loads(trainer.stdout.readline())
+        entries = [SharedEntry(*e) for e in seg["entries"]]
+        assert replica.stage_shared(1, trainer.pid, seg["fd"], seg["size"], entries, host_id()) > 0
+        assert _memfd_mappings() >= 1  # staged: views of the trainer's segment
+    finally:
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(60)
+    replica.discard_weights()  # what the router does when the push's RPC fails
+    assert _memfd_mappings() == 0
+    assert set(os.listdir("/dev/shm")) == before_shm
+    with pytest.raises(SharedSegmentError, match="did the trainer exit"):
+        replica.stage_shared(1, trainer.pid, seg["fd"], seg["size"], entries, host_id())
+    with pytest.raises(SharedSegmentError, match="another host|trainer on this replica's host"):
+        replica.stage_shared(1, os.getpid(), 0, seg["size"], entries, "elsewhere/1")
+    assert replica.engine.weight_version == 0
+    after = drain(replica.generate("after", PROMPTS, dict(max_tokens=8, seed=1), 0))
+    assert [r["token_ids"].tolist() for r in after] == before_out
+
+
+def test_a_shared_segment_is_sealed_and_its_bytes_are_checked(replica):
+    """The replica stages views of the segment only after every tensor's XXH3-64 matched, and
+    commits exactly those bytes; an unsealed file is refused (its bytes could change later)."""
+    import os
+
+    from rollout.service.shared_weights import SharedSegment, SharedSegmentError, host_id
+    state = perturbed(replica.engine, 4)
+    with SharedSegment(list(state.items())) as seg:
+        with pytest.raises(PermissionError):  # sealed: not even the trainer can change it now
+            os.write(seg.fd, b"x")
+        bad = list(seg.entries)
+        bad[1] = type(bad[1])(**dict(bad[1].__dict__, xxh3=bad[1].xxh3 ^ 1))
+        with pytest.raises(ValueError, match=f"tensor {bad[1].name}: checksum mismatch"):
+            replica.stage_shared(1, os.getpid(), seg.fd, seg.size, bad, host_id())
+        assert replica._staged is None
+        replica.stage_shared(1, os.getpid(), seg.fd, seg.size, seg.entries, host_id())
+    assert replica.commit_weights(1) == 1  # the trainer closed its fd; the replica's mapping is enough
+    served = replica.engine.model.state_dict()
+    assert all(torch.equal(served[k], v) for k, v in state.items())
+    assert _memfd_mappings() == 0
+    fd = os.memfd_create("rollout-weights")
+    try:
+        os.ftruncate(fd, 64)
+        with pytest.raises(SharedSegmentError, match="not a sealed memfd"):
+            replica.stage_shared(2, os.getpid(), fd, 64, [], host_id())
+    finally:
+        os.close(fd)

@@ -82,8 +82,8 @@ def test_a_bucketed_push_is_one_version_serving_exactly_those_weights(runner, ba
     before = status(runner).weight_version
     sync = WeightSync(runner.client(TOKEN))
     buckets_sent = []
-    original = sync.client.stub.PushWeightBucket
-    sync.client.stub.PushWeightBucket = lambda chunks, **kw: buckets_sent.append(1) or original(chunks, **kw)
+    original = sync._push_bucket_raw
+    sync._push_bucket_raw = lambda chunks, **kw: buckets_sent.append(1) or original(chunks, **kw)
     result = sync.push_named(pushed, bucket_bytes=4 << 20)
     assert len(buckets_sent) >= 2
     assert result.version == before + 1 == status(runner).weight_version
@@ -235,3 +235,78 @@ def test_pause_abort_ends_running_requests_with_abort(runner):
     assert len(out["got"]) == 8 and all(x.finish_reason == pb.ABORT for x in out["got"])
     sync.resume()
     assert runner.stub().Generate(request([[5]], max_tokens=3), timeout=CALL_TIMEOUT).trajectories
+
+
+def test_a_same_host_push_goes_by_shared_memory_and_serves_exactly_those_weights(runner, base_state, tmp_path):
+    """WeightSync's default picks the shared-memory path here (the replica is on this host), and
+    the replica drops its mapping of the segment once the version is served."""
+    import os
+    state = perturbed(base_state, 5)
+    before = status(runner).weight_version
+    sync = WeightSync(runner.client(TOKEN))
+    result = sync.push(state)
+    assert (result.transport, sync.chosen_transport) == ("shared", "shared")
+    assert result.version == before + 1 == status(runner).weight_version
+    assert result.num_bytes == sum(t.numel() * t.element_size() for t in state.values())
+    assert served(runner) == expected_with(state, tmp_path)
+    replica = runner.service.router.replicas[0].actor
+    pid = ray.get(replica.status.remote())["pid"]
+    with open(f"/proc/{pid}/maps") as f:
+        assert "memfd:rollout-weights" not in f.read()
+    assert os.path.isdir("/dev/shm") and not [n for n in os.listdir("/dev/shm") if "rollout-weights" in n]
+
+
+def shared_request(segment, **changes) -> pb.SharedWeightsRequest:
+    import os
+
+    from rollout.service.shared_weights import host_id
+    tensors = [pb.SharedTensor(name=e.name, dtype=e.dtype, shape=list(e.shape), offset=e.offset, nbytes=e.nbytes,
+                               xxh3=e.xxh3) for e in segment.entries]
+    for i, fields in changes.pop("tensor", {}).items():
+        for k, v in fields.items():
+            if k == "shape":
+                del tensors[i].shape[:]
+                tensors[i].shape.extend(v)
+            else:
+                setattr(tensors[i], k, v)
+    return pb.SharedWeightsRequest(**dict(dict(pid=os.getpid(), fd=segment.fd, size=segment.size, host_id=host_id(),
+                                               tensors=tensors), **changes))
+
+
+@pytest.mark.parametrize("case,code,match", [
+    ("checksum", grpc.StatusCode.INVALID_ARGUMENT, r"checksum mismatch \(xxh3\)"),
+    ("nan", grpc.StatusCode.INVALID_ARGUMENT, "contains NaN or Inf"),
+    ("shape", grpc.StatusCode.INVALID_ARGUMENT, r"shape \[3\], the model has"),
+    ("name", grpc.StatusCode.INVALID_ARGUMENT, "'model.nope.weight' is not a weight"),
+    ("dtype", grpc.StatusCode.INVALID_ARGUMENT, "pushed as torch.float16"),
+    ("range", grpc.StatusCode.INVALID_ARGUMENT, "not an aligned range"),
+    ("host", grpc.StatusCode.FAILED_PRECONDITION, "trainer on this replica's host"),
+])
+def test_a_bad_shared_push_is_refused_and_nothing_changes(runner, base_state, case, code, match):
+    from rollout.service.shared_weights import SharedSegment
+    state = perturbed(base_state, 6)
+    first = next(iter(state))
+    changes = {}
+    if case == "nan":
+        state["model.norm.weight"] = state["model.norm.weight"].clone()
+        state["model.norm.weight"][3] = float("nan")
+    elif case == "dtype":
+        state["model.norm.weight"] = state["model.norm.weight"].half()
+    elif case == "checksum":
+        changes = dict(tensor={0: dict(xxh3=1)})
+    elif case == "shape":
+        changes = dict(tensor={0: dict(shape=[3])})
+    elif case == "name":
+        changes = dict(tensor={0: dict(name="model.nope.weight")})
+    elif case == "range":
+        changes = dict(tensor={0: dict(offset=1 << 40)})
+    elif case == "host":
+        changes = dict(host_id="another-host/1")
+    before, outputs = status(runner).weight_version, served(runner)
+    with SharedSegment(list(state.items())) as segment:
+        with pytest.raises(grpc.RpcError) as info:
+            runner.stub().UpdateWeightsShared(shared_request(segment, **changes), timeout=CALL_TIMEOUT,
+                                              metadata=(("authorization", f"Bearer {TOKEN}"),))
+    assert info.value.code() == code, info.value.details()
+    assert pytest.importorskip("re").search(match, info.value.details()), (first, info.value.details())
+    assert status(runner).weight_version == before and served(runner) == outputs

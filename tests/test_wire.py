@@ -115,3 +115,44 @@ def test_tensor_checksum_sees_any_changed_byte_and_swaps_and_is_chunking_invaria
     monkeypatch.setattr(wire, "CHECKSUM_CHUNK_BYTES", 7)  # the chunked sum is the same sum
     assert tensor_checksum(t) == base
     assert tensor_checksum(torch.tensor(2.5)) == tensor_checksum(torch.tensor([2.5]))
+
+
+def test_frames_are_the_chunks_serialised_and_reassemble_exactly():
+    from rollout.wire import weight_frames
+    src = tensors()
+    frames = list(weight_frames(src.items(), version=2, num_tensors=3, chunk_bytes=512, mode="abort"))
+    assert frames == [c.SerializeToString() for c in weight_chunks(src.items(), 2, 3, 512, "abort")]
+    asm, out = assemble(pb.WeightChunk.FromString(f) for f in frames)
+    assert (asm.version, asm.mode) == (2, "abort")
+    assert all(torch.equal(out[k], v) and out[k].dtype == v.dtype for k, v in src.items())
+
+
+def test_chunks_of_older_clients_are_checked_with_crc32():
+    import zlib
+    data = torch.arange(4.0).numpy().tobytes()
+    head = dict(name="a", offset=0, nbytes=16, dtype="float32", shape=[4], version=0, num_tensors=1)
+    _, out = assemble([pb.WeightChunk(metadata=msgpack.packb(dict(head, crc32=zlib.crc32(data))), data=data)])
+    assert torch.equal(out["a"], torch.arange(4.0))
+    with pytest.raises(ValueError, match=r"checksum mismatch \(crc32\)"):
+        assemble([pb.WeightChunk(metadata=msgpack.packb(dict(head, crc32=zlib.crc32(data) ^ 1)), data=data)])
+    with pytest.raises(ValueError, match="needs a checksum"):
+        assemble([pb.WeightChunk(metadata=msgpack.packb(head), data=data)])
+
+
+def test_packed_tensors_round_trip_without_a_copy():
+    from rollout.wire import pack_tensors, unpack_tensors
+    src = tensors()
+    packed = pack_tensors(src)
+    out = unpack_tensors(packed)
+    assert all(torch.equal(out[k], v) and out[k].dtype == v.dtype for k, v in src.items())
+    assert out["a"].data_ptr() == packed["a"][2].ctypes.data  # a view of the stored bytes
+    assert unpack_tensors({"t": src["b"]})["t"] is src["b"]
+
+
+def test_bucket_layout_packs_consecutive_tensors_aligned_and_big_ones_alone():
+    from rollout.service.weight_group import ALIGN, bucket_layout
+    buckets = bucket_layout([10, 20, 300, 5, 0, 7], 128)
+    assert [[i for i, _, _ in b.items] for b in buckets] == [[0, 1], [2], [3, 4, 5]]
+    assert all(off % ALIGN == 0 for b in buckets for _, off, _ in b.items)
+    assert buckets[1].alone and buckets[0].size == ALIGN + 20
+    assert [len(b.items) for b in bucket_layout([10, 20, 30], 0)] == [1, 1, 1]  # 0: every tensor alone

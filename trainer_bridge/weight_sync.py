@@ -1,12 +1,18 @@
 """WeightSync: push a trainer's weights to every replica as a new policy version.
 
 Transports:
-- "grpc" (anywhere): the tensors stream over UpdateWeights in chunks (msgpack framing, crc32
-  per tensor).
-- "broadcast" (fast): a torch.distributed group between this process (rank 0) and the replicas
+- "shared" (same host): the tensors are written once into a sealed shared-memory file (a memfd,
+  `rollout.service.shared_weights`), and only the manifest (names, dtypes, shapes, offsets,
+  XXH3-64 checksums) goes over gRPC (UpdateWeightsShared); every replica maps the file and
+  copies from it. Needs every replica on this host, in this pid namespace.
+- "grpc" (anywhere): the tensors stream over UpdateWeights in chunks of `chunk_bytes`
+  (msgpack framing, XXH3-64 per tensor), serialised without protobuf message objects.
+- "broadcast": a torch.distributed group between this process (rank 0) and the replicas
   (NCCL on GPUs, gloo on CPU), formed once through the service's InitWeightGroup; each push
-  announces the tensor list over UpdateWeights, then broadcasts the tensors. Every collective
-  carries the timeout.
+  announces the tensor list over UpdateWeights, then broadcasts the tensors in pipelined buckets
+  of `bucket_bytes` (`rollout.service.weight_group`). Every collective carries the timeout.
+- "auto" (the default): "shared" when GetStatus shows every replica on this host
+  (ReplicaStatus.host_id), else "grpc"; the choice is logged and kept in `chosen_transport`.
 Either way the service verifies everything, swaps between engine steps on every replica, and
 bumps the version; a failed push leaves the old version serving everywhere.
 
@@ -20,6 +26,7 @@ weights the service started with, and `pause` / `resume` hold generation around 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from collections.abc import Iterable, Mapping
@@ -29,15 +36,17 @@ import grpc
 import msgpack
 import torch
 
-from rollout.service.weight_group import broadcast, make_weight_group
+from rollout.service.shared_weights import SharedSegment, host_id
+from rollout.service.weight_group import bucket_layout, make_weight_group, pipelined_broadcast
 from rollout.v1 import rollout_pb2 as pb
-from rollout.wire import WEIGHT_CHUNK_BYTES, dtype_name, tensor_checksum, weight_chunks, weights_fingerprint
+from rollout.wire import WEIGHT_CHUNK_BYTES, checksum, dtype_name, weight_frames, weights_fingerprint
 
 from .client import RolloutClient
 
 log = logging.getLogger(__name__)
-TRANSPORTS = ("grpc", "broadcast")
+TRANSPORTS = ("auto", "shared", "grpc", "broadcast")
 BUCKET_BYTES = 256 << 20
+BROADCAST_BUCKET_BYTES = 64 << 20
 
 
 RESTART_RETRY_SECONDS = 120.0  # how long a push refused because a replica is restarting is retried
@@ -53,6 +62,7 @@ class PushResult:
     # before this one went through; the last refusal's message.
     retries: int = 0
     retried_because: str = ""
+    transport: str = ""  # the transport that carried the push
 
     @property
     def gb_per_s(self) -> float:
@@ -84,17 +94,41 @@ class WeightSync:
     because a replica is restarting (nothing changed) is sent again by itself, with backoff, for
     up to `restart_retry_seconds`; the result says how often (`PushResult.retries`)."""
 
-    def __init__(self, client: RolloutClient, transport: str = "grpc", *, chunk_bytes: int = WEIGHT_CHUNK_BYTES,
+    def __init__(self, client: RolloutClient, transport: str = "auto", *, chunk_bytes: int = WEIGHT_CHUNK_BYTES,
                  timeout: float = 600.0, master_address: str | None = None, master_port: int | None = None,
-                 backend: str = "", restart_retry_seconds: float = RESTART_RETRY_SECONDS):
+                 backend: str = "", restart_retry_seconds: float = RESTART_RETRY_SECONDS,
+                 bucket_bytes: int = BROADCAST_BUCKET_BYTES):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         if client.token is None:
             raise ValueError("weight pushes need the service's bearer token: RolloutClient(address, token=...)")
+        if chunk_bytes <= 0 or bucket_bytes < 0:
+            raise ValueError(f"chunk_bytes must be > 0 and bucket_bytes >= 0, got {chunk_bytes} and {bucket_bytes}")
         self.client, self.transport, self.chunk_bytes, self.timeout = client, transport, chunk_bytes, timeout
         self.master_address, self.master_port, self.backend = master_address, master_port, backend
         self.restart_retry_seconds = restart_retry_seconds
+        self.bucket_bytes = bucket_bytes  # broadcast buckets
+        self.chosen_transport = None if transport == "auto" else transport
         self._group = None
+        self._update_weights_raw = client.channel.stream_unary(
+            "/rollout.v1.RolloutService/UpdateWeights", request_serializer=None,
+            response_deserializer=pb.UpdateWeightsResponse.FromString)  # takes weight_frames' bytes as they are
+        self._push_bucket_raw = client.channel.stream_unary(
+            "/rollout.v1.RolloutService/PushWeightBucket", request_serializer=None,
+            response_deserializer=pb.WeightBucketResponse.FromString)
+
+    def choose_transport(self) -> str:
+        """The transport pushes use: for "auto", "shared" when every replica reports this host and
+        pid namespace, else "grpc" (asked once, logged)."""
+        if self.chosen_transport is None:
+            replicas = self.client.stub.GetStatus(pb.StatusRequest(), timeout=self.timeout,
+                                                  metadata=self.client.auth_metadata).replicas
+            here = host_id()
+            same = bool(here) and bool(replicas) and all(r.host_id == here for r in replicas)
+            self.chosen_transport = "shared" if same else "grpc"
+            log.info("weight pushes go by %s (%s)", self.chosen_transport,
+                     "every replica is on this host" if same else "not every replica is on this host")
+        return self.chosen_transport
 
     def _retrying(self, send) -> PushResult:
         """send() -> PushResult, sent again while the service refuses it because a replica is
@@ -126,15 +160,19 @@ class WeightSync:
 
         def send() -> PushResult:
             started = time.perf_counter()
-            if self.transport == "grpc":
-                resp = self.client.stub.UpdateWeights(
-                    weight_chunks(items, version=0, num_tensors=len(items), chunk_bytes=self.chunk_bytes, mode=mode),
+            transport = self.choose_transport()
+            if transport == "shared":
+                resp = self._push_shared(items, mode)
+            elif transport == "grpc":
+                resp = self._update_weights_raw(
+                    weight_frames(items, version=0, num_tensors=len(items), chunk_bytes=self.chunk_bytes, mode=mode),
                     timeout=self.timeout, metadata=self.client.auth_metadata)
             else:
                 resp = self._push_broadcast(items, mode)
-            return PushResult(resp.version, resp.num_tensors, resp.num_bytes, time.perf_counter() - started)
+            return PushResult(resp.version, resp.num_tensors, resp.num_bytes, time.perf_counter() - started,
+                              transport=transport)
         # A broadcast cannot be sent again as is: the restarted replica left the weight group.
-        return self._retrying(send) if self.transport == "grpc" else send()
+        return self._retrying(send) if self.choose_transport() != "broadcast" else send()
 
     def ensure_served(self, weights: Mapping[str, torch.Tensor], mode: str = "wait") -> PushResult | None:
         """Makes the service serve `weights` (a full state dict, HF names): compares their
@@ -171,7 +209,7 @@ class WeightSync:
                                            timeout=self.timeout, metadata=md).update_id
         try:
             for bucket in _buckets(items, bucket_bytes):
-                stub.PushWeightBucket(weight_chunks(bucket, 0, len(bucket), self.chunk_bytes, mode, update_id),
+                self._push_bucket_raw(weight_frames(bucket, 0, len(bucket), self.chunk_bytes, mode, update_id),
                                       timeout=self.timeout, metadata=md)
             resp = stub.CommitWeightUpdate(pb.CommitWeightUpdateRequest(update_id=update_id, mode=mode),
                                            timeout=self.timeout, metadata=md)
@@ -225,19 +263,31 @@ class WeightSync:
         self._group = make_weight_group(address, port, resp.world_size, 0, resp.backend, self.timeout)
         self._group_backend = resp.backend
 
+    def _push_shared(self, items: list[tuple[str, torch.Tensor]], mode: str):
+        """Writes the tensors into a sealed memfd, sends the manifest, closes the memfd whatever
+        happens (the replicas drop their mappings at commit or discard)."""
+        with SharedSegment(items) as segment:
+            request = pb.SharedWeightsRequest(
+                pid=os.getpid(), fd=segment.fd, size=segment.size, mode=mode, host_id=host_id(),
+                tensors=[pb.SharedTensor(name=e.name, dtype=e.dtype, shape=list(e.shape), offset=e.offset,
+                                         nbytes=e.nbytes, xxh3=e.xxh3) for e in segment.entries])
+            return self.client.stub.UpdateWeightsShared(request, timeout=self.timeout,
+                                                        metadata=self.client.auth_metadata)
+
     def _push_broadcast(self, items: list[tuple[str, torch.Tensor]], mode: str):
         self._ensure_group()
         device = "cuda" if self._group_backend == "nccl" else "cpu"
-        tensors = [(name, t.detach().to(device).contiguous()) for name, t in items]
+        tensors = [t.detach().to(device).contiguous() for _, t in items]
         # checksums where the tensors are (on the GPU for NCCL): no host copy of the weights
-        manifest = [[name, dtype_name(t.dtype), list(t.shape), tensor_checksum(t)] for name, t in tensors]
-        head = pb.WeightChunk(metadata=msgpack.packb(dict(transport="broadcast", version=0, mode=mode,
-                                                          tensors=manifest)))
+        kind = "wsum" if device != "cpu" else "xxh3"
+        manifest = [[name, dtype_name(t.dtype), list(t.shape), checksum(kind, t)] for (name, _), t in zip(items, tensors)]
+        head = pb.WeightChunk(metadata=msgpack.packb(dict(transport="broadcast", version=0, mode=mode, tensors=manifest,
+                                                          checksum=kind, bucket_bytes=self.bucket_bytes)))
         call = self.client.stub.UpdateWeights.future(iter([head]), timeout=self.timeout,
                                                      metadata=self.client.auth_metadata)
         try:
-            for _, t in tensors:
-                broadcast(self._group, t, self.timeout)
+            buckets = bucket_layout([t.numel() * t.element_size() for t in tensors], self.bucket_bytes)
+            pipelined_broadcast(self._group, buckets, tensors, device, self.timeout, sender=True)
         except Exception:
             self._group = None  # a broken group is formed anew on the next push
             call.cancel()

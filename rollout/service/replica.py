@@ -52,11 +52,12 @@ from ..config import EngineConfig
 from ..engine.engine import Engine, StepOutput
 from ..engine.sequence import Request, Sequence
 from ..params import SamplingParams
-from ..wire import completion_to_record, dtype_name, tensor_checksum, weights_fingerprint
+from ..wire import checksum, completion_to_record, dtype_name, unpack_tensors, weights_fingerprint
 from ..params import Completion
 from .messages import Failed, Finished, RequestDone, Stale, Started, Tokens
 from .metrics import ReplicaMetrics
-from .weight_group import broadcast, make_weight_group
+from .shared_weights import SharedEntry, host_id, map_segment, segment_tensors
+from .weight_group import bucket_layout, make_weight_group, pipelined_broadcast
 from .weights import (StagedWeights, WeightMismatchError, check_swap_mode, read_weights_from_disk,
                       stage_weights)
 
@@ -335,15 +336,16 @@ class GeneratorReplica:
         return dict(self._status, name=self.name, node_id=node, ready=True, weight_version=e.weight_version,
                     **dataclasses.asdict(e.limits),
                     paused=until is not None and time.monotonic() < until, restarts=self.restarts,
-                    metrics_address=self.metrics.address, device=self.device,
+                    metrics_address=self.metrics.address, device=self.device, host_id=host_id(), pid=os.getpid(),
                     block_size=e.tidar.block_size, levels=list(e.tidar.level_set))
 
     # ------------------------------------------------------------------ weights
     def stage_weights(self, version: int, tensors: dict[str, torch.Tensor], partial: bool = False,
                       dtype_policy: str | None = None) -> int:
         """Verifies a state dict (HF names; with `partial` a subset, the rest keeping its served
-        values) and keeps it ready for commit. Returns its bytes."""
+        values; tensors or `wire.pack_tensors` values) and keeps it ready for commit. Returns its bytes."""
         self._staged = None  # an older staged version is replaced, never mixed in
+        tensors = unpack_tensors(tensors)
         self._staged = stage_weights(self.engine.model, version, tensors, self.device, partial,
                                      dtype_policy or self.weight_dtype_policy)
         return self._staged.nbytes
@@ -476,22 +478,41 @@ class GeneratorReplica:
         self._group_backend, self._group_timeout = backend, timeout
         return backend
 
-    def receive_broadcast(self, version: int, manifest: list) -> int:
+    def receive_broadcast(self, version: int, manifest: list, checksum_kind: str = "wsum", bucket_bytes: int = 0) -> int:
         """Receives the tensors of `manifest` ([name, dtype, shape, checksum] in order) broadcast
-        from rank 0, checks each `wire.tensor_checksum` on the device they landed on (no host
-        copy), then stages them like a gRPC push."""
+        from rank 0 in buckets (`weight_group.pipelined_broadcast`), checking each bucket's
+        checksums (`wire.checksum`: "wsum" on the device they landed on, no host copy) while the
+        next one travels, then stages them like a gRPC push."""
         if self._group is None:
             raise RuntimeError(f"replica {self.name} is not in a weight group: call InitWeightGroup first")
         device = self.device if self._group_backend == "nccl" else "cpu"
-        tensors = {}
-        # Receive every tensor first: a replica that stopped joining the collective at a bad
-        # tensor would leave the trainer and the other replicas blocked until the timeout.
-        for name, dtype, shape, _ in manifest:
-            tensors[name] = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
-            broadcast(self._group, tensors[name], self._group_timeout)
-        bad = [name for name, _, _, checksum in manifest if tensor_checksum(tensors[name]) != checksum]
+        tensors = [torch.empty(shape, dtype=getattr(torch, dtype), device=device) for _, dtype, shape, _ in manifest]
+        buckets = bucket_layout([t.numel() * t.element_size() for t in tensors], bucket_bytes)
+        bad = []
+
+        def check(k: int) -> None:
+            for i, _, _ in buckets[k].items:
+                try:
+                    ok = checksum(checksum_kind, tensors[i]) == manifest[i][3]
+                except ValueError:
+                    ok = False
+                if not ok:
+                    bad.append(manifest[i][0])
+        # Receive every bucket, even after a bad checksum: a replica that left the collective
+        # early would leave the trainer and the other replicas blocked until the timeout.
+        pipelined_broadcast(self._group, buckets, tensors, device, self._group_timeout, sender=False, after=check)
         if bad:
             raise WeightMismatchError(f"checksum mismatch after broadcast: {', '.join(bad[:5])}")
+        return self.stage_weights(version, {m[0]: t for m, t in zip(manifest, tensors)})
+
+    # ------------------------------------------------------------------ same-host transport
+    def stage_shared(self, version: int, pid: int, fd: int, size: int, entries: list[SharedEntry],
+                     trainer_host: str) -> int:
+        """Maps the trainer's sealed shared-memory segment (see shared_weights.py), checks every
+        tensor's XXH3-64, and stages views of it: the commit copies them into the model, then the
+        mapping goes with the staged version (as it does when the push is discarded)."""
+        self._staged = None
+        tensors = segment_tensors(map_segment(pid, fd, size, trainer_host), entries)
         return self.stage_weights(version, tensors)
 
     def load_weights(self, version: int, tensors: dict[str, torch.Tensor]) -> int:

@@ -49,6 +49,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from ..params import SamplingParams
 from ..engine.engine import EngineLimits
+from ..wire import pack_tensors
 from .messages import Finished, RequestDone, Stale, Started, Tokens
 from .metrics import FrontendMetrics
 from .replica import check_pause
@@ -383,7 +384,7 @@ class Router:
         """Stages `tensors` on every replica, then commits everywhere (`mode`: what in-flight
         requests do, see GeneratorReplica.commit_weights). With `partial`, the tensors left out
         keep their served values. Returns the new version."""
-        ref = ray.put(tensors)
+        ref = ray.put(pack_tensors(tensors))  # one copy, mapped by every replica (wire.pack_tensors)
         return await self._two_phase_push(lambda r, v: r.actor.stage_weights.remote(v, ref, partial), version, mode,
                                           catch_up=None if partial else ref, source="push")
 
@@ -411,8 +412,10 @@ class Router:
         self._group_timeout = timeout
         return world, backend
 
-    async def push_weights_broadcast(self, manifest: list, version: int | None = None, mode: str = "wait") -> int:
-        """Like push_weights, the tensors arriving by broadcast from the trainer (rank 0)."""
+    async def push_weights_broadcast(self, manifest: list, version: int | None = None, mode: str = "wait",
+                                     checksum: str = "wsum", bucket_bytes: int = 0) -> int:
+        """Like push_weights, the tensors arriving by broadcast from the trainer (rank 0), in
+        buckets of `bucket_bytes` checked with `checksum` (see weight_group.py)."""
         if not getattr(self, "_group_joins", None):
             raise ValueError("no weight group: call InitWeightGroup before a broadcast push")
         try:
@@ -420,8 +423,17 @@ class Router:
         except BaseException:
             self._group_joins = None
             raise
-        return await self._two_phase_push(lambda r, v: r.actor.receive_broadcast.remote(v, manifest), version, mode,
-                                          catch_up=None, source="push", everyone=True)
+        return await self._two_phase_push(
+            lambda r, v: r.actor.receive_broadcast.remote(v, manifest, checksum, bucket_bytes), version, mode,
+            catch_up=None, source="push", everyone=True)
+
+    async def push_shared(self, pid: int, fd: int, size: int, entries: list, trainer_host: str,
+                          version: int | None = None, mode: str = "wait") -> int:
+        """Like push_weights, every replica staging from the trainer's shared-memory segment
+        (shared_weights.py); a restarted replica catches up from a live one, as after a broadcast."""
+        return await self._two_phase_push(
+            lambda r, v: r.actor.stage_shared.remote(v, pid, fd, size, entries, trainer_host), version, mode,
+            catch_up=None, source="push")
 
     async def _two_phase_push(self, stage, version: int | None, mode: str, catch_up, source: str,
                               everyone: bool = False) -> int:

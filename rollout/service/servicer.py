@@ -33,13 +33,15 @@ from ..config import ModelConfig, TidarConfig
 from ..params import SamplingParams, validate_prompts
 from ..v1 import rollout_pb2 as pb
 from ..v1 import rollout_pb2_grpc as pb_grpc
-from ..wire import WeightAssembler, chunk_update_id, params_from_proto, record_to_trajectory
+from ..wire import WeightAssembler, chunk_update_id, params_from_proto, parse_dtype, record_to_trajectory
 from .metrics import FrontendMetrics
 from ..engine.engine import LoadError, check_request_size
 from ..model.loader import build_decoder
 from .messages import RequestDone, Started, Tokens
 from .router import REPLICA_FAILURES, DeadlineExceededError, NoReplicaError, QueueFullError, Router
+from .shared_weights import SharedEntry, SharedSegmentError, check_entries
 from .updates import UnknownUpdateError, WeightUpdates
+from .weights import check_tensor_header, total_bytes
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RolloutService"].full_name
@@ -81,6 +83,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         self.auth_token, self.metrics = auth_token, metrics
         self.require_auth_for_generate = require_auth_for_generate and auth_token is not None
         self.weight_shapes = model_weight_shapes(config)
+        self.max_shared_bytes = total_bytes(self.weight_shapes) + 64 * len(self.weight_shapes)  # float64 + alignment
         self.updates = WeightUpdates(router, self.weight_shapes, config.tie_word_embeddings)  # shared with HTTP
 
     async def _check_read_access(self, context, method: str) -> None:
@@ -199,7 +202,8 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             async for chunk in request_iterator:
                 manifest = assembler.broadcast_manifest(chunk)
                 if manifest is not None:
-                    version = await self.router.push_weights_broadcast(manifest, assembler.version, assembler.mode)
+                    version = await self.router.push_weights_broadcast(manifest, assembler.version, assembler.mode,
+                                                                       **assembler.broadcast_options)
                     break
                 assembler.add(chunk)
             else:
@@ -213,6 +217,38 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         self.metrics.requests.labels("UpdateWeights", "OK").inc()
         return pb.UpdateWeightsResponse(version=version, num_tensors=assembler.num_tensors,
                                         num_bytes=assembler.num_bytes, seconds=seconds)
+
+    async def UpdateWeightsShared(self, request, context):
+        """A same-host push (shared_weights.py): the manifest is checked here against the model
+        (names, shapes, dtypes, byte ranges) before any replica maps the segment."""
+        async def work():
+            started = time.perf_counter()
+            entries = self._shared_entries(request)
+            version = await self.router.push_shared(request.pid, request.fd, request.size, entries, request.host_id,
+                                                    request.version, request.mode or "wait")
+            nbytes = sum(e.nbytes for e in entries)
+            self.metrics.weight_push_bytes.inc(nbytes)
+            return self._swapped(version, started, len(entries), nbytes)
+        return await self._mutating(context, "UpdateWeightsShared", work)
+
+    def _shared_entries(self, request: pb.SharedWeightsRequest) -> list[SharedEntry]:
+        if request.pid <= 0 or request.fd < 0:
+            raise ValueError(f"pid must be > 0 and fd >= 0, got pid {request.pid}, fd {request.fd}")
+        if not 0 < request.size <= self.max_shared_bytes:
+            raise ValueError(f"size must be in (0, {self.max_shared_bytes}] bytes for this model, got {request.size}")
+        if not request.tensors or len(request.tensors) > len(self.weight_shapes):
+            raise ValueError(f"tensors must hold 1 to {len(self.weight_shapes)} entries, got {len(request.tensors)}")
+        entries, seen = [], set()
+        for t in request.tensors:
+            name = self.updates.canonical(t.name)
+            if name in seen:
+                raise ValueError(f"tensor {name} was sent twice")
+            seen.add(name)
+            dtype = parse_dtype(t.dtype, name)
+            check_tensor_header(name, list(t.shape), dtype, self.weight_shapes)
+            entries.append(SharedEntry(name, t.dtype, tuple(t.shape), t.offset, t.nbytes, t.xxh3))
+        check_entries(entries, request.size)
+        return entries
 
     async def InitWeightGroup(self, request, context):
         if not self._authorized(context):
@@ -343,7 +379,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                                        free_slots=r.get("free_slots", 0),
                                        running_sequences=r.get("running_sequences", 0),
                                        waiting_sequences=r.get("waiting_sequences", 0),
-                                       catching_up=r.get("catching_up", False)) for r in replicas],
+                                       catching_up=r.get("catching_up", False), host_id=r.get("host_id", "")) for r in replicas],
             queue_depth=self.router.waiting,
             running_requests=sum(r.running for r in self.router.replicas) - self.router.waiting,
             tokens_per_forward=tokens / forwards if forwards else 0.0,
@@ -385,6 +421,8 @@ def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(e)
     if isinstance(e, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    if isinstance(e, SharedSegmentError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(e)
     if isinstance(e, (NoReplicaError, *REPLICA_FAILURES)):
         return grpc.StatusCode.UNAVAILABLE, str(e)
     return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
