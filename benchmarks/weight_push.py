@@ -1,74 +1,201 @@
-"""Weight push throughput: a Qwen2.5-0.5B-shaped state dict to the replicas, gRPC vs broadcast.
+"""Weight push speed: every transport against a `python -m rollout serve` process, beside the copy
+floor of the same bytes, with the time to the first token on the new version.
 
-    python benchmarks/weight_push.py --shape qwen2.5-0.5b --replicas 1 --dtype bfloat16
+    python benchmarks/weight_push.py --shapes qwen2.5-0.5b --replicas 1,2 --repeats 3
 
-Writes a random-weight model of the shape to a temporary directory, serves it (CPU: gloo for
-the broadcast path; on a GPU machine the replicas use NCCL), then times `WeightSync.push` of a
-perturbed copy over each transport, `--repeats` times. GB/s = tensor bytes / wall time of the
-whole push (send, verify on every replica, swap, version bump).
+For each shape, writes a random-weight model of it (--dtype) to a temporary directory; for each
+replica count, starts `python -m rollout serve` on it in a subprocess (CPU: gloo for the broadcast
+path), then, transport after transport (interleaved within each repeat, so all of them see the
+same machine load), pushes a perturbed copy with `WeightSync.push`. Per push it reports:
+- GB/s = tensor bytes / wall time of the whole push (write or send, verify on every replica,
+  swap, version bump);
+- TTFT: from the start of a pause -> push -> resume cycle to the first token generated on the
+  new version (a request waiting for that version, max_tokens 1, sent at the start);
+- the copy floor: `torch` copy of the same tensors into preallocated ones in this process,
+  measured just before each push; "x floor" = push GB/s / floor GB/s (1.0 = memory speed).
+`--transports` takes any of shared, grpc, broadcast, auto; `--inprocess` also runs the service in
+this process (the replicas are Ray actors either way) to compare with the subprocess.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
-import ray
+import grpc
 import torch
 from safetensors.torch import save_file
 from shapes import SHAPES, hf_config
 
 from rollout.config import ModelConfig
 from rollout.model.decoder import Decoder
-from rollout.service.serve import BackgroundService, RolloutService, init_ray
+from rollout.v1 import rollout_pb2 as pb
 from trainer_bridge import RolloutClient, WeightSync
+
+TOKEN = "bench"
+
+
+def write_model(shape: str, dtype: torch.dtype, root: Path) -> dict[str, torch.Tensor]:
+    cfg = hf_config(shape)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(cfg))
+    (root / "tidar_config.json").write_text(json.dumps({"mask_token_id": cfg["vocab_size"] - 1, "block_size": 16}))
+    model = Decoder(ModelConfig.from_hf_dict(cfg)).to(dtype)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+             if not (cfg["tie_word_embeddings"] and k == "lm_head.weight")}
+    save_file(state, root / "model.safetensors")
+    return state
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: Path, replicas: int, dtype: str, tmp: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    (tmp / "token").write_text(TOKEN)
+    cmd = [sys.executable, "-m", "rollout", "serve", "--model", str(model_dir), "--replicas", str(replicas),
+           "--port", str(port), "--host", "127.0.0.1", "--auth-token-file", str(tmp / "token"), "--dtype", dtype,
+           "--drafting", "fixed", "--kv-cache-gib", "0.25", "--max-model-len", "256", "--max-num-seqs", "4",
+           "--metrics-port", "0"]
+    log = open(tmp / f"serve-{replicas}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, RAY_DEDUP_LOGS="0"))
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    with RolloutClient(address) as probe:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"rollout serve exited ({proc.returncode}); see {tmp / f'serve-{replicas}.log'}")
+            try:
+                st = probe.status(timeout=5)
+                if len(st.replicas) == replicas and all(r.ready for r in st.replicas):
+                    return proc, address
+            except grpc.RpcError:
+                pass
+            time.sleep(1.0)
+    proc.kill()
+    raise TimeoutError("rollout serve did not become ready in 600 s")
+
+
+def copy_floor(state: dict[str, torch.Tensor], dst: dict[str, torch.Tensor]) -> float:
+    started = time.perf_counter()
+    for k, v in state.items():
+        dst[k].copy_(v)
+    return time.perf_counter() - started
+
+
+def timed_push(sync: WeightSync, client: RolloutClient, state: dict, version: int) -> tuple[float, float]:
+    """(push seconds, seconds from the start of pause -> push -> resume to the first token on the
+    new version)."""
+    got = {}
+
+    def first_token() -> None:
+        req = pb.GenerateRequest(prompts=[pb.Prompt(token_ids=[11, 12, 13, 14])],
+                                 params=pb.SamplingParams(max_tokens=1, temperature=0.0),
+                                 min_policy_version=version + 1, wait_for_version=True)
+        resp = client.stub.Generate(req, timeout=600)
+        got["at"] = time.perf_counter()
+        got["version"] = int.from_bytes(resp.trajectories[0].policy_versions[:8], "little")
+
+    waiter = threading.Thread(target=first_token)
+    started = time.perf_counter()
+    waiter.start()
+    sync.pause(mode="keep", timeout_seconds=600)
+    result = sync.push(state)
+    sync.resume()
+    waiter.join(600)
+    if got.get("version") != version + 1:
+        raise RuntimeError(f"the first token after the push came from version {got.get('version')}, not {version + 1}")
+    return result.seconds, got["at"] - started
+
+
+def run(address: str, state: dict, transports: list[str], repeats: int, label: str) -> list[dict]:
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    dst = {k: torch.empty_like(v) for k, v in state.items()}
+    copy_floor(state, dst)  # the destination's pages are touched once, as a model's are
+    client = RolloutClient(address, token=TOKEN)
+    syncs = {t: WeightSync(client, t, master_address="127.0.0.1", timeout=600) for t in transports}
+    rows = {t: dict(push=[], ttft=[], floor=[]) for t in transports}
+    version = client.status().weight_version
+    for i in range(repeats):
+        pushed = {k: v + (i + 1) * 1e-3 for k, v in state.items()}
+        for transport in transports:
+            rows[transport]["floor"].append(copy_floor(state, dst))
+            seconds, ttft = timed_push(syncs[transport], client, pushed, version)
+            version += 1
+            rows[transport]["push"].append(seconds)
+            rows[transport]["ttft"].append(ttft)
+        del pushed
+    out = []
+    for transport, r in rows.items():
+        push, ttft, floor = (statistics.median(r[k]) for k in ("push", "ttft", "floor"))
+        chosen = syncs[transport].chosen_transport
+        out.append(dict(setup=label, transport=transport if chosen == transport else f"{transport} ({chosen})",
+                        push_s=push, gb_s=nbytes / push / 1e9, floor_gb_s=nbytes / floor / 1e9, ratio=floor / push,
+                        ttft_s=ttft, ttft_over_push=ttft / push,
+                        runs=", ".join(f"{p:.2f}/{t:.2f}" for p, t in zip(r["push"], r["ttft"]))))
+        print(f"| {label} | {out[-1]['transport']} | {push:.3f} | {out[-1]['gb_s']:.2f} | {out[-1]['floor_gb_s']:.2f} | "
+              f"{out[-1]['ratio']:.2f} | {ttft:.3f} | {ttft / push:.2f} | {out[-1]['runs']} |", flush=True)
+    client.close()
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES), help="model shape")
+    p.add_argument("--shapes", default="qwen2.5-0.5b", help=f"comma-separated, of {', '.join(sorted(SHAPES))}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weight dtype")
-    p.add_argument("--replicas", type=int, default=1, help="replicas receiving each push")
+    p.add_argument("--replicas", default="1,2", help="comma-separated replica counts")
     p.add_argument("--repeats", type=int, default=3, help="pushes per transport")
-    p.add_argument("--transports", default="grpc,broadcast", help="comma-separated transports")
+    p.add_argument("--transports", default="shared,grpc,broadcast", help="comma-separated transports")
+    p.add_argument("--inprocess", action="store_true", help="also run the service in this process")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
+    transports = args.transports.split(",")
+    print(f"# torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads here")
+    print("| setup | transport | push s (median) | GB/s | copy floor GB/s | x floor | TTFT s | TTFT / push | "
+          "runs (push/TTFT s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp)
-        cfg = hf_config(args.shape)
-        (model_dir / "config.json").write_text(json.dumps(cfg))
-        (model_dir / "tidar_config.json").write_text(json.dumps({"mask_token_id": cfg["vocab_size"] - 1,
-                                                                 "block_size": 16}))
-        model = Decoder(ModelConfig.from_hf_dict(cfg)).to(dtype)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()
-                 if not (cfg["tie_word_embeddings"] and k == "lm_head.weight")}
-        save_file(state, model_dir / "model.safetensors")
-        nbytes = sum(t.numel() * t.element_size() for t in state.values())
-        init_ray(include_dashboard=False, log_to_driver=False, namespace="bench-push")
-        service = BackgroundService(RolloutService(model_dir, replicas=args.replicas, port=0, auth_token="t",
-                                                   name="push", dtype=args.dtype))
-        try:
-            service.wait_started()
-            client = RolloutClient(service.address, token="t")
-            print(f"# {args.shape} state dict, {args.dtype}, {len(state)} tensors, {nbytes / 1e9:.3f} GB, "
-                  f"{args.replicas} replica(s), torch {torch.__version__}")
-            print("| transport | median s | GB/s | all runs (s) |")
-            print("|---|---|---|---|")
-            for transport in args.transports.split(","):
-                sync = WeightSync(client, transport, master_address="127.0.0.1")
-                times = []
-                for i in range(args.repeats):
-                    pushed = {k: v + (i + 1) * 1e-3 for k, v in state.items()}
-                    times.append(sync.push(pushed).seconds)
-                med = statistics.median(times)
-                print(f"| {transport} | {med:.2f} | {nbytes / med / 1e9:.2f} | "
-                      f"{', '.join(f'{t:.2f}' for t in times)} |", flush=True)
-        finally:
-            service.stop()
-            ray.shutdown()
+        tmp = Path(tmp)
+        for shape in args.shapes.split(","):
+            state = write_model(shape, dtype, tmp / shape)
+            nbytes = sum(t.numel() * t.element_size() for t in state.values())
+            print(f"# {shape}: {len(state)} tensors, {nbytes / 1e9:.3f} GB {args.dtype}", flush=True)
+            for replicas in (int(r) for r in args.replicas.split(",")):
+                proc, address = start_server(tmp / shape, replicas, args.dtype, tmp)
+                try:
+                    run(address, state, transports, args.repeats, f"{shape}, {replicas} replica(s), serve process")
+                finally:
+                    proc.terminate()
+                    proc.wait(120)
+                if args.inprocess:
+                    run_inprocess(tmp / shape, state, replicas, args, transports)
+
+
+def run_inprocess(model_dir: Path, state: dict, replicas: int, args, transports: list[str]) -> None:
+    import ray
+
+    from rollout.service.serve import BackgroundService, RolloutService, init_ray
+    init_ray(include_dashboard=False, log_to_driver=False, namespace="bench-push")
+    service = BackgroundService(RolloutService(model_dir, replicas=replicas, port=0, auth_token=TOKEN, name="push",
+                                               dtype=args.dtype))
+    try:
+        service.wait_started()
+        run(service.address, state, transports, args.repeats, f"{model_dir.name}, {replicas} replica(s), in-process")
+    finally:
+        service.stop()
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ from ..wire import checksum, completion_to_record, dtype_name, unpack_tensors, w
 from ..params import Completion
 from .messages import Failed, Finished, RequestDone, Stale, Started, Tokens
 from .metrics import ReplicaMetrics
-from .shared_weights import SharedEntry, host_id, map_segment, segment_tensors
+from .shared_weights import SharedEntry, check_digests, host_id, map_segment, segment_tensors
 from .weight_group import bucket_layout, make_weight_group, pipelined_broadcast
 from .weights import (StagedWeights, WeightMismatchError, check_swap_mode, read_weights_from_disk,
                       stage_weights)
@@ -512,8 +512,12 @@ class GeneratorReplica:
         tensor's XXH3-64, and stages views of it: the commit copies them into the model, then the
         mapping goes with the staged version (as it does when the push is discarded)."""
         self._staged = None
-        tensors = segment_tensors(map_segment(pid, fd, size, trainer_host), entries)
-        return self.stage_weights(version, tensors)
+        data = map_segment(pid, fd, size, trainer_host)
+        check_digests(data, entries)
+        staged = stage_weights(self.engine.model, version, segment_tensors(data, entries), self.device,
+                               dtype_policy=self.weight_dtype_policy)
+        self._staged = staged
+        return staged.nbytes
 
     def load_weights(self, version: int, tensors: dict[str, torch.Tensor]) -> int:
         """Stage + commit in one call (a restarted replica catching up to the current version)."""

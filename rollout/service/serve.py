@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import threading
 import time
@@ -294,6 +295,11 @@ def main_serve(argv: list[str]) -> int:
     if token is None:
         log.warning("no --auth-token-file: weight updates and pause / resume will refuse every call")
     tls = (args.tls_cert.read_bytes(), args.tls_key.read_bytes()) if args.tls_cert else None
+    if args.address is None:
+        # Ray starts its workers at niceness 15; the replicas are this service's whole work
+        # (generation, weight pushes), and beside a trainer or anything else busy on the node
+        # they got a sliver of the CPU (a push to them ran several times slower than in-process).
+        os.environ.setdefault("RAY_worker_niceness", "0")
     init_ray(address=args.address, namespace="tidar-rollout")
     service = RolloutService(args.model, args.replicas, args.port, args.host, token, tls, args.metrics_port,
                              args.max_queue, args.request_timeout, args.ready_timeout, args.placement,

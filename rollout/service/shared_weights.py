@@ -34,6 +34,7 @@ from ..wire import bytes_tensor, dtype_name, parse_dtype
 ALIGN = 64
 SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page in one call, not one fault per page
+WRITE_BYTES = 1 << 30  # per pwrite call
 
 
 class SharedSegmentError(RuntimeError):
@@ -88,20 +89,17 @@ class SharedSegment:
             raise
 
     def _write(self, tensors, spans) -> list[SharedEntry]:
-        mm = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED | POPULATE)
+        """pwrite, not a mapping: a write fills fresh shared-memory pages without zeroing and
+        mapping them first (twice as fast here)."""
         entries = []
-        try:
-            buf = torch.frombuffer(mm, dtype=torch.uint8)
-            for (name, t), (offset, nbytes) in zip(tensors, spans):
-                dst = buf[offset:offset + nbytes]
-                dst.copy_(t.detach().reshape(-1).view(torch.uint8) if t.is_contiguous()
-                          else t.detach().contiguous().reshape(-1).view(torch.uint8))
-                entries.append(SharedEntry(name, dtype_name(t.dtype), tuple(t.shape), offset, nbytes,
-                                           xxhash.xxh3_64_intdigest(dst.numpy())))
-                del dst
-            del buf  # the writable mapping must be gone before F_SEAL_WRITE
-        finally:
-            mm.close()
+        for (name, t), (offset, nbytes) in zip(tensors, spans):
+            data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            entries.append(SharedEntry(name, dtype_name(t.dtype), tuple(t.shape), offset, nbytes,
+                                       xxhash.xxh3_64_intdigest(data)))
+            view = memoryview(data)
+            while view:  # pwrite may write less than asked
+                n = os.pwrite(self.fd, view[:WRITE_BYTES], offset)
+                view, offset = view[n:], offset + n
         return entries
 
     def close(self) -> None:
@@ -145,14 +143,16 @@ def map_segment(pid: int, fd: int, size: int, trainer_host: str) -> np.ndarray:
 
 
 def segment_tensors(data: np.ndarray, entries: list[SharedEntry]) -> dict[str, torch.Tensor]:
-    """Tensors viewing the mapped segment (no copy), each checked against its XXH3-64 first."""
-    tensors = {}
+    """Tensors viewing the mapped segment (no copy); `check_digests` verifies them."""
+    return {e.name: bytes_tensor(data[e.offset:e.offset + e.nbytes]).view(parse_dtype(e.dtype, e.name)).reshape(e.shape)
+            for e in entries}
+
+
+def check_digests(data: np.ndarray, entries: list[SharedEntry]) -> None:
+    """Every tensor's XXH3-64 against the manifest; ValueError naming the first that differs."""
     for e in entries:
-        piece = data[e.offset:e.offset + e.nbytes]
-        if xxhash.xxh3_64_intdigest(piece) != e.xxh3:
+        if xxhash.xxh3_64_intdigest(data[e.offset:e.offset + e.nbytes]) != e.xxh3:
             raise ValueError(f"tensor {e.name}: checksum mismatch (xxh3) in the shared segment")
-        tensors[e.name] = bytes_tensor(piece).view(parse_dtype(e.dtype, e.name)).reshape(e.shape)
-    return tensors
 
 
 def check_entries(entries: list[SharedEntry], size: int) -> None:

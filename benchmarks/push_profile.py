@@ -1,0 +1,138 @@
+"""Where a weight push's time goes: each pass over the bytes of a random state dict, timed alone,
+in this process, beside the copy floor of the same bytes (issue 27).
+
+    python benchmarks/push_profile.py --shape qwen2.5-0.5b --threads 1
+
+The passes of each path (before: what the paths did until issue 27; now: what they do):
+- gRPC before: chunking (crc32 per tensor + a bytes copy per chunk), protobuf serialise (message
+  objects), parse, reassembly (bytearray + crc32), pickling torch tensors for `ray.put`, a
+  finite check of two reductions (amax, amin), then the copy into the model.
+- gRPC now: XXH3-64 + frames serialised with one copy (`wire.weight_frames`), parse, reassembly
+  (XXH3-64 on the way), `pack_tensors` for `ray.put` (one copy into the store, none out),
+  a one-pass finite check (aminmax), the copy into the model.
+- broadcast: the position-weighted `tensor_checksum` (still used where tensors land on a GPU)
+  against XXH3-64 (what a gloo broadcast now checks), on each side.
+- shared memory now: the trainer's write of a sealed memfd (pwrite + XXH3-64), the replica's
+  mapping, XXH3-64, finite check, and the copy into the model.
+`--threads` sets torch's threads (a Ray replica actor runs with 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import time
+import zlib
+
+import msgpack
+import torch
+from shapes import SHAPES, hf_config
+
+from rollout.config import ModelConfig
+from rollout.model.decoder import Decoder
+from rollout.service.shared_weights import SharedSegment, check_digests, host_id, map_segment, segment_tensors
+from rollout.v1 import rollout_pb2 as pb
+from rollout.wire import WeightAssembler, pack_tensors, tensor_checksum, tensor_digest, weight_frames
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES))
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--skip-slow", action="store_true", help="leave out tensor_checksum (minutes on a CPU)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = Decoder(ModelConfig.from_hf_dict(hf_config(args.shape))).to(torch.bfloat16)
+    state = {k: v.detach().contiguous() + 1e-3 for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    params = {k: v.detach() for k, v in model.state_dict().items()}
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    print(f"# {args.shape}: {len(state)} tensors, {nbytes / 1e9:.3f} GB bfloat16, torch threads {args.threads}")
+    print("| pass | s | GB/s |\n|---|---|---|")
+
+    def timed(label: str, fn):
+        started = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - started
+        print(f"| {label} | {seconds:.3f} | {nbytes / seconds / 1e9:.2f} |", flush=True)
+        return out
+
+    timed("copy floor (torch copy_ into the model)", lambda: [params[k].copy_(v) for k, v in state.items()])
+    # gRPC, before (the same library calls the old code made, rebuilt here)
+    chunks = timed("before: crc32 + bytes copy per 4 MiB chunk + message objects", lambda: _old_chunks(state))
+    wire = timed("before: protobuf serialise", lambda: [c.SerializeToString() for c in chunks])
+    del chunks
+    parsed = timed("parse (before and now)", lambda: [pb.WeightChunk.FromString(w) for w in wire])
+    del wire
+    tensors = timed("before: reassembly into a bytearray + crc32", lambda: _old_assemble(parsed, state))
+    del parsed
+    timed("before: pickle torch tensors (ray.put)", lambda: len(pickle.dumps(tensors, protocol=5)))
+    timed("before: finite check (amax + amin)",
+          lambda: [torch.isfinite(t.amax()) and torch.isfinite(t.amin()) for t in tensors.values()])
+    del tensors
+    # gRPC, now
+    frames = timed("now: XXH3-64 + frames, one copy (32 MiB)", lambda: list(weight_frames(state.items(), 0, len(state))))
+    parsed = [pb.WeightChunk.FromString(f) for f in frames]
+    del frames
+    tensors = timed("now: reassembly + XXH3-64 (WeightAssembler)", lambda: _assemble(parsed))
+    del parsed
+    timed("now: pack_tensors + pickle out of band (ray.put)", lambda: _pickle_out_of_band(pack_tensors(tensors)))
+    timed("now: finite check (aminmax)", lambda: [torch.aminmax(t) for t in tensors.values()])
+    del tensors
+    # broadcast checksums
+    if not args.skip_slow:
+        timed("broadcast before: tensor_checksum (one side)", lambda: [tensor_checksum(t) for t in state.values()])
+    timed("broadcast now (gloo): XXH3-64 (one side)", lambda: [tensor_digest(t) for t in state.values()])
+    # shared memory
+    segment = timed("shared: trainer writes the sealed memfd (pwrite + XXH3-64)",
+                    lambda: SharedSegment(list(state.items())))
+    data = timed("shared: replica maps it", lambda: map_segment(os.getpid(), segment.fd, segment.size, host_id()))
+    timed("shared: replica XXH3-64", lambda: check_digests(data, segment.entries))
+    views = segment_tensors(data, segment.entries)
+    timed("shared: replica finite check (aminmax)", lambda: [torch.aminmax(t) for t in views.values()])
+    timed("shared: commit copy into the model", lambda: [params[k].copy_(v) for k, v in views.items()])
+    segment.close()
+
+
+def _old_chunks(state: dict[str, torch.Tensor], chunk_bytes: int = 4 << 20) -> list[pb.WeightChunk]:
+    """Before issue 27: crc32 of each tensor, then a bytes copy per chunk into a message object."""
+    out = []
+    for name, t in state.items():
+        data = t.reshape(-1).view(torch.uint8).numpy()
+        meta = msgpack.packb(dict(name=name, nbytes=int(data.size), crc32=zlib.crc32(data)))
+        out += [pb.WeightChunk(metadata=meta, data=data[o:o + chunk_bytes].tobytes())
+                for o in range(0, data.size, chunk_bytes)]
+    return out
+
+
+def _old_assemble(chunks: list[pb.WeightChunk], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Before issue 27: a zero-filled bytearray per tensor, chunks copied in, crc32 over it."""
+    out, i = {}, 0
+    for name, t in state.items():
+        meta = msgpack.unpackb(chunks[i].metadata)
+        buf, filled = bytearray(meta["nbytes"]), 0
+        while filled < len(buf):
+            data = chunks[i].data
+            buf[filled:filled + len(data)] = data
+            filled, i = filled + len(data), i + 1
+        assert zlib.crc32(buf) == meta["crc32"]
+        out[name] = torch.frombuffer(buf, dtype=torch.uint8).view(t.dtype).reshape(t.shape)
+    return out
+
+
+def _assemble(chunks) -> dict[str, torch.Tensor]:
+    asm = WeightAssembler()
+    for c in chunks:
+        asm.add(c)
+    return asm.finish()
+
+
+def _pickle_out_of_band(obj) -> int:
+    buffers = []
+    pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    out = [bytearray(b.raw()) for b in buffers]  # the one copy Ray makes into its store
+    return sum(len(b) for b in out)
+
+
+if __name__ == "__main__":
+    main()
