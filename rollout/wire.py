@@ -31,7 +31,9 @@ from .v1 import rollout_pb2 as pb
 
 FINISH_REASONS = {"stop": pb.STOP, "length": pb.LENGTH, "abort": pb.ABORT, "error": pb.ERROR}
 FINISH_NAMES = {v: k for k, v in FINISH_REASONS.items()}
-WEIGHT_CHUNK_BYTES = 32 << 20  # the server takes messages of up to 64 MiB
+# Chunks below glibc's largest mmap threshold (32 MiB) reuse heap pages push after push; larger
+# ones got fresh pages (a page fault each 4 KiB) on every receive.
+WEIGHT_CHUNK_BYTES = 8 << 20
 MAX_TENSOR_BYTES = 64 << 30
 
 
@@ -325,6 +327,7 @@ class WeightAssembler:
         return manifest
 
     def add(self, chunk: pb.WeightChunk) -> None:
+        data = chunk.data  # each read of a protobuf bytes field is a new copy of it: read once
         try:
             meta = msgpack.unpackb(chunk.metadata)
             name, offset, nbytes = meta["name"], meta["offset"], meta["nbytes"]
@@ -349,19 +352,22 @@ class WeightAssembler:
                 self._check_header(meta)
             if not isinstance(meta.get("xxh3", meta.get("crc32")), int):
                 raise ValueError(f"tensor {name}: the header needs a checksum ('xxh3', or 'crc32' from older clients)")
-            # Uninitialised (zero-filling would be a pass of its own); every byte is written once
-            # and the tensor is refused unless all of them arrived.
+            # A tensor in one chunk is that chunk's bytes (no copy); a longer one is assembled in an
+            # uninitialised buffer (zero-filling would be a pass of its own): every byte is written
+            # once, and the tensor is refused unless all of them arrived.
             state = xxhash.xxh3_64() if "xxh3" in meta else 0
-            self._current = (meta, np.empty(nbytes, dtype=np.uint8), [0, state])
+            whole = offset == 0 and len(data) == nbytes
+            buf = np.frombuffer(data, dtype=np.uint8) if whole else np.empty(nbytes, dtype=np.uint8)
+            self._current = (meta, buf, [0, state])
         head, buf, filled = self._current
         name = head["name"]
         if offset != filled[0]:
             raise ValueError(f"tensor {name}: chunk at offset {offset}, expected {filled[0]}")
-        data = chunk.data
         end = offset + len(data)
         if end > len(buf):
             raise ValueError(f"tensor {name}: received {end} bytes, header says {len(buf)}")
-        buf[offset:end] = np.frombuffer(data, dtype=np.uint8)
+        if buf.base is not data:
+            buf[offset:end] = np.frombuffer(data, dtype=np.uint8)
         if isinstance(filled[1], int):
             filled[1] = zlib.crc32(data, filled[1])
         else:
