@@ -512,12 +512,20 @@ class GeneratorReplica:
         tensor's XXH3-64, and stages views of it: the commit copies them into the model, then the
         mapping goes with the staged version (as it does when the push is discarded)."""
         self._staged = None
+        try:
+            self._staged = self._stage_segment(version, pid, fd, size, entries, trainer_host)
+        except Exception as e:  # noqa: BLE001 - re-raised as it is
+            # Without the frames, whose locals map the segment: a refused push must not keep the
+            # trainer's memory mapped until the garbage collector finds the traceback.
+            raise e.with_traceback(None) from None
+        return self._staged.nbytes
+
+    def _stage_segment(self, version: int, pid: int, fd: int, size: int, entries: list[SharedEntry],
+                       trainer_host: str) -> StagedWeights:
         data = map_segment(pid, fd, size, trainer_host)
         check_digests(data, entries)
-        staged = stage_weights(self.engine.model, version, segment_tensors(data, entries), self.device,
-                               dtype_policy=self.weight_dtype_policy)
-        self._staged = staged
-        return staged.nbytes
+        return stage_weights(self.engine.model, version, segment_tensors(data, entries), self.device,
+                             dtype_policy=self.weight_dtype_policy)
 
     def load_weights(self, version: int, tensors: dict[str, torch.Tensor]) -> int:
         """Stage + commit in one call (a restarted replica catching up to the current version)."""
