@@ -345,9 +345,10 @@ class GeneratorReplica:
         """Verifies a state dict (HF names; with `partial` a subset, the rest keeping its served
         values; tensors or `wire.pack_tensors` values) and keeps it ready for commit. Returns its bytes."""
         self._staged = None  # an older staged version is replaced, never mixed in
-        tensors = unpack_tensors(tensors)
-        self._staged = stage_weights(self.engine.model, version, tensors, self.device, partial,
-                                     dtype_policy or self.weight_dtype_policy)
+        # Object-store values (wire.pack_tensors) are read-only views: nothing can change them.
+        owned = all(not isinstance(v, torch.Tensor) for v in tensors.values())
+        self._staged = stage_weights(self.engine.model, version, unpack_tensors(tensors), self.device, partial,
+                                     dtype_policy or self.weight_dtype_policy, owned=owned and bool(tensors))
         return self._staged.nbytes
 
     def stage_from_disk(self, version: int, path: str | None = None, timeout: float = 600.0) -> int:
@@ -409,10 +410,11 @@ class GeneratorReplica:
         except BaseException as e:  # noqa: BLE001
             swap.done.set_exception(e)
             return
-        self._staged = None
-        self.metrics.weight_version.set(staged.version)
-        log.info("replica %s now serves weight version %d", self.name, staged.version)
-        swap.done.set_result(staged.version)
+        self._staged, version = None, staged.version
+        del staged  # before the committer wakes: the staged memory (a mapped segment, say) is gone by then
+        self.metrics.weight_version.set(version)
+        log.info("replica %s now serves weight version %d", self.name, version)
+        swap.done.set_result(version)
 
     # ------------------------------------------------------------------ pause / resume
     @property
@@ -503,7 +505,10 @@ class GeneratorReplica:
         pipelined_broadcast(self._group, buckets, tensors, device, self._group_timeout, sender=False, after=check)
         if bad:
             raise WeightMismatchError(f"checksum mismatch after broadcast: {', '.join(bad[:5])}")
-        return self.stage_weights(version, {m[0]: t for m, t in zip(manifest, tensors)})
+        self._staged = None
+        self._staged = stage_weights(self.engine.model, version, {m[0]: t for m, t in zip(manifest, tensors)},
+                                     self.device, dtype_policy=self.weight_dtype_policy, owned=True)  # received here
+        return self._staged.nbytes
 
     # ------------------------------------------------------------------ same-host transport
     def stage_shared(self, version: int, pid: int, fd: int, size: int, entries: list[SharedEntry],
@@ -525,7 +530,7 @@ class GeneratorReplica:
         data = map_segment(pid, fd, size, trainer_host)
         check_digests(data, entries)
         return stage_weights(self.engine.model, version, segment_tensors(data, entries), self.device,
-                             dtype_policy=self.weight_dtype_policy)
+                             dtype_policy=self.weight_dtype_policy, owned=True)  # sealed: cannot change
 
     def load_weights(self, version: int, tensors: dict[str, torch.Tensor]) -> int:
         """Stage + commit in one call (a restarted replica catching up to the current version)."""

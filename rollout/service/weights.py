@@ -144,10 +144,12 @@ def fold_tied_head(tensors: dict[str, torch.Tensor], tied: bool) -> dict[str, to
 
 
 def stage_weights(model: Decoder, version: int, tensors: dict[str, torch.Tensor], device: str | torch.device,
-                  partial: bool = False, dtype_policy: str = "strict") -> StagedWeights:
+                  partial: bool = False, dtype_policy: str = "strict", owned: bool = False) -> StagedWeights:
     """Verifies a state dict (HF names) against the model and prepares it for commit. With
     `partial`, tensors left out keep their served values; otherwise every weight must be there.
-    Dtypes follow `dtype_policy` (`check_dtype`)."""
+    Dtypes follow `dtype_policy` (`check_dtype`). `owned`: nothing else can change `tensors`
+    (received for this push, or read-only views of a sealed segment or the object store), so they
+    are staged as they are rather than copied."""
     expected = model.weight_names_and_shapes()
     tensors = fold_tied_head(tensors, model.config.tie_word_embeddings)
     missing = [] if partial else sorted(set(expected) - set(tensors))
@@ -162,7 +164,7 @@ def stage_weights(model: Decoder, version: int, tensors: dict[str, torch.Tensor]
         verify_tensor(name, t, expected)
         check_dtype(name, t.dtype, params[name].dtype, dtype_policy)
         staged[name] = t.to(device=device, dtype=params[name].dtype)
-        if staged[name].untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+        if not owned and staged[name].untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
             # .to() returned the caller's own tensor: an in-process caller editing it before the
             # commit would change what is served. Staging owns a copy.
             staged[name] = staged[name].clone()
