@@ -41,11 +41,21 @@ class Stub:
     UpdateWeights = UpdateWeightsFromDisk = _answer
 
 
+class Channel:
+    """WeightSync sends gRPC pushes as serialised frames on the channel: they reach the stub too."""
+
+    def __init__(self, stub):
+        self.stub = stub
+
+    def stream_unary(self, method, **kwargs):
+        return lambda request, **kw: getattr(self.stub, method.rsplit("/", 1)[1])(request, **kw)
+
+
 class Client:
     token, auth_metadata = "t", (("authorization", "Bearer t"),)
 
     def __init__(self, stub):
-        self.stub = stub
+        self.stub, self.channel = stub, Channel(stub)
 
 
 WEIGHTS = {"w": torch.ones(4)}
@@ -53,26 +63,26 @@ WEIGHTS = {"w": torch.ones(4)}
 
 def test_a_push_refused_while_a_replica_restarts_is_sent_again_and_the_result_says_so():
     stub = Stub([Refusal(grpc.StatusCode.UNAVAILABLE, RESTARTING)] * 2)
-    result = WeightSync(Client(stub), restart_retry_seconds=30).push(WEIGHTS)
+    result = WeightSync(Client(stub), "grpc", restart_retry_seconds=30).push(WEIGHTS)
     assert stub.calls == 3 and result.version == 3
     assert result.retries == 2 and "is restarting" in result.retried_because
 
 
 def test_updates_from_disk_are_retried_the_same_way():
     stub = Stub([Refusal(grpc.StatusCode.UNAVAILABLE, RESTARTING)])
-    result = WeightSync(Client(stub), restart_retry_seconds=30).update_from_disk("/ckpt")
+    result = WeightSync(Client(stub), "grpc", restart_retry_seconds=30).update_from_disk("/ckpt")
     assert stub.calls == 2 and result.retries == 1
 
 
 def test_other_refusals_are_raised_at_once():
     stub = Stub([Refusal(grpc.StatusCode.INVALID_ARGUMENT, "tensor 'x' is not a weight")])
     with pytest.raises(grpc.RpcError):
-        WeightSync(Client(stub), restart_retry_seconds=30).push(WEIGHTS)
+        WeightSync(Client(stub), "grpc", restart_retry_seconds=30).push(WEIGHTS)
     assert stub.calls == 1
 
 
 def test_retrying_stops_at_its_deadline_with_the_refusal():
     stub = Stub([Refusal(grpc.StatusCode.UNAVAILABLE, RESTARTING)] * 100)
     with pytest.raises(grpc.RpcError) as info:
-        WeightSync(Client(stub), restart_retry_seconds=1.0).push(WEIGHTS)
+        WeightSync(Client(stub), "grpc", restart_retry_seconds=1.0).push(WEIGHTS)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and 2 <= stub.calls <= 4
