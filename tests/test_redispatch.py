@@ -59,7 +59,7 @@ class EngineReplica:
         self.status = Method(lambda: done(dict(weight_version=0, ready=True)))
         self.abort = Method(lambda request_id: None)
 
-    def _generate(self, request_id, prompts, params, expected_version, timeout, rows=None):
+    def _generate(self, request_id, prompts, params, expected_version, timeout, rows=None, stream_tokens=False):
         self.calls.append(rows)
         request = self.engine.add_request(prompts, SamplingParams(**params), request_id, rows)
         finished = []

@@ -278,3 +278,38 @@ def test_a_replica_that_restarted_during_a_pause_is_paused_again_for_the_time_le
         return replica
     replica = asyncio.run(run())
     assert len(replica.pauses) == 1 and replica.pauses[0][0] == "keep" and 90 < replica.pauses[0][1] <= 100
+
+
+def test_a_catch_up_whose_object_store_copy_was_lost_copies_a_live_replica_instead():
+    """The two-node case: the whole push's object-store copy can be lost with a node; the
+    restarted replica then loads a live replica's weights instead of failing every check."""
+    from ray.exceptions import ObjectLostError
+
+    class Behind(FakeReplica):
+        def __init__(self, served):
+            super().__init__()
+            self.served, self.loads = served, []
+            self.status = FakeMethod(lambda: done(dict(weight_version=self.served, ready=True)))
+            self.export_weights = FakeMethod(lambda: "exported-v1")
+            self.load_weights = FakeMethod(self._load)
+
+        def _load(self, version, ref):
+            async def run():
+                if ref == "lost-v1":
+                    raise ObjectLostError("ab" * 14, None, "")
+                self.loads.append(ref)
+                self.served = version
+                return version
+            return run()
+
+    async def run():
+        router = Router(FrontendMetrics(None))
+        live, restarted = Behind(1), Behind(0)
+        router.add_replica(live, "live")
+        router.add_replica(restarted, "restarted")
+        router.version, router.weights_ref = 1, "lost-v1"
+        router.replicas[0].version = 1
+        await router.check_replicas()
+        return restarted, router
+    restarted, router = asyncio.run(run())
+    assert restarted.loads == ["exported-v1"] and router.replicas[1].version == 1

@@ -45,7 +45,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import (ActorUnavailableError, ObjectFetchTimedOutError, ObjectFreedError, ObjectLostError,
+                            OwnerDiedError, RayActorError)
 
 from ..params import SamplingParams
 from ..engine.engine import EngineLimits
@@ -57,6 +58,7 @@ from .weights import check_swap_mode
 
 log = logging.getLogger(__name__)
 REPLICA_FAILURES = (RayActorError, ActorUnavailableError)
+LOST_OBJECTS = (ObjectLostError, OwnerDiedError, ObjectFetchTimedOutError, ObjectFreedError)
 CATCH_UP_INTERVAL = 1.0  # seconds between the supervisor's checks of every replica's version
 
 
@@ -299,20 +301,30 @@ class Router:
         if st["weight_version"] != self.version:
             replica.catching_up = True
             try:
-                ref = self.weights_ref
-                if ref is None:  # pushed by broadcast: copy from a replica that serves the version
-                    source = next((r for r in self.replicas if r is not replica and r.version == self.version),
-                                  None)
-                    if source is None:
-                        raise NoReplicaError(f"no replica holds weight version {self.version} to copy from")
-                    ref = self.weights_ref = source.actor.export_weights.remote()
-                await asyncio.wait_for(replica.actor.load_weights.remote(self.version, ref), _left(deadline))
+                try:
+                    await self._load_current(replica, deadline)
+                except LOST_OBJECTS as e:  # the object-store copy is gone (its node died): copy a replica's
+                    log.warning("weights of version %d lost from the object store (%s); copying a live replica's",
+                                self.version, type(e).__name__)
+                    self.weights_ref = None
+                    await self._load_current(replica, deadline)
             finally:
                 replica.catching_up = False
             self.metrics.catch_ups.inc()
             log.info("replica %s caught up from version %d to %d (%s)", replica.name, st["weight_version"],
                      self.version, self.weight_source)
         replica.version = self.version
+
+    async def _load_current(self, replica: ReplicaSlot, deadline: float) -> None:
+        """Loads the current version onto `replica`: from the object store after a whole push,
+        else copied from a replica that serves it."""
+        ref = self.weights_ref
+        if ref is None:
+            source = next((r for r in self.replicas if r is not replica and r.version == self.version), None)
+            if source is None:
+                raise NoReplicaError(f"no replica holds weight version {self.version} to copy from")
+            ref = self.weights_ref = source.actor.export_weights.remote()
+        await asyncio.wait_for(replica.actor.load_weights.remote(self.version, ref), _left(deadline))
 
     async def supervise(self, interval: float = CATCH_UP_INTERVAL) -> None:
         """Runs until cancelled: every `interval` seconds, `check_replicas`."""
