@@ -126,6 +126,8 @@ def run(address: str, state: dict, transports: list[str], repeats: int, label: s
     copy_floor(state, dst)  # the destination's pages are touched once, as a model's are
     client = RolloutClient(address, token=TOKEN)
     syncs = {t: WeightSync(client, t, master_address="127.0.0.1", timeout=600) for t in transports}
+    for sync in syncs.values():
+        sync.choose_transport()  # "auto" asks GetStatus once; not part of any push
     rows = {t: dict(push=[], ttft=[], floor=[]) for t in transports}
     version = client.status().weight_version
     for i in range(repeats):
