@@ -10,8 +10,9 @@ The passes of each path (before: what the paths did until issue 27; now: what th
 - gRPC now: XXH3-64 + frames serialised with one copy (`wire.weight_frames`), parse, reassembly
   (XXH3-64 on the way), `pack_tensors` for `ray.put` (one copy into the store, none out),
   a one-pass finite check (aminmax), the copy into the model.
-- broadcast: the position-weighted `tensor_checksum` (still used where tensors land on a GPU)
-  against XXH3-64 (what a gloo broadcast now checks), on each side.
+- broadcast: the position-weighted checksum as it was computed (every byte widened to int64),
+  XXH3-64 (what a gloo broadcast now checks), and `tensor_checksum` now (column sums; what an
+  NCCL broadcast checks on the GPU), on each side.
 - shared memory now: the trainer's write of a sealed memfd (pwrite + XXH3-64), the replica's
   mapping, XXH3-64, finite check, and the copy into the model.
 `--threads` sets torch's threads (a Ray replica actor runs with 1).
@@ -40,7 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES))
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--skip-slow", action="store_true", help="leave out tensor_checksum (minutes on a CPU)")
+    p.add_argument("--skip-slow", action="store_true", help="leave out the old checksum (a minute on a CPU)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = Decoder(ModelConfig.from_hf_dict(hf_config(args.shape))).to(torch.bfloat16)
@@ -71,7 +72,7 @@ def main() -> None:
           lambda: [torch.isfinite(t.amax()) and torch.isfinite(t.amin()) for t in tensors.values()])
     del tensors
     # gRPC, now
-    frames = timed("now: XXH3-64 + frames, one copy (32 MiB)", lambda: list(weight_frames(state.items(), 0, len(state))))
+    frames = timed("now: XXH3-64 + frames, one copy (8 MiB)", lambda: list(weight_frames(state.items(), 0, len(state))))
     parsed = [pb.WeightChunk.FromString(f) for f in frames]
     del frames
     tensors = timed("now: reassembly + XXH3-64 (WeightAssembler)", lambda: _assemble(parsed))
@@ -81,8 +82,11 @@ def main() -> None:
     del tensors
     # broadcast checksums
     if not args.skip_slow:
-        timed("broadcast before: tensor_checksum (one side)", lambda: [tensor_checksum(t) for t in state.values()])
+        timed("broadcast before: tensor_checksum, every byte weighted in int64 (one side)",
+              lambda: [_old_tensor_checksum(t) for t in state.values()])
     timed("broadcast now (gloo): XXH3-64 (one side)", lambda: [tensor_digest(t) for t in state.values()])
+    timed("broadcast now (NCCL, timed here on the CPU): tensor_checksum by columns",
+          lambda: [tensor_checksum(t) for t in state.values()])
     # shared memory
     segment = timed("shared: trainer writes the sealed memfd (pwrite + XXH3-64)",
                     lambda: SharedSegment(list(state.items())))
@@ -118,6 +122,16 @@ def _old_assemble(chunks: list[pb.WeightChunk], state: dict[str, torch.Tensor]) 
         assert zlib.crc32(buf) == meta["crc32"]
         out[name] = torch.frombuffer(buf, dtype=torch.uint8).view(t.dtype).reshape(t.shape)
     return out
+
+
+def _old_tensor_checksum(tensor: torch.Tensor, chunk: int = 1 << 24) -> int:
+    """Before issue 27: the same sum, each byte widened to int64 and weighted."""
+    data = tensor.reshape(-1).view(torch.uint8)
+    total = torch.zeros((), dtype=torch.int64)
+    for start in range(0, data.numel(), chunk):
+        piece = data[start:start + chunk].to(torch.int64)
+        total += (piece * (torch.arange(start, start + piece.numel()) % 65521 + 1)).sum()
+    return int(total)
 
 
 def _assemble(chunks) -> dict[str, torch.Tensor]:
