@@ -86,3 +86,25 @@ def test_retrying_stops_at_its_deadline_with_the_refusal():
     with pytest.raises(grpc.RpcError) as info:
         WeightSync(Client(stub), "grpc", restart_retry_seconds=1.0).push(WEIGHTS)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and 2 <= stub.calls <= 4
+
+
+def test_auto_falls_back_to_grpc_when_a_replica_cannot_map_the_shared_segment():
+    """"auto" picks shared memory when every replica reports this host; a replica that cannot map
+    the segment refuses with FAILED_PRECONDITION (nothing changed), and the push goes over gRPC."""
+    from rollout.service.shared_weights import host_id
+
+    class SameHost(Stub):
+        def GetStatus(self, request, **kwargs):
+            return pb.StatusResponse(replicas=[pb.ReplicaStatus(name="r0", host_id=host_id())])
+
+        def UpdateWeightsShared(self, request, **kwargs):
+            self.shared = request
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "cannot open the trainer's segment")
+
+    stub = SameHost([])
+    sync = WeightSync(Client(stub), restart_retry_seconds=30)
+    result = sync.push(WEIGHTS)
+    assert stub.shared.tensors[0].name == "w" and stub.calls == 1  # tried shared, then sent by gRPC
+    assert result.transport == sync.chosen_transport == "grpc" and result.version == 3
+    sync.push(WEIGHTS)
+    assert stub.calls == 2  # straight to gRPC

@@ -13,6 +13,8 @@ Transports:
   of `bucket_bytes` (`rollout.service.weight_group`). Every collective carries the timeout.
 - "auto" (the default): "shared" when GetStatus shows every replica on this host
   (ReplicaStatus.host_id), else "grpc"; the choice is logged and kept in `chosen_transport`.
+  A replica that cannot map the segment (FAILED_PRECONDITION: another uid, a hardened /proc)
+  changes nothing, and "auto" then pushes over gRPC from that push on.
 Either way the service verifies everything, swaps between engine steps on every replica, and
 bumps the version; a failed push leaves the old version serving everywhere.
 
@@ -162,12 +164,20 @@ class WeightSync:
             started = time.perf_counter()
             transport = self.choose_transport()
             if transport == "shared":
-                resp = self._push_shared(items, mode)
-            elif transport == "grpc":
+                try:
+                    resp = self._push_shared(items, mode)
+                except grpc.RpcError as e:
+                    # Chosen by "auto", but a replica could not map the segment (another uid, a
+                    # hardened /proc): nothing changed; gRPC from now on.
+                    if self.transport != "auto" or e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                        raise
+                    log.warning("shared-memory push refused (%s); pushing over grpc from now on", e.details())
+                    self.chosen_transport = transport = "grpc"
+            if transport == "grpc":
                 resp = self._update_weights_raw(
                     weight_frames(items, version=0, num_tensors=len(items), chunk_bytes=self.chunk_bytes, mode=mode),
                     timeout=self.timeout, metadata=self.client.auth_metadata)
-            else:
+            elif transport == "broadcast":
                 resp = self._push_broadcast(items, mode)
             return PushResult(resp.version, resp.num_tensors, resp.num_bytes, time.perf_counter() - started,
                               transport=transport)
