@@ -9,6 +9,7 @@ from rollout.model.decoder import Decoder
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv_heads, vocab, tied embeddings)
     "tiny": (64, 128, 2, 4, 2, 512, True),
+    "small": (256, 704, 4, 4, 2, 4096, True),  # the embedded model's size: the CPU stand-in for 1.5B
     "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, True),
     "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
     "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
@@ -23,8 +24,8 @@ def hf_config(shape: str) -> dict:
                 tie_word_embeddings=tied, hidden_act="silu", eos_token_id=vocab - 2)
 
 
-def random_engine(shape: str, block_size: int, device: str, dtype: torch.dtype, config: EngineConfig) -> Engine:
-    """An engine on random weights (std 0.02, seed 0) of a named shape; mask token = last id."""
+def random_decoder(shape: str, device: str, dtype: torch.dtype) -> Decoder:
+    """Our decoder with random weights (std 0.02, seed 0) of a named shape, built on the device."""
     cfg = ModelConfig.from_hf_dict(hf_config(shape))
     torch.manual_seed(0)
     with torch.device(device):
@@ -32,5 +33,12 @@ def random_engine(shape: str, block_size: int, device: str, dtype: torch.dtype, 
     for name, p in model.named_parameters():
         if "norm" not in name:
             torch.nn.init.normal_(p, std=0.02)
-    return Engine(model.to(dtype).eval(), TidarConfig(mask_token_id=cfg.vocab_size - 1, block_size=block_size),
+    return model.to(dtype).eval()
+
+
+def random_engine(shape: str, block_size: int, device: str, dtype: torch.dtype, config: EngineConfig,
+                  model: Decoder | None = None) -> Engine:
+    """An engine on `model` or random weights of a named shape; mask token = last id."""
+    model = model if model is not None else random_decoder(shape, device, dtype)
+    return Engine(model, TidarConfig(mask_token_id=model.config.vocab_size - 1, block_size=block_size),
                   device, dtype, config)

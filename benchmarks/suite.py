@@ -116,14 +116,20 @@ def step_table(args, dtype) -> list[str]:
     return lines + ([""] + floors if floors else [])
 
 
-def hf_tokens_per_second(model_dir: Path | None, shape: str, device: str, dtype, prompts, max_tokens: int) -> float:
+def hf_model(model_dir: Path | None, shape: str, device: str, dtype):
+    """HF transformers' model: loaded from `model_dir`, else random weights of a named shape
+    (built on the device: initialising 1.5B parameters on the host takes long)."""
     import transformers
     if model_dir is not None:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    else:
-        cfg = transformers.Qwen2Config(**{k: v for k, v in hf_config(shape).items() if k != "model_type"})
-        torch.manual_seed(0)
-        hf = transformers.Qwen2ForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+        return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    cfg = transformers.Qwen2Config(**{k: v for k, v in hf_config(shape).items() if k != "model_type"})
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.Qwen2ForCausalLM(cfg).to(dtype=dtype).eval()
+
+
+def hf_rate(hf, prompts, max_tokens: int, device: str) -> float:
+    """Tokens/s of HF `generate` sampling every row to `max_tokens` (after a short warm-up)."""
     ids = torch.tensor(prompts, device=device)
     mask = torch.ones_like(ids)
     with torch.inference_mode():
@@ -135,6 +141,30 @@ def hf_tokens_per_second(model_dir: Path | None, shape: str, device: str, dtype,
                     pad_token_id=0)
         sync(device)
     return len(prompts) * max_tokens / (time.perf_counter() - t0)
+
+
+def hf_tokens_per_second(model_dir: Path | None, shape: str, device: str, dtype, prompts, max_tokens: int) -> float:
+    return hf_rate(hf_model(model_dir, shape, device, dtype), prompts, max_tokens, device)
+
+
+def sampler_rates(engine: Engine, prompts, max_tokens: int, graphs: bool, device: str,
+                  samplers=("lossless", "mixed", "ar")) -> tuple[dict, float]:
+    """({sampler: tokens/s}, tokens per forward of lossless) of `engine.generate` at T = 1.
+    Warm-up first; with graphs the whole run once, so that no capture is timed (every row
+    bucket and prefix bucket the timed run meets is captured then)."""
+    rates, tpf = {}, 0.0
+    for sampler in samplers:
+        params = SamplingParams(sampler=sampler, max_tokens=max_tokens, seed=0)
+        warm = (prompts, params) if graphs else (prompts[:1], SamplingParams(sampler=sampler, max_tokens=4, seed=1))
+        engine.generate(*warm)
+        sync(device)
+        t0 = time.perf_counter()
+        engine.generate(prompts, params)
+        sync(device)
+        rates[sampler] = engine.last_stats.generated_tokens / (time.perf_counter() - t0)
+        if sampler == "lossless":
+            tpf = engine.last_stats.tokens_per_forward
+    return rates, tpf
 
 
 def throughput_table(args, dtype) -> list[str]:
@@ -153,20 +183,7 @@ def throughput_table(args, dtype) -> list[str]:
         rng = random.Random(1)
         vocab = engine.config.vocab_size - 1
         prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(args.throughput_batch)]
-        rates, tpf = {}, 0.0
-        for sampler in ("lossless", "mixed", "ar"):
-            params = SamplingParams(sampler=sampler, max_tokens=args.max_tokens, seed=0)
-            # Warm-up; with graphs the whole run once, so that no capture is timed (every row
-            # bucket and prefix bucket the timed run meets is captured here).
-            warm = (prompts, params) if graphs else (prompts[:1], SamplingParams(sampler=sampler, max_tokens=4, seed=1))
-            engine.generate(*warm)
-            sync(args.device)
-            t0 = time.perf_counter()
-            engine.generate(prompts, params)
-            sync(args.device)
-            rates[sampler] = engine.last_stats.generated_tokens / (time.perf_counter() - t0)
-            if sampler == "lossless":
-                tpf = engine.last_stats.tokens_per_forward
+        rates, tpf = sampler_rates(engine, prompts, args.max_tokens, graphs, args.device)
         if not graphs:  # HF generate is eager: measured once per model
             hf = hf_tokens_per_second(model_dir, args.shape, args.device, dtype, prompts, args.max_tokens)
         lines.append(f"| {name} | {rates['lossless']:.0f} | {rates['mixed']:.0f} | {rates['ar']:.0f} | {hf:.0f} | "

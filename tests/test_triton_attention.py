@@ -12,8 +12,10 @@ pytest.importorskip("triton")
 
 from rollout import Engine, SamplingParams  # noqa: E402
 from rollout.config import EngineConfig  # noqa: E402
-from rollout.model.triton_attention import (prefix_attention, prefix_attention_reference,  # noqa: E402
-                                            triton_available)
+from rollout.model.triton_attention import (SHARED_MEMORY, KernelConfig, gpu_vendor,  # noqa: E402
+                                            kernel_config, prefix_attention, prefix_attention_reference,
+                                            shared_memory_estimate, triton_available,
+                                            triton_unavailable_reason)
 
 from conftest import PROMPTS  # noqa: E402
 from test_attention import decode_step  # noqa: E402
@@ -104,3 +106,62 @@ def test_the_engine_refuses_the_triton_path_where_triton_cannot_run(engine, monk
         pytest.skip("the engine runs on a GPU, where triton can run")
     with pytest.raises(RuntimeError, match="attention path 'triton'.*TRITON_INTERPRET"):
         Engine(engine.model, engine.tidar, config=EngineConfig(attention="triton"))
+
+
+# ---------------------------------------------------------------- AMD (ROCm): what can be checked without one
+@pytest.mark.parametrize("vendor", ["amd", "nvidia"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [8, 64, 128, 256])
+def test_kernel_config_fits_the_vendors_shared_memory(vendor, dtype, D):
+    config = kernel_config(dtype, D, vendor=vendor)
+    assert config.block_n in (16, 32, 64) and config.num_warps == 4
+    assert config.num_stages == (1 if vendor == "amd" else 3)
+    if config.block_n > 16:  # the largest key block that fits
+        assert shared_memory_estimate(config, 64, max(16, D), dtype) <= SHARED_MEMORY[vendor]
+    if config.block_n < 64:
+        bigger = KernelConfig(config.block_n * 2, config.num_warps, config.num_stages)
+        assert shared_memory_estimate(bigger, 64, max(16, D), dtype) > SHARED_MEMORY[vendor]
+
+
+def test_kernel_config_uses_what_the_device_reports():
+    # An H100 opts in to 227 KiB per block: bf16 at head_dim 128 keeps the 64-key block it always
+    # had; float32 K/V tiles at three stages would not fit it (the default 99 KiB fits 16 keys).
+    h100 = 227 * 1024
+    assert kernel_config(torch.bfloat16, 128, vendor="nvidia", shared_memory=h100).block_n == 64
+    assert kernel_config(torch.float32, 128, vendor="nvidia", shared_memory=h100).block_n == 32
+    assert kernel_config(torch.float32, 128, vendor="nvidia").block_n == 16
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 128), (torch.bfloat16, 128), (torch.float32, 64),
+                                     (torch.float32, 16)])
+def test_prefix_attention_with_the_configs_an_amd_gpu_gets(dtype, D):
+    """The kernel at the key blocks and stages a ROCm build would launch (64, 16 and, below, 32
+    keys per block), against the oracle: prefix lengths that end inside and across blocks."""
+    config = kernel_config(dtype, D, vendor="amd")
+    gen = torch.Generator().manual_seed(D)
+    cache_k, cache_v = random_cache(gen, 3, 2, 100, D, dtype)
+    prefix_lens = torch.tensor([97, 0, 33], device=DEVICE)
+    slots = torch.tensor([1, 3, 0], device=DEVICE)
+    q = torch.randn(3, 4, 3, D, generator=gen).to(DEVICE, dtype)
+    ref_out, ref_lse = prefix_attention_reference(q, cache_k, cache_v, slots, prefix_lens, 97)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for cfg in (config, KernelConfig(32, 4, 1)):
+        out, lse = prefix_attention(q, cache_k, cache_v, slots, prefix_lens, 97, num_splits=2, config=cfg)
+        torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
+        torch.testing.assert_close(lse, ref_lse, atol=max(tol, 1e-3) if dtype != torch.float32 else tol, rtol=tol)
+
+
+def test_a_hip_build_is_detected_and_gets_the_amd_config(monkeypatch):
+    """A ROCm build of torch reports its GPUs as device type "cuda": only torch.version.hip
+    tells the vendor. The triton path stays available on such a "cuda" device."""
+    monkeypatch.setattr(torch.version, "hip", "6.4.43482-0f2d60242", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert gpu_vendor() == "amd"
+    assert kernel_config(torch.bfloat16, 128) == kernel_config(torch.bfloat16, 128, vendor="amd")
+    assert kernel_config(torch.bfloat16, 128).num_stages == 1
+    assert triton_unavailable_reason("cuda") is None
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    assert gpu_vendor() == "nvidia" and kernel_config(torch.bfloat16, 128).num_stages == 3
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert gpu_vendor() == "none"

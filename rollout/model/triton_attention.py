@@ -24,7 +24,13 @@ of cache slot `slots[b]` at positions < prefix_lens[b], with no other mask. This
   is float32: the merge with the in-step part happens in float32 anyway, so no intermediate
   rounding to the input dtype.
 - Block sizes are constexpr; prefix lengths, split length and T are runtime arguments, so a
-  new step shape does not recompile. D must be a power of two; a D under 16 (tl.dot's
+  new step shape does not recompile. The launch configuration (keys per block, warps, pipeline
+  stages) is chosen per vendor and dtype by `kernel_config`, explicit so that the one an AMD
+  GPU gets is tested under the interpreter: AMD (ROCm builds report `torch.version.hip`) runs
+  one stage, as AMD's own Triton attention kernels do, and both vendors shrink the key block
+  until the K/V tiles fit the device's shared memory (64 KiB of LDS per workgroup on CDNA).
+  A warp is 64 lanes (a wavefront) on CDNA, 32 on NVIDIA: num_warps counts either, and no
+  block size here assumes a lane count. D must be a power of two; a D under 16 (tl.dot's
   minimum, tiny test models) is padded to 16 by masked loads.
 - Plain Triton only (no CUDA-specific intrinsics): the same code runs on ROCm, and on the CPU
   under TRITON_INTERPRET=1 (slow; tests only).
@@ -34,6 +40,7 @@ the kernel can run on a device. `prefix_attention_reference` is the dense PyTorc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import math
@@ -41,9 +48,52 @@ import os
 
 import torch
 
-BLOCK_N = 64  # keys per inner-loop block
+MAX_BLOCK_M = 64  # query rows (GQA group x in-step tokens) per program, at most
 MIN_SPLIT_KEYS = 256  # a split covers at least this many keys (fewer splits for short prefixes)
 MAX_SPLITS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    block_n: int     # keys per inner-loop block (a power of two >= 16: tl.dot's minimum)
+    num_warps: int   # warps (NVIDIA, 32 lanes) or wavefronts (AMD, 64 lanes) per program
+    num_stages: int  # software-pipelining depth of the key loop (buffers of K/V in shared memory)
+
+
+# Shared memory one program may use when the device does not say: Ampere / Ada consumer parts
+# opt in to 99 KiB per block, CDNA (MI200 / MI300) has 64 KiB of LDS per workgroup.
+SHARED_MEMORY = {"nvidia": 99 * 1024, "amd": 64 * 1024, "none": 99 * 1024}
+STAGES = {"nvidia": 3, "amd": 1, "none": 3}  # 3: Triton's CUDA default, what this kernel always ran with
+
+
+def gpu_vendor() -> str:
+    """"amd" for a ROCm build of PyTorch (it reports its GPUs as device type "cuda"; only
+    `torch.version.hip` tells), "nvidia" for a CUDA build, "none" for a CPU-only build."""
+    if getattr(torch.version, "hip", None):
+        return "amd"
+    return "nvidia" if torch.version.cuda else "none"
+
+
+def shared_memory_estimate(config: KernelConfig, block_m: int, block_d: int, dtype: torch.dtype) -> int:
+    """Bytes of shared memory the split kernel's tiles take: num_stages buffers of a K and a V
+    tile, the Q tile and P (float32 operands for float32 inputs: the kernel's IEEE dots)."""
+    elem = 4 if dtype == torch.float32 else 2
+    return (config.num_stages * 2 * config.block_n * block_d + block_m * block_d + block_m * config.block_n) * elem
+
+
+def kernel_config(dtype: torch.dtype, head_dim: int, vendor: str | None = None,
+                  shared_memory: int | None = None) -> KernelConfig:
+    """The launch configuration for q of `dtype` and `head_dim`: the vendor's pipeline depth,
+    4 warps, and the largest key block (64, 32, 16) whose tiles fit `shared_memory` bytes
+    (default: the vendor's in SHARED_MEMORY). vendor None: this build's (`gpu_vendor`)."""
+    vendor = vendor or gpu_vendor()
+    limit = shared_memory or SHARED_MEMORY[vendor]
+    block_d = max(16, head_dim)
+    for block_n in (64, 32):
+        config = KernelConfig(block_n, 4, STAGES[vendor])
+        if shared_memory_estimate(config, MAX_BLOCK_M, block_d, dtype) <= limit:
+            return config
+    return KernelConfig(16, 4, STAGES[vendor])
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -88,13 +138,14 @@ def prefix_attention_reference(q: torch.Tensor, cache_k: torch.Tensor, cache_v: 
 
 
 def prefix_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, slots: torch.Tensor,
-                     prefix_lens: torch.Tensor, prefix_max: int, num_splits: int | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     prefix_lens: torch.Tensor, prefix_max: int, num_splits: int | None = None,
+                     config: KernelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, H, T, D] over each row's cached prefix: keys/values of cache slot
     slots[b] ([S, Hkv, slot_len, D] tensors, one layer) at positions < prefix_lens[b] <=
     prefix_max (a Python int). Returns (out [B, H, T, D] fp32, lse [B, H, T] fp32, natural
     log); rows with an empty prefix give out 0 and lse -inf. num_splits: chunks of the key axis
-    (None: enough to fill the device)."""
+    (None: enough to fill the device). config: the launch configuration (None: `kernel_config`
+    for this device)."""
     B, H, T, D = q.shape
     S, Hkv, slot_len, Dk = cache_k.shape
     if D < 1 or D & (D - 1):
@@ -113,14 +164,16 @@ def prefix_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     lse = torch.full((B, H, T), float("-inf"), dtype=torch.float32, device=q.device)
     if prefix_max == 0 or B == 0 or T == 0:
         return out, lse
+    config = config or device_kernel_config(q.device, q.dtype, D)
+    block_n = config.block_n
     rows = G * T
-    block_m = min(max(16, _next_power_of_2(rows)), 64)
+    block_m = min(max(16, _next_power_of_2(rows)), MAX_BLOCK_M)
     m_blocks = -(-rows // block_m)
     if num_splits is None:
         num_splits = _default_splits(q.device, B * Hkv * m_blocks, prefix_max)
-    num_splits = max(1, min(num_splits, -(-prefix_max // BLOCK_N)))
+    num_splits = max(1, min(num_splits, -(-prefix_max // block_n)))
     split_len = -(-prefix_max // num_splits)
-    split_len = -(-split_len // BLOCK_N) * BLOCK_N  # whole key blocks per split
+    split_len = -(-split_len // block_n) * block_n  # whole key blocks per split
     num_splits = -(-prefix_max // split_len)
     m_pad, block_d = m_blocks * block_m, max(16, D)
     acc = torch.empty(B * Hkv, num_splits, m_pad, block_d, dtype=torch.float32, device=q.device)
@@ -133,11 +186,13 @@ def prefix_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
         q, cache_k, cache_v, slots, lens, acc, run_max, run_sum,
         *q.stride(), *cache_k.stride(), *cache_v.stride(),
         T, rows, split_len, num_splits, m_pad, D ** -0.5 * math.log2(math.e),
-        HKV=Hkv, G=G, D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        FP32_DOT=q.dtype == torch.float32 or q.device.type == "cpu")  # the interpreter: see the docstring
+        HKV=Hkv, G=G, D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        FP32_DOT=q.dtype == torch.float32 or q.device.type == "cpu",  # the interpreter: see the docstring
+        num_warps=config.num_warps, num_stages=config.num_stages)
     combine_kernel[(B * Hkv, m_blocks)](
         acc, run_max, run_sum, out, lse, *out.stride(), *lse.stride(),
-        T, rows, num_splits, m_pad, HKV=Hkv, G=G, D=D, BLOCK_D=block_d, BLOCK_M=block_m)
+        T, rows, num_splits, m_pad, HKV=Hkv, G=G, D=D, BLOCK_D=block_d, BLOCK_M=block_m,
+        num_warps=config.num_warps)
     return out, lse
 
 
@@ -151,6 +206,23 @@ def _default_splits(device: torch.device, programs: int, prefix_max: int) -> int
     target = 2 * _compute_units(device)
     by_length = max(1, prefix_max // MIN_SPLIT_KEYS)
     return max(1, min(MAX_SPLITS, by_length, -(-target // programs)))
+
+
+def device_kernel_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> KernelConfig:
+    """`kernel_config` for a device: this build's vendor, the device's shared memory per block
+    where torch reports it."""
+    return _cached_config(dtype, head_dim, gpu_vendor(), _shared_memory(device))
+
+
+_cached_config = functools.cache(kernel_config)  # called per layer and step: decided once per shape
+
+
+@functools.cache
+def _shared_memory(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", None) or None
 
 
 @functools.cache

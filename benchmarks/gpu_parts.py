@@ -1,0 +1,282 @@
+"""Parts (b) step cost, (c) end to end and (d) the GRPO-shaped rollout of `benchmarks.gpu_run`,
+and the table of part (a)'s checks (`gpu_checks.py`). Each part takes the run's context (plan,
+device, dtype, its Budget, trimmed repeats and batches) and returns a dict: its rows (the JSON),
+`markdown` (its table) and `summary` (a few lines for the one-screen summary). The timing
+helpers are the suite's (`suite.fill`, `time_steps`, `sampler_rates`, `hf_rate`) and
+`speed_targets.weight_streaming_floor`: the full suite stays for longer lends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "rollout" / "default_model"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- part b: step cost
+def set_step_path(engine, attention: str, graphs: bool, cache: dict) -> None:
+    """Switches a filled engine's decode steps to another attention path, with or without
+    static-shape graphs, without refilling its KV cache (the runner's per-step settings)."""
+    from rollout.engine.step_graphs import StepGraphs
+    from rollout.model.triton_attention import triton_unavailable_reason
+    runner = engine.runner
+    if attention == "triton" and (reason := triton_unavailable_reason(runner.device)) is not None:
+        raise RuntimeError(f"triton attention cannot run here: {reason}")
+    runner.attention = attention
+    if graphs and attention not in cache:
+        cache[attention] = StepGraphs(runner.model, runner.cache, attention, runner.ar_layout,
+                                      engine.tidar.mask_token_id)
+    runner.graphs = cache[attention] if graphs else None
+
+
+def step_cost(ctx) -> dict:
+    from rollout.config import EngineConfig
+    from rollout.engine.drafting import DraftShape
+
+    from .shapes import random_engine
+    from .speed_targets import weight_streaming_floor
+    from .suite import fill, time_steps
+    plan, device, dtype, budget = ctx.plan, ctx.device, ctx.dtype, ctx.budget
+    K = plan.block
+    shapes = [("AR", None), ("len 2, 1 level", DraftShape(2, (1,))), ("1 level", DraftShape(K, (1,))),
+              (f"all {K} levels", DraftShape(K, tuple(range(1, K + 1))))]
+    # On a GPU: the cells that matter most first (graphs, then eager). Triton only where it is compiled.
+    paths = [("dense", True), ("dense", False)]
+    if device.startswith("cuda"):
+        paths = [("dense", True), ("triton", True), ("dense", False), ("triton", False)]
+    rows, floor = [], None
+    batch_max = max(plan.step_batches)
+    for i, context in enumerate(plan.step_contexts):
+        share = budget.share(len(plan.step_contexts) - i)
+        if not share.allows() or share.left() <= 0:
+            rows.append(dict(context=context, skipped="time budget"))
+            continue
+        t0 = time.perf_counter()
+        engine = random_engine(plan.shape, K, device, dtype, EngineConfig(
+            max_num_seqs=batch_max, max_model_len=context + 16, attention="dense"))
+        seqs = fill(engine, batch_max, context)
+        fill_s = time.perf_counter() - t0
+        if floor is None:
+            mb, gbs, ms = weight_streaming_floor(engine, device)
+            floor = dict(weight_mb=round(mb, 1), copy_gb_s=round(gbs, 1), floor_ms=round(ms, 4))
+        graphs_by_path: dict = {}
+        for attention, graphs in paths:
+            for batch in plan.step_batches:
+                label = attention + ("+graphs" if graphs else "")
+                if not share.allows():
+                    rows.append(dict(path=label, batch=batch, context=context, skipped="time budget"))
+                    continue
+                with share.cell():
+                    set_step_path(engine, attention, graphs, graphs_by_path)
+                    ms = [1000 * time_steps(engine, seqs[:batch], s, ctx.repeats, device) for _, s in shapes]
+                rows.append(dict(path=label, batch=batch, context=context, fill_s=round(fill_s, 2),
+                                 **{f"{n} ms": round(m, 4) for (n, _), m in zip(shapes, ms)},
+                                 **{f"{n} / AR": round(m / ms[0], 3) for (n, _), m in zip(shapes[1:], ms[1:])}))
+        del engine, seqs, graphs_by_path
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    ar_ref = next((r for r in rows if r.get("batch") == min(plan.step_batches) and "AR ms" in r
+                   and r["path"].startswith("dense")), None)
+    if floor is not None and ar_ref is not None:
+        floor.update(ar_step_ms=ar_ref["AR ms"], path=ar_ref["path"], batch=ar_ref["batch"], context=ar_ref["context"],
+                     ar_over_floor=round(ar_ref["AR ms"] / floor["floor_ms"], 2))
+    names = [n for n, _ in shapes]
+    md = [f"| path | batch | context | " + " | ".join(f"{n} ms" for n in names) + " | TiDAR / AR (" +
+          " ; ".join(names[1:]) + ") |", "|---|---|---|" + "---|" * (len(names) + 1)]
+    for r in rows:
+        if "skipped" in r:
+            md.append(f"| {r.get('path', '-')} | {r.get('batch', '-')} | {r['context']} | skipped: {r['skipped']} |")
+        else:
+            md.append(f"| {r['path']} | {r['batch']} | {r['context']} | " +
+                      " | ".join(f"{r[n + ' ms']:.3f}" for n in names) + " | " +
+                      " / ".join(f"{r[n + ' / AR']:.2f}x" for n in names[1:]) + " |")
+    if floor and "ar_step_ms" in floor:
+        md += ["", f"bandwidth floor: {floor['weight_mb']} MB of weights at {floor['copy_gb_s']} GB/s (a device copy "
+                   f"measured now) = {floor['floor_ms']:.3f} ms; the AR step ({floor['path']}, batch {floor['batch']}, context "
+                   f"{floor['context']}) takes {floor['ar_step_ms']:.3f} ms = {floor['ar_over_floor']}x the floor"]
+    done = [r for r in rows if "AR ms" in r]
+    summary = [f"{len(done)} cells, {len(rows) - len(done)} skipped"]
+    for r in done:
+        if r["batch"] in (1, max(plan.step_batches)) and r["path"] in ("dense+graphs", "triton+graphs", "dense"):
+            summary.append(f"{r['path']} b{r['batch']} ctx{r['context']}: AR {r['AR ms']:.2f} ms, TiDAR/AR " +
+                           " / ".join(f"{r[n + ' / AR']:.2f}" for n in names[1:]))
+    if floor and "ar_over_floor" in floor:
+        summary.append(f"AR step / bandwidth floor: {floor['ar_over_floor']}x ({floor['floor_ms']:.3f} ms floor)")
+    return dict(rows=rows, bandwidth_floor=floor, shapes=names, markdown=md, summary=summary[:7])
+
+
+# ---------------------------------------------------------------- part c: end to end
+def load_model(ctx, name: str):
+    """(our decoder, HF model on the same weights, block length, prompts source) for "embedded"
+    or a named random shape (HF's random init, copied into our decoder)."""
+    from rollout import Engine
+    from rollout.config import EngineConfig
+
+    from .shapes import random_decoder
+    from .suite import hf_model
+    if name == "embedded":  # loaded as `rollout serve` loads it; the engine around it is dropped
+        loaded = Engine.from_pretrained(EMBEDDED, device=ctx.device, dtype=ctx.dtype,
+                                        config=EngineConfig(max_num_seqs=1, max_model_len=64))
+        return loaded.model, hf_model(EMBEDDED, name, ctx.device, ctx.dtype), loaded.tidar
+    from rollout.config import TidarConfig
+    hf = hf_model(None, name, ctx.device, ctx.dtype)
+    model = random_decoder(name, ctx.device, ctx.dtype)
+    ours = model.state_dict()
+    with torch.no_grad():
+        for key, t in hf.state_dict().items():
+            if key in ours:
+                ours[key].copy_(t)
+    return model, hf, TidarConfig(mask_token_id=model.config.vocab_size - 1, block_size=ctx.plan.block)
+
+
+def end_to_end(ctx) -> dict:
+    from rollout import Engine
+    from rollout.config import EngineConfig
+
+    from .suite import hf_rate, sampler_rates
+    plan, device, budget = ctx.plan, ctx.device, ctx.budget
+    rows = []
+    for i, name in enumerate(("embedded", plan.shape)):
+        share = budget.share(2 - i)
+        model = hf = None
+        for drafting in ("fixed", "auto"):
+            for batch in ctx.e2e_batches:
+                if not share.allows():
+                    rows.append(dict(model=name, drafting=drafting, batch=batch, skipped="time budget"))
+                    continue
+                with share.cell():
+                    if model is None:
+                        model, hf, tidar = load_model(ctx, name)
+                        prompts = ctx.prompts(model.config.vocab_size, max(ctx.e2e_batches), plan.prompt_len,
+                                              name == "embedded")
+                        engines, hf_rates = {}, {}
+                    if drafting not in engines:
+                        engines.clear()
+                        engines[drafting] = Engine(model, tidar, device, ctx.dtype, EngineConfig(
+                            max_num_seqs=max(ctx.e2e_batches), max_model_len=plan.prompt_len + plan.max_tokens,
+                            cuda_graphs=True, drafting=drafting, calibration_seconds=plan.calibration_seconds))
+                    engine = engines[drafting]
+                    rates, tpf = sampler_rates(engine, prompts[:batch], plan.max_tokens, True, device)
+                    if batch not in hf_rates:
+                        hf_rates[batch] = hf_rate(hf, prompts[:batch], plan.max_tokens, device)
+                    rows.append(dict(model=name, drafting=drafting, batch=batch,
+                                     **{f"{s} tok/s": round(r, 1) for s, r in rates.items()},
+                                     **{"HF tok/s": round(hf_rates[batch], 1),
+                                        "lossless / AR": round(rates["lossless"] / rates["ar"], 3),
+                                        "AR / HF": round(rates["ar"] / hf_rates[batch], 3),
+                                        "tokens/forward": round(tpf, 2)}))
+        del model, hf
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    md = ["| model | drafting | batch | lossless tok/s | mixed tok/s | AR tok/s | HF tok/s | lossless / AR | AR / HF | "
+          "tokens/forward |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        head = f"| {r['model']} | {r['drafting']} | {r['batch']} | "
+        md.append(head + (f"skipped: {r['skipped']} |" if "skipped" in r else
+                          f"{r['lossless tok/s']:.0f} | {r['mixed tok/s']:.0f} | {r['ar tok/s']:.0f} | "
+                          f"{r['HF tok/s']:.0f} | {r['lossless / AR']:.2f}x | {r['AR / HF']:.2f}x | "
+                          f"{r['tokens/forward']} |"))
+    done = [r for r in rows if "skipped" not in r]
+    summary = [f"{len(done)} cells, {len(rows) - len(done)} skipped"] + [
+        f"{r['model']} {r['drafting']} b{r['batch']}: lossless/AR {r['lossless / AR']:.2f}, AR/HF {r['AR / HF']:.2f}, "
+        f"{r['tokens/forward']} tok/fwd" for r in done if r["drafting"] == "auto"]
+    return dict(rows=rows, markdown=md, summary=summary[:7])
+
+
+# ---------------------------------------------------------------- part d: GRPO-shaped rollout
+def long_tailed_lengths(count: int, cap: int, seed: int = 0) -> list[int]:
+    """Generation lengths of a GRPO batch: log-normal (median cap / 6, a few near the cap),
+    clipped to [4, cap]."""
+    rng = random.Random(seed)
+    return [max(4, min(cap, round(math.exp(rng.gauss(math.log(cap / 6), 0.9))))) for _ in range(count)]
+
+
+def rollout_once(engine, prompts, lengths, samples: int, sampler: str, seed: int, device: str) -> dict:
+    from rollout import SamplingParams
+    for prompt, length in zip(prompts, lengths):
+        engine.add_request([prompt], SamplingParams(sampler=sampler, temperature=1.0, max_tokens=length,
+                                                    n=samples, seed=seed))
+    sync(device)
+    t0, tokens, forwards = time.perf_counter(), 0, 0
+    while engine.has_work:
+        out = engine.step()
+        forwards += 1
+        tokens += sum(len(s.out.token_ids) for s in out.finished)
+    sync(device)
+    return dict(seconds=time.perf_counter() - t0, tokens=tokens, forwards=forwards)
+
+
+def grpo_rollout(ctx) -> dict:
+    from rollout import Engine
+    from rollout.config import EngineConfig
+    plan, device, budget = ctx.plan, ctx.device, ctx.budget
+    lengths = long_tailed_lengths(plan.rollout_prompts, plan.rollout_max_tokens)
+    rows = []
+    for i, name in enumerate(plan.rollout_models):
+        share = budget.share(len(plan.rollout_models) - i)
+        if not share.allows():
+            rows.append(dict(model=name, skipped="time budget"))
+            continue
+        with share.cell():
+            model, _, tidar = load_model(ctx, name)
+            prompts = ctx.prompts(model.config.vocab_size, plan.rollout_prompts, plan.prompt_len, name == "embedded")
+            engine = Engine(model, tidar, device, ctx.dtype, EngineConfig(
+                max_num_seqs=plan.rollout_prompts * plan.rollout_samples,
+                max_model_len=plan.prompt_len + plan.rollout_max_tokens, cuda_graphs=True, drafting="auto",
+                calibration_seconds=plan.calibration_seconds))
+            # Untimed first pass of each (captures every graph shape the timed passes meet).
+            for sampler in ("ar", "lossless"):
+                rollout_once(engine, prompts, lengths, plan.rollout_samples, sampler, 99, device)
+            runs = {"ar": [], "lossless": []}
+            for rep in range(max(1, ctx.repeats // 5)):
+                for sampler in (("ar", "lossless") if rep % 2 == 0 else ("lossless", "ar")):
+                    runs[sampler].append(rollout_once(engine, prompts, lengths, plan.rollout_samples, sampler, rep,
+                                                      device))
+                if share.left() < 2 * (runs["ar"][-1]["seconds"] + runs["lossless"][-1]["seconds"]):
+                    break
+            ar = statistics.median(r["seconds"] for r in runs["ar"])
+            auto = statistics.median(r["seconds"] for r in runs["lossless"])
+            tokens = runs["ar"][0]["tokens"]
+            rows.append(dict(model=name, prompts=plan.rollout_prompts, samples=plan.rollout_samples,
+                             tokens=tokens, lengths_median=statistics.median(lengths), lengths_max=max(lengths),
+                             repeats=len(runs["ar"]), ar_s=round(ar, 3), auto_lossless_s=round(auto, 3),
+                             auto_over_ar_wall=round(auto / ar, 3), ar_forwards=runs["ar"][0]["forwards"],
+                             auto_forwards=runs["lossless"][0]["forwards"],
+                             calibration_s=round(engine.calibration.get("seconds", 0.0), 2)))
+            del engine, model
+    md = ["| model | prompts x samples | tokens (median / max length) | AR s | auto (lossless) s | auto / AR wall | "
+          "forwards AR / auto |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['model']} | skipped: {r['skipped']} |" if "skipped" in r else
+                  f"| {r['model']} | {r['prompts']} x {r['samples']} | {r['tokens']} ({r['lengths_median']:g} / "
+                  f"{r['lengths_max']}) | {r['ar_s']:.2f} | {r['auto_lossless_s']:.2f} | "
+                  f"{r['auto_over_ar_wall']:.2f}x | {r['ar_forwards']} / {r['auto_forwards']} |")
+    summary = [f"{r['model']}: {r['prompts']}x{r['samples']}, {r['tokens']} tokens: AR {r['ar_s']:.2f} s, auto "
+               f"{r['auto_lossless_s']:.2f} s ({r['auto_over_ar_wall']:.2f}x)" for r in rows if "skipped" not in r]
+    return dict(rows=rows, markdown=md, summary=summary or ["skipped"])
+
+
+def correctness(ctx) -> dict:
+    from .gpu_checks import run_checks
+    checks = run_checks(ctx.device, ctx.plan.checks, ctx.budget)
+    md = ["| check | result | seconds | figures |", "|---|---|---|---|"]
+    for c in checks:
+        verdict = {True: "pass", False: "FAIL", None: "not run"}[c["ok"]]
+        figures = {k: v for k, v in c.items() if k not in ("name", "ok", "seconds", "traceback")}
+        md.append(f"| {c['name']} | {verdict} | {c.get('seconds', '-')} | {json.dumps(figures)} |")
+    failed = [c["name"] for c in checks if c["ok"] is False]
+    summary = [f"{sum(c['ok'] is True for c in checks)}/{len(checks)} pass" +
+               (f"; FAILED: {', '.join(failed)}" if failed else "")]
+    return dict(checks=checks, ok=not failed, markdown=md, summary=summary)
