@@ -1,6 +1,6 @@
 """The GPU benchmark suite: every table of the perf goals in one command.
 
-    python -m benchmarks.suite --device cuda --out benchmarks/gpu_tables.md    # ~15 min on one H100
+    python -m benchmarks.suite --device cuda --out benchmarks/gpu_tables.md    # longer than one GPU lend
     python -m benchmarks.suite --smoke                                         # same code, tiny, CPU
 
 Tables (random-weight Qwen2.5 shapes unless named; bf16 on a GPU, fp32 on the CPU):
@@ -18,6 +18,9 @@ Tables (random-weight Qwen2.5 shapes unless named; bf16 on a GPU, fp32 on the CP
    cost-aware drafting at batch 1 / 8 / 64 / 256 and T = 0 / 1, the shapes chosen, our AR / HF.
 `--smoke` runs every table with tiny shapes and contexts (the test suite runs it, so the suite
 cannot rot while no GPU is at hand). Timings are medians of `--repeats` steps after warm-up.
+Never timed on a GPU, and more than a 15-minute lend holds (table 1 alone builds and fills one
+engine per cell; table 4 calibrates and compares with HF): a lent GPU runs `benchmarks.gpu_run`
+first, which reuses this module's helpers under per-part time budgets.
 """
 
 from __future__ import annotations
