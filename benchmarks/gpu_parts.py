@@ -56,11 +56,13 @@ def step_cost(ctx) -> dict:
     paths = [("dense", True), ("dense", False)]
     if device.startswith("cuda"):
         paths = [("dense", True), ("triton", True), ("dense", False), ("triton", False)]
-    rows, floor = [], None
+    rows, floor, last_fill = [], None, None
     batch_max = max(plan.step_batches)
     for i, context in enumerate(plan.step_contexts):
         share = budget.share(len(plan.step_contexts) - i)
-        if not share.allows() or share.left() <= 0:
+        # A fill grows at least with its context: not started if it and one cell would not fit.
+        fill_guess = last_fill[0] * context / last_fill[1] if last_fill else 0.0
+        if share.left() <= fill_guess + budget.longest:
             rows.append(dict(context=context, skipped="time budget"))
             continue
         t0 = time.perf_counter()
@@ -68,6 +70,7 @@ def step_cost(ctx) -> dict:
             max_num_seqs=batch_max, max_model_len=context + 16, attention="dense"))
         seqs = fill(engine, batch_max, context)
         fill_s = time.perf_counter() - t0
+        last_fill = (fill_s, context)
         if floor is None:
             mb, gbs, ms = weight_streaming_floor(engine, device)
             floor = dict(weight_mb=round(mb, 1), copy_gb_s=round(gbs, 1), floor_ms=round(ms, 4))
@@ -78,7 +81,7 @@ def step_cost(ctx) -> dict:
                 if not share.allows():
                     rows.append(dict(path=label, batch=batch, context=context, skipped="time budget"))
                     continue
-                with share.cell():
+                with share.cell(), budget.cell():
                     set_step_path(engine, attention, graphs, graphs_by_path)
                     ms = [1000 * time_steps(engine, seqs[:batch], s, ctx.repeats, device) for _, s in shapes]
                 rows.append(dict(path=label, batch=batch, context=context, fill_s=round(fill_s, 2),
@@ -117,6 +120,11 @@ def step_cost(ctx) -> dict:
     return dict(rows=rows, bandwidth_floor=floor, shapes=names, markdown=md, summary=summary[:7])
 
 
+def ratio(a: float, b: float) -> float | None:
+    """a / b to 3 places; None where b is 0 (a run cut before it generated anything)."""
+    return round(a / b, 3) if b else None
+
+
 # ---------------------------------------------------------------- part c: end to end
 def load_model(ctx, name: str):
     """(our decoder, HF model on the same weights, block length, prompts source) for "embedded"
@@ -151,7 +159,7 @@ def end_to_end(ctx) -> dict:
     for i, name in enumerate(("embedded", plan.shape)):
         share = budget.share(2 - i)
         model = hf = None
-        for drafting in ("fixed", "auto"):
+        for drafting in ("auto", "fixed"):  # auto first: what `rollout serve` runs
             for batch in ctx.e2e_batches:
                 if not share.allows():
                     rows.append(dict(model=name, drafting=drafting, batch=batch, skipped="time budget"))
@@ -168,15 +176,16 @@ def end_to_end(ctx) -> dict:
                             max_num_seqs=max(ctx.e2e_batches), max_model_len=plan.prompt_len + plan.max_tokens,
                             cuda_graphs=True, drafting=drafting, calibration_seconds=plan.calibration_seconds))
                     engine = engines[drafting]
-                    rates, tpf = sampler_rates(engine, prompts[:batch], plan.max_tokens, True, device)
+                    rates, tpf, cut = sampler_rates(engine, prompts[:batch], plan.max_tokens, True, device,
+                                                    deadline=share.end)
                     if batch not in hf_rates:
                         hf_rates[batch] = hf_rate(hf, prompts[:batch], plan.max_tokens, device)
                     rows.append(dict(model=name, drafting=drafting, batch=batch,
                                      **{f"{s} tok/s": round(r, 1) for s, r in rates.items()},
                                      **{"HF tok/s": round(hf_rates[batch], 1),
-                                        "lossless / AR": round(rates["lossless"] / rates["ar"], 3),
-                                        "AR / HF": round(rates["ar"] / hf_rates[batch], 3),
-                                        "tokens/forward": round(tpf, 2)}))
+                                        "lossless / AR": ratio(rates["lossless"], rates["ar"]),
+                                        "AR / HF": ratio(rates["ar"], hf_rates[batch]),
+                                        "tokens/forward": round(tpf, 2), "cut": cut}))
         del model, hf
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -186,11 +195,11 @@ def end_to_end(ctx) -> dict:
         head = f"| {r['model']} | {r['drafting']} | {r['batch']} | "
         md.append(head + (f"skipped: {r['skipped']} |" if "skipped" in r else
                           f"{r['lossless tok/s']:.0f} | {r['mixed tok/s']:.0f} | {r['ar tok/s']:.0f} | "
-                          f"{r['HF tok/s']:.0f} | {r['lossless / AR']:.2f}x | {r['AR / HF']:.2f}x | "
-                          f"{r['tokens/forward']} |"))
+                          f"{r['HF tok/s']:.0f} | {r['lossless / AR']}x | {r['AR / HF']}x | "
+                          f"{r['tokens/forward']}{' (cut at the budget)' if r['cut'] else ''} |"))
     done = [r for r in rows if "skipped" not in r]
-    summary = [f"{len(done)} cells, {len(rows) - len(done)} skipped"] + [
-        f"{r['model']} {r['drafting']} b{r['batch']}: lossless/AR {r['lossless / AR']:.2f}, AR/HF {r['AR / HF']:.2f}, "
+    summary = [f"{len(done)} cells, {len(rows) - len(done)} skipped, {sum(r['cut'] for r in done)} cut"] + [
+        f"{r['model']} {r['drafting']} b{r['batch']}: lossless/AR {r['lossless / AR']}, AR/HF {r['AR / HF']}, "
         f"{r['tokens/forward']} tok/fwd" for r in done if r["drafting"] == "auto"]
     return dict(rows=rows, markdown=md, summary=summary[:7])
 
@@ -203,19 +212,27 @@ def long_tailed_lengths(count: int, cap: int, seed: int = 0) -> list[int]:
     return [max(4, min(cap, round(math.exp(rng.gauss(math.log(cap / 6), 0.9))))) for _ in range(count)]
 
 
-def rollout_once(engine, prompts, lengths, samples: int, sampler: str, seed: int, device: str) -> dict:
+def rollout_once(engine, prompts, lengths, samples: int, sampler: str, seed: int, device: str,
+                 deadline: float) -> dict:
+    """One GRPO batch: every prompt a request of `samples` samples and its own length, all
+    queued at once and stepped to the end (or ended at `deadline`: cut)."""
     from rollout import SamplingParams
-    for prompt, length in zip(prompts, lengths):
-        engine.add_request([prompt], SamplingParams(sampler=sampler, temperature=1.0, max_tokens=length,
-                                                    n=samples, seed=seed))
+    requests = [engine.add_request([prompt], SamplingParams(sampler=sampler, temperature=1.0, max_tokens=length,
+                                                            n=samples, seed=seed))
+                for prompt, length in zip(prompts, lengths)]
     sync(device)
-    t0, tokens, forwards = time.perf_counter(), 0, 0
+    t0, tokens, forwards, cut = time.perf_counter(), 0, 0, False
     while engine.has_work:
+        if time.perf_counter() > deadline:
+            cut = True
+            for request in requests:
+                tokens += sum(len(s.out.token_ids) for s in engine.abort(request.request_id))
+            break
         out = engine.step()
         forwards += 1
         tokens += sum(len(s.out.token_ids) for s in out.finished)
     sync(device)
-    return dict(seconds=time.perf_counter() - t0, tokens=tokens, forwards=forwards)
+    return dict(seconds=time.perf_counter() - t0, tokens=tokens, forwards=forwards, cut=cut)
 
 
 def grpo_rollout(ctx) -> dict:
@@ -238,12 +255,12 @@ def grpo_rollout(ctx) -> dict:
                 calibration_seconds=plan.calibration_seconds))
             # Untimed first pass of each (captures every graph shape the timed passes meet).
             for sampler in ("ar", "lossless"):
-                rollout_once(engine, prompts, lengths, plan.rollout_samples, sampler, 99, device)
+                rollout_once(engine, prompts, lengths, plan.rollout_samples, sampler, 99, device, share.end)
             runs = {"ar": [], "lossless": []}
             for rep in range(max(1, ctx.repeats // 5)):
                 for sampler in (("ar", "lossless") if rep % 2 == 0 else ("lossless", "ar")):
                     runs[sampler].append(rollout_once(engine, prompts, lengths, plan.rollout_samples, sampler, rep,
-                                                      device))
+                                                      device, share.end))
                 if share.left() < 2 * (runs["ar"][-1]["seconds"] + runs["lossless"][-1]["seconds"]):
                     break
             ar = statistics.median(r["seconds"] for r in runs["ar"])
@@ -254,6 +271,7 @@ def grpo_rollout(ctx) -> dict:
                              repeats=len(runs["ar"]), ar_s=round(ar, 3), auto_lossless_s=round(auto, 3),
                              auto_over_ar_wall=round(auto / ar, 3), ar_forwards=runs["ar"][0]["forwards"],
                              auto_forwards=runs["lossless"][0]["forwards"],
+                             cut=any(r["cut"] for v in runs.values() for r in v),
                              calibration_s=round(engine.calibration.get("seconds", 0.0), 2)))
             del engine, model
     md = ["| model | prompts x samples | tokens (median / max length) | AR s | auto (lossless) s | auto / AR wall | "
@@ -262,7 +280,8 @@ def grpo_rollout(ctx) -> dict:
         md.append(f"| {r['model']} | skipped: {r['skipped']} |" if "skipped" in r else
                   f"| {r['model']} | {r['prompts']} x {r['samples']} | {r['tokens']} ({r['lengths_median']:g} / "
                   f"{r['lengths_max']}) | {r['ar_s']:.2f} | {r['auto_lossless_s']:.2f} | "
-                  f"{r['auto_over_ar_wall']:.2f}x | {r['ar_forwards']} / {r['auto_forwards']} |")
+                  f"{r['auto_over_ar_wall']:.2f}x | {r['ar_forwards']} / {r['auto_forwards']}"
+                  f"{' (cut at the budget)' if r['cut'] else ''} |")
     summary = [f"{r['model']}: {r['prompts']}x{r['samples']}, {r['tokens']} tokens: AR {r['ar_s']:.2f} s, auto "
                f"{r['auto_lossless_s']:.2f} s ({r['auto_over_ar_wall']:.2f}x)" for r in rows if "skipped" not in r]
     return dict(rows=rows, markdown=md, summary=summary or ["skipped"])

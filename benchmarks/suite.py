@@ -150,24 +150,43 @@ def hf_tokens_per_second(model_dir: Path | None, shape: str, device: str, dtype,
     return hf_rate(hf_model(model_dir, shape, device, dtype), prompts, max_tokens, device)
 
 
+def generate_until(engine: Engine, prompts, params: SamplingParams, deadline: float | None) -> bool:
+    """`engine.generate`, its sequences ended (finish reason abort, tokens kept) once
+    time.perf_counter() passes `deadline`. Returns whether it was cut short."""
+    if deadline is None:
+        engine.generate(prompts, params)
+        return False
+    cut = False
+
+    def past() -> bool:
+        nonlocal cut
+        cut = cut or time.perf_counter() > deadline
+        return cut
+    for _ in engine.generate_iter(prompts, params, should_abort=past):
+        pass
+    return cut
+
+
 def sampler_rates(engine: Engine, prompts, max_tokens: int, graphs: bool, device: str,
-                  samplers=("lossless", "mixed", "ar")) -> tuple[dict, float]:
-    """({sampler: tokens/s}, tokens per forward of lossless) of `engine.generate` at T = 1.
+                  samplers=("lossless", "mixed", "ar"), deadline: float | None = None) -> tuple[dict, float, bool]:
+    """({sampler: tokens/s}, tokens per forward of lossless, cut) of `engine.generate` at T = 1.
     Warm-up first; with graphs the whole run once, so that no capture is timed (every row
-    bucket and prefix bucket the timed run meets is captured then)."""
-    rates, tpf = {}, 0.0
+    bucket and prefix bucket the timed run meets is captured then). With a `deadline`
+    (perf_counter seconds) runs past it are cut short: the rates of a cut run count the tokens
+    it generated, and `cut` says so."""
+    rates, tpf, cut = {}, 0.0, False
     for sampler in samplers:
         params = SamplingParams(sampler=sampler, max_tokens=max_tokens, seed=0)
         warm = (prompts, params) if graphs else (prompts[:1], SamplingParams(sampler=sampler, max_tokens=4, seed=1))
-        engine.generate(*warm)
+        cut |= generate_until(engine, *warm, deadline)
         sync(device)
         t0 = time.perf_counter()
-        engine.generate(prompts, params)
+        cut |= generate_until(engine, prompts, params, deadline)
         sync(device)
         rates[sampler] = engine.last_stats.generated_tokens / (time.perf_counter() - t0)
         if sampler == "lossless":
             tpf = engine.last_stats.tokens_per_forward
-    return rates, tpf
+    return rates, tpf, cut
 
 
 def throughput_table(args, dtype) -> list[str]:
@@ -186,7 +205,7 @@ def throughput_table(args, dtype) -> list[str]:
         rng = random.Random(1)
         vocab = engine.config.vocab_size - 1
         prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(args.throughput_batch)]
-        rates, tpf = sampler_rates(engine, prompts, args.max_tokens, graphs, args.device)
+        rates, tpf, _ = sampler_rates(engine, prompts, args.max_tokens, graphs, args.device)
         if not graphs:  # HF generate is eager: measured once per model
             hf = hf_tokens_per_second(model_dir, args.shape, args.device, dtype, prompts, args.max_tokens)
         lines.append(f"| {name} | {rates['lossless']:.0f} | {rates['mixed']:.0f} | {rates['ar']:.0f} | {hf:.0f} | "

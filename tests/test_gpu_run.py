@@ -87,12 +87,14 @@ def test_smoke_run_writes_every_part_and_every_check_passes(tmp_path):
     assert all(r[f"{n} ms"] > 0 for r in steps for n in result["parts"]["step_cost"]["shapes"])
     assert result["parts"]["step_cost"]["bandwidth_floor"]["ar_over_floor"] > 0
     e2e = result["parts"]["end_to_end"]["rows"]
-    assert [(r["model"], r["drafting"]) for r in e2e] == [("embedded", "fixed"), ("embedded", "auto"),
-                                                          ("tiny", "fixed"), ("tiny", "auto")]
+    assert [(r["model"], r["drafting"]) for r in e2e] == [("embedded", "auto"), ("embedded", "fixed"),
+                                                          ("tiny", "auto"), ("tiny", "fixed")]
+    assert not any(r["cut"] for r in e2e)
     assert all(r[k] > 0 for r in e2e for k in ("lossless tok/s", "mixed tok/s", "ar tok/s", "HF tok/s"))
     (roll,) = result["parts"]["rollout"]["rows"]
     lengths = long_tailed_lengths(SMOKE.rollout_prompts, SMOKE.rollout_max_tokens)
     assert roll["tokens"] == SMOKE.rollout_samples * sum(lengths) and roll["ar_s"] > 0 < roll["auto_lossless_s"]
+    assert not roll["cut"]
     summary = (tmp_path / "summary.md").read_text().splitlines()
     assert len(summary) <= 30 and summary[0].startswith("gpu_run (smoke plan)")
 
@@ -119,3 +121,23 @@ def test_the_run_records_a_hip_build_as_amd(monkeypatch):
     env = gpu_run.environment("cpu")
     assert env["vendor"] == "amd" and env["hip"] == "6.4.43482-0f2d60242" and env["cuda"] is None
     assert env["triton_kernel_config"]["bfloat16"]["num_stages"] == 1
+
+
+def test_generation_past_its_deadline_is_cut_and_frees_the_engine(engine):
+    """Parts c and d end generation runs at their budget's end: a cut run says so, its
+    sequences end as aborted and the engine is left with no work."""
+    import time
+
+    from benchmarks.gpu_parts import rollout_once
+    from benchmarks.suite import generate_until
+    from rollout import SamplingParams
+
+    params = SamplingParams(sampler="lossless", max_tokens=20, seed=0)
+    assert generate_until(engine, [[2, 3, 4]], params, deadline=time.perf_counter() - 1)
+    assert engine.last_stats.generated_tokens < 20 and not engine.has_work
+    assert not generate_until(engine, [[2, 3, 4]], params, deadline=time.perf_counter() + 600)
+    assert engine.last_stats.generated_tokens == 20
+    run = rollout_once(engine, [[2, 3], [4, 5]], [6, 9], 2, "ar", 0, "cpu", deadline=time.perf_counter() - 1)
+    assert run["cut"] and run["tokens"] == 0 and not engine.has_work
+    run = rollout_once(engine, [[2, 3], [4, 5]], [6, 9], 2, "ar", 0, "cpu", deadline=time.perf_counter() + 600)
+    assert not run["cut"] and run["tokens"] == 2 * (6 + 9)
