@@ -150,7 +150,8 @@ def chi_square_lossless_vs_ar(device: str, size: dict) -> dict:
         model_dir = make_tiny_model(Path(tmp), "qwen2", vocab_size=CHI_VOCAB, block_size=4, hidden_size=32,
                                     init_std=0.25, seed=3)
         probs = exact_ar_distribution(model_dir, CHI_VOCAB - 1)
-        engine = _engine(device, model_dir=model_dir, fresh=True, max_num_seqs=min(size["samples"], 4096), max_model_len=16)
+        engine = _engine(device, model_dir=model_dir, fresh=True, max_num_seqs=min(size["samples"], 4096),
+                         max_model_len=16)
     pvalues = {}
     for label, params in (("lossless", SamplingParams(sampler="lossless", max_tokens=3, n=size["samples"], seed=11)),
                           ("mixed w=0.3 (control)", SamplingParams(sampler="mixed", mix_weight=0.3, max_tokens=3,

@@ -107,8 +107,8 @@ def step_cost(ctx) -> dict:
                       " / ".join(f"{r[n + ' / AR']:.2f}x" for n in names[1:]) + " |")
     if floor and "ar_step_ms" in floor:
         md += ["", f"bandwidth floor: {floor['weight_mb']} MB of weights at {floor['copy_gb_s']} GB/s (a device copy "
-                   f"measured now) = {floor['floor_ms']:.3f} ms; the AR step ({floor['path']}, batch {floor['batch']}, context "
-                   f"{floor['context']}) takes {floor['ar_step_ms']:.3f} ms = {floor['ar_over_floor']}x the floor"]
+                   f"measured now) = {floor['floor_ms']:.3f} ms; the AR step ({floor['path']}, batch {floor['batch']}, "
+                   f"context {floor['context']}) takes {floor['ar_step_ms']:.3f} ms = {floor['ar_over_floor']}x the floor"]
     done = [r for r in rows if "AR ms" in r]
     summary = [f"{len(done)} cells, {len(rows) - len(done)} skipped"]
     for r in done:
@@ -141,11 +141,12 @@ def load_model(ctx, name: str):
     from rollout.config import TidarConfig
     hf = hf_model(None, name, ctx.device, ctx.dtype)
     model = random_decoder(name, ctx.device, ctx.dtype)
-    ours = model.state_dict()
+    ours, theirs = model.state_dict(), hf.state_dict()
+    if missing := sorted(set(ours) - set(theirs)):
+        raise RuntimeError(f"HF's {name} has no tensors named {missing[:3]}...: the weights would differ")
     with torch.no_grad():
-        for key, t in hf.state_dict().items():
-            if key in ours:
-                ours[key].copy_(t)
+        for key, t in ours.items():
+            t.copy_(theirs[key])
     return model, hf, TidarConfig(mask_token_id=model.config.vocab_size - 1, block_size=ctx.plan.block)
 
 

@@ -28,7 +28,8 @@ tables need (the embedded model is in the repo): no downloads.
 A part starts no new cell (a shape, a batch, a model) once the time left is shorter than its
 longest cell so far, and records the cells it skipped; generation runs (parts c, d) are cut at
 the budget's end (their rows say "cut"; a cut run's rate counts the tokens it generated), so a
-part overruns by at most one step, one HF `generate` call or one engine start-up. `--budget-seconds S` scales every part's budget and the repeats by S / estimate, and
+part overruns by at most one step, one HF `generate` call or one engine start-up.
+`--budget-seconds S` scales every part's budget and the repeats by S / estimate, and
 below half the estimate drops the largest batch and context. On the CPU (`--device cpu`) the
 triton path runs only in part a (interpreted, tiny shapes), CUDA graphs run their static-shape
 eager path, and the models are scaled down ("small" for 1.5B): the rehearsal of the GPU plan.
@@ -87,14 +88,13 @@ class Plan:
 GPU_CHECKS = dict(rows=8, prompt_len=32, tokens=48, samples=12_000, slot_len=1100,
                   attention_shapes=((12, 2, 128, 1), (12, 2, 128, 17)))
 GPU = Plan("gpu", "qwen2.5-1.5b", 16, (1, 16, 64), (1024, 8192), 10, (1, 16, 64), 128, 128, 5.0, 64, 8, 512,
-           ("embedded", "qwen2.5-1.5b"), True, GPU_CHECKS,
+           ("embedded",), True, GPU_CHECKS,
            dict(correctness=90, step_cost=150, end_to_end=120, rollout=60), cold_start=30)
 # The GPU plan with shapes scaled down for 2 CPU cores: the embedded model's size for 1.5B, block
 # 8, contexts / 8, shorter generations, no start-up calibration (its warm-up alone, every
 # calibrated shape at batch 1 / 8 / 64, takes minutes here); the same parts, cells, batches and budgets.
 CPU = dataclasses.replace(GPU, name="cpu", shape="small", block=8, step_contexts=(128, 1024), repeats=3,
                           prompt_len=32, max_tokens=24, calibration_seconds=0.0, rollout_max_tokens=96,
-                          rollout_models=("embedded",),
                           checks=dict(rows=2, prompt_len=8, tokens=8, samples=6000, slot_len=80,
                                       attention_shapes=((4, 2, 16, 1), (4, 2, 32, 9)), triton_rows=1,
                                       triton_tokens=4))
