@@ -125,6 +125,10 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
+def times(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
 # ---------------------------------------------------------------- part c: end to end
 def load_model(ctx, name: str):
     """(our decoder, HF model on the same weights, block length, prompts source) for "embedded"
@@ -196,11 +200,12 @@ def end_to_end(ctx) -> dict:
         head = f"| {r['model']} | {r['drafting']} | {r['batch']} | "
         md.append(head + (f"skipped: {r['skipped']} |" if "skipped" in r else
                           f"{r['lossless tok/s']:.0f} | {r['mixed tok/s']:.0f} | {r['ar tok/s']:.0f} | "
-                          f"{r['HF tok/s']:.0f} | {r['lossless / AR']}x | {r['AR / HF']}x | "
+                          f"{r['HF tok/s']:.0f} | {times(r['lossless / AR'])} | {times(r['AR / HF'])} | "
                           f"{r['tokens/forward']}{' (cut at the budget)' if r['cut'] else ''} |"))
     done = [r for r in rows if "skipped" not in r]
     summary = [f"{len(done)} cells, {len(rows) - len(done)} skipped, {sum(r['cut'] for r in done)} cut"] + [
-        f"{r['model']} {r['drafting']} b{r['batch']}: lossless/AR {r['lossless / AR']}, AR/HF {r['AR / HF']}, "
+        f"{r['model']} {r['drafting']} b{r['batch']}: lossless/AR {times(r['lossless / AR'])}, "
+        f"AR/HF {times(r['AR / HF'])}, "
         f"{r['tokens/forward']} tok/fwd" for r in done if r["drafting"] == "auto"]
     return dict(rows=rows, markdown=md, summary=summary[:7])
 
@@ -255,8 +260,12 @@ def grpo_rollout(ctx) -> dict:
                 max_model_len=plan.prompt_len + plan.rollout_max_tokens, cuda_graphs=True, drafting="auto",
                 calibration_seconds=plan.calibration_seconds))
             # Untimed first pass of each (captures every graph shape the timed passes meet).
-            for sampler in ("ar", "lossless"):
-                rollout_once(engine, prompts, lengths, plan.rollout_samples, sampler, 99, device, share.end)
+            warm = [rollout_once(engine, prompts, lengths, plan.rollout_samples, sampler, 99, device, share.end)
+                    for sampler in ("ar", "lossless")]
+            if any(w["cut"] for w in warm):
+                rows.append(dict(model=name, skipped="the warm-up passes used the budget"))
+                del engine, model
+                continue
             runs = {"ar": [], "lossless": []}
             for rep in range(max(1, ctx.repeats // 5)):
                 for sampler in (("ar", "lossless") if rep % 2 == 0 else ("lossless", "ar")):
