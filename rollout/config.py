@@ -342,6 +342,10 @@ class EngineConfig:
     calibration_cache: a JSON file of measured step costs keyed by device, model shape, dtype,
         block length and threads; a hit skips the timed steps (not the warm-up of compiled or
         captured steps). None: no cache.
+    history_mib: with auto drafting, the memory of the history store (`engine/history.py`: per
+        prompt, the completions of its recent rollouts, drafts for lossless rows that roll the
+        same prompt out again, as RL does); least recently used prompts are evicted past it.
+        0: no history drafts.
     cost_model: how auto drafting prices a step: "calibrated" (this device's measured step costs)
         or "flat", a what-if: every step shape costs what an AR step over the same rows costs,
         the memory-bound regime of a GPU at small and medium batch, so drafts are taken whenever
@@ -364,6 +368,7 @@ class EngineConfig:
     calibration_cache: str | None = None
     lookup_drafts: bool = True
     cost_model: str = "calibrated"
+    history_mib: float = 256.0
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_running_requests", "max_sequences_per_request",
@@ -385,6 +390,8 @@ class EngineConfig:
             raise ValueError(f"lookup_drafts must be true or false, got {self.lookup_drafts!r}")
         if self.drafting not in ("fixed", "auto"):
             raise ValueError(f"drafting must be 'fixed' or 'auto', got {self.drafting!r}")
+        if not (isinstance(self.history_mib, (int, float)) and 0 <= self.history_mib <= 1 << 20):
+            raise ValueError(f"history_mib must be in [0, {1 << 20}] (MiB), got {self.history_mib!r}")
         if self.cost_model not in ("calibrated", "flat"):
             raise ValueError(f"cost_model must be 'calibrated' or 'flat', got {self.cost_model!r}")
         if not (0 <= self.calibration_seconds <= 600 and math.isfinite(self.calibration_seconds)):

@@ -8,7 +8,7 @@ import torch
 
 from rollout import Engine, SamplingParams
 from rollout.config import EngineConfig
-from rollout.engine.drafting import DraftPolicy, DraftShape
+from rollout.engine.drafting import DraftPolicy, DraftShape, RowDraft
 from rollout.engine.lookup import NgramIndex, lookup_drafts
 from test_distribution import (  # noqa: F401 - the model_dir fixture
     ALPHA,
@@ -18,6 +18,11 @@ from test_distribution import (  # noqa: F401 - the model_dir fixture
     model_dir,
     sample_counts,
 )
+
+
+def lk(*tokens):
+    """A row's candidates: these lookup drafts."""
+    return [RowDraft(tuple(tokens), "lookup")]
 
 
 def index_of(tokens):
@@ -57,7 +62,7 @@ def test_rows_with_lookup_drafts_take_a_verify_only_lookup_step():
     policy = costly_tokens_policy()
     params = [SamplingParams(temperature=0)]
     assert policy.wants_lookup(params)
-    shape = policy.choose(params, 64, lambda: [[5, 6, 7]])
+    shape = policy.choose(params, 64, lambda: [lk(5, 6, 7)])
     assert shape is not None and shape.lookup and shape.levels == () and shape.length >= 2
     without = policy.choose(params, 64, lambda: [[]])
     assert without is None or not without.lookup
@@ -70,7 +75,7 @@ def test_rows_look_up_drafts_only_when_a_lookup_step_could_win():
             policy.costs.observe(tokens > rows, rows, tokens, context, 1e-3 * tokens)
     asked = []
     policy._explore_lookup = False  # an exploring step now would be a TiDAR step
-    assert policy.choose([SamplingParams(temperature=0)] * 8, 64, lambda: asked.append(1) or [[5, 6, 7]] * 8) is None
+    assert policy.choose([SamplingParams(temperature=0)] * 8, 64, lambda: asked.append(1) or [lk(5, 6, 7)] * 8) is None
     assert asked == []
 
 
@@ -82,9 +87,9 @@ def test_a_lookup_step_that_would_leave_a_row_behind_must_pay_for_itself_in_row_
     policy = costly_tokens_policy()
     policy.calibration["lossless@0+lookup"] = [0.95] * 3
     params = [SamplingParams(temperature=0)] * 64
-    shape = policy.choose(params, 64, lambda: [[1, 2, 3]] * 60 + [[]] * 4)
+    shape = policy.choose(params, 64, lambda: [lk(1, 2, 3)] * 60 + [[]] * 4)
     assert shape is None or not shape.lookup
-    shape = policy.choose(params, 64, lambda: [[1, 2, 3]] * 64)
+    shape = policy.choose(params, 64, lambda: [lk(1, 2, 3)] * 64)
     assert shape is not None and shape.lookup
 
 
@@ -92,7 +97,7 @@ def test_only_lossless_rows_take_lookup_drafts_and_only_with_auto_drafting():
     policy = costly_tokens_policy()
     mixed = [SamplingParams(sampler="mixed", temperature=0)]
     assert not policy.wants_lookup(mixed) and not policy.wants_lookup([SamplingParams(sampler="ar")])
-    shape = policy.choose(mixed, 64, lambda: [[5, 6, 7]])  # drafts a mixed row cannot verify count for nothing
+    shape = policy.choose(mixed, 64, lambda: [lk(5, 6, 7)])  # drafts a mixed row cannot verify count for nothing
     assert shape is None or not shape.lookup
     assert not costly_tokens_policy(lookup=False).wants_lookup([SamplingParams()])
     assert DraftPolicy(4, (1, 2, 3, 4), "fixed").lookup_candidates == []
@@ -106,10 +111,10 @@ def test_exploring_steps_alternate_between_the_models_drafts_and_lookup_drafts()
         for context in (16, 128):
             policy.costs.observe(tokens > rows, rows, tokens, context, 1e-3 * tokens)
     params, explored = [SamplingParams(temperature=0)], []
-    assert policy.choose(params, 64, lambda: [[5, 6, 7]]) is None
+    assert policy.choose(params, 64, lambda: [lk(5, 6, 7)]) is None
     for _ in range(4):
         policy.ar_seconds_since_drafting = 1e9  # exploration is due
-        explored.append(policy.choose(params, 64, lambda: [[5, 6, 7]]))
+        explored.append(policy.choose(params, 64, lambda: [lk(5, 6, 7)]))
     assert [s is not None and s.lookup for s in explored] == [False, True, False, True]
     assert None not in explored
 
@@ -117,10 +122,13 @@ def test_exploring_steps_alternate_between_the_models_drafts_and_lookup_drafts()
 def test_lookup_acceptance_is_learned_apart_from_the_diffusion_drafts():
     policy = costly_tokens_policy()
     params = [SamplingParams(temperature=0)]
-    policy.observe_step(params, DraftShape(4, (), lookup=True), [3], [3], 64, 5e-3)
+    policy.observe_step(params, DraftShape(4, (), lookup=True), [3], [3], 64, 5e-3, ["lookup"])
     policy.observe_step(params, DraftShape(4, (1,)), [0], [3], 64, 5e-3)
     acceptance = policy.status()["acceptance"]
     assert acceptance["lossless@0+lookup"][0] > 0.5 > acceptance["lossless@0"][0]
+
+
+LOOKUP_ONLY = EngineConfig(drafting="auto", history_mib=0)  # lookup drafts, no history drafts
 
 
 def counting_lookups(engine):
@@ -145,7 +153,7 @@ def every_step_a_lookup_step(engine, seed):
 
 
 def test_lossless_keeps_the_ar_distribution_when_it_verifies_lookup_drafts(model_dir):  # noqa: F811
-    engine = every_step_a_lookup_step(Engine.from_pretrained(model_dir), 3)
+    engine = every_step_a_lookup_step(Engine.from_pretrained(model_dir, config=LOOKUP_ONLY), 3)
     seen = counting_lookups(engine)
     counts = sample_counts(model_dir, SamplingParams(max_tokens=3, n=NUM_SAMPLES, seed=23), engine)
     assert seen["rows"] > NUM_SAMPLES // 8  # lookup drafts were verified often
@@ -157,7 +165,7 @@ def test_lookup_drafts_verified_as_if_drawn_from_a_spread_distribution_are_detec
     """Negative control: the point mass q = 1[d] is what makes accepting with min(1, p(d))
     exact; leaving the slot's old (uniform) draft logits under the lookup drafts accepts them
     too often, and the test above must see it."""
-    engine = every_step_a_lookup_step(Engine.from_pretrained(model_dir), 3)
+    engine = every_step_a_lookup_step(Engine.from_pretrained(model_dir, config=LOOKUP_ONLY), 3)
     runner = engine.runner
 
     def spread(seqs, length, lookup):
@@ -176,7 +184,8 @@ def test_auto_drafting_takes_lookup_steps_on_repetitive_text_and_stays_greedy(en
     prompt = [3, 5, 7, 9, 11] * 6
     greedy = engine.generate([prompt], SamplingParams(sampler="ar", temperature=0, max_tokens=24))[0][0]
     for lookup in (True, False):
-        auto = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="auto", lookup_drafts=lookup))
+        auto = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="auto", lookup_drafts=lookup,
+                                                                      history_mib=0))
         auto.drafting.costs = costly_tokens_policy().costs
         out = auto.generate([prompt], SamplingParams(temperature=0, max_tokens=24))[0][0]
         assert out.token_ids == greedy.token_ids

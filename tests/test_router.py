@@ -67,6 +67,7 @@ def test_a_replica_dying_mid_batch_loses_and_duplicates_nothing():
         router.add_replica(dying, "dying")
         router.add_replica(healthy, "healthy")
         router._placements = -1  # the first placement goes to "dying"
+        router.replicas[1].outstanding_tokens = 1000  # and not to the prompts' home ("healthy") either
         prompts = [[10], [20], [30]]
         got = await collect(router, prompts, SamplingParams(max_tokens=4, n=2, seed=5))
         return got, dying, healthy
@@ -313,3 +314,41 @@ def test_a_catch_up_whose_object_store_copy_was_lost_copies_a_live_replica_inste
         return restarted, router
     restarted, router = asyncio.run(run())
     assert restarted.loads == ["exported-v1"] and router.replicas[1].version == 1
+
+
+def test_prompts_go_back_to_their_home_replica_while_it_costs_no_balance():
+    """Affinity: the replica that rolled a request's prompts out before holds their history
+    drafts; the same prompts go there again unless it carries more than the request's cost (or
+    a quarter of the mean load) above the least loaded replica."""
+    router = Router(FrontendMetrics(None))
+    for name in "abcd":
+        router.add_replica(FakeReplica(), name)
+    prompts = [[5, 6, 7], [8, 9]]
+    homes = {router._pick(prompts=prompts, cost=100).name for _ in range(8)}
+    assert len(homes) == 1  # the same prompts, the same replica, while the ties rotate
+    others = {router._pick(prompts=[[p]], cost=100).name for p in range(40)}
+    assert len(others) == 4  # other prompts spread over every replica
+    home = next(r for r in router.replicas if r.name in homes)
+    home.outstanding_tokens = 100  # within the request's own cost: still home
+    assert router._pick(prompts=prompts, cost=100) is home
+    home.outstanding_tokens = 101  # more would unbalance the replicas: the least loaded instead
+    assert router._pick(prompts=prompts, cost=100) is not home
+    for r in router.replicas:
+        r.outstanding_tokens += 1000  # under load the slack is a quarter of the mean
+    assert router._pick(prompts=prompts, cost=100) is home
+    assert router._pick(prompts=prompts, cost=100, avoid={home.name}) is not home  # failed: never a home
+
+
+def test_a_home_replica_dying_mid_request_re_dispatches_its_samples_elsewhere():
+    async def run():
+        router = Router(FrontendMetrics(None))
+        router.add_replica(FakeReplica(), "x")
+        router.add_replica(FakeReplica(), "y")
+        prompts = [[10], [20], [30]]
+        home = router._pick(prompts=prompts, cost=1)
+        home.actor.die_after = 3
+        got = await collect(router, prompts, SamplingParams(max_tokens=4, n=2, seed=5))
+        return got, home, next(r for r in router.replicas if r is not home)
+    got, home, other = asyncio.run(run())
+    assert sorted((r["prompt_index"], r["sample_index"]) for r in got) == [(i, j) for i in range(3) for j in range(2)]
+    assert len(home.actor.calls) == 1 and other.actor.calls and home.failures == 1

@@ -8,10 +8,16 @@ context, the acceptance rate and the device, so the engine chooses per step, amo
                           drafts and pre-draft blocks of d masks at the first m levels J <= d
                           (T = d (1 + m) per row)
     DraftShape(d, (), lookup=True)
-                          verify up to d - 1 lookup drafts (`lookup.py`: the tokens that followed
-                          the latest earlier occurrence of the row's last few tokens), no
-                          pre-draft blocks (T = d per row); lossless rows only
-the one with the most expected committed tokens per second. A shorter draft length gives up
+                          verify up to d - 1 point-mass drafts per row, no pre-draft blocks
+                          (T = d per row); lossless rows only
+the one with the most expected committed tokens per second. Each row's drafts come from one
+source, chosen per row and step: the model's pre-drafted block, a history draft (`history.py`:
+the other completions of its prompt), a lookup draft (`lookup.py`: the tokens that followed the
+latest earlier occurrence of the row's last few tokens), or none. History and lookup drafts are
+point masses written over the row's pending drafts, so in a TiDAR step they cost what the
+model's drafts of the same length cost and the step still pre-drafts the next block: the two
+kinds stack in one forward. A row takes a point-mass draft where its expected tokens beat the
+model's for the step's shape (`DraftPolicy.assign`). A shorter draft length gives up
 the later, rarely accepted drafts for a much cheaper step: where every token costs compute
 (a CPU, a GPU at large batch) d = 2 with one level carries 4 tokens per row instead of k (1 + k).
 Blocks shorter than the trained k see fewer mask tokens, so their drafts differ slightly from
@@ -20,10 +26,13 @@ the full block's; the sampler is exact for any draft source, so this changes spe
   at the start of a step", driven by acceptance-by-position estimates tracked online per
   request class (sampler, temperature bucket) and seeded from `tidar_config.json`
   (`"acceptance": {"<sampler>@<temperature>": [a_1, ..., a_{k-1}]}`) or a flat prior;
-- lookup steps: expected tokens from the drafts each row has this step and acceptance by
-  position tracked per class ("lossless@0+lookup", seeded like the others); chosen when they
-  beat the best of the above this step and also pay against an AR step in a batch that must
-  finish as a whole (`DraftPolicy._lookup_rate`);
+- point-mass drafts: expected tokens from the drafts each row has this step and acceptance by
+  position tracked per class and source ("lossless@0+lookup", "lossless@0.5+history/aligned",
+  "+history/long" and "+history/short" for suffix matches of >= 3 and < 3 tokens; seeded like
+  the others); a verify-only step is chosen when it beats the best of the above this step and
+  also pays against an AR step in a batch that must finish as a whole
+  (`DraftPolicy._lookup_rate`), a TiDAR step with some rows on point-mass drafts when the sum
+  over rows of the better source's tokens per second wins (`DraftPolicy._stacked_rate`);
 - step time: with `cost_model="flat"` (a documented what-if, not a measurement) every step shape
   costs what an AR step over the same rows costs: the memory-bound regime of a GPU at small and
   medium batch, where a verify step of 8-16 tokens per row reads the same weights as an AR step.
@@ -83,16 +92,26 @@ class DraftShape:
         return self.length if self.levels else 0
 
 
-def request_class(params: SamplingParams, lookup: bool = False) -> str:
+def request_class(params: SamplingParams, source: str = "") -> str:
     """The acceptance class of a row: sampler and temperature bucket ("lossless@0.9"), and
-    "+lookup" for its lookup drafts."""
+    "+<kind>" for point-mass drafts of that kind ("+lookup", "+history/aligned")."""
     edge = next((e for e in TEMPERATURE_BUCKETS if params.temperature <= e), math.inf)
-    return f"{params.sampler}@{edge:g}" + ("+lookup" if lookup else "")
+    return f"{params.sampler}@{edge:g}" + (f"+{source}" if source else "")
 
 
 def takes_lookup(params: SamplingParams) -> bool:
-    """Whether a row may verify lookup drafts (lossless only: see `lookup.py`)."""
+    """Whether a row may verify point-mass (lookup, history) drafts (lossless only: see
+    `lookup.py`)."""
     return params.sampler == "lossless"
+
+
+@dataclass(frozen=True)
+class RowDraft:
+    """Point-mass drafts a row may verify this step instead of the model's: the tokens and
+    their kind ("lookup", "history/aligned", "history/long", "history/short"; the source is
+    the part before the slash, `draft_source`)."""
+    tokens: tuple[int, ...]
+    kind: str
 
 
 @dataclass
@@ -215,7 +234,7 @@ class DraftPolicy:
 
     def __init__(self, block_size: int, level_set: tuple[int, ...], mode: str = "fixed",
                  calibration: dict[str, list[float]] | None = None, lookup: bool = True,
-                 cost_model: str = "calibrated"):
+                 cost_model: str = "calibrated", history: bool = False):
         if mode not in ("fixed", "auto"):
             raise ValueError(f"drafting must be 'fixed' or 'auto', got {mode!r}")
         if cost_model not in COST_MODELS:
@@ -228,9 +247,11 @@ class DraftPolicy:
         for length in range(2, block_size + 1):
             fit = tuple(j for j in self.level_set if j <= length)
             self.candidates += [DraftShape(length, fit[:m]) for m in range(1, len(fit) + 1)]
-        # Verify-only steps over lookup drafts, every draft length (auto drafting only).
+        # Point-mass draft sources (auto drafting only), and verify-only steps over their
+        # drafts, every draft length.
+        self.lookup, self.history = lookup and mode == "auto", history and mode == "auto"
         self.lookup_candidates = ([DraftShape(length, (), lookup=True) for length in range(2, block_size + 1)]
-                                  if lookup and mode == "auto" else [])
+                                  if self.lookup or self.history else [])
         self._explore_lookup = False  # whether the next exploring step is a lookup step (they alternate)
         self.calibration = calibration or {}
         self.estimates: dict[str, AcceptanceEstimate] = {}
@@ -238,6 +259,8 @@ class DraftPolicy:
         self.ar_seconds_since_drafting = 0.0  # predicted time spent in AR steps since the last drafting step
         self.last_choice: DraftShape | None = self.full
         self.choices: dict[str, int] = {}  # level-set label -> steps (reported in status)
+        # draft source ("model", "history", "lookup", "none") -> [row-steps, drafts offered, accepted]
+        self.sources: dict[str, list[int]] = {}
         self._observations = 0
         self._forced: tuple[DraftShape | None] | None = None  # (shape,) while calibrating
         self._decisions: dict[tuple, tuple] = {}
@@ -294,14 +317,15 @@ class DraftPolicy:
         return self.mode == "fixed" or (self.last_choice is not None and not self.last_choice.lookup)
 
     def wants_lookup(self, params: list[SamplingParams]) -> bool:
-        """Whether this step's rows should look up their drafts (`choose`'s `lookups`)."""
+        """Whether this step's rows should look up their point-mass drafts (`choose`'s `lookups`)."""
         not_forced_elsewhere = self._forced is None or (self._forced[0] is not None and self._forced[0].lookup)
         return bool(self.lookup_candidates) and not_forced_elsewhere and any(map(takes_lookup, params))
 
     def choose(self, params: list[SamplingParams], context: float,
-               lookups: Callable[[], list[list[int]]] | None = None) -> DraftShape | None:
+               lookups: Callable[[], list[list[RowDraft]]] | None = None) -> DraftShape | None:
         """The shape of a decode step over rows with these params (None: AR step); `lookups`:
-        gives each row's lookup drafts this step (called only when a lookup step might win)."""
+        gives each row's point-mass draft candidates this step (called only when they might
+        win); which rows then take them: `assign`."""
         if self._forced is not None:
             return self._forced[0]
         drafting = [p for p in params if p.sampler != "ar"]
@@ -327,18 +351,26 @@ class DraftPolicy:
         key = (tuple(sorted(counts.items())), len(params), int(context) // 32, self._observations // REFIT_EVERY)
         decision = self._decisions.get(key)
         if decision is None:
-            # Rows look up their drafts only when a lookup step could win even if every row
-            # that takes them had k - 1 (the lookup costs host time on every row).
-            full = {(f"{cls}+lookup", self.k - 1): n for cls, n in counts.items() if cls.startswith("lossless@")}
-            decision = self._rank(counts, len(params) - len(drafting), len(params), context) + (
-                self._lookup_rate(len(params), full, context)[1],)
+            # Rows look up their drafts only when a step using them could win even if every
+            # row that takes them had k - 1 of its best kind (the lookup costs host time on
+            # every row).
+            full = {(self._best_kind(cls), self.k - 1): n for cls, n in counts.items() if cls.startswith("lossless@")}
+            ranked = self._rank(counts, len(params) - len(drafting), len(params), context)
+            decision = ranked + (max(self._lookup_rate(len(params), full, context)[1],
+                                     self._stacked_rate(counts, full, len(params) - len(drafting), len(params),
+                                                        context)[1]),)
             if len(self._decisions) > 4096:
                 self._decisions.clear()
             self._decisions[key] = decision
         best, best_drafting, ar_seconds, drafting_seconds, best_rate, lookup_bound = decision
         if lookups is not None and lookup_bound > best_rate:
-            lookup, rate = self._lookup_rate(len(params), self._offered(params, lookups()), context)
-            if lookup is not None and rate > best_rate:
+            offered = self._offered(params, lookups())
+            lookup, rate = self._lookup_rate(len(params), offered, context)
+            stacked, stacked_rate = self._stacked_rate(counts, offered, len(params) - len(drafting), len(params),
+                                                       context)
+            if stacked is not None and stacked_rate >= max(rate, best_rate):  # a tie: it pre-drafts too
+                best = stacked
+            elif lookup is not None and rate > best_rate:
                 best = lookup
         if best is not None:
             self.ar_seconds_since_drafting = 0.0
@@ -357,15 +389,76 @@ class DraftPolicy:
         self.ar_seconds_since_drafting += ar_seconds
         return None
 
-    @staticmethod
-    def _offered(params: list[SamplingParams], lookups: list[list[int]]) -> dict[tuple[str, int], int]:
-        """Rows by (lookup class, drafts they have this step), for the rows that take them."""
+    def _gains(self, cls: str) -> list[float]:
+        """Expected accepted drafts of a class by drafts offered (0..k-1): the chained acceptance."""
+        chain, gain = 1.0, [0.0]
+        # Read without adding the class: only observed steps create estimates.
+        est = self.estimates.get(cls) or AcceptanceEstimate.prior(self.k, self.calibration.get(cls))
+        for r in est.rates:
+            chain *= r
+            gain.append(gain[-1] + chain)
+        return gain
+
+    def _best_kind(self, cls: str) -> str:
+        """The point-mass class of a row class with the most expected tokens at k - 1 drafts."""
+        kinds = (["history/aligned", "history/long", "history/short"] if self.history else []) + (
+            ["lookup"] if self.lookup else [])
+        return max((f"{cls}+{kind}" for kind in kinds), key=lambda c: self._gains(c)[-1], default=f"{cls}+lookup")
+
+    def best_draft(self, params: SamplingParams, candidates: list[RowDraft]) -> RowDraft | None:
+        """Of a row's point-mass candidates, the one with the most expected accepted drafts."""
+        if not candidates or not takes_lookup(params):
+            return None
+        cls = request_class(params)
+        return max(candidates, key=lambda d: self._gains(f"{cls}+{d.kind}")[min(len(d.tokens), self.k - 1)])
+
+    def _offered(self, params: list[SamplingParams], lookups: list[list[RowDraft]]) -> dict[tuple[str, int], int]:
+        """Rows by (point-mass class, drafts they have this step), for the rows that take them."""
         offered: dict[tuple[str, int], int] = {}
-        for p, drafts in zip(params, lookups):
-            if drafts and takes_lookup(p):
-                key = (request_class(p, lookup=True), len(drafts))
+        for p, candidates in zip(params, lookups):
+            draft = self.best_draft(p, candidates)
+            if draft is not None:
+                key = (request_class(p, draft.kind), min(len(draft.tokens), self.k - 1))
                 offered[key] = offered.get(key, 0) + 1
         return offered
+
+    def _stacked_rate(self, counts: dict[str, int], offered: dict[tuple[str, int], int], ar_rows: int, rows: int,
+                      context: float) -> tuple[DraftShape | None, float]:
+        """The best TiDAR step in which each row with point-mass drafts verifies them instead of
+        the model's where that is expected to commit more (`assign`), and its expected tokens
+        per second; `counts`: drafting rows by class, `offered` as in `_lookup_rate`."""
+        if not offered or not self.lookup_candidates:
+            return None, -1.0
+        plain = dict(counts)  # drafting rows without point-mass drafts, by class
+        for (cls, _), n in offered.items():
+            base = cls.split("+")[0]
+            plain[base] = plain.get(base, 0) - n
+        best, best_rate = None, -1.0
+        for shape in self.candidates[1:]:
+            tokens = ar_rows + sum(n * self._expected_tokens(cls, shape) for cls, n in plain.items())
+            for (cls, length), n in offered.items():
+                gain = self._gains(cls)[min(length, shape.length - 1)]
+                tokens += n * max(1.0 + gain, self._expected_tokens(cls.split("+")[0], shape))
+            rate = tokens / max(self._seconds(True, rows, rows * shape.tokens_per_row, context), 1e-12)
+            if rate > best_rate:
+                best, best_rate = shape, rate
+        return best, best_rate
+
+    def assign(self, params: list[SamplingParams], shape: DraftShape | None,
+               lookups: list[list[RowDraft]]) -> list[RowDraft | None]:
+        """Per row, the point-mass drafts it verifies in a step of this shape (None: the model's
+        own drafts, or none): in a verify-only step every row's best candidate; in a TiDAR step
+        those whose expected tokens beat the model's drafts at this shape."""
+        out: list[RowDraft | None] = []
+        for p, candidates in zip(params, lookups):
+            draft = self.best_draft(p, candidates) if shape is not None else None
+            if draft is not None and not shape.lookup:
+                cls = request_class(p)
+                gain = self._gains(f"{cls}+{draft.kind}")[min(len(draft.tokens), shape.length - 1)]
+                if 1.0 + gain <= self._expected_tokens(cls, shape):
+                    draft = None
+            out.append(None if draft is None else RowDraft(draft.tokens[:shape.length - 1], draft.kind))
+        return out
 
     def _lookup_rate(self, rows: int, offered: dict[tuple[str, int], int], context: float,
                      explore: bool = False) -> tuple[DraftShape | None, float]:
@@ -384,14 +477,7 @@ class DraftPolicy:
         that ran 0.8x."""
         if not offered or not self.lookup_candidates:
             return None, -1.0
-        gains: dict[str, list[float]] = {}  # class -> expected extra tokens by drafts verified
-        for cls, _ in offered:
-            if cls not in gains:
-                chain, gain = 1.0, [0.0]
-                for r in self.estimate(cls).rates:
-                    chain *= r
-                    gain.append(gain[-1] + chain)
-                gains[cls] = gain
+        gains = {cls: self._gains(cls) for cls, _ in offered}  # class -> expected extra tokens by drafts verified
         every_row = sum(offered.values()) == rows
         fixed = self._seconds(False, 0, 0, context)
         ar = self._seconds(False, rows, rows, context)
@@ -432,21 +518,22 @@ class DraftPolicy:
 
     def observe_step(self, params: list[SamplingParams], shape: DraftShape | None, accepted: list[int],
                      offered: list[int], context: float, seconds: float | None,
-                     looked_up: list[bool] | None = None) -> None:
+                     kinds: list[str] | None = None) -> None:
         """After a decode step of this shape (None: it ran as an AR step): its time (None: the
-        step paid a one-off cost and is not timed), and each drafting row's acceptance, under
-        its lookup class only for the rows that verified lookup drafts (`looked_up`; None: every
-        row of a lookup step did). In a lookup step the other rows verified the model's drafts."""
+        step paid a one-off cost and is not timed), and each drafting row's acceptance, learned
+        under the kind of point-mass drafts it verified (`kinds`: per row, "" for the model's
+        own drafts; None: no row had point-mass drafts)."""
         if seconds is not None:
             self.costs.observe(shape is not None, len(params), len(params) * self.tokens_per_row(shape), context,
                                seconds)
         if self._forced is not None:
             return
         seen = set()
-        lookup_step = shape is not None and shape.lookup
         for i, (p, a, n) in enumerate(zip(params, accepted, offered)):
+            kind = kinds[i] if kinds else ""
+            count_source(self.sources, draft_source(kind, n), n, a)
             if n > 0:
-                est = self.estimate(request_class(p, lookup=lookup_step and (looked_up is None or looked_up[i])))
+                est = self.estimate(request_class(p, kind))
                 if id(est) not in seen:
                     est.decay()
                     seen.add(id(est))
@@ -458,7 +545,29 @@ class DraftPolicy:
         return dict(drafting=self.mode, cost_model=self.cost_model, level_set=level_label(self.last_choice, self.k),
                     level_choices=dict(self.choices),
                     acceptance={c: [round(r, 3) for r in e.rates] for c, e in self.estimates.items()},
+                    draft_sources=source_summary(self.sources),
                     step_cost=list(coef) if coef else [])
+
+
+def draft_source(kind: str, offered: int) -> str:
+    """The source of a row's verified drafts: its point-mass kind's ("history", "lookup"), else
+    "model" (its pre-drafted block) when it verified any, else "none"."""
+    return kind.split("/")[0] if kind else ("model" if offered > 0 else "none")
+
+
+def count_source(table: dict[str, list[int]], source: str, offered: int, accepted: int) -> None:
+    """One row-step of a source: [row-steps, drafts offered, drafts accepted] += [1, offered, accepted]."""
+    row = table.setdefault(source, [0, 0, 0])
+    row[0], row[1], row[2] = row[0] + 1, row[1] + offered, row[2] + accepted
+
+
+def source_summary(sources: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """Per draft source ("model", "history", "lookup", "none"): its share of decode row-steps,
+    the share of its offered drafts accepted, and tokens it committed per row-step."""
+    total = sum(s for s, _, _ in sources.values()) or 1
+    return {name: dict(share=round(steps / total, 4), acceptance=round(acc / offered, 4) if offered else 0.0,
+                       tokens_per_step=round((steps + acc) / steps, 4) if steps else 0.0)
+            for name, (steps, offered, acc) in sorted(sources.items())}
 
 
 def level_label(shape: DraftShape | None, block_size: int) -> str:

@@ -37,7 +37,8 @@ from ..model.kv_cache import KVCache, state_widths
 from ..model.loader import declared_dtype, load_decoder, read_model_config
 from ..params import Completion, SamplingParams, validate_prompts
 from ..sampling import row_key
-from .drafting import DraftPolicy, DraftShape, level_label
+from .drafting import DraftPolicy, DraftShape, count_source, draft_source, level_label
+from .history import HistoryStore
 from .runner import ModelRunner, StepTokens
 from .scheduler import Scheduler
 from .sequence import GenerationStats, PromptGroup, Request, Sequence
@@ -85,8 +86,11 @@ class Engine:
             config.max_waiting_sequences or 32 * num_slots)
         self.runner = ModelRunner(model, tidar, self.device, dtype, num_slots, slot_len, config.attention,
                                   config.compile, config.cuda_graphs)
+        # Recent completions per prompt, for history drafts (auto drafting only).
+        self.history = (HistoryStore(int(config.history_mib * 2 ** 20))
+                        if config.drafting == "auto" and config.history_mib > 0 else None)
         self.drafting = DraftPolicy(tidar.block_size, tidar.level_set, config.drafting, tidar.acceptance,
-                                    config.lookup_drafts, config.cost_model)
+                                    config.lookup_drafts, config.cost_model, history=self.history is not None)
         if config.compile:
             self.drafting.restrict_to_calibrated()
         self.scheduler = Scheduler(num_slots, tidar.block_size, config.max_prefill_tokens, config.max_running_requests,
@@ -217,6 +221,8 @@ class Engine:
                         self.generate(scratch(batch, context), SamplingParams(max_tokens=steps + 1, seed=0))
         finally:
             self.totals, self.last_stats = totals, last
+            if self.history is not None:
+                self.history.clear()  # the scratch prompts' completions
         measured = [list(x) for x in costs.samples]
         costs.set_anchor(measured)
         if cache and measured:
@@ -269,6 +275,9 @@ class Engine:
         for prompt, (i, samples) in zip(prompt_token_ids, rows):
             prompt = [int(t) for t in prompt]
             seqs = [Sequence(request, prompt, row_key(seed, i, j), Completion(i, j)) for j in samples]
+            if self.history is not None:
+                for seq, track in zip(seqs, self.history.begin(prompt, [s.key for s in seqs], self.weight_version)):
+                    seq.history = track
             request.sequences += seqs
             groups.append(PromptGroup(prompt, seqs))
         request.num_unfinished = num
@@ -319,16 +328,17 @@ class Engine:
     def _observe_decode(self, plan, result: StepTokens, seconds: float | None) -> None:
         """Feeds the drafting policy: the step's time (None: not a representative one) and each
         row's acceptance."""
-        looked_up = [bool(d) for d in plan.lookup] if plan.lookup is not None else [False] * len(plan.decode)
+        kinds = plan.kinds or [""] * len(plan.decode)  # per row, the point-mass drafts it verified ("": none)
         self.drafting.observe_step([s.params for s in plan.decode], result.shape, result.accepted, result.offered,
-                                   plan.context, seconds, looked_up)
-        for seq, lookup in zip(plan.decode, looked_up):
+                                   plan.context, seconds, plan.kinds)
+        for seq, kind, offered, accepted in zip(plan.decode, kinds, result.offered, result.accepted):
             levels = seq.request.stats.level_choices
             shape = plan.shape if seq.drafts else None
-            if shape is not None and shape.lookup and not lookup:  # it verified the model's drafts
+            if shape is not None and shape.lookup and not kind:  # it verified the model's drafts
                 shape = DraftShape(shape.length, ())
             label = level_label(shape, self.tidar.block_size)
             levels[label] = levels.get(label, 0) + 1
+            count_source(seq.request.stats.draft_sources, draft_source(kind, offered), offered, accepted)
 
     def _record(self, result: StepTokens) -> list[Sequence]:
         """Appends a step's tokens to its sequences; returns those that finished."""
@@ -347,6 +357,10 @@ class Engine:
                 stats.draft_accepts[i] += 1
             if self.scheduler.append(seq, tokens, lps, blps, [True] * a + [False], self.weight_version, top):
                 finished.append(seq)
+            if seq.history is not None:
+                self.history.extend(seq.history, seq.out.token_ids[len(seq.history.tokens):], self.weight_version)
+        if self.history is not None:
+            self.history.evict()
         return finished
 
     def _finish(self, finished: list[Sequence]) -> None:
@@ -363,10 +377,14 @@ class Engine:
                 self.totals.add(s)
 
     # ---------------------------------------------------------------- weights
-    def load_weights(self, tensors: dict[str, torch.Tensor], version: int) -> None:
+    def load_weights(self, tensors: dict[str, torch.Tensor], version: int, reset: bool = False) -> None:
         """Copies verified tensors (HF names, the model's dtypes and device) into the model
         between steps and tags later tokens with `version`. Running sequences keep going on the
-        new weights: their K/V are recomputed, prompts partly prefilled start over."""
+        new weights: their K/V are recomputed, prompts partly prefilled start over. `reset`:
+        these are the base weights again, so the completions of the history store (drafts of a
+        policy that is gone) are dropped."""
+        if reset and self.history is not None:
+            self.history.clear()
         params = self.model.state_dict()
         with torch.no_grad():
             for name, t in tensors.items():

@@ -272,11 +272,12 @@ class ModelRunner:
         """One step over running sequences: with a draft shape, a TiDAR step (verify up to
         shape.length - 1 of their drafts, sample the next token, pre-draft the shape's levels);
         None, an AR step (pending drafts are dropped: no draft is ever verified against a step
-        it was not made for). A lookup shape verifies each row's `lookup` drafts where it has
-        some (its own pending drafts where not) and pre-drafts nothing. Returns each row's
-        emitted tokens."""
+        it was not made for). `lookup`: per row, point-mass drafts (history or lookup drafts)
+        it verifies instead of its own pending drafts ([]: its own); a TiDAR step pre-drafts
+        the next block for every row whatever it verified, a lookup shape (verify-only)
+        pre-drafts nothing. Returns each row's emitted tokens."""
         drafting = shape is not None and any(s.drafts for s in seqs)
-        if drafting and shape.lookup and lookup:
+        if drafting and lookup:
             self._store_lookup(seqs, shape.length, lookup)
         if self.fused:
             return self._fused_tidar(seqs, shape) if drafting else self._fused_ar(seqs)
@@ -308,8 +309,8 @@ class ModelRunner:
         return self._tidar_tokens(seqs, packed, p_logprobs, shape, k)
 
     def _store_lookup(self, seqs: list[Sequence], length: int, lookup: list[list[int]]) -> None:
-        """Makes the rows' lookup drafts (up to length - 1 each) their slots' pending drafts, each
-        drawn from a point mass (logits 0 at the draft, -inf elsewhere: q(d) = 1)."""
+        """Makes the rows' point-mass drafts (lookup or history; up to length - 1 each) their
+        slots' pending drafts, each drawn from a point mass (logits 0 at the draft, -inf elsewhere: q(d) = 1)."""
         rows = [(s.slot, d[:length - 1]) for s, d in zip(seqs, lookup) if d]
         if not rows:
             return

@@ -14,8 +14,9 @@ Design decisions (nano-vllm's shape, TiDAR's needs):
 - Stop tokens, max_tokens, aborts and freeing slots are handled here, after the runner's
   forward; a finished or aborted sequence's slot is free for the next admission at once.
 - The level set of each decode step (how many pre-draft blocks it carries) is chosen here, by
-  the `DraftPolicy` (`drafting.py`), from what is running; so are the rows' lookup drafts
-  (`lookup.py`), looked up only when the policy asks (a lookup step might win).
+  the `DraftPolicy` (`drafting.py`), from what is running; so are the rows' point-mass draft
+  candidates (history drafts, `history.py`; lookup drafts, `lookup.py`), looked up only when
+  the policy asks (a step using them might win), and which rows take them (`DraftPolicy.assign`).
 - Two admission brakes: `max_running_requests` (1 = the serial mode, for comparisons) and
   `admit_new` (off while a wait-mode weight swap drains the requests already started, so no
   request mixes weight versions).
@@ -29,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..params import FinishReason
-from .drafting import DraftPolicy, DraftShape, takes_lookup
+from .drafting import DraftPolicy, DraftShape, RowDraft, takes_lookup
 from .lookup import lookup_drafts
 from .kv_slots import SlotAllocator
 from .sequence import PromptGroup, Request, Sequence
@@ -58,7 +59,16 @@ class Plan:
     started: list[Request]   # requests whose first group was admitted for this step
     shape: DraftShape | None = None
     context: float = 0.0     # mean committed length of the decoded rows
-    lookup: list[list[int]] | None = None  # per decoded row, its lookup drafts (a lookup step's)
+    lookup: list[list[int]] | None = None  # per decoded row, the point-mass drafts it verifies ([]: none)
+    kinds: list[str] | None = None  # per decoded row, their kind ("history/aligned", "lookup"; "": none)
+
+
+def history_kind(match: str) -> str:
+    """The acceptance class suffix of a history draft: aligned prefix, or a suffix match of
+    >= 3 ("long") or fewer ("short") tokens."""
+    if match == "aligned":
+        return "history/aligned"
+    return "history/long" if int(match) >= 3 else "history/short"
 
 
 class Scheduler:
@@ -104,8 +114,14 @@ class Scheduler:
             lookups = functools.cache(lambda: self._lookup_drafts(rows))  # looked up once, if asked
             wants = self.drafting.wants_lookup(params)
             shape = self.drafting.choose(params, context, lookups if wants else None)
-            lookup = lookups() if wants and shape is not None and shape.lookup else None
-            return Plan([], rows, started, shape, context, lookup)
+            # The rows take point-mass drafts in a verify-only step, or in a TiDAR step where
+            # the policy looked at them (it might then stack them with the model's drafts).
+            if wants and shape is not None and (shape.lookup or lookups.cache_info().currsize):
+                assigned = self.drafting.assign(params, shape, lookups())
+                if any(assigned):
+                    return Plan([], rows, started, shape, context, [list(d.tokens) if d else [] for d in assigned],
+                                [d.kind if d else "" for d in assigned])
+            return Plan([], rows, started, shape, context)
         return None
 
     def _admit(self) -> list[Request]:
@@ -180,15 +196,25 @@ class Scheduler:
                 return True
         return False
 
-    def _lookup_drafts(self, rows: list[Sequence]) -> list[list[int]]:
-        """Each row's lookup drafts for this step (up to block length - 1; none for rows that
-        cannot take them), its n-gram index brought up to date."""
-        out = []
+    def _lookup_drafts(self, rows: list[Sequence]) -> list[list[RowDraft]]:
+        """Each row's point-mass draft candidates for this step (up to block length - 1 tokens;
+        none for rows that cannot take them): its history draft (`history.py`) and its lookup
+        drafts (its n-gram index brought up to date)."""
+        out, count = [], self.block_size - 1
         for s in rows:
-            drafts = []
+            candidates = []
             if takes_lookup(s.params):
-                s.lookup, drafts = lookup_drafts(s.lookup, s.prompt, s.out.token_ids, self.block_size - 1)
-            out.append(drafts)
+                if self.drafting.history and s.history is not None:
+                    # No further than max_tokens: later drafts could only be cut off.
+                    left = s.params.max_tokens - len(s.out.token_ids)
+                    proposal = s.history.prompt.propose(s.history, min(count, left))
+                    if proposal is not None:
+                        candidates.append(RowDraft(tuple(proposal.tokens), history_kind(proposal.match)))
+                if self.drafting.lookup:
+                    s.lookup, drafts = lookup_drafts(s.lookup, s.prompt, s.out.token_ids, count)
+                    if drafts:
+                        candidates.append(RowDraft(tuple(drafts), "lookup"))
+            out.append(candidates)
         return out
 
     def retire(self, finished: list[Sequence]) -> None:

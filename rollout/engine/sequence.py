@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..params import Completion, FinishReason, SamplingParams
+from .history import Track
 from .lookup import NgramIndex
 
 
@@ -34,6 +35,9 @@ class GenerationStats:
     draft_attempts: list[int] = field(default_factory=list)  # per draft position 1..k-1
     draft_accepts: list[int] = field(default_factory=list)
     level_choices: dict[str, int] = field(default_factory=dict)  # decode steps by level set ("ar", "1", ...)
+    # decode row-steps by the source of the drafts they verified ("model", "history", "lookup",
+    # "none"): [row-steps, drafts offered, drafts accepted]
+    draft_sources: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -51,6 +55,9 @@ class GenerationStats:
         self.generated_tokens += other.generated_tokens
         for label, n in other.level_choices.items():
             self.level_choices[label] = self.level_choices.get(label, 0) + n
+        for source, counts in other.draft_sources.items():
+            mine = self.draft_sources.setdefault(source, [0, 0, 0])
+            self.draft_sources[source] = [a + b for a, b in zip(mine, counts)]
         width = max(len(self.draft_attempts), len(other.draft_attempts))
         for name in ("draft_attempts", "draft_accepts"):
             mine, theirs = getattr(self, name), getattr(other, name)
@@ -87,6 +94,7 @@ class Sequence:
     slot: int = -1               # KV slot while admitted, else -1
     first_token_at: float | None = None  # perf_counter time its first token was sampled
     lookup: NgramIndex | None = None     # its history's n-grams, once a step looked up drafts
+    history: Track | None = None         # its completion in its prompt's history (history drafts)
 
     @property
     def params(self) -> SamplingParams:

@@ -16,6 +16,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+from ..engine.drafting import source_summary
 from ..engine.sequence import GenerationStats
 from ..params import Completion
 
@@ -54,6 +55,12 @@ class ReplicaMetrics(_Served):
                                "Pre-draft levels of the last decode step (0: an AR or lookup step)", registry=r)
         self.draft_length = Gauge("rollout_replica_draft_length",
                                   "Draft length of the last decode step (0: an AR step)", registry=r)
+        self.source_share = Gauge("rollout_replica_draft_source_share",
+                                  "Share of decode row-steps by draft source (model, history, lookup, none), last request",
+                                  ["source"], registry=r)
+        self.source_acceptance = Gauge("rollout_replica_draft_source_acceptance",
+                                       "Share of offered drafts accepted, by draft source, last request", ["source"],
+                                       registry=r)
         self.weight_version = Gauge("rollout_replica_weight_version", "Weight version served", registry=r)
         self.weight_swap_seconds = Histogram("rollout_replica_weight_swap_seconds", "Time to swap weights",
                                              registry=r)
@@ -73,6 +80,9 @@ class ReplicaMetrics(_Served):
         self.tokens_per_forward.set(s.tokens_per_forward)
         for i, a in enumerate(s.acceptance_by_position):
             self.acceptance.labels(str(i + 1)).set(a)
+        for source, summary in source_summary(s.draft_sources).items():
+            self.source_share.labels(source).set(summary["share"])
+            self.source_acceptance.labels(source).set(summary["acceptance"])
 
 
 class FrontendMetrics(_Served):

@@ -99,6 +99,7 @@ class GeneratorReplica:
         self._token_deltas: dict[str, TokenDeltas] = {}  # requests that stream their tokens per step
         self._first_token_at: dict[str, float] = {}
         self._staged: StagedWeights | None = None
+        self._reset_version: int | None = None  # the staged version is the base weights again
         self._swap: _Swap | None = None
         self._fingerprint: tuple[int, str, str] | None = None  # weight_fingerprint of one version
         self._paused_until: float | None = None  # time.monotonic(); set by pause, cleared by resume
@@ -320,7 +321,8 @@ class GeneratorReplica:
                             generated_tokens=e.totals.generated_tokens,
                             row_forward_passes=e.totals.row_forward_passes,
                             draft_attempts=list(e.totals.draft_attempts), draft_accepts=list(e.totals.draft_accepts),
-                            calibration=dict(e.calibration), **e.drafting.status())
+                            calibration=dict(e.calibration), **e.drafting.status(),
+                            **(e.history.status() if e.history is not None else {}))
         self._status_at = time.monotonic()
 
     def status(self) -> dict:
@@ -344,7 +346,7 @@ class GeneratorReplica:
                       dtype_policy: str | None = None) -> int:
         """Verifies a state dict (HF names; with `partial` a subset, the rest keeping its served
         values; tensors or `wire.pack_tensors` values) and keeps it ready for commit. Returns its bytes."""
-        self._staged = None  # an older staged version is replaced, never mixed in
+        self._staged, self._reset_version = None, None  # an older staged version is replaced, never mixed in
         # Object-store values (wire.pack_tensors) are read-only views: nothing can change them.
         owned = all(not isinstance(v, torch.Tensor) for v in tensors.values())
         self._staged = stage_weights(self.engine.model, version, unpack_tensors(tensors), self.device, partial,
@@ -359,7 +361,9 @@ class GeneratorReplica:
         self._staged = None
         tensors = read_weights_from_disk(path if path is not None else self.model_dir, self.engine.model, timeout)
         # The base weights are cast as loading them was; another checkpoint follows the policy.
-        return self.stage_weights(version, tensors, dtype_policy="cast" if path is None else None)
+        nbytes = self.stage_weights(version, tensors, dtype_policy="cast" if path is None else None)
+        self._reset_version = version if path is None else None
+        return nbytes
 
     def commit_weights(self, version: int, mode: str = "wait", timeout: float = 600.0) -> int:
         """Swaps the staged weights in between engine steps; every later token carries the new
@@ -406,7 +410,8 @@ class GeneratorReplica:
             swap.done.set_exception(RuntimeError(f"staged weights for version {swap.version} were discarded"))
             return
         try:
-            self.engine.load_weights(staged.tensors, staged.version)
+            # A reset (the base weights again) also drops the history store's completions.
+            self.engine.load_weights(staged.tensors, staged.version, reset=staged.version == self._reset_version)
         except BaseException as e:  # noqa: BLE001
             swap.done.set_exception(e)
             return

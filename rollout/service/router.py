@@ -2,7 +2,14 @@
 
 Design decisions:
 - Placement: the live replica with the fewest outstanding tokens (prompt + max_tokens, times
-  n, over the requests assigned to it and not yet finished). All samples of a prompt go to one
+  n, over the requests assigned to it and not yet finished), unless the request's prompts have
+  a home replica that is not much busier (`_pick`): rendezvous hashing of the prompts' token
+  ids over the live replicas, taken while its outstanding tokens exceed the least loaded one's
+  by at most the request's own cost (or AFFINITY_SLACK of the mean load, if more). A replica
+  keeps the completions of the prompts it rolled out as history drafts
+  (`engine/history.py`), so an RL trainer that rolls the same prompts (or the same groups) out
+  again gets them back on the replica that holds their history, without unbalancing the
+  replicas: the load bound is what consistent hashing with bounded loads does. All samples of a prompt go to one
   replica in one engine request, so they share the prompt's prefill. A request is sent to its
   replica at once: the replica's engine batches it with whatever else runs there (continuous
   batching) and queues what does not fit its KV pool yet. Outstanding tokens are added when a
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -60,6 +68,7 @@ log = logging.getLogger(__name__)
 REPLICA_FAILURES = (RayActorError, ActorUnavailableError)
 LOST_OBJECTS = (ObjectLostError, OwnerDiedError, ObjectFetchTimedOutError, ObjectFreedError)
 CATCH_UP_INTERVAL = 1.0  # seconds between the supervisor's checks of every replica's version
+AFFINITY_SLACK = 0.25  # share of the mean outstanding tokens a home replica may carry above the least loaded
 
 
 class QueueFullError(RuntimeError):
@@ -179,7 +188,9 @@ class Router:
             while pending:
                 sub = pending.pop(0)
                 missing = {(p, s) for p, samples in zip(sub.prompt_indices, sub.sample_indices) for s in samples}
-                replica = self._pick(avoid=failed)
+                replica = self._pick(avoid=failed, prompts=[prompts[i] for i in sub.prompt_indices],
+                                     cost=sum(len(prompts[i]) + params.max_tokens for i in sub.prompt_indices) * len(
+                                         sub.sample_indices[0]))
                 try:
                     async for event in self._run_on_replica(replica, sub, prompts, params, deadline, stream_tokens):
                         if isinstance(event, Routed):
@@ -209,15 +220,28 @@ class Router:
             sub.sample_indices.append(samples)
         return list(by_count.values())
 
-    def _pick(self, avoid: set[str] = frozenset()) -> ReplicaSlot:
-        """Least outstanding tokens; ties rotate so idle replicas share the work. Replicas in
-        `avoid` (failed during this request: Ray is restarting them) only if nothing else is left."""
+    def _pick(self, avoid: set[str] = frozenset(), prompts: list[list[int]] | None = None,
+              cost: int = 0) -> ReplicaSlot:
+        """Least outstanding tokens; ties rotate so idle replicas share the work. With `prompts`,
+        their home replica (rendezvous hashing over the live replicas) instead, while it carries
+        at most max(cost, AFFINITY_SLACK x mean) outstanding tokens more than the least loaded.
+        Replicas in `avoid` (failed during this request: Ray is restarting them) only if nothing
+        else is left, and never as a home."""
         if not self.replicas:
             raise NoReplicaError("no generator replica has been placed yet")
         self._placements += 1
         n = len(self.replicas)
         order = [self.replicas[(self._placements + i) % n] for i in range(n)]
-        return min(order, key=lambda r: (r.name in avoid, r.outstanding_tokens, r.running))
+        least = min(order, key=lambda r: (r.name in avoid, r.outstanding_tokens, r.running))
+        live = [r for r in self.replicas if r.name not in avoid and not r.down]
+        if not prompts or not live:
+            return least
+        key = prompts_key(prompts)
+        home = max(live, key=lambda r: hashlib.blake2b(key + r.name.encode(), digest_size=8).digest())
+        mean = sum(r.outstanding_tokens for r in live) / len(live)
+        if home.outstanding_tokens - least.outstanding_tokens <= max(cost, AFFINITY_SLACK * mean):
+            return home
+        return least
 
     async def _run_on_replica(self, replica: ReplicaSlot, sub: SubRequest, prompts, params: SamplingParams,
                               deadline: float, stream_tokens: bool = False):
@@ -519,6 +543,11 @@ class Router:
         errors = [res for res in results if isinstance(res, BaseException) and not isinstance(res, REPLICA_FAILURES)]
         if errors:
             raise errors[0]
+
+
+def prompts_key(prompts: list[list[int]]) -> bytes:
+    """A request's prompts as bytes (the affinity key): the same prompts, the same key."""
+    return b"|".join(b",".join(str(t).encode() for t in p) for p in prompts)
 
 
 async def _records(gen, deadline: float):

@@ -249,6 +249,9 @@ def main_serve(argv: list[str]) -> int:
     p.add_argument("--no-lookup-drafts", dest="lookup_drafts", action="store_false",
                    help="with auto drafting: never take verify-only steps over lookup drafts (tokens that "
                         "followed an earlier occurrence of a row's last few tokens; lossless rows only)")
+    p.add_argument("--history-mib", type=float, default=256.0,
+                   help="with auto drafting: memory of each replica's history store (per prompt, the completions of "
+                        "its recent rollouts, drafts when the prompt is rolled out again; 0: no history drafts)")
     p.add_argument("--cost-model", default="calibrated", choices=["calibrated", "flat"],
                    help="with auto drafting: calibrated prices each step shape by this device's measured costs; "
                         "flat is a what-if pricing every shape like an AR step (a GPU's memory-bound regime), to "
@@ -310,6 +313,7 @@ def main_serve(argv: list[str]) -> int:
                                  max_prefill_tokens=args.max_prefill_tokens,
                                  max_running_requests=args.max_running_requests, drafting=args.drafting,
                                  lookup_drafts=args.lookup_drafts, cost_model=args.cost_model,
+                                 history_mib=args.history_mib,
                                  max_sequences_per_request=args.max_sequences_per_request,
                                  max_waiting_sequences=args.max_waiting_sequences,
                                  attention=args.attention, compile=args.compile,
