@@ -10,7 +10,7 @@ from rollout.train.tiny import make_tiny_model
 
 def test_a_lookup_step_records_only_the_rows_that_verified_lookup_drafts_as_lookup(tmp_path):
     engine = Engine.from_pretrained(make_tiny_model(tmp_path, "qwen2", vocab_size=16, block_size=4),
-                                    config=EngineConfig(drafting="auto"))
+                                    config=EngineConfig(drafting="auto", history_mib=0))  # lookup drafts only
     k = engine.tidar.block_size
     steps = iter([DraftShape(k, (1, 2))] * 2)  # two TiDAR steps give every row drafts, then lookup steps
     engine.drafting.choose = lambda params, context, lookups=None: next(steps, DraftShape(k, (), lookup=True))
