@@ -9,7 +9,7 @@ import torch
 
 from rollout import Engine, SamplingParams
 from rollout.config import EngineConfig
-from rollout.engine.drafting import DraftShape, RowDraft
+from rollout.engine.drafting import DraftPolicy, DraftShape, RowDraft
 from rollout.engine.history import BYTES_PER_TOKEN, KEEP_VERSIONS, HistoryStore
 from test_distribution import (  # noqa: F401 - the model_dir fixture
     ALPHA,
@@ -224,3 +224,30 @@ def test_replica_metrics_show_each_draft_sources_share_and_acceptance():
     assert value("rollout_replica_draft_source_share", {"source": "history"}) == 0.75
     assert value("rollout_replica_draft_source_acceptance", {"source": "history"}) == pytest.approx(2 / 3, abs=1e-4)
     assert value("rollout_replica_draft_source_acceptance", {"source": "model"}) == 0.1
+
+
+def cpu_like_policy(cost_model="calibrated"):
+    """Block 4, CPU-like step costs (4 ms a step plus 0.1 ms a token), history drafts that
+    usually pass, the model's that rarely do."""
+    policy = DraftPolicy(4, (1, 2, 3, 4), "auto", {"lossless@0+history/aligned": [0.9] * 3, "lossless@0": [0.2] * 3},
+                         lookup=False, cost_model=cost_model, history=True)
+    for rows, tokens in ((1, 1), (1, 4), (1, 20), (8, 8), (8, 160), (64, 512)):
+        for context in (16, 128):
+            policy.costs.observe(tokens > rows, rows, tokens, context, 4e-3 + 1e-4 * tokens)
+    return policy
+
+
+def test_history_drafts_ride_in_a_tidar_step_where_steps_cost_alike_and_must_pay_where_tokens_cost():
+    params = [SamplingParams(temperature=0)] * 64
+    candidates = [[RowDraft((1, 2, 3), "history/aligned")]] * 60 + [[]] * 4
+    flat = cpu_like_policy("flat")
+    shape = flat.choose(params, 64, lambda: candidates)
+    assert shape is not None and shape.levels and not shape.lookup  # stacked: the step also pre-drafts
+    assigned = flat.assign(params, shape, candidates)
+    assert [d is not None for d in assigned] == [True] * 60 + [False] * 4
+    # On the CPU the four rows without drafts keep the batch as long as before: the history
+    # drafts' saved row-steps do not pay for a step over 64 rows x (1 + levels) x d tokens.
+    calibrated = cpu_like_policy()
+    shape = calibrated.choose(params, 64, lambda: candidates)
+    assert shape is None or (shape.lookup and shape.length <= 4)
+    assert calibrated.choose(params[:1], 64, lambda: candidates[:1]) is not None  # at batch 1 they pay

@@ -426,7 +426,11 @@ class DraftPolicy:
                       context: float) -> tuple[DraftShape | None, float]:
         """The best TiDAR step in which each row with point-mass drafts verifies them instead of
         the model's where that is expected to commit more (`assign`), and its expected tokens
-        per second; `counts`: drafting rows by class, `offered` as in `_lookup_rate`."""
+        per second; `counts`: drafting rows by class, `offered` as in `_lookup_rate`. Like a
+        verify-only step it must pay against an AR step by its point-mass drafts alone
+        (`_point_mass_gain`): the model's drafts count in its rate, but rows coming from AR
+        steps have none to verify yet, and the rate alone chose steps that ran 0.4x AR at
+        batch 64 on the CPU."""
         if not offered or not self.lookup_candidates:
             return None, -1.0
         plain = dict(counts)  # drafting rows without point-mass drafts, by class
@@ -439,7 +443,10 @@ class DraftPolicy:
             for (cls, length), n in offered.items():
                 gain = self._gains(cls)[min(length, shape.length - 1)]
                 tokens += n * max(1.0 + gain, self._expected_tokens(cls.split("+")[0], shape))
-            rate = tokens / max(self._seconds(True, rows, rows * shape.tokens_per_row, context), 1e-12)
+            seconds = max(self._seconds(True, rows, rows * shape.tokens_per_row, context), 1e-12)
+            if not self._point_mass_gain(shape, rows, offered, seconds, context)[1]:
+                continue
+            rate = tokens / seconds
             if rate > best_rate:
                 best, best_rate = shape, rate
         return best, best_rate
@@ -477,22 +484,27 @@ class DraftPolicy:
         that ran 0.8x."""
         if not offered or not self.lookup_candidates:
             return None, -1.0
-        gains = {cls: self._gains(cls) for cls, _ in offered}  # class -> expected extra tokens by drafts verified
-        every_row = sum(offered.values()) == rows
-        fixed = self._seconds(False, 0, 0, context)
-        ar = self._seconds(False, rows, rows, context)
-        per_row = (ar - fixed) / rows
         best, best_rate = None, -1.0
         for shape in self.lookup_candidates:
-            g = {key: gains[key[0]][min(key[1], shape.length - 1)] for key in offered}
-            extra = sum(n * g[key] for key, n in offered.items())
-            shortened = min(g.values()) if every_row else 0.0
             seconds = max(self._seconds(True, rows, rows * shape.length, context), 1e-12)
-            if not explore and per_row * extra + fixed * shortened <= LOOKUP_MARGIN * (seconds - ar):
+            extra, pays = self._point_mass_gain(shape, rows, offered, seconds, context)
+            if not explore and not pays:
                 continue
             if (rows + extra) / seconds > best_rate:
                 best, best_rate = shape, (rows + extra) / seconds
         return best, best_rate
+
+    def _point_mass_gain(self, shape: DraftShape, rows: int, offered: dict[tuple[str, int], int], seconds: float,
+                         context: float) -> tuple[float, bool]:
+        """The extra tokens the rows' point-mass drafts are expected to commit in a step of this
+        shape (`offered` as in `_lookup_rate`), and whether that pays for the step against an AR
+        step in a batch that must finish as a whole (the rule in `_lookup_rate`)."""
+        g = {key: self._gains(key[0])[min(key[1], shape.length - 1)] for key in offered}
+        extra = sum(n * g[key] for key, n in offered.items())
+        shortened = min(g.values()) if sum(offered.values()) == rows else 0.0
+        fixed = self._seconds(False, 0, 0, context)
+        ar = self._seconds(False, rows, rows, context)
+        return extra, (ar - fixed) / rows * extra + fixed * shortened > LOOKUP_MARGIN * (seconds - ar)
 
     def _seconds(self, drafting: bool, rows: int, tokens: int, context: float) -> float:
         """A step's predicted seconds; under the flat cost model, an AR step's over the same rows
