@@ -155,7 +155,8 @@ def test_compiled_steps_sample_what_eager_steps_sample_when_the_shape_changes_ev
     compiled call (`ModelRunner._fused_ar`, `_fused_tidar`): an AR step after a TiDAR step, a
     TiDAR step after an AR step, shorter after longer, must leave the same slot state as the
     eager runner, so the same shape script gives the same tokens and log-probs."""
-    compiled = Engine(engine.model, engine.tidar, config=EngineConfig(compile=True))
+    lookup_only = dict(drafting="auto", history_mib=0)  # lookup drafts for the lookup steps, no history drafts
+    compiled = Engine(engine.model, engine.tidar, config=EngineConfig(compile=True, **lookup_only))
     shapes = [s for s in compiled.drafting.calibration_shapes() if s is None or s.length == 2 or len(s.levels) > 1]
     assert len(shapes) == 3  # AR, length 2 with one level, the whole block with every level
     shapes.append(DraftShape(3, (), lookup=True))  # and a lookup step
@@ -164,7 +165,7 @@ def test_compiled_steps_sample_what_eager_steps_sample_when_the_shape_changes_ev
         fused = getattr(compiled.runner, f"{kind}_step")
         setattr(compiled.runner, f"{kind}_step", lambda *a, f=fused, k=kind: calls.update({k: calls[k] + 1}) or f(*a))
     outs = []
-    for e in (Engine(engine.model, engine.tidar), compiled):
+    for e in (Engine(engine.model, engine.tidar, config=EngineConfig(**lookup_only)), compiled):
         rng = random.Random(5)
         e.drafting.choose = lambda params, context, lookups=None: rng.choice(shapes)
         e.drafting.wants_lookup = lambda params: True
