@@ -251,3 +251,18 @@ def test_history_drafts_ride_in_a_tidar_step_where_steps_cost_alike_and_must_pay
     shape = calibrated.choose(params, 64, lambda: candidates)
     assert shape is None or (shape.lookup and shape.length <= 4)
     assert calibrated.choose(params[:1], 64, lambda: candidates[:1]) is not None  # at batch 1 they pay
+
+
+def test_a_replica_reset_to_its_base_weights_clears_the_history_a_push_keeps_it(make_replica):
+    replica = make_replica("h0", engine_config=EngineConfig(drafting="auto", history_mib=1))
+    store = replica.engine.history  # filled directly: the replica's loop is idle and never steps
+    for track in store.begin([1, 2, 3], [7, 8], 0):
+        store.extend(track, [4, 5, 6, 7], 0)
+    held = store.num_tokens
+    assert held == 8
+    replica.stage_weights(1, {k: v.clone() for k, v in replica.engine.model.state_dict().items()})
+    replica.commit_weights(1)
+    assert replica.engine.history.num_tokens == held  # a new policy version drafts from the old one's samples
+    replica.stage_from_disk(2, None)  # the base weights again
+    replica.commit_weights(2)
+    assert replica.engine.history.num_tokens == 0
