@@ -7,8 +7,9 @@ The passes of each path (before: what the paths did until issue 27; now: what th
 - gRPC before: chunking (crc32 per tensor + a bytes copy per chunk), protobuf serialise (message
   objects), parse, reassembly (bytearray + crc32), pickling torch tensors for `ray.put`, a
   finite check of two reductions (amax, amin), then the copy into the model.
-- gRPC now: XXH3-64 + frames serialised with one copy (`wire.weight_frames`), parse, reassembly
-  (XXH3-64 on the way), `pack_tensors` for `ray.put` (one copy into the store, none out),
+- gRPC now: XXH3-64 + frames serialised with one copy (`wire.weight_frames`), parsed as views of
+  the received bytes (`wire.parse_chunk`), reassembly (XXH3-64 on the way; a one-chunk tensor is
+  its chunk), `pack_tensors` for `ray.put` (one copy into the store, none out),
   a one-pass finite check (aminmax), the copy into the model.
 - broadcast: the position-weighted checksum as it was computed (every byte widened to int64),
   XXH3-64 (what a gloo broadcast now checks), and `tensor_checksum` now (column sums; what an
@@ -34,7 +35,7 @@ from rollout.config import ModelConfig
 from rollout.model.decoder import Decoder
 from rollout.service.shared_weights import SharedSegment, check_digests, host_id, map_segment, segment_tensors
 from rollout.v1 import rollout_pb2 as pb
-from rollout.wire import WeightAssembler, pack_tensors, tensor_checksum, tensor_digest, weight_frames
+from rollout.wire import WeightAssembler, pack_tensors, parse_chunk, tensor_checksum, tensor_digest, weight_frames
 
 
 def main() -> None:
@@ -73,10 +74,9 @@ def main() -> None:
     del tensors
     # gRPC, now
     frames = timed("now: XXH3-64 + frames, one copy (8 MiB)", lambda: list(weight_frames(state.items(), 0, len(state))))
-    parsed = [pb.WeightChunk.FromString(f) for f in frames]
+    tensors = timed("now: server parse (views, wire.parse_chunk) + reassembly + XXH3-64",
+                    lambda: _assemble(parse_chunk(f) for f in frames))
     del frames
-    tensors = timed("now: reassembly + XXH3-64 (WeightAssembler)", lambda: _assemble(parsed))
-    del parsed
     timed("now: pack_tensors + pickle out of band (ray.put)", lambda: _pickle_out_of_band(pack_tensors(tensors)))
     timed("now: finite check (aminmax)", lambda: [torch.aminmax(t) for t in tensors.values()])
     del tensors

@@ -278,6 +278,52 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+class RawChunk:
+    """A WeightChunk read straight from its serialised bytes: `metadata` and `data` are views of
+    them (protobuf's parse copies the bytes once, and every read of a bytes field once more)."""
+
+    __slots__ = ("metadata", "data")
+
+    def __init__(self, metadata: memoryview, data: memoryview):
+        self.metadata, self.data = metadata, data
+
+
+def parse_chunk(frame: bytes) -> RawChunk:
+    """The server's deserialiser of weight chunks: the protobuf wire format of WeightChunk (field
+    1 metadata, field 2 data; a repeated field keeps its last value, unknown fields are skipped,
+    as protobuf does). ValueError on a malformed frame."""
+    view, fields, i = memoryview(frame), {1: b"", 2: b""}, 0
+    while i < len(view):
+        key, i = _read_varint(view, i)
+        number, kind = key >> 3, key & 7
+        if kind == 2:
+            size, i = _read_varint(view, i)
+            if i + size > len(view):
+                raise ValueError("weight chunk: a field runs past the end of the message")
+            fields[number], i = view[i:i + size], i + size
+        elif kind == 0:
+            _, i = _read_varint(view, i)
+        elif kind in (1, 5):
+            i += 8 if kind == 1 else 4
+        else:
+            raise ValueError(f"weight chunk: unsupported wire type {kind}")
+    if i != len(view):
+        raise ValueError("weight chunk: truncated message")
+    return RawChunk(memoryview(fields[1]), memoryview(fields[2]))
+
+
+def _read_varint(view: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(view) or shift > 63:
+            raise ValueError("weight chunk: malformed varint")
+        byte = view[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if byte < 0x80:
+            return value, i
+
+
 def chunk_update_id(chunk: pb.WeightChunk) -> str:
     """The update id a bucket's first chunk carries (PushWeightBucket); ValueError if none."""
     try:
@@ -305,7 +351,7 @@ class WeightAssembler:
         self.mode = "wait"
         self.num_bytes = 0
         self.broadcast_options: dict = {}  # a broadcast push's checksum kind and bucket size
-        self._current: tuple[dict, np.ndarray, list] | None = None  # header, buffer, [bytes filled, hash state]
+        self._current: tuple[dict, np.ndarray, list] | None = None  # header, buffer, [filled, hash, one chunk]
 
     def broadcast_manifest(self, chunk: pb.WeightChunk) -> list | None:
         """The tensor list of a broadcast push (see the proto), or None for a chunked push."""
@@ -370,7 +416,7 @@ class WeightAssembler:
             state = xxhash.xxh3_64() if "xxh3" in meta else 0
             whole = offset == 0 and len(data) == nbytes
             buf = np.frombuffer(data, dtype=np.uint8) if whole else np.empty(nbytes, dtype=np.uint8)
-            self._current = (meta, buf, [0, state])
+            self._current = (meta, buf, [0, state, whole])
         head, buf, filled = self._current
         name = head["name"]
         if offset != filled[0]:
@@ -378,7 +424,7 @@ class WeightAssembler:
         end = offset + len(data)
         if end > len(buf):
             raise ValueError(f"tensor {name}: received {end} bytes, header says {len(buf)}")
-        if buf.base is not data:
+        if not filled[2]:  # a whole-tensor chunk is the buffer already
             buf[offset:end] = np.frombuffer(data, dtype=np.uint8)
         if isinstance(filled[1], int):
             filled[1] = zlib.crc32(data, filled[1])

@@ -158,3 +158,19 @@ def test_bucket_layout_packs_consecutive_tensors_aligned_and_big_ones_alone():
     assert all(off % ALIGN == 0 for b in buckets for _, off, _ in b.items)
     assert buckets[1].alone and buckets[0].size == ALIGN + 20
     assert [len(b.items) for b in bucket_layout([10, 20, 30], 0)] == [1, 1, 1]  # 0: every tensor alone
+
+
+def test_the_servers_chunk_parser_reads_what_protobuf_reads_and_refuses_malformed_frames():
+    from rollout.wire import parse_chunk, weight_frames
+    src = tensors()
+    frames = list(weight_frames(src.items(), version=1, num_tensors=3, chunk_bytes=512))
+    for f in frames:
+        raw, ref = parse_chunk(f), pb.WeightChunk.FromString(f)
+        assert (bytes(raw.metadata), bytes(raw.data)) == (ref.metadata, ref.data)
+    _, out = assemble(parse_chunk(f) for f in frames)
+    assert all(torch.equal(out[k], v) and out[k].dtype == v.dtype for k, v in src.items())
+    odd = pb.WeightChunk(metadata=b"m", data=b"d").SerializeToString() + b"\x18\x05"  # an unknown varint field
+    assert bytes(parse_chunk(odd).data) == b"d"
+    for bad in (frames[0][:-1], b"\x0a\xff", b"\x0b", b"\x0a" + b"\xff" * 11):
+        with pytest.raises(ValueError, match="weight chunk"):
+            parse_chunk(bad)

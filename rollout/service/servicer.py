@@ -33,7 +33,7 @@ from ..config import ModelConfig, TidarConfig
 from ..params import SamplingParams, validate_prompts
 from ..v1 import rollout_pb2 as pb
 from ..v1 import rollout_pb2_grpc as pb_grpc
-from ..wire import WeightAssembler, chunk_update_id, params_from_proto, parse_dtype, record_to_trajectory
+from ..wire import WeightAssembler, chunk_update_id, params_from_proto, parse_chunk, parse_dtype, record_to_trajectory
 from .metrics import FrontendMetrics
 from ..engine.engine import LoadError, check_request_size
 from ..model.loader import build_decoder
@@ -428,12 +428,33 @@ def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
 
 
+class _RawWeightChunks:
+    """The server as the generated registration sees it, with weight chunks deserialised by
+    `wire.parse_chunk` (views of the received bytes) instead of protobuf (two copies of each)."""
+
+    RAW = ("UpdateWeights", "PushWeightBucket")
+
+    def __init__(self, server):
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self.server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        handlers = dict(handlers)
+        for name in self.RAW:
+            h = handlers[name]
+            handlers[name] = grpc.stream_unary_rpc_method_handler(
+                h.stream_unary, request_deserializer=parse_chunk, response_serializer=h.response_serializer)
+        self.server.add_registered_method_handlers(service, handlers)
+
+
 async def start_server(servicer: RolloutServicer, port: int, host: str = "[::]",
                        tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int]:
     """Starts the gRPC server (health NOT_SERVING until `set_serving`). Returns the bound port."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 256 << 20)])
-    pb_grpc.add_RolloutServiceServicer_to_server(servicer, server)
+    pb_grpc.add_RolloutServiceServicer_to_server(servicer, _RawWeightChunks(server))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
