@@ -260,13 +260,17 @@ def test_pushed_weights_are_served_and_a_restarted_replica_catches_up(runner, mo
     fresh = Engine.from_pretrained(fresh_dir)
     expected = fresh.generate(PROMPTS, SamplingParams(max_tokens=16, n=2, seed=8))
     served_by = set()
-    for _ in range(2):  # consecutive idle requests rotate over both replicas
-        got = stub.Generate(request(PROMPTS, max_tokens=16, n=2, seed=8), timeout=CALL_TIMEOUT)
+    # Prompts have a home replica (router affinity): different one-prompt requests reach both.
+    for prompt in ([p] for p in range(2, 14)):
+        got = stub.Generate(request([prompt], max_tokens=16, n=2, seed=8), timeout=CALL_TIMEOUT)
         served_by |= {t.replica for t in got.trajectories}
+        want = fresh.generate([prompt], SamplingParams(max_tokens=16, n=2, seed=8))[0]
         for t in got.trajectories:
             a = trajectory_arrays(t)
-            assert a["token_ids"].tolist() == expected[t.prompt_index][t.sample_index].token_ids
+            assert a["token_ids"].tolist() == want[t.sample_index].token_ids
             assert a["policy_versions"].tolist() == [1] * len(a["token_ids"])
+        if len(served_by) == 2:
+            break
     assert served_by == {"rollout-replica-0", "rollout-replica-1"}
     # Kill both replicas: Ray restarts them on the base weights. With no request arriving, the
     # router's supervisor loads version 1 onto each (ready within CATCH_UP_INTERVAL + one load of
