@@ -78,12 +78,15 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--layers", type=int, default=4, help="decoder layers (all sparse)")
     p.add_argument("--heads", type=int, default=8, help="attention heads")
     p.add_argument("--kv-heads", type=int, default=2, help="key/value heads")
-    p.add_argument("--experts", type=int, default=32, help="experts per MoE block")
-    p.add_argument("--top-k", type=int, default=4, help="experts per token")
+    p.add_argument("--experts", type=int, default=128, help="experts per MoE block (Qwen3-MoE: 128)")
+    p.add_argument("--top-k", type=int, default=8, help="experts per token (Qwen3-MoE: 8)")
     p.add_argument("--expert-intermediate", type=int, default=128, help="each expert's intermediate size")
     p.add_argument("--vocab", type=int, default=4096, help="vocabulary size (the last id is the mask token)")
     p.add_argument("--block-size", type=int, default=4, help="TiDAR block length of the lossless column")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import transformers
 
     dtype = getattr(torch, args.dtype)

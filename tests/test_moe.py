@@ -355,6 +355,9 @@ def test_moe_layers_pack_attention_only_and_keep_the_dense_mlp_packed(family):
     for i, layer in enumerate(layers):
         assert isinstance(layer, MoeLayer)
         assert len(layer.packs()) == (1 if i in engine.config.moe_layers else 2)
+        if i in engine.config.moe_layers:  # the CPU engine stores expert weights input-major too
+            assert layer.mlp.experts.gate_up_proj.transpose(1, 2).is_contiguous()
+            assert layer.mlp.experts.down_proj.transpose(1, 2).is_contiguous()
 
 
 def test_cotrain_forward_on_hf_and_our_decoder_agree_and_trains_the_experts(family):

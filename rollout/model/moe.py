@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .layers import lay_out
 
 
 class TopKRouter(nn.Module):
@@ -66,6 +67,20 @@ class SparseMoeBlock(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return (weights if self.weights_in_fp32 else weights.to(logits.dtype)), experts
 
+    def pack(self, input_major: bool) -> None:
+        """Lays out the router and expert weights input-major (each expert's [out, in] matrix
+        stored as the transpose of a contiguous [in, out] one, as `layers.lay_out` does for
+        linear weights: the CPU's GEMMs over a few rows run faster so) or as PyTorch's default.
+        Names, shapes and values stay; nothing is packed (the experts are already fused)."""
+        lay_out(self.gate, "weight", input_major)
+        for name in ("gate_up_proj", "down_proj"):
+            weight = self.experts._parameters[name]
+            if weight.transpose(1, 2).is_contiguous() if input_major else weight.is_contiguous():
+                continue
+            data = (weight.detach().transpose(1, 2).contiguous().transpose(1, 2) if input_major
+                    else weight.detach().contiguous())
+            setattr(self.experts, name, nn.Parameter(data, requires_grad=weight.requires_grad))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, experts = self.route(flat)
@@ -79,8 +94,12 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
 
     x [N, hidden]; weights, experts [N, k]; gate_up_proj [E, 2I, hidden]; down_proj [E, hidden, I].
     One grouped GEMM per projection where the device runs one (`grouped_gemm_runs`), else one
-    GEMM pair per expert that has tokens (`expert_loop`, also the path with autograd)."""
-    if grouped_gemm_runs(x, gate_up_proj):
+    GEMM pair per expert that has tokens (`expert_loop`, also the path with autograd). On the
+    CPU, whose grouped kernel visits every expert, the loop also serves steps with fewer
+    assignments than half the experts (few experts hit: decode at small batch), where it is
+    cheaper (`benchmarks/moe_decode.py`); there a host sync costs nothing."""
+    few = x.device.type == "cpu" and 2 * experts.numel() < gate_up_proj.shape[0]
+    if not few and grouped_gemm_runs(x, gate_up_proj):
         return expert_grouped_gemm(x, weights, experts, gate_up_proj, down_proj)
     return expert_loop(x, weights, experts, gate_up_proj, down_proj)
 

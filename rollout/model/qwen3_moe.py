@@ -34,8 +34,7 @@ class MoeLayer(nn.Module):
 
     def pack(self, input_major: bool) -> None:
         self.self_attn.pack(input_major)
-        if isinstance(self.mlp, MLP):
-            self.mlp.pack(input_major)
+        self.mlp.pack(input_major)
 
     def packs(self) -> tuple[Packed | None, ...]:
         modules = self._modules
