@@ -226,11 +226,15 @@ def test_greedy_tidar_equals_greedy_ar(zaya_dir, block_size, levels):
     assert engine.last_stats.tokens_per_forward > 1
 
 
-def test_split_and_triton_paths_are_refused_with_sliding_layers(engine):
+def test_paths_zaya_cannot_take_are_refused(engine):
     from rollout.engine.runner import ModelRunner
 
     with pytest.raises(ValueError, match="sliding-window"):
         ModelRunner(engine.model, engine.tidar, torch.device("cpu"), torch.float32, 2, 32, attention="split")
+    with pytest.raises(ValueError, match="compile=True cannot run a zaya model"):
+        ModelRunner(engine.model, engine.tidar, torch.device("cpu"), torch.float32, 2, 32, compile=True)
+    with pytest.raises(ValueError, match="cuda_graphs cannot run a zaya model"):
+        ModelRunner(engine.model, engine.tidar, torch.device("cpu"), torch.float32, 2, 32, cuda_graphs=True)
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +270,56 @@ def test_wrong_residual_is_detected(zaya8_dir, monkeypatch):
     params = SamplingParams(sampler="lossless", max_tokens=3, n=NUM_SAMPLES, seed=11)
     p = chi_square_pvalue(sample_counts(zaya8_dir, params), exact_zaya_distribution(zaya8_dir))
     assert p < 1e-8, f"the wrong sampler was not detected (p = {p:.2e}): the test has no power"
+
+
+
+def test_lookup_steps_stay_greedy(engine):
+    """Verify-only steps over lookup drafts (the row's own text): same greedy tokens as AR."""
+    from rollout.engine.drafting import DraftShape
+
+    prompt = [3, 5, 7, 9, 11] * 4
+    greedy = engine.generate([prompt], SamplingParams(sampler="ar", temperature=0, max_tokens=16))[0][0]
+    auto = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="auto", lookup_drafts=True))
+    with auto.drafting.forcing(DraftShape(4, (), lookup=True)):
+        out = auto.generate([prompt], SamplingParams(temperature=0, max_tokens=16))[0][0]
+    assert out.token_ids == greedy.token_ids
+    assert auto.last_stats.level_choices.get("lookup/4", 0) > 0 and auto.last_stats.tokens_per_forward > 1
+
+
+def test_keep_mode_swap_recomputes_the_cca_state(zaya_dir, tmp_path):
+    """New weights mid-generation: the committed prefix's K/V and CCA state are recomputed, so
+    every later token's log-prob is the new model's teacher-forced one."""
+    engine = Engine.from_pretrained(zaya_dir)
+    other = transformers.AutoModelForCausalLM.from_pretrained(make_tiny_zaya(tmp_path / "other", seed=1),
+                                                              dtype=torch.float32).eval()
+    request = engine.add_request(PROMPTS[:2], SamplingParams(max_tokens=12, seed=3, temperature=0.8))
+    for _ in range(4):
+        engine.step()
+    engine.load_weights(dict(other.state_dict()), 1)
+    done = []
+    while not request.done:
+        done += engine.step().finished
+    for seq in done:
+        c, prompt = seq.out, seq.prompt
+        assert 1 in c.policy_versions and 0 in c.policy_versions
+        logits = hf_logits(other, prompt + c.token_ids)[len(prompt) - 1:-1]
+        ref = process_logits(logits, 0.8, 0, 1.0, (MASK,), 0.0).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        new = torch.tensor(c.policy_versions) == 1
+        assert (ref[new] - torch.tensor(c.logprobs)[new]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("attention", ["split", "triton"])
+def test_split_paths_serve_a_zaya_without_sliding_layers(tmp_path, attention):
+    """Without sliding-window layers ZAYA may take the split and triton attention paths: same
+    greedy tokens and log-probs as the dense path."""
+    path = make_tiny_zaya(tmp_path / "full", layer_types=["hybrid"] * 3)
+    dense = Engine.from_pretrained(path)
+    other = Engine(dense.model, dense.tidar, config=EngineConfig(attention=attention))
+    params = SamplingParams(temperature=0, max_tokens=8)
+    a, b = dense.generate(PROMPTS[:2], params), other.generate(PROMPTS[:2], params)
+    assert tokens(a) == tokens(b)
+    for x, y in zip(sum(a, []), sum(b, [])):
+        assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) <= 1e-4
 
 
 # ------------------------------------------------------------------ stage 4: conversion

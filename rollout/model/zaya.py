@@ -500,6 +500,7 @@ class ZayaDecoder(nn.Module):
         self.input_major = False
 
     graph_capturable = False  # the expert grouping reads token counts on the host
+    compilable = False  # ... which breaks torch.compile's graph each layer (not tested: refused)
     dense_masks = True  # whole sequences: its convolutions follow the mask, read densely
 
     @property
