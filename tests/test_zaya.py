@@ -430,11 +430,13 @@ def test_weight_push_round_trip_with_expert_tensors_and_router_buffers(zaya_dir,
 
 
 def test_rollout_serve_runs_a_zaya_model(zaya_dir, tmp_path):
-    """`python -m rollout serve --model <tiny ZAYA>`: one gRPC round trip, then a clean exit."""
+    """`python -m rollout serve --model <tiny ZAYA>`: one gRPC round trip (== HF generate), GetStatus
+    and /v1/models name the family, then a clean exit."""
     import os
     import signal
     import subprocess
     import sys
+    import urllib.request
 
     import grpc
     from service_helpers import CALL_TIMEOUT, request, wait_until
@@ -444,9 +446,10 @@ def test_rollout_serve_runs_a_zaya_model(zaya_dir, tmp_path):
     from rollout.v1 import rollout_pb2_grpc as pb_grpc
     from rollout.wire import trajectory_arrays
 
-    port = free_port()
+    port, http_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "rollout", "serve", "--model", str(zaya_dir), "--replicas", "1",
-                             "--port", str(port), "--host", "localhost", "--metrics-port", "0", "--grace", "5"],
+                             "--port", str(port), "--http-port", str(http_port), "--host", "localhost",
+                             "--metrics-port", "0", "--grace", "5"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, RAY_DEDUP_LOGS="0"))
     try:
         channel = grpc.insecure_channel(f"localhost:{port}")
@@ -466,6 +469,9 @@ def test_rollout_serve_runs_a_zaya_model(zaya_dir, tmp_path):
         ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, min_new_tokens=6,
                           pad_token_id=0, eos_token_id=None)
         assert list(trajectory_arrays(resp.trajectories[0])["token_ids"]) == ref[0, len(prompt):].tolist()
+        assert stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT).family == "zaya"
+        with urllib.request.urlopen(f"http://localhost:{http_port}/v1/models", timeout=CALL_TIMEOUT) as r:
+            assert json.loads(r.read())["data"][0]["family"] == "zaya"
         channel.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0

@@ -386,7 +386,8 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             acceptance_by_position=[a / n if n else 0.0 for a, n in zip(accepts, attempts)],
             block_size=self.tidar.block_size, levels=list(self.tidar.level_set),
             weight_source=self.router.weight_source, paused=self.router.paused,
-            open_weight_updates=len(self.updates.open), weight_fingerprint=fingerprint, weight_dtype=dtype)
+            open_weight_updates=len(self.updates.open), weight_fingerprint=fingerprint, weight_dtype=dtype,
+            family=self.config.family)
 
     def _authorized(self, context) -> bool:
         if self.auth_token is None:
