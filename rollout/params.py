@@ -24,6 +24,13 @@ class SamplingParams:
     min-p. The same processing applies to the target and the draft distributions. At temperature 0 there is nothing to
     relax, so `mixed` verifies against the greedy AR target and equals `lossless`.
     seed: None draws fresh entropy; an int makes the whole call reproducible.
+    seed_stable: every token is the Gumbel-max sample argmax_v(log p(v) + g(seed, position, v))
+        and a draft is accepted exactly when it equals that token (`sampling.verify_coupled`),
+        so `lossless` gives, for a seed, the tokens `ar` gives, whatever the drafts, step shapes,
+        batch or load (wherever the logits are the same: see docs/ARCHITECTURE.md). False: the
+        residual rule min(1, p/q) with inverse-CDF sampling (exact too, and accepts a little
+        more, but which tokens a seed gives depends on the step shapes). `mixed` rows verify
+        against their mixed target the same way.
     logprobs: how many most likely alternatives (ids and log-probs under the same policy) to
         return per generated token, besides the sampled token's own log-prob; 0: none.
     """
@@ -35,6 +42,7 @@ class SamplingParams:
     max_tokens: int = 64
     n: int = 1
     seed: int | None = None
+    seed_stable: bool = True
     mix_weight: float = 0.5
     stop_token_ids: tuple[int, ...] = field(default=())
     logprobs: int = 0
@@ -58,6 +66,8 @@ class SamplingParams:
             raise ValueError(f"n must be an integer >= 1, got {self.n}")
         if not 0 <= self.mix_weight <= 1:
             raise ValueError(f"mix_weight must be in [0, 1], got {self.mix_weight}")
+        if not isinstance(self.seed_stable, bool):
+            raise ValueError(f"seed_stable must be true or false, got {self.seed_stable!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))

@@ -25,6 +25,20 @@ uniforms. A uniform may be drawn again in a later step (a draft discarded after 
 rejection is re-drafted at the same position with the same u): it only ever decides its
 position once, when that position is committed.
 
+Seed-stable verification (`SamplingParams.seed_stable`, the Gumbel coupling): each position's
+token is the Gumbel-max sample
+    x_i = argmax_v ( log p_i(v) + g(key, i, v) ),   g(key, i, v) ~ Gumbel(0, 1) i.i.d.,
+which is an exact sample from p_i; `ar` draws exactly this. A TiDAR draft at position i is
+argmax_v (log q_i(v) + g(key, i, v)) with the same g (a lookup draft is a point mass: itself),
+and verification accepts d_i exactly when d_i = x_i, emitting x_i at the first mismatch
+(`verify_coupled`). The emitted tokens are then, token for token, the AR sample of the key
+whatever was drafted: drafts only decide how many of them one forward commits. They equal an
+independent draw with probability at least (1 - TV(p, q)) / (1 + TV(p, q)) (a little below the
+residual rule's 1 - TV). Exactness needs g at position i to be independent of everything that
+decided the tokens before i; it is, since those used other positions' noise. Filtered ids have
+log p = -inf and never win; temperature 0 takes argmax_v log p(v) (no noise). g comes from the
+same counter-based hash, extended by the vocabulary id (`gumbel_noise`).
+
 Per-row settings: `process_logits` and `policy_distribution` take temperature / top-k / top-p
 either as Python scalars (one setting for the whole tensor) or as tensors [B] (row b of the
 leading dimension uses entry b), so requests with different settings share one forward;
@@ -42,6 +56,7 @@ import torch
 from .params import SamplingParams
 
 ACCEPT, RESAMPLE, DRAFT = 0, 1, 2  # purposes of a uniform (see the module docstring)
+GUMBEL = 3  # purpose of a position's hash state in `gumbel_noise`
 
 
 Setting = float | int | torch.Tensor | None  # a scalar for every row, a tensor [B] per row, None: off
@@ -156,7 +171,9 @@ class RowSampling:
     sort is skipped); mix_weight is the verification weight w of the mixing sampler, 1 (plain p)
     for every row that is not `mixed` at temperature > 0; `any_mixed` says whether any row
     needs the mixed target at all; `forbidden`: ids no row may ever sample (the mask token),
-    removed from target and draft distributions alike."""
+    removed from target and draft distributions alike. coupled [B] bool: the rows drawn by
+    Gumbel-max and verified by `verify_coupled` (`seed_stable`), None when no row is;
+    any_residual: whether some row draws by inverse CDF and is verified by the residual rule."""
     temperature: torch.Tensor
     top_k: torch.Tensor | None
     top_p: torch.Tensor | None
@@ -164,6 +181,8 @@ class RowSampling:
     any_mixed: bool
     forbidden: tuple[int, ...] = ()
     min_p: torch.Tensor | None = None
+    coupled: torch.Tensor | None = None
+    any_residual: bool = True
 
     @classmethod
     def build(cls, params: list[SamplingParams], device: torch.device | str,
@@ -172,6 +191,7 @@ class RowSampling:
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
         min_p = [p.min_p for p in params]
+        coupled = [p.seed_stable for p in params]
         return cls(
             temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device),
             top_k=torch.tensor(top_k).to(device) if any(top_k) else None,
@@ -179,11 +199,26 @@ class RowSampling:
             mix_weight=torch.tensor([p.mix_weight if m else 1.0 for p, m in zip(params, mixed)],
                                     dtype=torch.float32).to(device),
             any_mixed=any(mixed), forbidden=forbidden,
-            min_p=torch.tensor(min_p, dtype=torch.float32).to(device) if max(min_p) > 0 else None)
+            min_p=torch.tensor(min_p, dtype=torch.float32).to(device) if max(min_p) > 0 else None,
+            coupled=torch.tensor(coupled).to(device) if any(coupled) else None, any_residual=not all(coupled))
 
     def policy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`policy_distribution` with these rows' settings: logits [B, ..., V]."""
         return policy_distribution(logits, self.temperature, self.top_k, self.top_p, self.forbidden, self.min_p)
+
+    def sample(self, probs: torch.Tensor, logprobs: torch.Tensor, u: torch.Tensor | None,
+               gumbel: torch.Tensor | None) -> torch.Tensor:
+        """Each row's tokens [B, ...] from `policy`'s (probs, logprobs) [B, ..., V]: coupled rows
+        by `coupled_tokens` with the noise `gumbel` [B, ..., V] (None when no row is coupled),
+        the others by inverse CDF with the uniforms u [B, ...] (None when every row is coupled)."""
+        shape, V = probs.shape[:-1], probs.shape[-1]
+        if self.coupled is None:
+            return sample_from(probs.reshape(-1, V), u.reshape(-1)).view(shape)
+        coupled = coupled_tokens(logprobs, gumbel, self.temperature == 0)
+        if not self.any_residual:
+            return coupled
+        sampled = sample_from(probs.reshape(-1, V), u.reshape(-1)).view(shape)
+        return torch.where(_per_row(self.coupled, coupled), coupled, sampled)
 
 
 def row_key(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -205,18 +240,54 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
+def _counter_hash(keys: torch.Tensor, positions: torch.Tensor, purposes: int | torch.Tensor,
+                  lanes: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes [lanes, B, m] of (key [B], position [B, m], purpose, lane [lanes, 1, 1])."""
+    key = keys[:, None]
+    x = _mix32((positions & _M32) ^ ((purposes * 0x9E3779B1 + lanes) & _M32))  # [lanes, B, m]
+    x = _mix32(x ^ (key & _M32))
+    return _mix32(x ^ ((key >> 32) & _M32))
+
+
 def counter_uniforms(keys: torch.Tensor, positions: torch.Tensor, purposes: int | torch.Tensor) -> torch.Tensor:
     """Uniforms in [0, 1) (float64, 53 random bits) for keys [B] (int64 row keys) at positions
     [B, m] (int64) for purposes (an int, or int64 [m] / [B, m]): a pure function of (key,
     position, purpose), on the device. Two independent 32-bit hash chains (lanes, computed as
     one [2, B, m] tensor) give the high 27 and the low 26 bits. A step draws all its uniforms
     in one call: about thirty elementwise ops whatever the batch."""
-    key = keys[:, None]
     lanes = torch.tensor(_LANES, dtype=torch.long, device=positions.device).view(2, 1, 1)
-    x = _mix32((positions & _M32) ^ ((purposes * 0x9E3779B1 + lanes) & _M32))  # [2, B, m]
-    x = _mix32(x ^ (key & _M32))
-    x = _mix32(x ^ ((key >> 32) & _M32))
+    x = _counter_hash(keys, positions, purposes, lanes)
     return ((x[0] >> 5) * (1 << 26) + (x[1] >> 6)).double() / float(1 << 53)
+
+
+def gumbel_noise(keys: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise g(key, position, v) [B, m, V] (float32) for keys [B] at positions
+    [B, m]: a pure function of (key, position, vocabulary id), on the device, one call for all
+    of a step's positions.
+
+    Per position, one 32-bit state h = the `counter_uniforms` hash of (key, position, GUMBEL);
+    per id, x = mix32(h xor (v * 0x9E3779B1 mod 2^32)), w = (x + 1/2) / 2^32 in (0, 1),
+    E = -log(1 - w) ~ Exp(1) (log1p keeps the small E, which decide the winners, exact) and
+    g = -log E. The vocabulary-wide part is about fifteen elementwise ops per (position, id);
+    compiled (torch.compile, `EngineConfig.compile`) they fuse with the argmax that reads them,
+    so the noise is never stored."""
+    lane = torch.tensor(_LANES[:1], dtype=torch.long, device=positions.device).view(1, 1, 1)
+    h = _counter_hash(keys, positions, GUMBEL, lane)[0]  # [B, m]
+    ids = (torch.arange(vocab_size, device=positions.device) * 0x9E3779B1) & _M32  # [V]
+    x = _mix32(h[..., None] ^ ids)  # [B, m, V]
+    w = (x.float() + 0.5) * (1.0 / float(1 << 32))
+    return -torch.log(-torch.log1p(-w))
+
+
+def coupled_tokens(logprobs: torch.Tensor, gumbel: torch.Tensor, greedy: torch.Tensor | bool) -> torch.Tensor:
+    """argmax_v (log p(v) + g(v)) over the last dim: logprobs and gumbel [B, ..., V] -> ids
+    [B, ...], an exact sample from p (Gumbel-max); rows where `greedy` ([B] or a bool) take
+    argmax_v log p(v). Ids with log p = -inf (filtered) never win."""
+    if isinstance(greedy, torch.Tensor):
+        noisy = torch.where(_per_row(greedy, logprobs), logprobs, logprobs + gumbel)
+    else:
+        noisy = logprobs if greedy else logprobs + gumbel
+    return noisy.argmax(dim=-1)
 
 
 def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -270,3 +341,25 @@ def verify_drafts(drafts: torch.Tensor, draft_probs: torch.Tensor, target_probs:
     if u_sample.dim() == 2:
         u_sample = u_sample.gather(1, accepted[:, None]).squeeze(1)
     return accepted, sample_from(dist, u_sample)
+
+
+def verify_coupled(drafts: torch.Tensor, target_logprobs: torch.Tensor, gumbel: torch.Tensor,
+                   num_drafts: torch.Tensor, greedy: torch.Tensor | bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seed-stable verification of a batch of draft blocks (the Gumbel coupling, module docstring):
+        x_i = argmax_v (log p_i(v) + g_i(v));  accept d_i  <=>  d_1..d_i = x_1..x_i.
+
+    drafts [B, m]: draft tokens d_1..d_m (positions past num_drafts are ignored)
+    target_logprobs [B, m + 1, V]: log p at the positions of d_1..d_m and at the bonus position
+    gumbel [B, m + 1, V]: the noise g of the same positions (`gumbel_noise`)
+    num_drafts [B]: valid drafts per row; greedy [B] (or a bool): rows at temperature 0, whose
+        x_i = argmax_v log p_i(v)
+    Returns accepted [B] (0..num_drafts) and next_token [B] = x at the first mismatch, or at the
+    bonus position when every draft matched: the emitted tokens are x_1..x_{accepted + 1}
+    whatever the drafts were.
+    """
+    B, m = drafts.shape
+    x = coupled_tokens(target_logprobs, gumbel, greedy)  # [B, m + 1]
+    valid = torch.arange(m, device=drafts.device)[None, :] < num_drafts[:, None]  # [B, m]
+    ok = (drafts == x[:, :m]) & valid
+    accepted = ok.long().cumprod(dim=-1).sum(dim=-1)  # [B]
+    return accepted, x.gather(1, accepted[:, None]).squeeze(1)

@@ -26,7 +26,10 @@ Design decisions:
 - Logits only where needed: the k draft positions, and the one pre-drafted block each row
   continues from (chosen after verification), not every mask token.
 - Randomness: `sampling.counter_uniforms` of (row key, position, purpose), on the device, one
-  call per step for every decision the step can make.
+  call per step for every decision the step can make; for seed-stable rows, `sampling.
+  gumbel_noise` of (row key, position, id), one call per step over the positions the step
+  verifies (L+1..L+k) and may draft next (up to L+k+b-1): the same noise decides the verified
+  token and the draft for a position, so drafts never change which tokens a seed gives.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from ..model.decoder import Decoder
 from ..model.kv_cache import KVCache, state_widths
 from ..model.triton_attention import triton_unavailable_reason
 from ..params import SamplingParams
-from ..sampling import (ACCEPT, DRAFT, RESAMPLE, RowSampling, counter_uniforms, mixed_logits, sample_from,
-                        verify_drafts)
+from ..sampling import (ACCEPT, DRAFT, RESAMPLE, RowSampling, counter_uniforms, gumbel_noise,
+                        mixed_logits, verify_coupled, verify_drafts)
 from ..step_layout import DecodeLayout, ar_layout, decode_layout, prefill_layout
 from .drafting import DraftShape
 from .scheduler import PREFILL_MASK_BUDGET, PrefillChunk
@@ -239,11 +242,14 @@ class ModelRunner:
         rows = RowSampling.build([s.params for s in seqs], self.device, self.forbidden)
         keys = self._tensor([s.key for s in seqs])
         start = self._tensor([len(s.prompt) for s in seqs])  # position of the first generated token
-        # One draw for the step: the first token at `start` (RESAMPLE), drafts after it (DRAFT).
+        # One draw for the step: the first token at `start` (RESAMPLE), drafts after it (DRAFT);
+        # for coupled rows the Gumbel noise of the same positions (of `start` only without drafts).
+        positions = start[:, None] + torch.arange(K if block else 1, device=self.device)
         u = counter_uniforms(keys, start[:, None] + torch.arange(K, device=self.device),
                              torch.tensor([RESAMPLE] + [DRAFT] * (K - 1), device=self.device))
+        g = gumbel_noise(keys, positions, self.draft_logits.shape[-1]) if rows.coupled is not None else None
         probs, logprobs = rows.policy(self.model.logits(hidden[src_t, last]))  # [R, V]
-        first = sample_from(probs, u[:, 0])
+        first = rows.sample(probs, logprobs, u[:, 0], None if g is None else g[:, 0])
         first_lp = logprobs.gather(-1, first[:, None]).squeeze(-1)
 
         R = len(seqs)
@@ -254,7 +260,8 @@ class ModelRunner:
         if block:
             # Mask slot 0 sits at the position of `first`; slots 1..K-1 draft the positions after it.
             draft_logits[:, 1:] = self.model.logits(hidden[src_t, N + 1:])
-            drafts[:, 1:] = torch.where(drafting[:, None], draw(draft_logits[:, 1:], rows, u[:, 1:]),
+            drafts[:, 1:] = torch.where(drafting[:, None],
+                                        draw(draft_logits[:, 1:], rows, u[:, 1:], None if g is None else g[:, 1:]),
                                         self.tidar.mask_token_id)
         slots = self._tensor([s.slot for s in seqs])
         self.keys[slots] = keys
@@ -394,7 +401,7 @@ class ModelRunner:
     def _rows(self, params: list[SamplingParams]) -> RowSampling:
         """`RowSampling.build` of the rows' settings, reused while a step's rows have the same
         settings as the last step's (the common case: the same requests decode step after step)."""
-        key = [(p.sampler, p.temperature, p.top_k, p.top_p, p.min_p, p.mix_weight) for p in params]
+        key = [(p.sampler, p.temperature, p.top_k, p.top_p, p.min_p, p.mix_weight, p.seed_stable) for p in params]
         if key != self._rows_key:
             self._rows_key, self._rows_value = key, RowSampling.build(params, self.device, self.forbidden)
         return self._rows_value
@@ -458,21 +465,25 @@ class ModelRunner:
         return out
 
 
-def draw(logits: torch.Tensor, rows: RowSampling, u: torch.Tensor) -> torch.Tensor:
-    """logits [B, m, V], u [B, m] -> draft tokens [B, m] drawn from the processed distribution."""
-    B, m, V = logits.shape
-    q, _ = rows.policy(logits)
-    return sample_from(q.reshape(B * m, V), u.reshape(B * m)).view(B, m)
+def draw(logits: torch.Tensor, rows: RowSampling, u: torch.Tensor, gumbel: torch.Tensor | None = None
+         ) -> torch.Tensor:
+    """logits [B, m, V] -> draft tokens [B, m] drawn from the processed distribution q: by
+    inverse CDF with u [B, m], or for coupled rows argmax(log q + gumbel) (gumbel [B, m, V])."""
+    q, q_logprobs = rows.policy(logits)
+    return rows.sample(q, q_logprobs, u, gumbel)
 
 
 def ar_sample(model: Decoder, hidden: torch.Tensor, rows: RowSampling, keys: torch.Tensor, positions: torch.Tensor,
               purposes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sampling half of an AR step: hidden [B, H] -> (token [B], its log-prob [B], the
     policy's log-probs [B, V]). The token is drawn from p with the RESAMPLE uniform at L+1
-    (`positions` [B, 1], `purposes` [1]), exactly what verification with no valid drafts draws.
-    A pure tensor function, so `compile=True` can run it through torch.compile."""
+    (`positions` [B, 1], `purposes` [1]), or for coupled rows as argmax(log p + g) with the
+    Gumbel noise at L+1: exactly what verification with no valid drafts draws. A pure tensor
+    function, so `compile=True` can run it through torch.compile."""
     p, logprobs = rows.policy(model.logits(hidden))  # [B, V]
-    token = sample_from(p, counter_uniforms(keys, positions, purposes)[:, 0])
+    u = counter_uniforms(keys, positions, purposes)[:, 0] if rows.any_residual else None
+    g = gumbel_noise(keys, positions, logprobs.shape[-1])[:, 0] if rows.coupled is not None else None
+    token = rows.sample(p, logprobs, u, g)
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1), logprobs
 
 
@@ -575,7 +586,6 @@ def tidar_sample(model: Decoder, hidden: torch.Tensor, drafts: torch.Tensor, dra
         ar_logits, single_block = model.logits(hidden[:, :k]), None  # predicts positions L+1..L+k
     p, p_logprobs = rows.policy(ar_logits)
     target, target_logprobs = p, p_logprobs
-    q, _ = rows.policy(draft_logits)
     if rows.any_mixed:
         r, r_logprobs = rows.policy(mixed_logits(ar_logits[:, :k - 1], draft_logits, rows.mix_weight))
         mixed = ((torch.arange(k - 1, device=dev)[None] < num_valid[:, None] - 1)
@@ -583,9 +593,24 @@ def tidar_sample(model: Decoder, hidden: torch.Tensor, drafts: torch.Tensor, dra
         target = torch.cat((torch.where(mixed, r, p[:, :k - 1]), p[:, k - 1:]), dim=1)
         target_logprobs = torch.cat(
             (torch.where(mixed, r_logprobs, p_logprobs[:, :k - 1]), p_logprobs[:, k - 1:]), dim=1)
-    u = counter_uniforms(keys, positions, purposes)
-    u_accept, u_sample, u_draft = u[:, :k - 1], u[:, k - 1:2 * k - 1], u[:, 2 * k - 1:]
-    accepted, next_token = verify_drafts(drafts[:, 1:], q, target, num_valid - 1, u_accept, u_sample)
+    u_draft = g = None
+    if rows.any_residual:
+        q, _ = rows.policy(draft_logits)
+        u = counter_uniforms(keys, positions, purposes)
+        u_accept, u_sample, u_draft = u[:, :k - 1], u[:, k - 1:2 * k - 1], u[:, 2 * k - 1:]
+        accepted, next_token = verify_drafts(drafts[:, 1:], q, target, num_valid - 1, u_accept, u_sample)
+    if rows.coupled is not None:
+        # The noise of L+1..L+k (verified) and on to L+k+b-1 (the furthest next draft);
+        # positions[:, :1] is L+1, the first ACCEPT uniform's position.
+        g = gumbel_noise(keys, positions[:, :1] + torch.arange(k + max(b - 1, 0), device=dev),
+                         p_logprobs.shape[-1])  # [B, k + b - 1, V]
+        coupled_accepted, coupled_next = verify_coupled(drafts[:, 1:], target_logprobs, g[:, :k], num_valid - 1,
+                                                        rows.temperature == 0)
+        if rows.any_residual:
+            accepted = torch.where(rows.coupled, coupled_accepted, accepted)
+            next_token = torch.where(rows.coupled, coupled_next, next_token)
+        else:
+            accepted, next_token = coupled_accepted, coupled_next
 
     # Emitted tokens: d_1..d_a then the verifier's token (index i predicts position L+i+1).
     out = torch.cat((drafts[:, 1:], next_token[:, None]), dim=1)
@@ -610,10 +635,13 @@ def tidar_sample(model: Decoder, hidden: torch.Tensor, drafts: torch.Tensor, dra
         token_idx = k + level_idx[:, None] * b + slot  # in-step index
         block_logits = model.logits(hidden[torch.arange(B, device=dev)[:, None], token_idx])  # [B, b-1, V]
     next_valid = torch.where(drafting, b - shift, 1)
-    # The drafts of the next step sit at L+a+1+s (s = 1..b-1): u_draft holds L+2.. onwards.
-    u_next = u_draft.gather(1, accepted[:, None] + torch.arange(b - 1, device=dev))
+    # The drafts of the next step sit at L+a+1+s (s = 1..b-1): u_draft holds L+2.. onwards,
+    # g L+1.. onwards.
+    u_next = None if u_draft is None else u_draft.gather(1, accepted[:, None] + torch.arange(b - 1, device=dev))
+    g_next = None if g is None else g[torch.arange(B, device=dev)[:, None],
+                                      accepted[:, None] + torch.arange(1, b, device=dev)]  # [B, b-1, V]
     invalid = torch.arange(1, b, device=dev)[None] >= next_valid[:, None]
-    new = draw(block_logits, rows, u_next).masked_fill(invalid, mask_token_id)
+    new = draw(block_logits, rows, u_next, g_next).masked_fill(invalid, mask_token_id)
     pad = torch.full((B, K - b), mask_token_id, dtype=new.dtype, device=dev)
     next_drafts = torch.cat((next_token[:, None], new, pad), dim=1)
     return out, lp, blp, accepted, p_logprobs, next_drafts, block_logits, next_valid
