@@ -51,13 +51,15 @@ def params_from_proto(p: pb.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(p.stop_token_ids),
         min_p=p.min_p,
         logprobs=p.logprobs,
+        seed_stable=p.seed_stable if p.HasField("seed_stable") else True,
     )
 
 
 def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
     msg = pb.SamplingParams(sampler=p.sampler, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                             max_tokens=p.max_tokens, n=p.n, mix_weight=p.mix_weight,
-                            stop_token_ids=list(p.stop_token_ids), min_p=p.min_p, logprobs=p.logprobs)
+                            stop_token_ids=list(p.stop_token_ids), min_p=p.min_p, logprobs=p.logprobs,
+                            seed_stable=p.seed_stable)
     if p.seed is not None:
         msg.seed = p.seed
     return msg

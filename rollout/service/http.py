@@ -18,8 +18,9 @@ Design decisions:
 - One Router behind both front ends: HTTP requests are placed, admitted, bounded and re-dispatched
   exactly like gRPC ones, and checked by the same `validate_request` against the same pool limits.
 - Our provenance rides along in each choice: per-token `policy_versions`, `from_draft` and
-  `behavior_logprobs`; finish reason `abort` passes through. `sampler` and `mix_weight` are extra
-  body fields (default lossless, i.e. exact).
+  `behavior_logprobs`; finish reason `abort` passes through. `sampler`, `mix_weight` and
+  `seed_stable` are extra body fields (default lossless, seed-stable: exact, and a seed gives
+  ar's tokens).
 - Log-probs: the sampled token's, plus top-N alternatives (`logprobs` N, chat `top_logprobs` N,
   up to `params.MAX_LOGPROBS`) under the same policy, computed by the engine. `min_p` is part of
   the policy (`sampling.process_logits`). The sampling features the engine lacks (penalties,
@@ -161,7 +162,7 @@ class HttpFrontend:
             top_k=0 if body.top_k in (None, -1) else body.top_k, top_p=1.0 if body.top_p is None else body.top_p,
             max_tokens=max_tokens, n=body.n, seed=body.seed, mix_weight=body.mix_weight,
             stop_token_ids=tuple(user_stop_ids + eos), min_p=0.0 if body.min_p is None else body.min_p,
-            logprobs=top_logprobs)
+            logprobs=top_logprobs, seed_stable=body.seed_stable)
         validate_request(prompts, params, self.router, self.config, self.tidar)
         deadline = time.monotonic() + timeout if timeout is not None else None
         include_usage = bool((getattr(body, "stream_options", None) or {}).get("include_usage"))

@@ -48,6 +48,7 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     sampler: str = "lossless"    # ours: lossless | mixed | ar
     mix_weight: float = 0.5      # ours: w of the mixed sampler
+    seed_stable: bool = True     # ours: a seed's tokens are ar's whatever the drafts (SamplingParams)
     timeout_seconds: float | None = None  # ours: absent = the server's request timeout; else finite and > 0
 
 
