@@ -313,10 +313,11 @@ class EngineConfig:
         so running rows wait at most one such step between their own steps.
     max_running_requests: requests admitted at once; None: as many as the pool holds. 1 is the
         serial mode (one request at a time, the old behaviour), for comparisons.
-    drafting: "fixed" (every decode step pre-drafts all the model's levels: reproducible tokens
-        per seed) or "auto" (cost-aware: each step picks an AR step or the first m levels by
-        expected tokens per second; the output distribution is the same, but which tokens a seed
-        gives then depends on the choices made).
+    drafting: "auto" (cost-aware: each step picks an AR step, a draft length and the first m
+        levels, or a lookup step, by expected tokens per second: never much slower than AR) or
+        "fixed" (every decode step pre-drafts all the model's levels, whatever it costs). The
+        output distribution is the same; with `SamplingParams.seed_stable` (the default) so are
+        the tokens of a seed, whatever the choices made (without it they depend on them).
     attention: "dense" (one masked SDPA over prefix + step: the reference) or "split" (the prefix
         through FlexAttention by lengths only, merged with the in-step part by log-sum-exp; the
         fast path for long contexts on a GPU, see `model/attention.py`) or "triton" (as "split",
@@ -360,7 +361,7 @@ class EngineConfig:
     max_running_requests: int | None = None
     max_sequences_per_request: int | None = None
     max_waiting_sequences: int | None = None
-    drafting: str = "fixed"
+    drafting: str = "auto"
     attention: str = "dense"
     compile: bool = False
     cuda_graphs: bool = False

@@ -27,17 +27,19 @@ position once, when that position is committed.
 
 Seed-stable verification (`SamplingParams.seed_stable`, the Gumbel coupling): each position's
 token is the Gumbel-max sample
-    x_i = argmax_v ( log p_i(v) + g(key, i, v) ),   g(key, i, v) ~ Gumbel(0, 1) i.i.d.,
-which is an exact sample from p_i; `ar` draws exactly this. A TiDAR draft at position i is
-argmax_v (log q_i(v) + g(key, i, v)) with the same g (a lookup draft is a point mass: itself),
-and verification accepts d_i exactly when d_i = x_i, emitting x_i at the first mismatch
+    x_i = argmax_v ( log p_i(v) + g(key, i, v) ) = argmax_v p_i(v) / E(key, i, v),
+    g = -log E ~ Gumbel(0, 1),  E(key, i, v) ~ Exp(1) i.i.d.,
+which is an exact sample from p_i (computed in the second form, the exponential race: one log
+per id, `coupled_tokens`); `ar` draws exactly this. A TiDAR draft at position i is
+argmax_v q_i(v) / E(key, i, v) with the same E (a lookup draft is a point mass: itself), and
+verification accepts d_i exactly when d_i = x_i, emitting x_i at the first mismatch
 (`verify_coupled`). The emitted tokens are then, token for token, the AR sample of the key
 whatever was drafted: drafts only decide how many of them one forward commits. They equal an
 independent draw with probability at least (1 - TV(p, q)) / (1 + TV(p, q)) (a little below the
 residual rule's 1 - TV). Exactness needs g at position i to be independent of everything that
 decided the tokens before i; it is, since those used other positions' noise. Filtered ids have
-log p = -inf and never win; temperature 0 takes argmax_v log p(v) (no noise). g comes from the
-same counter-based hash, extended by the vocabulary id (`gumbel_noise`).
+p = 0 and never win; at temperature 0 p is the one-hot argmax, which wins whatever the noise.
+E comes from the same counter-based hash, extended by the vocabulary id (`exponential_noise`).
 
 Per-row settings: `process_logits` and `policy_distribution` take temperature / top-k / top-p
 either as Python scalars (one setting for the whole tensor) or as tensors [B] (row b of the
@@ -56,7 +58,7 @@ import torch
 from .params import SamplingParams
 
 ACCEPT, RESAMPLE, DRAFT = 0, 1, 2  # purposes of a uniform (see the module docstring)
-GUMBEL = 3  # purpose of a position's hash state in `gumbel_noise`
+RACE = 3  # purpose of a position's hash state in `exponential_noise`
 
 
 Setting = float | int | torch.Tensor | None  # a scalar for every row, a tensor [B] per row, None: off
@@ -172,7 +174,8 @@ class RowSampling:
     for every row that is not `mixed` at temperature > 0; `any_mixed` says whether any row
     needs the mixed target at all; `forbidden`: ids no row may ever sample (the mask token),
     removed from target and draft distributions alike. coupled [B] bool: the rows drawn by
-    Gumbel-max and verified by `verify_coupled` (`seed_stable`), None when no row is;
+    Gumbel-max and verified by `verify_coupled` (`seed_stable` at temperature > 0; greedy rows
+    are the same under either rule), None when no row is;
     any_residual: whether some row draws by inverse CDF and is verified by the residual rule."""
     temperature: torch.Tensor
     top_k: torch.Tensor | None
@@ -191,7 +194,9 @@ class RowSampling:
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
         min_p = [p.min_p for p in params]
-        coupled = [p.seed_stable for p in params]
+        # Greedy rows take the argmax either way (the residual rule with one-hot p and q accepts
+        # exactly the drafts equal to it): no noise for them.
+        coupled = [p.seed_stable and p.temperature > 0 for p in params]
         return cls(
             temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device),
             top_k=torch.tensor(top_k).to(device) if any(top_k) else None,
@@ -206,15 +211,14 @@ class RowSampling:
         """`policy_distribution` with these rows' settings: logits [B, ..., V]."""
         return policy_distribution(logits, self.temperature, self.top_k, self.top_p, self.forbidden, self.min_p)
 
-    def sample(self, probs: torch.Tensor, logprobs: torch.Tensor, u: torch.Tensor | None,
-               gumbel: torch.Tensor | None) -> torch.Tensor:
-        """Each row's tokens [B, ...] from `policy`'s (probs, logprobs) [B, ..., V]: coupled rows
-        by `coupled_tokens` with the noise `gumbel` [B, ..., V] (None when no row is coupled),
-        the others by inverse CDF with the uniforms u [B, ...] (None when every row is coupled)."""
+    def sample(self, probs: torch.Tensor, u: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
+        """Each row's tokens [B, ...] from `policy`'s probs [B, ..., V]: coupled rows by
+        `coupled_tokens` with the noise [B, ..., V] (None when no row is coupled), the others by
+        inverse CDF with the uniforms u [B, ...] (None when every row is coupled)."""
         shape, V = probs.shape[:-1], probs.shape[-1]
         if self.coupled is None:
             return sample_from(probs.reshape(-1, V), u.reshape(-1)).view(shape)
-        coupled = coupled_tokens(logprobs, gumbel, self.temperature == 0)
+        coupled = coupled_tokens(probs, noise)
         if not self.any_residual:
             return coupled
         sampled = sample_from(probs.reshape(-1, V), u.reshape(-1)).view(shape)
@@ -260,34 +264,45 @@ def counter_uniforms(keys: torch.Tensor, positions: torch.Tensor, purposes: int 
     return ((x[0] >> 5) * (1 << 26) + (x[1] >> 6)).double() / float(1 << 53)
 
 
-def gumbel_noise(keys: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise g(key, position, v) [B, m, V] (float32) for keys [B] at positions
-    [B, m]: a pure function of (key, position, vocabulary id), on the device, one call for all
-    of a step's positions.
+def _mix32_wrapping(x: torch.Tensor) -> torch.Tensor:
+    """`_mix32` on int32 tensors (the same bits, read as signed): multiplications wrap mod 2^32
+    and each right shift is masked back to a logical one. Int32 runs vectorised where int64
+    does not, and the vocabulary-wide part of a step's noise is most of its hashing."""
+    x = (((x >> 16) & 0xFFFF) ^ x) * _MULTIPLIER
+    x = (((x >> 16) & 0xFFFF) ^ x) * _MULTIPLIER
+    return ((x >> 16) & 0xFFFF) ^ x
 
-    Per position, one 32-bit state h = the `counter_uniforms` hash of (key, position, GUMBEL);
-    per id, x = mix32(h xor (v * 0x9E3779B1 mod 2^32)), w = (x + 1/2) / 2^32 in (0, 1),
-    E = -log(1 - w) ~ Exp(1) (log1p keeps the small E, which decide the winners, exact) and
-    g = -log E. The vocabulary-wide part is about fifteen elementwise ops per (position, id);
-    compiled (torch.compile, `EngineConfig.compile`) they fuse with the argmax that reads them,
-    so the noise is never stored."""
+
+def _as_int32(x: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) -> the int32 with the same bits."""
+    return torch.where(x >= 1 << 31, x - (1 << 32), x).to(torch.int32)
+
+
+def exponential_noise(keys: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Exp(1) noise E(key, position, v) [B, m, V] (float32) for keys [B] at positions [B, m]: a
+    pure function of (key, position, vocabulary id), on the device, one call for all of a
+    step's positions. -log E is the Gumbel noise g of the module docstring.
+
+    Per position, one 32-bit state h = the `counter_uniforms` hash of (key, position, RACE);
+    per id, x = mix32(h xor (v * 0x9E3779B1 mod 2^32)) (int32, `_mix32_wrapping`),
+    w = (x mod 2^31 + 1/2) / 2^31 in (0, 1) and E = -log(1 - w) (log1p keeps the small E,
+    which decide the winners, exact down to 2^-32: each id's chance is exact to about 2^-31).
+    About a dozen elementwise ops per (position, id); compiled (torch.compile,
+    `EngineConfig.compile`) they fuse with the division and argmax that read them, so the noise
+    is never stored."""
     lane = torch.tensor(_LANES[:1], dtype=torch.long, device=positions.device).view(1, 1, 1)
-    h = _counter_hash(keys, positions, GUMBEL, lane)[0]  # [B, m]
-    ids = (torch.arange(vocab_size, device=positions.device) * 0x9E3779B1) & _M32  # [V]
-    x = _mix32(h[..., None] ^ ids)  # [B, m, V]
-    w = (x.float() + 0.5) * (1.0 / float(1 << 32))
-    return -torch.log(-torch.log1p(-w))
+    h = _as_int32(_counter_hash(keys, positions, RACE, lane)[0])  # [B, m]
+    ids = _as_int32((torch.arange(vocab_size, device=positions.device) * 0x9E3779B1) & _M32)  # [V]
+    x = _mix32_wrapping(h[..., None] ^ ids)  # [B, m, V]
+    w = ((x & 0x7FFFFFFF).float() + 0.5) * (1.0 / float(1 << 31))
+    return -torch.log1p(-w)
 
 
-def coupled_tokens(logprobs: torch.Tensor, gumbel: torch.Tensor, greedy: torch.Tensor | bool) -> torch.Tensor:
-    """argmax_v (log p(v) + g(v)) over the last dim: logprobs and gumbel [B, ..., V] -> ids
-    [B, ...], an exact sample from p (Gumbel-max); rows where `greedy` ([B] or a bool) take
-    argmax_v log p(v). Ids with log p = -inf (filtered) never win."""
-    if isinstance(greedy, torch.Tensor):
-        noisy = torch.where(_per_row(greedy, logprobs), logprobs, logprobs + gumbel)
-    else:
-        noisy = logprobs if greedy else logprobs + gumbel
-    return noisy.argmax(dim=-1)
+def coupled_tokens(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """argmax_v p(v) / E(v) = argmax_v (log p(v) + g(v)) over the last dim: probs [B, ..., V]
+    (as `policy_distribution` gives them: one-hot at temperature 0) and `exponential_noise`
+    -> ids [B, ...], an exact sample from p. Ids with p = 0 (filtered) never win."""
+    return (probs / noise).argmax(dim=-1)
 
 
 def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -343,22 +358,21 @@ def verify_drafts(drafts: torch.Tensor, draft_probs: torch.Tensor, target_probs:
     return accepted, sample_from(dist, u_sample)
 
 
-def verify_coupled(drafts: torch.Tensor, target_logprobs: torch.Tensor, gumbel: torch.Tensor,
-                   num_drafts: torch.Tensor, greedy: torch.Tensor | bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def verify_coupled(drafts: torch.Tensor, target_probs: torch.Tensor, noise: torch.Tensor,
+                   num_drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Seed-stable verification of a batch of draft blocks (the Gumbel coupling, module docstring):
-        x_i = argmax_v (log p_i(v) + g_i(v));  accept d_i  <=>  d_1..d_i = x_1..x_i.
+        x_i = argmax_v p_i(v) / E_i(v);  accept d_i  <=>  d_1..d_i = x_1..x_i.
 
     drafts [B, m]: draft tokens d_1..d_m (positions past num_drafts are ignored)
-    target_logprobs [B, m + 1, V]: log p at the positions of d_1..d_m and at the bonus position
-    gumbel [B, m + 1, V]: the noise g of the same positions (`gumbel_noise`)
-    num_drafts [B]: valid drafts per row; greedy [B] (or a bool): rows at temperature 0, whose
-        x_i = argmax_v log p_i(v)
+    target_probs [B, m + 1, V]: p at the positions of d_1..d_m and at the bonus position
+    noise [B, m + 1, V]: E of the same positions (`exponential_noise`)
+    num_drafts [B]: valid drafts per row
     Returns accepted [B] (0..num_drafts) and next_token [B] = x at the first mismatch, or at the
     bonus position when every draft matched: the emitted tokens are x_1..x_{accepted + 1}
     whatever the drafts were.
     """
     B, m = drafts.shape
-    x = coupled_tokens(target_logprobs, gumbel, greedy)  # [B, m + 1]
+    x = coupled_tokens(target_probs, noise)  # [B, m + 1]
     valid = torch.arange(m, device=drafts.device)[None, :] < num_drafts[:, None]  # [B, m]
     ok = (drafts == x[:, :m]) & valid
     accepted = ok.long().cumprod(dim=-1).sum(dim=-1)  # [B]

@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from rollout import Engine  # noqa: E402
+from rollout.config import EngineConfig  # noqa: E402
 from rollout.train.tiny import make_tiny_model  # noqa: E402
 
 
@@ -21,7 +22,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engine(tiny_dir):
-    return Engine.from_pretrained(tiny_dir)
+    return Engine.from_pretrained(tiny_dir, config=EngineConfig(drafting="fixed"))
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +43,7 @@ def make_replica(tiny_dir):
     made = []
 
     def make(name: str, **kwargs):
+        kwargs.setdefault("engine_config", EngineConfig(drafting="fixed"))  # tests compare with `engine`'s steps
         made.append(GeneratorReplica(str(tiny_dir), name, metrics_port=None, **kwargs))
         return made[-1]
     yield make

@@ -87,8 +87,8 @@ def test_split_attention_equals_the_dense_oracle_on_prefill_chunks():
 
 
 def test_the_engine_samples_the_same_with_split_attention(engine):
-    split = Engine(engine.model, engine.tidar, config=EngineConfig(attention="split", max_prefill_tokens=3))
-    dense = Engine(engine.model, engine.tidar, config=EngineConfig(max_prefill_tokens=3))
+    split = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="fixed", attention="split", max_prefill_tokens=3))
+    dense = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="fixed", max_prefill_tokens=3))
     for sampler, temperature in (("lossless", 1.0), ("ar", 0.0), ("mixed", 0.8)):
         params = SamplingParams(sampler=sampler, temperature=temperature, max_tokens=30, n=2, seed=4)
         a, b = split.generate(PROMPTS, params), dense.generate(PROMPTS, params)

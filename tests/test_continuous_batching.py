@@ -57,7 +57,7 @@ def assert_same_samples(a, b, tol=1e-5):
 
 def test_a_request_samples_the_same_alone_or_among_ten_others_admitted_at_other_steps(engine):
     alone = sum(engine.generate(PROMPTS, TARGET), [])
-    busy = Engine(engine.model, engine.tidar, config=EngineConfig(max_num_seqs=12, max_prefill_tokens=8))
+    busy = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="fixed", max_num_seqs=12, max_prefill_tokens=8))
     stepper = Stepper(busy)
     early = [busy.add_request(p, s) for p, s in OTHERS[:4]]
     for _ in range(3):
@@ -75,7 +75,7 @@ def test_a_request_samples_the_same_alone_or_among_ten_others_admitted_at_other_
 
 
 def test_slots_come_back_after_a_thousand_mixed_requests(engine):
-    small = Engine(engine.model, engine.tidar, config=EngineConfig(max_num_seqs=8, max_prefill_tokens=6))
+    small = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="fixed", max_num_seqs=8, max_prefill_tokens=6))
     gen = torch.Generator().manual_seed(0)
     live, aborted, refused = [], 0, 0
     for i in range(1000):
@@ -105,13 +105,13 @@ def test_slots_come_back_after_a_thousand_mixed_requests(engine):
 
 def test_a_prompt_whose_n_exceeds_the_pool_runs_in_groups_with_the_same_samples(engine):
     params = SamplingParams(max_tokens=10, n=7, seed=3)
-    small = Engine(engine.model, engine.tidar, config=EngineConfig(max_num_seqs=3))
+    small = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="fixed", max_num_seqs=3))
     for a, b in zip(small.generate(PROMPTS, params), engine.generate(PROMPTS, params)):
         assert_same_samples(a, b)
 
 
 def test_long_prompts_are_prefilled_in_chunks_between_decode_steps(engine):
-    chunked = Engine(engine.model, engine.tidar, config=EngineConfig(max_prefill_tokens=4))
+    chunked = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="fixed", max_prefill_tokens=4))
     running = chunked.add_request([[2, 3]], SamplingParams(max_tokens=100, seed=0)).sequences[0]
     chunked.step()  # prefill of the short prompt: it is now decoding
     long = chunked.add_request([list(range(2, 14)) * 2], SamplingParams(max_tokens=5, seed=1))  # 24 tokens
@@ -126,7 +126,7 @@ def test_long_prompts_are_prefilled_in_chunks_between_decode_steps(engine):
 
 
 def test_serial_mode_runs_one_request_at_a_time(engine):
-    serial = Engine(engine.model, engine.tidar, config=EngineConfig(max_running_requests=1))
+    serial = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="fixed", max_running_requests=1))
     a = serial.add_request(PROMPTS, SamplingParams(max_tokens=20, seed=1))
     b = serial.add_request(PROMPTS, SamplingParams(max_tokens=20, seed=2))
     while not a.done:
@@ -138,7 +138,7 @@ def test_serial_mode_runs_one_request_at_a_time(engine):
 
 
 def test_a_full_queue_is_a_load_error_and_a_too_large_request_a_value_error(engine):
-    small = Engine(engine.model, engine.tidar, config=EngineConfig(max_num_seqs=2, max_waiting_sequences=6,
+    small = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="fixed", max_num_seqs=2, max_waiting_sequences=6,
                                                                      max_sequences_per_request=5))
     with pytest.raises(ValueError, match="max_sequences_per_request=5"):
         small.check_capacity(3, 2)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import rollout.train.loop as training_module
 from rollout import Engine, SamplingParams
-from rollout.config import TIDAR_CONFIG_FILE
+from rollout.config import TIDAR_CONFIG_FILE, EngineConfig
 from rollout.train.convert import (
     MASK_TOKEN,
     convert,
@@ -67,7 +67,7 @@ def converted(base_dir, jsonl_corpus, tmp_path_factory):
 
 def test_converted_model_generates_through_engine(converted):
     out, _ = converted
-    engine = Engine.from_pretrained(out)
+    engine = Engine.from_pretrained(out, config=EngineConfig(drafting="fixed"))
     assert engine.tidar.block_size == 4
     for temperature in (0.0, 1.0):
         completions = engine.generate([[5, 6, 7], [8]], SamplingParams(max_tokens=12, temperature=temperature, seed=0))
@@ -92,7 +92,7 @@ def test_converted_model_loads_in_transformers_with_same_logits(converted):
 
     out, _ = converted
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    engine = Engine.from_pretrained(out)
+    engine = Engine.from_pretrained(out, config=EngineConfig(drafting="fixed"))
     ids = [[5, 6, 7, 8, 9]]
     with torch.no_grad():
         hf_logits = hf(torch.tensor(ids)).logits[0]
@@ -121,8 +121,8 @@ def test_export_writes_a_checkpoint_as_a_loadable_model(converted, tmp_path):
     step = export_checkpoint(out, tmp_path / "exported")
     assert step == SMALL["steps"]
     params = SamplingParams(max_tokens=8, n=2, seed=3)
-    assert [c.token_ids for c in Engine.from_pretrained(tmp_path / "exported").generate([[5, 6, 7]], params)[0]] == \
-        [c.token_ids for c in Engine.from_pretrained(out).generate([[5, 6, 7]], params)[0]]
+    assert [c.token_ids for c in Engine.from_pretrained(tmp_path / "exported", config=EngineConfig(drafting="fixed")).generate([[5, 6, 7]], params)[0]] == \
+        [c.token_ids for c in Engine.from_pretrained(out, config=EngineConfig(drafting="fixed")).generate([[5, 6, 7]], params)[0]]
     with pytest.raises(FileNotFoundError, match="state.pt does not exist"):
         export_checkpoint(tmp_path / "exported", tmp_path / "again")
     # a run still going has no config.json yet: --like names where the files come from
@@ -181,7 +181,7 @@ def test_pretrained_model_loads_in_engine_transformers_and_tokenizer(folder_corp
     assert hf.config.vocab_size == len(tokenizer) == VOCAB
     assert not (out / TIDAR_CONFIG_FILE).exists()
     tidar = convert(out, folder_corpus, tmp_path / "tidar", **{**SMALL, "steps": 1})
-    engine = Engine.from_pretrained(tmp_path / "tidar")
+    engine = Engine.from_pretrained(tmp_path / "tidar", config=EngineConfig(drafting="fixed"))
     assert engine.tidar.mask_token_id == tidar["conversion"]["mask_token_id"] == VOCAB
     engine.generate([tokenizer(text)["input_ids"]], SamplingParams(max_tokens=8, seed=0))
 

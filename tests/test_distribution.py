@@ -15,6 +15,7 @@ from scipy.stats import chi2
 import rollout.engine.runner
 import rollout.sampling
 from rollout import Engine, SamplingParams
+from rollout.config import EngineConfig
 from rollout.sampling import coupled_tokens, process_logits
 from rollout.train.tiny import make_tiny_model
 
@@ -50,7 +51,7 @@ def exact_ar_distribution(model_dir, temperature, top_k, top_p, min_p=0.0, **loa
 
 def sample_counts(model_dir, params: SamplingParams, engine: Engine | None = None) -> torch.Tensor:
     """Counts of (x1, x2, x3) over params.n samples of PROMPT (a fresh engine unless given)."""
-    engine = engine or Engine.from_pretrained(model_dir)
+    engine = engine or Engine.from_pretrained(model_dir, config=EngineConfig(drafting="fixed"))
     outs = engine.generate([PROMPT], params)[0]
     counts = torch.zeros(VOCAB ** 3, dtype=torch.float64)
     for c in outs:
@@ -110,7 +111,7 @@ def test_mixed_below_weight_one_is_not_the_ar_distribution(model_dir):
 def test_lossless_rows_batched_with_rows_of_other_settings_keep_the_ar_distribution(model_dir):
     """The same chi-square for samples that share every forward with rows of other samplers,
     temperatures, top-k/top-p and lengths (per-row sampling tensors; admitted at other steps)."""
-    engine = Engine.from_pretrained(model_dir)
+    engine = Engine.from_pretrained(model_dir, config=EngineConfig(drafting="fixed"))
     others = [SamplingParams(sampler="mixed", mix_weight=0.3, max_tokens=6, n=300, seed=1),
               SamplingParams(sampler="ar", temperature=0.5, max_tokens=4, n=300, seed=2),
               SamplingParams(sampler="lossless", temperature=0.0, max_tokens=5, n=200, seed=3),
@@ -150,10 +151,10 @@ def test_coupled_drafts_accepted_by_the_residual_rule_are_detected(model_dir, mo
     towards q, and the test must see it."""
     gen = torch.Generator().manual_seed(0)
 
-    def residual_accept(drafts, target_logprobs, gumbel, num_drafts, greedy=False):
+    def residual_accept(drafts, target_probs, noise, num_drafts):
         B, m = drafts.shape
-        x = coupled_tokens(target_logprobs, gumbel, greedy)
-        p_d = target_logprobs[:, :m].gather(-1, drafts[..., None]).squeeze(-1).exp()
+        x = coupled_tokens(target_probs, noise)
+        p_d = target_probs[:, :m].gather(-1, drafts[..., None]).squeeze(-1)
         ok = (torch.rand(B, m, generator=gen, dtype=p_d.dtype) < p_d) & (torch.arange(m)[None] < num_drafts[:, None])
         accepted = ok.long().cumprod(dim=-1).sum(dim=-1)
         return accepted, x.gather(1, accepted[:, None]).squeeze(1)

@@ -185,14 +185,14 @@ def test_split_attention_is_refused_with_compile_on_the_cpu(engine):
 
 def test_greedy_tidar_equals_greedy_ar_whatever_the_shape_of_each_step(engine):
     ar = engine.generate(PROMPTS, SamplingParams(sampler="ar", temperature=0, max_tokens=30))
-    shuffled = random_levels(Engine(engine.model, engine.tidar), 0)
+    shuffled = random_levels(Engine(engine.model, engine.tidar, config=EngineConfig(drafting="fixed")), 0)
     for sampler in ("lossless", "mixed"):
         out = shuffled.generate(PROMPTS, SamplingParams(sampler=sampler, temperature=0, max_tokens=30))
         assert [[c.token_ids for c in g] for g in out] == [[c.token_ids for c in g] for g in ar]
 
 
 def test_lossless_keeps_the_ar_distribution_when_the_draft_shape_changes_between_steps(model_dir):  # noqa: F811
-    engine = random_levels(Engine.from_pretrained(model_dir), 1)
+    engine = random_levels(Engine.from_pretrained(model_dir, config=EngineConfig(drafting="fixed")), 1)
     counts = sample_counts(model_dir, SamplingParams(max_tokens=3, n=NUM_SAMPLES, seed=17), engine)
     assert sum(engine.last_stats.level_choices.values()) > 0 and len(engine.last_stats.level_choices) > 2
     p = chi_square_pvalue(counts, exact_ar_distribution(model_dir, 1.0, 0, 1.0))

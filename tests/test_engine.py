@@ -17,7 +17,8 @@ def tokens(outs):
 
 @pytest.mark.parametrize("block_size,levels", [(None, None), (None, (1, 3)), (6, None), (6, (1, 2, 5))])
 def test_greedy_tidar_equals_greedy_ar(tiny_dir, block_size, levels):
-    engine = Engine.from_pretrained(tiny_dir, block_size=block_size, levels=levels)
+    engine = Engine.from_pretrained(tiny_dir, block_size=block_size, levels=levels,
+                                    config=EngineConfig(drafting="fixed"))
     ar = tokens(engine.generate(PROMPTS, SamplingParams(sampler="ar", temperature=0, max_tokens=30)))
     for sampler in ("lossless", "mixed"):
         out = engine.generate(PROMPTS, SamplingParams(sampler=sampler, temperature=0, max_tokens=30, mix_weight=0.3))
@@ -126,7 +127,7 @@ def test_chunked_prefill_gives_the_same_samples(engine, max_prefill_tokens):
     sample exactly what a whole-prompt prefill samples."""
     params = SamplingParams(max_tokens=12, n=2, seed=7)
     whole = engine.generate(PROMPTS, params)
-    chunked = Engine(engine.model, engine.tidar, config=EngineConfig(max_prefill_tokens=max_prefill_tokens))
+    chunked = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="fixed", max_prefill_tokens=max_prefill_tokens))
     again = chunked.generate(PROMPTS, params)
     assert tokens(again) == tokens(whole)
     for a, b in zip(sum(whole, []), sum(again, [])):
@@ -164,7 +165,7 @@ def test_tokens_are_tagged_with_the_weight_version(engine):
 
 def test_acceptance_stats_count_only_drafted_positions(tiny_dir):
     # Levels (1, 3) with k = 4: after accepting 2 drafts the next step has only 2 valid drafts.
-    engine = Engine.from_pretrained(tiny_dir, levels=(1, 3))
+    engine = Engine.from_pretrained(tiny_dir, levels=(1, 3), config=EngineConfig(drafting="fixed"))
     engine.generate(PROMPTS * 3, SamplingParams(max_tokens=40, seed=2))
     s = engine.last_stats
     assert s.draft_attempts[0] >= s.draft_attempts[1] >= s.draft_attempts[2] > 0
@@ -177,7 +178,7 @@ def test_compiled_engine_samples_what_the_eager_engine_samples_with_a_filter(eng
     (`ar_step`: inputs, forward, sampling and slot update in one call) with a top-p filter,
     against eager: same tokens, log-probs within 1e-5. TiDAR steps, and AR and TiDAR steps
     taking turns: test_drafting."""
-    compiled = Engine(engine.model, engine.tidar, config=EngineConfig(compile=True))
+    compiled = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="fixed", compile=True))
     calls = []
     fused = compiled.runner.ar_step
     compiled.runner.ar_step = lambda *a: calls.append(1) or fused(*a)

@@ -14,6 +14,7 @@ httpx = pytest.importorskip("httpx")
 
 from service_helpers import CALL_TIMEOUT, ServiceRunner, request, wait_until  # noqa: E402
 
+from rollout.config import EngineConfig  # noqa: E402
 from rollout.service.serve import DEFAULT_MODEL, RolloutService, init_ray  # noqa: E402
 from rollout.v1 import rollout_pb2 as pb  # noqa: E402
 from rollout.train.tiny import make_tiny_model  # noqa: E402
@@ -55,7 +56,7 @@ def runner(ray_local, tmp_path_factory):
     model_dir = make_tiny_model(tmp_path_factory.mktemp("http"), "qwen2", vocab_size=16, block_size=4)
     write_char_tokenizer(model_dir)
     r = ServiceRunner(RolloutService(model_dir, replicas=1, port=0, metrics_port=0, http_port=0, name="http",
-                                     served_model_names=["tiny"]))
+                                     served_model_names=["tiny"], engine_config=EngineConfig(drafting="fixed")))
     r.wait_started()
     yield r
     r.stop()

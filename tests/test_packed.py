@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from rollout import Engine
+from rollout.config import EngineConfig
 from rollout.model.batch import SequenceBatch
 from rollout.train.tiny import make_tiny_model
 
@@ -21,7 +22,7 @@ def _model(tmp_path, name):
     model_type = "llama" if name.startswith("llama") else name.split("_")[0]
     path = make_tiny_model(tmp_path / name, model_type, vocab_size=64, hidden_size=64, num_heads=4,
                            num_kv_heads=2, **VARIANTS[name])
-    return Engine.from_pretrained(path)
+    return Engine.from_pretrained(path, config=EngineConfig(drafting="fixed"))
 
 
 def _logits(model, ids):
@@ -151,10 +152,9 @@ def test_compiled_steps_run_the_packed_path_yet_never_serve_a_replaced_parameter
     decode steps run the packed GEMMs, and once a parameter is replaced they run the plain path
     on the new parameter, as eager does."""
     from rollout import SamplingParams
-    from rollout.config import EngineConfig
 
     engine = _model(tmp_path, "llama_bias")
-    compiled = Engine(engine.model, engine.tidar, config=EngineConfig(compile=True))
+    compiled = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="fixed", compile=True))
     params = SamplingParams(sampler="ar", temperature=0.8, max_tokens=6, seed=4)
     prompts = [[3, 9, 2, 17], [40, 5]]
 

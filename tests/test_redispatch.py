@@ -32,7 +32,7 @@ ALPHA = 1e-4
 def engine(tmp_path_factory):
     model_dir = make_tiny_model(tmp_path_factory.mktemp("redispatch"), "qwen2", vocab_size=8, block_size=4,
                                 init_std=0.25, seed=3)
-    return Engine.from_pretrained(model_dir, config=EngineConfig(max_num_seqs=128))
+    return Engine.from_pretrained(model_dir, config=EngineConfig(drafting="fixed", max_num_seqs=128))
 
 
 def done(value):

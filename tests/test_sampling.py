@@ -5,8 +5,11 @@ import torch
 
 from rollout.sampling import (
     acceptance_probability,
+    _as_int32,
+    _mix32,
+    _mix32_wrapping,
     coupled_tokens,
-    gumbel_noise,
+    exponential_noise,
     mixed_logits,
     policy_distribution,
     process_logits,
@@ -193,57 +196,63 @@ def test_per_row_min_p_equals_each_rows_scalar_setting():
         torch.testing.assert_close(rows[b], process_logits(logits[b], 1.0, 0, 1.0, min_p=float(min_p[b])))
 
 
-def test_gumbel_noise_is_a_function_of_key_position_and_id_only():
+def test_race_noise_is_a_function_of_key_position_and_id_only():
     keys = torch.tensor([11, 12, 11])
     positions = torch.tensor([[5, 6, 7], [5, 6, 7], [7, 8, 9]])
-    g = gumbel_noise(keys, positions, 50)  # [3, 3, 50]
-    assert torch.equal(g[0, 2], g[2, 0])  # key 11 at position 7, whatever the row or column
-    assert torch.equal(gumbel_noise(keys[:1], positions[:1, 1:2], 50)[0, 0], g[0, 1])  # whatever else is drawn
-    assert torch.equal(gumbel_noise(keys, positions, 80)[..., :50], g)  # an id's noise does not depend on V
-    assert not torch.equal(g[0, 0], g[1, 0]) and not torch.equal(g[0, 0], g[0, 1])  # other key, other position
-    assert len(torch.unique(g[:2])) > 0.99 * g[:2].numel()
+    e = exponential_noise(keys, positions, 50)  # [3, 3, 50]
+    assert torch.equal(e[0, 2], e[2, 0])  # key 11 at position 7, whatever the row or column
+    assert torch.equal(exponential_noise(keys[:1], positions[:1, 1:2], 50)[0, 0], e[0, 1])  # whatever else is drawn
+    assert torch.equal(exponential_noise(keys, positions, 80)[..., :50], e)  # an id's noise does not depend on V
+    assert not torch.equal(e[0, 0], e[1, 0]) and not torch.equal(e[0, 0], e[0, 1])  # other key, other position
+    assert len(torch.unique(e[:2])) > 0.99 * e[:2].numel() and bool((e > 0).all())
 
 
-def test_gumbel_max_tokens_are_distributed_as_p():
-    """argmax(log p + g) over 200,000 positions of one key: frequencies within 5 standard errors
-    of p (fails by chance with probability < 1e-5 per id); ids with p = 0 never win."""
+def test_the_int32_vocabulary_hash_is_the_int64_one():
+    x = torch.cat((torch.randint(0, 1 << 32, (100_000,), generator=torch.Generator().manual_seed(8)),
+                   torch.tensor([0, 1, (1 << 31) - 1, 1 << 31, (1 << 32) - 1])))
+    assert torch.equal(_as_int32(_mix32(x)), _mix32_wrapping(_as_int32(x)))
+
+
+def test_race_winners_are_distributed_as_p():
+    """argmax(p / E) over 200,000 positions of one key: frequencies within 5 standard errors of
+    p (fails by chance with probability < 1e-5 per id); ids with p = 0 never win."""
     p = torch.tensor([0.4, 0.0, 0.25, 0.2, 0.1, 0.05, 0.0])
     N = 200_000
-    g = gumbel_noise(torch.tensor([3]), torch.arange(N)[None], V)[0]
-    freq = torch.bincount(coupled_tokens(p.log().expand(N, V), g, False), minlength=V).double() / N
+    e = exponential_noise(torch.tensor([3]), torch.arange(N)[None], V)[0]
+    freq = torch.bincount(coupled_tokens(p.expand(N, V), e), minlength=V).double() / N
     assert freq[1] == 0 and freq[6] == 0
     assert torch.all((freq - p).abs() <= 5 * (p * (1 - p) / N).sqrt() + 1e-12), freq
 
 
 def test_filtered_ids_never_win_and_greedy_rows_ignore_the_noise():
-    logprobs = process_logits(torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0, 0.5, 0.2]] * 2), 1.0, 2, 1.0, forbidden=(0,))
-    g = torch.zeros(2, V)
-    g[:, 0] = g[:, 3] = 1e6  # the largest noise on a forbidden and a top-k-filtered id
-    g[0, 2] = 1e3  # enough to beat id 1, the most likely
-    assert coupled_tokens(logprobs, g, torch.tensor([False, True])).tolist() == [2, 1]
-    assert coupled_tokens(logprobs, torch.zeros(2, V), True).tolist() == [1, 1]
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0, 0.5, 0.2]] * 2)
+    probs, _ = policy_distribution(logits, torch.tensor([1.0, 0.0]), 2, 1.0, forbidden=(0,))
+    noise = torch.ones(2, V)
+    noise[:, 0] = noise[:, 3] = 1e-30  # the most favourable noise on a forbidden and a top-k-filtered id
+    noise[:, 2] = 1e-3  # enough to beat id 1, the most likely
+    assert coupled_tokens(probs, noise).tolist() == [2, 1]
 
 
-def test_verify_coupled_accepts_exactly_the_leading_drafts_equal_to_the_gumbel_max_tokens():
+def test_verify_coupled_accepts_exactly_the_leading_drafts_equal_to_the_race_winners():
     gen = torch.Generator().manual_seed(6)
-    logprobs = torch.log_softmax(torch.randn(1, 5, V, generator=gen), -1)  # 4 draft positions + bonus
-    g = gumbel_noise(torch.tensor([9]), torch.arange(20, 25)[None], V)
-    x = coupled_tokens(logprobs, g, False)[0]  # [5]
+    probs = torch.softmax(torch.randn(1, 5, V, generator=gen), -1)  # 4 draft positions + bonus
+    e = exponential_noise(torch.tensor([9]), torch.arange(20, 25)[None], V)
+    x = coupled_tokens(probs, e)[0]  # [5]
     other = (x + 1) % V
     for drafts, num, accepted in (
             (x[:4], 4, 4),                                                       # all match: the bonus x_5 next
             (torch.cat((x[:2], other[2:3], x[3:4])), 4, 2),                      # a mismatch stops acceptance
             (x[:4], 3, 3),                                                       # past num_drafts nothing counts
             (other[:4], 4, 0)):
-        a, token = verify_coupled(drafts[None], logprobs, g, torch.tensor([num]))
+        a, token = verify_coupled(drafts[None], probs, e, torch.tensor([num]))
         assert int(a) == accepted and int(token) == int(x[accepted])
 
 
 def test_coupled_drafts_of_the_target_itself_are_always_accepted():
     """The coupling's point: a draft made with the same noise from q = p is the target's token."""
     gen = torch.Generator().manual_seed(7)
-    logprobs = torch.log_softmax(torch.randn(64, 4, V, generator=gen) * 2, -1)
-    g = gumbel_noise(torch.arange(64), torch.arange(4).expand(64, 4), V)
-    drafts = coupled_tokens(logprobs[:, :3], g[:, :3], False)
-    accepted, _ = verify_coupled(drafts, logprobs, g, torch.full((64,), 3))
+    probs = torch.softmax(torch.randn(64, 4, V, generator=gen) * 2, -1)
+    e = exponential_noise(torch.arange(64), torch.arange(4).expand(64, 4), V)
+    drafts = coupled_tokens(probs[:, :3], e[:, :3])
+    accepted, _ = verify_coupled(drafts, probs, e, torch.full((64,), 3))
     assert accepted.tolist() == [3] * 64

@@ -80,7 +80,7 @@ def test_lossless_equals_ar_token_for_token_under_auto_drafting(engine64):
         for context in (16, 64):
             auto.drafting.costs.observe(per_row > 1, rows, rows * per_row, context, 4e-3 + 2e-6 * rows * per_row)
     assert assert_lossless_equals_ar(auto, engine64, LONG_PROMPTS) > 1.1
-    assert len(auto.drafting.choices) > 2, auto.drafting.choices  # the step shapes varied
+    assert len(auto.drafting.choices) >= 2, auto.drafting.choices  # the step shapes varied
 
 
 def random_shapes(engine: Engine, seed: int, lookup: bool) -> Engine:
@@ -178,7 +178,7 @@ def test_after_a_keep_mode_swap_tokens_equal_ar_on_the_new_weights_from_the_same
 def test_the_service_returns_the_same_tokens_for_a_seeded_request_under_varying_load(make_replica, tiny_dir):
     """Two in-process replicas with the default settings (auto drafting, seed-stable): the same
     request sent to either, alone or while 0 to 12 other requests run, gives the same tokens."""
-    replicas = [make_replica(f"r{i}", dtype="float64") for i in range(2)]
+    replicas = [make_replica(f"r{i}", dtype="float64", engine_config=EngineConfig()) for i in range(2)]
     target = dict(max_tokens=24, n=2, seed=11)
 
     def records(replica, request_id, prompts, params):

@@ -13,6 +13,7 @@ ray = pytest.importorskip("ray")
 from service_helpers import CALL_TIMEOUT, ServiceRunner, request, wait_until  # noqa: E402
 
 from rollout import Engine, SamplingParams  # noqa: E402
+from rollout.config import EngineConfig  # noqa: E402
 from rollout.service.serve import RolloutService, init_ray  # noqa: E402
 from rollout.train.tiny import make_tiny_model  # noqa: E402
 from rollout.v1 import rollout_pb2 as pb  # noqa: E402
@@ -38,7 +39,8 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def runner(ray_local, model_dir):
-    r = ServiceRunner(RolloutService(model_dir, replicas=2, port=0, auth_token=TOKEN, metrics_port=0))
+    r = ServiceRunner(RolloutService(model_dir, replicas=2, port=0, auth_token=TOKEN, metrics_port=0,
+                                     engine_config=EngineConfig(drafting="fixed")))
     r.wait_started()
     yield r
     r.stop()
@@ -56,7 +58,7 @@ def running_requests(stub) -> int:
 
 
 def test_generate_returns_what_the_engine_returns(runner, model_dir):
-    engine = Engine.from_pretrained(model_dir)
+    engine = Engine.from_pretrained(model_dir, config=EngineConfig(drafting="fixed"))
     for sampler in ("lossless", "mixed", "ar"):
         direct = engine.generate(PROMPTS, SamplingParams(sampler=sampler, max_tokens=20, n=2, seed=3))
         resp = runner.stub().Generate(request(PROMPTS, "g1", sampler=sampler, max_tokens=20, n=2, seed=3),
@@ -79,7 +81,7 @@ def test_generate_returns_what_the_engine_returns(runner, model_dir):
 
 
 def test_generate_stream_returns_each_trajectory_once_matching_the_engine(runner, model_dir):
-    engine = Engine.from_pretrained(model_dir)
+    engine = Engine.from_pretrained(model_dir, config=EngineConfig(drafting="fixed"))
     direct = engine.generate(PROMPTS, SamplingParams(max_tokens=30, n=3, seed=4, stop_token_ids=(1,)))
     streamed = list(runner.stub().GenerateStream(request(PROMPTS, max_tokens=30, n=3, seed=4, stop_token_ids=[1]),
                                                  timeout=CALL_TIMEOUT))
@@ -257,7 +259,7 @@ def test_pushed_weights_are_served_and_a_restarted_replica_catches_up(runner, mo
     fresh_dir = tmp_path / "pushed"
     shutil.copytree(model_dir, fresh_dir)
     save_file({k: v.contiguous() for k, v in state.items()}, fresh_dir / "model.safetensors")
-    fresh = Engine.from_pretrained(fresh_dir)
+    fresh = Engine.from_pretrained(fresh_dir, config=EngineConfig(drafting="fixed"))
     expected = fresh.generate(PROMPTS, SamplingParams(max_tokens=16, n=2, seed=8))
     served_by = set()
     # Prompts have a home replica (router affinity): different one-prompt requests reach both.

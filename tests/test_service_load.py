@@ -16,7 +16,7 @@ from rollout.config import EngineConfig  # noqa: E402
 from rollout.service.serve import RolloutService, init_ray  # noqa: E402
 from rollout.train.tiny import make_tiny_model  # noqa: E402
 
-POOL = EngineConfig(max_num_seqs=4, max_model_len=200, max_sequences_per_request=8, max_waiting_sequences=8)
+POOL = EngineConfig(drafting="fixed", max_num_seqs=4, max_model_len=200, max_sequences_per_request=8, max_waiting_sequences=8)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ def _same(a, b):
 
 
 def _pair(model, tidar, device="cpu", **config):
-    base = dict(max_num_seqs=16, max_model_len=200, **config)
+    base = dict(max_num_seqs=16, max_model_len=200, **{"drafting": "fixed", **config})
     return (Engine(model, tidar, device, config=EngineConfig(**base)),
             Engine(model, tidar, device, config=EngineConfig(cuda_graphs=True, **base)))
 

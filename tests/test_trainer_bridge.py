@@ -12,6 +12,7 @@ ray = pytest.importorskip("ray")
 from service_helpers import CALL_TIMEOUT, ServiceRunner  # noqa: E402
 
 from rollout import Engine, SamplingParams  # noqa: E402
+from rollout.config import EngineConfig  # noqa: E402
 from rollout.service.serve import RolloutService, init_ray  # noqa: E402
 from rollout.train.tiny import make_tiny_model  # noqa: E402
 from rollout.wire import weight_chunks  # noqa: E402
@@ -38,7 +39,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(model_dir):
     init_ray(num_cpus=6, include_dashboard=False, log_to_driver=False, namespace="test-bridge")
-    runner = ServiceRunner(RolloutService(model_dir, replicas=2, port=0, auth_token=TOKEN, name="bridge"))
+    runner = ServiceRunner(RolloutService(model_dir, replicas=2, port=0, auth_token=TOKEN, name="bridge",
+                                          engine_config=EngineConfig(drafting="fixed")))
     runner.wait_started()
     yield runner
     runner.stop()
@@ -62,7 +64,7 @@ def engine_with(model_dir, state, tmp_path) -> Engine:
     d = tmp_path / "fresh"
     shutil.copytree(model_dir, d, dirs_exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, d / "model.safetensors")
-    return Engine.from_pretrained(d)
+    return Engine.from_pretrained(d, config=EngineConfig(drafting="fixed"))
 
 
 def tokens(groups):
@@ -194,7 +196,7 @@ def test_client_returns_top_alternatives_and_min_p_applies(client):
 
 
 def test_cotrain_loss_trains_the_drafts_toward_the_policy(model_dir):
-    engine = Engine.from_pretrained(model_dir)
+    engine = Engine.from_pretrained(model_dir, config=EngineConfig(drafting="fixed"))
     model, tidar = engine.model, engine.tidar
     model.train()
     x = torch.tensor([[2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3, 2]])

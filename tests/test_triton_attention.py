@@ -90,8 +90,8 @@ def test_the_triton_path_equals_the_dense_oracle_on_decode_steps(heads, kv_heads
 
 
 def test_the_engine_samples_the_same_with_triton_attention(engine):
-    fused = Engine(engine.model, engine.tidar, config=EngineConfig(attention="triton", max_prefill_tokens=3))
-    dense = Engine(engine.model, engine.tidar, config=EngineConfig(max_prefill_tokens=3))
+    fused = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="fixed", attention="triton", max_prefill_tokens=3))
+    dense = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="fixed", max_prefill_tokens=3))
     for sampler, temperature in (("lossless", 1.0), ("ar", 0.0)):
         params = SamplingParams(sampler=sampler, temperature=temperature, max_tokens=8, n=2, seed=4)
         a, b = fused.generate(PROMPTS, params), dense.generate(PROMPTS, params)

@@ -10,6 +10,7 @@ from conftest import PROMPTS
 from service_helpers import wait_until
 
 from rollout import Engine
+from rollout.config import EngineConfig
 from rollout.sampling import process_logits
 from rollout.service.messages import Finished, Stale, Started
 from rollout.service.weights import WeightMismatchError
@@ -90,7 +91,7 @@ def test_abort_mode_returns_partial_trajectories_then_swaps(replica):
 
 
 def test_keep_mode_continues_on_new_weights_with_exact_logprobs(replica, tiny_dir):
-    old = Engine.from_pretrained(tiny_dir)
+    old = Engine.from_pretrained(tiny_dir, config=EngineConfig(drafting="fixed"))
     replica.stage_weights(1, perturbed(replica.engine, 0))
     gen = run(replica)
     release = pause(replica)

@@ -14,6 +14,7 @@ from safetensors.torch import save, save_file
 from service_helpers import wait_until
 
 from rollout import Engine, SamplingParams
+from rollout.config import EngineConfig
 from rollout.service.messages import Finished, Started
 from rollout.service.servicer import model_weight_shapes
 from rollout.service.updates import read_bucket
@@ -167,7 +168,7 @@ def test_update_from_a_sharded_directory_serves_those_weights(replica, tiny_dir,
         if f.suffix != ".safetensors":
             (reference_dir / f.name).write_bytes(f.read_bytes())
     save_file(state, reference_dir / "model.safetensors")
-    assert served(replica) == generations(Engine.from_pretrained(reference_dir))
+    assert served(replica) == generations(Engine.from_pretrained(reference_dir, config=EngineConfig(drafting="fixed")))
 
 
 def test_update_from_a_missing_path_is_refused_naming_it(replica, tmp_path):
@@ -195,7 +196,7 @@ def test_a_checkpoint_missing_weights_is_refused_naming_them(replica, tmp_path):
 
 
 def test_reset_stages_the_weights_the_replica_started_with(replica, tiny_dir):
-    base = generations(Engine.from_pretrained(tiny_dir))
+    base = generations(Engine.from_pretrained(tiny_dir, config=EngineConfig(drafting="fixed")))
     replica.stage_weights(1, perturbed(replica.engine, 3))
     replica.commit_weights(1)
     assert served(replica, "pushed") != base
@@ -330,7 +331,7 @@ def test_at_most_two_updates_are_open(expected):
 ])
 def test_strict_dtype_policy_takes_the_served_dtype_or_wider(tiny_dir, pushed, served, ok):
     from rollout.service.weights import stage_weights
-    engine = Engine.from_pretrained(tiny_dir, dtype=served)
+    engine = Engine.from_pretrained(tiny_dir, dtype=served, config=EngineConfig(drafting="fixed"))
     tensors = {k: v.to(pushed) for k, v in perturbed(engine, 3).items()}
     if ok:
         staged = stage_weights(engine.model, 1, tensors, "cpu")
@@ -367,7 +368,7 @@ def test_engine_loads_a_half_precision_checkpoint_in_its_declared_dtype(tmp_path
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     hf.save_pretrained(tmp_path / "bf16")
     (tmp_path / "bf16" / "tidar_config.json").write_text((path / "tidar_config.json").read_text())
-    engine = Engine.from_pretrained(tmp_path / "bf16")
+    engine = Engine.from_pretrained(tmp_path / "bf16", config=EngineConfig(drafting="fixed"))
     assert engine.dtype == torch.bfloat16
     assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
     assert engine.runner.cache.k.dtype == torch.bfloat16

@@ -15,6 +15,7 @@ from safetensors.torch import save, save_file  # noqa: E402
 from service_helpers import CALL_TIMEOUT, ServiceRunner, request, wait_until  # noqa: E402
 
 from rollout import Engine, SamplingParams  # noqa: E402
+from rollout.config import EngineConfig  # noqa: E402
 from rollout.service.serve import DEFAULT_MODEL, RolloutService, init_ray  # noqa: E402
 from rollout.v1 import rollout_pb2 as pb  # noqa: E402
 from rollout.wire import trajectory_arrays  # noqa: E402
@@ -31,7 +32,7 @@ LONG = dict(prompts=[[2 + i, 3] for i in range(4)], max_tokens=160, n=2, seed=0)
 def runner():
     init_ray(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="test-weight-updates")
     r = ServiceRunner(RolloutService(DEFAULT_MODEL, replicas=1, port=0, auth_token=TOKEN, metrics_port=0,
-                                     http_port=0, name="weights"))
+                                     http_port=0, name="weights", engine_config=EngineConfig(drafting="fixed")))
     r.wait_started()
     yield r
     r.stop()
@@ -63,7 +64,7 @@ def expected_with(state: dict[str, torch.Tensor], tmp_path) -> list[list[int]]:
     model_dir = tmp_path / "reference"
     shutil.copytree(DEFAULT_MODEL, model_dir)
     save_file({k: v.contiguous() for k, v in state.items()}, model_dir / "model.safetensors")
-    groups = Engine.from_pretrained(model_dir).generate(PROMPTS, SamplingParams(**SAMPLING))
+    groups = Engine.from_pretrained(model_dir, config=EngineConfig(drafting="fixed")).generate(PROMPTS, SamplingParams(**SAMPLING))
     return [c.token_ids for row in groups for c in row]
 
 

@@ -61,7 +61,7 @@ def hf(zaya_dir):
 
 @pytest.fixture(scope="module")
 def engine(zaya_dir):
-    return Engine.from_pretrained(zaya_dir)
+    return Engine.from_pretrained(zaya_dir, config=EngineConfig(drafting="fixed"))
 
 
 def hf_logits(hf, ids, mask=None):
@@ -165,7 +165,7 @@ def test_logprobs_match_teacher_forced_hf(engine, hf, sampler):
 def test_chunked_prefill_and_shared_prefill_give_the_same_samples(engine):
     params = SamplingParams(max_tokens=10, n=3, seed=7)
     whole = engine.generate(PROMPTS, params)
-    chunked = Engine(engine.model, engine.tidar, config=EngineConfig(max_prefill_tokens=2))
+    chunked = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="fixed", max_prefill_tokens=2))
     assert tokens(chunked.generate(PROMPTS, params)) == tokens(whole)
 
 
@@ -219,7 +219,8 @@ def test_tidar_step_tokens_read_their_own_paths(engine, hf):
 
 @pytest.mark.parametrize("block_size,levels", [(None, None), (None, (1, 3)), (3, (1, 2))])
 def test_greedy_tidar_equals_greedy_ar(zaya_dir, block_size, levels):
-    engine = Engine.from_pretrained(zaya_dir, block_size=block_size, levels=levels)
+    engine = Engine.from_pretrained(zaya_dir, block_size=block_size, levels=levels,
+                                    config=EngineConfig(drafting="fixed"))
     ar = tokens(engine.generate(PROMPTS, SamplingParams(sampler="ar", temperature=0, max_tokens=20)))
     out = engine.generate(PROMPTS, SamplingParams(sampler="lossless", temperature=0, max_tokens=20))
     assert tokens(out) == ar

@@ -27,7 +27,7 @@ Design decisions:
   continues from (chosen after verification), not every mask token.
 - Randomness: `sampling.counter_uniforms` of (row key, position, purpose), on the device, one
   call per step for every decision the step can make; for seed-stable rows, `sampling.
-  gumbel_noise` of (row key, position, id), one call per step over the positions the step
+  exponential_noise` of (row key, position, id), one call per step over the positions the step
   verifies (L+1..L+k) and may draft next (up to L+k+b-1): the same noise decides the verified
   token and the draft for a position, so drafts never change which tokens a seed gives.
 """
@@ -42,7 +42,7 @@ from ..model.decoder import Decoder
 from ..model.kv_cache import KVCache, state_widths
 from ..model.triton_attention import triton_unavailable_reason
 from ..params import SamplingParams
-from ..sampling import (ACCEPT, DRAFT, RESAMPLE, RowSampling, counter_uniforms, gumbel_noise,
+from ..sampling import (ACCEPT, DRAFT, RESAMPLE, RowSampling, counter_uniforms, exponential_noise,
                         mixed_logits, verify_coupled, verify_drafts)
 from ..step_layout import DecodeLayout, ar_layout, decode_layout, prefill_layout
 from .drafting import DraftShape
@@ -243,13 +243,13 @@ class ModelRunner:
         keys = self._tensor([s.key for s in seqs])
         start = self._tensor([len(s.prompt) for s in seqs])  # position of the first generated token
         # One draw for the step: the first token at `start` (RESAMPLE), drafts after it (DRAFT);
-        # for coupled rows the Gumbel noise of the same positions (of `start` only without drafts).
+        # for coupled rows the race noise of the same positions (of `start` only without drafts).
         positions = start[:, None] + torch.arange(K if block else 1, device=self.device)
         u = counter_uniforms(keys, start[:, None] + torch.arange(K, device=self.device),
                              torch.tensor([RESAMPLE] + [DRAFT] * (K - 1), device=self.device))
-        g = gumbel_noise(keys, positions, self.draft_logits.shape[-1]) if rows.coupled is not None else None
+        g = exponential_noise(keys, positions, self.draft_logits.shape[-1]) if rows.coupled is not None else None
         probs, logprobs = rows.policy(self.model.logits(hidden[src_t, last]))  # [R, V]
-        first = rows.sample(probs, logprobs, u[:, 0], None if g is None else g[:, 0])
+        first = rows.sample(probs, u[:, 0], None if g is None else g[:, 0])
         first_lp = logprobs.gather(-1, first[:, None]).squeeze(-1)
 
         R = len(seqs)
@@ -465,12 +465,12 @@ class ModelRunner:
         return out
 
 
-def draw(logits: torch.Tensor, rows: RowSampling, u: torch.Tensor, gumbel: torch.Tensor | None = None
+def draw(logits: torch.Tensor, rows: RowSampling, u: torch.Tensor | None, noise: torch.Tensor | None = None
          ) -> torch.Tensor:
     """logits [B, m, V] -> draft tokens [B, m] drawn from the processed distribution q: by
-    inverse CDF with u [B, m], or for coupled rows argmax(log q + gumbel) (gumbel [B, m, V])."""
-    q, q_logprobs = rows.policy(logits)
-    return rows.sample(q, q_logprobs, u, gumbel)
+    inverse CDF with u [B, m], or for coupled rows argmax(q / noise) (noise [B, m, V])."""
+    q, _ = rows.policy(logits)
+    return rows.sample(q, u, noise)
 
 
 def ar_sample(model: Decoder, hidden: torch.Tensor, rows: RowSampling, keys: torch.Tensor, positions: torch.Tensor,
@@ -478,12 +478,12 @@ def ar_sample(model: Decoder, hidden: torch.Tensor, rows: RowSampling, keys: tor
     """The sampling half of an AR step: hidden [B, H] -> (token [B], its log-prob [B], the
     policy's log-probs [B, V]). The token is drawn from p with the RESAMPLE uniform at L+1
     (`positions` [B, 1], `purposes` [1]), or for coupled rows as argmax(log p + g) with the
-    Gumbel noise at L+1: exactly what verification with no valid drafts draws. A pure tensor
+    race noise at L+1: exactly what verification with no valid drafts draws. A pure tensor
     function, so `compile=True` can run it through torch.compile."""
     p, logprobs = rows.policy(model.logits(hidden))  # [B, V]
     u = counter_uniforms(keys, positions, purposes)[:, 0] if rows.any_residual else None
-    g = gumbel_noise(keys, positions, logprobs.shape[-1])[:, 0] if rows.coupled is not None else None
-    token = rows.sample(p, logprobs, u, g)
+    g = exponential_noise(keys, positions, logprobs.shape[-1])[:, 0] if rows.coupled is not None else None
+    token = rows.sample(p, u, g)
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1), logprobs
 
 
@@ -602,10 +602,9 @@ def tidar_sample(model: Decoder, hidden: torch.Tensor, drafts: torch.Tensor, dra
     if rows.coupled is not None:
         # The noise of L+1..L+k (verified) and on to L+k+b-1 (the furthest next draft);
         # positions[:, :1] is L+1, the first ACCEPT uniform's position.
-        g = gumbel_noise(keys, positions[:, :1] + torch.arange(k + max(b - 1, 0), device=dev),
-                         p_logprobs.shape[-1])  # [B, k + b - 1, V]
-        coupled_accepted, coupled_next = verify_coupled(drafts[:, 1:], target_logprobs, g[:, :k], num_valid - 1,
-                                                        rows.temperature == 0)
+        g = exponential_noise(keys, positions[:, :1] + torch.arange(k + max(b - 1, 0), device=dev),
+                              p_logprobs.shape[-1])  # [B, k + b - 1, V]
+        coupled_accepted, coupled_next = verify_coupled(drafts[:, 1:], target, g[:, :k], num_valid - 1)
         if rows.any_residual:
             accepted = torch.where(rows.coupled, coupled_accepted, accepted)
             next_token = torch.where(rows.coupled, coupled_next, next_token)

@@ -1,20 +1,21 @@
 """What seed-stable sampling's vocabulary-wide noise costs per decode step, on this device.
 
-A seed-stable step draws Gumbel noise g(key, position, v) for every id v at the positions it
-verifies and may draft next (`sampling.gumbel_noise`: k + b - 1 positions per row for draft
-length k and pre-draft block b) and takes argmax(log p + g) there (`sampling.coupled_tokens`).
+A seed-stable step draws race noise E(key, position, v) ~ Exp(1) for every id v at the positions
+it verifies and may draft next (`sampling.exponential_noise`: k + b - 1 positions per row for
+draft length k and pre-draft block b) and takes argmax(p / E) = argmax(log p + g), g = -log E
+Gumbel, there (`sampling.coupled_tokens`).
 The residual rule instead draws a few uniforms per position and samples by inverse CDF
 (`sampling.counter_uniforms` + `sample_from`: a cumsum and a search over the vocabulary).
 For each vocabulary size, batch and position count, this times (median of --repeats):
-    noise     gumbel_noise alone                        [B, m, V]
-    coupled   gumbel_noise + coupled_tokens             (what a seed-stable step adds)
+    noise     exponential_noise alone                   [B, m, V]
+    coupled   exponential_noise + coupled_tokens        (what a seed-stable step does)
     residual  counter_uniforms + sample_from            (what the residual rule does instead)
     lm_head   the LM head matmul for the same rows      (hidden --hidden, for scale)
-and, with --compile, `coupled` through torch.compile (hash, logs, add and argmax fused into one
-kernel that never stores the noise: how it is run on a GPU).
+and, with --compile, `coupled` through torch.compile (hash, log, division and argmax fused into
+one kernel that never stores the noise: how it is run on a GPU).
 
-    python benchmarks/gumbel_cost.py                       # vocab 4097 and 151936
-    python benchmarks/gumbel_cost.py --compile --device cuda
+    python benchmarks/race_noise.py                       # vocab 4097 and 151936
+    python benchmarks/race_noise.py --compile --device cuda
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 
 import torch
 
-from rollout.sampling import counter_uniforms, coupled_tokens, gumbel_noise, sample_from
+from rollout.sampling import counter_uniforms, coupled_tokens, exponential_noise, sample_from
 
 
 def timed(fn, repeats: int, device: str) -> float:
@@ -42,8 +43,8 @@ def timed(fn, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def coupled_step(keys, positions, logprobs):
-    return coupled_tokens(logprobs, gumbel_noise(keys, positions, logprobs.shape[-1]), False)
+def coupled_step(keys, positions, probs):
+    return coupled_tokens(probs, exponential_noise(keys, positions, probs.shape[-1]))
 
 
 def residual_step(keys, positions, probs):
@@ -82,14 +83,13 @@ def main():
                 keys = torch.randint(0, 1 << 62, (B,), generator=gen).to(dev)
                 positions = (torch.arange(m)[None] + torch.randint(0, 900, (B, 1), generator=gen)).to(dev)
                 hidden = torch.randn(B, m, args.hidden, generator=gen).to(dev)
-                logprobs = torch.log_softmax(hidden @ head.T, -1)
-                probs = logprobs.exp()
-                row = [timed(lambda: gumbel_noise(keys, positions, V), args.repeats, dev),
-                       timed(lambda: coupled_step(keys, positions, logprobs), args.repeats, dev),
+                probs = torch.softmax(hidden @ head.T, -1)
+                row = [timed(lambda: exponential_noise(keys, positions, V), args.repeats, dev),
+                       timed(lambda: coupled_step(keys, positions, probs), args.repeats, dev),
                        timed(lambda: residual_step(keys, positions, probs), args.repeats, dev),
                        timed(lambda: hidden @ head.T, args.repeats, dev)]
                 if compiled:
-                    row.append(timed(lambda: compiled(keys, positions, logprobs), args.repeats, dev))
+                    row.append(timed(lambda: compiled(keys, positions, probs), args.repeats, dev))
                 print(f"| {V} | {B} | {m} | " + " | ".join(f"{t * 1e3:.2f}" for t in row) + " |", flush=True)
 
 
