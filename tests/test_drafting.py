@@ -193,7 +193,7 @@ def test_greedy_tidar_equals_greedy_ar_whatever_the_shape_of_each_step(engine):
 
 def test_lossless_keeps_the_ar_distribution_when_the_draft_shape_changes_between_steps(model_dir):  # noqa: F811
     engine = random_levels(Engine.from_pretrained(model_dir, config=EngineConfig(drafting="fixed")), 1)
-    counts = sample_counts(model_dir, SamplingParams(max_tokens=3, n=NUM_SAMPLES, seed=17), engine)
+    counts = sample_counts(model_dir, SamplingParams(max_tokens=3, n=NUM_SAMPLES, seed=17, seed_stable=False), engine)
     assert sum(engine.last_stats.level_choices.values()) > 0 and len(engine.last_stats.level_choices) > 2
     p = chi_square_pvalue(counts, exact_ar_distribution(model_dir, 1.0, 0, 1.0))
     assert p > ALPHA, f"samples under changing draft shapes differ from AR (chi-square p = {p:.2e})"
