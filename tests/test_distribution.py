@@ -141,7 +141,7 @@ def test_seed_stable_lossless_matches_ar_distribution(model_dir, sampler, temper
                             max_tokens=3, n=NUM_SAMPLES, seed=seed, seed_stable=True)
     p = chi_square_pvalue(sample_counts(model_dir, params),
                           exact_ar_distribution(model_dir, temperature, top_k, top_p, min_p))
-    assert p > ALPHA, f"seed-stable samples differ from AR (chi-square p = {p:.2e}; a correct sampler fails w.p. {ALPHA})"
+    assert p > ALPHA, f"seed-stable samples differ from AR (chi-square p = {p:.2e}; a correct one fails w.p. {ALPHA})"
 
 
 def test_coupled_drafts_accepted_by_the_residual_rule_are_detected(model_dir, monkeypatch):
