@@ -21,6 +21,7 @@ from rollout import Engine, SamplingParams, UnsupportedModelError
     (dict(mix_weight=1.2), r"mix_weight must be in \[0, 1\]"),
     (dict(mix_weight=-0.1), r"mix_weight must be in \[0, 1\]"),
     (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
+    (dict(seed_stable="yes"), "seed_stable must be true or false"),
 ])
 def test_bad_sampling_params_raise_naming_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -174,3 +174,13 @@ def test_the_servers_chunk_parser_reads_what_protobuf_reads_and_refuses_malforme
     for bad in (frames[0][:-1], b"\x0a\xff", b"\x0b", b"\x0a" + b"\xff" * 11):
         with pytest.raises(ValueError, match="weight chunk"):
             parse_chunk(bad)
+
+
+def test_sampling_params_round_trip_through_the_proto_and_seed_stable_defaults_to_true():
+    from rollout import SamplingParams
+    from rollout.wire import params_from_proto, params_to_proto
+
+    for params in (SamplingParams(seed=3, top_k=5, min_p=0.1, logprobs=2),
+                   SamplingParams(sampler="ar", temperature=0.5, seed_stable=False)):
+        assert params_from_proto(params_to_proto(params)) == params
+    assert params_from_proto(pb.SamplingParams(max_tokens=8)).seed_stable is True  # an older client's request
