@@ -180,7 +180,7 @@ def test_sampling_params_round_trip_through_the_proto_and_seed_stable_defaults_t
     from rollout import SamplingParams
     from rollout.wire import params_from_proto, params_to_proto
 
-    for params in (SamplingParams(seed=3, top_k=5, min_p=0.1, logprobs=2),
+    for params in (SamplingParams(seed=3, top_k=5, min_p=0.25, logprobs=2),  # float32 fields: exact values
                    SamplingParams(sampler="ar", temperature=0.5, seed_stable=False)):
         assert params_from_proto(params_to_proto(params)) == params
     assert params_from_proto(pb.SamplingParams(max_tokens=8)).seed_stable is True  # an older client's request
