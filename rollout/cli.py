@@ -25,6 +25,7 @@ DEFAULT_PROMPTS = ["import os\n\ndef ", "class Config:\n    def __init__(self", 
 
 def _generate(args: argparse.Namespace) -> int:
     from . import Engine, SamplingParams
+    from .config import EngineConfig
     from .tokenizer import TextTokenizer
 
     model_dir = args.model
@@ -37,7 +38,7 @@ def _generate(args: argparse.Namespace) -> int:
             print(f"no embedded model found; using a random tiny model at {model_dir}")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     engine = Engine.from_pretrained(model_dir, device=args.device, dtype=dtype,
-                                    block_size=args.block_size)
+                                    block_size=args.block_size, config=EngineConfig(drafting=args.drafting))
     tokenizer = TextTokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None
     if args.prompt_ids:
         prompts = [[int(t) for t in p.split(",")] for p in args.prompt_ids]
@@ -54,7 +55,7 @@ def _generate(args: argparse.Namespace) -> int:
     for sampler in args.samplers.split(","):
         params = SamplingParams(sampler=sampler, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 max_tokens=args.max_tokens, n=args.n, seed=args.seed, mix_weight=args.mix_weight,
-                                stop_token_ids=stop)
+                                stop_token_ids=stop, seed_stable=not args.residual)
         t0 = time.perf_counter()
         outs = engine.generate(prompts, params)
         seconds = time.perf_counter() - t0
@@ -86,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
     g.add_argument("--top-p", type=float, default=1.0, help="1 disables top-p")
     g.add_argument("--mix-weight", type=float, default=0.5, help="w of the mixed sampler (1 = lossless)")
+    g.add_argument("--residual", action="store_true",
+                   help="verify by the residual rule min(1, p/q) instead of the seed-stable coupling (the default)")
+    g.add_argument("--drafting", choices=["fixed", "auto"], default="fixed",
+                   help="fixed (every step drafts all levels: shows acceptance; the default here) or auto "
+                        "(cost-aware, the library default: on a CPU mostly AR steps)")
     g.add_argument("--seed", type=int, default=0, help="seed of the whole call")
     g.add_argument("--block-size", type=int, default=None, help="override the model's TiDAR block length")
     g.add_argument("--stop-at-eos", action="store_true", help="stop a sample at the model's EOS token")
