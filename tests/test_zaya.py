@@ -419,15 +419,15 @@ def test_weight_push_round_trip_with_expert_tensors_and_router_buffers(zaya_dir,
     assert (engine.forward_logits([ids])[0] - hf_logits(other, ids)).abs().max().item() <= 1e-4
     c = engine.generate([ids], SamplingParams(max_tokens=4, seed=0))[0][0]
     assert c.policy_versions == [1] * 4
-    engine.load_weights(stage_weights(engine.model, 2, read_weights_from_disk(zaya_dir, engine.model), "cpu").tensors, 2)
+    from_disk = read_weights_from_disk(zaya_dir, engine.model)
+    engine.load_weights(stage_weights(engine.model, 2, from_disk, "cpu").tensors, 2)
     assert (engine.forward_logits([ids])[0] - before).abs().max().item() <= 1e-5
     experts_only = {k: v for k, v in other.state_dict().items() if ".mlp.experts." in k or "balancing" in k}
     engine.load_weights(stage_weights(engine.model, 3, experts_only, "cpu", partial=True).tensors, 3)
-    served = engine.model.state_dict()
-    assert torch.equal(served["model.layers.1.mlp.experts.down_proj"], other.state_dict()["model.layers.1.mlp.experts.down_proj"])
-    assert torch.equal(served["model.layers.1.mlp.gate.balancing_biases"],
-                       other.state_dict()["model.layers.1.mlp.gate.balancing_biases"])
-    assert not torch.equal(served["model.embed_tokens.weight"], other.state_dict()["model.embed_tokens.weight"])
+    served, pushed = engine.model.state_dict(), other.state_dict()
+    for name in ("model.layers.1.mlp.experts.down_proj", "model.layers.1.mlp.gate.balancing_biases"):
+        assert torch.equal(served[name], pushed[name])
+    assert not torch.equal(served["model.embed_tokens.weight"], pushed["model.embed_tokens.weight"])
 
 
 def test_rollout_serve_runs_a_zaya_model(zaya_dir, tmp_path):
