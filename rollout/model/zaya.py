@@ -18,8 +18,9 @@ Design decisions:
 - The convolutions run on each token's window of P+1 inputs (HF's decode-time computation),
   so a whole sequence, a chunk, a decode step and a TiDAR step share one code path.
 - The router state carried from layer to layer is per token (no mixing over the sequence),
-  so it needs no pool state. Experts run grouped: tokens sorted by expert once per layer, one
-  matmul pair per expert that has tokens; the skip expert computes nothing.
+  so it needs no pool state. Experts are the shared MoE block's (`moe.Experts`,
+  `moe.grouped_experts`: sorted by expert once per layer, grouped GEMMs or one matmul pair per
+  expert that has tokens) over the tokens routed to a real expert; the skip expert computes nothing.
 - fp32 residual stream as HF (`residual_in_fp32`); router softmax in the model dtype, the
   balancing biases added in fp32, as HF.
 - Sliding-window (`hybrid_sliding`) layers attend through the dense path with the window as
@@ -40,6 +41,7 @@ from .attention import attend, attend_sequence
 from .batch import SequenceBatch, StepBatch
 from .kv_cache import KVCache
 from .layers import Packed, RMSNorm, lay_out, packed_ready
+from .moe import Experts, grouped_experts
 from .rope import apply_rotary, rotary_cos_sin
 
 LAYER_TYPES = ("hybrid", "hybrid_sliding")
@@ -391,37 +393,6 @@ class Router(nn.Module):
         return expert[:, 0], probs.gather(-1, expert)[:, 0], h
 
 
-class Experts(nn.Module):
-    """SwiGLU experts stored as HF's 3-D tensors: gate_up_proj [E, 2I, hidden], down_proj [E, hidden, I]."""
-
-    def __init__(self, cfg: ZayaConfig):
-        super().__init__()
-        E, I, Hd = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, Hd))
-        self.down_proj = nn.Parameter(torch.empty(E, Hd, I))
-
-    def forward(self, x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x [N, hidden], expert [N] (E: skip), weight [N] -> [N, hidden]. Tokens sorted by
-        expert once; one matmul pair per expert that has tokens (their counts are read on the
-        host: one sync per layer)."""
-        E = self.gate_up_proj.shape[0]
-        order = torch.argsort(expert, stable=True)
-        counts = torch.bincount(expert, minlength=E + 1).tolist()
-        xs, ws = x[order], weight[order]
-        out = torch.zeros_like(x)
-        parts, start = [], 0
-        for e, n in enumerate(counts[:E]):
-            if n:
-                h = xs[start:start + n]
-                gate, up = F.linear(h, self.gate_up_proj[e]).chunk(2, dim=-1)
-                parts.append(F.linear(F.silu(gate) * up, self.down_proj[e]) * ws[start:start + n, None])
-            start += n
-        if parts:  # the skip expert's tokens, sorted last, stay zero
-            routed = order[:start]
-            out[routed] = torch.cat(parts).to(out.dtype)
-        return out
-
-
 class SparseMoeBlock(nn.Module):
     def __init__(self, cfg: ZayaConfig, layer: int):
         super().__init__()
@@ -432,7 +403,19 @@ class SparseMoeBlock(nn.Module):
         B, T, Hd = x.shape
         flat = x.reshape(B * T, Hd)
         expert, weight, state = self.gate(flat, None if state is None else state.reshape(B * T, -1))
-        return self.experts(flat, expert, weight).view(B, T, Hd), state.view(B, T, -1)
+        return self.routed(flat, expert, weight).view(B, T, Hd), state.view(B, T, -1)
+
+    def routed(self, x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [N, hidden], expert [N] (num_experts: the skip expert), weight [N] -> [N, hidden]:
+        the shared MoE block's grouped experts (`moe.grouped_experts`, top-1) over the tokens
+        routed to a real expert; the skip expert's tokens stay zero (their rows are picked on the
+        host: one sync per layer)."""
+        routed = (expert < self.experts.gate_up_proj.shape[0]).nonzero().squeeze(1)
+        out = torch.zeros_like(x)
+        if routed.numel():
+            out[routed] = grouped_experts(x[routed], weight[routed, None], expert[routed, None],
+                                          self.experts.gate_up_proj, self.experts.down_proj).to(out.dtype)
+        return out
 
 
 class ResidualScaling(nn.Module):
