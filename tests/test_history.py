@@ -19,6 +19,7 @@ from test_distribution import (  # noqa: F401 - the model_dir fixture
     model_dir,
     sample_counts,
 )
+from test_lookup import counting_lookups
 
 from conftest import PROMPTS
 
@@ -164,17 +165,6 @@ def random_sources(engine, seed):
     return engine
 
 
-def counting_history(engine):
-    """Counts the rows that were given history drafts."""
-    store, seen = engine.runner._store_lookup, {"rows": 0}
-
-    def counted(seqs, length, drafts):
-        seen["rows"] += sum(1 for d in drafts if d)
-        store(seqs, length, drafts)
-    engine.runner._store_lookup = counted
-    return seen
-
-
 HISTORY_ONLY = EngineConfig(drafting="auto", lookup_drafts=False)
 
 
@@ -186,7 +176,7 @@ def earlier_epoch(engine):
 def test_lossless_keeps_the_ar_distribution_when_it_verifies_history_drafts(model_dir):  # noqa: F811
     engine = random_sources(Engine.from_pretrained(model_dir, config=HISTORY_ONLY), 5)
     earlier_epoch(engine)
-    seen = counting_history(engine)
+    seen = counting_lookups(engine)  # history drafts are stored as lookup drafts are
     counts = sample_counts(model_dir, SamplingParams(max_tokens=3, n=NUM_SAMPLES, seed=29, seed_stable=False), engine)
     assert seen["rows"] > NUM_SAMPLES // 4  # history drafts were verified often
     stats = engine.last_stats.draft_sources

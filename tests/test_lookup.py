@@ -132,7 +132,7 @@ LOOKUP_ONLY = EngineConfig(drafting="auto", history_mib=0)  # lookup drafts, no 
 
 
 def counting_lookups(engine):
-    """Counts the rows that were given lookup drafts."""
+    """Counts the rows that were given point-mass drafts (lookup or history: one store path)."""
     store, seen = engine.runner._store_lookup, {"rows": 0}
 
     def counted(seqs, length, lookup):
