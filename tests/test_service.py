@@ -174,6 +174,38 @@ def test_metrics_endpoints_export_the_counters(runner):
         assert name in replica
 
 
+def test_status_shows_each_draft_sources_row_steps_and_acceptance(runner, model_dir):
+    """GetStatus counts a request's decode row-steps by draft source exactly as the engine's own
+    stats do (same request, same seed: the same steps), per replica and summed."""
+    def counts(sources):
+        return {name: (v.row_steps, v.drafts_offered, v.drafts_accepted) for name, v in sources.items()}
+
+    stub = runner.stub()
+    before = stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT)
+    stub.Generate(request(PROMPTS, sampler="lossless", max_tokens=20, n=2, seed=5), timeout=CALL_TIMEOUT)
+    engine = Engine.from_pretrained(model_dir, config=EngineConfig(drafting="fixed"))
+    engine.generate(PROMPTS, SamplingParams(sampler="lossless", max_tokens=20, n=2, seed=5))
+    expected = {name: tuple(v) for name, v in engine.last_stats.draft_sources.items()}
+    assert expected.get("model", (0, 0, 0))[1] > 0  # the model's drafts were verified
+
+    def delta(now, then):
+        old = counts(then)
+        return {name: tuple(x - y for x, y in zip(v, old.get(name, (0, 0, 0)))) for name, v in counts(now).items()
+                if v != old.get(name)}
+    # An idle replica publishes its status snapshot within a second of its last step.
+    def counted():
+        st = stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT)
+        return st if delta(st.draft_sources, before.draft_sources) == expected else None
+    after = wait_until(counted, timeout=30, what="GetStatus counting the request's row-steps")
+    grew = [delta(a.draft_sources, b.draft_sources) for a, b in zip(after.replicas, before.replicas)]
+    assert sorted(grew, key=len) == [{}, expected]  # one replica ran the request
+    total = sum(v.row_steps for v in after.draft_sources.values())
+    for name, v in after.draft_sources.items():
+        assert v.share == pytest.approx(v.row_steps / total, abs=1e-4)
+        assert v.acceptance == pytest.approx(v.drafts_accepted / v.drafts_offered if v.drafts_offered else 0.0,
+                                             abs=1e-4)
+
+
 def test_full_queue_is_resource_exhausted(ray_local, model_dir):
     r = ServiceRunner(RolloutService(model_dir, replicas=1, port=0, max_queue=1, name="queue"))
     r.wait_started()

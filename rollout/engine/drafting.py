@@ -575,10 +575,12 @@ def count_source(table: dict[str, list[int]], source: str, offered: int, accepte
 
 def source_summary(sources: dict[str, list[int]]) -> dict[str, dict[str, float]]:
     """Per draft source ("model", "history", "lookup", "none"): its share of decode row-steps,
-    the share of its offered drafts accepted, and tokens it committed per row-step."""
+    the share of its offered drafts accepted, tokens it committed per row-step, and the raw
+    counts (row_steps, offered, accepted: summaries of several engines add up from them)."""
     total = sum(s for s, _, _ in sources.values()) or 1
     return {name: dict(share=round(steps / total, 4), acceptance=round(acc / offered, 4) if offered else 0.0,
-                       tokens_per_step=round((steps + acc) / steps, 4) if steps else 0.0)
+                       tokens_per_step=round((steps + acc) / steps, 4) if steps else 0.0,
+                       row_steps=steps, offered=offered, accepted=acc)
             for name, (steps, offered, acc) in sorted(sources.items())}
 
 

@@ -35,6 +35,7 @@ from ..v1 import rollout_pb2 as pb
 from ..v1 import rollout_pb2_grpc as pb_grpc
 from ..wire import WeightAssembler, chunk_update_id, params_from_proto, parse_chunk, parse_dtype, record_to_trajectory
 from .metrics import FrontendMetrics
+from ..engine.drafting import source_summary
 from ..engine.engine import LoadError, check_request_size
 from ..model.loader import build_decoder
 from .messages import RequestDone, Started, Tokens
@@ -367,6 +368,11 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             for i, (n, a) in enumerate(zip(r.get("draft_attempts", []), r.get("draft_accepts", []))):
                 attempts[i] += n
                 accepts[i] += a
+        sources: dict[str, list[int]] = {}
+        for r in replicas:
+            for name, v in r.get("draft_sources", {}).items():
+                total = sources.setdefault(name, [0, 0, 0])
+                sources[name] = [x + y for x, y in zip(total, (v["row_steps"], v["offered"], v["accepted"]))]
         return pb.StatusResponse(
             model=self.model_name, weight_version=self.router.version,
             replicas=[pb.ReplicaStatus(name=r["name"], node_id=r.get("node_id", ""), ready=r.get("ready", False),
@@ -379,7 +385,9 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                                        free_slots=r.get("free_slots", 0),
                                        running_sequences=r.get("running_sequences", 0),
                                        waiting_sequences=r.get("waiting_sequences", 0),
-                                       catching_up=r.get("catching_up", False), host_id=r.get("host_id", "")) for r in replicas],
+                                       catching_up=r.get("catching_up", False), host_id=r.get("host_id", ""),
+                                       draft_sources=draft_source_messages(r.get("draft_sources", {})))
+                      for r in replicas],
             queue_depth=self.router.waiting,
             running_requests=sum(r.running for r in self.router.replicas) - self.router.waiting,
             tokens_per_forward=tokens / forwards if forwards else 0.0,
@@ -387,13 +395,19 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             block_size=self.tidar.block_size, levels=list(self.tidar.level_set),
             weight_source=self.router.weight_source, paused=self.router.paused,
             open_weight_updates=len(self.updates.open), weight_fingerprint=fingerprint, weight_dtype=dtype,
-            family=self.config.family)
+            family=self.config.family, draft_sources=draft_source_messages(source_summary(sources)))
 
     def _authorized(self, context) -> bool:
         if self.auth_token is None:
             return False  # mutating RPCs are refused when the server was started without a token
         return bearer_matches([v for k, v in context.invocation_metadata() if k == "authorization"],
                               self.auth_token)
+
+
+def draft_source_messages(summary: dict[str, dict]) -> dict[str, pb.DraftSource]:
+    """`drafting.source_summary` rows as GetStatus's DraftSource messages."""
+    return {name: pb.DraftSource(row_steps=v["row_steps"], drafts_offered=v["offered"], drafts_accepted=v["accepted"],
+                                 share=v["share"], acceptance=v["acceptance"]) for name, v in summary.items()}
 
 
 MAX_GROUP_ID = 256  # characters of a request's group_id (it is echoed in every trajectory)
