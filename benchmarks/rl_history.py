@@ -13,8 +13,10 @@ loss) and loads the new weights into the engines, all sharing one model:
 - with --timed, also "calibrated" (lossless + auto drafting, this CPU's step costs, its own
   history) and our AR on the same prompts and seed, interleaved: wall time of each.
 The policy's mean entropy over the completion tokens is computed from the trainer's forward.
-A PNG plots tokens per forward, tokens per row-step by draft source and entropy over the steps
-(needs matplotlib).
+A PNG plots tokens per forward, tokens per row-step by draft source and entropy over the steps,
+and each source's acceptance against the policy's entropy (needs matplotlib). With --json the
+rows are written after every step, so a run stopped early still gives its table;
+`--plot-from rows.json --png out.png` redraws the PNG from such a file.
 """
 
 from __future__ import annotations
@@ -68,7 +70,15 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
     p.add_argument("--png", type=Path)
+    p.add_argument("--plot-from", type=Path, help="only draw --png from the rows of this --json file")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
+    if args.plot_from:
+        history = json.loads(args.plot_from.read_text())["steps"]
+        plot(history, args.png)
+        return history
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     base = Engine.from_pretrained(args.model)
     model, tidar = base.model, base.tidar
@@ -83,6 +93,7 @@ def main(argv=None) -> list[dict]:
         engines["ar"] = Engine(model, tidar, config=EngineConfig(drafting="auto", history_mib=0))
     rng, history = random.Random(args.seed), []
     for step in range(args.steps):
+        started = time.perf_counter()
         prompts = rng.sample(pool, args.prompts_per_step)
         seconds = {}
         order = ["flat", "calibrated", "ar"] if step % 2 else ["flat", "ar", "calibrated"]
@@ -120,23 +131,42 @@ def main(argv=None) -> list[dict]:
             engine.load_weights(staged.tensors if first else {}, step + 1)
             first = False
         sources = source_summary(stats.draft_sources)
+        # The flat engine's learned acceptance by draft position, per class and point-mass kind
+        # ("lossless@1+history/aligned"): what its policy expects of each source now.
+        estimates = engines["flat"].drafting.status()["acceptance"]
         row = dict(step=step, reward=rewards.mean().item(), entropy=entropy.item(),
-                   tokens_per_forward=stats.tokens_per_forward, sources=sources,
-                   seconds={k: round(v, 3) for k, v in seconds.items()})
+                   tokens_per_forward=stats.tokens_per_forward, sources=sources, acceptance_estimates=estimates,
+                   seconds={k: round(v, 3) for k, v in seconds.items()},
+                   step_seconds=round(time.perf_counter() - started, 3))
         history.append(row)
         print(json.dumps(row), flush=True)
-    last = history[-10:]
-    summary = dict(tokens_per_forward_last10=sum(r["tokens_per_forward"] for r in last) / len(last))
-    if args.timed:
-        summary["calibrated_over_ar_time_last10"] = (sum(r["seconds"]["calibrated"] for r in last)
-                                                     / sum(r["seconds"]["ar"] for r in last))
+        if args.json:  # after every step: a run stopped early still gives its table
+            write_json(args, history)
+    summary = write_json(args, history) if args.json else summarize(history, args.timed)
     print(json.dumps(summary))
-    if args.json:
-        args.json.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, steps=history,
-                                             summary=summary), indent=1))
     if args.png:
         plot(history, args.png)
     return history
+
+
+def summarize(history: list[dict], timed: bool) -> dict:
+    last = history[-10:]
+    summary = dict(steps=len(history), tokens_per_forward_last10=sum(r["tokens_per_forward"] for r in last) / len(last))
+    if timed:
+        summary["calibrated_over_ar_time_last10"] = (sum(r["seconds"]["calibrated"] for r in last)
+                                                     / sum(r["seconds"]["ar"] for r in last))
+        summary["calibrated_over_ar_time_all"] = (sum(r["seconds"]["calibrated"] for r in history)
+                                                  / sum(r["seconds"]["ar"] for r in history))
+    return summary
+
+
+def write_json(args, history: list[dict]) -> dict:
+    summary = summarize(history, args.timed)
+    tmp = args.json.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, steps=history,
+                                   summary=summary), indent=1))
+    tmp.replace(args.json)
+    return summary
 
 
 def plot(history: list[dict], path: Path) -> None:
@@ -145,21 +175,33 @@ def plot(history: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in history]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, acc) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(width_ratios=[3, 2]))
     ax.plot(steps, [r["tokens_per_forward"] for r in history], "k-", label="tokens / forward (flat cost model)")
-    for source, style in (("history", "g--"), ("model", "b--"), ("lookup", "m--")):
-        ax.plot(steps, [r["sources"].get(source, {}).get("tokens_per_step", float("nan")) for r in history], style,
-                label=f"{source} drafts: tokens per row-step")
+    styles = (("history", "g"), ("model", "b"), ("lookup", "m"))
+    for source, color in styles:
+        ax.plot(steps, [r["sources"].get(source, {}).get("tokens_per_step", float("nan")) for r in history],
+                color + "--", label=f"{source} drafts: tokens per row-step")
+        ax.plot(steps, [r["sources"].get(source, {}).get("share", 0.0) for r in history], color + ":",
+                label=f"{source} share of row-steps")
     ax.set_xlabel("GRPO step")
-    ax.set_ylabel("tokens per forward / per row-step")
+    ax.set_ylabel("tokens per forward / row-step; share")
     right = ax.twinx()
     right.plot(steps, [r["entropy"] for r in history], "r-", label="policy entropy (nats)")
     right.set_ylabel("entropy (nats)")
     lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
-    ax.legend(lines, labels, fontsize=7, loc="upper left")
+    ax.legend(lines, labels, fontsize=6, loc="upper left")
+    for source, color in styles:  # each step one point: that step's acceptance of the source's drafts
+        pts = [(r["entropy"], r["sources"][source]["acceptance"]) for r in history
+               if r["sources"].get(source, {}).get("offered", 1) > 0 and source in r["sources"]]
+        if pts:
+            acc.scatter(*zip(*pts), s=12, c=color, label=source)
+    acc.set_xlabel("policy entropy (nats)")
+    acc.set_ylabel("acceptance of offered drafts")
+    acc.set_title("acceptance vs entropy, by source", fontsize=9)
+    acc.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
 
 
 if __name__ == "__main__":
