@@ -14,8 +14,11 @@ The passes of each path (before: what the paths did until issue 27; now: what th
 - broadcast: the position-weighted checksum as it was computed (every byte widened to int64),
   XXH3-64 (what a gloo broadcast now checks), and `tensor_checksum` now (column sums; what an
   NCCL broadcast checks on the GPU), on each side.
-- shared memory now: the trainer's write of a sealed memfd (pwrite + XXH3-64), the replica's
-  mapping, XXH3-64, finite check, and the copy into the model.
+- the commit into the replica's model as the engine lays it out on the CPU (input-major): torch's
+  `copy_` (before) and `transpose.copy_weight` (now); the finite check on the bits (now).
+- shared memory now: the trainer's first write (a new memfd) and a rewrite of the kept one
+  (copy + XXH3-64 by 1 MiB chunks), the replica's mapping, its fused XXH3-64 + finite check,
+  and the commit copy.
 `--threads` sets torch's threads (a Ray replica actor runs with 1).
 """
 
@@ -33,7 +36,9 @@ from shapes import SHAPES, hf_config
 
 from rollout.config import ModelConfig
 from rollout.model.decoder import Decoder
-from rollout.service.shared_weights import SharedSegment, check_digests, host_id, map_segment, segment_tensors
+from rollout.model.transpose import copy_weight
+from rollout.service.shared_weights import SharedSegment, check_segment, host_id, map_segment, segment_tensors
+from rollout.service.weights import all_finite
 from rollout.v1 import rollout_pb2 as pb
 from rollout.wire import WeightAssembler, pack_tensors, parse_chunk, tensor_checksum, tensor_digest, weight_frames
 
@@ -87,14 +92,25 @@ def main() -> None:
     timed("broadcast now (gloo): XXH3-64 (one side)", lambda: [tensor_digest(t) for t in state.values()])
     timed("broadcast now (NCCL, timed here on the CPU): tensor_checksum by columns",
           lambda: [tensor_checksum(t) for t in state.values()])
+    # the commit: the replica's engine keeps linear weights input-major on the CPU (layers.lay_out)
+    replica = Decoder(ModelConfig.from_hf_dict(hf_config(args.shape))).to(torch.bfloat16)
+    replica = replica.pack_projections(input_major=True)
+    model_params = {k: v.detach() for k, v in replica.state_dict().items()}
+    timed("commit into the input-major model: Tensor.copy_ (before)",
+          lambda: [model_params[k].copy_(v) for k, v in state.items()])
+    timed("commit into the input-major model: copy_weight (tiled transpose)",
+          lambda: [copy_weight(model_params[k], v) for k, v in state.items()])
+    timed("finite check on the bits (weights.all_finite)", lambda: [all_finite(t) for t in state.values()])
     # shared memory
-    segment = timed("shared: trainer writes the sealed memfd (pwrite + XXH3-64)",
+    segment = timed("shared: trainer's first push (new memfd, fresh pages; copy + XXH3-64 by 1 MiB)",
                     lambda: SharedSegment(list(state.items())))
+    timed("shared: trainer's next push (the kept segment rewritten)", lambda: segment.write(list(state.items())))
     data = timed("shared: replica maps it", lambda: map_segment(os.getpid(), segment.fd, segment.size, host_id()))
-    timed("shared: replica XXH3-64", lambda: check_digests(data, segment.entries))
+    timed("shared: replica XXH3-64 + finite check by 1 MiB (check_segment)", lambda: check_segment(data, segment.entries))
     views = segment_tensors(data, segment.entries)
-    timed("shared: replica finite check (aminmax)", lambda: [torch.aminmax(t) for t in views.values()])
-    timed("shared: commit copy into the model", lambda: [params[k].copy_(v) for k, v in views.items()])
+    timed("shared: commit copy into the input-major model (copy_weight)",
+          lambda: [copy_weight(model_params[k], v) for k, v in views.items()])
+    del views, data
     segment.close()
 
 

@@ -241,7 +241,7 @@ def _memfd_mappings() -> int:
 
 
 def test_a_trainer_killed_mid_push_leaves_no_segment_and_the_old_version_serving(replica, tmp_path):
-    """Same-host push: the trainer (another process) writes a sealed memfd, the replica maps and
+    """Same-host push: the trainer (another process) writes a memfd, the replica maps and
     stages it, the trainer is killed before the commit: nothing is left in /dev/shm, the mapping
     goes with the discarded staging, and the replica serves version 0 as before; a push naming
     the dead trainer's segment is refused."""
@@ -282,30 +282,50 @@ def test_a_trainer_killed_mid_push_leaves_no_segment_and_the_old_version_serving
     assert [r["token_ids"].tolist() for r in after] == before_out
 
 
-def test_a_shared_segment_is_sealed_and_its_bytes_are_checked(replica):
-    """The replica stages views of the segment only after every tensor's XXH3-64 matched, and
-    commits exactly those bytes; an unsealed file is refused (its bytes could change later)."""
+def test_a_shared_segment_is_checked_whole_and_rewritten_in_place_for_the_next_push(replica):
+    """The replica stages views of the segment only after every tensor's XXH3-64 matched and its
+    values are finite, and commits exactly those bytes; the trainer then writes the next push
+    into the same file. A file that can change size is refused (a mapping of it could fault)."""
     import os
 
     from rollout.service.shared_weights import SharedSegment, SharedSegmentError, host_id
+    from rollout.service.weights import WeightMismatchError
     state = perturbed(replica.engine, 4)
     with SharedSegment(list(state.items())) as seg:
-        with pytest.raises(PermissionError):  # sealed: not even the trainer can change it now
-            os.write(seg.fd, b"x")
+        with pytest.raises(PermissionError):  # sealed against resizing: not even the trainer can
+            os.ftruncate(seg.fd, seg.size // 2)
         bad = list(seg.entries)
         bad[1] = type(bad[1])(**dict(bad[1].__dict__, xxh3=bad[1].xxh3 ^ 1))
         with pytest.raises(ValueError, match=f"tensor {bad[1].name}: checksum mismatch"):
             replica.stage_shared(1, os.getpid(), seg.fd, seg.size, bad, host_id())
         assert replica._staged is None
         replica.stage_shared(1, os.getpid(), seg.fd, seg.size, seg.entries, host_id())
-    assert replica.commit_weights(1) == 1  # the trainer closed its fd; the replica's mapping is enough
-    served = replica.engine.model.state_dict()
-    assert all(torch.equal(served[k], v) for k, v in state.items())
+        assert replica.commit_weights(1) == 1
+        served = replica.engine.model.state_dict()
+        assert all(torch.equal(served[k], v) for k, v in state.items())
+        assert _memfd_mappings() == 1  # the trainer's own mapping; the replica dropped its own
+
+        fd, nxt = seg.fd, perturbed(replica.engine, 5)
+        last = list(nxt)[-1]
+        nxt[last] = nxt[last].contiguous().clone()
+        nxt[last].view(-1)[-1] = float("inf")  # in the last chunk of the last tensor
+        assert seg.fits(list(nxt.items()))
+        seg.write(list(nxt.items()))
+        with pytest.raises(WeightMismatchError, match=f"{last}: contains NaN or Inf"):
+            replica.stage_shared(2, os.getpid(), seg.fd, seg.size, seg.entries, host_id())
+        nxt[last].view(-1)[-1] = 0.5
+        seg.write(list(nxt.items()))
+        assert seg.fd == fd  # the same file, rewritten
+        replica.stage_shared(2, os.getpid(), seg.fd, seg.size, seg.entries, host_id())
+        assert replica.commit_weights(2) == 2
+        served = replica.engine.model.state_dict()
+        assert all(torch.equal(served[k], v) for k, v in nxt.items())
+        assert not seg.fits(list(nxt.items())[1:])
     assert _memfd_mappings() == 0
     fd = os.memfd_create("rollout-weights")
     try:
         os.ftruncate(fd, 64)
-        with pytest.raises(SharedSegmentError, match="not a sealed memfd"):
-            replica.stage_shared(2, os.getpid(), fd, 64, [], host_id())
+        with pytest.raises(SharedSegmentError, match="not a memfd sealed against resizing"):
+            replica.stage_shared(3, os.getpid(), fd, 64, [], host_id())
     finally:
         os.close(fd)

@@ -1,10 +1,11 @@
 """WeightSync: push a trainer's weights to every replica as a new policy version.
 
 Transports:
-- "shared" (same host): the tensors are written once into a sealed shared-memory file (a memfd,
-  `rollout.service.shared_weights`), and only the manifest (names, dtypes, shapes, offsets,
-  XXH3-64 checksums) goes over gRPC (UpdateWeightsShared); every replica maps the file and
-  copies from it. Needs every replica on this host, in this pid namespace.
+- "shared" (same host): the tensors are written once into a shared-memory file (a memfd,
+  `rollout.service.shared_weights`, kept and rewritten push after push: `close()` frees it),
+  and only the manifest (names, dtypes, shapes, offsets, XXH3-64 checksums) goes over gRPC
+  (UpdateWeightsShared); every replica maps the file, checks it and copies from it at the
+  commit. Needs every replica on this host, in this pid namespace.
 - "grpc" (anywhere): the tensors stream over UpdateWeights in chunks of `chunk_bytes`
   (msgpack framing, XXH3-64 per tensor), serialised without protobuf message objects.
 - "broadcast": a torch.distributed group between this process (rank 0) and the replicas
@@ -99,7 +100,7 @@ class WeightSync:
     def __init__(self, client: RolloutClient, transport: str = "auto", *, chunk_bytes: int = WEIGHT_CHUNK_BYTES,
                  timeout: float = 600.0, master_address: str | None = None, master_port: int | None = None,
                  backend: str = "", restart_retry_seconds: float = RESTART_RETRY_SECONDS,
-                 bucket_bytes: int = BROADCAST_BUCKET_BYTES):
+                 bucket_bytes: int = BROADCAST_BUCKET_BYTES, reuse_segment: bool = True):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         if client.token is None:
@@ -112,6 +113,9 @@ class WeightSync:
         self.bucket_bytes = bucket_bytes  # broadcast buckets
         self.chosen_transport = None if transport == "auto" else transport
         self._group = None
+        # The same-host segment, kept for the next push (fresh pages cost more than the copy);
+        # reuse_segment=False frees it after each push (a model-sized host allocation less).
+        self.reuse_segment, self._segment = reuse_segment, None
         self._update_weights_raw = client.channel.stream_unary(
             "/rollout.v1.RolloutService/UpdateWeights", request_serializer=None,
             response_deserializer=pb.UpdateWeightsResponse.FromString)  # takes weight_frames' bytes as they are
@@ -274,15 +278,36 @@ class WeightSync:
         self._group_backend = resp.backend
 
     def _push_shared(self, items: list[tuple[str, torch.Tensor]], mode: str):
-        """Writes the tensors into a sealed memfd, sends the manifest, closes the memfd whatever
-        happens (the replicas drop their mappings at commit or discard)."""
-        with SharedSegment(items) as segment:
-            request = pb.SharedWeightsRequest(
-                pid=os.getpid(), fd=segment.fd, size=segment.size, mode=mode, host_id=host_id(),
-                tensors=[pb.SharedTensor(name=e.name, dtype=e.dtype, shape=list(e.shape), offset=e.offset,
-                                         nbytes=e.nbytes, xxh3=e.xxh3) for e in segment.entries])
+        """Writes the tensors into this WeightSync's memfd (kept from push to push while the
+        layout stays the same; see shared_weights.py) and sends the manifest. A push whose RPC
+        failed abandons the segment: a replica may still be reading it, so it is never written again."""
+        segment = self._segment
+        if segment is not None and segment.fits(items):
+            segment.write(items)
+        else:
+            self.close()
+            segment = SharedSegment(items)
+            if self.reuse_segment:
+                self._segment = segment
+        request = pb.SharedWeightsRequest(
+            pid=os.getpid(), fd=segment.fd, size=segment.size, mode=mode, host_id=host_id(),
+            tensors=[pb.SharedTensor(name=e.name, dtype=e.dtype, shape=list(e.shape), offset=e.offset,
+                                     nbytes=e.nbytes, xxh3=e.xxh3) for e in segment.entries])
+        try:
             return self.client.stub.UpdateWeightsShared(request, timeout=self.timeout,
                                                         metadata=self.client.auth_metadata)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            if segment is not self._segment:
+                segment.close()
+
+    def close(self) -> None:
+        """Frees the shared-memory segment kept between pushes (it also goes with this process)."""
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
 
     def _push_broadcast(self, items: list[tuple[str, torch.Tensor]], mode: str):
         self._ensure_group()

@@ -35,6 +35,7 @@ from ..config import DEFAULT_MAX_NUM_SEQS, EngineConfig, ModelConfig, TidarConfi
 from ..model.decoder import Decoder
 from ..model.kv_cache import KVCache, state_widths
 from ..model.loader import declared_dtype, load_decoder, read_model_config
+from ..model.transpose import copy_weight
 from ..params import Completion, SamplingParams, validate_prompts
 from ..sampling import row_key
 from .drafting import DraftPolicy, DraftShape, count_source, draft_source, level_label
@@ -388,7 +389,7 @@ class Engine:
         params = self.model.state_dict()
         with torch.no_grad():
             for name, t in tensors.items():
-                params[name].copy_(t)
+                copy_weight(params[name], t)  # input-major weights: a tiled transpose, not copy_'s element loop
         self.weight_version = version
         with torch.inference_mode():
             if self.scheduler.running:

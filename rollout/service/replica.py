@@ -56,7 +56,7 @@ from ..wire import checksum, completion_to_record, dtype_name, unpack_tensors, w
 from ..params import Completion
 from .messages import Failed, Finished, RequestDone, Stale, Started, Tokens
 from .metrics import ReplicaMetrics
-from .shared_weights import SharedEntry, check_digests, host_id, map_segment, segment_tensors
+from .shared_weights import SharedEntry, check_segment, host_id, map_segment, segment_tensors
 from .weight_group import bucket_layout, make_weight_group, pipelined_broadcast
 from .weights import (StagedWeights, WeightMismatchError, check_swap_mode, read_weights_from_disk,
                       stage_weights)
@@ -518,9 +518,10 @@ class GeneratorReplica:
     # ------------------------------------------------------------------ same-host transport
     def stage_shared(self, version: int, pid: int, fd: int, size: int, entries: list[SharedEntry],
                      trainer_host: str) -> int:
-        """Maps the trainer's sealed shared-memory segment (see shared_weights.py), checks every
-        tensor's XXH3-64, and stages views of it: the commit copies them into the model, then the
-        mapping goes with the staged version (as it does when the push is discarded)."""
+        """Maps the trainer's shared-memory segment (see shared_weights.py), checks every tensor's
+        XXH3-64 and finite values in one read, and stages views of it: the commit copies them into
+        the model, then the mapping goes with the staged version (as it does when the push is
+        discarded). The trainer does not write the segment until the push's RPC has returned."""
         self._staged = None
         try:
             self._staged = self._stage_segment(version, pid, fd, size, entries, trainer_host)
@@ -533,9 +534,10 @@ class GeneratorReplica:
     def _stage_segment(self, version: int, pid: int, fd: int, size: int, entries: list[SharedEntry],
                        trainer_host: str) -> StagedWeights:
         data = map_segment(pid, fd, size, trainer_host)
-        check_digests(data, entries)
+        check_segment(data, entries)
+        # owned: nothing writes the segment before the commit has copied it (the ownership rule)
         return stage_weights(self.engine.model, version, segment_tensors(data, entries), self.device,
-                             dtype_policy=self.weight_dtype_policy, owned=True)  # sealed: cannot change
+                             dtype_policy=self.weight_dtype_policy, owned=True, finite=True)
 
     def load_weights(self, version: int, tensors: dict[str, torch.Tensor]) -> int:
         """Stage + commit in one call (a restarted replica catching up to the current version)."""

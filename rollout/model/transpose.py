@@ -1,0 +1,114 @@
+"""Copying a row-major tensor into an input-major weight (`layers.lay_out`) at memory speed.
+
+A weight push ends with a copy of every new tensor into the model. On the CPU the engine keeps
+its linear weights input-major (stored transposed), and PyTorch's `copy_` between the two
+layouts moves one element at a time: 0.15-1.4 GB/s here against 5-10 GB/s for a plain copy,
+0.15 GB/s for a Qwen2.5-0.5B embedding (1.8 s of a 1 GB push; `benchmarks/RESULTS.md`, "Weight
+sync at memory speed, second pass"). `copy_weight` transposes 2- and 4-byte elements in 8x8 /
+4x4 tiles held in SSE2 registers (x86-64's baseline, AMD's included) through a small C kernel,
+compiled once per machine with the system C compiler into `~/.cache/rollout` (or
+$ROLLOUT_CACHE_DIR) and loaded with ctypes. Elsewhere (no compiler, another architecture, other
+dtypes or layouts) it is `Tensor.copy_`: the same values, only slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+#include <stddef.h>
+#include <stdint.h>
+#include <emmintrin.h>
+#define LD(p) _mm_loadu_si128((const __m128i *)(p))
+#define ST(p, v) _mm_storeu_si128((__m128i *)(p), (v))
+#define BLOCK 64
+/* 8x8 tile of 2-byte elements: rows of s (stride ss) become rows of d (stride ds). */
+static void tile2(const uint16_t *s, size_t ss, uint16_t *d, size_t ds) {
+  __m128i a0 = _mm_unpacklo_epi16(LD(s), LD(s + ss)), a1 = _mm_unpackhi_epi16(LD(s), LD(s + ss));
+  __m128i a2 = _mm_unpacklo_epi16(LD(s + 2 * ss), LD(s + 3 * ss)), a3 = _mm_unpackhi_epi16(LD(s + 2 * ss), LD(s + 3 * ss));
+  __m128i a4 = _mm_unpacklo_epi16(LD(s + 4 * ss), LD(s + 5 * ss)), a5 = _mm_unpackhi_epi16(LD(s + 4 * ss), LD(s + 5 * ss));
+  __m128i a6 = _mm_unpacklo_epi16(LD(s + 6 * ss), LD(s + 7 * ss)), a7 = _mm_unpackhi_epi16(LD(s + 6 * ss), LD(s + 7 * ss));
+  __m128i b0 = _mm_unpacklo_epi32(a0, a2), b1 = _mm_unpackhi_epi32(a0, a2);
+  __m128i b2 = _mm_unpacklo_epi32(a1, a3), b3 = _mm_unpackhi_epi32(a1, a3);
+  __m128i b4 = _mm_unpacklo_epi32(a4, a6), b5 = _mm_unpackhi_epi32(a4, a6);
+  __m128i b6 = _mm_unpacklo_epi32(a5, a7), b7 = _mm_unpackhi_epi32(a5, a7);
+  ST(d, _mm_unpacklo_epi64(b0, b4)); ST(d + ds, _mm_unpackhi_epi64(b0, b4));
+  ST(d + 2 * ds, _mm_unpacklo_epi64(b1, b5)); ST(d + 3 * ds, _mm_unpackhi_epi64(b1, b5));
+  ST(d + 4 * ds, _mm_unpacklo_epi64(b2, b6)); ST(d + 5 * ds, _mm_unpackhi_epi64(b2, b6));
+  ST(d + 6 * ds, _mm_unpacklo_epi64(b3, b7)); ST(d + 7 * ds, _mm_unpackhi_epi64(b3, b7));
+}
+/* 4x4 tile of 4-byte elements. */
+static void tile4(const uint32_t *s, size_t ss, uint32_t *d, size_t ds) {
+  __m128i a0 = _mm_unpacklo_epi32(LD(s), LD(s + ss)), a1 = _mm_unpackhi_epi32(LD(s), LD(s + ss));
+  __m128i a2 = _mm_unpacklo_epi32(LD(s + 2 * ss), LD(s + 3 * ss)), a3 = _mm_unpackhi_epi32(LD(s + 2 * ss), LD(s + 3 * ss));
+  ST(d, _mm_unpacklo_epi64(a0, a2)); ST(d + ds, _mm_unpackhi_epi64(a0, a2));
+  ST(d + 2 * ds, _mm_unpacklo_epi64(a1, a3)); ST(d + 3 * ds, _mm_unpackhi_epi64(a1, a3));
+}
+#define TRANSPOSE(NAME, T, TILE, N)                                                          \
+  void NAME(const T *src, T *dst, size_t rows, size_t cols) {                               \
+    for (size_t i0 = 0; i0 < rows; i0 += BLOCK)                                             \
+      for (size_t j0 = 0; j0 < cols; j0 += BLOCK) {                                         \
+        size_t i1 = i0 + BLOCK < rows ? i0 + BLOCK : rows, j1 = j0 + BLOCK < cols ? j0 + BLOCK : cols; \
+        size_t i = i0;                                                                      \
+        for (; i + N <= i1; i += N) {                                                       \
+          size_t j = j0;                                                                    \
+          for (; j + N <= j1; j += N) TILE(src + i * cols + j, cols, dst + j * rows + i, rows); \
+          for (; j < j1; j++)                                                               \
+            for (size_t k = i; k < i + N; k++) dst[j * rows + k] = src[k * cols + j];       \
+        }                                                                                   \
+        for (; i < i1; i++)                                                                 \
+          for (size_t j = j0; j < j1; j++) dst[j * rows + i] = src[i * cols + j];           \
+      }                                                                                     \
+  }
+TRANSPOSE(transpose2, uint16_t, tile2, 8)
+TRANSPOSE(transpose4, uint32_t, tile4, 4)
+"""
+
+
+@lru_cache(maxsize=1)
+def _kernels() -> dict[int, object] | None:
+    """{itemsize: kernel}, compiled on first use; None where it cannot be (logged once)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    root = Path(os.environ.get("ROLLOUT_CACHE_DIR", Path.home() / ".cache" / "rollout"))
+    lib = root / f"transpose-{hashlib.sha256(SOURCE.encode()).hexdigest()[:16]}.so"
+    try:
+        if not lib.exists():
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=root) as tmp:
+                (Path(tmp) / "transpose.c").write_text(SOURCE)
+                subprocess.run([os.environ.get("CC", "cc"), "-O3", "-shared", "-fPIC", "-o", str(Path(tmp) / "t.so"),
+                                str(Path(tmp) / "transpose.c")], check=True, capture_output=True, timeout=120)
+                os.replace(Path(tmp) / "t.so", lib)  # atomic: concurrent replicas never load half a file
+        dll = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("no native transpose (%s): weight copies into input-major layouts use Tensor.copy_", e)
+        return None
+    kernels = {2: dll.transpose2, 4: dll.transpose4}
+    for k in kernels.values():
+        k.argtypes, k.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None
+    return kernels
+
+
+def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src), with the native tiled transpose when `dst` is an input-major 2-D CPU
+    weight (strides (1, rows)) and `src` a row-major one of the same 2- or 4-byte dtype."""
+    if (dst.dim() == 2 and src.dtype == dst.dtype and dst.element_size() in (2, 4) and dst.device.type == "cpu"
+            and src.device.type == "cpu" and dst.stride() == (1, dst.shape[0]) and dst.shape[0] > 1
+            and dst.shape[1] > 1 and src.shape == dst.shape and src.is_contiguous()
+            and (kernels := _kernels()) is not None):
+        kernels[dst.element_size()](src.data_ptr(), dst.data_ptr(), dst.shape[0], dst.shape[1])
+        return
+    dst.copy_(src)
