@@ -186,6 +186,54 @@ def bytes_tensor(data: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(data, dtype=np.uint8))
 
 
+# A float is NaN or +-inf exactly when its exponent bits are all ones: with the sign bit masked
+# off, its bit pattern read as an integer of the same width is at least the pattern of +inf.
+# dtype -> (integer view, every bit but the sign, +inf)
+FINITE_BITS = {torch.bfloat16: (np.int16, 0x7FFF, 0x7F80), torch.float16: (np.int16, 0x7FFF, 0x7C00),
+               torch.float32: (np.int32, 0x7FFF_FFFF, 0x7F80_0000),
+               torch.float64: (np.int64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000)}
+FINITE_CHUNK_BYTES = 1 << 20  # the masked copy of a chunk stays in the L2 cache
+
+
+class FiniteCheck:
+    """Finite values by chunks of one CPU tensor's bytes (`chunk`, then `ok`): a mask and a max
+    per chunk, into one reused buffer. numpy, on the calling thread: torch ops on 1 MiB pieces
+    each opened a parallel region, and on a busy machine every one waited for the slowest
+    thread (a 1 GB check took 12-18 s with 2 torch threads under load, 0.17 s so). 2-3x faster
+    than torch.aminmax on bfloat16, and callers that already hold a chunk in cache (a
+    checksum, a received piece) check it there."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.view, self.mask, self.inf = FINITE_BITS[dtype]
+        self.buf = np.empty(FINITE_CHUNK_BYTES // dtype.itemsize, dtype=self.view)
+        self.itemsize = dtype.itemsize
+        self.worst = 0
+
+    def chunk(self, data: np.ndarray) -> None:
+        """`data`: a run of the tensor's bytes (uint8, whole elements), any length."""
+        bits = data.view(self.view)
+        for start in range(0, bits.size, self.buf.size):
+            part = bits[start:start + self.buf.size]
+            out = self.buf[:part.size]
+            np.bitwise_and(part, self.mask, out=out)
+            self.worst = max(self.worst, int(out.max()))
+
+    @property
+    def ok(self) -> bool:
+        return self.worst < self.inf
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    if not t.numel():
+        return True
+    if t.device.type == "cpu" and t.dtype in FINITE_BITS:
+        check = FiniteCheck(t.dtype)
+        check.chunk(tensor_bytes(t))
+        return check.ok
+    # Elsewhere (a GPU, other dtypes) the extremes propagate NaN and expose +-inf: one reduction pass.
+    return all(bool(torch.isfinite(x)) for x in torch.aminmax(t))
+
+
 CHECKSUM_MODULUS = 65521
 
 
@@ -338,14 +386,21 @@ def chunk_update_id(chunk: pb.WeightChunk) -> str:
 
 
 class WeightAssembler:
-    """Rebuilds named tensors from WeightChunk messages, checking order, sizes and checksums."""
+    """Rebuilds named tensors from WeightChunk messages, checking order, sizes, checksums and
+    (for float dtypes it knows, `FINITE_BITS`) finite values: each chunk is copied into its
+    tensor's buffer, hashed and checked by cache-sized pieces, one read of it from memory.
+    `finite_checked` lists the tensors whose values were checked so."""
 
     def __init__(self, expected: dict[str, tuple[int, ...]] | None = None,
-                 canonical: Callable[[str], str] | None = None):
+                 canonical: Callable[[str], str] | None = None, buffers: dict[str, np.ndarray] | None = None):
         # The served model's tensor names and shapes: a header is checked against them before
         # its buffer is allocated, so a push cannot make the front end allocate more than the model.
         # `canonical` maps a trainer's (wrapped) name to the model's, raising ValueError if it cannot.
-        self.expected, self.canonical = expected, canonical
+        # `buffers`: assembly buffers kept by the caller from push to push (taken from here by
+        # name and size; fresh pages cost more than the copy), see `kept_buffers`.
+        self.expected, self.canonical, self.buffers = expected, canonical, buffers
+        self.finite_checked: set[str] = set()
+        self._taken: dict[str, np.ndarray] = {}
         self.tensors: dict[str, torch.Tensor] = {}
         self.version: int | None = None
         self.update_id: str | None = None
@@ -417,8 +472,10 @@ class WeightAssembler:
             # once, and the tensor is refused unless all of them arrived.
             state = xxhash.xxh3_64() if "xxh3" in meta else 0
             whole = offset == 0 and len(data) == nbytes
-            buf = np.frombuffer(data, dtype=np.uint8) if whole else np.empty(nbytes, dtype=np.uint8)
-            self._current = (meta, buf, [0, state, whole])
+            buf = np.frombuffer(data, dtype=np.uint8) if whole else self._buffer(name, nbytes)
+            dtype = getattr(torch, str(meta.get("dtype")), None)
+            finite = FiniteCheck(dtype) if dtype in FINITE_BITS else None
+            self._current = (meta, buf, [0, state, whole, finite])
         head, buf, filled = self._current
         name = head["name"]
         if offset != filled[0]:
@@ -426,12 +483,23 @@ class WeightAssembler:
         end = offset + len(data)
         if end > len(buf):
             raise ValueError(f"tensor {name}: received {end} bytes, header says {len(buf)}")
-        if not filled[2]:  # a whole-tensor chunk is the buffer already
-            buf[offset:end] = np.frombuffer(data, dtype=np.uint8)
         if isinstance(filled[1], int):
+            if not filled[2]:  # a whole-tensor chunk is the buffer already
+                buf[offset:end] = np.frombuffer(data, dtype=np.uint8)
             filled[1] = zlib.crc32(data, filled[1])
         else:
-            filled[1].update(data)
+            finite, itemsize = filled[3], None if filled[3] is None else filled[3].itemsize
+            step = FINITE_CHUNK_BYTES
+            for start in range(offset, end, step):  # copy, hash and check each piece while it is in cache
+                piece = buf[start:min(start + step, end)]
+                if not filled[2]:
+                    piece[:] = np.frombuffer(data[start - offset:start - offset + piece.size], dtype=np.uint8)
+                filled[1].update(piece)
+                if finite is not None:
+                    if start % itemsize or piece.size % itemsize:
+                        filled[3] = finite = None  # a chunk off the element boundaries: staging checks the values
+                    else:
+                        finite.chunk(piece)
         filled[0] = end
         self.num_bytes += len(data)
 
@@ -460,6 +528,10 @@ class WeightAssembler:
                 raise ValueError(f"tensor {name}: checksum mismatch (crc32)")
         elif filled[1].intdigest() != meta["xxh3"]:
             raise ValueError(f"tensor {name}: checksum mismatch (xxh3)")
+        if filled[3] is not None:
+            if not filled[3].ok:
+                raise ValueError(f"{name}: contains NaN or Inf")
+            self.finite_checked.add(name)
         dtype = parse_dtype(meta["dtype"], name)
         try:
             tensor = bytes_tensor(buf).view(dtype).reshape(meta["shape"])
@@ -467,6 +539,16 @@ class WeightAssembler:
             raise ValueError(f"tensor {name}: dtype {meta['dtype']} / shape {meta['shape']} do not fit: {e}") from None
         self.tensors[name] = tensor
         self._current = None
+
+    def _buffer(self, name: str, nbytes: int) -> np.ndarray:
+        kept = self.buffers.pop(name, None) if self.buffers is not None else None
+        buf = kept if kept is not None and kept.size == nbytes else np.empty(nbytes, dtype=np.uint8)
+        self._taken[name] = buf
+        return buf
+
+    def kept_buffers(self) -> dict[str, np.ndarray]:
+        """The assembly buffers this push used, for the next one once nothing reads these tensors."""
+        return dict(self._taken)
 
     def finish(self) -> dict[str, torch.Tensor]:
         self._finish_current()

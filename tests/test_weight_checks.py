@@ -1,4 +1,4 @@
-"""The fast passes of a weight push: the finite check on a float's bits (`weights.all_finite`)
+"""The fast passes of a weight push: the finite check on a float's bits (`wire.all_finite`)
 and the tiled transpose into input-major weights (`model.transpose.copy_weight`)."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from rollout.model import transpose
 from rollout.model.transpose import copy_weight
-from rollout.service.weights import FINITE_CHUNK_BYTES, all_finite
+from rollout.wire import FINITE_CHUNK_BYTES, all_finite
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 
@@ -33,6 +33,10 @@ def test_copy_weight_into_an_input_major_weight_equals_copy(dtype, shape):
     dst = torch.empty(shape[::-1], dtype=dtype).t()  # stored transposed, as lay_out(input_major=True) does
     copy_weight(dst, src)
     assert torch.equal(dst, src) and dst.stride() == (1, shape[0])
+    packed = torch.full((shape[1], shape[0] + 5), 7, dtype=dtype)  # a block of a packed projection
+    block = packed[:, 2:2 + shape[0]].t()
+    copy_weight(block, src)
+    assert torch.equal(block, src) and (packed[:, :2] == 7).all() and (packed[:, 2 + shape[0]:] == 7).all()
     plain = torch.empty(shape, dtype=dtype)
     copy_weight(plain, src)  # any other layout: Tensor.copy_
     assert torch.equal(plain, src)

@@ -220,8 +220,12 @@ def test_a_broadcast_push_with_a_bad_checksum_still_receives_every_tensor(replic
     assert received == buckets and replica._staged is None
     manifest[0][3] ^= 1  # the same bytes, every checksum right: staged, equal to what was sent
     received.clear()
+    kept = replica._kept_receive.data_ptr()
     replica.receive_broadcast(1, manifest, "xxh3", 4096)
     assert all(torch.equal(replica._staged.tensors[n], state[n]) for n in names)
+    # received in place: the staged tensors are views of the buffer kept from the last push
+    assert replica._kept_receive.data_ptr() == kept
+    assert replica._staged.tensors[names[0]].untyped_storage().data_ptr() == kept
 
 
 TRAINER = """

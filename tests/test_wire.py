@@ -184,3 +184,30 @@ def test_sampling_params_round_trip_through_the_proto_and_seed_stable_defaults_t
                    SamplingParams(sampler="ar", temperature=0.5, seed_stable=False)):
         assert params_from_proto(params_to_proto(params)) == params
     assert params_from_proto(pb.SamplingParams(max_tokens=8)).seed_stable is True  # an older client's request
+
+
+def test_the_assembler_checks_finite_values_as_it_copies_and_reuses_kept_buffers():
+    """Each chunk is copied, hashed and finite-checked piece by piece: a NaN in the second chunk
+    of a tensor is refused naming it; a clean push marks every tensor checked, and the next push
+    assembles into the buffers the last one kept (no fresh allocation)."""
+    big = torch.randn(3 << 18).to(torch.bfloat16)  # 1.5 MiB: two chunks of 1 MiB
+    small = torch.randn(10, 4)
+    bad = big.clone()
+    bad[(1 << 19) + 5] = float("nan")
+
+    def assemble(tensors, buffers=None):
+        asm = WeightAssembler(buffers=buffers)
+        for chunk in weight_chunks(tensors.items(), 1, len(tensors), chunk_bytes=1 << 20):
+            asm.add(chunk)
+        return asm, asm.finish()
+
+    with pytest.raises(ValueError, match="big: contains NaN or Inf"):
+        assemble({"big": bad, "small": small})
+    asm, out = assemble({"big": big, "small": small})
+    assert torch.equal(out["big"], big) and torch.equal(out["small"], small)
+    assert asm.finite_checked == {"big", "small"}
+    kept = asm.kept_buffers()
+    assert set(kept) == {"big"}  # "small" was one chunk: its bytes as received, no buffer
+    again, out = assemble({"big": big * 2, "small": small}, dict(kept))
+    assert torch.equal(out["big"], big * 2)
+    assert again.kept_buffers()["big"] is kept["big"]

@@ -116,6 +116,7 @@ class WeightSync:
         # The same-host segment, kept for the next push (fresh pages cost more than the copy);
         # reuse_segment=False frees it after each push (a model-sized host allocation less).
         self.reuse_segment, self._segment = reuse_segment, None
+        self._send_buffers: list[torch.Tensor] = []  # the broadcast's two packing buffers, kept
         self._update_weights_raw = client.channel.stream_unary(
             "/rollout.v1.RolloutService/UpdateWeights", request_serializer=None,
             response_deserializer=pb.UpdateWeightsResponse.FromString)  # takes weight_frames' bytes as they are
@@ -322,7 +323,7 @@ class WeightSync:
                                                      metadata=self.client.auth_metadata)
         try:
             buckets = bucket_layout([t.numel() * t.element_size() for t in tensors], self.bucket_bytes)
-            pipelined_broadcast(self._group, buckets, tensors, device, self.timeout, sender=True)
+            pipelined_broadcast(self._group, buckets, tensors, device, self.timeout, self._send_buffers)
         except Exception:
             self._group = None  # a broken group is formed anew on the next push
             call.cancel()

@@ -57,19 +57,19 @@ static void tile4(const uint32_t *s, size_t ss, uint32_t *d, size_t ds) {
   ST(d + 2 * ds, _mm_unpacklo_epi64(a1, a3)); ST(d + 3 * ds, _mm_unpackhi_epi64(a1, a3));
 }
 #define TRANSPOSE(NAME, T, TILE, N)                                                          \
-  void NAME(const T *src, T *dst, size_t rows, size_t cols) {                               \
+  void NAME(const T *src, T *dst, size_t rows, size_t cols, size_t ld) {                    \
     for (size_t i0 = 0; i0 < rows; i0 += BLOCK)                                             \
       for (size_t j0 = 0; j0 < cols; j0 += BLOCK) {                                         \
         size_t i1 = i0 + BLOCK < rows ? i0 + BLOCK : rows, j1 = j0 + BLOCK < cols ? j0 + BLOCK : cols; \
         size_t i = i0;                                                                      \
         for (; i + N <= i1; i += N) {                                                       \
           size_t j = j0;                                                                    \
-          for (; j + N <= j1; j += N) TILE(src + i * cols + j, cols, dst + j * rows + i, rows); \
+          for (; j + N <= j1; j += N) TILE(src + i * cols + j, cols, dst + j * ld + i, ld);   \
           for (; j < j1; j++)                                                               \
-            for (size_t k = i; k < i + N; k++) dst[j * rows + k] = src[k * cols + j];       \
+            for (size_t k = i; k < i + N; k++) dst[j * ld + k] = src[k * cols + j];         \
         }                                                                                   \
         for (; i < i1; i++)                                                                 \
-          for (size_t j = j0; j < j1; j++) dst[j * rows + i] = src[i * cols + j];           \
+          for (size_t j = j0; j < j1; j++) dst[j * ld + i] = src[i * cols + j];             \
       }                                                                                     \
   }
 TRANSPOSE(transpose2, uint16_t, tile2, 8)
@@ -98,17 +98,18 @@ def _kernels() -> dict[int, object] | None:
         return None
     kernels = {2: dll.transpose2, 4: dll.transpose4}
     for k in kernels.values():
-        k.argtypes, k.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None
+        k.argtypes, k.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t], None
     return kernels
 
 
 def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst.copy_(src), with the native tiled transpose when `dst` is an input-major 2-D CPU
-    weight (strides (1, rows)) and `src` a row-major one of the same 2- or 4-byte dtype."""
+    weight (strides (1, ld), ld >= rows: a block of a packed projection too) and `src` a
+    row-major one of the same 2- or 4-byte dtype."""
     if (dst.dim() == 2 and src.dtype == dst.dtype and dst.element_size() in (2, 4) and dst.device.type == "cpu"
-            and src.device.type == "cpu" and dst.stride() == (1, dst.shape[0]) and dst.shape[0] > 1
+            and src.device.type == "cpu" and dst.stride(0) == 1 and dst.stride(1) >= dst.shape[0] > 1
             and dst.shape[1] > 1 and src.shape == dst.shape and src.is_contiguous()
             and (kernels := _kernels()) is not None):
-        kernels[dst.element_size()](src.data_ptr(), dst.data_ptr(), dst.shape[0], dst.shape[1])
+        kernels[dst.element_size()](src.data_ptr(), dst.data_ptr(), dst.shape[0], dst.shape[1], dst.stride(1))
         return
     dst.copy_(src)

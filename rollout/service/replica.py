@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import queue
 import threading
@@ -52,12 +53,12 @@ from ..config import EngineConfig
 from ..engine.engine import Engine, StepOutput
 from ..engine.sequence import Request, Sequence
 from ..params import SamplingParams
-from ..wire import checksum, completion_to_record, dtype_name, unpack_tensors, weights_fingerprint
+from ..wire import checksum, completion_to_record, dtype_name, parse_dtype, unpack_tensors, weights_fingerprint
 from ..params import Completion
 from .messages import Failed, Finished, RequestDone, Stale, Started, Tokens
 from .metrics import ReplicaMetrics
-from .shared_weights import SharedEntry, check_segment, host_id, map_segment, segment_tensors
-from .weight_group import bucket_layout, make_weight_group, pipelined_broadcast
+from .shared_weights import SharedEntry, check_segment, digest_and_finite, host_id, map_segment, segment_tensors
+from .weight_group import bucket_bases, bucket_layout, make_weight_group, receive_buckets, staged_views
 from .weights import (StagedWeights, WeightMismatchError, check_swap_mode, read_weights_from_disk,
                       stage_weights)
 
@@ -104,6 +105,9 @@ class GeneratorReplica:
         self._fingerprint: tuple[int, str, str] | None = None  # weight_fingerprint of one version
         self._paused_until: float | None = None  # time.monotonic(); set by pause, cleared by resume
         self._group, self._group_backend, self._group_timeout = None, "", 300.0
+        # The broadcast's kept staging buffer; a receive into it and a swap copying from it never overlap.
+        self._kept_receive: torch.Tensor | None = None
+        self._receiving = threading.Lock()
         self.restarts = _actor_restarts()
         port = metrics_port if metrics_port is not None else int(os.environ.get("ROLLOUT_REPLICA_METRICS_PORT", "0"))
         self.metrics = ReplicaMetrics(name, port, metrics_host)
@@ -343,14 +347,16 @@ class GeneratorReplica:
 
     # ------------------------------------------------------------------ weights
     def stage_weights(self, version: int, tensors: dict[str, torch.Tensor], partial: bool = False,
-                      dtype_policy: str | None = None) -> int:
+                      dtype_policy: str | None = None, finite: bool = False) -> int:
         """Verifies a state dict (HF names; with `partial` a subset, the rest keeping its served
-        values; tensors or `wire.pack_tensors` values) and keeps it ready for commit. Returns its bytes."""
+        values; tensors or `wire.pack_tensors` values; `finite`: the front end checked the values)
+        and keeps it ready for commit. Returns its bytes."""
         self._staged, self._reset_version = None, None  # an older staged version is replaced, never mixed in
         # Object-store values (wire.pack_tensors) are read-only views: nothing can change them.
         owned = all(not isinstance(v, torch.Tensor) for v in tensors.values())
         self._staged = stage_weights(self.engine.model, version, unpack_tensors(tensors), self.device, partial,
-                                     dtype_policy or self.weight_dtype_policy, owned=owned and bool(tensors))
+                                     dtype_policy or self.weight_dtype_policy, owned=owned and bool(tensors),
+                                     finite=finite)
         return self._staged.nbytes
 
     def stage_from_disk(self, version: int, path: str | None = None, timeout: float = 600.0) -> int:
@@ -409,12 +415,17 @@ class GeneratorReplica:
         if staged is None or staged.version != swap.version:
             swap.done.set_exception(RuntimeError(f"staged weights for version {swap.version} were discarded"))
             return
+        if not self._receiving.acquire(blocking=False):  # a newer push is arriving in the kept buffer
+            swap.done.set_exception(RuntimeError(f"version {swap.version} was superseded by a push being received"))
+            return
         try:
             # A reset (the base weights again) also drops the history store's completions.
             self.engine.load_weights(staged.tensors, staged.version, reset=staged.version == self._reset_version)
         except BaseException as e:  # noqa: BLE001
             swap.done.set_exception(e)
             return
+        finally:
+            self._receiving.release()
         self._staged, version = None, staged.version
         del staged  # before the committer wakes: the staged memory (a mapped segment, say) is gone by then
         self.metrics.weight_version.set(version)
@@ -487,33 +498,54 @@ class GeneratorReplica:
 
     def receive_broadcast(self, version: int, manifest: list, checksum_kind: str = "wsum", bucket_bytes: int = 0) -> int:
         """Receives the tensors of `manifest` ([name, dtype, shape, checksum] in order) broadcast
-        from rank 0 in buckets (`weight_group.pipelined_broadcast`), checking each bucket's
-        checksums (`wire.checksum`: "wsum" on the device they landed on, no host copy) while the
-        next one travels, then stages them like a gRPC push."""
+        from rank 0 in buckets straight into one flat staging buffer (`weight_group.receive_buckets`;
+        on the CPU kept from push to push), checking each bucket while the next one travels:
+        "xxh3" with the finite check in the same read, "wsum" on the device they landed on (no
+        host copy). Then stages them like a gRPC push."""
         if self._group is None:
             raise RuntimeError(f"replica {self.name} is not in a weight group: call InitWeightGroup first")
         device = self.device if self._group_backend == "nccl" else "cpu"
-        tensors = [torch.empty(shape, dtype=getattr(torch, dtype), device=device) for _, dtype, shape, _ in manifest]
-        buckets = bucket_layout([t.numel() * t.element_size() for t in tensors], bucket_bytes)
-        bad = []
+        layout = [(parse_dtype(dtype, name), list(shape)) for name, dtype, shape, _ in manifest]
+        buckets = bucket_layout([math.prod(shape) * dtype.itemsize for dtype, shape in layout], bucket_bytes)
+        self._staged = None
+        bad, nonfinite = [], []
+        with self._receiving:  # a swap still copying from the kept buffer finishes first
+            staging = self._receive_buffer(bucket_bases(buckets)[1], device)
+            tensors = staged_views(buckets, staging, layout)
 
-        def check(k: int) -> None:
-            for i, _, _ in buckets[k].items:
-                try:
-                    ok = checksum(checksum_kind, tensors[i]) == manifest[i][3]
-                except ValueError:
-                    ok = False
-                if not ok:
-                    bad.append(manifest[i][0])
-        # Receive every bucket, even after a bad checksum: a replica that left the collective
-        # early would leave the trainer and the other replicas blocked until the timeout.
-        pipelined_broadcast(self._group, buckets, tensors, device, self._group_timeout, sender=False, after=check)
+            def check(k: int) -> None:
+                for i, _, _ in buckets[k].items:
+                    if checksum_kind == "xxh3" and device == "cpu":
+                        digest, finite = digest_and_finite(tensors[i])
+                        nonfinite.extend([manifest[i][0]] if not finite else [])
+                    else:
+                        try:
+                            digest = checksum(checksum_kind, tensors[i])
+                        except ValueError:
+                            digest = None
+                    if digest != manifest[i][3]:
+                        bad.append(manifest[i][0])
+            # Receive every bucket, even after a bad checksum: a replica that left the collective
+            # early would leave the trainer and the other replicas blocked until the timeout.
+            receive_buckets(self._group, buckets, staging, self._group_timeout, after=check)
         if bad:
             raise WeightMismatchError(f"checksum mismatch after broadcast: {', '.join(bad[:5])}")
-        self._staged = None
+        if nonfinite:
+            raise WeightMismatchError(f"{nonfinite[0]}: contains NaN or Inf")
         self._staged = stage_weights(self.engine.model, version, {m[0]: t for m, t in zip(manifest, tensors)},
-                                     self.device, dtype_policy=self.weight_dtype_policy, owned=True)  # received here
+                                     self.device, dtype_policy=self.weight_dtype_policy, owned=True,
+                                     finite=checksum_kind == "xxh3" and device == "cpu")  # received here
         return self._staged.nbytes
+
+    def _receive_buffer(self, nbytes: int, device) -> torch.Tensor:
+        """The broadcast's staging buffer: on the CPU the same one push after push (its pages stay
+        touched); on a GPU a new one each push (device memory the KV cache could use)."""
+        if device != "cpu":
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
+        if self._kept_receive is None or self._kept_receive.numel() != nbytes:
+            self._kept_receive = None
+            self._kept_receive = torch.empty(nbytes, dtype=torch.uint8)
+        return self._kept_receive
 
     # ------------------------------------------------------------------ same-host transport
     def stage_shared(self, version: int, pid: int, fd: int, size: int, entries: list[SharedEntry],

@@ -416,12 +416,14 @@ class Router:
 
     # ------------------------------------------------------------------ weights
     async def push_weights(self, tensors: dict, version: int | None = None, mode: str = "wait",
-                           partial: bool = False) -> int:
+                           partial: bool = False, finite: bool = False) -> int:
         """Stages `tensors` on every replica, then commits everywhere (`mode`: what in-flight
         requests do, see GeneratorReplica.commit_weights). With `partial`, the tensors left out
-        keep their served values. Returns the new version."""
+        keep their served values; `finite`: the front end checked every value already
+        (`wire.WeightAssembler`). Returns the new version."""
         ref = ray.put(pack_tensors(tensors))  # one copy, mapped by every replica (wire.pack_tensors)
-        return await self._two_phase_push(lambda r, v: r.actor.stage_weights.remote(v, ref, partial), version, mode,
+        return await self._two_phase_push(lambda r, v: r.actor.stage_weights.remote(v, ref, partial, None, finite),
+                                          version, mode,
                                           catch_up=None if partial else ref, source="push")
 
     async def update_from_disk(self, path: str, mode: str = "wait", version: int | None = None) -> int:

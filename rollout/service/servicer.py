@@ -86,6 +86,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         self.weight_shapes = model_weight_shapes(config)
         self.max_shared_bytes = total_bytes(self.weight_shapes) + 64 * len(self.weight_shapes)  # float64 + alignment
         self.updates = WeightUpdates(router, self.weight_shapes, config.tie_word_embeddings)  # shared with HTTP
+        self._assembly_buffers: dict = {}  # UpdateWeights' reassembly buffers, kept from push to push
 
     async def _check_read_access(self, context, method: str) -> None:
         """With require_auth_for_generate, generation and status need the token too."""
@@ -198,7 +199,9 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "UpdateWeights needs 'authorization: Bearer <token>' metadata with the server's token")
         started = time.perf_counter()
-        assembler = WeightAssembler(self.weight_shapes, self.updates.canonical)
+        # The kept assembly buffers (a concurrent push finds none and allocates its own).
+        kept, self._assembly_buffers = self._assembly_buffers, {}
+        assembler = WeightAssembler(self.weight_shapes, self.updates.canonical, kept)
         try:
             async for chunk in request_iterator:
                 manifest = assembler.broadcast_manifest(chunk)
@@ -209,9 +212,13 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                 assembler.add(chunk)
             else:
                 tensors = assembler.finish()
-                version = await self.router.push_weights(tensors, assembler.version, assembler.mode)
+                version = await self.router.push_weights(tensors, assembler.version, assembler.mode,
+                                                         finite=assembler.finite_checked >= set(tensors))
         except Exception as e:  # noqa: BLE001
             await self._fail(context, "UpdateWeights", e)
+        finally:
+            # The object store holds its own copy (router.push_weights): the buffers are free again.
+            self._assembly_buffers = assembler.kept_buffers()
         seconds = time.perf_counter() - started
         self.metrics.weight_push_seconds.observe(seconds)
         self.metrics.weight_push_bytes.inc(assembler.num_bytes)

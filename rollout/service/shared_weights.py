@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import xxhash
 
-from ..wire import bytes_tensor, dtype_name, parse_dtype
-from .weights import FINITE_BITS, FiniteCheck, WeightMismatchError, all_finite
+from ..wire import FINITE_BITS, FiniteCheck, all_finite, bytes_tensor, dtype_name, parse_dtype
+from .weights import WeightMismatchError
 
 ALIGN = 64
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL  # the size is fixed; see the docstring
@@ -95,7 +95,7 @@ class SharedSegment:
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, SEALS)
             self._map = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED | POPULATE,
                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            self._bytes = torch.from_numpy(np.frombuffer(self._map, dtype=np.uint8))
+            self._bytes = np.frombuffer(self._map, dtype=np.uint8)
             self._spans = spans
             self.entries: list[SharedEntry] = []
             self.write(tensors)
@@ -114,13 +114,15 @@ class SharedSegment:
             raise ValueError("these tensors do not fit the segment's layout: make a new SharedSegment")
         entries = []
         for (name, t), (offset, nbytes) in zip(tensors, self._spans):
-            src = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            src = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             dst = self._bytes[offset:offset + nbytes]
             digest = xxhash.xxh3_64()
             for start in range(0, nbytes, FUSE_BYTES):
+                # numpy's copy is one memcpy on this thread: torch's copy_ of each chunk opened a
+                # parallel region, and on a busy machine every one of them waited for the slowest thread.
                 part = dst[start:start + FUSE_BYTES]
-                part.copy_(src[start:start + FUSE_BYTES])
-                digest.update(part.numpy())
+                part[:] = src[start:start + FUSE_BYTES]
+                digest.update(part)
             entries.append(SharedEntry(name, dtype_name(t.dtype), tuple(t.shape), offset, nbytes, digest.intdigest()))
         self.entries = entries
         return entries
@@ -181,25 +183,29 @@ def segment_tensors(data: np.ndarray, entries: list[SharedEntry]) -> dict[str, t
             for e in entries}
 
 
+def digest_and_finite(t: torch.Tensor) -> tuple[int, bool]:
+    """(XXH3-64 of a CPU tensor's bytes, whether its values are finite) in one read of each
+    cache-sized chunk."""
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    finite = FiniteCheck(t.dtype) if t.dtype in FINITE_BITS else None
+    digest = xxhash.xxh3_64()
+    step = FUSE_BYTES - FUSE_BYTES % t.element_size()
+    for start in range(0, raw.size, step):
+        part = raw[start:start + step]
+        digest.update(part)
+        if finite is not None:
+            finite.chunk(part)
+    return digest.intdigest(), finite.ok if finite is not None else all_finite(t)
+
+
 def check_segment(data: np.ndarray, entries: list[SharedEntry]) -> None:
     """Every tensor's XXH3-64 against the manifest and its values finite, in one read of each
     chunk; ValueError (WeightMismatchError for a non-finite value) naming the first bad tensor."""
-    for e in entries:
-        dtype = parse_dtype(e.dtype, e.name)
-        finite = FiniteCheck(dtype) if dtype in FINITE_BITS else None
-        digest = xxhash.xxh3_64()
-        raw = data[e.offset:e.offset + e.nbytes]
-        step = FUSE_BYTES - FUSE_BYTES % dtype.itemsize
-        for start in range(0, e.nbytes, step):
-            part = raw[start:start + step]
-            digest.update(part)
-            if finite is not None:
-                finite.chunk(bytes_tensor(part).view(finite.view))
-        if digest.intdigest() != e.xxh3:
+    for e, t in zip(entries, segment_tensors(data, entries).values()):
+        digest, finite = digest_and_finite(t)
+        if digest != e.xxh3:
             raise ValueError(f"tensor {e.name}: checksum mismatch (xxh3) in the shared segment")
-        if finite is not None and not finite.ok:
-            raise WeightMismatchError(f"{e.name}: contains NaN or Inf")
-        if finite is None and not all_finite(segment_tensors(data, [e])[e.name]):
+        if not finite:
             raise WeightMismatchError(f"{e.name}: contains NaN or Inf")
 
 

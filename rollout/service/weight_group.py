@@ -11,8 +11,11 @@ Design decisions:
   is a bucket alone and is sent as itself). One collective per bucket instead of per tensor: a
   0.5B model has 290 tensors, and each collective costs a round trip.
 - Pipelined: both sides launch the broadcast of bucket k + 1 before handling bucket k (the
-  trainer packs it, a replica unpacks and checks it), with two rotating buffers, so copying and
-  checking overlap the transfer. The same code runs gloo (CPU) and NCCL / RCCL (GPU).
+  trainer packs it into one of two rotating buffers, a replica checks bucket k), so packing and
+  checking overlap the transfer. A replica receives every bucket straight into its place in one
+  flat staging buffer (the tensors are views of it): no unpacking copy, and on the CPU the
+  buffer is kept from push to push (fresh pages cost more than the copy here). The same code
+  runs gloo (CPU) and NCCL / RCCL (GPU).
 """
 
 from __future__ import annotations
@@ -81,47 +84,84 @@ def bucket_layout(sizes: Sequence[int], bucket_bytes: int) -> list[Bucket]:
     return buckets
 
 
-def pipelined_broadcast(group, buckets: list[Bucket], tensors: Sequence[torch.Tensor], device, timeout: float,
-                        sender: bool, after: Callable[[int], None] | None = None) -> None:
-    """Broadcasts `tensors` (the sender, rank 0, sends; the others receive into them) bucket by
-    bucket, the next bucket in flight while the previous one is handled. `after(k)` runs once
-    bucket k is done (a receiver's checks, while bucket k + 1 travels)."""
-    packed = [b.size for b in buckets if not b.alone]
-    buffers = [torch.empty(max(packed), dtype=torch.uint8, device=device) for _ in range(min(len(packed), 2))] \
-        if packed else []
-    slots: list = [None] * len(buckets)  # (work, flat buffer or None)
+def bucket_bases(buckets: list[Bucket]) -> tuple[list[int], int]:
+    """Where each bucket lands in a receiver's flat staging buffer (aligned), and its size."""
+    bases, offset = [], 0
+    for b in buckets:
+        offset = math.ceil(offset / ALIGN) * ALIGN
+        bases.append(offset)
+        offset += b.size
+    return bases, offset
 
-    def start(k: int, slot: int) -> None:
+
+def staged_views(buckets: list[Bucket], staging: torch.Tensor, manifest_shapes: Sequence[tuple[torch.dtype, list[int]]]
+                 ) -> list[torch.Tensor]:
+    """The tensors of a push as views of the receiver's flat staging buffer (`receive_buckets`)."""
+    bases, _ = bucket_bases(buckets)
+    views: list = [None] * len(manifest_shapes)
+    for b, base in zip(buckets, bases):
+        for i, offset, nbytes in b.items:
+            dtype, shape = manifest_shapes[i]
+            views[i] = staging[base + offset:base + offset + nbytes].view(dtype).reshape(shape)
+    return views
+
+
+def pipelined_broadcast(group, buckets: list[Bucket], tensors: Sequence[torch.Tensor], device, timeout: float,
+                        buffers: list[torch.Tensor] | None = None) -> None:
+    """The sender's side (rank 0): broadcasts `tensors` bucket by bucket, packing bucket k + 1
+    into one of two rotating flat buffers while bucket k travels. `buffers`: a list the caller
+    keeps from push to push (filled here when empty or too small). A bucket of one tensor is
+    sent as itself."""
+    packed = max((b.size for b in buckets if not b.alone), default=0)
+    buffers = [] if buffers is None else buffers
+    if packed and (len(buffers) < 2 or buffers[0].numel() < packed or buffers[0].device.type != torch.device(device).type):
+        buffers[:] = [torch.empty(packed, dtype=torch.uint8, device=device) for _ in range(2)]
+    works: list = [None] * len(buckets)
+    slot = 0
+
+    def start(k: int) -> None:
+        nonlocal slot
         bucket = buckets[k]
         if bucket.alone:
-            flat = None
-            work = broadcast_async(group, tensors[bucket.items[0][0]], timeout)
-        else:
-            flat = buffers[slot][:bucket.size]
-            if sender:
-                for i, offset, nbytes in bucket.items:
-                    flat[offset:offset + nbytes].copy_(_bytes(tensors[i]))
-            work = broadcast_async(group, flat, timeout)
-        slots[k] = (work, flat)
+            works[k] = broadcast_async(group, tensors[bucket.items[0][0]], timeout)
+            return
+        flat = buffers[slot][:bucket.size]
+        slot ^= 1
+        for i, offset, nbytes in bucket.items:
+            if flat.device.type == "cpu":  # numpy's memcpy: torch's copy_ opens a parallel region per tensor
+                flat[offset:offset + nbytes].numpy()[:] = _bytes(tensors[i]).numpy()
+            else:
+                flat[offset:offset + nbytes].copy_(_bytes(tensors[i]))
+        works[k] = broadcast_async(group, flat, timeout)
 
-    packed_seen = 0
-    slot_of = []
-    for b in buckets:  # packed buckets alternate between the two buffers
-        slot_of.append(packed_seen % 2 if not b.alone else -1)
-        packed_seen += not b.alone
-    # Bucket k + 1 is launched before bucket k is waited for, never earlier: the buffer it
-    # reuses last held bucket k - 1 or earlier, already sent and unpacked.
+    # Bucket k + 1 is packed only once bucket k - 1 (which used the same buffer) is done.
     if buckets:
-        start(0, slot_of[0])
-    for k, bucket in enumerate(buckets):
+        start(0)
+    for k in range(len(buckets)):
         if k + 1 < len(buckets):
-            start(k + 1, slot_of[k + 1])  # its buffer's last bucket (k - 1 or earlier) is done
-        work, flat = slots[k]
-        work.wait()
-        if not sender and flat is not None:
-            for i, offset, nbytes in bucket.items:
-                _bytes(tensors[i]).copy_(flat[offset:offset + nbytes])
-        slots[k] = None
+            start(k + 1)
+        works[k].wait()
+        works[k] = None
+
+
+def receive_buckets(group, buckets: list[Bucket], staging: torch.Tensor, timeout: float,
+                    after: Callable[[int], None] | None = None) -> None:
+    """A receiver's side: every bucket lands straight in its place of the flat `staging` buffer
+    (`bucket_bases`; the tensors are views of it, `staged_views`: nothing is unpacked), the next
+    bucket in flight while `after(k)` checks bucket k."""
+    bases, _ = bucket_bases(buckets)
+    works: list = [None] * len(buckets)
+
+    def start(k: int) -> None:
+        works[k] = broadcast_async(group, staging[bases[k]:bases[k] + buckets[k].size], timeout)
+
+    if buckets:
+        start(0)
+    for k in range(len(buckets)):
+        if k + 1 < len(buckets):
+            start(k + 1)
+        works[k].wait()
+        works[k] = None
         if after is not None:
             after(k)
 

@@ -39,6 +39,7 @@ import torch
 from ..config import UnsupportedModelError
 from ..model.decoder import Decoder
 from ..model.loader import checkpoint_name, expert_slot, gather_experts, safetensors_files, slot_shape, slots_per_tensor
+from ..wire import all_finite
 from .weight_files import SAFETENSORS_DTYPES, WeightFileError, check_regular_file, off_thread, read_header, read_tensors
 
 WEIGHT_SWAP_MODES = ("wait", "abort", "keep")
@@ -118,49 +119,6 @@ def check_dtype(name: str, dtype: torch.dtype, served: torch.dtype, policy: str 
         f"{name}: pushed as {dtype}, the replica serves {served}: a narrower or different 16-bit dtype would "
         f"silently serve a policy other than the trainer's; send {served} or wider, or start the service with "
         "--weight-dtype-policy cast")
-
-
-# A float is NaN or +-inf exactly when its exponent bits are all ones: with the sign bit masked
-# off, its bit pattern read as an integer of the same width is at least the pattern of +inf.
-# dtype -> (integer view, every bit but the sign, +inf)
-FINITE_BITS = {torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80), torch.float16: (torch.int16, 0x7FFF, 0x7C00),
-               torch.float32: (torch.int32, 0x7FFF_FFFF, 0x7F80_0000),
-               torch.float64: (torch.int64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000)}
-FINITE_CHUNK_BYTES = 1 << 20  # the masked copy of a chunk stays in the L2 cache
-
-
-class FiniteCheck:
-    """Finite values by chunks of one CPU tensor's bits (`chunk`, then `ok`): a mask and a max
-    per chunk, into one reused buffer. 2-3x faster than torch.aminmax on bfloat16 here, and
-    callers that already hold a chunk in cache (a checksum, a received bucket) check it there."""
-
-    def __init__(self, dtype: torch.dtype):
-        self.view, self.mask, self.inf = FINITE_BITS[dtype]
-        self.buf = torch.empty(FINITE_CHUNK_BYTES // dtype.itemsize, dtype=self.view)
-        self.worst = 0
-
-    def chunk(self, bits: torch.Tensor) -> None:
-        """`bits`: a 1-D run of the tensor's elements viewed as `self.view`, any length."""
-        for start in range(0, bits.numel(), self.buf.numel()):
-            part = bits[start:start + self.buf.numel()]
-            out = self.buf[:part.numel()]
-            torch.bitwise_and(part, self.mask, out=out)
-            self.worst = max(self.worst, int(out.max()))
-
-    @property
-    def ok(self) -> bool:
-        return self.worst < self.inf
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    if not t.numel():
-        return True
-    if t.device.type == "cpu" and t.dtype in FINITE_BITS:
-        check = FiniteCheck(t.dtype)
-        check.chunk(t.detach().contiguous().reshape(-1).view(check.view))
-        return check.ok
-    # Elsewhere (a GPU, other dtypes) the extremes propagate NaN and expose +-inf: one reduction pass.
-    return all(bool(torch.isfinite(x)) for x in torch.aminmax(t))
 
 
 def verify_tensor(name: str, t: torch.Tensor, expected: dict[str, tuple[int, ...]], finite: bool = False) -> None:
