@@ -35,7 +35,7 @@ from ..config import DEFAULT_MAX_NUM_SEQS, EngineConfig, ModelConfig, TidarConfi
 from ..model.decoder import Decoder
 from ..model.kv_cache import KVCache, state_widths
 from ..model.loader import declared_dtype, load_decoder, read_model_config
-from ..model.transpose import copy_weight
+from ..model.transpose import copy_weights
 from ..params import Completion, SamplingParams, validate_prompts
 from ..sampling import row_key
 from .drafting import DraftPolicy, DraftShape, count_source, draft_source, level_label
@@ -388,8 +388,8 @@ class Engine:
             self.history.clear()
         params = self.model.state_dict()
         with torch.no_grad():
-            for name, t in tensors.items():
-                copy_weight(params[name], t)  # input-major weights: a tiled transpose, not copy_'s element loop
+            # input-major weights: a tiled transpose, not copy_'s element loop; on every core
+            copy_weights([(params[name], t) for name, t in tensors.items()])
         self.weight_version = version
         with torch.inference_mode():
             if self.scheduler.running:

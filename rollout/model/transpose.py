@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -113,3 +114,20 @@ def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
         kernels[dst.element_size()](src.data_ptr(), dst.data_ptr(), dst.shape[0], dst.shape[1], dst.stride(1))
         return
     dst.copy_(src)
+
+
+COPY_THREADS = 4  # at most; the copy runs while generation is paused, so every core is free for it
+
+
+def copy_weights(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """`copy_weight` of every (dst, src) pair, spread over the CPU's cores: the kernel and
+    `Tensor.copy_` release the GIL, so a weight swap's copies run in parallel (largest first)."""
+    threads = min(COPY_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    if threads < 2 or len(pairs) < 2 or pairs[0][0].device.type != "cpu":
+        for dst, src in pairs:
+            copy_weight(dst, src)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="weight-copy") as pool:
+        for future in [pool.submit(copy_weight, dst, src)
+                       for dst, src in sorted(pairs, key=lambda p: -p[1].numel() * p[1].element_size())]:
+            future.result()
