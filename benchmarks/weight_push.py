@@ -6,7 +6,7 @@ floor of the same bytes, with the time to the first token on the new version.
 For each shape, writes a random-weight model of it (--dtype) to a temporary directory; for each
 replica count, starts `python -m rollout serve` on it in a subprocess (CPU: gloo for the broadcast
 path), then, transport after transport (interleaved within each repeat, so all of them see the
-same machine load), pushes a perturbed copy with `WeightSync.push`. Per push it reports:
+same machine load), pushes the weights perturbed in place with `WeightSync.push`. Per push it reports:
 - GB/s = tensor bytes / wall time of the whole push (write or send, verify on every replica,
   swap, version bump);
 - TTFT: from the start of a pause -> push -> resume cycle to the first token generated on the
@@ -130,15 +130,15 @@ def run(address: str, state: dict, transports: list[str], repeats: int, label: s
         sync.choose_transport()  # "auto" asks GetStatus once; not part of any push
     rows = {t: dict(push=[], ttft=[], floor=[]) for t in transports}
     version = client.status().weight_version
-    for i in range(repeats):
-        pushed = {k: v + (i + 1) * 1e-3 for k, v in state.items()}
+    for _ in range(repeats):
+        for v in state.values():  # new weights in place: no second model-sized allocation (the 1.5B shape)
+            v.add_(1e-3)
         for transport in transports:
             rows[transport]["floor"].append(copy_floor(state, dst))
-            seconds, ttft = timed_push(syncs[transport], client, pushed, version)
+            seconds, ttft = timed_push(syncs[transport], client, state, version)
             version += 1
             rows[transport]["push"].append(seconds)
             rows[transport]["ttft"].append(ttft)
-        del pushed
     out = []
     for transport, r in rows.items():
         push, ttft, floor = (statistics.median(r[k]) for k in ("push", "ttft", "floor"))

@@ -257,6 +257,40 @@ def test_a_same_host_push_goes_by_shared_memory_and_serves_exactly_those_weights
     assert os.path.isdir("/dev/shm") and not [n for n in os.listdir("/dev/shm") if "rollout-weights" in n]
 
 
+def _own_segments() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("memfd:rollout-weights" in line for line in f)
+
+
+def test_the_trainer_rewrites_its_segment_for_the_next_push_and_abandons_it_when_a_push_fails(runner, base_state,
+                                                                                              tmp_path):
+    """WeightSync keeps its memfd between pushes (fresh pages cost more than the copy) and writes
+    the next push into it; a refused push (NaN) changes nothing and the segment is abandoned
+    (a replica could still be reading it), so the next push writes a new one; close() frees it."""
+    before_maps = _own_segments()
+    sync = WeightSync(runner.client(TOKEN), "shared")
+    first = sync.push(perturbed(base_state, 7))
+    fd = sync._segment.fd
+    second_state = perturbed(base_state, 8)
+    second = sync.push(second_state)
+    assert sync._segment.fd == fd and second.version == first.version + 1
+    assert _own_segments() == before_maps + 1  # one segment, written twice
+    expected = expected_with(second_state, tmp_path)
+    assert served(runner) == expected
+    bad = dict(second_state)
+    bad["model.norm.weight"] = bad["model.norm.weight"].clone()
+    bad["model.norm.weight"][0] = float("inf")
+    with pytest.raises(grpc.RpcError) as info:
+        sync.push(bad)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "contains NaN or Inf" in info.value.details()
+    assert sync._segment is None and status(runner).weight_version == second.version
+    assert served(runner) == expected
+    third = sync.push(perturbed(base_state, 9))
+    assert third.version == second.version + 1 and sync._segment.fd >= 0
+    sync.close()
+    assert _own_segments() == before_maps
+
+
 def shared_request(segment, **changes) -> pb.SharedWeightsRequest:
     import os
 
