@@ -79,7 +79,7 @@ def main() -> None:
     del tensors
     # gRPC, now
     frames = timed("now: XXH3-64 + frames, one copy (8 MiB)", lambda: list(weight_frames(state.items(), 0, len(state))))
-    tensors = timed("now: server parse (views, wire.parse_chunk) + reassembly + XXH3-64",
+    tensors = timed("now: server parse (views, wire.parse_chunk) + reassembly + XXH3-64 + finite check (one read)",
                     lambda: _assemble(parse_chunk(f) for f in frames))
     del frames
     timed("now: pack_tensors + pickle out of band (ray.put)", lambda: _pickle_out_of_band(pack_tensors(tensors)))

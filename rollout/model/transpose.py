@@ -34,13 +34,19 @@ SOURCE = r"""
 #include <emmintrin.h>
 #define LD(p) _mm_loadu_si128((const __m128i *)(p))
 #define ST(p, v) _mm_storeu_si128((__m128i *)(p), (v))
-#define BLOCK 64
+/* A block of 128 source rows x 32 columns: 32 destination rows each written 256 contiguous
+   bytes per block (few pages touched at a time: a tall embedding's destination rows lie 300 KB
+   apart). 1.5x the speed of 64 x 64 blocks here. */
+#define BLOCK_I 128
+#define BLOCK_J 32
 /* 8x8 tile of 2-byte elements: rows of s (stride ss) become rows of d (stride ds). */
 static void tile2(const uint16_t *s, size_t ss, uint16_t *d, size_t ds) {
-  __m128i a0 = _mm_unpacklo_epi16(LD(s), LD(s + ss)), a1 = _mm_unpackhi_epi16(LD(s), LD(s + ss));
-  __m128i a2 = _mm_unpacklo_epi16(LD(s + 2 * ss), LD(s + 3 * ss)), a3 = _mm_unpackhi_epi16(LD(s + 2 * ss), LD(s + 3 * ss));
-  __m128i a4 = _mm_unpacklo_epi16(LD(s + 4 * ss), LD(s + 5 * ss)), a5 = _mm_unpackhi_epi16(LD(s + 4 * ss), LD(s + 5 * ss));
-  __m128i a6 = _mm_unpacklo_epi16(LD(s + 6 * ss), LD(s + 7 * ss)), a7 = _mm_unpackhi_epi16(LD(s + 6 * ss), LD(s + 7 * ss));
+  __m128i r0 = LD(s), r1 = LD(s + ss), r2 = LD(s + 2 * ss), r3 = LD(s + 3 * ss);
+  __m128i r4 = LD(s + 4 * ss), r5 = LD(s + 5 * ss), r6 = LD(s + 6 * ss), r7 = LD(s + 7 * ss);
+  __m128i a0 = _mm_unpacklo_epi16(r0, r1), a1 = _mm_unpackhi_epi16(r0, r1);
+  __m128i a2 = _mm_unpacklo_epi16(r2, r3), a3 = _mm_unpackhi_epi16(r2, r3);
+  __m128i a4 = _mm_unpacklo_epi16(r4, r5), a5 = _mm_unpackhi_epi16(r4, r5);
+  __m128i a6 = _mm_unpacklo_epi16(r6, r7), a7 = _mm_unpackhi_epi16(r6, r7);
   __m128i b0 = _mm_unpacklo_epi32(a0, a2), b1 = _mm_unpackhi_epi32(a0, a2);
   __m128i b2 = _mm_unpacklo_epi32(a1, a3), b3 = _mm_unpackhi_epi32(a1, a3);
   __m128i b4 = _mm_unpacklo_epi32(a4, a6), b5 = _mm_unpackhi_epi32(a4, a6);
@@ -52,16 +58,18 @@ static void tile2(const uint16_t *s, size_t ss, uint16_t *d, size_t ds) {
 }
 /* 4x4 tile of 4-byte elements. */
 static void tile4(const uint32_t *s, size_t ss, uint32_t *d, size_t ds) {
-  __m128i a0 = _mm_unpacklo_epi32(LD(s), LD(s + ss)), a1 = _mm_unpackhi_epi32(LD(s), LD(s + ss));
-  __m128i a2 = _mm_unpacklo_epi32(LD(s + 2 * ss), LD(s + 3 * ss)), a3 = _mm_unpackhi_epi32(LD(s + 2 * ss), LD(s + 3 * ss));
+  __m128i r0 = LD(s), r1 = LD(s + ss), r2 = LD(s + 2 * ss), r3 = LD(s + 3 * ss);
+  __m128i a0 = _mm_unpacklo_epi32(r0, r1), a1 = _mm_unpackhi_epi32(r0, r1);
+  __m128i a2 = _mm_unpacklo_epi32(r2, r3), a3 = _mm_unpackhi_epi32(r2, r3);
   ST(d, _mm_unpacklo_epi64(a0, a2)); ST(d + ds, _mm_unpackhi_epi64(a0, a2));
   ST(d + 2 * ds, _mm_unpacklo_epi64(a1, a3)); ST(d + 3 * ds, _mm_unpackhi_epi64(a1, a3));
 }
 #define TRANSPOSE(NAME, T, TILE, N)                                                          \
   void NAME(const T *src, T *dst, size_t rows, size_t cols, size_t ld) {                    \
-    for (size_t i0 = 0; i0 < rows; i0 += BLOCK)                                             \
-      for (size_t j0 = 0; j0 < cols; j0 += BLOCK) {                                         \
-        size_t i1 = i0 + BLOCK < rows ? i0 + BLOCK : rows, j1 = j0 + BLOCK < cols ? j0 + BLOCK : cols; \
+    for (size_t i0 = 0; i0 < rows; i0 += BLOCK_I)                                           \
+      for (size_t j0 = 0; j0 < cols; j0 += BLOCK_J) {                                       \
+        size_t i1 = i0 + BLOCK_I < rows ? i0 + BLOCK_I : rows;                              \
+        size_t j1 = j0 + BLOCK_J < cols ? j0 + BLOCK_J : cols;                              \
         size_t i = i0;                                                                      \
         for (; i + N <= i1; i += N) {                                                       \
           size_t j = j0;                                                                    \
@@ -99,7 +107,7 @@ def _kernels() -> dict[int, object] | None:
         return None
     kernels = {2: dll.transpose2, 4: dll.transpose4}
     for k in kernels.values():
-        k.argtypes, k.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t], None
+        k.argtypes, k.restype = [ctypes.c_void_p] * 2 + [ctypes.c_size_t] * 3, None
     return kernels
 
 

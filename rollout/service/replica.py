@@ -496,7 +496,8 @@ class GeneratorReplica:
         self._group_backend, self._group_timeout = backend, timeout
         return backend
 
-    def receive_broadcast(self, version: int, manifest: list, checksum_kind: str = "wsum", bucket_bytes: int = 0) -> int:
+    def receive_broadcast(self, version: int, manifest: list, checksum_kind: str = "wsum",
+                          bucket_bytes: int = 0) -> int:
         """Receives the tensors of `manifest` ([name, dtype, shape, checksum] in order) broadcast
         from rank 0 in buckets straight into one flat staging buffer (`weight_group.receive_buckets`;
         on the CPU kept from push to push), checking each bucket while the next one travels:
