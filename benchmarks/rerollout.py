@@ -15,6 +15,12 @@ every epoch in turn (the order alternates between epochs):
 Each epoch uses a new seed (so a row never drafts from its own key's earlier sample, which the
 store would drop anyway). Reported per epoch: tokens per forward (per row, prefill included),
 the share of decode row-steps by draft source with each source's acceptance, and wall times.
+The timed pair ("ar", "calibrated") runs --repeats times per epoch, back to back in alternating
+order, with the epoch's seed: a repeat's rows have the keys of the first run's, whose
+completions the store drops when they begin, so every repeat drafts from the same history
+(the earlier epochs'). The speed is the median over repeats of the pair's ratio of tokens per
+second (a pair is less exposed than a ratio of medians to a machine whose speed drifts), with
+the range of the pairs beside it.
 Ratios are only meaningful within one run; this machine's absolute times are not a GPU's.
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -58,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timed ar / calibrated pairs per epoch (medians)")
     p.add_argument("--temperatures", default="0.35,1", help="comma-separated temperatures")
     p.add_argument("--calibration-seconds", type=float, default=10.0)
     p.add_argument("--calibration-cache", default="", help="step-cost cache file ('' : calibrate afresh)")
@@ -73,8 +81,9 @@ def main(argv=None) -> int:
              f"{args.epochs} epochs, device cpu ({platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads)", "",
              "| T | epoch | flat tokens/forward | flat row-steps by source (acceptance) | calibrated tokens/forward | "
-             "ar s | calibrated s | calibrated / ar speed | calibrated row-steps by source |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"ar s (median of {args.repeats}) | calibrated s | calibrated / ar speed (median pair) | pairs min-max | "
+             "calibrated row-steps by source |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for temperature in [float(t) for t in args.temperatures.split(",")]:
         engines = {
             "ar": Engine(model, tidar, config=EngineConfig(drafting="auto", history_mib=0)),
@@ -85,17 +94,21 @@ def main(argv=None) -> int:
         }
         for epoch in range(1, args.epochs + 1):
             seed = 1000 * epoch + int(100 * temperature)
-            order = ["ar", "calibrated", "flat"] if epoch % 2 else ["calibrated", "ar", "flat"]
-            results = {}
-            for name in order:
-                params = SamplingParams(sampler="ar" if name == "ar" else "lossless", temperature=temperature,
-                                        max_tokens=args.max_tokens, n=args.n, seed=seed)
-                results[name] = run(engines[name], prompts, params)
-            ar, flat, cal = results["ar"], results["flat"], results["calibrated"]
-            speed = (cal["tokens"] / cal["seconds"]) / (ar["tokens"] / ar["seconds"])
+            runs = {"ar": [], "calibrated": []}
+            for rep in range(args.repeats):
+                for name in (["ar", "calibrated"] if (epoch + rep) % 2 else ["calibrated", "ar"]):
+                    params = SamplingParams(sampler="ar" if name == "ar" else "lossless", temperature=temperature,
+                                            max_tokens=args.max_tokens, n=args.n, seed=seed)
+                    runs[name].append(run(engines[name], prompts, params))
+            flat = run(engines["flat"], prompts, SamplingParams(sampler="lossless", temperature=temperature,
+                                                                max_tokens=args.max_tokens, n=args.n, seed=seed))
+            pairs = sorted((c["tokens"] / c["seconds"]) / (a["tokens"] / a["seconds"])
+                           for a, c in zip(runs["ar"], runs["calibrated"]))
+            cal = runs["calibrated"][0]  # the epoch's first run: its drafts came from the earlier epochs only
+            ar_s, cal_s = (statistics.median(r["seconds"] for r in runs[n]) for n in ("ar", "calibrated"))
             lines.append(f"| {temperature:g} | {epoch} | {flat['tpf']:.2f} | {sources_cell(flat['sources'])} | "
-                         f"{cal['tpf']:.2f} | {ar['seconds']:.1f} | {cal['seconds']:.1f} | {speed:.2f} | "
-                         f"{sources_cell(cal['sources'])} |")
+                         f"{cal['tpf']:.2f} | {ar_s:.2f} | {cal_s:.2f} | {statistics.median(pairs):.3f} | "
+                         f"{pairs[0]:.2f}-{pairs[-1]:.2f} | {sources_cell(cal['sources'])} |")
             print(lines[-1], flush=True)
         lines.append(f"<!-- T={temperature:g}: calibrated engine's policy {engines['calibrated'].drafting.status()['level_choices']} -->")
     text = "\n".join(lines)

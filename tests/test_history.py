@@ -67,9 +67,19 @@ def test_an_index_grown_token_by_token_proposes_what_one_built_at_once_does():
     for i in range(30):  # siblings growing together, a token each per step
         for track, tokens in zip(tracks, completions):
             grown.extend(track, tokens[i:i + 1], 0)
+        tracks[0].prompt.propose(tracks[0], 4)  # asked each step: the indexes catch up a token at a time
     at_once = store_with(completions, prompt=(1,))
     for output in ([], [0], [1, 2], completions[0][:7], [3, 3, 3]):
         assert propose(grown, output, prompt=(1,), key=9) == propose(at_once, output, prompt=(1,), key=9)
+
+
+def test_tokens_are_indexed_only_when_a_draft_is_asked_for():
+    store = store_with([[5, 6, 7, 8], [5, 6, 7, 9]])
+    history = store.prompts[(1, 2)]
+    assert not history.ngrams and not history.root.children  # an engine taking AR steps never pays for them
+    assert propose(store, [5, 6]) == ([7, 8], "aligned")
+    # the asking row (output 5, 6) is indexed too: three completions through 5
+    assert history.ngrams[(5, 6)] == {7: 2} and history.root.children[5].count == 3 and not history.stale
 
 
 def test_the_store_keeps_its_memory_budget_evicting_the_least_recently_used_prompts():
@@ -94,6 +104,8 @@ def test_bytes_per_token_bounds_what_the_indexes_really_take():
         for p in range(4):
             for track in store.begin([p], list(range(8)), 0):
                 store.extend(track, [rng.randrange(150_000) for _ in range(100)], 0)  # no sharing: the worst case
+        for history in store.prompts.values():
+            history.catch_up()
         used = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()

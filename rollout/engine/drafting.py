@@ -95,8 +95,13 @@ class DraftShape:
 def request_class(params: SamplingParams, source: str = "") -> str:
     """The acceptance class of a row: sampler and temperature bucket ("lossless@0.9"), and
     "+<kind>" for point-mass drafts of that kind ("+lookup", "+history/aligned")."""
-    edge = next((e for e in TEMPERATURE_BUCKETS if params.temperature <= e), math.inf)
-    return f"{params.sampler}@{edge:g}" + (f"+{source}" if source else "")
+    return _class_name(params.sampler, params.temperature, source)
+
+
+@functools.lru_cache(maxsize=4096)  # asked per row and step: formatting it each time cost ~1% of an AR step
+def _class_name(sampler: str, temperature: float, source: str) -> str:
+    edge = next((e for e in TEMPERATURE_BUCKETS if temperature <= e), math.inf)
+    return f"{sampler}@{edge:g}" + (f"+{source}" if source else "")
 
 
 def takes_lookup(params: SamplingParams) -> bool:
