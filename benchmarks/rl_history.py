@@ -201,7 +201,7 @@ def plot(history: list[dict], path: Path) -> None:
     acc.set_title("acceptance vs entropy, by source", fontsize=9)
     acc.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=75)
 
 
 if __name__ == "__main__":

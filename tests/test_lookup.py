@@ -89,8 +89,26 @@ def test_a_lookup_step_that_would_leave_a_row_behind_must_pay_for_itself_in_row_
     params = [SamplingParams(temperature=0)] * 64
     shape = policy.choose(params, 64, lambda: [lk(1, 2, 3)] * 60 + [[]] * 4)
     assert shape is None or not shape.lookup
+    policy._lookup_wait = 0  # the look-up that did not pay delays the next one (see the back-off test)
     shape = policy.choose(params, 64, lambda: [lk(1, 2, 3)] * 64)
     assert shape is not None and shape.lookup
+
+
+def test_look_ups_that_do_not_pay_back_off_and_resume_at_once_when_they_do():
+    """Looking drafts up costs host time on every row: after each look-up that loses to an AR
+    step the next waits twice as many steps (1, 2, 4, ...); one that pays ends the wait."""
+    policy = costly_tokens_policy()
+    policy.calibration["lossless@0+lookup"] = [0.95] * 3
+    params, asked = [SamplingParams(temperature=0)] * 64, []
+
+    def losing(step):
+        return lambda: asked.append(step) or [lk(1, 2, 3)] * 60 + [[]] * 4
+    for step in range(12):
+        assert policy.choose(params, 64, losing(step)) is None
+    assert asked == [0, 2, 5, 10]  # waits of 1, 2 and 4 steps
+    policy._lookup_wait = 0
+    assert policy.choose(params, 64, lambda: [lk(1, 2, 3)] * 64).lookup  # it pays: no wait after it
+    assert policy._lookup_wait == 0 and policy.choose(params, 64, lambda: [lk(1, 2, 3)] * 64).lookup
 
 
 def test_only_lossless_rows_take_lookup_drafts_and_only_with_auto_drafting():

@@ -304,6 +304,9 @@ class Engine:
     def step(self) -> StepOutput:
         """One scheduler round and at most one forward. Returns the sequences it finished and
         the requests it started."""
+        # A decode step's time starts before its scheduling: the drafts' look-up (history
+        # proposals, lookup indexes) is host time its shape costs, as the forward is.
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan is None:
             return StepOutput([], [])
@@ -313,7 +316,7 @@ class Engine:
                 self.scheduler.prefilled(plan.prefill)
                 touched = {id(c.group.request): c.group.request for c in plan.prefill}
             else:
-                started, one_offs = time.perf_counter(), self.runner.one_off_count()
+                one_offs = self.runner.one_off_count()
                 result = self.runner.decode(plan.decode, plan.shape, plan.lookup)  # ends in the step's one sync
                 # A step that captured or compiled is not timed (its cost is paid once).
                 seconds = None if self.runner.one_off_count() != one_offs else time.perf_counter() - started
