@@ -150,8 +150,9 @@ def stage_weights(model: Decoder, version: int, tensors: dict[str, torch.Tensor]
     """Verifies a state dict (HF names) against the model and prepares it for commit. With
     `partial`, tensors left out keep their served values; otherwise every weight must be there.
     Dtypes follow `dtype_policy` (`check_dtype`). `owned`: nothing else can change `tensors`
-    (received for this push, or read-only views of a sealed segment or the object store), so they
-    are staged as they are rather than copied. `finite`: the caller checked the values already."""
+    (received for this push, read-only views of the object store, or of a same-host segment,
+    which its owner does not write during a push), so they are staged as they are rather than
+    copied. `finite`: the caller checked the values already."""
     expected = model.weight_names_and_shapes()
     tensors = fold_tied_head(tensors, model.config.tie_word_embeddings)
     missing = [] if partial else sorted(set(expected) - set(tensors))
