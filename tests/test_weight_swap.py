@@ -333,3 +333,20 @@ def test_a_shared_segment_is_checked_whole_and_rewritten_in_place_for_the_next_p
             replica.stage_shared(3, os.getpid(), fd, 64, [], host_id())
     finally:
         os.close(fd)
+
+
+def test_a_dropped_segment_closes_its_file_and_mapping():
+    """A SharedSegment (a WeightSync's kept one) that is dropped without close() does not keep
+    its model-sized file open until the process exits."""
+    import gc
+    import os
+
+    from rollout.service.shared_weights import SharedSegment
+    before = _memfd_mappings()
+    segment = SharedSegment([("w", torch.ones(1000))])
+    fd = segment.fd
+    assert _memfd_mappings() == before + 1 and "memfd:rollout-weights" in os.readlink(f"/proc/self/fd/{fd}")
+    del segment
+    gc.collect()
+    assert _memfd_mappings() == before
+    assert not os.path.exists(f"/proc/self/fd/{fd}") or "rollout-weights" not in os.readlink(f"/proc/self/fd/{fd}")

@@ -128,6 +128,8 @@ class SharedSegment:
         return entries
 
     def close(self) -> None:
+        if getattr(self, "fd", -1) < 0:
+            return
         if getattr(self, "_bytes", None) is not None:
             self._bytes = None
             try:
@@ -137,6 +139,10 @@ class SharedSegment:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def __del__(self) -> None:
+        # A dropped WeightSync must not keep a model-sized file open until the process exits.
+        self.close()
 
     def __enter__(self) -> SharedSegment:
         return self
