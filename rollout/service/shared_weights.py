@@ -142,7 +142,10 @@ class SharedSegment:
 
     def __del__(self) -> None:
         # A dropped WeightSync must not keep a model-sized file open until the process exits.
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown (os already gone): the exit closes it
+            pass
 
     def __enter__(self) -> SharedSegment:
         return self
