@@ -82,6 +82,26 @@ def test_tokens_are_indexed_only_when_a_draft_is_asked_for():
     assert history.ngrams[(5, 6)] == {7: 2} and history.root.children[5].count == 3 and not history.stale
 
 
+def test_a_proposal_indexes_its_own_row_and_at_most_a_budget_of_the_others_newest_first():
+    rng = random.Random(2)
+    completions = [[rng.randrange(6) for _ in range(40)] for _ in range(5)]  # 200 tokens to index
+    store = store_with(completions)
+    history = store.prompts[(1, 2)]
+    track = store.begin([1, 2], [7], 0)[0]
+    store.extend(track, completions[4][:10], 0)
+    assert track.prompt.propose(track, 4).match == "aligned"  # its own 10 tokens, then 64: the newest 40 + 24
+    assert track.indexed == 10 and [t.indexed for t in history.tracks[:5]] == [0, 0, 0, 24, 40]
+    for _ in range(3):  # the rest over the next proposals
+        track.prompt.propose(track, 4)
+    assert not history.stale  # now indexed as if at once (order aside, which only breaks ties)
+    whole = store_with(completions + [completions[4][:10]]).prompts[(1, 2)]
+    whole.catch_up()
+    assert history.ngrams == whole.ngrams
+    def firsts(h):
+        return {t: c.count for t, c in h.root.children.items()}
+    assert firsts(history) == firsts(whole)
+
+
 def test_the_store_keeps_its_memory_budget_evicting_the_least_recently_used_prompts():
     per_prompt = 8 * 20 * BYTES_PER_TOKEN
     store = HistoryStore(3 * per_prompt)
