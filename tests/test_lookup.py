@@ -137,6 +137,28 @@ def test_exploring_steps_alternate_between_the_models_drafts_and_lookup_drafts()
     assert None not in explored
 
 
+def test_exploring_waits_longer_after_drafting_steps_that_took_longer_than_predicted():
+    """The exploring budget (AR time per exploring step's time) counts a drafting step at what
+    such steps really took: measured 4x the prediction, twice, the wait is 3.25x as long."""
+    def policy_and_steps_to_explore(measured_over_predicted):
+        policy = DraftPolicy(4, (1, 2, 3, 4), "auto")
+        for rows, tokens in ((1, 1), (1, 4), (1, 20), (8, 8), (8, 160), (64, 512)):
+            for context in (16, 128):
+                policy.costs.observe(tokens > rows, rows, tokens, context, 1e-3 * tokens)
+        params = [SamplingParams(temperature=0)] * 8
+        shape = DraftShape(4, (1,))
+        predicted = policy.costs.predict(True, 8, 8 * shape.tokens_per_row, 64)
+        for _ in range(2):
+            policy.observe_step(params, shape, [0] * 8, [3] * 8, 64, measured_over_predicted * predicted)
+        policy.ar_seconds_since_drafting = 0.0
+        steps = 1
+        while policy.choose(params, 64) is None:
+            steps += 1
+        return steps
+    as_predicted, slower = policy_and_steps_to_explore(1.0), policy_and_steps_to_explore(4.0)
+    assert as_predicted > 10 and slower == pytest.approx(3.25 * as_predicted, rel=0.1)
+
+
 def test_lookup_acceptance_is_learned_apart_from_the_diffusion_drafts():
     policy = costly_tokens_policy()
     params = [SamplingParams(temperature=0)]

@@ -269,6 +269,11 @@ class DraftPolicy:
         self.estimates: dict[str, AcceptanceEstimate] = {}
         self.costs = StepCostModel()
         self.ar_seconds_since_drafting = 0.0  # predicted time spent in AR steps since the last drafting step
+        # Measured over predicted time of drafting steps (a moving average, >= 1; calibrated
+        # cost model only): the exploring budget counts what they really cost. At batch 64 on
+        # the CPU a '1/2' step took ~2x its prediction, and exploring cost ~4% of an AR-only
+        # rollout instead of 1/EXPLORE_EVERY.
+        self._explore_scale = 1.0
         self.last_choice: DraftShape | None = self.full
         self.choices: dict[str, int] = {}  # level-set label -> steps (reported in status)
         # draft source ("model", "history", "lookup", "none") -> [row-steps, drafts offered, accepted]
@@ -403,7 +408,7 @@ class DraftPolicy:
         # when the AR time since the last drafting step is EXPLORE_EVERY times that step's cost:
         # exploring costs at most ~1/EXPLORE_EVERY of the time, whatever the device. The two
         # draft sources take turns (each one's estimates only learn from its own steps).
-        if self.ar_seconds_since_drafting >= EXPLORE_EVERY * drafting_seconds:
+        if self.ar_seconds_since_drafting >= EXPLORE_EVERY * drafting_seconds * self._explore_scale:
             self.ar_seconds_since_drafting = 0.0
             lookup_turn, self._explore_lookup = self._explore_lookup, not self._explore_lookup
             if lookup_turn and lookups is not None:
@@ -559,6 +564,10 @@ class DraftPolicy:
         step paid a one-off cost and is not timed), and each drafting row's acceptance, learned
         under the kind of point-mass drafts it verified (`kinds`: per row, "" for the model's
         own drafts; None: no row had point-mass drafts)."""
+        if self._forced is None and seconds is not None and shape is not None and self.cost_model == "calibrated":
+            predicted = self.costs.predict(True, len(params), len(params) * shape.tokens_per_row, context)
+            if predicted > 0 and self.costs.coefficients() is not None:
+                self._explore_scale = max(1.0, 0.5 * self._explore_scale + 0.5 * seconds / predicted)
         if seconds is not None:
             self.costs.observe(shape is not None, len(params), len(params) * self.tokens_per_row(shape), context,
                                seconds)
