@@ -123,12 +123,41 @@ def test_expert_compute_is_grouped_by_expert(monkeypatch):
     linear = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda a, *r, **kw: calls.append(len(a)) or linear(a, *r, **kw))
     looped = moe.expert_loop(x, weights, experts, gate_up, down)
-    assert len(calls) == 2 * len(experts.unique()) and sum(calls[::2]) == N * k  # each assignment once
+    # gate_up GEMMs first (one per expert), then the down GEMMs: each assignment once in each
+    assert len(calls) == 2 * len(experts.unique()) and sum(calls[:len(calls) // 2]) == N * k
     assert (looped - ref).abs().max().item() <= 1e-4
     assert not moe.grouped_gemm_runs(x, gate_up)  # autograd: the loop
     with torch.no_grad():
         assert moe.grouped_gemm_runs(x, gate_up) == (moe._grouped_mm is not None)  # torch 2.13's CPU has it
         assert (moe.expert_grouped_gemm(x, weights, experts, gate_up, down) - ref).abs().max().item() <= 1e-4
+
+
+def test_expert_loop_one_token_and_skip_experts_equal_the_definition():
+    """The loop's special cases against the per-assignment definition: one token (no sort, k
+    assignments in order, as decode at batch 1 runs), ids >= E (ZAYA's skip expert: zero, with
+    or without real assignments beside them), and every token skipped."""
+    E, H, I = 5, 16, 8
+    gen = torch.Generator().manual_seed(1)
+    gate_up, down = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+
+    def reference(x, weights, experts):
+        def expert(e, v):
+            if e >= E:
+                return torch.zeros(H)
+            g, u = (gate_up[e] @ v).chunk(2)
+            return down[e] @ (torch.nn.functional.silu(g) * u)
+        return torch.stack([sum(weights[n, j] * expert(experts[n, j], x[n]) for j in range(experts.shape[1]))
+                            for n in range(len(x))])
+
+    cases = [(1, [[3, 0, 4]]), (1, [[2, E]]), (6, [[0], [E], [3], [E], [0], [4]]), (3, [[E], [E], [E]]),
+             (4, [[1, E], [E, 1], [2, 2 + 1], [E, E]])]
+    for n, ids in cases:
+        x = torch.randn(n, H, generator=gen)
+        experts = torch.tensor(ids)
+        weights = torch.rand(experts.shape, generator=gen)
+        out = moe.expert_loop(x, weights, experts, gate_up, down)
+        assert out.shape == x.shape
+        assert (out - reference(x, weights, experts)).abs().max().item() <= 1e-5, ids
 
 
 # ---------------------------------------------------------------------------- logits

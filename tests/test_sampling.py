@@ -14,6 +14,7 @@ from rollout.sampling import (
     policy_distribution,
     process_logits,
     residual_distribution,
+    RowSampling,
     sample_from,
     verify_coupled,
     verify_drafts,
@@ -87,6 +88,23 @@ def test_sample_from_partitions_unit_interval_by_probability():
     freq = torch.bincount(ids, minlength=5).double() / len(u)
     assert torch.allclose(freq, probs, atol=1e-4)
     assert freq[0] == 0 and freq[2] == 0
+
+
+def test_all_greedy_rows_sample_what_inverse_cdf_draws_from_the_one_hot():
+    """`RowSampling.greedy` skips the uniforms and the CDF: the index of the one-hot must be
+    what inverse CDF draws from it at every u (ties: the first maximal logit, as argmax)."""
+    from rollout.params import SamplingParams
+
+    logits = torch.randn(6, 3, 50, generator=torch.Generator().manual_seed(0))
+    logits[0, 0, 7] = logits[0, 0, 9] = logits[0, 0].max() + 1  # a tie
+    rows = RowSampling.build([SamplingParams(temperature=0)] * 6, "cpu")
+    mixed = RowSampling.build([SamplingParams(temperature=0)] * 5 + [SamplingParams(temperature=1)], "cpu")
+    assert rows.greedy and not mixed.greedy
+    probs, _ = rows.policy(logits)
+    tokens = rows.sample(probs, None, None)
+    assert tokens[0, 0] == 7 and torch.equal(tokens, logits.argmax(-1))
+    for u in (0.0, 0.5, 1 - 2 ** -53):
+        assert torch.equal(tokens.reshape(-1), sample_from(probs.reshape(-1, 50), torch.full((18,), u, dtype=torch.float64)))
 
 
 def test_verify_drafts_accepts_below_threshold_and_rejects_at_it():

@@ -481,7 +481,7 @@ def ar_sample(model: Decoder, hidden: torch.Tensor, rows: RowSampling, keys: tor
     race noise at L+1: exactly what verification with no valid drafts draws. A pure tensor
     function, so `compile=True` can run it through torch.compile."""
     p, logprobs = rows.policy(model.logits(hidden))  # [B, V]
-    u = counter_uniforms(keys, positions, purposes)[:, 0] if rows.any_residual else None
+    u = counter_uniforms(keys, positions, purposes)[:, 0] if rows.any_residual and not rows.greedy else None
     g = exponential_noise(keys, positions, logprobs.shape[-1])[:, 0] if rows.coupled is not None else None
     token = rows.sample(p, u, g)
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1), logprobs

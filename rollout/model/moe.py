@@ -25,6 +25,7 @@ Design decisions:
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -98,10 +99,15 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     CPU, whose grouped kernel visits every expert, the loop also serves steps with fewer
     assignments than half the experts (few experts hit: decode at small batch), where it is
     cheaper (`benchmarks/moe_decode.py`); there a host sync costs nothing."""
+    if loop_serves(x, experts, gate_up_proj):
+        return expert_loop(x, weights, experts, gate_up_proj, down_proj)
+    return expert_grouped_gemm(x, weights, experts, gate_up_proj, down_proj)
+
+
+def loop_serves(x: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor) -> bool:
+    """Whether `grouped_experts` takes `expert_loop` for these assignments (see there)."""
     few = x.device.type == "cpu" and 2 * experts.numel() < gate_up_proj.shape[0]
-    if not few and grouped_gemm_runs(x, gate_up_proj):
-        return expert_grouped_gemm(x, weights, experts, gate_up_proj, down_proj)
-    return expert_loop(x, weights, experts, gate_up_proj, down_proj)
+    return few or not grouped_gemm_runs(x, gate_up_proj)
 
 
 def _sorted_assignments(x: torch.Tensor, experts: torch.Tensor
@@ -112,28 +118,43 @@ def _sorted_assignments(x: torch.Tensor, experts: torch.Tensor
     return ids, order, x.index_select(0, order // experts.shape[1])
 
 
-def _combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Expert outputs [N*k, hidden] in sorted order -> each token's weighted sum over its k
-    experts [N, hidden]: back to assignment order (a permutation: no accumulation), weighted,
-    summed over k, as HF's grouped path does (deterministic, unlike index_add_)."""
+def _combine(out: torch.Tensor, order: torch.Tensor | None, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Expert outputs [M, hidden] of the first M assignments in sorted order (M < N*k when the
+    rest went to a skip expert: those contribute zero; order None: [N*k, hidden] already in
+    assignment order) -> each token's weighted sum over its k experts [N, hidden]: back to
+    assignment order (a permutation: no accumulation), weighted, summed over k, as HF's
+    grouped path does (deterministic, unlike index_add_)."""
     N, k = weights.shape
-    weighted = out.new_empty(out.shape).index_copy(0, order, out) * weights.reshape(-1, 1)
-    return weighted.view(N, k, -1).sum(dim=1).to(x.dtype)
+    if order is not None:
+        placed = out.new_zeros((N * k, out.shape[1])) if out.shape[0] < N * k else out.new_empty(out.shape)
+        out = placed.index_copy(0, order[:out.shape[0]], out)
+    return (out * weights.reshape(-1, 1)).view(N, k, -1).sum(dim=1).to(x.dtype)
 
 
 def expert_loop(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                 gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
-    """`grouped_experts` as one GEMM pair per expert that has tokens over its run of sorted rows.
-    The run lengths are read on the host (one sync)."""
-    ids, order, rows = _sorted_assignments(x, experts)
-    counts = torch.bincount(ids, minlength=gate_up_proj.shape[0]).tolist()
-    outs, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            gate, up = F.linear(rows[start:start + n], gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, down_proj[e]))
-            start += n
-    return _combine(torch.cat(outs), order, weights, x)
+    """`grouped_experts` as one GEMM pair per expert that has tokens, over its run of rows.
+    The expert ids are read on the host (one sync) and walked run by run: sorted, with ids
+    >= E (a skip expert, ZAYA's) last, computing nothing (their assignments contribute zero);
+    one token (decode at batch 1) keeps its k assignments in order, no sort and no gather.
+    The activation runs once over all runs' rows, between the two GEMM loops."""
+    N, k = experts.shape
+    E = gate_up_proj.shape[0]
+    one = experts.tolist()[0] if N == 1 else None
+    if one is not None and max(one) < E:
+        order, runs = None, [(e, 1) for e in one]
+    else:
+        ids, order, rows = _sorted_assignments(x, experts)
+        runs = [(e, sum(1 for _ in run)) for e, run in itertools.groupby(ids.tolist()) if e < E]
+    if not runs:
+        return x.new_zeros(x.shape)
+    starts = list(itertools.accumulate((n for _, n in runs), initial=0))
+    inputs = [x] * k if order is None else [rows[start:start + n] for (_, n), start in zip(runs, starts)]
+    h = [F.linear(rows, gate_up_proj[e]) for (e, _), rows in zip(runs, inputs)]
+    gate, up = (torch.cat(h) if len(h) > 1 else h[0]).chunk(2, dim=-1)
+    act = F.silu(gate) * up
+    out = [F.linear(act[start:start + n], down_proj[e]) for (e, n), start in zip(runs, starts)]
+    return _combine(torch.cat(out) if len(out) > 1 else out[0], order, weights, x)
 
 
 def expert_grouped_gemm(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,

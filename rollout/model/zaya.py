@@ -41,7 +41,7 @@ from .attention import attend, attend_sequence
 from .batch import SequenceBatch, StepBatch
 from .kv_cache import KVCache
 from .layers import Packed, RMSNorm, lay_out, packed_ready
-from .moe import Experts, grouped_experts
+from .moe import Experts, expert_loop, grouped_experts, loop_serves
 from .rope import apply_rotary, rotary_cos_sin
 
 LAYER_TYPES = ("hybrid", "hybrid_sliding")
@@ -409,8 +409,11 @@ class SparseMoeBlock(nn.Module):
         """x [N, hidden], expert [N] (num_experts: the skip expert), weight [N] -> [N, hidden]:
         the shared MoE block's grouped experts (`moe.grouped_experts`, top-1) over the tokens
         routed to a real expert; the skip expert's tokens stay zero (their rows are picked on the
-        host: one sync per layer)."""
-        routed = (expert < self.experts.gate_up_proj.shape[0]).nonzero().squeeze(1)
+        host: one sync per layer). The per-expert loop takes skip ids itself (no picking)."""
+        gate_up_proj = self.experts.gate_up_proj
+        if loop_serves(x, expert, gate_up_proj):
+            return expert_loop(x, weight[:, None], expert[:, None], gate_up_proj, self.experts.down_proj)
+        routed = (expert < gate_up_proj.shape[0]).nonzero().squeeze(1)
         out = torch.zeros_like(x)
         if routed.numel():
             out[routed] = grouped_experts(x[routed], weight[routed, None], expert[routed, None],
