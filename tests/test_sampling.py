@@ -104,7 +104,8 @@ def test_all_greedy_rows_sample_what_inverse_cdf_draws_from_the_one_hot():
     tokens = rows.sample(probs, None, None)
     assert tokens[0, 0] == 7 and torch.equal(tokens, logits.argmax(-1))
     for u in (0.0, 0.5, 1 - 2 ** -53):
-        assert torch.equal(tokens.reshape(-1), sample_from(probs.reshape(-1, 50), torch.full((18,), u, dtype=torch.float64)))
+        uniforms = torch.full((18,), u, dtype=torch.float64)
+        assert torch.equal(tokens.reshape(-1), sample_from(probs.reshape(-1, 50), uniforms))
 
 
 def test_verify_drafts_accepts_below_threshold_and_rejects_at_it():
