@@ -164,7 +164,10 @@ def _vllm_client_generate(client, service):
     assert out["completion_ids"] == [t.token_ids.tolist() for g in grpc_groups for t in g.trajectories]
     got = [[lp[0] for lp in seq] for seq in out["logprobs"]]  # TRL keeps the top-1, the sampled token
     want = [t.logprobs.tolist() for g in grpc_groups for t in g.trajectories]
-    assert all(g == pytest.approx(w, abs=1e-6) for g, w in zip(got, want))
+    # Same tokens, but not always the same step shapes: the second request may verify drafts from
+    # the first one's history where the first ran AR steps (2e-6 apart here, float32 forwards of
+    # different widths): the engine's tolerance between step shapes, 1e-5.
+    assert all(g == pytest.approx(w, abs=1e-5) for g, w in zip(got, want))
     assert [[t[0] for t in seq] for seq in out["logprob_token_ids"]] == out["completion_ids"]
 
 
