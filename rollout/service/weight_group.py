@@ -135,13 +135,7 @@ def pipelined_broadcast(group, buckets: list[Bucket], tensors: Sequence[torch.Te
         works[k] = broadcast_async(group, flat, timeout)
 
     # Bucket k + 1 is packed only once bucket k - 1 (which used the same buffer) is done.
-    if buckets:
-        start(0)
-    for k in range(len(buckets)):
-        if k + 1 < len(buckets):
-            start(k + 1)
-        works[k].wait()
-        works[k] = None
+    _one_ahead(len(buckets), start, works)
 
 
 def receive_buckets(group, buckets: list[Bucket], staging: torch.Tensor, timeout: float,
@@ -155,10 +149,17 @@ def receive_buckets(group, buckets: list[Bucket], staging: torch.Tensor, timeout
     def start(k: int) -> None:
         works[k] = broadcast_async(group, staging[bases[k]:bases[k] + buckets[k].size], timeout)
 
-    if buckets:
+    _one_ahead(len(buckets), start, works, after)
+
+
+def _one_ahead(count: int, start: Callable[[int], None], works: list, after: Callable[[int], None] | None = None
+               ) -> None:
+    """Runs `count` buckets with the next one in flight: starts bucket k + 1 (`start` stores its
+    work in `works`), waits for bucket k, then `after(k)`."""
+    if count:
         start(0)
-    for k in range(len(buckets)):
-        if k + 1 < len(buckets):
+    for k in range(count):
+        if k + 1 < count:
             start(k + 1)
         works[k].wait()
         works[k] = None
