@@ -66,6 +66,30 @@ def hf_tokens_per_second(hf, prompts, max_tokens: int, device: str) -> float:
     return len(prompts) * max_tokens / (time.perf_counter() - t0)
 
 
+def decode_rows(model_dir: str, hf, args, batches: list[int], variants: tuple[str, ...], device: str,
+                dtype: torch.dtype):
+    """One table row per batch size: our engine (samplers among `variants`) and HF `generate`
+    ("hf") over the same random prompts, one unmeasured round, then `args.repeats` rounds with the
+    variants interleaved; median tokens/s. Yields each row as it finishes."""
+    gen = torch.Generator().manual_seed(1)
+    for batch in batches:
+        engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype, mask_token_id=args.vocab - 1,
+                                        block_size=args.block_size, config=EngineConfig(
+                                            max_num_seqs=batch, max_model_len=args.prompt_len + args.max_tokens + 8))
+        prompts = torch.randint(2, args.vocab - 1, (batch, args.prompt_len), generator=gen).tolist()
+        runs = {name: [] for name in variants}
+        for r in range(args.repeats + 1):  # the first round warms up, unmeasured
+            for name in runs:
+                rate = (hf_tokens_per_second(hf, prompts, args.max_tokens, device) if name == "hf" else
+                        ours_tokens_per_second(engine, prompts, name, args.max_tokens, device))
+                if r:
+                    runs[name].append(rate)
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        lossless = f"{med['lossless']:.0f}" if "lossless" in med else "-"
+        yield f"| {batch} | {med['ar']:.0f} | {lossless} | {med['hf']:.0f} | {med['ar'] / med['hf']:.2f}x |"
+        del engine
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -96,7 +120,6 @@ def main(argv: list[str] | None = None) -> list[str]:
         build(model_dir, args)
         hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
         experts_impl = hf.config._experts_implementation
-        gen = torch.Generator().manual_seed(1)
         device = (f"{args.device} ({torch.cuda.get_device_name()})" if args.device.startswith("cuda")
                   else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
         lines += [f"Qwen3-MoE random: hidden {args.hidden}, {args.layers} layers, {args.experts} experts top-"
@@ -107,22 +130,7 @@ def main(argv: list[str] | None = None) -> list[str]:
                   "",
                   "| batch | ours AR tok/s | ours lossless tok/s | HF generate tok/s | ours AR / HF |",
                   "|---|---|---|---|---|"]
-        for batch in batches:
-            engine = Engine.from_pretrained(model_dir, device=args.device, dtype=dtype, mask_token_id=args.vocab - 1,
-                                            block_size=args.block_size, config=EngineConfig(
-                                                max_num_seqs=batch, max_model_len=args.prompt_len + args.max_tokens + 8))
-            prompts = torch.randint(2, args.vocab - 1, (batch, args.prompt_len), generator=gen).tolist()
-            runs = {"ar": [], "lossless": [], "hf": []}
-            for r in range(args.repeats + 1):  # the first round warms up, unmeasured
-                for name in runs:
-                    rate = (hf_tokens_per_second(hf, prompts, args.max_tokens, args.device) if name == "hf" else
-                            ours_tokens_per_second(engine, prompts, name, args.max_tokens, args.device))
-                    if r:
-                        runs[name].append(rate)
-            med = {k: statistics.median(v) for k, v in runs.items()}
-            lines.append(f"| {batch} | {med['ar']:.0f} | {med['lossless']:.0f} | {med['hf']:.0f} | "
-                         f"{med['ar'] / med['hf']:.2f}x |")
-            del engine
+        lines += decode_rows(model_dir, hf, args, batches, ("ar", "lossless", "hf"), args.device, dtype)
     for line in lines:
         print(line)  # noqa: T201 - a benchmark script's output
     return lines

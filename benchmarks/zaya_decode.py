@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import tempfile
 
 import torch
 
-from benchmarks.moe_decode import hf_tokens_per_second, ours_tokens_per_second
-from rollout import Engine
-from rollout.config import EngineConfig
+from benchmarks.moe_decode import decode_rows
 
 
 def build(path: str, args) -> None:
@@ -67,7 +64,6 @@ def main(argv: list[str] | None = None) -> list[str]:
     with tempfile.TemporaryDirectory() as model_dir:
         build(model_dir, args)
         hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        gen = torch.Generator().manual_seed(1)
         device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         lines += [f"ZAYA random: hidden {args.hidden}, {args.layers} layers (sliding window {args.window} on every "
                   f"second), {args.heads}/{args.kv_heads} heads, {args.experts} experts + skip (intermediate "
@@ -78,25 +74,11 @@ def main(argv: list[str] | None = None) -> list[str]:
                   "",
                   "| batch | ours AR tok/s | ours lossless tok/s | HF generate tok/s | ours AR / HF |",
                   "|---|---|---|---|---|"]
-        for batch in batches:
-            engine = Engine.from_pretrained(model_dir, mask_token_id=args.vocab - 1, block_size=args.block_size,
-                                            config=EngineConfig(max_num_seqs=batch,
-                                                                max_model_len=args.prompt_len + args.max_tokens + 8))
-            prompts = torch.randint(2, args.vocab - 1, (batch, args.prompt_len), generator=gen).tolist()
-            runs = {"ar": [], "hf": []} if args.no_lossless else {"ar": [], "lossless": [], "hf": []}
-            for r in range(args.repeats + 1):  # the first round warms up, unmeasured
-                for name in runs:
-                    rate = (hf_tokens_per_second(hf, prompts, args.max_tokens, "cpu") if name == "hf" else
-                            ours_tokens_per_second(engine, prompts, name, args.max_tokens, "cpu"))
-                    if r:
-                        runs[name].append(rate)
-            med = {k: statistics.median(v) for k, v in runs.items()}
-            lossless = f"{med['lossless']:.0f}" if "lossless" in med else "-"
-            lines.append(f"| {batch} | {med['ar']:.0f} | {lossless} | {med['hf']:.0f} | {med['ar'] / med['hf']:.2f}x |")
-            if batch == batches[0]:
-                print("\n".join(lines[:-1]), flush=True)  # noqa: T201 - a benchmark script's output
-            print(lines[-1], flush=True)  # noqa: T201 - rows as they finish (a slow, shared machine)
-            del engine
+        print("\n".join(lines), flush=True)  # noqa: T201 - a benchmark script's output
+        variants = ("ar", "hf") if args.no_lossless else ("ar", "lossless", "hf")
+        for row in decode_rows(model_dir, hf, args, batches, variants, "cpu", torch.float32):
+            lines.append(row)
+            print(row, flush=True)  # noqa: T201 - rows as they finish (a slow, shared machine)
     return lines
 
 
