@@ -564,13 +564,13 @@ class DraftPolicy:
         step paid a one-off cost and is not timed), and each drafting row's acceptance, learned
         under the kind of point-mass drafts it verified (`kinds`: per row, "" for the model's
         own drafts; None: no row had point-mass drafts)."""
+        tokens = len(params) * self.tokens_per_row(shape)
         if self._forced is None and seconds is not None and shape is not None and self.cost_model == "calibrated":
-            predicted = self.costs.predict(True, len(params), len(params) * shape.tokens_per_row, context)
+            predicted = self.costs.predict(True, len(params), tokens, context)
             if predicted > 0 and self.costs.coefficients() is not None:
                 self._explore_scale = max(1.0, 0.5 * self._explore_scale + 0.5 * seconds / predicted)
         if seconds is not None:
-            self.costs.observe(shape is not None, len(params), len(params) * self.tokens_per_row(shape), context,
-                               seconds)
+            self.costs.observe(shape is not None, len(params), tokens, context, seconds)
         if self._forced is not None:
             return
         seen = set()
