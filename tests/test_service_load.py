@@ -123,6 +123,9 @@ def test_slots_and_outstanding_tokens_come_back_after_a_thousand_mixed_requests(
 def test_status_reports_the_pool_and_the_drafting_choices(runner):
     from rollout.v1 import rollout_pb2 as pb
     stub = runner.stub()
+    # An AR request first: the status read right after the lossless one must be taken after it
+    # (the loop publishes on every step that finishes a request, not a second later when idle).
+    stub.Generate(request([[2, 3]], max_tokens=4, sampler="ar", seed=5), timeout=CALL_TIMEOUT)
     stub.Generate(request([[2, 3]], max_tokens=12, n=2, seed=5), timeout=CALL_TIMEOUT)
     replica = stub.GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT).replicas[0]
     assert (replica.num_slots, replica.free_slots, replica.running_sequences) == (4, 4, 0)

@@ -162,6 +162,8 @@ class GeneratorReplica:
                 log.exception("replica %s: engine step failed", self.name)
                 self._fail_all(f"{type(e).__name__}: {e}")
                 continue
+            if out.finished:  # a caller that has its result sees a status taken after it (not one step older)
+                self._publish_status()
             self._emit(out)
             shape = self.engine.drafting.last_choice
             self.metrics.level_set.set(0 if shape is None else len(shape.levels))
@@ -330,8 +332,8 @@ class GeneratorReplica:
         self._status_at = time.monotonic()
 
     def status(self) -> dict:
-        """The loop's latest snapshot (at most STATUS_INTERVAL old while it steps; taken after
-        every command when idle) plus what other threads may read directly: version, pause."""
+        """The loop's latest snapshot (at most STATUS_INTERVAL old while it steps, taken after
+        every step that finishes a request and after every command when idle) plus what other threads may read directly: version, pause."""
         node = ""
         try:
             import ray
