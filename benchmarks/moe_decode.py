@@ -4,6 +4,7 @@ reference) against HF `generate`, same weights, batch 1, 16 and 64, interleaved.
     python -m benchmarks.moe_decode                        # CPU, default shape
     python -m benchmarks.moe_decode --device cuda --dtype bfloat16
     python -m benchmarks.moe_decode --batches 1,16 --max-tokens 16 --repeats 1   # quick
+    python -m benchmarks.moe_decode --compile --no-lossless   # + our engine under torch.compile
 
 The model is built by transformers from a config (random weights, std 0.02, seed 0) and saved;
 our engine loads that directory (the user's path: per-expert tensors on disk gathered into
@@ -66,28 +67,39 @@ def hf_tokens_per_second(hf, prompts, max_tokens: int, device: str) -> float:
     return len(prompts) * max_tokens / (time.perf_counter() - t0)
 
 
+TABLE_HEADER = ["| batch | ours AR tok/s | ours AR compiled tok/s | ours lossless tok/s | HF generate tok/s "
+                "| ours AR / HF | ours AR compiled / HF |",
+                "|---|---|---|---|---|---|---|"]
+
+
 def decode_rows(model_dir: str, hf, args, batches: list[int], variants: tuple[str, ...], device: str,
                 dtype: torch.dtype):
-    """One table row per batch size: our engine (samplers among `variants`) and HF `generate`
-    ("hf") over the same random prompts, one unmeasured round, then `args.repeats` rounds with the
-    variants interleaved; median tokens/s. Yields each row as it finishes."""
+    """One table row per batch size (`TABLE_HEADER`): our engine (samplers "ar", "lossless",
+    and "compiled": AR on a second engine with `EngineConfig(compile=True)`) and HF `generate`
+    ("hf") over the same random prompts, one unmeasured round (the compiled engine compiles
+    there), then `args.repeats` rounds with the variants interleaved; median tokens/s. Yields
+    each row as it finishes."""
     gen = torch.Generator().manual_seed(1)
     for batch in batches:
-        engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype, mask_token_id=args.vocab - 1,
-                                        block_size=args.block_size, config=EngineConfig(
-                                            max_num_seqs=batch, max_model_len=args.prompt_len + args.max_tokens + 8))
+        engines = {compile: Engine.from_pretrained(
+            model_dir, device=device, dtype=dtype, mask_token_id=args.vocab - 1, block_size=args.block_size,
+            config=EngineConfig(max_num_seqs=batch, max_model_len=args.prompt_len + args.max_tokens + 8,
+                                compile=compile))
+            for compile in {name == "compiled" for name in variants if name != "hf"}}
         prompts = torch.randint(2, args.vocab - 1, (batch, args.prompt_len), generator=gen).tolist()
         runs = {name: [] for name in variants}
         for r in range(args.repeats + 1):  # the first round warms up, unmeasured
             for name in runs:
                 rate = (hf_tokens_per_second(hf, prompts, args.max_tokens, device) if name == "hf" else
-                        ours_tokens_per_second(engine, prompts, name, args.max_tokens, device))
+                        ours_tokens_per_second(engines[name == "compiled"], prompts,
+                                               "ar" if name == "compiled" else name, args.max_tokens, device))
                 if r:
                     runs[name].append(rate)
         med = {k: statistics.median(v) for k, v in runs.items()}
-        lossless = f"{med['lossless']:.0f}" if "lossless" in med else "-"
-        yield f"| {batch} | {med['ar']:.0f} | {lossless} | {med['hf']:.0f} | {med['ar'] / med['hf']:.2f}x |"
-        del engine
+        cells = [f"{med[k]:.0f}" if k in med else "-" for k in ("ar", "compiled", "lossless", "hf")]
+        ratios = [f"{med[k] / med['hf']:.2f}x" if k in med else "-" for k in ("ar", "compiled")]
+        yield f"| {batch} | {' | '.join(cells + ratios)} |"
+        del engines
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -108,6 +120,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--vocab", type=int, default=4096, help="vocabulary size (the last id is the mask token)")
     p.add_argument("--block-size", type=int, default=4, help="TiDAR block length of the lossless column")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--compile", action="store_true",
+                   help="add our AR on an engine with compile=True (compiles in the unmeasured round)")
+    p.add_argument("--no-lossless", action="store_true", help="skip the lossless TiDAR column (a shorter run)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,10 +142,9 @@ def main(argv: list[str] | None = None) -> list[str]:
                   f"{args.dtype} on {device}; torch {torch.__version__}, transformers {transformers.__version__} "
                   f"(experts_implementation={experts_impl}); prompt {args.prompt_len}, {args.max_tokens} new "
                   f"tokens, greedy, median of {args.repeats}",
-                  "",
-                  "| batch | ours AR tok/s | ours lossless tok/s | HF generate tok/s | ours AR / HF |",
-                  "|---|---|---|---|---|"]
-        lines += decode_rows(model_dir, hf, args, batches, ("ar", "lossless", "hf"), args.device, dtype)
+                  ""] + TABLE_HEADER
+        variants = ("ar",) + ("compiled",) * args.compile + ("lossless",) * (not args.no_lossless) + ("hf",)
+        lines += decode_rows(model_dir, hf, args, batches, variants, args.device, dtype)
     for line in lines:
         print(line)  # noqa: T201 - a benchmark script's output
     return lines

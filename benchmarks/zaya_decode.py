@@ -3,6 +3,8 @@ lossless TiDAR for reference) against HF `generate`, same weights, batch 1, 16 a
 
     python -m benchmarks.zaya_decode                        # CPU, default shape
     python -m benchmarks.zaya_decode --batches 1,16 --max-tokens 16 --repeats 1   # quick
+    python -m benchmarks.zaya_decode --dtype bfloat16      # the same weights in bf16 on both sides
+    python -m benchmarks.zaya_decode --compile --no-lossless   # + our engine under torch.compile
 
 The model is built by transformers from a config (random weights, HF's init, seed 0) and saved;
 our engine loads that directory. Layers alternate full and sliding-window attention (window
@@ -20,7 +22,7 @@ import tempfile
 
 import torch
 
-from benchmarks.moe_decode import decode_rows
+from benchmarks.moe_decode import TABLE_HEADER, decode_rows
 
 
 def build(path: str, args) -> None:
@@ -39,6 +41,7 @@ def build(path: str, args) -> None:
 
 def main(argv: list[str] | None = None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache")
     p.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes (prompts decoded at once)")
     p.add_argument("--prompt-len", type=int, default=16, help="random prompt tokens per row")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens decoded per row")
@@ -53,30 +56,31 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--vocab", type=int, default=4096, help="vocabulary size (the last id is the mask token)")
     p.add_argument("--block-size", type=int, default=4, help="TiDAR block length of the lossless column")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--compile", action="store_true",
+                   help="add our AR on an engine with compile=True (compiles in the unmeasured round)")
     p.add_argument("--no-lossless", action="store_true", help="skip the lossless TiDAR column (a shorter run)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
+    dtype = getattr(torch, args.dtype)
     batches = [int(b) for b in args.batches.split(",")]
     lines = []
     with tempfile.TemporaryDirectory() as model_dir:
         build(model_dir, args)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         lines += [f"ZAYA random: hidden {args.hidden}, {args.layers} layers (sliding window {args.window} on every "
                   f"second), {args.heads}/{args.kv_heads} heads, {args.experts} experts + skip (intermediate "
-                  f"{args.expert_intermediate}), vocab {args.vocab}; float32 on {device}; torch {torch.__version__}, "
+                  f"{args.expert_intermediate}), vocab {args.vocab}; {args.dtype} on {device}; torch {torch.__version__}, "
                   f"transformers {transformers.__version__} (experts_implementation="
                   f"{hf.config._experts_implementation}); prompt {args.prompt_len}, {args.max_tokens} new tokens, "
                   f"greedy, median of {args.repeats}",
-                  "",
-                  "| batch | ours AR tok/s | ours lossless tok/s | HF generate tok/s | ours AR / HF |",
-                  "|---|---|---|---|---|"]
+                  ""] + TABLE_HEADER
         print("\n".join(lines), flush=True)  # noqa: T201 - a benchmark script's output
-        variants = ("ar", "hf") if args.no_lossless else ("ar", "lossless", "hf")
-        for row in decode_rows(model_dir, hf, args, batches, variants, "cpu", torch.float32):
+        variants = ("ar",) + ("compiled",) * args.compile + ("lossless",) * (not args.no_lossless) + ("hf",)
+        for row in decode_rows(model_dir, hf, args, batches, variants, "cpu", dtype):
             lines.append(row)
             print(row, flush=True)  # noqa: T201 - rows as they finish (a slow, shared machine)
     return lines

@@ -160,6 +160,63 @@ def test_expert_loop_one_token_and_skip_experts_equal_the_definition():
         assert (out - reference(x, weights, experts)).abs().max().item() <= 1e-5, ids
 
 
+def _reference_with_skip(gate_up, down, x, weights, experts):
+    """The per-assignment definition; ids >= E (a skip expert) contribute zero."""
+    E, H = down.shape[0], down.shape[1]
+
+    def expert(e, v):
+        if e >= E:
+            return torch.zeros(H)
+        g, u = (gate_up[e] @ v).chunk(2)
+        return down[e] @ (torch.nn.functional.silu(g) * u)
+    return torch.stack([sum(weights[n, j] * expert(experts[n, j], x[n]) for j in range(experts.shape[1]))
+                        for n in range(len(x))])
+
+
+def test_grouped_gemm_zeroes_skip_expert_rows_the_kernel_leaves_unwritten(monkeypatch):
+    """ZAYA's skip ids sort past every offset of the grouped GEMM, whose kernel leaves those rows
+    unwritten: here they hold NaN (as reused memory may), and the result must still equal the
+    definition (zero for skipped assignments), not NaN and not garbage."""
+    E, H, I, N = 4, 16, 8, 12
+    gen = torch.Generator().manual_seed(2)
+    gate_up, down = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    x = torch.randn(N, H, generator=gen)
+    experts = torch.tensor([[0], [E], [3], [E], [1], [1], [E], [2], [0], [3], [E], [2]])
+    weights = torch.rand(experts.shape, generator=gen)
+    real = moe._grouped_mm
+
+    def unwritten_nan(a, b, offs):
+        out = real(a, b, offs=offs)
+        out[int(offs[-1]):] = float("nan")
+        return out
+    monkeypatch.setattr(moe, "_grouped_mm", unwritten_nan)
+    with torch.no_grad():
+        out = moe.expert_grouped_gemm(x, weights, experts, gate_up, down, skip_expert=True)
+    assert (out - _reference_with_skip(gate_up, down, x, weights, experts)).abs().max().item() <= 1e-4
+
+
+def test_grouped_experts_trace_into_one_compiled_graph_as_the_eager_op():
+    """Under torch.compile the expert grouping (host reads: run lengths, a token's ids) is one
+    opaque op: fullgraph=True would raise at a graph break. Loop (one token, few assignments)
+    and grouped GEMM (many) alike, with and without skip ids, equal the eager call and the
+    definition."""
+    E, H, I = 8, 16, 8
+    gen = torch.Generator().manual_seed(3)
+    gate_up, down = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    compiled = torch.compile(moe.grouped_experts, fullgraph=True, dynamic=True)
+    cases = [([[5, 1]], False), ([[3], [E]], True), ([[e % (E + 1)] for e in range(20)], True),
+             ([[e % E, (e + 3) % E] for e in range(12)], False)]
+    with torch.no_grad():
+        for ids, skip in cases:
+            experts = torch.tensor(ids)
+            x = torch.randn(len(ids), H, generator=gen)
+            weights = torch.rand(experts.shape, generator=gen)
+            eager = moe.grouped_experts(x, weights, experts, gate_up, down, skip_expert=skip)
+            out = compiled(x, weights, experts, gate_up, down, skip_expert=skip)
+            assert torch.equal(out, eager), ids
+            assert (out - _reference_with_skip(gate_up, down, x, weights, experts)).abs().max().item() <= 1e-4
+
+
 # ---------------------------------------------------------------------------- logits
 def test_prefill_chunked_prefill_decode_and_tidar_step_logits_match_hf(family):
     _, engine, hf = family

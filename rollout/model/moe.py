@@ -90,18 +90,48 @@ class SparseMoeBlock(nn.Module):
 
 
 def grouped_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                    gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
-    """sum_j weights[n, j] * expert_{experts[n, j]}(x[n]) for every token n, grouped by expert.
+                    gate_up_proj: torch.Tensor, down_proj: torch.Tensor, skip_expert: bool = False
+                    ) -> torch.Tensor:
+    """sum_j weights[n, j] * expert_{experts[n, j]}(x[n]) for every token n, grouped by expert;
+    with `skip_expert`, ids >= E name a skip expert (ZAYA's) whose assignments contribute zero.
 
     x [N, hidden]; weights, experts [N, k]; gate_up_proj [E, 2I, hidden]; down_proj [E, hidden, I].
     One grouped GEMM per projection where the device runs one (`grouped_gemm_runs`), else one
     GEMM pair per expert that has tokens (`expert_loop`, also the path with autograd). On the
     CPU, whose grouped kernel visits every expert, the loop also serves steps with fewer
     assignments than half the experts (few experts hit: decode at small batch), where it is
-    cheaper (`benchmarks/moe_decode.py`); there a host sync costs nothing."""
+    cheaper (`benchmarks/moe_decode.py`); there a host sync costs nothing.
+    While torch.compile traces a forward that would take the loop (or a grouped GEMM Inductor
+    cannot lower), the same eager code runs as one opaque op (`rollout::grouped_experts`): the
+    host reads stay inside it, so the graph around it is neither broken nor recompiled per
+    token-count pattern, and the step is still one compiled call."""
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and not _traceable(x, experts, gate_up_proj):
+        return torch.ops.rollout.grouped_experts(x, weights, experts, gate_up_proj, down_proj, skip_expert)
+    return _grouped_experts(x, weights, experts, gate_up_proj, down_proj, skip_expert)
+
+
+def _grouped_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                     gate_up_proj: torch.Tensor, down_proj: torch.Tensor, skip_expert: bool) -> torch.Tensor:
     if loop_serves(x, experts, gate_up_proj):
         return expert_loop(x, weights, experts, gate_up_proj, down_proj)
-    return expert_grouped_gemm(x, weights, experts, gate_up_proj, down_proj)
+    return expert_grouped_gemm(x, weights, experts, gate_up_proj, down_proj, skip_expert)
+
+
+def _traceable(x: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor) -> bool:
+    """Whether the grouped GEMM path serves this forward and traces into a compiled graph
+    (no host read): off the CPU, in a dtype Inductor lowers (`grouped_gemm_runs`)."""
+    return x.device.type != "cpu" and not loop_serves(x, experts, gate_up_proj)
+
+
+@torch.library.custom_op("rollout::grouped_experts", mutates_args=())
+def _grouped_experts_op(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                        gate_up_proj: torch.Tensor, down_proj: torch.Tensor, skip_expert: bool) -> torch.Tensor:
+    return _grouped_experts(x, weights, experts, gate_up_proj, down_proj, skip_expert)
+
+
+@_grouped_experts_op.register_fake
+def _(x, weights, experts, gate_up_proj, down_proj, skip_expert):
+    return x.new_empty(x.shape)
 
 
 def loop_serves(x: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor) -> bool:
@@ -158,16 +188,22 @@ def expert_loop(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
 
 
 def expert_grouped_gemm(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                        gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+                        gate_up_proj: torch.Tensor, down_proj: torch.Tensor, skip_expert: bool = False
+                        ) -> torch.Tensor:
     """`grouped_experts` with one grouped GEMM per projection (each expert's weights applied to
-    its run of sorted rows by offsets): no host sync, so it runs inside captured graphs."""
+    its run of sorted rows by offsets): no host sync, so it runs inside captured graphs. Skip
+    ids sort last, past every offset: the kernel leaves their rows unwritten, so they are
+    zeroed by a select (not a product: unwritten memory may hold NaN)."""
     ids, order, rows = _sorted_assignments(x, experts)
     E = gate_up_proj.shape[0]
     # histc, not bincount: bincount sizes its output from the data (a sync on a GPU).
     counts = torch.histc(ids.float() if ids.device.type == "cpu" else ids.int(), bins=E, min=0, max=E - 1)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     gate, up = _grouped_mm(rows, gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-    return _combine(_grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offsets), order, weights, x)
+    out = _grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offsets)
+    if skip_expert:
+        out = torch.where((ids < E)[:, None], out, 0)
+    return _combine(out, order, weights, x)
 
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)

@@ -41,7 +41,7 @@ from .attention import attend, attend_sequence
 from .batch import SequenceBatch, StepBatch
 from .kv_cache import KVCache
 from .layers import Packed, RMSNorm, lay_out, packed_ready
-from .moe import Experts, expert_loop, grouped_experts, loop_serves
+from .moe import Experts, grouped_experts
 from .rope import apply_rotary, rotary_cos_sin
 
 LAYER_TYPES = ("hybrid", "hybrid_sliding")
@@ -407,18 +407,10 @@ class SparseMoeBlock(nn.Module):
 
     def routed(self, x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [N, hidden], expert [N] (num_experts: the skip expert), weight [N] -> [N, hidden]:
-        the shared MoE block's grouped experts (`moe.grouped_experts`, top-1) over the tokens
-        routed to a real expert; the skip expert's tokens stay zero (their rows are picked on the
-        host: one sync per layer). The per-expert loop takes skip ids itself (no picking)."""
-        gate_up_proj = self.experts.gate_up_proj
-        if loop_serves(x, expert, gate_up_proj):
-            return expert_loop(x, weight[:, None], expert[:, None], gate_up_proj, self.experts.down_proj)
-        routed = (expert < gate_up_proj.shape[0]).nonzero().squeeze(1)
-        out = torch.zeros_like(x)
-        if routed.numel():
-            out[routed] = grouped_experts(x[routed], weight[routed, None], expert[routed, None],
-                                          self.experts.gate_up_proj, self.experts.down_proj).to(out.dtype)
-        return out
+        the shared MoE block's grouped experts (`moe.grouped_experts`, top-1); the skip expert's
+        tokens stay zero (the per-expert loop walks past them, the grouped GEMM zeroes them)."""
+        return grouped_experts(x, weight[:, None], expert[:, None], self.experts.gate_up_proj,
+                               self.experts.down_proj, skip_expert=True)
 
 
 class ResidualScaling(nn.Module):
@@ -486,7 +478,7 @@ class ZayaDecoder(nn.Module):
         self.input_major = False
 
     graph_capturable = False  # the expert grouping reads token counts on the host
-    compilable = False  # ... which breaks torch.compile's graph each layer (not tested: refused)
+    compilable = True  # the expert grouping runs as one opaque op under torch.compile (moe.grouped_experts)
     dense_masks = True  # whole sequences: its convolutions follow the mask, read densely
 
     @property
