@@ -47,13 +47,15 @@ def build(path: str, args) -> None:
     transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
 
 
-def ours_tokens_per_second(engine: Engine, prompts, sampler: str, max_tokens: int, device: str) -> float:
+def ours_tokens_per_second(engine: Engine, prompts, sampler: str, max_tokens: int, device: str
+                           ) -> tuple[float, list[list[int]]]:
+    """(tokens/s, each row's greedy tokens)."""
     params = SamplingParams(sampler=sampler, temperature=0, max_tokens=max_tokens)
     sync(device)
     t0 = time.perf_counter()
-    engine.generate(prompts, params)
+    outs = engine.generate(prompts, params)
     sync(device)
-    return engine.last_stats.generated_tokens / (time.perf_counter() - t0)
+    return engine.last_stats.generated_tokens / (time.perf_counter() - t0), [g[0].token_ids for g in outs]
 
 
 def hf_tokens_per_second(hf, prompts, max_tokens: int, device: str) -> float:
@@ -87,14 +89,18 @@ def decode_rows(model_dir: str, hf, args, batches: list[int], variants: tuple[st
                                 compile=compile))
             for compile in {name == "compiled" for name in variants if name != "hf"}}
         prompts = torch.randint(2, args.vocab - 1, (batch, args.prompt_len), generator=gen).tolist()
-        runs = {name: [] for name in variants}
+        runs, greedy = {name: [] for name in variants}, {}
         for r in range(args.repeats + 1):  # the first round warms up, unmeasured
             for name in runs:
-                rate = (hf_tokens_per_second(hf, prompts, args.max_tokens, device) if name == "hf" else
-                        ours_tokens_per_second(engines[name == "compiled"], prompts,
-                                               "ar" if name == "compiled" else name, args.max_tokens, device))
+                if name == "hf":
+                    rate = hf_tokens_per_second(hf, prompts, args.max_tokens, device)
+                else:
+                    rate, greedy[name] = ours_tokens_per_second(engines[name == "compiled"], prompts, "ar"
+                                                                if name == "compiled" else name, args.max_tokens, device)
                 if r:
                     runs[name].append(rate)
+        if "compiled" in greedy and greedy["compiled"] != greedy["ar"]:
+            raise RuntimeError(f"batch {batch}: the compiled engine's greedy tokens differ from the eager engine's")
         med = {k: statistics.median(v) for k, v in runs.items()}
         cells = [f"{med[k]:.0f}" if k in med else "-" for k in ("ar", "compiled", "lossless", "hf")]
         ratios = [f"{med[k] / med['hf']:.2f}x" if k in med else "-" for k in ("ar", "compiled")]

@@ -16,6 +16,9 @@ Design decisions:
   sync, so decode steps can be captured as graphs. Elsewhere, and with autograd (training), a
   loop over the experts that have tokens runs one GEMM pair each (`expert_loop`, which reads the
   run lengths on the host). Never a loop over tokens. The two agree (`tests/test_moe.py`).
+  Under torch.compile, where the forward would take the loop (or a grouped GEMM Inductor
+  cannot lower), the same eager code runs as one opaque op (`rollout::grouped_experts`): the
+  step stays one compiled graph and the rest of it fuses (ZAYA's ~900 small ops per step).
 - Numerics follow HF: router softmax in float32, top-k, optional renormalisation in float32;
   Qwen3-MoE casts the routing weights back to the hidden dtype before weighting, Mixtral
   weights in float32 and casts the sum (`weights_in_fp32`). Each token's k weighted outputs

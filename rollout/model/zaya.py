@@ -20,7 +20,8 @@ Design decisions:
 - The router state carried from layer to layer is per token (no mixing over the sequence),
   so it needs no pool state. Experts are the shared MoE block's (`moe.Experts`,
   `moe.grouped_experts`: sorted by expert once per layer, grouped GEMMs or one matmul pair per
-  expert that has tokens) over the tokens routed to a real expert; the skip expert computes nothing.
+  expert that has tokens); the skip expert computes nothing and contributes zero. Under
+  torch.compile the grouping is one opaque op, so a decode step compiles unbroken.
 - fp32 residual stream as HF (`residual_in_fp32`); router softmax in the model dtype, the
   balancing biases added in fp32, as HF.
 - Sliding-window (`hybrid_sliding`) layers attend through the dense path with the window as
