@@ -134,7 +134,7 @@ class ModelRunner:
         self.num_valid = torch.ones(S, dtype=torch.long, device=device)  # drafts incl. d_0
         self.keys = torch.zeros(S, dtype=torch.long, device=device)
         self.ar_layout = ar_layout().to(device)
-        for t in (self.cache.k, self.cache.v, self.drafts, self.draft_logits, self.num_valid, self.keys):
+        for t in (self.cache.k, self.cache.v, *self.cache.state, self.drafts, self.draft_logits, self.num_valid, self.keys):
             self._static(t)  # shapes fixed for the engine's life
         if cuda_graphs and compile:
             raise ValueError("cuda_graphs and compile are exclusive: choose one")

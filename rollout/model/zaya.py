@@ -238,8 +238,11 @@ class CCAProjection(nn.Module):
         qk = torch.cat((q, k), dim=-1)  # [B, T, C] the convolutions' input
         pooled_qk = pooled_v = None
         if cache is not None:
-            pooled_qk, pooled_v = cache.read_state(layer, batch.slots, lags.cache_pos)
+            # Write, then read: the reads that count are of committed positions, which this step
+            # does not write; read first, torch.compile would copy the whole state pool per step
+            # to keep the old values alive.
             cache.write_state(layer, batch.write_index, (qk, v_delay))
+            pooled_qk, pooled_v = cache.read_state(layer, batch.slots, lags.cache_pos)
         P = self.conv_qk_depthwise.kernel_size[0] + self.conv_qk_grouped.kernel_size[0] - 2
         past = path_window(qk, lags, pooled_qk)[:, :, lags.index.shape[-1] - P:]  # lags P..1
         window = torch.cat((past, qk[:, :, None]), dim=2)  # [B, T, P+1, C]
