@@ -32,6 +32,7 @@ from rollout import Engine, SamplingParams
 from rollout.config import EngineConfig
 
 from .acceptance import heldout_prompts
+from .rerollout import time_by_kind, time_shares_cell
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "rollout" / "default_model"
 TARGETS = {"lossless / ar": 0.95, "lossless / ar, T=0, batch 1": 1.3, "mixed / lossless, T=1": 1.0,
@@ -68,13 +69,14 @@ def repeat_prompts(prompts: list, batch: int, rep: int) -> list:
 
 def engine_table(engine: Engine, prompts, args) -> list[str]:
     lines = ["| T | batch | ar tokens/s | lossless tokens/s | mixed tokens/s | lossless / ar (target) | "
-             "mixed / lossless | tokens/forward lossless | lossless row-steps by shape |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "mixed / lossless | tokens/forward lossless | lossless row-steps by shape | "
+             "lossless decode time by step kind |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for temperature in args.temperatures:
         samplers = ["ar", "lossless"] + (["mixed"] if temperature > 0 else [])
         for batch in args.batches:
             rates = {s: [] for s in samplers}
-            tpf, shapes = [], Counter()
+            tpf, shapes, kinds = [], Counter(), {}
             if args.compile:  # compile every step shape this cell meets before timing it
                 for sampler in samplers:
                     engine.generate(prompts[:batch], SamplingParams(sampler=sampler, temperature=temperature,
@@ -84,11 +86,15 @@ def engine_table(engine: Engine, prompts, args) -> list[str]:
                 for sampler in (samplers if rep % 2 == 0 else samplers[::-1]):  # no sampler always first
                     params = SamplingParams(sampler=sampler, temperature=temperature, max_tokens=args.max_tokens,
                                             seed=rep, mix_weight=args.mix_weight)
+                    before = time_by_kind(engine)
                     rate, per_forward, chosen = timed(engine, batch_prompts, params, args.device)
                     rates[sampler].append(rate)
                     if sampler == "lossless":
                         tpf.append(per_forward)
                         shapes += chosen
+                        for kind, (n, t) in time_by_kind(engine).items():  # this run's steps, summed over repeats
+                            was, sum_ = before.get(kind, [0, 0.0]), kinds.setdefault(kind, [0, 0.0])
+                            sum_[0], sum_[1] = sum_[0] + n - was[0], sum_[1] + t - was[1]
             med = {s: statistics.median(r) for s, r in rates.items()}
             target = TARGETS["lossless / ar, T=0, batch 1"] if temperature == 0 and batch == 1 else TARGETS[
                 "lossless / ar"]
@@ -97,7 +103,8 @@ def engine_table(engine: Engine, prompts, args) -> list[str]:
             mixed_ratio = f"{paired(rates['mixed'], rates['lossless']):.2f}x" if "mixed" in med else "-"
             lines.append(f"| {temperature:g} | {batch} | {med['ar']:.0f} | {med['lossless']:.0f} | {mixed} | "
                          f"{ratio:.2f}x ({'>=' if ratio >= target else 'below'} {target}) | {mixed_ratio} | "
-                         f"{statistics.median(tpf):.2f} | {dict(shapes.most_common())} |")
+                         f"{statistics.median(tpf):.2f} | {dict(shapes.most_common())} | "
+                         f"{time_shares_cell({}, kinds)} |")
             print(lines[-1], flush=True)
     return lines
 

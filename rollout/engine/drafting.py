@@ -63,7 +63,7 @@ TEMPERATURE_BUCKETS = (0.0, 0.5, 0.9, 1.1)  # upper edges; above the last: one m
 PRIOR_ACCEPTANCE = 0.5  # per draft position, when nothing is known about a class
 PRIOR_WEIGHT = 8.0      # how many observed attempts the prior (or calibration) is worth
 DECAY = 0.995           # per observed step: older acceptance counts fade
-EXPLORE_EVERY = 64      # AR-step time per exploring drafting step's time (see DraftPolicy._best)
+EXPLORE_EVERY = 64      # measured AR time per second of measured exploring time (see DraftPolicy._best)
 # What a lookup step saves must exceed its extra cost by this factor (`_lookup_rate`): the cost
 # fit is least sure of the steps it rarely times, and row-steps saved late are cheaper than its
 # per-row cost says (a shrinking batch; compiled steps pad rows to a power of two).
@@ -268,12 +268,25 @@ class DraftPolicy:
         self.calibration = calibration or {}
         self.estimates: dict[str, AcceptanceEstimate] = {}
         self.costs = StepCostModel()
-        self.ar_seconds_since_drafting = 0.0  # predicted time spent in AR steps since the last drafting step
-        # Measured over predicted time of drafting steps (a moving average, >= 1; calibrated
-        # cost model only): the exploring budget counts what they really cost. At batch 64 on
-        # the CPU a '1/2' step took ~2x its prediction, and exploring cost ~4% of an AR-only
-        # rollout instead of 1/EXPLORE_EVERY.
+        # Exploring (see `_best`) spends measured time from a budget: each AR step the policy
+        # chose earns 1/EXPLORE_EVERY of its measured seconds, each exploring step is charged
+        # its measured seconds, and an exploration starts only when the budget holds its
+        # expected cost. Predicted seconds set the budget before: the fit priced a '1/2' step
+        # at batch 64 on the CPU at half its real cost (relative to an AR step), and
+        # exploring took ~4% of an AR-only rollout instead of 1/EXPLORE_EVERY.
+        self._explore_credit = 0.0
+        # Measured over predicted seconds of exploring steps (a moving average): the expected
+        # cost of the next exploration, so that the budget is rarely overdrawn.
         self._explore_scale = 1.0
+        self._charging = False  # whether the step just chosen is charged to the budget
+        self._earning = False   # whether it is an AR step the policy chose over drafting
+        self._looked_up = False  # whether its rows looked up point-mass drafts (and they lost)
+        # label ("ar", "1/2", ...; " exploring", " looked up" appended) -> [timed steps, seconds]:
+        # where a rollout's time went (benchmarks read it).
+        self.step_time: dict[str, list[float]] = {}
+        # The step after an exploring TiDAR step: it verifies the drafts that step made (an
+        # AR step would drop them: exploring taught nothing).
+        self._follow_up: DraftShape | None = None
         self.last_choice: DraftShape | None = self.full
         self.choices: dict[str, int] = {}  # level-set label -> steps (reported in status)
         # draft source ("model", "history", "lookup", "none") -> [row-steps, drafts offered, accepted]
@@ -339,7 +352,9 @@ class DraftPolicy:
     def wants_lookup(self, params: list[SamplingParams]) -> bool:
         """Whether this step's rows should look up their point-mass drafts (`choose`'s `lookups`)."""
         not_forced_elsewhere = self._forced is None or (self._forced[0] is not None and self._forced[0].lookup)
-        return bool(self.lookup_candidates) and not_forced_elsewhere and any(map(takes_lookup, params))
+        # The step after an exploring TiDAR step verifies the model's drafts: no look-up.
+        return (bool(self.lookup_candidates) and not_forced_elsewhere and self._follow_up is None
+                and any(map(takes_lookup, params)))
 
     def choose(self, params: list[SamplingParams], context: float,
                lookups: Callable[[], list[list[RowDraft]]] | None = None) -> DraftShape | None:
@@ -348,9 +363,10 @@ class DraftPolicy:
         win); which rows then take them: `assign`."""
         if self._forced is not None:
             return self._forced[0]
+        self._charging = self._earning = self._looked_up = False
         drafting = [p for p in params if p.sampler != "ar"]
         if not drafting or self.k < 2:
-            choice = None
+            choice, self._follow_up = None, None
         elif self.mode == "fixed":
             choice = self.full
         else:
@@ -383,11 +399,16 @@ class DraftPolicy:
             if len(self._decisions) > 4096:
                 self._decisions.clear()
             self._decisions[key] = decision
-        best, best_drafting, ar_seconds, drafting_seconds, best_rate, lookup_bound = decision
+        best, best_drafting, _, _, best_rate, lookup_bound = decision
         self._rank_every = AR_REFIT_EVERY if best is None and lookup_bound <= best_rate else REFIT_EVERY
+        if self._follow_up is not None:  # an exploring step made drafts: verify them
+            follow_up, self._follow_up, self._charging = self._follow_up, None, True
+            return follow_up
+        looked_up = False
         if self._lookup_wait > 0:
             self._lookup_wait -= 1
         elif lookups is not None and lookup_bound > best_rate:
+            looked_up = True
             offered = self._offered(params, lookups())
             lookup, rate = self._lookup_rate(len(params), offered, context)
             stacked, stacked_rate = self._stacked_rate(counts, offered, len(params) - len(drafting), len(params),
@@ -402,21 +423,42 @@ class DraftPolicy:
             self._lookup_misses = 0 if paid else self._lookup_misses + 1
             self._lookup_wait = 0 if paid else min(2 ** (self._lookup_misses - 1), LOOKUP_BACKOFF)
         if best is not None:
-            self.ar_seconds_since_drafting = 0.0
+            self._explore_credit = min(self._explore_credit, 0.0)  # drafting steps teach: no exploring due
             return best
-        # AR wins. Acceptance is only learned from drafting steps, so now and then draft anyway,
-        # when the AR time since the last drafting step is EXPLORE_EVERY times that step's cost:
-        # exploring costs at most ~1/EXPLORE_EVERY of the time, whatever the device. The two
-        # draft sources take turns (each one's estimates only learn from its own steps).
-        if self.ar_seconds_since_drafting >= EXPLORE_EVERY * drafting_seconds * self._explore_scale:
-            self.ar_seconds_since_drafting = 0.0
-            lookup_turn, self._explore_lookup = self._explore_lookup, not self._explore_lookup
-            if lookup_turn and lookups is not None:
+        # AR wins. Acceptance is only learned from drafting steps, so now and then explore
+        # anyway, paid from the measured-time budget (`__init__`): exploring takes at most
+        # ~1/EXPLORE_EVERY of the AR time, whatever the device and however wrong the cost fit.
+        # The two draft sources take turns (each one's estimates only learn from its own steps):
+        # a lookup step verifies point-mass drafts at once; the model's drafts take two steps,
+        # one that pre-drafts and one that verifies them (`_exploration`).
+        lookup_turn = self._explore_lookup and lookups is not None
+        if best_drafting is not None and self._explore_credit >= self._exploring_cost(best_drafting, lookup_turn,
+                                                                                     len(params), context):
+            self._explore_lookup = not self._explore_lookup
+            self._charging = True
+            if lookup_turn:
                 lookup, _ = self._lookup_rate(len(params), self._offered(params, lookups()), context, explore=True)
-                best_drafting = lookup or best_drafting
+                if lookup is not None:
+                    return lookup
+            self._follow_up = self._verifying(best_drafting)
             return best_drafting
-        self.ar_seconds_since_drafting += ar_seconds
+        self._earning, self._looked_up = not looked_up, looked_up  # a look-up that lost: neither
         return None
+
+    def _verifying(self, shape: DraftShape) -> DraftShape:
+        """The step that verifies the drafts an exploring step of this shape made: verify-only
+        where that is a candidate (d tokens per row instead of d (1 + m)), else the same shape."""
+        verify = DraftShape(shape.length, (), lookup=True)
+        return verify if verify in self.lookup_candidates else shape
+
+    def _exploring_cost(self, best_drafting: DraftShape, lookup_turn: bool, rows: int, context: float) -> float:
+        """The expected measured seconds of the next exploration: a lookup step (priced at the
+        longest, before any look-up: looking up costs host time on every row), or the best
+        drafting step and the step that verifies its drafts; predicted, times how much longer
+        than predicted exploring steps have really taken."""
+        shapes = [self.lookup_candidates[-1]] if lookup_turn else [best_drafting, self._verifying(best_drafting)]
+        return self._explore_scale * sum(self.costs.predict(True, rows, rows * s.tokens_per_row, context)
+                                         for s in shapes)
 
     def _gains(self, cls: str) -> list[float]:
         """Expected accepted drafts of a class by drafts offered (0..k-1): the chained acceptance."""
@@ -565,10 +607,22 @@ class DraftPolicy:
         under the kind of point-mass drafts it verified (`kinds`: per row, "" for the model's
         own drafts; None: no row had point-mass drafts)."""
         tokens = len(params) * self.tokens_per_row(shape)
-        if self._forced is None and seconds is not None and shape is not None and self.cost_model == "calibrated":
-            predicted = self.costs.predict(True, len(params), tokens, context)
-            if predicted > 0 and self.costs.coefficients() is not None:
-                self._explore_scale = max(1.0, 0.5 * self._explore_scale + 0.5 * seconds / predicted)
+        if self._forced is None and seconds is not None:
+            verified = DraftShape(shape.length, ()) if shape is not None and shape.lookup and not kinds else shape
+            label = level_label(verified, self.k) + (" exploring" if self._charging else "") + (
+                " looked up" if self._looked_up else "")
+            spent = self.step_time.setdefault(label, [0, 0.0])
+            spent[0], spent[1] = spent[0] + 1, spent[1] + seconds
+        if self._forced is None and (self._charging or self._earning):
+            predicted = self.costs.predict(shape is not None, len(params), tokens, context)
+            spent = predicted if seconds is None else seconds
+            if self._earning:
+                self._explore_credit += spent / EXPLORE_EVERY
+            else:
+                self._explore_credit -= spent
+                if seconds is not None and predicted > 0 and self.costs.coefficients() is not None:
+                    self._explore_scale = min(max(0.5 * self._explore_scale + 0.5 * seconds / predicted, 0.1), 10.0)
+            self._charging = self._earning = False
         if seconds is not None:
             self.costs.observe(shape is not None, len(params), tokens, context, seconds)
         if self._forced is not None:
