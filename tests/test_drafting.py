@@ -262,3 +262,22 @@ def test_exploring_while_ar_steps_win_verifies_the_models_drafts_and_learns_thei
     assert policy.choices["ar"] > policy.choices.get("1/2", 0) > 0
     assert model[0] > 0 and model[1] > 0  # row-steps that verified the model's drafts, drafts offered
     assert policy.estimates["lossless@0"].attempts[0] > drafting.PRIOR_WEIGHT * drafting.DECAY ** 64
+
+
+def test_exploring_lets_the_policy_switch_to_the_models_drafts_once_they_pay():
+    """AR steps win while the model's drafts are believed weak (0.3 per position); then every
+    draft starts to pass. Explorations verify the drafts they make, the estimate climbs, and
+    the policy drafts: the switch needs nothing but exploring (each step is timed by the cost
+    function the fit was made from)."""
+    policy = policy_with_costs(4e-3, 5e-4, [0.3] * 7)
+    policy.costs.set_anchor(list(policy.costs.samples))  # as calibration does: live AR steps cannot push it out
+    params, shapes, pending = [SamplingParams()], [], 0
+    assert policy.choose(params, 64) is None
+    for _ in range(4000):
+        shape = policy.choose(params, 64)
+        offered = min(pending, shape.length - 1) if shape is not None else 0
+        pending = shape.length - 1 if shape is not None and shape.levels else 0  # what it pre-drafted
+        seconds = 4e-3 + 5e-4 * policy.tokens_per_row(shape)
+        policy.observe_step(params, shape, [offered], [offered], 64, seconds)  # every draft passes
+        shapes.append(shape)
+    assert sum(s is not None and bool(s.levels) for s in shapes[-100:]) > 90
