@@ -12,7 +12,11 @@ same machine load), pushes the weights perturbed in place with `WeightSync.push`
 - TTFT: from the start of a pause -> push -> resume cycle to the first token generated on the
   new version (a request waiting for that version, max_tokens 1, sent at the start);
 - the copy floor: `torch` copy of the same tensors into preallocated ones in this process,
-  measured just before each push; "x floor" = push GB/s / floor GB/s (1.0 = memory speed).
+  measured just before each push; "x floor" = push GB/s / floor GB/s (1.0 = memory speed);
+- with grpc among the transports, the gRPC floor: the same number of bytes streamed in
+  messages of the push's chunk size to a bare sink process (`grpc_sink.py`: no parsing,
+  hashing or copying on either side) just before each gRPC push, so the push's own work can
+  be told from gRPC's.
 `--transports` takes any of shared, grpc, broadcast, auto; `--inprocess` also runs the service in
 this process (the replicas are Ray actors either way) to compare with the subprocess.
 """
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 
 import grpc
+import grpc_sink
 import torch
 from safetensors.torch import save_file
 from shapes import SHAPES, hf_config
@@ -39,7 +44,9 @@ from shapes import SHAPES, hf_config
 from rollout.config import ModelConfig
 from rollout.model.decoder import Decoder
 from rollout.v1 import rollout_pb2 as pb
+from rollout.wire import WEIGHT_CHUNK_BYTES
 from trainer_bridge import RolloutClient, WeightSync
+from trainer_bridge.client import CHANNEL_OPTIONS
 
 TOKEN = "bench"
 
@@ -95,6 +102,30 @@ def copy_floor(state: dict[str, torch.Tensor], dst: dict[str, torch.Tensor]) -> 
     return time.perf_counter() - started
 
 
+def start_sink() -> tuple[subprocess.Popen, grpc.Channel]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("grpc_sink.py")), str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError("the gRPC sink did not start")
+    return proc, grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+
+
+def grpc_floor(channel: grpc.Channel, nbytes: int, chunk_bytes: int = WEIGHT_CHUNK_BYTES) -> float:
+    """Seconds to stream `nbytes` in raw messages of `chunk_bytes` to the sink (one message
+    object sent again and again: what gRPC alone costs)."""
+    call = channel.stream_unary(grpc_sink.METHOD, request_serializer=None, response_deserializer=None)
+    frame = bytes(chunk_bytes)
+    sizes = [chunk_bytes] * (nbytes // chunk_bytes) + ([nbytes % chunk_bytes] if nbytes % chunk_bytes else [])
+    started = time.perf_counter()
+    got = call((frame if n == chunk_bytes else frame[:n] for n in sizes), timeout=600)
+    seconds = time.perf_counter() - started
+    if int.from_bytes(got, "little") != nbytes:
+        raise RuntimeError("the gRPC sink did not receive every byte")
+    return seconds
+
+
 def timed_push(sync: WeightSync, client: RolloutClient, state: dict, version: int) -> tuple[float, float]:
     """(push seconds, seconds from the start of pause -> push -> resume to the first token on the
     new version)."""
@@ -130,15 +161,25 @@ def run(address: str, state: dict, transports: list[str], repeats: int, label: s
         sync.choose_transport()  # "auto" asks GetStatus once; not part of any push
     rows = {t: dict(push=[], ttft=[], floor=[]) for t in transports}
     version = client.status().weight_version
-    for _ in range(repeats):
-        for v in state.values():  # new weights in place: no second model-sized allocation (the 1.5B shape)
-            v.add_(1e-3)
-        for transport in transports:
-            rows[transport]["floor"].append(copy_floor(state, dst))
-            seconds, ttft = timed_push(syncs[transport], client, state, version)
-            version += 1
-            rows[transport]["push"].append(seconds)
-            rows[transport]["ttft"].append(ttft)
+    sink = start_sink() if "grpc" in transports else None
+    grpc_floors = []
+    try:
+        for _ in range(repeats):
+            for v in state.values():  # new weights in place: no second model-sized allocation (the 1.5B shape)
+                v.add_(1e-3)
+            for transport in transports:
+                rows[transport]["floor"].append(copy_floor(state, dst))
+                if transport == "grpc":
+                    grpc_floors.append(grpc_floor(sink[1], nbytes))
+                seconds, ttft = timed_push(syncs[transport], client, state, version)
+                version += 1
+                rows[transport]["push"].append(seconds)
+                rows[transport]["ttft"].append(ttft)
+    finally:
+        if sink is not None:
+            sink[1].close()
+            sink[0].kill()
+            sink[0].wait()
     out = []
     for transport, r in rows.items():
         push, ttft, floor = (statistics.median(r[k]) for k in ("push", "ttft", "floor"))
@@ -149,6 +190,11 @@ def run(address: str, state: dict, transports: list[str], repeats: int, label: s
                         runs=", ".join(f"{p:.2f}/{t:.2f}" for p, t in zip(r["push"], r["ttft"]))))
         print(f"| {label} | {out[-1]['transport']} | {push:.3f} | {out[-1]['gb_s']:.2f} | {out[-1]['floor_gb_s']:.2f} | "
               f"{out[-1]['ratio']:.2f} | {ttft:.3f} | {ttft / push:.2f} | {out[-1]['runs']} |", flush=True)
+    if grpc_floors:
+        median = statistics.median(grpc_floors)
+        print(f"# {label}: gRPC floor (the same bytes to a bare sink, {WEIGHT_CHUNK_BYTES >> 20} MiB messages): "
+              f"{median:.3f} s median, {nbytes / median / 1e9:.2f} GB/s; runs "
+              f"{', '.join(f'{s:.2f}' for s in grpc_floors)}", flush=True)
     client.close()
     return out
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import xxhash
 
+from . import native
 from .params import Completion, SamplingParams
 from .v1 import rollout_pb2 as pb
 
@@ -142,7 +143,17 @@ def tensor_crc32(tensor: torch.Tensor) -> int:
 def tensor_digest(tensor: torch.Tensor) -> int:
     """XXH3-64 of a tensor's bytes (a GPU tensor is copied to the host for it: GPU pushes use
     `tensor_checksum`)."""
-    return xxhash.xxh3_64_intdigest(tensor_bytes(tensor))
+    return xxh3_digest(tensor_bytes(tensor))
+
+
+def xxh3_digest(data: np.ndarray) -> int:
+    """XXH3-64 of a uint8 array: natively without the GIL where it can (`native.Xxh3`: a sender's
+    hashing and gRPC's own threads share the cores), else through the xxhash Python API."""
+    if native.available():
+        digest = native.Xxh3()
+        digest.update(data)
+        return digest.intdigest()
+    return xxhash.xxh3_64_intdigest(data)
 
 
 def checksum(kind: str, tensor: torch.Tensor) -> int:
@@ -286,7 +297,7 @@ def _chunk_parts(tensors: Iterable[tuple[str, torch.Tensor]], version: int, num_
     for name, tensor in tensors:
         data = tensor_bytes(tensor)
         head = dict(name=name, dtype=dtype_name(tensor.dtype), shape=list(tensor.shape), nbytes=int(data.size),
-                    xxh3=xxhash.xxh3_64_intdigest(data))
+                    xxh3=xxh3_digest(data))
         for offset in range(0, max(data.size, 1), chunk_bytes):
             meta = dict(head, offset=offset)
             if first:
@@ -470,7 +481,7 @@ class WeightAssembler:
             # A tensor in one chunk is that chunk's bytes (no copy); a longer one is assembled in an
             # uninitialised buffer (zero-filling would be a pass of its own): every byte is written
             # once, and the tensor is refused unless all of them arrived.
-            state = xxhash.xxh3_64() if "xxh3" in meta else 0
+            state = (native.Xxh3() if native.available() else xxhash.xxh3_64()) if "xxh3" in meta else 0
             whole = offset == 0 and len(data) == nbytes
             buf = np.frombuffer(data, dtype=np.uint8) if whole else self._buffer(name, nbytes)
             dtype = getattr(torch, str(meta.get("dtype")), None)
@@ -487,6 +498,15 @@ class WeightAssembler:
             if not filled[2]:  # a whole-tensor chunk is the buffer already
                 buf[offset:end] = np.frombuffer(data, dtype=np.uint8)
             filled[1] = zlib.crc32(data, filled[1])
+        elif isinstance(filled[1], native.Xxh3):  # copy, hash and check in one native pass, without the GIL
+            finite = filled[3]
+            if finite is not None and (offset % finite.itemsize or len(data) % finite.itemsize):
+                filled[3] = finite = None  # a chunk off the element boundaries: staging checks the values
+            bad = filled[1].update(np.frombuffer(data, dtype=np.uint8),
+                                   *((finite.itemsize, finite.inf) if finite else (0, 0)),
+                                   into=None if filled[2] else buf[offset:end])
+            if bad:
+                finite.worst = finite.inf  # FiniteCheck.ok is now False
         else:
             finite, itemsize = filled[3], None if filled[3] is None else filled[3].itemsize
             step = FINITE_CHUNK_BYTES

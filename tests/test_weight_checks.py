@@ -54,3 +54,76 @@ def test_copy_weight_uses_the_native_kernel_on_x86_64(monkeypatch):
     copy_weight(dst, src)
     monkeypatch.undo()
     assert torch.equal(dst, src)
+
+
+@pytest.fixture(params=["native", "python"])
+def hashing(request, monkeypatch):
+    """Each check runs through the native kernels (without the GIL) and through the numpy /
+    xxhash fallback a machine without a C compiler takes: the same answers."""
+    from rollout import native
+    if request.param == "python":
+        monkeypatch.setattr(native, "_bytes_kernels", lambda: None)
+    elif not native.available():
+        pytest.skip("no native kernels on this machine (no C compiler, or xxhash without its C API)")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_digest_and_finite_is_xxh3_and_finds_every_nan_and_inf(hashing, dtype):
+    import xxhash
+
+    from rollout.service.shared_weights import digest_and_finite
+    n = (1 << 20) // dtype.itemsize * 2 + 3  # past two 1 MiB chunks of the kernel, the last one short
+    x = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x[:2] = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max], dtype=dtype)
+    assert digest_and_finite(x) == (xxhash.xxh3_64_intdigest(x.view(torch.uint8).numpy()), True)
+    assert digest_and_finite(x[:0]) == (xxhash.xxh3_64_intdigest(b""), True)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, n // 2, n - 1):
+            y = x.clone()
+            y[where] = bad
+            assert digest_and_finite(y) == (xxhash.xxh3_64_intdigest(y.view(torch.uint8).numpy()), False), (bad, where)
+
+
+def test_a_shared_segment_is_written_hashed_and_checked_tensor_by_tensor(hashing):
+    """The trainer's write (copy + XXH3-64 per tensor, spread over the cores) and the replica's
+    check agree; a byte changed after the write is refused as a checksum mismatch naming its
+    tensor, and a NaN written with a matching checksum as a non-finite value."""
+    import os
+
+    import xxhash
+
+    from rollout.service.shared_weights import SharedSegment, check_segment, host_id, map_segment
+    from rollout.service.weights import WeightMismatchError
+    items = [("big", torch.randn(1200, 1000).to(torch.bfloat16)), ("odd", torch.randn(7)), ("none", torch.zeros(0)),
+             ("half", torch.randn(33, 3).to(torch.float16))]
+    with SharedSegment(items) as seg:
+        data = map_segment(os.getpid(), seg.fd, seg.size, host_id())
+        for e, (name, t) in zip(seg.entries, items):
+            assert e.xxh3 == xxhash.xxh3_64_intdigest(t.view(torch.uint8).numpy()) and e.name == name
+            assert data[e.offset:e.offset + e.nbytes].tobytes() == t.view(torch.uint8).numpy().tobytes()
+        check_segment(data, seg.entries)
+        big = seg.entries[0]
+        seg._bytes[big.offset + 12345] ^= 1
+        with pytest.raises(ValueError, match="tensor big: checksum mismatch"):
+            check_segment(data, seg.entries)
+        items[3][1][5, 1] = float("inf")
+        seg.write(items)
+        with pytest.raises(WeightMismatchError, match="half: contains NaN or Inf"):
+            check_segment(data, seg.entries)
+        del data
+
+
+def test_copy_weights_in_row_blocks_equals_copy(monkeypatch):
+    """A pair larger than SPLIT_BYTES is copied as blocks of rows on several threads (packed
+    blocks and plain layouts too): the same values as copy_."""
+    from rollout.model import transpose
+    monkeypatch.setattr(transpose, "SPLIT_BYTES", 4096)
+    monkeypatch.setattr("rollout.native.threads", lambda: 3)
+    srcs = [torch.randn(301, 77).to(torch.bfloat16), torch.randn(90, 64), torch.randn(5000).to(torch.bfloat16),
+            torch.randn(3, 2)]
+    packed = torch.zeros(77, 301 + 9, dtype=torch.bfloat16)
+    dsts = [packed[:, 4:305].t(), torch.empty(64, 90).t(), torch.empty(5000, dtype=torch.bfloat16), torch.empty(3, 2)]
+    transpose.copy_weights(list(zip(dsts, srcs)))
+    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
+    assert (packed[:, :4] == 0).all() and (packed[:, 305:] == 0).all()

@@ -8,6 +8,17 @@ from rollout.v1 import rollout_pb2 as pb
 from rollout.wire import WeightAssembler, weight_chunks
 
 
+@pytest.fixture(params=["native", "python"])
+def hashing(request, monkeypatch):
+    """The assembler's copy, hash and finite check run natively (without the GIL) and through
+    the numpy / xxhash fallback: the same answers."""
+    from rollout import native
+    if request.param == "python":
+        monkeypatch.setattr(native, "_bytes_kernels", lambda: None)
+    elif not native.available():
+        pytest.skip("no native kernels on this machine (no C compiler, or xxhash without its C API)")
+
+
 def tensors():
     return {"a": torch.randn(3, 700, dtype=torch.bfloat16), "b": torch.arange(10.0), "c": torch.zeros(0)}
 
@@ -34,7 +45,7 @@ def test_chunks_round_trip_exactly_with_version_and_mode():
     (lambda cs: cs.append(cs[0]), "tensor a was sent twice"),
     (lambda cs: cs.__delitem__(slice(len(cs) - 1, None)), "announced 3 tensors, 2 arrived"),
 ])
-def test_malformed_streams_are_refused(mutate, match):
+def test_malformed_streams_are_refused(hashing, mutate, match):
     chunks = list(weight_chunks(tensors().items(), version=0, num_tensors=3, chunk_bytes=512))
     mutate(chunks)
     with pytest.raises(ValueError, match=match):
@@ -186,7 +197,7 @@ def test_sampling_params_round_trip_through_the_proto_and_seed_stable_defaults_t
     assert params_from_proto(pb.SamplingParams(max_tokens=8)).seed_stable is True  # an older client's request
 
 
-def test_the_assembler_checks_finite_values_as_it_copies_and_reuses_kept_buffers():
+def test_the_assembler_checks_finite_values_as_it_copies_and_reuses_kept_buffers(hashing):
     """Each chunk is copied, hashed and finite-checked piece by piece: a NaN in the second chunk
     of a tensor is refused naming it; a clean push marks every tensor checked, and the next push
     assembles into the buffers the last one kept (no fresh allocation)."""

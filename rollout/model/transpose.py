@@ -14,19 +14,12 @@ dtypes or layouts) it is `Tensor.copy_`: the same values, only slower.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
 import platform
-import subprocess
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from ..native import compiled, spread
 
 SOURCE = r"""
 #include <stddef.h>
@@ -91,19 +84,8 @@ def _kernels() -> dict[int, object] | None:
     """{itemsize: kernel}, compiled on first use; None where it cannot be (logged once)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
-    root = Path(os.environ.get("ROLLOUT_CACHE_DIR", Path.home() / ".cache" / "rollout"))
-    lib = root / f"transpose-{hashlib.sha256(SOURCE.encode()).hexdigest()[:16]}.so"
-    try:
-        if not lib.exists():
-            root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=root) as tmp:
-                (Path(tmp) / "transpose.c").write_text(SOURCE)
-                subprocess.run([os.environ.get("CC", "cc"), "-O3", "-shared", "-fPIC", "-o", str(Path(tmp) / "t.so"),
-                                str(Path(tmp) / "transpose.c")], check=True, capture_output=True, timeout=120)
-                os.replace(Path(tmp) / "t.so", lib)  # atomic: concurrent replicas never load half a file
-        dll = ctypes.CDLL(str(lib))
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("no native transpose (%s): weight copies into input-major layouts use Tensor.copy_", e)
+    dll = compiled("transpose", SOURCE)
+    if dll is None:
         return None
     kernels = {2: dll.transpose2, 4: dll.transpose4}
     for k in kernels.values():
@@ -124,18 +106,25 @@ def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
-COPY_THREADS = 4  # at most; the copy runs while generation is paused, so every core is free for it
+SPLIT_BYTES = 32 << 20  # a larger pair is copied as row blocks, so that no core waits on one tall embedding
 
 
 def copy_weights(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """`copy_weight` of every (dst, src) pair, spread over the CPU's cores: the kernel and
-    `Tensor.copy_` release the GIL, so a weight swap's copies run in parallel (largest first)."""
-    threads = min(COPY_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-    if threads < 2 or len(pairs) < 2 or pairs[0][0].device.type != "cpu":
+    """`copy_weight` of every (dst, src) pair, spread over the CPU's cores (`native.spread`: the
+    kernel and `Tensor.copy_` release the GIL), largest first, a pair over SPLIT_BYTES in blocks
+    of rows (a row block of an input-major weight is one too): the swap runs while generation is
+    paused, so every core is free for it."""
+    if not pairs or pairs[0][0].device.type != "cpu":
         for dst, src in pairs:
             copy_weight(dst, src)
         return
-    with ThreadPoolExecutor(threads, thread_name_prefix="weight-copy") as pool:
-        for future in [pool.submit(copy_weight, dst, src)
-                       for dst, src in sorted(pairs, key=lambda p: -p[1].numel() * p[1].element_size())]:
-            future.result()
+    jobs, sizes = [], []
+    for dst, src in pairs:
+        nbytes = src.numel() * src.element_size()
+        rows = src.shape[0] if src.dim() == 2 and src.shape == dst.shape and nbytes > SPLIT_BYTES else 0
+        step = max(1, rows * SPLIT_BYTES // nbytes) if rows else 0
+        for start in range(0, rows, step) if rows else [None]:
+            d, s = (dst, src) if start is None else (dst[start:start + step], src[start:start + step])
+            jobs.append(lambda d=d, s=s: copy_weight(d, s))
+            sizes.append(s.numel() * s.element_size())
+    spread(jobs, sizes)

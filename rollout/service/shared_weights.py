@@ -20,7 +20,8 @@ Design decisions:
 - Passes fused by cache-sized chunks (`FUSE_BYTES`): the trainer hashes each chunk it just
   copied into the segment; a replica hashes and finite-checks each chunk it reads. The commit
   then copies the segment into the model: per replica, one checking read and one copy, and the
-  trainer one copy.
+  trainer one copy. Each pass runs tensor by tensor on every core (`native.spread`), the
+  chunks in C without the GIL (`native.Xxh3`; the numpy / xxhash fallback without a compiler).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ import numpy as np
 import torch
 import xxhash
 
-from ..wire import FINITE_BITS, FiniteCheck, all_finite, bytes_tensor, dtype_name, parse_dtype
+from .. import native
+from ..native import spread
+from ..wire import FINITE_BITS, FiniteCheck, all_finite, bytes_tensor, dtype_name, parse_dtype, tensor_bytes
 from .weights import WeightMismatchError
 
 ALIGN = 64
@@ -112,20 +115,14 @@ class SharedSegment:
         written; returns (and keeps) the manifest entries. Only between pushes (module docstring)."""
         if not self.fits(tensors):
             raise ValueError("these tensors do not fit the segment's layout: make a new SharedSegment")
-        entries = []
-        for (name, t), (offset, nbytes) in zip(tensors, self._spans):
-            src = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            dst = self._bytes[offset:offset + nbytes]
-            digest = xxhash.xxh3_64()
-            for start in range(0, nbytes, FUSE_BYTES):
-                # numpy's copy is one memcpy on this thread: torch's copy_ of each chunk opened a
-                # parallel region, and on a busy machine every one of them waited for the slowest thread.
-                part = dst[start:start + FUSE_BYTES]
-                part[:] = src[start:start + FUSE_BYTES]
-                digest.update(part)
-            entries.append(SharedEntry(name, dtype_name(t.dtype), tuple(t.shape), offset, nbytes, digest.intdigest()))
-        self.entries = entries
-        return entries
+        spans = self._spans
+        # tensors spread over the cores; each job takes its tensor's host bytes itself (a GPU
+        # tensor's host copy lives only while its job runs)
+        digests = spread([lambda t=t, o=offset, n=nbytes: _copy_and_hash(self._bytes[o:o + n], tensor_bytes(t))
+                          for (_, t), (offset, nbytes) in zip(tensors, spans)], [n for _, n in spans])
+        self.entries = [SharedEntry(name, dtype_name(t.dtype), tuple(t.shape), offset, nbytes, digest)
+                        for (name, t), (offset, nbytes), digest in zip(tensors, spans, digests)]
+        return self.entries
 
     def close(self) -> None:
         if getattr(self, "fd", -1) < 0:
@@ -192,11 +189,33 @@ def segment_tensors(data: np.ndarray, entries: list[SharedEntry]) -> dict[str, t
             for e in entries}
 
 
+def _copy_and_hash(dst: np.ndarray, src: np.ndarray) -> int:
+    """Copies `src` into `dst` and returns the XXH3-64 of the copy, each chunk hashed just after
+    it is written: natively without the GIL, else numpy's memcpy (a torch copy_ of each chunk
+    opened a parallel region, and on a busy machine every one of them waited for the slowest
+    thread) and the xxhash Python API."""
+    if native.available():
+        digest = native.Xxh3()
+        digest.update(src, into=dst)
+        return digest.intdigest()
+    digest = xxhash.xxh3_64()
+    for start in range(0, src.size, FUSE_BYTES):
+        part = dst[start:start + FUSE_BYTES]
+        part[:] = src[start:start + FUSE_BYTES]
+        digest.update(part)
+    return digest.intdigest()
+
+
 def digest_and_finite(t: torch.Tensor) -> tuple[int, bool]:
     """(XXH3-64 of a CPU tensor's bytes, whether its values are finite) in one read of each
-    cache-sized chunk."""
+    cache-sized chunk (natively without the GIL where it can)."""
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-    finite = FiniteCheck(t.dtype) if t.dtype in FINITE_BITS else None
+    bits = FINITE_BITS.get(t.dtype)
+    if native.available():
+        digest = native.Xxh3()
+        bad = digest.update(raw, *((t.element_size(), bits[2]) if bits else (0, 0)))
+        return digest.intdigest(), not bad if bits else all_finite(t)
+    finite = FiniteCheck(t.dtype) if bits else None
     digest = xxhash.xxh3_64()
     step = FUSE_BYTES - FUSE_BYTES % t.element_size()
     for start in range(0, raw.size, step):
@@ -209,9 +228,11 @@ def digest_and_finite(t: torch.Tensor) -> tuple[int, bool]:
 
 def check_segment(data: np.ndarray, entries: list[SharedEntry]) -> None:
     """Every tensor's XXH3-64 against the manifest and its values finite, in one read of each
-    chunk; ValueError (WeightMismatchError for a non-finite value) naming the first bad tensor."""
-    for e, t in zip(entries, segment_tensors(data, entries).values()):
-        digest, finite = digest_and_finite(t)
+    chunk, tensors spread over the cores; ValueError (WeightMismatchError for a non-finite
+    value) naming the first bad tensor in the manifest's order."""
+    tensors = list(segment_tensors(data, entries).values())
+    results = spread([lambda t=t: digest_and_finite(t) for t in tensors], [e.nbytes for e in entries])
+    for e, (digest, finite) in zip(entries, results):
         if digest != e.xxh3:
             raise ValueError(f"tensor {e.name}: checksum mismatch (xxh3) in the shared segment")
         if not finite:
