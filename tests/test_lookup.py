@@ -89,7 +89,7 @@ def test_a_lookup_step_that_would_leave_a_row_behind_must_pay_for_itself_in_row_
     params = [SamplingParams(temperature=0)] * 64
     shape = policy.choose(params, 64, lambda: [lk(1, 2, 3)] * 60 + [[]] * 4)
     assert shape is None or not shape.lookup
-    policy._lookup_wait = 0  # the look-up that did not pay delays the next one (see the back-off test)
+    policy._lookup_wait = policy._lookup_misses = 0  # the look-up that lost delays the next (see the back-off tests)
     shape = policy.choose(params, 64, lambda: [lk(1, 2, 3)] * 64)
     assert shape is not None and shape.lookup
 
@@ -99,6 +99,7 @@ def test_look_ups_that_do_not_pay_back_off_and_resume_at_once_when_they_do():
     step the next waits twice as many steps (1, 2, 4, ...); one that pays ends the wait."""
     policy = costly_tokens_policy()
     policy.calibration["lossless@0+lookup"] = [0.95] * 3
+    policy._lookup_scale = 0.0  # look-ups cost nothing from the exploring budget (see the next test)
     params, asked = [SamplingParams(temperature=0)] * 64, []
 
     def losing(step):
@@ -109,6 +110,28 @@ def test_look_ups_that_do_not_pay_back_off_and_resume_at_once_when_they_do():
     policy._lookup_wait = 0
     assert policy.choose(params, 64, lambda: [lk(1, 2, 3)] * 64).lookup  # it pays: no wait after it
     assert policy._lookup_wait == 0 and policy.choose(params, 64, lambda: [lk(1, 2, 3)] * 64).lookup
+
+
+def test_look_ups_that_lose_where_ar_steps_win_are_paid_from_the_exploring_budget():
+    """A fake clock: a step whose rows looked up drafts that then lost takes 4x an AR step (the
+    history look-up at batch 64 on the CPU); the fit never learns it. The back-off alone let
+    such steps take ~6% of an AR-only re-rollout; charged to the exploring budget, they and the
+    explorations take at most 1/EXPLORE_EVERY of the AR time, and look-ups still happen."""
+    policy = costly_tokens_policy()
+    policy.calibration["lossless@0+lookup"] = [0.95] * 3
+    policy.costs.observe = lambda *args: None  # the fit stays as it is
+    params, spent = [SamplingParams(temperature=0)] * 64, {}
+    for _ in range(20_000):
+        asked = []
+        wants = policy.wants_lookup(params)
+        drafts = (lambda: asked.append(1) or [lk(1, 2, 3)] * 60 + [[]] * 4) if wants else None
+        shape = policy.choose(params, 64, drafts)
+        seconds = policy.costs.predict(shape is not None, 64, 64 * policy.tokens_per_row(shape), 64) * (
+            4 if asked and shape is None else 1)
+        policy.observe_step(params, shape, [0] * 64, [0] * 64, 64, seconds)
+    kinds = {k: v[1] for k, v in policy.step_time.items()}
+    charged = sum(t for k, t in kinds.items() if "looked up" in k or "exploring" in k)
+    assert kinds.get("ar looked up", 0) > 0 and charged <= 1.02 / EXPLORE_EVERY * kinds["ar"]
 
 
 def test_only_lossless_rows_take_lookup_drafts_and_only_with_auto_drafting():

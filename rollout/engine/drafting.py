@@ -278,6 +278,7 @@ class DraftPolicy:
         # Measured over predicted seconds of exploring steps (a moving average): the expected
         # cost of the next exploration, so that the budget is rarely overdrawn.
         self._explore_scale = 1.0
+        self._lookup_scale = 1.0  # the same for AR steps after a look-up that lost, over an AR step's prediction
         self._charging = False  # whether the step just chosen is charged to the budget
         self._earning = False   # whether it is an AR step the policy chose over drafting
         self._looked_up = False  # whether its rows looked up point-mass drafts (and they lost)
@@ -399,7 +400,7 @@ class DraftPolicy:
             if len(self._decisions) > 4096:
                 self._decisions.clear()
             self._decisions[key] = decision
-        best, best_drafting, _, _, best_rate, lookup_bound = decision
+        best, best_drafting, ar_seconds, _, best_rate, lookup_bound = decision
         self._rank_every = AR_REFIT_EVERY if best is None and lookup_bound <= best_rate else REFIT_EVERY
         if self._follow_up is not None:  # an exploring step made drafts: verify them
             follow_up, self._follow_up, self._charging = self._follow_up, None, True
@@ -407,7 +408,13 @@ class DraftPolicy:
         looked_up = False
         if self._lookup_wait > 0:
             self._lookup_wait -= 1
-        elif lookups is not None and lookup_bound > best_rate:
+        elif lookups is not None and lookup_bound > best_rate and (
+                best is not None or self._lookup_misses == 0
+                or self._explore_credit >= ar_seconds * self._lookup_scale):
+            # Where AR steps win, a look-up after one that lost is paid from the exploring
+            # budget (one that loses is charged its measured time in `observe_step`): at batch
+            # 64 on the CPU the history look-up made a step ~4x an AR step, and the back-off
+            # alone let look-ups take ~6% of an AR-only re-rollout.
             looked_up = True
             offered = self._offered(params, lookups())
             lookup, rate = self._lookup_rate(len(params), offered, context)
@@ -442,7 +449,8 @@ class DraftPolicy:
                     return lookup
             self._follow_up = self._verifying(best_drafting)
             return best_drafting
-        self._earning, self._looked_up = not looked_up, looked_up  # a look-up that lost: neither
+        # A look-up that lost is charged to the budget like an exploring step.
+        self._earning, self._looked_up, self._charging = not looked_up, looked_up, looked_up
         return None
 
     def _verifying(self, shape: DraftShape) -> DraftShape:
@@ -609,8 +617,8 @@ class DraftPolicy:
         tokens = len(params) * self.tokens_per_row(shape)
         if self._forced is None and seconds is not None:
             verified = DraftShape(shape.length, ()) if shape is not None and shape.lookup and not kinds else shape
-            label = level_label(verified, self.k) + (" exploring" if self._charging else "") + (
-                " looked up" if self._looked_up else "")
+            label = level_label(verified, self.k) + (" looked up" if self._looked_up else "") + (
+                " exploring" if self._charging and not self._looked_up else "")
             spent = self.step_time.setdefault(label, [0, 0.0])
             spent[0], spent[1] = spent[0] + 1, spent[1] + seconds
         if self._forced is None and (self._charging or self._earning):
@@ -621,7 +629,8 @@ class DraftPolicy:
             else:
                 self._explore_credit -= spent
                 if seconds is not None and predicted > 0 and self.costs.coefficients() is not None:
-                    self._explore_scale = min(max(0.5 * self._explore_scale + 0.5 * seconds / predicted, 0.1), 10.0)
+                    name = "_lookup_scale" if self._looked_up else "_explore_scale"
+                    setattr(self, name, min(max(0.5 * getattr(self, name) + 0.5 * seconds / predicted, 0.1), 10.0))
             self._charging = self._earning = False
         if seconds is not None:
             self.costs.observe(shape is not None, len(params), tokens, context, seconds)
