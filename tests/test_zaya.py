@@ -232,6 +232,8 @@ def test_paths_zaya_cannot_take_are_refused(engine):
 
     with pytest.raises(ValueError, match="sliding-window"):
         ModelRunner(engine.model, engine.tidar, torch.device("cpu"), torch.float32, 2, 32, attention="split")
+    with pytest.raises(ValueError, match="compile=True cannot run a zaya model in torch.bfloat16"):
+        ModelRunner(engine.model, engine.tidar, torch.device("cpu"), torch.bfloat16, 2, 32, compile=True)
     with pytest.raises(ValueError, match="cuda_graphs cannot run a zaya model"):
         ModelRunner(engine.model, engine.tidar, torch.device("cpu"), torch.float32, 2, 32, cuda_graphs=True)
 

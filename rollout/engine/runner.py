@@ -120,9 +120,9 @@ class ModelRunner:
         if attention not in getattr(model, "attention_paths", (attention,)):
             raise ValueError(f"attention path {attention!r} cannot run a {cfg.model_type} model: it has sliding-window "
                              f"layers, which only {'/'.join(model.attention_paths)} honour")
-        if compile and not getattr(model, "compilable", True):
-            raise ValueError(f"compile=True cannot run a {cfg.model_type} model (not tested: its expert routing "
-                             "breaks the compiled graph on host reads): use compile=False")
+        refusal = compile and getattr(model, "compile_refusal", lambda _: None)(dtype)
+        if refusal:
+            raise ValueError(f"compile=True cannot run a {cfg.model_type} model {refusal}: use compile=False")
         if cuda_graphs and not getattr(model, "graph_capturable", True):
             raise ValueError(f"cuda_graphs cannot run a {cfg.model_type} model (its expert routing reads token "
                              "counts on the host): use cuda_graphs=False")
