@@ -410,11 +410,12 @@ class DraftPolicy:
             self._lookup_wait -= 1
         elif lookups is not None and lookup_bound > best_rate and (
                 best is not None or self._lookup_misses == 0
-                or self._explore_credit >= ar_seconds * self._lookup_scale):
+                or self._explore_credit >= ar_seconds * max(self._lookup_scale - 1.0, 0.0)):
             # Where AR steps win, a look-up after one that lost is paid from the exploring
-            # budget (one that loses is charged its measured time in `observe_step`): at batch
-            # 64 on the CPU the history look-up made a step ~4x an AR step, and the back-off
-            # alone let look-ups take ~6% of an AR-only re-rollout.
+            # budget: one that loses is charged what its step took beyond an AR step's
+            # prediction (`observe_step`). At batch 64 on the CPU the history look-up made a
+            # step ~4x an AR step, and the back-off alone let look-ups take ~6% of an AR-only
+            # re-rollout; at batch 1 a look-up costs little and is worth trying often.
             looked_up = True
             offered = self._offered(params, lookups())
             lookup, rate = self._lookup_rate(len(params), offered, context)
@@ -627,7 +628,7 @@ class DraftPolicy:
             if self._earning:
                 self._explore_credit += spent / EXPLORE_EVERY
             else:
-                self._explore_credit -= spent
+                self._explore_credit -= max(spent - predicted, 0.0) if self._looked_up else spent
                 if seconds is not None and predicted > 0 and self.costs.coefficients() is not None:
                     name = "_lookup_scale" if self._looked_up else "_explore_scale"
                     setattr(self, name, min(max(0.5 * getattr(self, name) + 0.5 * seconds / predicted, 0.1), 10.0))
