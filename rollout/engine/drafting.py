@@ -76,6 +76,9 @@ AR_REFIT_EVERY = 64     # the same while AR steps win (see DraftPolicy._rank_eve
 # host time on every row, and where it keeps losing it made AR-only rollouts up to 1.8x slower
 # on the CPU at batch 64. Speed only: which steps run never changes the distribution.
 LOOKUP_BACKOFF = 64
+# Where AR steps win, look-ups whose steps take more than this many AR steps (a moving average
+# of measured / predicted) are also paid from the exploring budget (`DraftPolicy._best`).
+LOOKUP_GATE = 1.5
 COST_MODELS = ("calibrated", "flat")
 
 
@@ -410,12 +413,13 @@ class DraftPolicy:
             self._lookup_wait -= 1
         elif lookups is not None and lookup_bound > best_rate and (
                 best is not None or self._lookup_misses == 0
-                or self._explore_credit >= ar_seconds * max(self._lookup_scale - 1.0, 0.0)):
+                or self._lookup_scale < LOOKUP_GATE or self._explore_credit >= ar_seconds * (self._lookup_scale - 1)):
             # Where AR steps win, a look-up after one that lost is paid from the exploring
             # budget: one that loses is charged what its step took beyond an AR step's
             # prediction (`observe_step`). At batch 64 on the CPU the history look-up made a
             # step ~4x an AR step, and the back-off alone let look-ups take ~6% of an AR-only
-            # re-rollout; at batch 1 a look-up costs little and is worth trying often.
+            # re-rollout. Look-ups that cost less (batch 1: ~1.1x an AR step) keep the back-off
+            # alone: gating them too cut T = 0, batch 1 from 1.71x to 1.18x AR.
             looked_up = True
             offered = self._offered(params, lookups())
             lookup, rate = self._lookup_rate(len(params), offered, context)
