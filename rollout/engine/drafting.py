@@ -76,8 +76,8 @@ AR_REFIT_EVERY = 64     # the same while AR steps win (see DraftPolicy._rank_eve
 # host time on every row, and where it keeps losing it made AR-only rollouts up to 1.8x slower
 # on the CPU at batch 64. Speed only: which steps run never changes the distribution.
 LOOKUP_BACKOFF = 64
-# Where AR steps win, look-ups whose steps take more than this many AR steps (a moving average
-# of measured / predicted) are also paid from the exploring budget (`DraftPolicy._best`).
+# Where AR steps win, look-ups whose steps take more than this many AR steps (moving averages
+# of measured / predicted of each) are also paid from the exploring budget (`DraftPolicy._best`).
 LOOKUP_GATE = 1.5
 COST_MODELS = ("calibrated", "flat")
 
@@ -282,6 +282,7 @@ class DraftPolicy:
         # cost of the next exploration, so that the budget is rarely overdrawn.
         self._explore_scale = 1.0
         self._lookup_scale = 1.0  # the same for AR steps after a look-up that lost, over an AR step's prediction
+        self._ar_scale = 1.0  # and for the AR steps the policy chose (a look-up's cost is counted against theirs)
         self._charging = False  # whether the step just chosen is charged to the budget
         self._earning = False   # whether it is an AR step the policy chose over drafting
         self._looked_up = False  # whether its rows looked up point-mass drafts (and they lost)
@@ -413,7 +414,8 @@ class DraftPolicy:
             self._lookup_wait -= 1
         elif lookups is not None and lookup_bound > best_rate and (
                 best is not None or self._lookup_misses == 0
-                or self._lookup_scale < LOOKUP_GATE or self._explore_credit >= ar_seconds * (self._lookup_scale - 1)):
+                or self._lookup_scale < LOOKUP_GATE * self._ar_scale
+                or self._explore_credit >= ar_seconds * (self._lookup_scale - self._ar_scale)):
             # Where AR steps win, a look-up after one that lost is paid from the exploring
             # budget: one that loses is charged what its step took beyond an AR step's
             # prediction (`observe_step`). At batch 64 on the CPU the history look-up made a
@@ -631,8 +633,10 @@ class DraftPolicy:
             spent = predicted if seconds is None else seconds
             if self._earning:
                 self._explore_credit += spent / EXPLORE_EVERY
+                if seconds is not None and predicted > 0 and self.costs.coefficients() is not None:
+                    self._ar_scale = min(max(0.9 * self._ar_scale + 0.1 * seconds / predicted, 0.1), 10.0)
             else:
-                self._explore_credit -= max(spent - predicted, 0.0) if self._looked_up else spent
+                self._explore_credit -= max(spent - predicted * self._ar_scale, 0.0) if self._looked_up else spent
                 if seconds is not None and predicted > 0 and self.costs.coefficients() is not None:
                     name = "_lookup_scale" if self._looked_up else "_explore_scale"
                     setattr(self, name, min(max(0.5 * getattr(self, name) + 0.5 * seconds / predicted, 0.1), 10.0))
