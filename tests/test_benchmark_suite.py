@@ -17,9 +17,9 @@ def test_suite_smoke_writes_every_table(tmp_path):
     assert out.read_text().strip() == text.strip()
     for title in ("## 1. Decode step time", "## 2. Tokens/s", "## 3. Capacity", "## 4. Step-speed targets"):
         assert title in text
-    # Rows of the engine table (9 columns; the HF table's rows also start "| 1 | <rate> |").
+    # Rows of the engine table (10 columns; the HF table's rows also start "| 1 | <rate> |").
     targets = [line for line in text.splitlines()
-               if re.match(r"\| [01] \| [12] \|", line) and line.count("|") == 10]
+               if re.match(r"\| [01] \| [12] \|", line) and line.count("|") == 11]
     assert len(targets) == 2 * 2  # temperature x batch
     assert all(re.search(r"\d\.\d\dx \((>=|below) ", line) for line in targets)  # ratio and its target
     step_rows = [line for line in text.splitlines() if re.match(r"\| (dense|split) \|", line)]
