@@ -105,6 +105,19 @@ def test_per_expert_checkpoints_load_into_hf_fused_names_and_values(family):
     assert ours["model.layers.0.mlp.experts.gate_up_proj"].dim() == 3
 
 
+def expert_reference(gate_up, down, x, weights, experts):
+    """The per-assignment definition of the experts' output; ids >= E (a skip expert) contribute zero."""
+    E, H = down.shape[0], down.shape[1]
+
+    def expert(e, v):
+        if e >= E:
+            return torch.zeros(H)
+        g, u = (gate_up[e] @ v).chunk(2)
+        return down[e] @ (torch.nn.functional.silu(g) * u)
+    return torch.stack([sum(weights[n, j] * expert(experts[n, j], x[n]) for j in range(experts.shape[1]))
+                        for n in range(len(x))])
+
+
 def test_expert_compute_is_grouped_by_expert(monkeypatch):
     """Both paths equal the per-token definition; the loop runs one GEMM pair per expert that
     has tokens (never one per token), the grouped GEMM one call per projection."""
@@ -114,11 +127,7 @@ def test_expert_compute_is_grouped_by_expert(monkeypatch):
     x = torch.randn(N, H, generator=gen)
     weights, experts = torch.topk(torch.randn(N, E, generator=gen).softmax(-1), k)
     experts[:, 0] = experts[:, 0].clamp(max=E - 2)  # expert E-1 gets few tokens, maybe none
-
-    def expert(e, v):
-        g, u = (gate_up[e] @ v).chunk(2)
-        return down[e] @ (torch.nn.functional.silu(g) * u)
-    ref = torch.stack([sum(weights[n, j] * expert(experts[n, j], x[n]) for j in range(k)) for n in range(N)])
+    ref = expert_reference(gate_up, down, x, weights, experts)
     calls = []
     linear = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda a, *r, **kw: calls.append(len(a)) or linear(a, *r, **kw))
@@ -132,6 +141,7 @@ def test_expert_compute_is_grouped_by_expert(monkeypatch):
         assert (moe.expert_grouped_gemm(x, weights, experts, gate_up, down) - ref).abs().max().item() <= 1e-4
 
 
+
 def test_expert_loop_one_token_and_skip_experts_equal_the_definition():
     """The loop's special cases against the per-assignment definition: one token (no sort, k
     assignments in order, as decode at batch 1 runs), ids >= E (ZAYA's skip expert: zero, with
@@ -139,15 +149,6 @@ def test_expert_loop_one_token_and_skip_experts_equal_the_definition():
     E, H, I = 5, 16, 8
     gen = torch.Generator().manual_seed(1)
     gate_up, down = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
-
-    def reference(x, weights, experts):
-        def expert(e, v):
-            if e >= E:
-                return torch.zeros(H)
-            g, u = (gate_up[e] @ v).chunk(2)
-            return down[e] @ (torch.nn.functional.silu(g) * u)
-        return torch.stack([sum(weights[n, j] * expert(experts[n, j], x[n]) for j in range(experts.shape[1]))
-                            for n in range(len(x))])
 
     cases = [(1, [[3, 0, 4]]), (1, [[2, E]]), (6, [[0], [E], [3], [E], [0], [4]]), (3, [[E], [E], [E]]),
              (4, [[1, E], [E, 1], [2, 2 + 1], [E, E]])]
@@ -157,20 +158,8 @@ def test_expert_loop_one_token_and_skip_experts_equal_the_definition():
         weights = torch.rand(experts.shape, generator=gen)
         out = moe.expert_loop(x, weights, experts, gate_up, down)
         assert out.shape == x.shape
-        assert (out - reference(x, weights, experts)).abs().max().item() <= 1e-5, ids
+        assert (out - expert_reference(gate_up, down, x, weights, experts)).abs().max().item() <= 1e-5, ids
 
-
-def _reference_with_skip(gate_up, down, x, weights, experts):
-    """The per-assignment definition; ids >= E (a skip expert) contribute zero."""
-    E, H = down.shape[0], down.shape[1]
-
-    def expert(e, v):
-        if e >= E:
-            return torch.zeros(H)
-        g, u = (gate_up[e] @ v).chunk(2)
-        return down[e] @ (torch.nn.functional.silu(g) * u)
-    return torch.stack([sum(weights[n, j] * expert(experts[n, j], x[n]) for j in range(experts.shape[1]))
-                        for n in range(len(x))])
 
 
 def test_grouped_gemm_zeroes_skip_expert_rows_the_kernel_leaves_unwritten(monkeypatch):
@@ -192,7 +181,7 @@ def test_grouped_gemm_zeroes_skip_expert_rows_the_kernel_leaves_unwritten(monkey
     monkeypatch.setattr(moe, "_grouped_mm", unwritten_nan)
     with torch.no_grad():
         out = moe.expert_grouped_gemm(x, weights, experts, gate_up, down, skip_expert=True)
-    assert (out - _reference_with_skip(gate_up, down, x, weights, experts)).abs().max().item() <= 1e-4
+    assert (out - expert_reference(gate_up, down, x, weights, experts)).abs().max().item() <= 1e-4
 
 
 def test_grouped_experts_trace_into_one_compiled_graph_as_the_eager_op():
@@ -214,7 +203,7 @@ def test_grouped_experts_trace_into_one_compiled_graph_as_the_eager_op():
             eager = moe.grouped_experts(x, weights, experts, gate_up, down, skip_expert=skip)
             out = compiled(x, weights, experts, gate_up, down, skip_expert=skip)
             assert torch.equal(out, eager), ids
-            assert (out - _reference_with_skip(gate_up, down, x, weights, experts)).abs().max().item() <= 1e-4
+            assert (out - expert_reference(gate_up, down, x, weights, experts)).abs().max().item() <= 1e-4
 
 
 # ---------------------------------------------------------------------------- logits
