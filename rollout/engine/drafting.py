@@ -241,6 +241,12 @@ class StepCostModel:
         return a + e * drafting + b * rows + c * tokens + d * tokens * context
 
 
+def _blend(average: float, ratio: float, weight: float) -> float:
+    """A moving average of measured over predicted seconds (`ratio` counted with `weight`), kept
+    within [0.1, 10]."""
+    return min(max((1 - weight) * average + weight * ratio, 0.1), 10.0)
+
+
 class DraftPolicy:
     """Chooses each decode step's level set (see the module docstring). mode "fixed" always
     uses every level the model has (the behaviour of a plain TiDAR engine, reproducible per
@@ -631,15 +637,19 @@ class DraftPolicy:
         if self._forced is None and (self._charging or self._earning):
             predicted = self.costs.predict(shape is not None, len(params), tokens, context)
             spent = predicted if seconds is None else seconds
+            timed = seconds is not None and predicted > 0 and self.costs.coefficients() is not None
             if self._earning:
                 self._explore_credit += spent / EXPLORE_EVERY
-                if seconds is not None and predicted > 0 and self.costs.coefficients() is not None:
-                    self._ar_scale = min(max(0.9 * self._ar_scale + 0.1 * seconds / predicted, 0.1), 10.0)
+                if timed:
+                    self._ar_scale = _blend(self._ar_scale, seconds / predicted, 0.1)
+            elif self._looked_up:
+                self._explore_credit -= max(spent - predicted * self._ar_scale, 0.0)
+                if timed:
+                    self._lookup_scale = _blend(self._lookup_scale, seconds / predicted, 0.5)
             else:
-                self._explore_credit -= max(spent - predicted * self._ar_scale, 0.0) if self._looked_up else spent
-                if seconds is not None and predicted > 0 and self.costs.coefficients() is not None:
-                    name = "_lookup_scale" if self._looked_up else "_explore_scale"
-                    setattr(self, name, min(max(0.5 * getattr(self, name) + 0.5 * seconds / predicted, 0.1), 10.0))
+                self._explore_credit -= spent
+                if timed:
+                    self._explore_scale = _blend(self._explore_scale, seconds / predicted, 0.5)
             self._charging = self._earning = False
         if seconds is not None:
             self.costs.observe(shape is not None, len(params), tokens, context, seconds)

@@ -482,6 +482,7 @@ class ZayaDecoder(nn.Module):
         self.input_major = False
 
     graph_capturable = False  # the expert grouping reads token counts on the host
+    dense_masks = True  # whole sequences: its convolutions follow the mask, read densely
 
     def compile_refusal(self, dtype: torch.dtype) -> str | None:
         """Why torch.compile cannot run this model in `dtype` (None: it can). The expert
@@ -491,7 +492,6 @@ class ZayaDecoder(nn.Module):
                     "path lags (torch 2.13, CPU, batch 16; not yet understood), so compile is allowed in float32 "
                     "only, where it is tested")
         return None
-    dense_masks = True  # whole sequences: its convolutions follow the mask, read densely
 
     @property
     def attention_paths(self) -> tuple[str, ...]:

@@ -333,7 +333,8 @@ class GeneratorReplica:
 
     def status(self) -> dict:
         """The loop's latest snapshot (at most STATUS_INTERVAL old while it steps, taken after
-        every step that finishes a request and after every command when idle) plus what other threads may read directly: version, pause."""
+        every step that finishes a request and after every command when idle) plus what other
+        threads may read directly: version, pause."""
         node = ""
         try:
             import ray
