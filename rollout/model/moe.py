@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import expert_kernel
 from .layers import lay_out
 
 
@@ -52,6 +53,18 @@ class Experts(nn.Module):
         E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+
+def lay_out_experts(experts: Experts, input_major: bool) -> None:
+    """Each expert's [out, in] matrix stored input-major (the transpose of a contiguous [in, out]
+    one: what the CPU's native expert kernel reads, `expert_kernel`) or as PyTorch's default."""
+    for name in ("gate_up_proj", "down_proj"):
+        weight = experts._parameters[name]
+        if weight.transpose(1, 2).is_contiguous() if input_major else weight.is_contiguous():
+            continue
+        data = (weight.detach().transpose(1, 2).contiguous().transpose(1, 2) if input_major
+                else weight.detach().contiguous())
+        setattr(experts, name, nn.Parameter(data, requires_grad=weight.requires_grad))
 
 
 class SparseMoeBlock(nn.Module):
@@ -77,13 +90,7 @@ class SparseMoeBlock(nn.Module):
         linear weights: the CPU's GEMMs over a few rows run faster so) or as PyTorch's default.
         Names, shapes and values stay; nothing is packed (the experts are already fused)."""
         lay_out(self.gate, "weight", input_major)
-        for name in ("gate_up_proj", "down_proj"):
-            weight = self.experts._parameters[name]
-            if weight.transpose(1, 2).is_contiguous() if input_major else weight.is_contiguous():
-                continue
-            data = (weight.detach().transpose(1, 2).contiguous().transpose(1, 2) if input_major
-                    else weight.detach().contiguous())
-            setattr(self.experts, name, nn.Parameter(data, requires_grad=weight.requires_grad))
+        lay_out_experts(self.experts, input_major)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -115,6 +122,8 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
 
 def _grouped_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                      gate_up_proj: torch.Tensor, down_proj: torch.Tensor, skip_expert: bool) -> torch.Tensor:
+    if expert_kernel.serves(x, experts, gate_up_proj, down_proj):
+        return _combine(expert_kernel.expert_rows(x, experts, gate_up_proj, down_proj).to(x.dtype), None, weights, x)
     if loop_serves(x, experts, gate_up_proj):
         return expert_loop(x, weights, experts, gate_up_proj, down_proj)
     return expert_grouped_gemm(x, weights, experts, gate_up_proj, down_proj, skip_expert)

@@ -42,7 +42,7 @@ from .attention import attend, attend_sequence
 from .batch import SequenceBatch, StepBatch
 from .kv_cache import KVCache
 from .layers import Packed, RMSNorm, lay_out, packed_ready
-from .moe import Experts, grouped_experts
+from .moe import Experts, grouped_experts, lay_out_experts
 from .rope import apply_rotary, rotary_cos_sin
 
 LAYER_TYPES = ("hybrid", "hybrid_sliding")
@@ -534,15 +534,16 @@ class ZayaDecoder(nn.Module):
 
     @torch.no_grad()
     def pack_projections(self, input_major: bool | None = None) -> ZayaDecoder:
-        """Packs each layer's four CCA input projections into one GEMM and lays out the 2-D
-        linear weights as the dense `Decoder.pack_projections` does (the 3-D experts keep HF's
-        layout)."""
+        """Packs each layer's four CCA input projections into one GEMM and lays out the linear
+        weights as the dense `Decoder.pack_projections` does, the 3-D experts as the MoE
+        block's (`moe.lay_out_experts`: input-major on the CPU, for the native expert kernel)."""
         if input_major is None:
             input_major = self.input_major
         self.input_major = input_major
         for layer in self.model.layers:
             layer.self_attn.qkv_proj.pack(input_major)
             lay_out(layer.self_attn.o_proj, "weight", input_major)
+            lay_out_experts(layer.mlp.experts, input_major)
         lay_out(self.lm_head, "weight", input_major)
         if self.config.tie_word_embeddings:
             self.model.embed_tokens.weight = self.lm_head.weight
