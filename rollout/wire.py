@@ -411,6 +411,7 @@ class WeightAssembler:
         # name and size; fresh pages cost more than the copy), see `kept_buffers`.
         self.expected, self.canonical, self.buffers = expected, canonical, buffers
         self.finite_checked: set[str] = set()
+        self.digests: dict[str, int] = {}  # the XXH3-64 each tensor was checked against
         self._taken: dict[str, np.ndarray] = {}
         self.tensors: dict[str, torch.Tensor] = {}
         self.version: int | None = None
@@ -482,7 +483,9 @@ class WeightAssembler:
             # uninitialised buffer (zero-filling would be a pass of its own): every byte is written
             # once, and the tensor is refused unless all of them arrived.
             state = (native.Xxh3() if native.available() else xxhash.xxh3_64()) if "xxh3" in meta else 0
-            whole = offset == 0 and len(data) == nbytes
+            # a caller's buffer for this tensor (a shared segment's slot, say) is filled even then
+            kept = self.buffers is not None and getattr(self.buffers.get(name), "size", -1) == nbytes
+            whole = offset == 0 and len(data) == nbytes and not kept
             buf = np.frombuffer(data, dtype=np.uint8) if whole else self._buffer(name, nbytes)
             dtype = getattr(torch, str(meta.get("dtype")), None)
             finite = FiniteCheck(dtype) if dtype in FINITE_BITS else None
@@ -548,6 +551,8 @@ class WeightAssembler:
                 raise ValueError(f"tensor {name}: checksum mismatch (crc32)")
         elif filled[1].intdigest() != meta["xxh3"]:
             raise ValueError(f"tensor {name}: checksum mismatch (xxh3)")
+        else:
+            self.digests[name] = meta["xxh3"]
         if filled[3] is not None:
             if not filled[3].ok:
                 raise ValueError(f"{name}: contains NaN or Inf")

@@ -288,6 +288,8 @@ def test_pushed_weights_are_served_and_a_restarted_replica_catches_up(runner, mo
     resp = stub.UpdateWeights(weight_chunks(state.items(), version=1, num_tensors=len(state), chunk_bytes=4096),
                               timeout=CALL_TIMEOUT, metadata=auth)
     assert resp.version == 1 and resp.num_tensors == len(state)
+    router = runner.service.router
+    assert router.weights_ref is router._segment is not None  # restarted replicas catch up from the front end's segment
     fresh_dir = tmp_path / "pushed"
     shutil.copytree(model_dir, fresh_dir)
     save_file({k: v.contiguous() for k, v in state.items()}, fresh_dir / "model.safetensors")

@@ -157,6 +157,22 @@ def test_broadcast_and_grpc_transports_give_identical_weights(client, model_dir)
     assert versions_of(client) == {result.version + 1}
 
 
+def test_a_grpc_push_reaches_a_replica_on_this_node_by_segment_and_one_elsewhere_by_the_object_store(
+        client, service, model_dir, monkeypatch):
+    """One replica counts as on another node: it stages from the one object-store copy, the other
+    from the front end's segment; both then serve the same weights, at the same version."""
+    from rollout.service.router import Router
+    router = service.service.router
+    local = router.replicas[0]
+    monkeypatch.setattr(Router, "is_local", lambda self, r: r is local)
+    puts, real = [], ray.put
+    monkeypatch.setattr(ray, "put", lambda *a, **k: (puts.append(a), real(*a, **k))[1])
+    result = WeightSync(client, "grpc").push(perturbed(model_dir, 8))
+    assert len(puts) == 1 and router.weights_ref is not router._segment  # a restart on any node catches up
+    served = ray.get([r.actor.weight_fingerprint.remote() for r in router.replicas])
+    assert {s[0] for s in served} == {result.version} and served[0][1] == served[1][1]
+
+
 def test_async_client_matches_the_sync_client(client, service):
     async def run():
         c = AsyncRolloutClient(f"localhost:{service.service.port}", timeout=CALL_TIMEOUT)

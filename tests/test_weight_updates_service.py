@@ -345,3 +345,119 @@ def test_a_bad_shared_push_is_refused_and_nothing_changes(runner, base_state, ca
     assert info.value.code() == code, info.value.details()
     assert pytest.importorskip("re").search(match, info.value.details()), (first, info.value.details())
     assert status(runner).weight_version == before and served(runner) == outputs
+
+
+# ---------------------------------------------------------------- gRPC pushes through the front end's segment
+@pytest.fixture
+def object_store_puts(monkeypatch):
+    """Every ray.put the front end makes (the router runs in this process)."""
+    puts = []
+    real = ray.put
+    monkeypatch.setattr(ray, "put", lambda *a, **k: (puts.append(a), real(*a, **k))[1])
+    return puts
+
+
+def served_with_versions(runner) -> tuple[list[list[int]], set[int]]:
+    got = runner.stub().Generate(request(PROMPTS, **SAMPLING), timeout=CALL_TIMEOUT)
+    arrays = [trajectory_arrays(t) for t in got.trajectories]
+    return [a["token_ids"].tolist() for a in arrays], {v for a in arrays for v in a["policy_versions"].tolist()}
+
+
+def test_a_grpc_push_to_a_replica_on_this_node_goes_through_a_shared_segment_not_the_object_store(
+        runner, base_state, tmp_path, object_store_puts):
+    """The front end assembles the chunks into its memfd and the replica stages from it: no
+    ray.put; the segment is kept and written again by the next push (and is the catch-up source
+    of the version it holds); the replica drops its mapping once the version is served."""
+    sync = WeightSync(runner.client(TOKEN), "grpc")
+    router = runner.service.router
+    before, segments = status(runner).weight_version, _own_segments()
+    state = perturbed(base_state, 21)
+    result = sync.push(state)
+    assert result.version == before + 1 == status(runner).weight_version
+    tokens, versions = served_with_versions(runner)
+    assert tokens == expected_with(state, tmp_path) and versions == {result.version}
+    segment = router._segment
+    assert segment is not None and router.weights_ref is segment and object_store_puts == []
+    pid = ray.get(router.replicas[0].actor.status.remote())["pid"]
+    with open(f"/proc/{pid}/maps") as f:
+        assert "memfd:rollout-weights" not in f.read()
+    second_state = perturbed(base_state, 22)
+    second = sync.push(second_state)
+    assert second.version == result.version + 1 and router._segment is segment and segment.fd >= 0
+    assert served_with_versions(runner) == (expected_with(second_state, tmp_path / "second"), {second.version})
+    assert object_store_puts == [] and _own_segments() <= segments + 1
+
+
+def _corrupted_chunks(state: dict[str, torch.Tensor], case: str):
+    import msgpack
+
+    from rollout.wire import weight_chunks
+    state = dict(state)
+    if case == "nan":
+        state["model.norm.weight"] = state["model.norm.weight"].clone()
+        state["model.norm.weight"][2] = float("nan")
+    elif case == "shape":
+        state["model.norm.weight"] = torch.ones(5)
+    elif case == "name":
+        state["model.nope.weight"] = torch.ones(3)
+    elif case == "dtype":  # every tensor: the segment is laid out for 2-byte elements, the replica refuses them
+        state = {k: v.half() for k, v in state.items()}
+    chunks = list(weight_chunks(state.items(), version=0, num_tensors=len(state), chunk_bytes=1 << 16))
+    if case == "checksum":
+        meta = msgpack.unpackb(chunks[-1].metadata)
+        chunks[-1] = pb.WeightChunk(metadata=msgpack.packb(dict(meta, xxh3=meta["xxh3"] ^ 1)), data=chunks[-1].data)
+    return chunks
+
+
+@pytest.mark.parametrize("case,match", [
+    ("checksum", r"checksum mismatch \(xxh3\)"),
+    ("nan", "contains NaN or Inf"),
+    ("shape", r"shape \[5\], the model has"),
+    ("name", "'model.nope.weight' is not a weight"),
+    ("dtype", "pushed as torch.float16"),
+])
+def test_a_bad_grpc_push_through_the_segment_is_refused_and_nothing_changes(runner, base_state, case, match,
+                                                                            object_store_puts):
+    before, outputs = status(runner).weight_version, served(runner)
+    with pytest.raises(grpc.RpcError) as info:
+        runner.stub().UpdateWeights(iter(_corrupted_chunks(perturbed(base_state, 23), case)), timeout=CALL_TIMEOUT,
+                                    metadata=(("authorization", f"Bearer {TOKEN}"),))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert pytest.importorskip("re").search(match, info.value.details()), info.value.details()
+    assert status(runner).weight_version == before and served(runner) == outputs
+    assert object_store_puts == []  # refused on the segment path, not by a fallback
+
+
+def test_a_trainer_dying_mid_grpc_push_leaves_the_old_version_and_the_segment_for_the_next_push(
+        runner, base_state, tmp_path, object_store_puts):
+    import os
+
+    from rollout.wire import weight_chunks
+    WeightSync(runner.client(TOKEN), "grpc").push(perturbed(base_state, 24))  # a segment is kept
+    before, outputs, segments = status(runner).weight_version, served(runner), _own_segments()
+    shm = set(os.listdir("/dev/shm"))
+    chunks = list(weight_chunks(perturbed(base_state, 25).items(), version=0, num_tensors=len(base_state),
+                                chunk_bytes=1 << 16))
+
+    def dies_half_way():
+        yield from chunks[:len(chunks) // 2]
+        raise RuntimeError("trainer died")
+    with pytest.raises(grpc.RpcError):
+        runner.stub().UpdateWeights(dies_half_way(), timeout=CALL_TIMEOUT,
+                                    metadata=(("authorization", f"Bearer {TOKEN}"),))
+    assert status(runner).weight_version == before and served(runner) == outputs
+    wait_until(lambda: runner.service.router._segment is not None, what="the segment given back to the router")
+    assert set(os.listdir("/dev/shm")) == shm and _own_segments() <= segments
+    state = perturbed(base_state, 26)
+    assert WeightSync(runner.client(TOKEN), "grpc").push(state).version == before + 1
+    assert served(runner) == expected_with(state, tmp_path) and object_store_puts == []
+
+
+def test_a_grpc_push_to_a_replica_on_another_node_goes_through_the_object_store(runner, base_state, tmp_path,
+                                                                                  object_store_puts, monkeypatch):
+    from rollout.service.router import Router
+    monkeypatch.setattr(Router, "is_local", lambda self, r: False)
+    state = perturbed(base_state, 27)
+    result = WeightSync(runner.client(TOKEN), "grpc").push(state)
+    assert result.version == status(runner).weight_version and len(object_store_puts) == 1
+    assert served_with_versions(runner) == (expected_with(state, tmp_path), {result.version})

@@ -553,14 +553,16 @@ class GeneratorReplica:
 
     # ------------------------------------------------------------------ same-host transport
     def stage_shared(self, version: int, pid: int, fd: int, size: int, entries: list[SharedEntry],
-                     trainer_host: str) -> int:
+                     trainer_host: str, checked: bool = False, finite: bool = False) -> int:
         """Maps the trainer's shared-memory segment (see shared_weights.py), checks every tensor's
         XXH3-64 and finite values in one read, and stages views of it: the commit copies them into
         the model, then the mapping goes with the staged version (as it does when the push is
-        discarded). The trainer does not write the segment until the push's RPC has returned."""
+        discarded). The trainer does not write the segment until the push's RPC has returned.
+        `checked`: the segment is the gRPC front end's, which checked every checksum as the chunks
+        arrived (and every value, with `finite`), so only what it did not check is checked here."""
         self._staged = None
         try:
-            self._staged = self._stage_segment(version, pid, fd, size, entries, trainer_host)
+            self._staged = self._stage_segment(version, pid, fd, size, entries, trainer_host, checked, finite)
         except Exception as e:  # noqa: BLE001 - re-raised as it is
             # Without the frames, whose locals map the segment: a refused push must not keep the
             # trainer's memory mapped until the garbage collector finds the traceback.
@@ -568,12 +570,19 @@ class GeneratorReplica:
         return self._staged.nbytes
 
     def _stage_segment(self, version: int, pid: int, fd: int, size: int, entries: list[SharedEntry],
-                       trainer_host: str) -> StagedWeights:
+                       trainer_host: str, checked: bool, finite: bool) -> StagedWeights:
         data = map_segment(pid, fd, size, trainer_host)
-        check_segment(data, entries)
+        if not checked:
+            check_segment(data, entries)
         # owned: nothing writes the segment before the commit has copied it (the ownership rule)
         return stage_weights(self.engine.model, version, segment_tensors(data, entries), self.device,
-                             dtype_policy=self.weight_dtype_policy, owned=True, finite=True)
+                             dtype_policy=self.weight_dtype_policy, owned=True, finite=finite or not checked)
+
+    def load_shared(self, version: int, pid: int, fd: int, size: int, entries: list[SharedEntry],
+                    trainer_host: str, finite: bool) -> int:
+        """Stage + commit from the gRPC front end's segment (a restarted replica catching up)."""
+        self.stage_shared(version, pid, fd, size, entries, trainer_host, checked=True, finite=finite)
+        return self.commit_weights(version, "wait")
 
     def load_weights(self, version: int, tensors: dict[str, torch.Tensor]) -> int:
         """Stage + commit in one call (a restarted replica catching up to the current version)."""

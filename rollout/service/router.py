@@ -59,6 +59,7 @@ from ray.exceptions import (ActorUnavailableError, ObjectFetchTimedOutError, Obj
 from ..params import SamplingParams
 from ..engine.engine import EngineLimits
 from ..wire import pack_tensors
+from .shared_weights import ReceiveSegment, host_id
 from .messages import Finished, RequestDone, Stale, Started, Tokens
 from .metrics import FrontendMetrics
 from .replica import check_pause
@@ -94,6 +95,7 @@ class ReplicaSlot:
     down: bool = False  # failed, and has not answered since
     restarts: int = 0   # Ray's restart count of the actor, as the replica last reported it
     catching_up: bool = False  # the current weights are being loaded onto it
+    host: str = ""  # its Ray node id and shared_weights.host_id, as it last reported them
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,9 @@ class Router:
         self.waiting = 0  # sent to a replica, not started there yet
         self.limits: EngineLimits | None = None  # the tightest over the replicas, once they answered
         self._push_lock = asyncio.Lock()
+        # The gRPC front end's shared-memory segment, kept between pushes (Router.claim_segment);
+        # while `weights_ref` is it, a restarted replica on this node catches up from it.
+        self._segment: ReceiveSegment | None = None
         self._version_changed = asyncio.Event()
         self._placements = 0
 
@@ -136,6 +141,7 @@ class Router:
         done = await asyncio.wait_for(asyncio.gather(*refs), timeout)
         for r, st in zip(self.replicas, done):
             r.version = st["weight_version"]
+            _note_host(r, st)
         self.limits = EngineLimits(**{f.name: min(st[f.name] for st in done) for f in dataclasses.fields(EngineLimits)})
 
     async def replica_status(self) -> list[dict]:
@@ -145,6 +151,7 @@ class Router:
             except (*REPLICA_FAILURES, asyncio.TimeoutError) as e:
                 st = dict(name=r.name, ready=False, error=str(e).splitlines()[0] if str(e) else type(e).__name__)
             r.restarts = st.get("restarts", r.restarts)
+            _note_host(r, st)
             # Ready means serving the current weights: a restarted replica is not, until it catches up.
             st.update(outstanding_tokens=r.outstanding_tokens, restarts=r.restarts, catching_up=r.catching_up,
                       ready=(bool(st.get("ready")) and st.get("weight_version") == self.version
@@ -322,6 +329,7 @@ class Router:
         st = await asyncio.wait_for(replica.actor.status.remote(), _left(deadline))
         replica.down = False
         replica.restarts = st.get("restarts", replica.restarts)
+        _note_host(replica, st)
         if st["weight_version"] != self.version:
             replica.catching_up = True
             try:
@@ -343,6 +351,17 @@ class Router:
         """Loads the current version onto `replica`: from the object store after a whole push,
         else copied from a replica that serves it."""
         ref = self.weights_ref
+        if isinstance(ref, ReceiveSegment):
+            if self.is_local(replica):
+                try:
+                    await asyncio.wait_for(replica.actor.load_shared.remote(
+                        self.version, os.getpid(), ref.fd, ref.used, ref.entries, host_id(), ref.finite),
+                        _left(deadline))
+                except BaseException:
+                    self._abandon_segment(ref)  # the replica may still be reading it
+                    raise
+                return
+            ref = None  # on another node: copied from a replica that serves it
         if ref is None:
             source = next((r for r in self.replicas if r is not replica and r.version == self.version), None)
             if source is None:
@@ -370,6 +389,7 @@ class Router:
             except (*REPLICA_FAILURES, asyncio.TimeoutError):
                 return False
             r.restarts = st.get("restarts", r.restarts)
+            _note_host(r, st)
             left = (self.paused_until or 0.0) - time.monotonic()
             if left > 0 and not st.get("paused", True):  # restarted during a pause: it came back unpaused
                 try:
@@ -416,15 +436,75 @@ class Router:
 
     # ------------------------------------------------------------------ weights
     async def push_weights(self, tensors: dict, version: int | None = None, mode: str = "wait",
-                           partial: bool = False, finite: bool = False) -> int:
+                           partial: bool = False, finite: bool = False, segment: ReceiveSegment | None = None) -> int:
         """Stages `tensors` on every replica, then commits everywhere (`mode`: what in-flight
         requests do, see GeneratorReplica.commit_weights). With `partial`, the tensors left out
         keep their served values; `finite`: the front end checked every value already
-        (`wire.WeightAssembler`). Returns the new version."""
-        ref = ray.put(pack_tensors(tensors))  # one copy, mapped by every replica (wire.pack_tensors)
-        return await self._two_phase_push(lambda r, v: r.actor.stage_weights.remote(v, ref, partial, None, finite),
-                                          version, mode,
-                                          catch_up=None if partial else ref, source="push")
+        (`wire.WeightAssembler`). `segment`: `tensors` are its slots, assembled and checked by the
+        front end (ReceiveSegment.manifest); replicas on this node stage from it, the others from
+        one object-store copy, made only if there are any. The segment is the router's from here
+        on (kept for the next push, or abandoned: `claim_segment`). Returns the new version."""
+        local = [r for r in self.replicas if self.is_local(r)] if segment is not None else []
+        ref = None
+        try:
+            if len(local) < len(self.replicas):
+                ref = ray.put(pack_tensors(tensors))  # one copy, mapped by every replica (wire.pack_tensors)
+        except BaseException:
+            if segment is not None:
+                self._abandon_segment(segment)
+            raise
+        if segment is not None:
+            segment.finite = finite
+            shared = (os.getpid(), segment.fd, segment.used, segment.entries, host_id())
+
+        def stage(r: ReplicaSlot, v: int):
+            if r in local:
+                return r.actor.stage_shared.remote(v, *shared, checked=True, finite=finite)
+            return r.actor.stage_weights.remote(v, ref, partial, None, finite)
+        catch_up = None if partial else (ref if ref is not None else segment)
+        return await self._two_phase_push(stage, version, mode, catch_up=catch_up, source="push", segment=segment)
+
+    def is_local(self, r: ReplicaSlot) -> bool:
+        """Whether `r` runs on this process's Ray node and host (it can map this process's memfds)."""
+        here = host_id()
+        return bool(here) and r.host == f"{_node_id()}/{here}"
+
+    async def claim_segment(self, deadline: float) -> ReceiveSegment | None:
+        """The front end's kept segment, for the next push to write into (None: none is kept, or
+        another push holds it). Taken under the push lock, so that no catch-up still reads it,
+        and no longer a catch-up source from here on."""
+        if self._segment is None:
+            return None
+        await _acquire(self._push_lock, deadline)
+        try:
+            segment, self._segment = self._segment, None
+            if segment is not None and self.weights_ref is segment:
+                self.weights_ref = None
+            return segment
+        finally:
+            self._push_lock.release()
+
+    def keep_segment(self, segment: ReceiveSegment) -> None:
+        """Keeps `segment` for the next push: one whose push committed everywhere, or one no
+        replica was handed (its push failed before reaching them). One is kept, the catch-up
+        source first."""
+        if segment is self._segment or segment.fd < 0:
+            return
+        if self._segment is not None and self._segment is self.weights_ref:
+            segment.close()
+            return
+        if self._segment is not None:
+            self._segment.close()
+        self._segment = segment
+
+    def _abandon_segment(self, segment: ReceiveSegment) -> None:
+        """A replica may still read `segment` (a push or catch-up that failed): never written
+        again. Closing the front end's descriptor frees it once the replicas drop their mappings."""
+        if self._segment is segment:
+            self._segment = None
+        if self.weights_ref is segment:
+            self.weights_ref = None
+        segment.close()
 
     async def update_from_disk(self, path: str, mode: str = "wait", version: int | None = None) -> int:
         """Every replica reads safetensors at `path` (shared storage) and stages them; then one
@@ -474,46 +554,60 @@ class Router:
             catch_up=None, source="push")
 
     async def _two_phase_push(self, stage, version: int | None, mode: str, catch_up, source: str,
-                              everyone: bool = False) -> int:
+                              everyone: bool = False, segment: ReceiveSegment | None = None) -> int:
         """Stage on every replica, then commit on every live one. `catch_up`: the object-store
-        ref of the whole new state (None: a restarted replica copies a live one's weights).
-        `everyone`: a replica that cannot stage fails the update (a broadcast needs all ranks)."""
-        check_swap_mode(mode)
-        async with self._push_lock:
-            new_version = self.version + 1
-            if version not in (None, 0, new_version):
-                raise ValueError(f"version must be the next version {new_version}, got {version}")
-            try:
-                staged = await asyncio.wait_for(asyncio.gather(
-                    *(stage(r, new_version) for r in self.replicas), return_exceptions=True), self.control_timeout)
-                down = [r for r, res in zip(self.replicas, staged) if isinstance(res, REPLICA_FAILURES)]
-                errors = [res for res in staged if isinstance(res, BaseException) and not isinstance(res, REPLICA_FAILURES)]
-                if errors:
-                    raise errors[0]
-                # A replica that is restarting cannot stage; it catches up before its next request
-                # (from the object store, or from a live replica), so the update goes on without it.
-                if down and (everyone or len(down) == len(self.replicas)):
-                    raise NoReplicaError(f"replica {down[0].name} is restarting and could not stage version "
-                                         f"{new_version}; nothing changed, retry the update")
-            except BaseException:
-                await asyncio.wait_for(asyncio.gather(*(r.actor.discard_weights.remote() for r in self.replicas),
-                                                      return_exceptions=True), self.control_timeout)
-                raise
-            live = [r for r in self.replicas if r not in down]
-            results = await asyncio.wait_for(asyncio.gather(
-                *(r.actor.commit_weights.remote(new_version, mode) for r in live), return_exceptions=True),
-                self.request_timeout)
-            self.version, self.weights_ref, self.weight_source = new_version, catch_up, source
-            self._version_changed.set()
-            self._version_changed = asyncio.Event()
-            for r in down:
-                r.version = None
-            for r, res in zip(live, results):
-                # A replica that died between stage and commit catches up before its next request.
-                r.version = new_version if res == new_version else None
-            self.metrics.weight_version.set(new_version)
-            log.info("serving weight version %d (%s)", new_version, source)
-            return new_version
+        ref of the whole new state, or the front end's segment (None: a restarted replica copies
+        a live one's weights). `everyone`: a replica that cannot stage fails the update (a
+        broadcast needs all ranks). `segment`: kept for the next push once every replica that
+        staged from it has committed (each then dropped its mapping), else abandoned."""
+        committed = False
+        try:
+            check_swap_mode(mode)
+            async with self._push_lock:
+                new_version = self.version + 1
+                if version not in (None, 0, new_version):
+                    raise ValueError(f"version must be the next version {new_version}, got {version}")
+                try:
+                    staged = await asyncio.wait_for(asyncio.gather(
+                        *(stage(r, new_version) for r in self.replicas), return_exceptions=True),
+                        self.control_timeout)
+                    down = [r for r, res in zip(self.replicas, staged) if isinstance(res, REPLICA_FAILURES)]
+                    errors = [res for res in staged
+                              if isinstance(res, BaseException) and not isinstance(res, REPLICA_FAILURES)]
+                    if errors:
+                        raise errors[0]
+                    # A replica that is restarting cannot stage; it catches up before its next request
+                    # (from the object store, or from a live replica), so the update goes on without it.
+                    if down and (everyone or len(down) == len(self.replicas)):
+                        raise NoReplicaError(f"replica {down[0].name} is restarting and could not stage version "
+                                             f"{new_version}; nothing changed, retry the update")
+                except BaseException:
+                    await asyncio.wait_for(asyncio.gather(*(r.actor.discard_weights.remote() for r in self.replicas),
+                                                          return_exceptions=True), self.control_timeout)
+                    raise
+                live = [r for r in self.replicas if r not in down]
+                results = await asyncio.wait_for(asyncio.gather(
+                    *(r.actor.commit_weights.remote(new_version, mode) for r in live), return_exceptions=True),
+                    self.request_timeout)
+                self.version, self.weights_ref, self.weight_source = new_version, catch_up, source
+                self._version_changed.set()
+                self._version_changed = asyncio.Event()
+                for r in down:
+                    r.version = None
+                for r, res in zip(live, results):
+                    # A replica that died between stage and commit catches up before its next request.
+                    r.version = new_version if res == new_version else None
+                # A replica whose commit failed may still map the segment (a timed-out swap still copying).
+                committed = all(res == new_version for res in results)
+                self.metrics.weight_version.set(new_version)
+                log.info("serving weight version %d (%s)", new_version, source)
+                return new_version
+        finally:
+            if segment is not None:
+                if committed:
+                    self.keep_segment(segment)
+                else:
+                    self._abandon_segment(segment)
 
     # ------------------------------------------------------------------ pause / resume
     @property
@@ -545,6 +639,16 @@ class Router:
         errors = [res for res in results if isinstance(res, BaseException) and not isinstance(res, REPLICA_FAILURES)]
         if errors:
             raise errors[0]
+
+
+def _note_host(r: ReplicaSlot, st: dict) -> None:
+    if "node_id" in st and "host_id" in st:
+        r.host = f"{st['node_id']}/{st['host_id']}"
+
+
+def _node_id() -> str:
+    """This process's Ray node id ("-" outside Ray: then no replica is local)."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "-"
 
 
 def prompts_key(prompts: list[list[int]]) -> bytes:

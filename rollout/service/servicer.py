@@ -23,6 +23,7 @@ import math
 import time
 
 import grpc
+import msgpack
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -33,14 +34,15 @@ from ..config import ModelConfig, TidarConfig
 from ..params import SamplingParams, validate_prompts
 from ..v1 import rollout_pb2 as pb
 from ..v1 import rollout_pb2_grpc as pb_grpc
-from ..wire import WeightAssembler, chunk_update_id, params_from_proto, parse_chunk, parse_dtype, record_to_trajectory
+from ..wire import (RawChunk, WeightAssembler, chunk_update_id, params_from_proto, parse_chunk, parse_dtype,
+                    record_to_trajectory)
 from .metrics import FrontendMetrics
 from ..engine.drafting import source_summary
 from ..engine.engine import LoadError, check_request_size
 from ..model.loader import build_decoder
 from .messages import RequestDone, Started, Tokens
 from .router import REPLICA_FAILURES, DeadlineExceededError, NoReplicaError, QueueFullError, Router
-from .shared_weights import SharedEntry, SharedSegmentError, check_entries
+from .shared_weights import ReceiveSegment, SharedEntry, SharedSegmentError, check_entries
 from .updates import UnknownUpdateError, WeightUpdates
 from .weights import check_tensor_header, total_bytes
 
@@ -202,6 +204,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         # The kept assembly buffers (a concurrent push finds none and allocates its own).
         kept, self._assembly_buffers = self._assembly_buffers, {}
         assembler = WeightAssembler(self.weight_shapes, self.updates.canonical, kept)
+        segment = None  # the shared-memory segment chunks are assembled into, for replicas on this node
         try:
             async for chunk in request_iterator:
                 manifest = assembler.broadcast_manifest(chunk)
@@ -209,22 +212,52 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                     version = await self.router.push_weights_broadcast(manifest, assembler.version, assembler.mode,
                                                                        **assembler.broadcast_options)
                     break
+                if assembler.version is None:
+                    segment = await self._receive_segment(chunk, context)
+                    if segment is not None:
+                        assembler.buffers = segment.slots()
                 assembler.add(chunk)
             else:
                 tensors = assembler.finish()
-                version = await self.router.push_weights(tensors, assembler.version, assembler.mode,
-                                                         finite=assembler.finite_checked >= set(tensors))
+                finite = assembler.finite_checked >= set(tensors)
+                shared = (segment is not None and set(tensors) <= set(assembler.digests)
+                          and segment.manifest(tensors, assembler.digests))
+                handed, segment = (segment, None) if shared else (None, segment)
+                # the router owns a segment handed to it (kept for the next push, or abandoned)
+                version = await self.router.push_weights(tensors, assembler.version, assembler.mode, finite=finite,
+                                                         segment=handed)
         except Exception as e:  # noqa: BLE001
             await self._fail(context, "UpdateWeights", e)
         finally:
+            if segment is not None:  # no replica was handed it: written again by the next push
+                self.router.keep_segment(segment)
             # The object store holds its own copy (router.push_weights): the buffers are free again.
-            self._assembly_buffers = assembler.kept_buffers()
+            self._assembly_buffers = {} if assembler.buffers is not kept else assembler.kept_buffers()
         seconds = time.perf_counter() - started
         self.metrics.weight_push_seconds.observe(seconds)
         self.metrics.weight_push_bytes.inc(assembler.num_bytes)
         self.metrics.requests.labels("UpdateWeights", "OK").inc()
         return pb.UpdateWeightsResponse(version=version, num_tensors=assembler.num_tensors,
                                         num_bytes=assembler.num_bytes, seconds=seconds)
+
+    async def _receive_segment(self, first: RawChunk, context) -> ReceiveSegment | None:
+        """The segment a push is assembled in when a replica runs on this node (the router's kept
+        one if it has the layout: the served model's tensors at the first tensor's element size),
+        else None: the chunks go to private buffers and the object store."""
+        if not any(self.router.is_local(r) for r in self.router.replicas):
+            return None
+        try:
+            meta = msgpack.unpackb(first.metadata)
+            itemsize = parse_dtype(meta.get("dtype"), str(meta.get("name"))).itemsize
+        except Exception:  # noqa: BLE001 - the assembler refuses the chunk with the reason
+            return None
+        remaining = context.time_remaining()
+        segment = await self.router.claim_segment(time.monotonic() + min(remaining or 60.0, 60.0))
+        if segment is not None and segment.fits_plan(self.weight_shapes, itemsize):
+            return segment
+        if segment is not None:
+            segment.close()  # claimed: no replica reads it any more
+        return ReceiveSegment(self.weight_shapes, itemsize)
 
     async def UpdateWeightsShared(self, request, context):
         """A same-host push (shared_weights.py): the manifest is checked here against the model

@@ -17,6 +17,9 @@ Design decisions:
   only between pushes (after the previous push's RPC returned, i.e. every replica committed
   its copy or dropped its mapping); a push whose RPC failed abandons the segment (a replica may
   still be reading it) and the next push writes a new one.
+- The gRPC front end uses the same segments (`ReceiveSegment`) when a replica runs on its node:
+  it assembles, hashes and finite-checks the received chunks straight into its memfd, and the
+  replicas there stage from it instead of from an object-store copy (Router.push_weights).
 - Passes fused by cache-sized chunks (`FUSE_BYTES`): the trainer hashes each chunk it just
   copied into the segment; a replica hashes and finite-checks each chunk it reads. The commit
   then copies the segment into the model: per replica, one checking read and one copy, and the
@@ -92,13 +95,8 @@ class SharedSegment:
     def __init__(self, tensors: list[tuple[str, torch.Tensor]]):
         spans, self.size = layout(tensors)
         self.key = _layout_key(tensors)
-        self.fd = os.memfd_create("rollout-weights", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self.fd, self._map, self._bytes = _memfd(self.size)
         try:
-            os.ftruncate(self.fd, self.size)
-            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, SEALS)
-            self._map = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED | POPULATE,
-                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            self._bytes = np.frombuffer(self._map, dtype=np.uint8)
             self._spans = spans
             self.entries: list[SharedEntry] = []
             self.write(tensors)
@@ -155,6 +153,72 @@ def _layout_key(tensors: list[tuple[str, torch.Tensor]]) -> tuple:
     return tuple((name, t.dtype, tuple(t.shape)) for name, t in tensors)
 
 
+def _memfd(size: int, populate: bool = True) -> tuple[int, mmap.mmap, np.ndarray]:
+    """A new memfd of `size` bytes, sealed against resizing, mapped read-write: (fd, map, bytes).
+    Without `populate`, only the pages written are ever allocated."""
+    fd = os.memfd_create("rollout-weights", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | (POPULATE if populate else 0),
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, mm, np.frombuffer(mm, dtype=np.uint8)
+
+
+class ReceiveSegment(SharedSegment):
+    """The gRPC front end's side: a memfd with one slot per weight of the served model, in the
+    model's order, each `itemsize` bytes per element; the front end assembles received chunks
+    straight into the slots (`slots`) and hands same-host replicas the segment instead of an
+    object-store copy. Same ownership rule as the trainer's segment: written only between pushes
+    (the router takes it back, or abandons it, once a push has ended; see Router.claim_segment)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], itemsize: int):
+        self.itemsize = itemsize
+        self.plan = [(name, math.prod(shape) * itemsize) for name, shape in shapes.items()]
+        self.offsets, offset = {}, 0
+        for name, nbytes in self.plan:
+            offset = math.ceil(offset / ALIGN) * ALIGN
+            self.offsets[name] = offset
+            offset += nbytes
+        self.slot_bytes = dict(self.plan)
+        self.size, self.key, self.entries, self.used = max(offset, 1), None, [], 0
+        self.finite = False  # whether the front end checked every value of what it holds
+        # not populated: a tied head's slot stays unallocated when the trainer does not send it
+        self.fd, self._map, self._bytes = _memfd(self.size, populate=False)
+
+    def fits_plan(self, shapes: dict[str, tuple[int, ...]], itemsize: int) -> bool:
+        return self.fd >= 0 and itemsize == self.itemsize and self.plan == [
+            (name, math.prod(shape) * itemsize) for name, shape in shapes.items()]
+
+    def fits(self, tensors) -> bool:
+        return False  # filled by the front end's assembler, never by `write`
+
+    def slots(self) -> dict[str, np.ndarray]:
+        """Writable views of every tensor's slot, by name (the assembler's buffers)."""
+        return {name: self._bytes[self.offsets[name]:self.offsets[name] + nbytes] for name, nbytes in self.plan}
+
+    def manifest(self, tensors: dict[str, torch.Tensor], digests: dict[str, int]) -> bool:
+        """Sets `entries` for `tensors` (assembled in their slots, checked against `digests`) and
+        `used`, the bytes replicas map. False, and nothing set, unless every tensor is its slot
+        and they fill the plan from its start without a gap (a mapping populates what it covers,
+        holes included)."""
+        base = self._bytes.ctypes.data
+        for name, t in tensors.items():
+            slot = self.offsets.get(name)
+            if slot is None or t.data_ptr() != base + slot or t.numel() * t.element_size() != self.slot_bytes[name]:
+                return False
+        names = [name for name, _ in self.plan]
+        if set(tensors) != set(names[:len(tensors)]):
+            return False
+        self.entries = [SharedEntry(name, dtype_name(t.dtype), tuple(t.shape), self.offsets[name],
+                                    t.numel() * t.element_size(), digests[name]) for name, t in tensors.items()]
+        self.used = max(e.offset + e.nbytes for e in self.entries)
+        return True
+
+
 def map_segment(pid: int, fd: int, size: int, trainer_host: str) -> np.ndarray:
     """The replica's side: the trainer's segment mapped read-only, as bytes."""
     here = host_id()
@@ -175,7 +239,7 @@ def map_segment(pid: int, fd: int, size: int, trainer_host: str) -> np.ndarray:
             raise SharedSegmentError(f"pid {pid} fd {fd} is not a memfd sealed against resizing: a mapping of it "
                                      "could fault when it shrinks")
         actual = os.fstat(f).st_size
-        if actual != size:
+        if actual < size:  # a longer file is fine: its size is sealed, and only `size` bytes are mapped
             raise SharedSegmentError(f"the segment holds {actual} bytes, the manifest says {size}")
         mm = mmap.mmap(f, size, flags=mmap.MAP_SHARED | POPULATE, prot=mmap.PROT_READ)
     finally:
