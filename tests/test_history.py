@@ -1,6 +1,7 @@
 """History drafts (`engine/history.py`): what the index proposes, the store's bounds, and that
 verifying history drafts (alone or stacked with the model's in one step) keeps lossless exact."""
 
+import gc
 import random
 import tracemalloc
 
@@ -10,7 +11,7 @@ import torch
 from rollout import Engine, SamplingParams
 from rollout.config import EngineConfig
 from rollout.engine.drafting import DraftPolicy, DraftShape, RowDraft
-from rollout.engine.history import BYTES_PER_TOKEN, KEEP_VERSIONS, HistoryStore
+from rollout.engine.history import BYTES_PER_TOKEN, KEEP_VERSIONS, ROOT, HistoryStore
 from test_distribution import (  # noqa: F401 - the model_dir fixture
     ALPHA,
     NUM_SAMPLES,
@@ -76,10 +77,10 @@ def test_an_index_grown_token_by_token_proposes_what_one_built_at_once_does():
 def test_tokens_are_indexed_only_when_a_draft_is_asked_for():
     store = store_with([[5, 6, 7, 8], [5, 6, 7, 9]])
     history = store.prompts[(1, 2)]
-    assert not history.ngrams and not history.root.children  # an engine taking AR steps never pays for them
+    assert not history.ngrams and not history.kids[ROOT]  # an engine taking AR steps never pays for them
     assert propose(store, [5, 6]) == ([7, 8], "aligned")
     # the asking row (output 5, 6) is indexed too: three completions through 5
-    assert history.ngrams[(5, 6)] == {7: 2} and history.root.children[5].count == 3 and not history.stale
+    assert history.ngrams[(5, 6)] == {7: 2} and history.counts[history.kids[ROOT][5]] == 3 and not history.stale
 
 
 def test_a_proposal_indexes_its_own_row_and_at_most_a_budget_of_the_others_newest_first():
@@ -98,7 +99,7 @@ def test_a_proposal_indexes_its_own_row_and_at_most_a_budget_of_the_others_newes
     whole.catch_up()
     assert history.ngrams == whole.ngrams
     def firsts(h):
-        return {t: c.count for t, c in h.root.children.items()}
+        return {t: h.counts[c] for t, c in h.kids[ROOT].items()}
     assert firsts(history) == firsts(whole)
 
 
@@ -113,6 +114,57 @@ def test_the_store_keeps_its_memory_budget_evicting_the_least_recently_used_prom
             store.begin([0], [50], 0)  # prompt 0 used again: now the most recent
     assert store.bytes <= 3 * per_prompt
     assert set(store.prompts) == {(0,), (3,), (4,)}
+
+
+def test_the_indexes_give_the_garbage_collector_no_objects_per_token():
+    rng = random.Random(3)
+    gc.collect()
+    before = len(gc.get_objects())
+    store = HistoryStore(1 << 40)
+    for p in range(4):
+        for track in store.begin([p], list(range(8)), 0):
+            store.extend(track, [rng.randrange(50) for _ in range(100)], 0)
+    for history in store.prompts.values():
+        history.catch_up()
+    gc.collect()  # n-gram keys (tuples of ints) are untracked by a collection
+    # 3,200 tokens indexed; a trie node object per token made ~2 tracked objects per token, which
+    # every full collection walks. Per prompt now: its history, track objects and lists, the trie's
+    # lists and the n-gram table.
+    assert len(gc.get_objects()) - before < 4 * (8 * 2 + 8)
+
+
+def test_a_row_whose_own_tokens_wait_to_be_indexed_is_proposed_what_an_indexed_row_is():
+    completions = [[5, 6, 7, 8, 1], [5, 6, 7, 8, 2], [5, 6, 4, 4, 4]]
+    for limit in (0, 1, None):  # none of its tokens indexed, one, all
+        store = store_with(completions)
+        store.prompts[(1, 2)].catch_up()
+        track = store.begin([1, 2], [9], 0)[0]
+        store.extend(track, [5, 6], 0)
+        proposal = track.prompt.propose(track, 4, limit)
+        assert track.indexed == (2 if limit is None else limit)
+        assert (proposal.tokens, proposal.match) == ([7, 8, 1], "aligned")  # 2 of 3 went on with 7, 8 (then a tie)
+
+
+def test_a_look_up_step_indexes_at_most_a_steps_share_of_what_waits(engine):
+    engine = Engine(engine.model, engine.tidar, config=EngineConfig(drafting="auto"))
+    prompts = [list(p) for p in PROMPTS[:2]]
+    engine.drafting.wants_lookup = lambda params: False  # AR steps: 192 tokens wait to be indexed
+    engine.generate(prompts, SamplingParams(max_tokens=24, n=4, seed=1))
+    del engine.drafting.wants_lookup
+    waiting = sum(t.indexed < len(t.tokens) for h in engine.history.prompts.values() for t in h.tracks)
+    request = engine.add_request(prompts, SamplingParams(max_tokens=24, n=4, seed=2))
+    while not engine.scheduler.running:
+        engine.step()
+    rows = engine.scheduler.running
+    indexed = sum(h.num_indexed for h in engine.history.prompts.values())
+    engine.scheduler._lookup_drafts(rows)
+    took = sum(h.num_indexed for h in engine.history.prompts.values()) - indexed
+    k = engine.tidar.block_size
+    assert waiting == 8 and 0 < took <= len(rows) * k + 64  # not the 192 waiting + the rows' own
+    for _ in range(8):  # looked up every step, the indexes catch up
+        engine.scheduler._lookup_drafts(rows)
+    assert all(t.indexed == len(t.tokens) for h in engine.history.prompts.values() for t in h.tracks)
+    engine.abort(request.request_id)
 
 
 def test_bytes_per_token_bounds_what_the_indexes_really_take():

@@ -70,7 +70,12 @@ EXPLORE_EVERY = 64      # measured AR time per second of measured exploring time
 LOOKUP_MARGIN = 1.25
 LOOKUP_LENGTH = 4       # the lookup step's draft length when only calibrated shapes run (compiled)
 REFIT_EVERY = 16        # observed steps between re-rankings (acceptance estimates, cost fit)
-AR_REFIT_EVERY = 64     # the same while AR steps win (see DraftPolicy._rank_every)
+# The same while AR steps win and no look-up is worth trying (see DraftPolicy._rank_every); a
+# step that taught an acceptance estimate (an exploring step) re-ranks at once. A ranking costs
+# ~1 ms: re-ranking every 64 steps and every 32 tokens of context cost ~1.5% of an AR step at
+# batch 8 on the CPU.
+AR_REFIT_EVERY = 256
+RANK_CONTEXT = 32       # context bucket of a ranking (tokens); x4 while AR steps win
 # After a step whose rows looked up their point-mass drafts and the drafts did not pay, the
 # next look-up waits 1, 2, 4, ... up to this many steps (reset when they pay): looking up costs
 # host time on every row, and where it keeps losing it made AR-only rollouts up to 1.8x slower
@@ -217,6 +222,11 @@ class StepCostModel:
         self.anchor = [tuple(x) for x in samples]
         self.clear()
 
+    @property
+    def fitted(self) -> bool:
+        """Whether a fit exists (the last one; it may be due for a refit)."""
+        return self._coef is not None
+
     def coefficients(self) -> tuple[float, ...] | None:
         if self._dirty:
             self._dirty, self._pending = False, 0
@@ -233,8 +243,11 @@ class StepCostModel:
                 self._coef = tuple(float(max(x, 0.0)) for x in coef)
         return self._coef
 
-    def predict(self, drafting: bool, rows: int, tokens: int, context: float) -> float:
-        coef = self.coefficients()
+    def predict(self, drafting: bool, rows: int, tokens: int, context: float, refit: bool = True) -> float:
+        """`refit` False: with the last fitted coefficients (refitted only if there are none):
+        the per-step bookkeeping of AR steps need not pay a least-squares fit every REFIT_EVERY
+        steps; rankings refit."""
+        coef = self.coefficients() if refit or self._coef is None else self._coef
         if coef is None or not any(coef):
             return float(tokens)  # only the ranking matters: cost proportional to work
         a, e, b, c, d = coef
@@ -303,6 +316,8 @@ class DraftPolicy:
         # draft source ("model", "history", "lookup", "none") -> [row-steps, drafts offered, accepted]
         self.sources: dict[str, list[int]] = {}
         self._observations = 0
+        self._taught = 0  # observed steps that taught an acceptance estimate (see `_best`)
+        self._mix: tuple | None = None  # the last step's rows' params and what `_row_mix` made of them
         # Observed steps per re-ranking: REFIT_EVERY, or AR_REFIT_EVERY while AR steps win and
         # no look-up is worth trying (AR steps teach no acceptance; a ranking costs ~1 ms).
         self._rank_every = REFIT_EVERY
@@ -360,12 +375,26 @@ class DraftPolicy:
         when the last decode step pre-drafted (else the mask block would be computed for nothing)."""
         return self.mode == "fixed" or (self.last_choice is not None and not self.last_choice.lookup)
 
+    def _row_mix(self, params: list[SamplingParams]) -> tuple[dict[str, int], int, bool]:
+        """(drafting rows by class, how many rows draft, whether any row takes point-mass drafts),
+        kept while a step's rows are those of the last step (the common case: the same requests
+        decode step after step; the list compares its elements by identity first), so an AR
+        step pays no per-row Python here."""
+        if self._mix is None or self._mix[0] != params:
+            counts: dict[str, int] = {}
+            for p in params:
+                if p.sampler != "ar":
+                    cls = request_class(p)
+                    counts[cls] = counts.get(cls, 0) + 1
+            self._mix = (list(params), counts, sum(counts.values()), any(map(takes_lookup, params)))
+        return self._mix[1:]
+
     def wants_lookup(self, params: list[SamplingParams]) -> bool:
         """Whether this step's rows should look up their point-mass drafts (`choose`'s `lookups`)."""
         not_forced_elsewhere = self._forced is None or (self._forced[0] is not None and self._forced[0].lookup)
         # The step after an exploring TiDAR step verifies the model's drafts: no look-up.
         return (bool(self.lookup_candidates) and not_forced_elsewhere and self._follow_up is None
-                and any(map(takes_lookup, params)))
+                and self._row_mix(params)[2])
 
     def choose(self, params: list[SamplingParams], context: float,
                lookups: Callable[[], list[list[RowDraft]]] | None = None) -> DraftShape | None:
@@ -375,37 +404,36 @@ class DraftPolicy:
         if self._forced is not None:
             return self._forced[0]
         self._charging = self._earning = self._looked_up = False
-        drafting = [p for p in params if p.sampler != "ar"]
+        counts, drafting, _ = self._row_mix(params)
         if not drafting or self.k < 2:
             choice, self._follow_up = None, None
         elif self.mode == "fixed":
             choice = self.full
         else:
-            choice = self._best(params, drafting, context, lookups)
+            choice = self._best(params, counts, drafting, context, lookups)
         self.last_choice = choice
         label = level_label(choice, self.k)
         self.choices[label] = self.choices.get(label, 0) + 1
         return choice
 
-    def _best(self, params: list[SamplingParams], drafting: list[SamplingParams], context: float,
+    def _best(self, params: list[SamplingParams], counts: dict[str, int], num_drafting: int, context: float,
               lookups: Callable[[], list[list[int]]] | None):
-        counts: dict[str, int] = {}
-        for p in drafting:
-            cls = request_class(p)
-            counts[cls] = counts.get(cls, 0) + 1
         # The ranking changes only when the estimates or the cost fit do (every REFIT_EVERY
         # observations), or the batch's mix or context bucket does: decided once, then reused.
-        key = (tuple(sorted(counts.items())), len(params), int(context) // 32, self._rank_every,
-               self._observations // self._rank_every)
+        # While AR steps win, AR steps teach no acceptance: re-ranked every AR_REFIT_EVERY
+        # observations, on a coarser context bucket, and at once after a step that taught.
+        ar = self._rank_every == AR_REFIT_EVERY
+        key = (tuple(sorted(counts.items())), len(params), int(context) // (RANK_CONTEXT * (4 if ar else 1)),
+               self._rank_every, self._observations // self._rank_every, self._taught if ar else 0)
         decision = self._decisions.get(key)
         if decision is None:
             # Rows look up their drafts only when a step using them could win even if every
             # row that takes them had k - 1 of its best kind (the lookup costs host time on
             # every row).
             full = {(self._best_kind(cls), self.k - 1): n for cls, n in counts.items() if cls.startswith("lossless@")}
-            ranked = self._rank(counts, len(params) - len(drafting), len(params), context)
+            ranked = self._rank(counts, len(params) - num_drafting, len(params), context)
             decision = ranked + (max(self._lookup_rate(len(params), full, context)[1],
-                                     self._stacked_rate(counts, full, len(params) - len(drafting), len(params),
+                                     self._stacked_rate(counts, full, len(params) - num_drafting, len(params),
                                                         context)[1]),)
             if len(self._decisions) > 4096:
                 self._decisions.clear()
@@ -431,7 +459,7 @@ class DraftPolicy:
             looked_up = True
             offered = self._offered(params, lookups())
             lookup, rate = self._lookup_rate(len(params), offered, context)
-            stacked, stacked_rate = self._stacked_rate(counts, offered, len(params) - len(drafting), len(params),
+            stacked, stacked_rate = self._stacked_rate(counts, offered, len(params) - num_drafting, len(params),
                                                        context)
             paid = True
             if stacked is not None and stacked_rate >= max(rate, best_rate):  # a tie: it pre-drafts too
@@ -635,9 +663,10 @@ class DraftPolicy:
             spent = self.step_time.setdefault(label, [0, 0.0])
             spent[0], spent[1] = spent[0] + 1, spent[1] + seconds
         if self._forced is None and (self._charging or self._earning):
-            predicted = self.costs.predict(shape is not None, len(params), tokens, context)
+            # The last fit: refitting here cost an AR step ~0.5% at batch 8 (rankings refit).
+            predicted = self.costs.predict(shape is not None, len(params), tokens, context, refit=False)
             spent = predicted if seconds is None else seconds
-            timed = seconds is not None and predicted > 0 and self.costs.coefficients() is not None
+            timed = seconds is not None and predicted > 0 and self.costs.fitted
             if self._earning:
                 self._explore_credit += spent / EXPLORE_EVERY
                 if timed:
@@ -655,6 +684,8 @@ class DraftPolicy:
             self.costs.observe(shape is not None, len(params), tokens, context, seconds)
         if self._forced is not None:
             return
+        if any(offered):
+            self._taught += 1
         seen = set()
         for i, (p, a, n) in enumerate(zip(params, accepted, offered)):
             kind = kinds[i] if kinds else ""

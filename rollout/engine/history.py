@@ -53,26 +53,19 @@ KEEP_VERSIONS = 3      # policy versions per prompt whose completions are kept
 MAX_COMPLETIONS = 64   # completions per prompt (the newest)
 BYTES_PER_TOKEN = 2048  # memory accounted per stored token (an upper estimate, measured in the tests)
 CATCH_UP_TOKENS = 64    # tokens of other completions indexed per proposal, at most (see the module docstring)
-
-
-class _Node:
-    __slots__ = ("children", "count")
-
-    def __init__(self) -> None:
-        self.children: dict[int, _Node] = {}
-        self.count = 0
+ROOT = 0                # the trie's root node id
 
 
 class Track:
     """One completion in a prompt's history: its tokens (they only grow), the version of its
-    last token, its row key, its node in the prompt's trie and how many of its tokens the
-    indexes hold (the rest wait for `PromptHistory.catch_up`)."""
+    last token, its row key, its node in the prompt's trie (an id) and how many of its tokens
+    the indexes hold (the rest wait for `PromptHistory.catch_up`)."""
     __slots__ = ("tokens", "version", "key", "node", "prompt", "indexed")
 
     def __init__(self, prompt: PromptHistory, key: int, version: int) -> None:
         self.prompt, self.key, self.version = prompt, key, version
         self.tokens: list[int] = []
-        self.node = prompt.root
+        self.node = ROOT
         self.indexed = 0
 
 
@@ -86,20 +79,27 @@ class Proposal:
 
 
 class PromptHistory:
-    """The completions of one prompt and their two indexes."""
+    """The completions of one prompt and their two indexes. The trie is flat: node ids index
+    `kids` (token -> child id) and `counts` (completions through the node), so the indexes are
+    dicts and lists of ints, which the cyclic garbage collector does not track: a node object
+    per token made the store most of what the engine added to the collector's work, and a full
+    collection (it walks every tracked object of the process, ~0.2 s here) fell on a lossless
+    engine's steps more often than on our AR sampler's."""
 
     def __init__(self) -> None:
         self.tracks: list[Track] = []
-        self.root = _Node()
+        self.kids: list[dict[int, int]] = [{}]  # ROOT's, then every node's: token -> child id
+        self.counts: list[int] = [0]
         self.ngrams: dict[tuple[int, ...], dict[int, int]] = {}
         self.num_tokens = 0
+        self.num_indexed = 0  # tokens the indexes took in so far (a look-up step's share counts them)
         self.held = True  # in the store (its tokens counted against the budget)
         self.stale: list[Track] = []  # tracks with tokens the indexes do not hold yet
 
     def add(self, key: int, version: int) -> Track:
         track = Track(self, key, version)
         self.tracks.append(track)
-        self.root.count += 1
+        self.counts[ROOT] += 1
         return track
 
     def extend(self, track: Track, tokens: list[int], version: int) -> None:
@@ -111,29 +111,30 @@ class PromptHistory:
             self.num_tokens += len(tokens)
         track.version = version
 
-    def catch_up(self, first: Track | None = None, budget: int | None = None) -> None:
+    def catch_up(self, first: Track | None = None, budget: int | None = None, limit: int | None = None) -> None:
         """Indexes `first`'s new tokens, then the other completions', newest first, up to
-        `budget` tokens (None: all of them)."""
+        `budget` tokens of the others (None: all of them); `limit`: at most this many tokens in
+        all (None: no limit; a look-up step's share, see the scheduler)."""
         rest = [t for t in self.stale if t is not first]
+        left = math.inf if limit is None else limit
         if first is not None and first.indexed < len(first.tokens):
-            self._index(first, len(first.tokens))
-        left = math.inf if budget is None else budget
+            left -= self._index(first, left)
+            if first.indexed < len(first.tokens):
+                rest.append(first)  # the newest: first in line next time
+        left = min(math.inf if budget is None else budget, left)
         waiting = []
         for track in reversed(rest):
-            if left <= 0:
-                waiting.append(track)
-                continue
-            end = min(len(track.tokens), track.indexed + left)
-            left -= end - track.indexed
-            self._index(track, end)
-            if end < len(track.tokens):
+            if left > 0:
+                left -= self._index(track, left)
+            if track.indexed < len(track.tokens):
                 waiting.append(track)
         self.stale = waiting[::-1]
 
-    def _index(self, track: Track, end: int) -> None:
-        """Adds `track`'s tokens up to `end` to both indexes."""
-        ngrams = self.ngrams
+    def _index(self, track: Track, most: float) -> int:
+        """Adds up to `most` of `track`'s tokens not yet indexed to both indexes; returns how many."""
+        ngrams, kids, counts = self.ngrams, self.kids, self.counts
         h, node, start = track.tokens, track.node, track.indexed
+        end = len(h) if most >= len(h) - start else start + int(most)
         for i in range(start, end):
             t = h[i]
             for n in range(1, min(MAX_CONTEXT, i) + 1):
@@ -141,12 +142,16 @@ class PromptHistory:
                 if follow is None:
                     follow = ngrams[key] = {}
                 follow[t] = follow.get(t, 0) + 1
-            child = node.children.get(t)
+            child = kids[node].get(t)
             if child is None:
-                child = node.children[t] = _Node()
-            child.count += 1
+                child = kids[node][t] = len(counts)
+                kids.append({})
+                counts.append(0)
+            counts[child] += 1
             node = child
         track.node, track.indexed = node, end
+        self.num_indexed += end - start
+        return end - start
 
     def rebuilt(self, keep: list[Track]) -> PromptHistory:
         """A fresh history holding `keep` (the same Track objects, to be re-indexed): completions
@@ -154,25 +159,38 @@ class PromptHistory:
         fresh = PromptHistory()
         for old in keep:
             tokens, old.tokens, old.indexed = old.tokens, [], 0
-            old.prompt, old.node = fresh, fresh.root
+            old.prompt, old.node = fresh, ROOT
             fresh.tracks.append(old)
-            fresh.root.count += 1
+            fresh.counts[ROOT] += 1
             fresh.extend(old, tokens, old.version)
         return fresh
 
-    def propose(self, track: Track, count: int) -> Proposal | None:
+    def _position(self, track: Track) -> tuple[int | None, int]:
+        """`track`'s node at its whole output and whether the node counts the track itself:
+        its own node when the indexes hold all of it, else reached from there by reading the
+        trie (None: no other completion began so)."""
+        node, kids = track.node, self.kids
+        for t in track.tokens[track.indexed:]:
+            node = kids[node].get(t)
+            if node is None:
+                break
+        return node, int(track.indexed == len(track.tokens))
+
+    def propose(self, track: Track, count: int, limit: int | None = None) -> Proposal | None:
         """Up to `count` tokens to follow `track`'s output: the aligned prefix, else the longest
-        suffix match, the most shared continuation at each token (see the module docstring)."""
+        suffix match, the most shared continuation at each token (see the module docstring);
+        `limit`: the most tokens its catch-up may index (None: its own new tokens and
+        CATCH_UP_TOKENS of the others)."""
         if self.stale:
-            self.catch_up(track, CATCH_UP_TOKENS)
-        out = track.tokens
-        node, own = track.node, 1  # the row's own path ends at its node: not a continuation
+            self.catch_up(track, CATCH_UP_TOKENS, limit)
+        out, kids, counts = track.tokens, self.kids, self.counts
+        node, own = self._position(track)  # own: the row's own path ends at its node, not a continuation
         draft: list[int] = []
         match, support = "", 1.0
         while len(draft) < count:
-            if node is not None and node.children:
-                token, child = max(node.children.items(), key=lambda kv: (kv[1].count, -kv[0]))  # ties: lowest id
-                share = child.count / max(node.count - own, 1)
+            if node is not None and kids[node]:
+                token, child = max(kids[node].items(), key=lambda kv: (counts[kv[1]], -kv[0]))  # ties: lowest id
+                share = counts[child] / max(counts[node] - own, 1)
                 match = match or "aligned"
                 node, own = child, 0
             else:

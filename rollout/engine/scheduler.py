@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from ..params import FinishReason
 from .drafting import DraftPolicy, DraftShape, RowDraft, takes_lookup
+from .history import CATCH_UP_TOKENS
 from .lookup import lookup_drafts
 from .kv_slots import SlotAllocator
 from .sequence import PromptGroup, Request, Sequence
@@ -199,15 +200,30 @@ class Scheduler:
     def _lookup_drafts(self, rows: list[Sequence]) -> list[list[RowDraft]]:
         """Each row's point-mass draft candidates for this step (up to block length - 1 tokens;
         none for rows that cannot take them): its history draft (`history.py`) and its lookup
-        drafts (its n-gram index brought up to date)."""
+        drafts (its n-gram index brought up to date).
+
+        The history indexes take in at most a step's share of what waits: per prompt, k tokens
+        per row of it in the step (what a step can commit) and its rows' part of
+        CATCH_UP_TOKENS, so a step that looks up every step keeps up with its rows, and a
+        look-up after a long run of AR steps (at batch 64: 64 rows x up to 64 tokens waiting
+        each) pays about a step's worth, not the whole gap at once."""
         out, count = [], self.block_size - 1
+        share: dict[int, float] = {}  # id(prompt history) -> tokens it may still index this step
+        if self.drafting.history:
+            for s in rows:
+                if s.history is not None:
+                    key = id(s.history.prompt)
+                    share[key] = share.get(key, 0.0) + self.block_size + CATCH_UP_TOKENS / len(rows)
         for s in rows:
             candidates = []
             if takes_lookup(s.params):
                 if self.drafting.history and s.history is not None:
                     # No further than max_tokens: later drafts could only be cut off.
                     left = s.params.max_tokens - len(s.out.token_ids)
-                    proposal = s.history.prompt.propose(s.history, min(count, left))
+                    prompt, key = s.history.prompt, id(s.history.prompt)
+                    indexed = prompt.num_indexed
+                    proposal = prompt.propose(s.history, min(count, left), int(share[key]))
+                    share[key] -= prompt.num_indexed - indexed
                     if proposal is not None:
                         candidates.append(RowDraft(tuple(proposal.tokens), history_kind(proposal.match)))
                 if self.drafting.lookup:
