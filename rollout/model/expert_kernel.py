@@ -74,18 +74,22 @@ INLINE void tile(const float *const *x, float *const *y, int R, int NV, int64_t 
     for (int v = 0; v < NV; v++) _mm512_storeu_ps(y[r] + j + 16 * v, acc[r][v]);
 }
 
-#define TILES(NV)                                                                              \
-  AVX512 static void tiles##NV(const float *const *x, float *const *y, int R, int64_t K, const void *w,       \
-                               int64_t ldw, int bf16, int64_t j) {                             \
+/* One function per (tile width, weight dtype), each with its row counts unrolled: the hot loop
+   then holds no branch on the dtype and keeps its accumulators in registers. */
+#define TILES(NV, BF)                                                                          \
+  AVX512 static void tiles##NV##_##BF(const float *const *x, float *const *y, int R, int64_t K, const void *w, \
+                                      int64_t ldw, int64_t j) {                                \
     switch (R) {                                                                               \
-      case 1: tile(x, y, 1, NV, K, w, ldw, bf16, j); break;                                    \
-      case 2: tile(x, y, 2, NV, K, w, ldw, bf16, j); break;                                    \
-      case 3: tile(x, y, 3, NV, K, w, ldw, bf16, j); break;                                    \
-      default: tile(x, y, 4, NV, K, w, ldw, bf16, j); break;                                   \
+      case 1: tile(x, y, 1, NV, K, w, ldw, BF, j); break;                                      \
+      case 2: tile(x, y, 2, NV, K, w, ldw, BF, j); break;                                      \
+      case 3: tile(x, y, 3, NV, K, w, ldw, BF, j); break;                                      \
+      default: tile(x, y, 4, NV, K, w, ldw, BF, j); break;                                     \
     }                                                                                          \
   }
-TILES(4)
-TILES(1)
+TILES(4, 0)
+TILES(1, 0)
+TILES(4, 1)
+TILES(1, 1)
 
 /* y[r] = x[r] @ W for R rows: W [K, N] with row stride ldw (N a multiple of 16). Column tiles
    outside, row blocks inside: a 64-column strip of W is read from memory once, then from cache
@@ -96,8 +100,8 @@ AVX512 static void gemm_rows(const float *const *x, float *const *y, int64_t R, 
     int wide = N - j >= 64;
     for (int64_t r = 0; r < R; r += 4) {
       int n = R - r < 4 ? (int)(R - r) : 4;
-      if (wide) tiles4(x + r, y + r, n, K, w, ldw, bf16, j);
-      else tiles1(x + r, y + r, n, K, w, ldw, bf16, j);
+      if (bf16) (wide ? tiles4_1 : tiles1_1)(x + r, y + r, n, K, w, ldw, j);
+      else (wide ? tiles4_0 : tiles1_0)(x + r, y + r, n, K, w, ldw, j);
     }
     j += wide ? 64 : 16;
   }
