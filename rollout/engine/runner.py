@@ -120,9 +120,6 @@ class ModelRunner:
         if attention not in getattr(model, "attention_paths", (attention,)):
             raise ValueError(f"attention path {attention!r} cannot run a {cfg.model_type} model: it has sliding-window "
                              f"layers, which only {'/'.join(model.attention_paths)} honour")
-        refusal = compile and getattr(model, "compile_refusal", lambda _: None)(dtype)
-        if refusal:
-            raise ValueError(f"compile=True cannot run a {cfg.model_type} model {refusal}: use compile=False")
         if cuda_graphs and not getattr(model, "graph_capturable", True):
             raise ValueError(f"cuda_graphs cannot run a {cfg.model_type} model (its expert routing reads token "
                              "counts on the host): use cuda_graphs=False")

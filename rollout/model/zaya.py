@@ -186,10 +186,15 @@ def lag_sources(positions: torch.Tensor, visible: torch.Tensor, P: int) -> Lags:
         index = torch.zeros(B, 1, P, dtype=torch.long, device=positions.device)
     else:
         in_step, index = [], []
+        keys = torch.arange(T, device=positions.device, dtype=torch.int32)  # int32: a training [B, T, T] stays small
         for i in range(P):  # one [B, T, T] match per lag (a training sequence's T is long)
             match = (positions[:, None, :] == wanted[:, :, i, None]) & visible  # key u sits there, t sees it
             in_step.append(match.any(-1))
-            index.append(match.to(torch.uint8).argmax(-1))
+            # t sees at most one token per position (its path), so the match's largest key index is
+            # its only one (0 where none). Not argmax over the bools: Inductor's vectorised argmax
+            # over a row's tail gave indices >= T in bf16 ZAYA steps at batch 16 (torch 2.13 CPU),
+            # which the gather below then refused.
+            index.append(torch.where(match, keys, 0).amax(-1).long())
         in_step, index = torch.stack(in_step, -1), torch.stack(index, -1)
     return Lags(index, in_step, wanted.clamp(min=0), wanted < 0)
 
@@ -483,15 +488,6 @@ class ZayaDecoder(nn.Module):
 
     graph_capturable = False  # the expert grouping reads token counts on the host
     dense_masks = True  # whole sequences: its convolutions follow the mask, read densely
-
-    def compile_refusal(self, dtype: torch.dtype) -> str | None:
-        """Why torch.compile cannot run this model in `dtype` (None: it can). The expert
-        grouping runs as one opaque op under compile (`moe.grouped_experts`)."""
-        if dtype != torch.float32:
-            return (f"in {dtype} a compiled ZAYA step failed an index check inside Inductor's kernel for the "
-                    "path lags (torch 2.13, CPU, batch 16; not yet understood), so compile is allowed in float32 "
-                    "only, where it is tested")
-        return None
 
     @property
     def attention_paths(self) -> tuple[str, ...]:
