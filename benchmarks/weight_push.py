@@ -10,7 +10,9 @@ same machine load), pushes the weights perturbed in place with `WeightSync.push`
 - GB/s = tensor bytes / wall time of the whole push (write or send, verify on every replica,
   swap, version bump);
 - TTFT: from the start of a pause -> push -> resume cycle to the first token generated on the
-  new version (a request waiting for that version, max_tokens 1, sent at the start);
+  new version (a request waiting for that version, max_tokens 1, sent at the start); below
+  each row, what TTFT - push is made of (the pause and resume RPCs, from the end of the push to
+  that token) beside the same one-token request on warm weights just before the push;
 - the copy floor: `torch` copy of the same tensors into preallocated ones in this process,
   measured just before each push; "x floor" = push GB/s / floor GB/s (1.0 = memory speed);
 - with grpc among the transports, the gRPC floor: the same number of bytes streamed in
@@ -126,29 +128,40 @@ def grpc_floor(channel: grpc.Channel, nbytes: int, chunk_bytes: int = WEIGHT_CHU
     return seconds
 
 
-def timed_push(sync: WeightSync, client: RolloutClient, state: dict, version: int) -> tuple[float, float]:
-    """(push seconds, seconds from the start of pause -> push -> resume to the first token on the
-    new version)."""
+def one_token(client: RolloutClient, version: int | None = None) -> int:
+    """Generates one token (greedy, a 4-token prompt); with `version`, waiting for it. Returns
+    the version that sampled it."""
+    req = pb.GenerateRequest(prompts=[pb.Prompt(token_ids=[11, 12, 13, 14])],
+                             params=pb.SamplingParams(max_tokens=1, temperature=0.0),
+                             min_policy_version=version or 0, wait_for_version=version is not None)
+    resp = client.stub.Generate(req, timeout=600)
+    return int.from_bytes(resp.trajectories[0].policy_versions[:8], "little")
+
+
+def timed_push(sync: WeightSync, client: RolloutClient, state: dict, version: int) -> dict[str, float]:
+    """Seconds of one pause -> push -> resume cycle: the push, TTFT (from the start of the pause
+    to the first token on the new version, by a request sent at the start), the pause and resume
+    RPCs, and from the end of the push to that token."""
     got = {}
 
     def first_token() -> None:
-        req = pb.GenerateRequest(prompts=[pb.Prompt(token_ids=[11, 12, 13, 14])],
-                                 params=pb.SamplingParams(max_tokens=1, temperature=0.0),
-                                 min_policy_version=version + 1, wait_for_version=True)
-        resp = client.stub.Generate(req, timeout=600)
+        got["version"] = one_token(client, version + 1)
         got["at"] = time.perf_counter()
-        got["version"] = int.from_bytes(resp.trajectories[0].policy_versions[:8], "little")
 
     waiter = threading.Thread(target=first_token)
     started = time.perf_counter()
     waiter.start()
     sync.pause(mode="keep", timeout_seconds=600)
+    paused = time.perf_counter()
     result = sync.push(state)
+    pushed = time.perf_counter()
     sync.resume()
+    resumed = time.perf_counter()
     waiter.join(600)
     if got.get("version") != version + 1:
         raise RuntimeError(f"the first token after the push came from version {got.get('version')}, not {version + 1}")
-    return result.seconds, got["at"] - started
+    return dict(push=result.seconds, ttft=got["at"] - started, pause=paused - started, resume=resumed - pushed,
+                after=got["at"] - pushed)
 
 
 def run(address: str, state: dict, transports: list[str], repeats: int, label: str) -> list[dict]:
@@ -159,7 +172,7 @@ def run(address: str, state: dict, transports: list[str], repeats: int, label: s
     syncs = {t: WeightSync(client, t, master_address="127.0.0.1", timeout=600) for t in transports}
     for sync in syncs.values():
         sync.choose_transport()  # "auto" asks GetStatus once; not part of any push
-    rows = {t: dict(push=[], ttft=[], floor=[]) for t in transports}
+    rows = {t: dict(push=[], ttft=[], floor=[], pause=[], resume=[], after=[], token=[]) for t in transports}
     version = client.status().weight_version
     sink = start_sink() if "grpc" in transports else None
     grpc_floors = []
@@ -171,10 +184,12 @@ def run(address: str, state: dict, transports: list[str], repeats: int, label: s
                 rows[transport]["floor"].append(copy_floor(state, dst))
                 if transport == "grpc":
                     grpc_floors.append(grpc_floor(sink[1], nbytes))
-                seconds, ttft = timed_push(syncs[transport], client, state, version)
+                started = time.perf_counter()
+                one_token(client)  # the same request on warm weights: what the first token alone costs
+                rows[transport]["token"].append(time.perf_counter() - started)
+                for key, seconds in timed_push(syncs[transport], client, state, version).items():
+                    rows[transport][key].append(seconds)
                 version += 1
-                rows[transport]["push"].append(seconds)
-                rows[transport]["ttft"].append(ttft)
     finally:
         if sink is not None:
             sink[1].close()
@@ -190,6 +205,10 @@ def run(address: str, state: dict, transports: list[str], repeats: int, label: s
                         runs=", ".join(f"{p:.2f}/{t:.2f}" for p, t in zip(r["push"], r["ttft"]))))
         print(f"| {label} | {out[-1]['transport']} | {push:.3f} | {out[-1]['gb_s']:.2f} | {out[-1]['floor_gb_s']:.2f} | "
               f"{out[-1]['ratio']:.2f} | {ttft:.3f} | {ttft / push:.2f} | {out[-1]['runs']} |", flush=True)
+        fixed = {k: statistics.median(r[k]) for k in ("pause", "resume", "after", "token")}
+        print(f"# {label}, {out[-1]['transport']}: TTFT - push {ttft - push:.3f} s (medians: pause RPC "
+              f"{fixed['pause']:.3f}, resume RPC {fixed['resume']:.3f}, end of push -> first token {fixed['after']:.3f}; "
+              f"one-token Generate on warm weights {fixed['token']:.3f})", flush=True)
     if grpc_floors:
         median = statistics.median(grpc_floors)
         print(f"# {label}: gRPC floor (the same bytes to a bare sink, {WEIGHT_CHUNK_BYTES >> 20} MiB messages): "
