@@ -461,3 +461,20 @@ def test_a_grpc_push_to_a_replica_on_another_node_goes_through_the_object_store(
     result = WeightSync(runner.client(TOKEN), "grpc").push(state)
     assert result.version == status(runner).weight_version and len(object_store_puts) == 1
     assert served_with_versions(runner) == (expected_with(state, tmp_path), {result.version})
+
+
+def test_a_replica_that_cannot_map_the_front_ends_segment_gets_the_push_through_the_object_store(
+        runner, base_state, tmp_path, object_store_puts, monkeypatch):
+    """A replica here that cannot open the front end's memfd (simulated: the segment claims
+    another host) refuses it; the same push then goes through the object store, and so do the next."""
+    import rollout.service.router as router_module
+    router = runner.service.router
+    monkeypatch.setattr(router, "segments_refused", False)
+    monkeypatch.setattr(router_module.Router, "is_local", lambda self, r: not self.segments_refused)
+    monkeypatch.setattr(router_module, "host_id", lambda: "another-host/1")
+    sync, before = WeightSync(runner.client(TOKEN), "grpc"), status(runner).weight_version
+    result = sync.push(perturbed(base_state, 28))
+    assert result.version == before + 1 and router.segments_refused and len(object_store_puts) == 1
+    state = perturbed(base_state, 29)
+    assert sync.push(state).version == before + 2 and len(object_store_puts) == 2
+    assert served_with_versions(runner) == (expected_with(state, tmp_path), {before + 2})

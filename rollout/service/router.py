@@ -54,12 +54,12 @@ from dataclasses import dataclass
 
 import ray
 from ray.exceptions import (ActorUnavailableError, ObjectFetchTimedOutError, ObjectFreedError, ObjectLostError,
-                            OwnerDiedError, RayActorError)
+                            OwnerDiedError, RayActorError, RayTaskError)
 
 from ..params import SamplingParams
 from ..engine.engine import EngineLimits
 from ..wire import pack_tensors
-from .shared_weights import ReceiveSegment, host_id
+from .shared_weights import ReceiveSegment, SharedSegmentError, host_id
 from .messages import Finished, RequestDone, Stale, Started, Tokens
 from .metrics import FrontendMetrics
 from .replica import check_pause
@@ -129,6 +129,7 @@ class Router:
         # The gRPC front end's shared-memory segment, kept between pushes (Router.claim_segment);
         # while `weights_ref` is it, a restarted replica on this node catches up from it.
         self._segment: ReceiveSegment | None = None
+        self.segments_refused = False  # a replica here could not map it once: the object store from then on
         self._version_changed = asyncio.Event()
         self._placements = 0
 
@@ -462,12 +463,23 @@ class Router:
                 return r.actor.stage_shared.remote(v, *shared, checked=True, finite=finite)
             return r.actor.stage_weights.remote(v, ref, partial, None, finite)
         catch_up = None if partial else (ref if ref is not None else segment)
-        return await self._two_phase_push(stage, version, mode, catch_up=catch_up, source="push", segment=segment)
+        try:
+            return await self._two_phase_push(stage, version, mode, catch_up=catch_up, source="push",
+                                              segment=segment)
+        except Exception as e:
+            if segment is None or not _segment_refused(e):
+                raise
+            # A replica here cannot open this process's memfds (another uid, a hardened /proc):
+            # nothing changed; this push and the next ones go through the object store.
+            log.warning("a replica could not map the front end's segment (%s); gRPC pushes go through the object "
+                        "store from now on", str(e).splitlines()[-1])
+            self.segments_refused = True
+            return await self.push_weights(tensors, version, mode, partial, finite)
 
     def is_local(self, r: ReplicaSlot) -> bool:
         """Whether `r` runs on this process's Ray node and host (it can map this process's memfds)."""
         here = host_id()
-        return bool(here) and r.host == f"{_node_id()}/{here}"
+        return bool(here) and not self.segments_refused and r.host == f"{_node_id()}/{here}"
 
     async def claim_segment(self, deadline: float) -> ReceiveSegment | None:
         """The front end's kept segment, for the next push to write into (None: none is kept, or
@@ -639,6 +651,11 @@ class Router:
         errors = [res for res in results if isinstance(res, BaseException) and not isinstance(res, REPLICA_FAILURES)]
         if errors:
             raise errors[0]
+
+
+def _segment_refused(e: BaseException) -> bool:
+    cause = e.cause if isinstance(e, RayTaskError) and e.cause is not None else e
+    return isinstance(cause, SharedSegmentError)
 
 
 def _note_host(r: ReplicaSlot, st: dict) -> None:
