@@ -286,6 +286,62 @@ def test_a_trainer_killed_mid_push_leaves_no_segment_and_the_old_version_serving
     assert [r["token_ids"].tolist() for r in after] == before_out
 
 
+FRONT_END = """
+import json, sys, time
+from safetensors.torch import load_file
+from rollout.service.shared_weights import ReceiveSegment
+from rollout.wire import WeightAssembler, parse_chunk, weight_frames
+state = load_file(sys.argv[1])
+shapes = {k: tuple(v.shape) for k, v in state.items()}
+segment = ReceiveSegment(shapes, 4)
+assembler = WeightAssembler(shapes, buffers=segment.slots())
+for frame in weight_frames(state.items(), 0, len(state), chunk_bytes=4096):
+    assembler.add(parse_chunk(frame))
+tensors = assembler.finish()
+assert segment.manifest(tensors, assembler.digests) and assembler.finite_checked >= set(tensors)
+print(json.dumps(dict(fd=segment.fd, size=segment.used, entries=[list(e.__dict__.values()) for e in segment.entries])),
+      flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_front_end_killed_mid_push_leaves_no_segment_and_the_old_version_serving(replica, tmp_path):
+    """gRPC push to a replica on the front end's node: the front end (another process) assembles
+    the chunks into its ReceiveSegment, the replica stages it without checks of its own
+    (checked), the front end is killed before the commit: nothing in /dev/shm, the mapping goes
+    with the discarded staging, the replica serves version 0 as before."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from rollout.service.shared_weights import SharedEntry, host_id
+    before_shm = set(os.listdir("/dev/shm"))
+    before_out = [r["token_ids"].tolist() for r in drain(replica.generate("before", PROMPTS, dict(max_tokens=8, seed=1), 0))]
+    save_file({k: v.contiguous() for k, v in perturbed(replica.engine, 4).items()}, tmp_path / "state.safetensors")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    front_end = subprocess.Popen([sys.executable, "-c", FRONT_END, str(tmp_path / "state.safetensors")],
+                                 stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        seg = json.loads(front_end.stdout.readline())
+        entries = [SharedEntry(*e) for e in seg["entries"]]
+        assert replica.stage_shared(1, front_end.pid, seg["fd"], seg["size"], entries, host_id(), checked=True,
+                                    finite=True) > 0
+        assert _memfd_mappings() >= 1
+    finally:
+        front_end.send_signal(signal.SIGKILL)
+        front_end.wait(60)
+    replica.discard_weights()
+    assert _memfd_mappings() == 0 and set(os.listdir("/dev/shm")) == before_shm
+    assert replica.engine.weight_version == 0
+    after = drain(replica.generate("after", PROMPTS, dict(max_tokens=8, seed=1), 0))
+    assert [r["token_ids"].tolist() for r in after] == before_out
+
+
 def test_a_shared_segment_is_checked_whole_and_rewritten_in_place_for_the_next_push(replica):
     """The replica stages views of the segment only after every tensor's XXH3-64 matched and its
     values are finite, and commits exactly those bytes; the trainer then writes the next push
