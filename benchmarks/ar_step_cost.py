@@ -19,7 +19,9 @@ bookkeeping, history), so every host cost of a step is in it:
   look-ups included), only its "ar" steps counted in the ratio, the rest reported apart.
 Reported per cell: each engine's median per-step time, the median over block pairs of the ratio
 of mean AR-step times (lossless / ar; above 1: the lossless engine's AR steps cost more) with
-its quartiles and range, so noise can be told from a real cost. `--profile DIR` also writes a
+its quartiles and range, so noise can be told from a real cost; the garbage collector's time
+within each engine's steps; and over every step (exploring and look-ups included) the ratio of
+seconds per committed token (above 1: lossless slower). `--profile DIR` also writes a
 cProfile of each engine's steps (the same number of steps each) to DIR.
 """
 
@@ -81,16 +83,18 @@ def hold_to_ar(engine: Engine) -> None:
 
 class Stepper:
     """One engine decoding one request of rows, restarted when it finishes; `step()` returns
-    (seconds of one `Engine.step()`, its kind: the policy's step-time label, or "prefill")."""
+    (seconds of one `Engine.step()`, its kind: the policy's step-time label, or "prefill", the
+    tokens it committed)."""
 
     def __init__(self, engine: Engine, prompts: list[list[int]], params: SamplingParams):
         self.engine, self.prompts, self.params = engine, prompts, params
         self.request = None
         self.gc = [0.0, 0, 0.0]  # garbage collection within its steps: seconds, full collections, their seconds
 
-    def step(self) -> tuple[float, str]:
+    def step(self) -> tuple[float, str, int]:
         if self.request is None or self.request.done:
             self.request = self.engine.add_request(self.prompts, self.params)
+        committed = sum(len(s.out.token_ids) for s in self.request.sequences)
         counts = {k: v[0] for k, v in self.engine.drafting.step_time.items()}
         gc_before = GC.seconds, GC.full, GC.full_seconds
         t0 = time.perf_counter()
@@ -100,7 +104,7 @@ class Stepper:
         # A decode step adds one to its kind's count (both engines' policies label their steps);
         # nothing counted: a prefill (or a step that compiled or captured: not timed).
         kind = next((k for k, v in self.engine.drafting.step_time.items() if v[0] != counts.get(k, 0)), "prefill")
-        return seconds, kind
+        return seconds, kind, sum(len(s.out.token_ids) for s in self.request.sequences) - committed
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -126,19 +130,23 @@ def cell(model, tidar, prompts, batch: int, temperature: float, args) -> dict:
     for s in steppers.values():
         s.gc = [0.0, 0, 0.0]
     times = {name: [] for name in steppers}  # per block: the AR-step times
+    per_token = {name: [] for name in steppers}  # per block: seconds per committed token, every step
     other: dict[str, list[float]] = {}  # the lossless engine's other steps, by kind
     for block in range(args.blocks):
         order = ["ar", "lossless"] if block % 2 == 0 else ["lossless", "ar"]
         for name in order:
-            got = []
+            got, spent, tokens = [], 0.0, 0
             for _ in range(args.block):
-                seconds, kind = steppers[name].step()
+                seconds, kind, committed = steppers[name].step()
+                spent, tokens = spent + seconds, tokens + committed
                 if kind == "ar":
                     got.append(seconds)
                 elif kind != "prefill":
                     other.setdefault(kind, []).append(seconds)
             times[name].append(got)
+            per_token[name].append(spent / max(tokens, 1))
     pairs = [statistics.fmean(b) / statistics.fmean(a) for a, b in zip(times["ar"], times["lossless"]) if a and b]
+    whole = [b / a for a, b in zip(per_token["ar"], per_token["lossless"])]
     flat = {name: [x for b in blocks for x in b] for name, blocks in times.items()}
     profiles = {}
     if args.profile:
@@ -152,7 +160,7 @@ def cell(model, tidar, prompts, batch: int, temperature: float, args) -> dict:
             path.parent.mkdir(parents=True, exist_ok=True)
             prof.dump_stats(path)
             profiles[name] = str(path)
-    return dict(pairs=pairs, median={n: statistics.median(v) for n, v in flat.items()},
+    return dict(pairs=pairs, whole=whole, median={n: statistics.median(v) for n, v in flat.items()},
                 steps={n: len(v) for n, v in flat.items()}, other=other, profiles=profiles,
                 gc={n: list(s.gc) for n, s in steppers.items()},
                 choices=dict(lossless.drafting.choices))
@@ -187,8 +195,9 @@ def main(argv=None) -> int:
           flush=True)
     print("\n| T | batch | ar ms/step (median) | lossless ms/step (median) | lossless / ar (median of pairs) | "
           "pairs q1-q3 | pairs min-max | AR steps ar / lossless | lossless's other steps (ms each) | "
-          "garbage collection in the steps, ar / lossless: ms (full collections) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "garbage collection in the steps, ar / lossless: ms (full collections) | every step: lossless / ar "
+          "seconds per token (median of pairs, q1-q3) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for temperature in [float(t) for t in args.temperatures.split(",")]:
         for batch in batches:
             r = cell(base.model, base.tidar, prompts, batch, temperature, args)
@@ -198,7 +207,8 @@ def main(argv=None) -> int:
                   f"| {med:.3f} | {q1:.3f}-{q3:.3f} | {min(r['pairs']):.3f}-{max(r['pairs']):.3f} | "
                   f"{r['steps']['ar']} / {r['steps']['lossless']} | {other or '-'} | "
                   f"{1e3 * r['gc']['ar'][0]:.0f} ({r['gc']['ar'][1]}) / {1e3 * r['gc']['lossless'][0]:.0f} "
-                  f"({r['gc']['lossless'][1]}) |", flush=True)
+                  f"({r['gc']['lossless'][1]}) | {statistics.median(r['whole']):.3f} "
+                  f"({quartiles(r['whole'])[0]:.3f}-{quartiles(r['whole'])[2]:.3f}) |", flush=True)
             if r["profiles"]:
                 print(f"<!-- profiles: {r['profiles']} -->", flush=True)
     return 0

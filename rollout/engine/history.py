@@ -12,12 +12,16 @@ Design decisions:
   Lazily: a committed token is only appended to its completion's list (every row, every
   step); the indexes take in what is new when the prompt is next asked for a draft
   (`PromptHistory.catch_up`): the asking row's own completion in full, then the others,
-  newest first, up to CATCH_UP_TOKENS per proposal (the rest at the next ones). An engine
+  newest first, up to CATCH_UP_TOKENS per proposal (the rest at the next ones), and at most a
+  `limit` the scheduler sets per prompt and step (k tokens per row of it plus its rows' part of
+  CATCH_UP_TOKENS: what a step can commit, so looking up every step keeps up). An engine
   whose policy takes AR steps asks for none, so there the store costs a list append per
   row-step (indexing each token as it came cost ~3% of an AR rollout at batch 64 on the CPU),
-  and the budget keeps a rare look-up (an exploring step) from indexing a whole store at once
-  (0.1 s in a 1.2 s rollout before it). Growing siblings add a token per row-step, well
-  within the budget.
+  and the limits keep a rare look-up (an exploring step) from indexing what piled up at once
+  (at batch 64: 64 rows x up to 64 tokens each, ~5-15x an AR step with the collections it
+  set off). A row whose own tokens still wait finds its trie node by reading the trie.
+- The trie is flat (node ids, `PromptHistory`): the indexes are dicts and lists of ints,
+  which the cyclic garbage collector does not track.
 - Proposal (`PromptHistory.propose`): first the aligned prefix: where other completions began
   exactly as the row's output so far, follow the trie; else (and where the trie runs out) the
   longest suffix of the row's output that occurred in the prompt's completions. At each token
