@@ -137,26 +137,25 @@ INLINE __m512 exp512(__m512 x) {
 AVX512 int expert_rows(const float *x, const int64_t *ids, int64_t A, int64_t k, int64_t H, int64_t I, int64_t E,
                        const void *gate_up, int64_t gu_e, int64_t gu_ld, const void *down, int64_t dn_e,
                        int64_t dn_ld, int bf16, float *y) {
-  int64_t *start = calloc(E + 1, sizeof(int64_t)), *order = malloc((A + 1) * sizeof(int64_t));
-  float *h = malloc((A + 1) * 2 * I * sizeof(float));
-  const float **xr = malloc((A + 1) * sizeof(float *)), **hr = malloc((A + 1) * sizeof(float *));
-  float **yr = malloc((A + 1) * sizeof(float *)), **hw = malloc((A + 1) * sizeof(float *));
-  int ok = start && order && h && xr && hr && yr && hw;
-  if (ok) {
-    for (int64_t a = 0; a < A; a++) {
-      if (ids[a] >= 0 && ids[a] < E) start[ids[a] + 1]++;
-      else memset(y + a * H, 0, H * sizeof(float));
-    }
-    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
-    int64_t *next = malloc(E * sizeof(int64_t));
-    ok = next != NULL;
-    if (ok) {
-      memcpy(next, start, E * sizeof(int64_t));
-      for (int64_t a = 0; a < A; a++)
-        if (ids[a] >= 0 && ids[a] < E) order[next[ids[a]]++] = a;
-      free(next);
-    }
+  int64_t *start = calloc(E + 1, sizeof(int64_t)), *next = malloc((E + 1) * sizeof(int64_t));
+  int64_t *order = malloc((A + 1) * sizeof(int64_t)), most = 0;
+  if (!start || !next || !order) { free(start); free(next); free(order); return -1; }
+  for (int64_t a = 0; a < A; a++) {
+    if (ids[a] >= 0 && ids[a] < E) start[ids[a] + 1]++;
+    else memset(y + a * H, 0, H * sizeof(float));
   }
+  for (int64_t e = 0; e < E; e++) {
+    most = start[e + 1] > most ? start[e + 1] : most;
+    start[e + 1] += start[e];
+  }
+  memcpy(next, start, E * sizeof(int64_t));
+  for (int64_t a = 0; a < A; a++)
+    if (ids[a] >= 0 && ids[a] < E) order[next[ids[a]]++] = a;
+  /* scratch for one expert's rows at a time: its gate_up outputs, then the gated activations */
+  float *h = malloc((most + 1) * 2 * I * sizeof(float));
+  const float **xr = malloc((most + 1) * sizeof(float *)), **hr = malloc((most + 1) * sizeof(float *));
+  float **yr = malloc((most + 1) * sizeof(float *)), **hw = malloc((most + 1) * sizeof(float *));
+  int ok = h && xr && hr && yr && hw;
   for (int64_t e = 0; ok && e < E; e++) {
     int64_t R = start[e + 1] - start[e];
     if (R == 0) continue;
@@ -178,7 +177,7 @@ AVX512 int expert_rows(const float *x, const int64_t *ids, int64_t A, int64_t k,
       }
     gemm_rows(hr, yr, R, I, H, dn, dn_ld, bf16);
   }
-  free(start); free(order); free(h); free(xr); free(hr); free(yr); free(hw);
+  free(start); free(next); free(order); free(h); free(xr); free(hr); free(yr); free(hw);
   return ok ? 0 : -1;
 }
 """
