@@ -4,9 +4,10 @@ At decode, an expert gets a few rows (batch 64, top-8 of 128: ~4), so its GEMMs 
 reads: torch's grouped kernel (`aten::_grouped_mm`, HF's too) read them at ~6 GB/s here and
 its bf16 GEMMs at 1.6-4.6 GB/s, where a copy runs at 11.5 GB/s (`benchmarks/RESULTS.md`).
 `expert_rows` streams each hit expert's gate_up and down weights once (fp32, or bf16 widened
-to fp32 in registers) and multiplies all of that expert's rows at once: register tiles of up
-to 4 rows x 64 output columns (16 AVX-512 accumulators), the SiLU gate applied between the two
-matrices while the expert's rows are in cache, each result written to its assignment's row.
+to fp32 in registers; walked in chunks of 32 whole rows, contiguous memory) and multiplies all
+of that expert's rows at once: register tiles of up to 4 rows x 64 output columns (16 AVX-512
+accumulators), the SiLU gate applied between the two matrices while the expert's rows are in
+cache, each result written to its assignment's row.
 
 Design decisions:
 - A small C kernel compiled once per machine with the system C compiler (`native.compiled`),
