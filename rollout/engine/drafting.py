@@ -70,12 +70,14 @@ EXPLORE_EVERY = 64      # measured AR time per second of measured exploring time
 LOOKUP_MARGIN = 1.25
 LOOKUP_LENGTH = 4       # the lookup step's draft length when only calibrated shapes run (compiled)
 REFIT_EVERY = 16        # observed steps between re-rankings (acceptance estimates, cost fit)
-# The same while AR steps win and no look-up is worth trying (see DraftPolicy._rank_every); a
-# step that taught an acceptance estimate (an exploring step) re-ranks at once. A ranking costs
-# ~1 ms: re-ranking every 64 steps and every 32 tokens of context cost ~1.5% of an AR step at
-# batch 8 on the CPU.
+# The same while AR steps win and no look-up is worth trying (see DraftPolicy._rank_every), at
+# batch > 1 on a context bucket 4x coarser; a step that taught an acceptance estimate (an
+# exploring step) re-ranks at once. A ranking costs ~1 ms: every 64 steps and 32 tokens it cost
+# ~1.5-2% of an AR step at batch 8 on the CPU. Batch 1 keeps the finer cadence: there look-ups
+# win (1.4-1.7x AR at T = 0) and the live cost fit and the context move their bound across AR's
+# rate; the coarse cadence there gave 1.04x in one run.
 AR_REFIT_EVERY = 256
-RANK_CONTEXT = 32       # context bucket of a ranking (tokens); x4 while AR steps win
+RANK_CONTEXT = 32       # context bucket of a ranking (tokens)
 # After a step whose rows looked up their point-mass drafts and the drafts did not pay, the
 # next look-up waits 1, 2, 4, ... up to this many steps (reset when they pay): looking up costs
 # host time on every row, and where it keeps losing it made AR-only rollouts up to 1.8x slower
@@ -421,9 +423,11 @@ class DraftPolicy:
         # The ranking changes only when the estimates or the cost fit do (every REFIT_EVERY
         # observations), or the batch's mix or context bucket does: decided once, then reused.
         # While AR steps win, AR steps teach no acceptance: re-ranked every AR_REFIT_EVERY
-        # observations, on a coarser context bucket, and at once after a step that taught.
+        # observations (batch 1: every REFIT_EVERY x 4), on a coarser context bucket (batch > 1),
+        # and at once after a step that taught.
         ar = self._rank_every == AR_REFIT_EVERY
-        key = (tuple(sorted(counts.items())), len(params), int(context) // (RANK_CONTEXT * (4 if ar else 1)),
+        coarse = ar and len(params) > 1
+        key = (tuple(sorted(counts.items())), len(params), int(context) // (RANK_CONTEXT * (4 if coarse else 1)),
                self._rank_every, self._observations // self._rank_every, self._taught if ar else 0)
         decision = self._decisions.get(key)
         if decision is None:
@@ -439,7 +443,8 @@ class DraftPolicy:
                 self._decisions.clear()
             self._decisions[key] = decision
         best, best_drafting, ar_seconds, _, best_rate, lookup_bound = decision
-        self._rank_every = AR_REFIT_EVERY if best is None and lookup_bound <= best_rate else REFIT_EVERY
+        self._rank_every = (REFIT_EVERY if best is not None or lookup_bound > best_rate
+                            else AR_REFIT_EVERY if len(params) > 1 else 4 * REFIT_EVERY)
         if self._follow_up is not None:  # an exploring step made drafts: verify them
             follow_up, self._follow_up, self._charging = self._follow_up, None, True
             return follow_up
