@@ -4,6 +4,7 @@ lossless TiDAR for reference) against HF `generate`, same weights, batch 1, 16 a
     python -m benchmarks.zaya_decode                        # CPU, default shape
     python -m benchmarks.zaya_decode --batches 1,16 --max-tokens 16 --repeats 1   # quick
     python -m benchmarks.zaya_decode --dtype bfloat16      # the same weights in bf16 on both sides
+    python -m benchmarks.zaya_decode --device cuda --dtype bfloat16   # on a GPU
     python -m benchmarks.zaya_decode --compile --no-lossless   # + our engine under torch.compile
 
 The model is built by transformers from a config (random weights, HF's init, seed 0) and saved;
@@ -41,6 +42,7 @@ def build(path: str, args) -> None:
 
 def main(argv: list[str] | None = None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache")
     p.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes (prompts decoded at once)")
     p.add_argument("--prompt-len", type=int, default=16, help="random prompt tokens per row")
@@ -69,8 +71,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     lines = []
     with tempfile.TemporaryDirectory() as model_dir:
         build(model_dir, args)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-        device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
+        device = (f"{args.device} ({torch.cuda.get_device_name()})" if args.device.startswith("cuda")
+                  else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
         lines += [f"ZAYA random: hidden {args.hidden}, {args.layers} layers (sliding window {args.window} on every "
                   f"second), {args.heads}/{args.kv_heads} heads, {args.experts} experts + skip (intermediate "
                   f"{args.expert_intermediate}), vocab {args.vocab}; {args.dtype} on {device}; torch {torch.__version__}, "
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> list[str]:
                   ""] + TABLE_HEADER
         print("\n".join(lines), flush=True)  # noqa: T201 - a benchmark script's output
         variants = ("ar",) + ("compiled",) * args.compile + ("lossless",) * (not args.no_lossless) + ("hf",)
-        for row in decode_rows(model_dir, hf, args, batches, variants, "cpu", dtype):
+        for row in decode_rows(model_dir, hf, args, batches, variants, args.device, dtype):
             lines.append(row)
             print(row, flush=True)  # noqa: T201 - rows as they finish (a slow, shared machine)
     return lines
