@@ -243,3 +243,30 @@ def test_logprobs_count_is_bounded():
         SamplingParams(logprobs=MAX_LOGPROBS + 1)
     with pytest.raises(ValueError, match="min_p must be in"):
         SamplingParams(min_p=1.5)
+
+
+def test_a_push_naming_both_tied_weights_copies_into_their_one_parameter_once(monkeypatch):
+    """lm_head.weight and the embedding are one parameter in a tied model. Both names in one
+    `load_weights` made two copies into it, run on two threads at once, which left rows of each
+    (gpu_run's push check then saw greedy tokens differ from HF's in about one process in four)."""
+    from pathlib import Path
+
+    import rollout
+    from rollout.engine import engine as engine_module
+
+    eng = Engine.from_pretrained(Path(rollout.__file__).parent / "default_model")
+    params = eng.model.state_dict()
+    head, embedding = params["lm_head.weight"], params["model.embed_tokens.weight"]
+    assert eng.model.config.tie_word_embeddings and head.data_ptr() == embedding.data_ptr()
+    pushed = {name: t + 0.01 * (i + 1) for i, (name, t) in enumerate(params.items())}  # every name its own value
+    given = []
+    copy = engine_module.copy_weights
+    monkeypatch.setattr(engine_module, "copy_weights", lambda pairs: given.append(pairs) or copy(pairs))
+    eng.load_weights(pushed, version=1)
+    (pairs,) = given
+    assert len({dst.data_ptr() for dst, _ in pairs}) == len(pairs)  # no parameter is copied into twice
+    last = [name for name in pushed if name in ("lm_head.weight", "model.embed_tokens.weight")][-1]
+    assert torch.equal(eng.model.state_dict()["model.embed_tokens.weight"], pushed[last])  # the last name given
+    for name, t in eng.model.state_dict().items():
+        if name not in ("lm_head.weight", "model.embed_tokens.weight"):
+            assert torch.equal(t, pushed[name]), name

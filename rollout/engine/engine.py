@@ -390,9 +390,13 @@ class Engine:
         if reset and self.history is not None:
             self.history.clear()
         params = self.model.state_dict()
+        # Tied names (lm_head.weight beside the embedding) are one parameter: copied once, from
+        # the last name given, as load_state_dict does. Two copies into it would run on two
+        # threads at once and leave rows of each.
+        pairs = {params[name].data_ptr(): (params[name], t) for name, t in tensors.items()}
         with torch.no_grad():
             # input-major weights: a tiled transpose, not copy_'s element loop; on every core
-            copy_weights([(params[name], t) for name, t in tensors.items()])
+            copy_weights(list(pairs.values()))
         self.weight_version = version
         with torch.inference_mode():
             if self.scheduler.running:
