@@ -1,5 +1,5 @@
-"""Parts (b) step cost, (c) end to end and (d) the GRPO-shaped rollout of `benchmarks.gpu_run`,
-and the table of part (a)'s checks (`gpu_checks.py`). Each part takes the run's context (plan,
+"""Parts (b) step cost, (c) end to end, (d) the GRPO-shaped rollout and (e) the MoE families of
+`benchmarks.gpu_run`, and the table of part (a)'s checks (`gpu_checks.py`). Each part takes the run's context (plan,
 device, dtype, its Budget, trimmed repeats and batches) and returns a dict: its rows (the JSON),
 `markdown` (its table) and `summary` (a few lines for the one-screen summary). The timing
 helpers are the suite's (`suite.fill`, `time_steps`, `sampler_rates`, `hf_rate`) and
@@ -295,6 +295,79 @@ def grpo_rollout(ctx) -> dict:
     summary = [f"{r['model']}: {r['prompts']}x{r['samples']}, {r['tokens']} tokens: AR {r['ar_s']:.2f} s, auto "
                f"{r['auto_lossless_s']:.2f} s ({r['auto_over_ar_wall']:.2f}x)" for r in rows if "skipped" not in r]
     return dict(rows=rows, markdown=md, summary=summary or ["skipped"])
+
+
+# ---------------------------------------------------------------- part e: MoE families vs HF
+# The random shapes of `benchmarks/moe_decode.py` and `zaya_decode.py` (issue 24's speed cells);
+# the smoke plan halves their layers.
+MOE_FAMILIES = ("qwen3_moe", "zaya")
+
+
+def moe_families(ctx) -> dict:
+    """Our AR decode (greedy) against HF `generate` on the same random Qwen3-MoE and ZAYA
+    weights, at part c's batches: one unmeasured round per batch, then the run's repeats
+    interleaved, median tokens/s. CUDA graphs for Qwen3-MoE where the device has a grouped GEMM
+    (no host read; the per-expert loop reads counts on the host), eager ZAYA (it refuses them);
+    no torch.compile, as in the rest of the run."""
+    import tempfile
+
+    import transformers
+
+    from rollout import Engine
+    from rollout.config import EngineConfig
+    from rollout.model.moe import grouped_gemm_runs
+
+    from . import moe_decode, zaya_decode
+    plan, device, budget = ctx.plan, ctx.device, ctx.budget
+    rows = []
+    for i, family in enumerate(MOE_FAMILIES):
+        share = budget.share(len(MOE_FAMILIES) - i)
+        module = moe_decode if family == "qwen3_moe" else zaya_decode
+        args = module.parser().parse_args(["--max-tokens", str(plan.max_tokens), "--prompt-len", str(plan.prompt_len)]
+                                          + (["--layers", "2"] if plan.name == "smoke" else []))
+        with torch.inference_mode():  # a device without a grouped GEMM runs the host-reading loop: no graphs
+            graphs = family == "qwen3_moe" and grouped_gemm_runs(torch.zeros(1, 8, device=device, dtype=ctx.dtype),
+                                                                 torch.zeros(1, 8, 4, device=device, dtype=ctx.dtype))
+        with tempfile.TemporaryDirectory() as model_dir:
+            hf = None
+            for batch in ctx.e2e_batches:
+                if not share.allows():
+                    rows.append(dict(family=family, batch=batch, skipped="time budget"))
+                    continue
+                with share.cell():
+                    if hf is None:
+                        module.build(model_dir, args)
+                        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=ctx.dtype)
+                        hf = hf.to(device).eval()
+                    engine = Engine.from_pretrained(
+                        model_dir, device=device, dtype=ctx.dtype, mask_token_id=args.vocab - 1,
+                        block_size=args.block_size, config=EngineConfig(
+                            max_num_seqs=batch, max_model_len=args.prompt_len + args.max_tokens + 8,
+                            cuda_graphs=graphs))
+                    rng = random.Random(batch)
+                    prompts = [[rng.randrange(2, args.vocab - 1) for _ in range(args.prompt_len)] for _ in range(batch)]
+                    ours, theirs = [], []
+                    for r in range(ctx.repeats + 1):  # the first round warms up (and captures), unmeasured
+                        rate, _ = moe_decode.ours_tokens_per_second(engine, prompts, "ar", args.max_tokens, device)
+                        hf_rate = moe_decode.hf_tokens_per_second(hf, prompts, args.max_tokens, device)
+                        if r:
+                            ours.append(rate)
+                            theirs.append(hf_rate)
+                    rows.append(dict(family=family, batch=batch, ours_tok_s=round(statistics.median(ours), 1),
+                                     hf_tok_s=round(statistics.median(theirs), 1),
+                                     ours_over_hf=ratio(statistics.median(ours), statistics.median(theirs)),
+                                     cuda_graphs=graphs, experts_implementation=hf.config._experts_implementation))
+                    del engine
+        del hf
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    md = ["| family | batch | ours AR tok/s | HF generate tok/s | ours / HF |", "|---|---|---|---|---|"]
+    md += [f"| {r['family']} | {r['batch']} | skipped: {r['skipped']} |" if "skipped" in r else
+           f"| {r['family']} | {r['batch']} | {r['ours_tok_s']:.0f} | {r['hf_tok_s']:.0f} | {times(r['ours_over_hf'])} |"
+           for r in rows]
+    summary = [", ".join(f"{r['family']} b{r['batch']} {times(r['ours_over_hf'])}" for r in rows if "skipped" not in r)
+               or "skipped"]
+    return dict(rows=rows, markdown=md, summary=summary)
 
 
 def correctness(ctx) -> dict:

@@ -19,9 +19,11 @@ under 8 minutes):
      on a GPU), fixed and auto drafting, batch 1 / 16 / 64; HF generate on the same weights.
   d. a GRPO-shaped rollout: P prompts x S samples at T = 1, long-tailed lengths; auto drafting
      (lossless) vs AR, wall time.
+  e. MoE families: our AR decode vs HF generate on the random Qwen3-MoE and ZAYA shapes of
+     `moe_decode.py` / `zaya_decode.py` (issue 24's speed cells), batch 1 / 16 / 64.
 DIR gets env.json (device, torch, CUDA / HIP, Triton), then a_correctness.{json,md},
-b_step_cost.{json,md}, c_end_to_end.{json,md}, d_rollout.{json,md} as each part ends, and
-summary.md (one screen, also printed). A part that raises writes its error into its JSON and
+b_step_cost.{json,md}, c_end_to_end.{json,md}, d_rollout.{json,md}, e_moe_families.{json,md}
+as each part ends, and summary.md (one screen, also printed). A part that raises writes its error into its JSON and
 the run goes on. No torch.compile anywhere (CUDA graphs only); random weights at the shapes the
 tables need (the embedded model is in the repo): no downloads.
 
@@ -54,7 +56,8 @@ import torch
 from . import gpu_parts
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "rollout" / "default_model"
-PARTS = ("correctness", "step_cost", "end_to_end", "rollout")
+PARTS = ("correctness", "step_cost", "end_to_end", "rollout", "moe_families")
+LETTERS = "abcde"
 LIMIT_SECONDS = 8 * 60  # what one GPU lend leaves for this run
 
 
@@ -89,7 +92,7 @@ GPU_CHECKS = dict(rows=8, prompt_len=32, tokens=48, samples=12_000, slot_len=110
                   attention_shapes=((12, 2, 128, 1), (12, 2, 128, 17)))
 GPU = Plan("gpu", "qwen2.5-1.5b", 16, (1, 16, 64), (1024, 8192), 10, (1, 16, 64), 128, 128, 5.0, 64, 8, 512,
            ("embedded",), True, GPU_CHECKS,
-           dict(correctness=90, step_cost=150, end_to_end=120, rollout=60), cold_start=30)
+           dict(correctness=90, step_cost=150, end_to_end=120, rollout=60, moe_families=25), cold_start=30)
 # The GPU plan with shapes scaled down for 2 CPU cores: the embedded model's size for 1.5B, block
 # 8, contexts / 8, shorter generations, no start-up calibration (its warm-up alone, every
 # calibrated shape at batch 1 / 8 / 64, takes minutes here); the same parts, cells, batches and budgets.
@@ -103,7 +106,8 @@ SMOKE = dataclasses.replace(CPU, name="smoke", shape="tiny", block=4, step_batch
                             rollout_samples=2, rollout_max_tokens=12, heldout=False,
                             checks=dict(rows=2, prompt_len=8, tokens=6, samples=3000, slot_len=40,
                                         attention_shapes=((4, 2, 16, 3),), triton_rows=1, triton_tokens=3),
-                            budgets=dict(correctness=90, step_cost=15, end_to_end=25, rollout=15), cold_start=5)
+                            budgets=dict(correctness=90, step_cost=15, end_to_end=25, rollout=15, moe_families=20),
+                            cold_start=5)
 PLANS = {"gpu": GPU, "cpu": CPU, "smoke": SMOKE}
 
 
@@ -196,9 +200,9 @@ class Context:
 
 
 def write_part(out: Path, index: int, name: str, result: dict) -> None:
-    stem = out / f"{'abcd'[index]}_{name}"
+    stem = out / f"{LETTERS[index]}_{name}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    lines = [f"## {'abcd'[index]}. {name.replace('_', ' ')} ({result['seconds']:.1f} s of {result['budget']:.0f})", ""]
+    lines = [f"## {LETTERS[index]}. {name.replace('_', ' ')} ({result['seconds']:.1f} s of {result['budget']:.0f})", ""]
     if "error" in result:
         lines += [f"ERROR: {result['error']}", "", "```", result.get("traceback", ""), "```"]
     lines += result.get("markdown", [])
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
                "benchmarks.gpu_run " + " ".join(argv if argv is not None else sys.argv[1:]))
     (out / "env.json").write_text(json.dumps(env, indent=1) + "\n")
     functions = {"correctness": "correctness", "step_cost": "step_cost", "end_to_end": "end_to_end",
-                 "rollout": "grpo_rollout"}
+                 "rollout": "grpo_rollout", "moe_families": "moe_families"}
     wanted = [name for name in PARTS if name in args.parts.split(",")]
     results = {}
     for name in wanted:
@@ -261,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     lines = [head]
     for name in wanted:
         r = results[name]
-        lines.append(f"[{'abcd'[PARTS.index(name)]}. {name}] {r['seconds']:.0f}/{r['budget']:.0f} s")
+        lines.append(f"[{LETTERS[PARTS.index(name)]}. {name}] {r['seconds']:.0f}/{r['budget']:.0f} s")
         lines += [f"    {s}" for s in r.get("summary", [])]
     lines.append(f"files: {out}/")
     (out / "summary.md").write_text("\n".join(lines) + "\n")

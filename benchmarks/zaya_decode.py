@@ -40,7 +40,8 @@ def build(path: str, args) -> None:
     transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
 
 
-def main(argv: list[str] | None = None) -> list[str]:
+def parser() -> argparse.ArgumentParser:
+    """The options (also read by `gpu_parts.moe_families` for its shapes)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache")
@@ -61,7 +62,11 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--compile", action="store_true",
                    help="add our AR on an engine with compile=True (compiles in the unmeasured round)")
     p.add_argument("--no-lossless", action="store_true", help="skip the lossless TiDAR column (a shorter run)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    args = parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers

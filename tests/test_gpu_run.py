@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 from benchmarks import gpu_parts, gpu_run  # noqa: E402
 from benchmarks.gpu_checks import chi_square_pvalue  # noqa: E402
 from benchmarks.gpu_parts import long_tailed_lengths  # noqa: E402
-from benchmarks.gpu_run import CPU, GPU, LIMIT_SECONDS, PARTS, SMOKE, Budget, Context  # noqa: E402
+from benchmarks.gpu_run import CPU, GPU, LETTERS, LIMIT_SECONDS, PARTS, SMOKE, Budget, Context  # noqa: E402
 
 
 def test_the_gpu_plan_fits_one_lend():
@@ -77,9 +77,9 @@ def test_smoke_run_writes_every_part_and_every_check_passes(tmp_path):
     assert env["torch"] == torch.__version__ and env["vendor"] in ("nvidia", "amd", "none")
     assert {"cuda", "hip", "triton", "triton_kernel_config"} <= set(env)
     for i, part in enumerate(PARTS):
-        data = json.loads((tmp_path / f"{'abcd'[i]}_{part}.json").read_text())
+        data = json.loads((tmp_path / f"{LETTERS[i]}_{part}.json").read_text())
         assert "error" not in data, data.get("traceback")
-        assert (tmp_path / f"{'abcd'[i]}_{part}.md").read_text().startswith(f"## {'abcd'[i]}.")
+        assert (tmp_path / f"{LETTERS[i]}_{part}.md").read_text().startswith(f"## {LETTERS[i]}.")
     checks = result["parts"]["correctness"]["checks"]
     assert len(checks) == 6 and all(c["ok"] is True for c in checks), checks
     steps = result["parts"]["step_cost"]["rows"]
@@ -95,6 +95,9 @@ def test_smoke_run_writes_every_part_and_every_check_passes(tmp_path):
     lengths = long_tailed_lengths(SMOKE.rollout_prompts, SMOKE.rollout_max_tokens)
     assert roll["tokens"] == SMOKE.rollout_samples * sum(lengths) and roll["ar_s"] > 0 < roll["auto_lossless_s"]
     assert not roll["cut"]
+    moe = result["parts"]["moe_families"]["rows"]
+    assert [(r["family"], r["batch"]) for r in moe] == [("qwen3_moe", 2), ("zaya", 2)]
+    assert all(r["ours_tok_s"] > 0 < r["hf_tok_s"] for r in moe)
     summary = (tmp_path / "summary.md").read_text().splitlines()
     assert len(summary) <= 30 and summary[0].startswith("gpu_run (smoke plan)")
 
