@@ -1,18 +1,27 @@
 """Weight swap lifecycle on one replica: verify on stage, and the wait / abort / keep modes."""
 
+import contextlib
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import PROMPTS
+from safetensors.torch import save_file
 from service_helpers import wait_until
 
 from rollout import Engine
 from rollout.config import EngineConfig
 from rollout.sampling import process_logits
 from rollout.service.messages import Finished, Stale, Started
+from rollout.service.shared_weights import SharedEntry, SharedSegmentError, host_id
 from rollout.service.weights import WeightMismatchError
 
 PARAMS = dict(max_tokens=200, seed=1)  # long enough that a request is still running when a test acts
@@ -244,43 +253,40 @@ def _memfd_mappings() -> int:
         return sum("memfd:rollout-weights" in line for line in f)
 
 
+@contextlib.contextmanager
+def _segment_held_by(script: str, state: dict[str, torch.Tensor], tmp_path):
+    """Runs `script` in another process over `state` (saved to a file) and yields (its pid, the
+    segment it printed: fd, size, entries); the process is SIGKILLed on the way out, as a crash
+    mid-push would end it."""
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "state.safetensors")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "state.safetensors")],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        seg = json.loads(holder.stdout.readline())
+        yield holder.pid, seg["fd"], seg["size"], [SharedEntry(*e) for e in seg["entries"]]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(60)
+
+
 def test_a_trainer_killed_mid_push_leaves_no_segment_and_the_old_version_serving(replica, tmp_path):
     """Same-host push: the trainer (another process) writes a memfd, the replica maps and
     stages it, the trainer is killed before the commit: nothing is left in /dev/shm, the mapping
     goes with the discarded staging, and the replica serves version 0 as before; a push naming
     the dead trainer's segment is refused."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from rollout.service.shared_weights import SharedEntry, SharedSegmentError, host_id
     before_shm = set(os.listdir("/dev/shm"))
     before_out = [r["token_ids"].tolist() for r in drain(replica.generate("before", PROMPTS, dict(max_tokens=8, seed=1), 0))]
-    state = perturbed(replica.engine, 3)
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "state.safetensors")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, str(tmp_path / "state.safetensors")],
-                               stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        seg = json.loads(trainer.stdout.readline())
-        entries = [SharedEntry(*e) for e in seg["entries"]]
-        assert replica.stage_shared(1, trainer.pid, seg["fd"], seg["size"], entries, host_id()) > 0
+    with _segment_held_by(TRAINER, perturbed(replica.engine, 3), tmp_path) as (pid, fd, size, entries):
+        assert replica.stage_shared(1, pid, fd, size, entries, host_id()) > 0
         assert _memfd_mappings() >= 1  # staged: views of the trainer's segment
-    finally:
-        trainer.send_signal(signal.SIGKILL)
-        trainer.wait(60)
     replica.discard_weights()  # what the router does when the push's RPC fails
     assert _memfd_mappings() == 0
     assert set(os.listdir("/dev/shm")) == before_shm
     with pytest.raises(SharedSegmentError, match="did the trainer exit"):
-        replica.stage_shared(1, trainer.pid, seg["fd"], seg["size"], entries, host_id())
+        replica.stage_shared(1, pid, fd, size, entries, host_id())
     with pytest.raises(SharedSegmentError, match="another host|trainer on this replica's host"):
-        replica.stage_shared(1, os.getpid(), 0, seg["size"], entries, "elsewhere/1")
+        replica.stage_shared(1, os.getpid(), 0, size, entries, "elsewhere/1")
     assert replica.engine.weight_version == 0
     after = drain(replica.generate("after", PROMPTS, dict(max_tokens=8, seed=1), 0))
     assert [r["token_ids"].tolist() for r in after] == before_out
@@ -310,31 +316,11 @@ def test_a_front_end_killed_mid_push_leaves_no_segment_and_the_old_version_servi
     the chunks into its ReceiveSegment, the replica stages it without checks of its own
     (checked), the front end is killed before the commit: nothing in /dev/shm, the mapping goes
     with the discarded staging, the replica serves version 0 as before."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from rollout.service.shared_weights import SharedEntry, host_id
     before_shm = set(os.listdir("/dev/shm"))
     before_out = [r["token_ids"].tolist() for r in drain(replica.generate("before", PROMPTS, dict(max_tokens=8, seed=1), 0))]
-    save_file({k: v.contiguous() for k, v in perturbed(replica.engine, 4).items()}, tmp_path / "state.safetensors")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    front_end = subprocess.Popen([sys.executable, "-c", FRONT_END, str(tmp_path / "state.safetensors")],
-                                 stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        seg = json.loads(front_end.stdout.readline())
-        entries = [SharedEntry(*e) for e in seg["entries"]]
-        assert replica.stage_shared(1, front_end.pid, seg["fd"], seg["size"], entries, host_id(), checked=True,
-                                    finite=True) > 0
+    with _segment_held_by(FRONT_END, perturbed(replica.engine, 4), tmp_path) as (pid, fd, size, entries):
+        assert replica.stage_shared(1, pid, fd, size, entries, host_id(), checked=True, finite=True) > 0
         assert _memfd_mappings() >= 1
-    finally:
-        front_end.send_signal(signal.SIGKILL)
-        front_end.wait(60)
     replica.discard_weights()
     assert _memfd_mappings() == 0 and set(os.listdir("/dev/shm")) == before_shm
     assert replica.engine.weight_version == 0
@@ -346,10 +332,7 @@ def test_a_shared_segment_is_checked_whole_and_rewritten_in_place_for_the_next_p
     """The replica stages views of the segment only after every tensor's XXH3-64 matched and its
     values are finite, and commits exactly those bytes; the trainer then writes the next push
     into the same file. A file that can change size is refused (a mapping of it could fault)."""
-    import os
-
-    from rollout.service.shared_weights import SharedSegment, SharedSegmentError, host_id
-    from rollout.service.weights import WeightMismatchError
+    from rollout.service.shared_weights import SharedSegment
     state = perturbed(replica.engine, 4)
     with SharedSegment(list(state.items())) as seg:
         with pytest.raises(PermissionError):  # sealed against resizing: not even the trainer can
@@ -395,7 +378,6 @@ def test_a_dropped_segment_closes_its_file_and_mapping():
     """A SharedSegment (a WeightSync's kept one) that is dropped without close() does not keep
     its model-sized file open until the process exits."""
     import gc
-    import os
 
     from rollout.service.shared_weights import SharedSegment
     before = _memfd_mappings()
