@@ -313,8 +313,6 @@ def moe_families(ctx) -> dict:
 
     import transformers
 
-    from rollout import Engine
-    from rollout.config import EngineConfig
     from rollout.model.moe import grouped_gemm_runs
 
     from . import moe_decode, zaya_decode
@@ -323,8 +321,8 @@ def moe_families(ctx) -> dict:
     for i, family in enumerate(MOE_FAMILIES):
         share = budget.share(len(MOE_FAMILIES) - i)
         module = moe_decode if family == "qwen3_moe" else zaya_decode
-        args = module.parser().parse_args(["--max-tokens", str(plan.max_tokens), "--prompt-len", str(plan.prompt_len)]
-                                          + (["--layers", "2"] if plan.name == "smoke" else []))
+        args = module.parser().parse_args(["--max-tokens", str(plan.max_tokens), "--prompt-len", str(plan.prompt_len),
+                                           "--repeats", str(ctx.repeats)] + (["--layers", "2"] if plan.name == "smoke" else []))
         with torch.inference_mode():  # a device without a grouped GEMM runs the host-reading loop: no graphs
             graphs = family == "qwen3_moe" and grouped_gemm_runs(torch.zeros(1, 8, device=device, dtype=ctx.dtype),
                                                                  torch.zeros(1, 8, 4, device=device, dtype=ctx.dtype))
@@ -339,25 +337,13 @@ def moe_families(ctx) -> dict:
                         module.build(model_dir, args)
                         hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=ctx.dtype)
                         hf = hf.to(device).eval()
-                    engine = Engine.from_pretrained(
-                        model_dir, device=device, dtype=ctx.dtype, mask_token_id=args.vocab - 1,
-                        block_size=args.block_size, config=EngineConfig(
-                            max_num_seqs=batch, max_model_len=args.prompt_len + args.max_tokens + 8,
-                            cuda_graphs=graphs))
                     rng = random.Random(batch)
                     prompts = [[rng.randrange(2, args.vocab - 1) for _ in range(args.prompt_len)] for _ in range(batch)]
-                    ours, theirs = [], []
-                    for r in range(ctx.repeats + 1):  # the first round warms up (and captures), unmeasured
-                        rate, _ = moe_decode.ours_tokens_per_second(engine, prompts, "ar", args.max_tokens, device)
-                        hf_rate = moe_decode.hf_tokens_per_second(hf, prompts, args.max_tokens, device)
-                        if r:
-                            ours.append(rate)
-                            theirs.append(hf_rate)
-                    rows.append(dict(family=family, batch=batch, ours_tok_s=round(statistics.median(ours), 1),
-                                     hf_tok_s=round(statistics.median(theirs), 1),
-                                     ours_over_hf=ratio(statistics.median(ours), statistics.median(theirs)),
+                    med, _ = moe_decode.decode_medians(model_dir, hf, args, prompts, ("ar", "hf"), device, ctx.dtype,
+                                                       cuda_graphs=graphs)
+                    rows.append(dict(family=family, batch=batch, ours_tok_s=round(med["ar"], 1),
+                                     hf_tok_s=round(med["hf"], 1), ours_over_hf=ratio(med["ar"], med["hf"]),
                                      cuda_graphs=graphs, experts_implementation=hf.config._experts_implementation))
-                    del engine
         del hf
         if device.startswith("cuda"):
             torch.cuda.empty_cache()

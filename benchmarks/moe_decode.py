@@ -74,38 +74,44 @@ TABLE_HEADER = ["| batch | ours AR tok/s | ours AR compiled tok/s | ours lossles
                 "|---|---|---|---|---|---|---|"]
 
 
+def decode_medians(model_dir: str, hf, args, prompts: list[list[int]], variants: tuple[str, ...], device: str,
+                   dtype: torch.dtype, cuda_graphs: bool = False) -> tuple[dict[str, float], dict[str, list]]:
+    """Median tokens/s per variant over the same prompts (a batch): our engine (samplers "ar",
+    "lossless", and "compiled": AR on a second engine with `EngineConfig(compile=True)`) and HF
+    `generate` ("hf"), one unmeasured round (the compiled engine compiles there, captured graphs
+    capture), then `args.repeats` rounds with the variants interleaved; and each of our variants'
+    greedy tokens."""
+    engines = {compile: Engine.from_pretrained(
+        model_dir, device=device, dtype=dtype, mask_token_id=args.vocab - 1, block_size=args.block_size,
+        config=EngineConfig(max_num_seqs=len(prompts), max_model_len=args.prompt_len + args.max_tokens + 8,
+                            compile=compile, cuda_graphs=cuda_graphs and not compile))
+        for compile in {name == "compiled" for name in variants if name != "hf"}}
+    runs, greedy = {name: [] for name in variants}, {}
+    for r in range(args.repeats + 1):  # the first round warms up, unmeasured
+        for name in runs:
+            if name == "hf":
+                rate = hf_tokens_per_second(hf, prompts, args.max_tokens, device)
+            else:
+                rate, greedy[name] = ours_tokens_per_second(engines[name == "compiled"], prompts, "ar"
+                                                            if name == "compiled" else name, args.max_tokens, device)
+            if r:
+                runs[name].append(rate)
+    return {k: statistics.median(v) for k, v in runs.items()}, greedy
+
+
 def decode_rows(model_dir: str, hf, args, batches: list[int], variants: tuple[str, ...], device: str,
                 dtype: torch.dtype):
-    """One table row per batch size (`TABLE_HEADER`): our engine (samplers "ar", "lossless",
-    and "compiled": AR on a second engine with `EngineConfig(compile=True)`) and HF `generate`
-    ("hf") over the same random prompts, one unmeasured round (the compiled engine compiles
-    there), then `args.repeats` rounds with the variants interleaved; median tokens/s. Yields
-    each row as it finishes."""
+    """One table row per batch size (`TABLE_HEADER`) from `decode_medians` over random prompts;
+    yields each row as it finishes."""
     gen = torch.Generator().manual_seed(1)
     for batch in batches:
-        engines = {compile: Engine.from_pretrained(
-            model_dir, device=device, dtype=dtype, mask_token_id=args.vocab - 1, block_size=args.block_size,
-            config=EngineConfig(max_num_seqs=batch, max_model_len=args.prompt_len + args.max_tokens + 8,
-                                compile=compile))
-            for compile in {name == "compiled" for name in variants if name != "hf"}}
         prompts = torch.randint(2, args.vocab - 1, (batch, args.prompt_len), generator=gen).tolist()
-        runs, greedy = {name: [] for name in variants}, {}
-        for r in range(args.repeats + 1):  # the first round warms up, unmeasured
-            for name in runs:
-                if name == "hf":
-                    rate = hf_tokens_per_second(hf, prompts, args.max_tokens, device)
-                else:
-                    rate, greedy[name] = ours_tokens_per_second(engines[name == "compiled"], prompts, "ar"
-                                                                if name == "compiled" else name, args.max_tokens, device)
-                if r:
-                    runs[name].append(rate)
+        med, greedy = decode_medians(model_dir, hf, args, prompts, variants, device, dtype)
         same = (f" (compiled greedy == eager greedy in {sum(a == b for a, b in zip(greedy['compiled'], greedy['ar']))}"
                 f"/{batch} rows)" if "compiled" in greedy else "")
-        med = {k: statistics.median(v) for k, v in runs.items()}
         cells = [f"{med[k]:.0f}" if k in med else "-" for k in ("ar", "compiled", "lossless", "hf")]
         ratios = [f"{med[k] / med['hf']:.2f}x" if k in med else "-" for k in ("ar", "compiled")]
         yield f"| {batch} | {' | '.join(cells + ratios)} |{same}"
-        del engines
 
 
 def parser() -> argparse.ArgumentParser:
