@@ -1,4 +1,4 @@
-"""Parts (b) step cost, (c) end to end, (d) the GRPO-shaped rollout and (e) the MoE families of
+"""Parts (b) step cost, (c) end to end, (d) the GRPO-shaped re-rollout and (e) the MoE families of
 `benchmarks.gpu_run`, and the table of part (a)'s checks (`gpu_checks.py`). Each part takes the run's context (plan,
 device, dtype, its Budget, trimmed repeats and batches) and returns a dict: its rows (the JSON),
 `markdown` (its table) and `summary` (a few lines for the one-screen summary). The timing
@@ -210,7 +210,7 @@ def end_to_end(ctx) -> dict:
     return dict(rows=rows, markdown=md, summary=summary[:7])
 
 
-# ---------------------------------------------------------------- part d: GRPO-shaped rollout
+# ---------------------------------------------------------------- part d: GRPO-shaped re-rollout
 def long_tailed_lengths(count: int, cap: int, seed: int = 0) -> list[int]:
     """Generation lengths of a GRPO batch: log-normal (median cap / 6, a few near the cap),
     clipped to [4, cap]."""
@@ -219,12 +219,14 @@ def long_tailed_lengths(count: int, cap: int, seed: int = 0) -> list[int]:
 
 
 def rollout_once(engine, prompts, lengths, samples: int, sampler: str, seed: int, device: str,
-                 deadline: float) -> dict:
+                 deadline: float, temperature: float = 1.0) -> dict:
     """One GRPO batch: every prompt a request of `samples` samples and its own length, all
-    queued at once and stepped to the end (or ended at `deadline`: cut)."""
+    queued at once and stepped to the end (or ended at `deadline`: cut). Returns its wall
+    time, tokens, engine steps and the requests' counters added up (`stats`)."""
     from rollout import SamplingParams
-    requests = [engine.add_request([prompt], SamplingParams(sampler=sampler, temperature=1.0, max_tokens=length,
-                                                            n=samples, seed=seed))
+    from rollout.engine.sequence import GenerationStats
+    requests = [engine.add_request([prompt], SamplingParams(sampler=sampler, temperature=temperature,
+                                                            max_tokens=length, n=samples, seed=seed))
                 for prompt, length in zip(prompts, lengths)]
     sync(device)
     t0, tokens, forwards, cut = time.perf_counter(), 0, 0, False
@@ -238,63 +240,108 @@ def rollout_once(engine, prompts, lengths, samples: int, sampler: str, seed: int
         forwards += 1
         tokens += sum(len(s.out.token_ids) for s in out.finished)
     sync(device)
-    return dict(seconds=time.perf_counter() - t0, tokens=tokens, forwards=forwards, cut=cut)
+    stats = GenerationStats()
+    for request in requests:
+        stats.add(request.stats)
+    return dict(seconds=time.perf_counter() - t0, tokens=tokens, forwards=forwards, cut=cut, stats=stats)
+
+
+def epoch_row(model: str, temperature: float, epoch: int, runs: dict, history_tokens: int) -> dict:
+    """One epoch's cell: AR and lossless + auto wall times and their speed ratio (tokens per
+    second: a run cut at the budget generated fewer tokens; None where one generated none),
+    medians over the epoch's pairs; the first lossless run's tokens per row-forward and its
+    decode row-steps by draft source."""
+    from rollout.engine.drafting import source_summary
+
+    def rate(run: dict) -> float:
+        return run["tokens"] / run["seconds"] if run["seconds"] > 0 else 0.0
+    ar, auto = (statistics.median(rate(r) for r in runs[n]) for n in ("ar", "lossless"))
+    first = runs["lossless"][0]["stats"]  # the epoch's first lossless run: its drafts came from earlier epochs only
+    sources = source_summary(first.draft_sources)
+    return dict(model=model, temperature=temperature, epoch=epoch, tokens=runs["ar"][0]["tokens"],
+                repeats=len(runs["ar"]), ar_s=round(statistics.median(r["seconds"] for r in runs["ar"]), 3),
+                auto_lossless_s=round(statistics.median(r["seconds"] for r in runs["lossless"]), 3),
+                auto_over_ar_speed=ratio(auto, ar) if auto > 0 else None, ar_forwards=runs["ar"][0]["forwards"],
+                auto_forwards=runs["lossless"][0]["forwards"], tokens_per_forward=round(first.tokens_per_forward, 3),
+                sources={k: dict(share=v["share"], acceptance=v["acceptance"]) for k, v in sources.items()},
+                history_tokens_at_start=history_tokens, cut=any(r["cut"] for v in runs.values() for r in v))
 
 
 def grpo_rollout(ctx) -> dict:
+    """The same GRPO batch rolled out epoch after epoch with new seeds, as RL does (issue 26's
+    re-rollout cell): per temperature, the engine's history store starts empty, so epoch 1
+    drafts only from its rows' growing siblings and later epochs also from the earlier ones'
+    completions. Each epoch runs our AR and lossless + auto drafting (calibrated on this device
+    in the GPU plan) on one engine, in alternating order and with the epoch's seed; a run's
+    completions with the keys of the next run's rows are dropped by the store when that run
+    begins, so every lossless run drafts from the earlier epochs (and its own siblings) only."""
     from rollout import Engine
     from rollout.config import EngineConfig
     plan, device, budget = ctx.plan, ctx.device, ctx.budget
     lengths = long_tailed_lengths(plan.rollout_prompts, plan.rollout_max_tokens)
-    rows = []
+    rows, cells = [], len(plan.rollout_models) * len(plan.rollout_temperatures)
     for i, name in enumerate(plan.rollout_models):
-        share = budget.share(len(plan.rollout_models) - i)
-        if not share.allows():
+        model_share = budget.share(len(plan.rollout_models) - i)
+        if not model_share.allows():
             rows.append(dict(model=name, skipped="time budget"))
             continue
-        with share.cell():
-            model, _, tidar = load_model(ctx, name)
-            prompts = ctx.prompts(model.config.vocab_size, plan.rollout_prompts, plan.prompt_len, name == "embedded")
-            engine = Engine(model, tidar, device, ctx.dtype, EngineConfig(
-                max_num_seqs=plan.rollout_prompts * plan.rollout_samples,
-                max_model_len=plan.prompt_len + plan.rollout_max_tokens, cuda_graphs=True, drafting="auto",
-                calibration_seconds=plan.calibration_seconds))
-            # Untimed first pass of each (captures every graph shape the timed passes meet).
-            warm = [rollout_once(engine, prompts, lengths, plan.rollout_samples, sampler, 99, device, share.end)
-                    for sampler in ("ar", "lossless")]
-            if any(w["cut"] for w in warm):
-                rows.append(dict(model=name, skipped="the warm-up passes used the budget"))
-                del engine, model
-                continue
-            runs = {"ar": [], "lossless": []}
-            for rep in range(max(1, ctx.repeats // 5)):
-                for sampler in (("ar", "lossless") if rep % 2 == 0 else ("lossless", "ar")):
-                    runs[sampler].append(rollout_once(engine, prompts, lengths, plan.rollout_samples, sampler, rep,
-                                                      device, share.end))
-                if share.left() < 2 * (runs["ar"][-1]["seconds"] + runs["lossless"][-1]["seconds"]):
-                    break
-            ar = statistics.median(r["seconds"] for r in runs["ar"])
-            auto = statistics.median(r["seconds"] for r in runs["lossless"])
-            tokens = runs["ar"][0]["tokens"]
-            rows.append(dict(model=name, prompts=plan.rollout_prompts, samples=plan.rollout_samples,
-                             tokens=tokens, lengths_median=statistics.median(lengths), lengths_max=max(lengths),
-                             repeats=len(runs["ar"]), ar_s=round(ar, 3), auto_lossless_s=round(auto, 3),
-                             auto_over_ar_wall=round(auto / ar, 3), ar_forwards=runs["ar"][0]["forwards"],
-                             auto_forwards=runs["lossless"][0]["forwards"],
-                             cut=any(r["cut"] for v in runs.values() for r in v),
-                             calibration_s=round(engine.calibration.get("seconds", 0.0), 2)))
+        model, _, tidar = load_model(ctx, name)
+        prompts = ctx.prompts(model.config.vocab_size, plan.rollout_prompts, plan.prompt_len, name == "embedded")
+        engine = Engine(model, tidar, device, ctx.dtype, EngineConfig(
+            max_num_seqs=plan.rollout_prompts * plan.rollout_samples,
+            max_model_len=plan.prompt_len + plan.rollout_max_tokens, cuda_graphs=True, drafting="auto",
+            calibration_seconds=plan.calibration_seconds, cost_model=plan.rollout_cost_model))
+        # Untimed first pass of each (captures every graph shape the timed passes meet).
+        warm = [rollout_once(engine, prompts, lengths, plan.rollout_samples, sampler, 99, device, model_share.end)
+                for sampler in ("ar", "lossless")]
+        if any(w["cut"] for w in warm):
+            rows.append(dict(model=name, skipped="the warm-up passes used the budget"))
             del engine, model
-    md = ["| model | prompts x samples | tokens (median / max length) | AR s | auto (lossless) s | auto / AR wall | "
-          "forwards AR / auto |", "|---|---|---|---|---|---|---|"]
+            continue
+        for j, temperature in enumerate(plan.rollout_temperatures):
+            share = model_share.share(len(plan.rollout_temperatures) - j)
+            if engine.history is not None:
+                engine.history.clear()
+            for epoch in range(1, plan.rollout_epochs + 1):
+                if not share.allows():
+                    rows.append(dict(model=name, temperature=temperature, epoch=epoch, skipped="time budget"))
+                    continue
+                seed = 1000 * epoch + round(100 * temperature)
+                runs = {"ar": [], "lossless": []}
+                held = engine.history.num_tokens if engine.history is not None else 0
+                # Each run of the epoch's first pair gets half of the epoch's share of what is left, so
+                # a short budget cuts both at the same length instead of leaving the second nothing.
+                epoch_end = time.perf_counter() + share.left() / (plan.rollout_epochs - epoch + 1)
+                with share.cell():
+                    for rep in range(max(1, ctx.repeats // 5)):
+                        pair_start = time.perf_counter()
+                        for k, sampler in enumerate(("ar", "lossless") if (epoch + rep) % 2 else ("lossless", "ar")):
+                            deadline = pair_start + (epoch_end - pair_start) * (k + 1) / 2
+                            runs[sampler].append(rollout_once(engine, prompts, lengths, plan.rollout_samples,
+                                                              sampler, seed, device, deadline, temperature))
+                        if epoch_end - time.perf_counter() < time.perf_counter() - pair_start:
+                            break
+                rows.append(epoch_row(name, temperature, epoch, runs, held))
+        del engine, model
+    md = ["| model | T | epoch | prompts x samples, tokens | AR s | auto (lossless) s | auto / AR speed | "
+          "tokens / row-forward | row-steps by draft source (acceptance) | forwards AR / auto |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['model']} | skipped: {r['skipped']} |" if "skipped" in r else
-                  f"| {r['model']} | {r['prompts']} x {r['samples']} | {r['tokens']} ({r['lengths_median']:g} / "
-                  f"{r['lengths_max']}) | {r['ar_s']:.2f} | {r['auto_lossless_s']:.2f} | "
-                  f"{r['auto_over_ar_wall']:.2f}x | {r['ar_forwards']} / {r['auto_forwards']}"
-                  f"{' (cut at the budget)' if r['cut'] else ''} |")
-    summary = [f"{r['model']}: {r['prompts']}x{r['samples']}, {r['tokens']} tokens: AR {r['ar_s']:.2f} s, auto "
-               f"{r['auto_lossless_s']:.2f} s ({r['auto_over_ar_wall']:.2f}x)" for r in rows if "skipped" not in r]
-    return dict(rows=rows, markdown=md, summary=summary or ["skipped"])
+        if "skipped" in r:
+            t = f"{r['temperature']:g}" if "temperature" in r else "-"
+            md.append(f"| {r['model']} | {t} | {r.get('epoch', '-')} | skipped: {r['skipped']} |")
+            continue
+        sources = ", ".join(f"{k} {v['share']:.0%} ({v['acceptance']:.2f})" for k, v in r["sources"].items()
+                            if k != "none" or v["share"] >= 0.01)
+        md.append(f"| {r['model']} | {r['temperature']:g} | {r['epoch']} | {plan.rollout_prompts} x "
+                  f"{plan.rollout_samples}, {r['tokens']} | {r['ar_s']:.2f} | {r['auto_lossless_s']:.2f} | "
+                  f"{times(r['auto_over_ar_speed'])} | {r['tokens_per_forward']:.2f} | {sources} | "
+                  f"{r['ar_forwards']} / {r['auto_forwards']}{' (cut at the budget)' if r['cut'] else ''} |")
+    md += ["", f"Generation lengths: median {statistics.median(lengths):g}, max {max(lengths)}; {cells} "
+           "(model, temperature) cells, each starting from an empty history store."]
+    summary = [f"{r['model']} T={r['temperature']:g} epoch {r['epoch']}: auto/AR speed {times(r['auto_over_ar_speed'])}, "
+               f"{r['tokens_per_forward']:.2f} tok/row-fwd" for r in rows if "skipped" not in r]
+    return dict(rows=rows, markdown=md, summary=summary[:8] or ["skipped"])
 
 
 # ---------------------------------------------------------------- part e: MoE families vs HF

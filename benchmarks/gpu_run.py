@@ -17,8 +17,10 @@ under 8 minutes):
      in the same run (weight bytes per step / a large device copy's rate).
   c. end to end: lossless, mixed and AR tokens/s on the embedded model and the big shape (1.5B
      on a GPU), fixed and auto drafting, batch 1 / 16 / 64; HF generate on the same weights.
-  d. a GRPO-shaped rollout: P prompts x S samples at T = 1, long-tailed lengths; auto drafting
-     (lossless) vs AR, wall time.
+  d. a GRPO-shaped re-rollout: P prompts x S samples, long-tailed lengths, rolled out for 3
+     epochs with new seeds at T = 1 and T = 0.35 from an empty history store; per epoch auto
+     drafting (lossless) vs AR wall time, tokens per row-forward and draft sources (history
+     drafts from the second epoch on).
   e. MoE families: our AR decode vs HF generate on the random Qwen3-MoE and ZAYA shapes of
      `moe_decode.py` / `zaya_decode.py` (issue 24's speed cells), batch 1 / 16 / 64.
 DIR gets env.json (device, torch, CUDA / HIP, Triton), then a_correctness.{json,md},
@@ -76,6 +78,10 @@ class Plan:
     rollout_prompts: int
     rollout_samples: int
     rollout_max_tokens: int         # the long tail's cap
+    rollout_temperatures: tuple[float, ...]
+    rollout_epochs: int             # the same prompts rolled out again with new seeds
+    rollout_cost_model: str         # part d's auto drafting: "calibrated" (timed) or "flat" (the smoke
+                                    # plan's, so that its tiny runs take the history-draft path)
     rollout_models: tuple[str, ...]
     heldout: bool                   # embedded model's prompts: held-out documents (else random ids)
     checks: dict                    # sizes of part a's checks
@@ -90,9 +96,9 @@ class Plan:
 # row blocks (each new shape is a Triton compilation: seconds on a cold GPU).
 GPU_CHECKS = dict(rows=8, prompt_len=32, tokens=48, samples=12_000, slot_len=1100,
                   attention_shapes=((12, 2, 128, 1), (12, 2, 128, 17)))
-GPU = Plan("gpu", "qwen2.5-1.5b", 16, (1, 16, 64), (1024, 8192), 10, (1, 16, 64), 128, 128, 5.0, 64, 8, 512,
-           ("embedded",), True, GPU_CHECKS,
-           dict(correctness=90, step_cost=150, end_to_end=120, rollout=60, moe_families=25), cold_start=30)
+GPU = Plan("gpu", "qwen2.5-1.5b", 16, (1, 16, 64), (1024, 8192), 10, (1, 16, 64), 128, 128, 5.0, 64, 8, 384,
+           (1.0, 0.35), 3, "calibrated", ("embedded",), True, GPU_CHECKS,
+           dict(correctness=90, step_cost=135, end_to_end=120, rollout=75, moe_families=25), cold_start=30)
 # The GPU plan with shapes scaled down for 2 CPU cores: the embedded model's size for 1.5B, block
 # 8, contexts / 8, shorter generations, no start-up calibration (its warm-up alone, every
 # calibrated shape at batch 1 / 8 / 64, takes minutes here); the same parts, cells, batches and budgets.
@@ -103,7 +109,8 @@ CPU = dataclasses.replace(GPU, name="cpu", shape="small", block=8, step_contexts
                                       triton_tokens=4))
 SMOKE = dataclasses.replace(CPU, name="smoke", shape="tiny", block=4, step_batches=(1,), step_contexts=(16, 48),
                             repeats=2, e2e_batches=(2,), prompt_len=8, max_tokens=6, rollout_prompts=4,
-                            rollout_samples=2, rollout_max_tokens=12, heldout=False,
+                            rollout_samples=2, rollout_max_tokens=48, rollout_temperatures=(0.35,),
+                            rollout_epochs=2, rollout_cost_model="flat", heldout=False,
                             checks=dict(rows=2, prompt_len=8, tokens=6, samples=3000, slot_len=40,
                                         attention_shapes=((4, 2, 16, 3),), triton_rows=1, triton_tokens=3),
                             budgets=dict(correctness=90, step_cost=15, end_to_end=25, rollout=15, moe_families=20),

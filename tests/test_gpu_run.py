@@ -91,10 +91,15 @@ def test_smoke_run_writes_every_part_and_every_check_passes(tmp_path):
                                                           ("tiny", "auto"), ("tiny", "fixed")]
     assert not any(r["cut"] for r in e2e)
     assert all(r[k] > 0 for r in e2e for k in ("lossless tok/s", "mixed tok/s", "ar tok/s", "HF tok/s"))
-    (roll,) = result["parts"]["rollout"]["rows"]
+    rolls = result["parts"]["rollout"]["rows"]
     lengths = long_tailed_lengths(SMOKE.rollout_prompts, SMOKE.rollout_max_tokens)
-    assert roll["tokens"] == SMOKE.rollout_samples * sum(lengths) and roll["ar_s"] > 0 < roll["auto_lossless_s"]
-    assert not roll["cut"]
+    assert [(r["temperature"], r["epoch"]) for r in rolls] == [(0.35, 1), (0.35, 2)]
+    for roll in rolls:
+        assert roll["tokens"] == SMOKE.rollout_samples * sum(lengths) and roll["ar_s"] > 0 < roll["auto_lossless_s"]
+        assert not roll["cut"] and roll["tokens_per_forward"] >= 1.0
+    # The history store starts empty for the first epoch; the second drafts from the first's completions.
+    assert rolls[0]["history_tokens_at_start"] == 0 < rolls[1]["history_tokens_at_start"]
+    assert rolls[1]["sources"]["history"]["share"] > 0
     moe = result["parts"]["moe_families"]["rows"]
     assert [(r["family"], r["batch"]) for r in moe] == [("qwen3_moe", 2), ("zaya", 2)]
     assert all(r["ours_tok_s"] > 0 < r["hf_tok_s"] for r in moe)
