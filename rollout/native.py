@@ -14,7 +14,8 @@ Design decisions:
 - One call per tensor (or received chunk): the kernel walks it by 1 MiB chunks (L2-sized),
   hashing each chunk and looking for an element whose exponent bits are all set (NaN or
   +-inf; `wire.FINITE_BITS`) while the chunk is in cache; a copying call (the trainer's write,
-  the gRPC front end's reassembly) copies each chunk first and reads the copy.
+  the gRPC front end's reassembly) then copies the chunk from the cache with streaming stores
+  (no read of the destination lines first; the copy goes to memory another pass reads later).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ BYTES_SOURCE = r"""
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 typedef int (*update_fn)(void *state, const void *data, size_t len);  /* XXH3_64bits_update */
 #define CHUNK ((size_t)1 << 20)
 /* Whether any element has all of `e`'s bits set (e = a float's exponent bits: NaN or +-inf);
@@ -81,19 +85,42 @@ static int nonfinite(const uint8_t *p, size_t n, int itemsize, uint64_t e) {
     default: return 0;
   }
 }
-/* Hashes n bytes of src into `state` (copying each chunk into dst first and hashing the copy,
-   when dst is not NULL); returns whether any element of `itemsize` bytes has all of `e`'s bits
-   set (0 when itemsize is 0). Callers pass runs of whole, aligned elements. */
+/* memcpy with streaming stores for the 64-byte aligned lines of dst: a copy into memory that
+   will not be read again soon (a segment, checked later by another process) skips reading every
+   destination line first; 1.2x the speed of memcpy for a 1 GB copy by 1 MiB chunks here. */
+static void copy_streaming(uint8_t *dst, const uint8_t *src, size_t n) {
+#ifndef __SSE2__
+  memcpy(dst, src, n);  /* another architecture: a plain copy */
+#else
+  size_t head = (64 - ((uintptr_t)dst & 63)) & 63;
+  if (head > n) head = n;
+  memcpy(dst, src, head);
+  size_t i = head;
+  for (; i + 64 <= n; i += 64) {
+    __m128i a = _mm_loadu_si128((const __m128i *)(src + i)), b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+    __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32)), d = _mm_loadu_si128((const __m128i *)(src + i + 48));
+    _mm_stream_si128((__m128i *)(dst + i), a); _mm_stream_si128((__m128i *)(dst + i + 16), b);
+    _mm_stream_si128((__m128i *)(dst + i + 32), c); _mm_stream_si128((__m128i *)(dst + i + 48), d);
+  }
+  memcpy(dst + i, src + i, n - i);
+#endif
+}
+/* Hashes n bytes of src into `state` and returns whether any element of `itemsize` bytes has all
+   of `e`'s bits set (0 when itemsize is 0); with dst, also copies src into it. Each chunk is
+   read once into the cache (hash, finite check), then copied from there with streaming stores.
+   Callers pass runs of whole, aligned elements, and a src nothing writes during the call. */
 int hash_nonfinite(const uint8_t *src, uint8_t *dst, size_t n, void *state, update_fn update, int itemsize,
                    uint64_t e) {
   int bad = 0;
   for (size_t s = 0; s < n; s += CHUNK) {
     size_t len = n - s < CHUNK ? n - s : CHUNK;
-    const uint8_t *p = src + s;
-    if (dst) { memcpy(dst + s, p, len); p = dst + s; }
-    update(state, p, len);
-    if (itemsize) bad |= nonfinite(p, len, itemsize, e);
+    update(state, src + s, len);
+    if (itemsize) bad |= nonfinite(src + s, len, itemsize, e);
+    if (dst) copy_streaming(dst + s, src + s, len);
   }
+#ifdef __SSE2__
+  if (dst) _mm_sfence();  /* the streamed lines visible before the caller hands the copy on */
+#endif
   return bad;
 }
 """
@@ -149,10 +176,10 @@ class Xxh3:
         self._k.reset(self._state)
 
     def update(self, data: np.ndarray, itemsize: int = 0, exponent: int = 0, into: np.ndarray | None = None) -> bool:
-        """Hashes `data` (copied into `into` first, chunk by chunk, when given: the copy is what
-        is hashed); returns whether any of its `itemsize`-byte elements has every bit of
-        `exponent` set (NaN or +-inf for a float's exponent bits, `wire.FINITE_BITS`; False when
-        itemsize is 0), found in the same read."""
+        """Hashes `data` (and copies it into `into`, chunk by chunk, when given; nothing may
+        write `data` meanwhile); returns whether any of its `itemsize`-byte elements has every
+        bit of `exponent` set (NaN or +-inf for a float's exponent bits, `wire.FINITE_BITS`;
+        False when itemsize is 0), found in the same read."""
         data = np.ascontiguousarray(data)
         dst = None
         if into is not None:

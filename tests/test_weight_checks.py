@@ -56,6 +56,23 @@ def test_copy_weight_uses_the_native_kernel_on_x86_64(monkeypatch):
     assert torch.equal(dst, src)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(32, 8), (100, 37), (64, 200), (31, 9), (257, 3)])
+def test_whole_line_transpose_into_aligned_rows_equals_copy(monkeypatch, dtype, shape):
+    """Destination rows 64-byte aligned (a packed weight whose row stride is whole lines): the
+    streaming-store kernel, its tails of rows and columns included, writes exactly the block."""
+    if transpose._line_kernels() is None:
+        pytest.skip("no native transpose on this machine (not x86-64, or no C compiler)")
+    src = (torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 100).to(dtype)
+    width = -(-(shape[0] + 40) // 32) * 32  # the row stride: whole lines, room around the block
+    packed = torch.full((shape[1], width), 7, dtype=dtype)
+    block = packed[:, :shape[0]].t()
+    assert block.data_ptr() % 64 == 0
+    monkeypatch.setattr(transpose, "_kernels", lambda: {2: None, 4: None})  # the tiled kernels would fail
+    copy_weight(block, src)
+    assert torch.equal(block, src) and (packed[:, shape[0]:] == 7).all()
+
+
 @pytest.fixture(params=["native", "python"])
 def hashing(request, monkeypatch):
     """Each check runs through the native kernels (without the GIL) and through the numpy /

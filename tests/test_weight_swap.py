@@ -346,7 +346,7 @@ def test_a_shared_segment_is_checked_whole_and_rewritten_in_place_for_the_next_p
         assert replica.commit_weights(1) == 1
         served = replica.engine.model.state_dict()
         assert all(torch.equal(served[k], v) for k, v in state.items())
-        assert _memfd_mappings() == 1  # the trainer's own mapping; the replica dropped its own
+        assert _memfd_mappings() == 2  # the trainer's own mapping and the replica's, kept for the next push
 
         fd, nxt = seg.fd, perturbed(replica.engine, 5)
         last = list(nxt)[-1]
@@ -364,7 +364,8 @@ def test_a_shared_segment_is_checked_whole_and_rewritten_in_place_for_the_next_p
         served = replica.engine.model.state_dict()
         assert all(torch.equal(served[k], v) for k, v in nxt.items())
         assert not seg.fits(list(nxt.items())[1:])
-    assert _memfd_mappings() == 0
+    replica._segment_map.drop_if_orphaned()  # what the engine loop does about once a second
+    assert _memfd_mappings() == 0 and not replica._segment_map.held
     fd = os.memfd_create("rollout-weights")
     try:
         os.ftruncate(fd, 64)
@@ -372,6 +373,49 @@ def test_a_shared_segment_is_checked_whole_and_rewritten_in_place_for_the_next_p
             replica.stage_shared(3, os.getpid(), fd, 64, [], host_id())
     finally:
         os.close(fd)
+
+
+def test_the_replica_keeps_its_mapping_for_the_next_push_from_the_same_file_only(replica):
+    """The replica maps a segment once and stages the next push from the same file through the
+    same mapping, still checking every byte (a NaN in the last tensor is refused, nothing
+    changes); a push from another file replaces the mapping, and one whose owner closed it is
+    dropped by the engine loop."""
+    from rollout.service.shared_weights import SharedSegment
+    first, second = perturbed(replica.engine, 6), perturbed(replica.engine, 7)
+    with SharedSegment(list(first.items())) as seg:
+        replica.stage_shared(1, os.getpid(), seg.fd, seg.size, seg.entries, host_id())
+        assert replica.commit_weights(1) == 1
+        kept = replica._segment_map._data
+        assert kept is not None and not replica._segment_map.drop_if_orphaned()  # the trainer still holds it
+        last = list(second)[-1]
+        second[last] = second[last].contiguous().clone()
+        second[last].view(-1)[-1] = float("nan")
+        seg.write(list(second.items()))
+        with pytest.raises(WeightMismatchError, match=f"{last}: contains NaN or Inf"):
+            replica.stage_shared(2, os.getpid(), seg.fd, seg.size, seg.entries, host_id())
+        assert replica.engine.weight_version == 1 and not replica._segment_map.held  # refused: let go
+        served = replica.engine.model.state_dict()
+        assert all(torch.equal(served[k], v) for k, v in first.items())
+        second[last].view(-1)[-1] = 0.25
+        seg.write(list(second.items()))
+        replica.stage_shared(2, os.getpid(), seg.fd, seg.size, seg.entries, host_id())
+        kept = replica._segment_map._data
+        assert replica.commit_weights(2) == 2
+        seg.write(list(first.items()))
+        replica.stage_shared(3, os.getpid(), seg.fd, seg.size, seg.entries, host_id())
+        assert replica._segment_map._data is kept  # the same mapping, no new one
+        assert replica.commit_weights(3) == 3
+        served = replica.engine.model.state_dict()
+        assert all(torch.equal(served[k], v) for k, v in first.items())
+        with SharedSegment(list(second.items())) as other:
+            replica.stage_shared(4, os.getpid(), other.fd, other.size, other.entries, host_id())
+            assert replica._segment_map._data is not kept and replica.commit_weights(4) == 4
+        # `other` closed: the engine loop lets the replica's mapping of it go (about once a second)
+        wait_until(lambda: not replica._segment_map.held, 30, "the orphaned mapping dropped")
+        del kept
+        assert _memfd_mappings() == 1  # seg's own
+    served = replica.engine.model.state_dict()
+    assert all(torch.equal(served[k], v) for k, v in second.items())
 
 
 def test_a_dropped_segment_closes_its_file_and_mapping():

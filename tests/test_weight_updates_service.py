@@ -239,8 +239,9 @@ def test_pause_abort_ends_running_requests_with_abort(runner):
 
 
 def test_a_same_host_push_goes_by_shared_memory_and_serves_exactly_those_weights(runner, base_state, tmp_path):
-    """WeightSync's default picks the shared-memory path here (the replica is on this host), and
-    the replica drops its mapping of the segment once the version is served."""
+    """WeightSync's default picks the shared-memory path here (the replica is on this host); the
+    replica keeps its mapping of the segment for the next push while the trainer holds the file,
+    and lets it go once the trainer closed it (its engine loop looks about once a second)."""
     import os
     state = perturbed(base_state, 5)
     before = status(runner).weight_version
@@ -252,8 +253,13 @@ def test_a_same_host_push_goes_by_shared_memory_and_serves_exactly_those_weights
     assert served(runner) == expected_with(state, tmp_path)
     replica = runner.service.router.replicas[0].actor
     pid = ray.get(replica.status.remote())["pid"]
-    with open(f"/proc/{pid}/maps") as f:
-        assert "memfd:rollout-weights" not in f.read()
+
+    def replica_maps_a_segment() -> bool:
+        with open(f"/proc/{pid}/maps") as f:
+            return "memfd:rollout-weights" in f.read()
+    assert replica_maps_a_segment()
+    sync.close()
+    wait_until(lambda: not replica_maps_a_segment(), 30, "the replica let the closed segment go")
     assert os.path.isdir("/dev/shm") and not [n for n in os.listdir("/dev/shm") if "rollout-weights" in n]
 
 
@@ -367,7 +373,8 @@ def test_a_grpc_push_to_a_replica_on_this_node_goes_through_a_shared_segment_not
         runner, base_state, tmp_path, object_store_puts):
     """The front end assembles the chunks into its memfd and the replica stages from it: no
     ray.put; the segment is kept and written again by the next push (and is the catch-up source
-    of the version it holds); the replica drops its mapping once the version is served."""
+    of the version it holds); the replica keeps its mapping of it for the next push (the same
+    pages the router keeps: no memory of its own) and stages that push through the same mapping."""
     sync = WeightSync(runner.client(TOKEN), "grpc")
     router = runner.service.router
     before, segments = status(runner).weight_version, _own_segments()
@@ -379,11 +386,16 @@ def test_a_grpc_push_to_a_replica_on_this_node_goes_through_a_shared_segment_not
     segment = router._segment
     assert segment is not None and router.weights_ref is segment and object_store_puts == []
     pid = ray.get(router.replicas[0].actor.status.remote())["pid"]
-    with open(f"/proc/{pid}/maps") as f:
-        assert "memfd:rollout-weights" not in f.read()
+
+    def segment_mappings() -> list[str]:  # the address ranges of the replica's mappings of a segment
+        with open(f"/proc/{pid}/maps") as f:
+            return [line.split()[0] for line in f if "memfd:rollout-weights" in line]
+    mapped = segment_mappings()
+    assert len(mapped) == 1
     second_state = perturbed(base_state, 22)
     second = sync.push(second_state)
     assert second.version == result.version + 1 and router._segment is segment and segment.fd >= 0
+    assert segment_mappings() == mapped  # the same mapping, not a new one
     assert served_with_versions(runner) == (expected_with(second_state, tmp_path / "second"), {second.version})
     assert object_store_puts == [] and _own_segments() <= segments + 1
 

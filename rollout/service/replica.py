@@ -57,7 +57,7 @@ from ..wire import checksum, completion_to_record, dtype_name, parse_dtype, unpa
 from ..params import Completion
 from .messages import Failed, Finished, RequestDone, Stale, Started, Tokens
 from .metrics import ReplicaMetrics
-from .shared_weights import SharedEntry, check_segment, digest_and_finite, host_id, map_segment, segment_tensors
+from .shared_weights import KeptMapping, SharedEntry, check_segment, digest_and_finite, host_id, segment_tensors
 from .weight_group import bucket_bases, bucket_layout, make_weight_group, receive_buckets, staged_views
 from .weights import (StagedWeights, WeightMismatchError, check_swap_mode, read_weights_from_disk,
                       stage_weights)
@@ -108,6 +108,8 @@ class GeneratorReplica:
         # The broadcast's kept staging buffer; a receive into it and a swap copying from it never overlap.
         self._kept_receive: torch.Tensor | None = None
         self._receiving = threading.Lock()
+        self._segment_map = KeptMapping()  # the last same-host segment staged from, for the next push from it
+        self._orphan_check_at = 0.0  # time.monotonic() of the loop's last look at its owner
         self.restarts = _actor_restarts()
         port = metrics_port if metrics_port is not None else int(os.environ.get("ROLLOUT_REPLICA_METRICS_PORT", "0"))
         self.metrics = ReplicaMetrics(name, port, metrics_host)
@@ -154,6 +156,9 @@ class GeneratorReplica:
             self._apply_swap_if_due()
             if idle or time.monotonic() - self._status_at >= STATUS_INTERVAL:
                 self._publish_status()
+            if time.monotonic() - self._orphan_check_at >= 1.0:
+                self._orphan_check_at = time.monotonic()
+                self._segment_map.drop_if_orphaned()
             if not self.engine.has_work or self.paused:
                 continue
             try:
@@ -490,6 +495,7 @@ class GeneratorReplica:
 
     def discard_weights(self) -> None:
         self._staged = None
+        self._segment_map.drop()  # the push failed: its segment is abandoned, never written again
 
     # ------------------------------------------------------------------ broadcast transport
     def join_weight_group(self, address: str, port: int, world_size: int, rank: int, backend: str,
@@ -556,8 +562,9 @@ class GeneratorReplica:
                      trainer_host: str, checked: bool = False, finite: bool = False) -> int:
         """Maps the trainer's shared-memory segment (see shared_weights.py), checks every tensor's
         XXH3-64 and finite values in one read, and stages views of it: the commit copies them into
-        the model, then the mapping goes with the staged version (as it does when the push is
-        discarded). The trainer does not write the segment until the push's RPC has returned.
+        the model. The mapping is kept for the next push from the same file (`KeptMapping`: dropped
+        when a push is refused or discarded, or once the file's owner closed it or died). The
+        trainer does not write the segment until the push's RPC has returned.
         `checked`: the segment is the gRPC front end's, which checked every checksum as the chunks
         arrived (and every value, with `finite`), so only what it did not check is checked here."""
         self._staged = None
@@ -565,13 +572,15 @@ class GeneratorReplica:
             self._staged = self._stage_segment(version, pid, fd, size, entries, trainer_host, checked, finite)
         except Exception as e:  # noqa: BLE001 - re-raised as it is
             # Without the frames, whose locals map the segment: a refused push must not keep the
-            # trainer's memory mapped until the garbage collector finds the traceback.
+            # trainer's memory mapped until the garbage collector finds the traceback (nor the
+            # kept mapping: the trainer abandons a segment whose push failed).
+            self._segment_map.drop()
             raise e.with_traceback(None) from None
         return self._staged.nbytes
 
     def _stage_segment(self, version: int, pid: int, fd: int, size: int, entries: list[SharedEntry],
                        trainer_host: str, checked: bool, finite: bool) -> StagedWeights:
-        data = map_segment(pid, fd, size, trainer_host)
+        data = self._segment_map.map(pid, fd, size, trainer_host)
         if not checked:
             check_segment(data, entries)
         # owned: nothing writes the segment before the commit has copied it (the ownership rule)
