@@ -41,6 +41,37 @@ def set_step_path(engine, attention: str, graphs: bool, cache: dict) -> None:
     runner.graphs = cache[attention] if graphs else None
 
 
+def swap_rates(engine, device: str, repeats: int) -> dict:
+    """The last leg of a weight push on this device: `Engine.load_weights` (verified tensors
+    into the serving parameters: the copy a replica makes while paused) of the engine's own
+    weights negated (random weights stay random weights), from a copy on the device (what a
+    CUDA / HIP IPC hand-over would give) and, on a GPU, from pinned host memory (a host
+    segment's bytes). GB/s of weights, best of `repeats`; `equal`: the parameters hold the last
+    push's values afterwards (each push differs from what the parameters held). Run before any
+    sequence is running (a swap recomputes running sequences' K/V, which would be timed too)."""
+    params = {t.data_ptr(): (n, t) for n, t in engine.model.state_dict().items()}  # tied names: one tensor
+    nbytes = sum(t.numel() * t.element_size() for _, t in params.values())
+    sources = {"device": {n: t.detach().neg() for n, t in params.values()}}
+    if device.startswith("cuda"):
+        sources["pinned host"] = {n: t.detach().to("cpu").pin_memory() for n, t in params.values()}
+    found = {}
+    for where, tensors in sources.items():
+        best = math.inf
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            engine.load_weights(tensors, version=engine.weight_version)
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+            for t in tensors.values():  # the next push differs from what is now served
+                t.neg_()
+        state = engine.model.state_dict()
+        equal = all(torch.equal(state[n].cpu(), t.neg().cpu()) for n, t in tensors.items())
+        found[where] = dict(seconds=round(best, 4), gb_s=round(nbytes / best / 1e9, 2), equal=equal)
+    del sources
+    return dict(weight_mb=round(nbytes / 1e6, 1), **found)
+
+
 def step_cost(ctx) -> dict:
     from rollout.config import EngineConfig
     from rollout.engine.drafting import DraftShape
@@ -56,7 +87,7 @@ def step_cost(ctx) -> dict:
     paths = [("dense", True), ("dense", False)]
     if device.startswith("cuda"):
         paths = [("dense", True), ("triton", True), ("dense", False), ("triton", False)]
-    rows, floor, last_fill = [], None, None
+    rows, floor, last_fill, swap = [], None, None, None
     batch_max = max(plan.step_batches)
     for i, context in enumerate(plan.step_contexts):
         share = budget.share(len(plan.step_contexts) - i)
@@ -68,6 +99,9 @@ def step_cost(ctx) -> dict:
         t0 = time.perf_counter()
         engine = random_engine(plan.shape, K, device, dtype, EngineConfig(
             max_num_seqs=batch_max, max_model_len=context + 16, attention="dense"))
+        if swap is None:
+            swap = swap_rates(engine, device, 3)
+            t0 = time.perf_counter()
         seqs = fill(engine, batch_max, context)
         fill_s = time.perf_counter() - t0
         last_fill = (fill_s, context)
@@ -109,6 +143,11 @@ def step_cost(ctx) -> dict:
         md += ["", f"bandwidth floor: {floor['weight_mb']} MB of weights at {floor['copy_gb_s']} GB/s (a device copy "
                    f"measured now) = {floor['floor_ms']:.3f} ms; the AR step ({floor['path']}, batch {floor['batch']}, "
                    f"context {floor['context']}) takes {floor['ar_step_ms']:.3f} ms = {floor['ar_over_floor']}x the floor"]
+    if swap and floor:
+        swap["copy_floor_s"] = round(2 * swap["weight_mb"] / 1e3 / floor["copy_gb_s"], 4)  # read + write
+        md += ["", f"weight swap (`Engine.load_weights` of {swap['weight_mb']} MB, best of 3): " + "; ".join(
+            f"from {w} {swap[w]['gb_s']} GB/s ({swap[w]['seconds'] / swap['copy_floor_s']:.1f}x a device copy of "
+            f"the same bytes)" for w in ("device", "pinned host") if w in swap)]
     done = [r for r in rows if "AR ms" in r]
     summary = [f"{len(done)} cells, {len(rows) - len(done)} skipped"]
     for r in done:
@@ -117,7 +156,11 @@ def step_cost(ctx) -> dict:
                            " / ".join(f"{r[n + ' / AR']:.2f}" for n in names[1:]))
     if floor and "ar_over_floor" in floor:
         summary.append(f"AR step / bandwidth floor: {floor['ar_over_floor']}x ({floor['floor_ms']:.3f} ms floor)")
-    return dict(rows=rows, bandwidth_floor=floor, shapes=names, markdown=md, summary=summary[:7])
+    summary = summary[:7]
+    if swap:
+        summary.append("weight swap: " + ", ".join(f"from {w} {swap[w]['gb_s']} GB/s" for w in ("device", "pinned host")
+                                                   if w in swap))
+    return dict(rows=rows, bandwidth_floor=floor, weight_swap=swap, shapes=names, markdown=md, summary=summary)
 
 
 def ratio(a: float, b: float) -> float | None:
