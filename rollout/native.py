@@ -11,7 +11,7 @@ Design decisions:
   update, so two threads hashing took as long as one. XXH3 comes from the xxhash package's own
   extension, which exports the xxHash C API (XXH3_64bits_*): the same digest as
   `xxhash.xxh3_64`, no second copy of the library.
-- One call per tensor (or received chunk): the kernel walks it by 1 MiB chunks (L2-sized),
+- One call per tensor (or received chunk): the kernel walks it by 64 KiB pieces,
   hashing each chunk and looking for an element whose exponent bits are all set (NaN or
   +-inf; `wire.FINITE_BITS`) while the chunk is in cache; a copying call (the trainer's write,
   the gRPC front end's reassembly) then copies the chunk from the cache with streaming stores
@@ -65,11 +65,21 @@ BYTES_SOURCE = r"""
 #include <emmintrin.h>
 #endif
 typedef int (*update_fn)(void *state, const void *data, size_t len);  /* XXH3_64bits_update */
-#define CHUNK ((size_t)1 << 20)
+/* 64 KiB pieces: the finite check's second read of a piece the hash just read comes from the
+   L1/L2 cache. 1 GiB hashed and checked on one thread here: 0.154 s by 1 MiB pieces with SSE2,
+   0.13 s by 64 KiB, 0.114 s by 64 KiB with AVX2 (below); the hash alone 0.097 s. */
+#define CHUNK ((size_t)1 << 16)
+/* GCC on x86-64: the finite check also built for AVX2, picked at load time where the CPU has it;
+   the x86-64 baseline (SSE2) elsewhere. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
 /* Whether any element has all of `e`'s bits set (e = a float's exponent bits: NaN or +-inf);
-   the compiler vectorises the OR of comparisons with the x86-64 baseline (SSE2). */
+   the compiler vectorises the OR of comparisons. */
 #define NONFINITE(NAME, T)                                                                      \
-  static int NAME(const T *p, size_t n, T e) {                                                  \
+  VECTOR_CLONES static int NAME(const T *p, size_t n, T e) {                                    \
     T bad = 0;                                                                                  \
     for (size_t i = 0; i < n; i++) bad |= (T)((p[i] & e) == e);                                 \
     return bad != 0;                                                                            \
@@ -87,7 +97,7 @@ static int nonfinite(const uint8_t *p, size_t n, int itemsize, uint64_t e) {
 }
 /* memcpy with streaming stores for the 64-byte aligned lines of dst: a copy into memory that
    will not be read again soon (a segment, checked later by another process) skips reading every
-   destination line first; 1.2x the speed of memcpy for a 1 GB copy by 1 MiB chunks here. */
+   destination line first; 1.2x the speed of memcpy for a 1 GB copy by 1 MiB pieces here. */
 static void copy_streaming(uint8_t *dst, const uint8_t *src, size_t n) {
 #ifndef __SSE2__
   memcpy(dst, src, n);  /* another architecture: a plain copy */
