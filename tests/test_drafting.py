@@ -10,7 +10,7 @@ import torch
 from rollout import Engine, SamplingParams
 from rollout.config import EngineConfig
 from rollout.engine import drafting
-from rollout.engine.drafting import DraftPolicy, DraftShape, expected_tokens, level_label
+from rollout.engine.drafting import DraftPolicy, DraftShape, RowDraft, expected_tokens, level_label
 from test_distribution import (  # noqa: F401 - the model_dir fixture
     ALPHA,
     NUM_SAMPLES,
@@ -283,3 +283,84 @@ def test_exploring_lets_the_policy_switch_to_the_models_drafts_once_they_pay():
         policy.observe_step(params, shape, [offered], [offered], 64, seconds)  # every draft passes
         shapes.append(shape)
     assert sum(s is not None and bool(s.levels) for s in shapes[-100:]) > 90
+
+
+def history_policy(**kwargs) -> DraftPolicy:
+    """Block 8, history drafts (no seeded acceptance), CPU-like costs the fit keeps: 3 ms a step
+    plus 1 ms a token (a token costs a quarter of an AR step at batch 1)."""
+    policy = DraftPolicy(8, tuple(range(1, 9)), "auto", lookup=False, history=True, **kwargs)
+    for rows, tokens in ((1, 1), (1, 4), (1, 8), (2, 2), (2, 16), (4, 32)):
+        for context in (16, 128):
+            policy.costs.observe(tokens > rows, rows, tokens, context, 3e-3 + 1e-3 * tokens)
+    policy.costs.observe = lambda *args: None
+    return policy
+
+
+def test_positions_past_the_longest_offered_are_offered_once_the_earlier_ones_pass():
+    """Drafts accepted 0.98 at positions 1-3 (verified by lookup/4 steps): with every later
+    position at the prior 0.5 a longer step does not pay at these costs, so positions 4-7 were
+    never offered and never learned. Their prior rises to the last learned rate: the policy
+    offers them, and what it observes there (every draft passes) is learned."""
+    policy = history_policy()
+    params, aligned = [SamplingParams(temperature=0)], "lossless@0+history/aligned"
+    for step in range(200):
+        policy.observe_step(params, DraftShape(4, (), lookup=True), [3 if step % 50 else 2], [3], 64, 1e-2,
+                            ["history/aligned"])
+    draft = [[RowDraft(tuple(range(2, 9)), "history/aligned")]]
+    shape = policy.choose(params, 64, lambda: draft)
+    assert shape is not None and shape.lookup and shape.length > 4, shape
+    for _ in range(100):
+        shape = policy.choose(params, 64, lambda: draft)
+        verified = shape.length - 1 if shape is not None and shape.lookup else 0
+        policy.observe_step(params, shape, [verified], [verified], 64, 1e-2, ["history/aligned"] if verified else None)
+    estimate = policy.estimates[aligned]
+    assert shape == DraftShape(8, (), lookup=True)
+    assert min(estimate.rates[3:]) > 0.95
+    assert estimate.attempts[6] > 50  # position 7 observed, not only prior
+
+
+def test_a_position_never_offered_keeps_a_seeded_prior_and_learns_a_failure_at_once():
+    """The optimistic prior is for positions nothing is known about: a seeded rate stays, and
+    where drafts fail after position 3 one step that offers position 4 brings it down."""
+    policy = history_policy()
+    policy.calibration["lossless@0+history/long"] = [0.9, 0.9, 0.9, 0.1]
+    params = [SamplingParams(temperature=0)]
+    for _ in range(100):
+        for kind in ("history/long", "history/short"):
+            policy.observe_step(params, DraftShape(4, (), lookup=True), [3], [3], 64, 1e-2, [kind])
+    assert policy.estimates["lossless@0+history/long"].rates[3] < 0.2  # seeded
+    short = policy.estimates["lossless@0+history/short"]
+    assert short.rates[3] > 0.95
+    for _ in range(8):
+        policy.observe_step(params, DraftShape(8, (), lookup=True), [3], [7], 64, 1e-2, ["history/short"])
+    assert short.rates[3] < 0.5
+
+
+def test_repeated_greedy_prompts_end_up_verifying_long_history_drafts(engine):
+    """Two greedy rollouts of a prompt (new seeds), history drafts on, block 8, a fit that prices
+    a token at a quarter of an AR step: the second rollout follows the first's completion
+    (aligned prefix), with drafts of 7 tokens once the first positions pass, and stays greedy.
+    With unlearned positions at the prior 0.5 it stopped at 3 drafts (lookup/4)."""
+    import dataclasses
+
+    tidar = dataclasses.replace(engine.tidar, block_size=8, levels=None)
+    auto = Engine(engine.model, tidar, config=EngineConfig(drafting="auto", lookup_drafts=False))
+    policy = history_policy()
+    policy.calibration = auto.drafting.calibration
+    observe = policy.observe_step
+
+    def on_the_fits_clock(params, shape, accepted, offered, context, seconds, kinds=None):
+        """Every step takes what the fit says (this machine's timings play no part)."""
+        tokens = len(params) * policy.tokens_per_row(shape)
+        seconds = None if seconds is None else policy.costs.predict(shape is not None, len(params), tokens, context)
+        observe(params, shape, accepted, offered, context, seconds, kinds)
+    policy.observe_step = on_the_fits_clock
+    auto.drafting, auto.scheduler.drafting = policy, policy
+    ar = engine.generate(PROMPTS[:1], SamplingParams(sampler="ar", temperature=0, max_tokens=96))
+    for epoch in range(2):
+        out = auto.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=96, seed=epoch))
+        assert [c[0].token_ids for c in out] == [c[0].token_ids for c in ar]
+    stats = auto.last_stats
+    assert stats.level_choices.get("lookup/8", 0) >= 4, stats.level_choices
+    assert stats.tokens_per_forward > 4, stats.tokens_per_forward
+    assert policy.estimates["lossless@0+history/aligned"].attempts[6] > drafting.PRIOR_WEIGHT

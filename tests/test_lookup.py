@@ -217,6 +217,57 @@ def test_exploring_takes_its_budget_of_measured_time_however_wrong_the_cost_fit(
     assert 0.7 / EXPLORE_EVERY < spent[True] / spent[False] <= 1.02 / EXPLORE_EVERY
 
 
+def test_lookup_steps_are_priced_at_what_they_take_against_ar_steps_at_their_context():
+    """A fake clock: 64 rows grow from context 32 to 432 (one token per row-step); a step whose
+    rows verify lookup drafts takes the fit's price below context 128 and 3.4x it from 256 on
+    (the host look-up and attention of ~400-token rows at batch 64 on the CPU), AR steps take
+    the fit's price; the fit never learns it, and the drafts pass at the seeded 0.9. Priced by
+    the fit alone, lookup steps ran on at long context, ~2x AR's time per token; priced at what
+    they take against AR steps in their context bucket, the policy stops taking them there."""
+    policy = costly_tokens_policy()
+    policy.calibration["lossless@0+lookup"] = [0.9] * 3
+    policy.costs.observe = lambda *args: None  # the fit stays as wrong as it is
+    params, rng = [SamplingParams(temperature=0)] * 64, random.Random(0)
+    spent, tokens, context, late = 0.0, 0, 32.0, []
+    while context < 432:
+        wants = policy.wants_lookup(params)
+        shape = policy.choose(params, context, (lambda: [lk(1, 2, 3)] * 64) if wants else None)
+        verified = shape.length - 1 if shape is not None and shape.lookup else 0
+        accepted = [next((i for i in range(verified) if rng.random() > 0.9), verified) for _ in params]
+        seconds = policy.costs.predict(shape is not None, 64, 64 * policy.tokens_per_row(shape), context) * (
+            3.4 if verified and context >= 256 else 1.0)
+        policy.observe_step(params, shape, accepted, [verified] * 64, context, seconds,
+                            ["lookup"] * 64 if verified else None)
+        spent, tokens = spent + seconds, tokens + 64 + sum(accepted)
+        context += 1 + sum(accepted) / 64
+        if context >= 256:
+            late.append(verified > 0)
+    ar_per_token = policy.costs.predict(False, 64, 64, 344) / 64
+    assert spent / tokens < 1.05 * ar_per_token  # never slower than AR steps (~0.6 where lookup steps pay)
+    assert sum(late) <= 6  # a few lookup steps in the long context: what taught the policy their price
+    assert policy._point_mass_scale(64, 300) > 2 and policy._point_mass_scale(64, 500) > 2
+
+
+def test_lookup_prices_are_only_ever_raised_and_only_where_such_steps_ran():
+    """The correction is relative to AR steps of the same batch and context bucket: lookup steps
+    faster than the fit says stay at its price (a kind whose price fell would beat kinds the fit
+    prices right), and a batch or a shorter context where none ran keeps the fit's price."""
+    policy = costly_tokens_policy()
+    params = [SamplingParams(temperature=0)] * 64
+    for _ in range(50):
+        policy.observe_step(params, None, [0] * 64, [0] * 64, 300, 2 * policy.costs.predict(False, 64, 64, 300))
+    for _ in range(10):
+        policy.observe_step(params, DraftShape(4, (), lookup=True), [3] * 64, [3] * 64, 300,
+                            6 * policy.costs.predict(True, 64, 256, 300), ["lookup"] * 64)
+        policy.observe_step(params[:1], DraftShape(4, (), lookup=True), [3], [3], 300,
+                            0.5 * policy.costs.predict(True, 1, 4, 300), ["lookup"])
+    assert policy._point_mass_scale(64, 300) == pytest.approx(3.0, rel=0.1)  # 6x the fit where AR steps take 2x
+    assert policy._point_mass_scale(64, 1000) == pytest.approx(3.0, rel=0.1)  # longer contexts: at least as much
+    assert policy._point_mass_scale(64, 100) == 1.0 and policy._point_mass_scale(8, 300) == 1.0
+    assert policy._point_mass_scale(1, 300) == 1.0  # faster than the fit: never cheaper
+    assert DraftPolicy(4, (1, 2, 3, 4), "auto", cost_model="flat")._point_mass_scale(64, 300) == 1.0
+
+
 def test_lookup_acceptance_is_learned_apart_from_the_diffusion_drafts():
     policy = costly_tokens_policy()
     params = [SamplingParams(temperature=0)]

@@ -86,6 +86,14 @@ LOOKUP_BACKOFF = 64
 # Where AR steps win, look-ups whose steps take more than this many AR steps (moving averages
 # of measured / predicted of each) are also paid from the exploring budget (`DraftPolicy._best`).
 LOOKUP_GATE = 1.5
+# Steps whose rows verify point-mass drafts are priced at the fit times how much longer than
+# predicted such steps took, relative to AR steps, at the same batch and context bucket
+# (`DraftPolicy._point_mass_scale`): calibration times them on scratch prompts at short context,
+# whose look-ups find nothing and cost no host time, and with ~400-token rows at batch 64 on
+# the CPU lookup steps ran 3.4x an AR step where the fit said they pay (2.1x our AR's time per
+# token). Only ever raised, and only these steps: a per-kind measured / fitted correction of
+# every kind made the kinds that never ran look cheap (T = 0, batch 1: 1.74x -> 1.34x AR).
+PRICE_CONTEXT = 128     # context bucket of that correction (tokens)
 COST_MODELS = ("calibrated", "flat")
 
 
@@ -137,18 +145,42 @@ class RowDraft:
 
 @dataclass
 class AcceptanceEstimate:
-    """Acceptance by draft position for one class: a_i = P(draft i accepted | drafts < i were)."""
+    """Acceptance by draft position for one class: a_i = P(draft i accepted | drafts < i were).
+
+    `attempts` and `accepts` hold the prior (PRIOR_WEIGHT attempts at `prior`'s rates, fading
+    with DECAY like the observations) plus what was observed. A position is learned only where
+    drafts reach it, and a policy that prices the unlearned positions at PRIOR_ACCEPTANCE never
+    offers them where a token costs more than half a token gains: drafts accepted 0.98 at
+    positions 1-3 kept 0.5 at 4-7, and 385 of 398 steps of a re-rollout whose history held every
+    row's whole continuation were AR steps. So the prior of a position not seeded
+    (`lifted[i]`) is optimistic, bounded: the estimate of the position before it where that is
+    higher. The policy then offers the next positions as soon as the earlier ones earn it, and
+    what is observed there replaces the prior as it fades; where drafts fail after position i,
+    one step that offers them teaches it (the first failure counts at its position)."""
     attempts: list[float]
     accepts: list[float]
+    prior: list[float] = field(default_factory=list)   # the prior's rate per position
+    lifted: list[bool] = field(default_factory=list)   # positions whose prior may rise to the one before's
+    weight: float = 0.0                                 # the prior's attempts now (PRIOR_WEIGHT, faded)
 
     @classmethod
-    def prior(cls, k: int, rates: list[float] | None = None) -> AcceptanceEstimate:
-        rates = list(rates or [])[:k - 1] + [PRIOR_ACCEPTANCE] * max(k - 1 - len(rates or []), 0)
-        return cls([PRIOR_WEIGHT] * (k - 1), [PRIOR_WEIGHT * r for r in rates])
+    def prior_for(cls, k: int, rates: list[float] | None = None) -> AcceptanceEstimate:
+        """The prior of a class: `rates` (seeded, e.g. from `tidar_config.json`) where given, else
+        PRIOR_ACCEPTANCE lifted as above."""
+        seeded = list(rates or [])[:k - 1]
+        prior = seeded + [PRIOR_ACCEPTANCE] * (k - 1 - len(seeded))
+        return cls([PRIOR_WEIGHT] * (k - 1), [PRIOR_WEIGHT * r for r in prior], prior,
+                   [False] * len(seeded) + [True] * (k - 1 - len(seeded)), PRIOR_WEIGHT)
 
     @property
     def rates(self) -> list[float]:
-        return [a / n if n > 0 else 0.0 for a, n in zip(self.accepts, self.attempts)]
+        out: list[float] = []
+        for i, (a, n) in enumerate(zip(self.accepts, self.attempts)):
+            rate = a / n if n > 0 else 0.0
+            if i and i < len(self.lifted) and self.lifted[i] and out[-1] > self.prior[i] and n > 0:
+                rate += self.weight * (out[-1] - self.prior[i]) / n  # the prior's part, lifted
+            out.append(rate)
+        return out
 
     def observe(self, accepted: int, offered: int) -> None:
         for i in range(min(accepted + 1, offered)):
@@ -159,6 +191,7 @@ class AcceptanceEstimate:
     def decay(self) -> None:
         self.attempts = [x * DECAY for x in self.attempts]
         self.accepts = [x * DECAY for x in self.accepts]
+        self.weight *= DECAY
 
 
 def expected_tokens(rates: list[float], k: int, levels: tuple[int, ...] | None) -> float:
@@ -304,6 +337,10 @@ class DraftPolicy:
         self._explore_scale = 1.0
         self._lookup_scale = 1.0  # the same for AR steps after a look-up that lost, over an AR step's prediction
         self._ar_scale = 1.0  # and for the AR steps the policy chose (a look-up's cost is counted against theirs)
+        # (batch bucket, context bucket) -> moving average of measured / predicted seconds of
+        # steps with point-mass drafts, and of AR steps without a look-up (`_point_mass_scale`).
+        self._pm_ratio: dict[tuple[int, int], float] = {}
+        self._ar_ratio: dict[tuple[int, int], float] = {}
         self._charging = False  # whether the step just chosen is charged to the budget
         self._earning = False   # whether it is an AR step the policy chose over drafting
         self._looked_up = False  # whether its rows looked up point-mass drafts (and they lost)
@@ -361,7 +398,7 @@ class DraftPolicy:
 
     def estimate(self, cls: str) -> AcceptanceEstimate:
         if cls not in self.estimates:
-            self.estimates[cls] = AcceptanceEstimate.prior(self.k, self.calibration.get(cls))
+            self.estimates[cls] = AcceptanceEstimate.prior_for(self.k, self.calibration.get(cls))
         return self.estimates[cls]
 
     def _expected_tokens(self, cls: str, shape: DraftShape | None) -> float:
@@ -518,7 +555,7 @@ class DraftPolicy:
         """Expected accepted drafts of a class by drafts offered (0..k-1): the chained acceptance."""
         chain, gain = 1.0, [0.0]
         # Read without adding the class: only observed steps create estimates.
-        est = self.estimates.get(cls) or AcceptanceEstimate.prior(self.k, self.calibration.get(cls))
+        est = self.estimates.get(cls) or AcceptanceEstimate.prior_for(self.k, self.calibration.get(cls))
         for r in est.rates:
             chain *= r
             gain.append(gain[-1] + chain)
@@ -562,13 +599,13 @@ class DraftPolicy:
         for (cls, _), n in offered.items():
             base = cls.split("+")[0]
             plain[base] = plain.get(base, 0) - n
-        best, best_rate = None, -1.0
+        best, best_rate, scale = None, -1.0, self._point_mass_scale(rows, context)
         for shape in self.candidates[1:]:
             tokens = ar_rows + sum(n * self._expected_tokens(cls, shape) for cls, n in plain.items())
             for (cls, length), n in offered.items():
                 gain = self._gains(cls)[min(length, shape.length - 1)]
                 tokens += n * max(1.0 + gain, self._expected_tokens(cls.split("+")[0], shape))
-            seconds = max(self._seconds(True, rows, rows * shape.tokens_per_row, context), 1e-12)
+            seconds = max(self._seconds(True, rows, rows * shape.tokens_per_row, context) * scale, 1e-12)
             if not self._point_mass_gain(shape, rows, offered, seconds, context)[1]:
                 continue
             rate = tokens / seconds
@@ -609,9 +646,9 @@ class DraftPolicy:
         that ran 0.8x."""
         if not offered or not self.lookup_candidates:
             return None, -1.0
-        best, best_rate = None, -1.0
+        best, best_rate, scale = None, -1.0, self._point_mass_scale(rows, context)
         for shape in self.lookup_candidates:
-            seconds = max(self._seconds(True, rows, rows * shape.length, context), 1e-12)
+            seconds = max(self._seconds(True, rows, rows * shape.length, context) * scale, 1e-12)
             extra, pays = self._point_mass_gain(shape, rows, offered, seconds, context)
             if not explore and not pays:
                 continue
@@ -630,6 +667,33 @@ class DraftPolicy:
         fixed = self._seconds(False, 0, 0, context)
         ar = self._seconds(False, rows, rows, context)
         return extra, (ar - fixed) / rows * extra + fixed * shortened > LOOKUP_MARGIN * (seconds - ar)
+
+    def _point_mass_scale(self, rows: int, context: float) -> float:
+        """How much longer than the fit's price a step with point-mass drafts takes, relative to
+        an AR step, at this batch and context (>= 1; 1 under the flat cost model or before any
+        such step was timed). A context bucket where none ran takes the nearest shorter one's:
+        a step's host look-up and attention only grow with the context."""
+        if self.cost_model == "flat" or not self._pm_ratio:
+            return 1.0
+        batch, bucket = rows.bit_length(), int(context) // PRICE_CONTEXT
+        pm = next((self._pm_ratio[(batch, b)] for b in range(bucket, -1, -1) if (batch, b) in self._pm_ratio), None)
+        if pm is None:
+            return 1.0
+        known = [b for r, b in self._ar_ratio if r == batch]
+        if not known:
+            return max(pm, 1.0)
+        near = min(known, key=lambda b: (abs(b - bucket), b > bucket))  # the same bucket, else the nearest
+        return max(pm / self._ar_ratio[(batch, near)], 1.0)
+
+    def _observe_price(self, point_mass: bool, rows: int, tokens: int, context: float, seconds: float) -> None:
+        """Feeds `_point_mass_scale`: measured / predicted seconds of a timed step with point-mass
+        drafts, or of an AR step whose rows looked nothing up."""
+        predicted = self.costs.predict(point_mass, rows, tokens, context, refit=False)
+        if predicted <= 0 or not self.costs.fitted:
+            return
+        table, weight = (self._pm_ratio, 0.5) if point_mass else (self._ar_ratio, 0.1)
+        key = (rows.bit_length(), int(context) // PRICE_CONTEXT)
+        table[key] = _blend(table.get(key, 1.0), seconds / predicted, weight)
 
     def _seconds(self, drafting: bool, rows: int, tokens: int, context: float) -> float:
         """A step's predicted seconds; under the flat cost model, an AR step's over the same rows
@@ -685,6 +749,10 @@ class DraftPolicy:
                 if timed:
                     self._explore_scale = _blend(self._explore_scale, seconds / predicted, 0.5)
             self._charging = self._earning = False
+        if seconds is not None and self._forced is None and self.cost_model == "calibrated":
+            point_mass = shape is not None and bool(kinds) and any(kinds)
+            if point_mass or (shape is None and not self._looked_up):
+                self._observe_price(point_mass, len(params), tokens, context, seconds)
         if seconds is not None:
             self.costs.observe(shape is not None, len(params), tokens, context, seconds)
         if self._forced is not None:
