@@ -172,26 +172,51 @@ class AcceptanceEstimate:
         return cls([PRIOR_WEIGHT] * (k - 1), [PRIOR_WEIGHT * r for r in prior], prior,
                    [False] * len(seeded) + [True] * (k - 1 - len(seeded)), PRIOR_WEIGHT)
 
+    # (rates, the same rounded to 0.01, gains) until the next observe / decay: a ranking reads
+    # them ~100 times, and computed each time they were most of its ~1 ms.
+    _memo: tuple | None = field(default=None, repr=False, compare=False)
+
     @property
     def rates(self) -> list[float]:
-        out: list[float] = []
-        for i, (a, n) in enumerate(zip(self.accepts, self.attempts)):
-            rate = a / n if n > 0 else 0.0
-            if i and i < len(self.lifted) and self.lifted[i] and out[-1] > self.prior[i] and n > 0:
-                rate += self.weight * (out[-1] - self.prior[i]) / n  # the prior's part, lifted
-            out.append(rate)
-        return out
+        return self._derived()[0]
+
+    @property
+    def rounded(self) -> tuple[float, ...]:
+        """The rates rounded to 0.01 (what the expected-tokens chain is memoised on)."""
+        return self._derived()[1]
+
+    @property
+    def gains(self) -> list[float]:
+        """Expected accepted drafts by drafts offered (0..k-1): the chained acceptance."""
+        return self._derived()[2]
+
+    def _derived(self) -> tuple:
+        if self._memo is None:
+            rates: list[float] = []
+            for i, (a, n) in enumerate(zip(self.accepts, self.attempts)):
+                rate = a / n if n > 0 else 0.0
+                if i and i < len(self.lifted) and self.lifted[i] and rates[-1] > self.prior[i] and n > 0:
+                    rate += self.weight * (rates[-1] - self.prior[i]) / n  # the prior's part, lifted
+                rates.append(rate)
+            chain, gains = 1.0, [0.0]
+            for r in rates:
+                chain *= r
+                gains.append(gains[-1] + chain)
+            self._memo = (rates, tuple(round(r, 2) for r in rates), gains)
+        return self._memo
 
     def observe(self, accepted: int, offered: int) -> None:
         for i in range(min(accepted + 1, offered)):
             self.attempts[i] += 1
         for i in range(accepted):
             self.accepts[i] += 1
+        self._memo = None
 
     def decay(self) -> None:
         self.attempts = [x * DECAY for x in self.attempts]
         self.accepts = [x * DECAY for x in self.accepts]
         self.weight *= DECAY
+        self._memo = None
 
 
 def expected_tokens(rates: list[float], k: int, levels: tuple[int, ...] | None) -> float:
@@ -324,6 +349,7 @@ class DraftPolicy:
         self._lookup_wait, self._lookup_misses = 0, 0  # steps until the next look-up; look-ups lost in a row
         self.calibration = calibration or {}
         self.estimates: dict[str, AcceptanceEstimate] = {}
+        self._priors: dict[str, AcceptanceEstimate] = {}  # the priors of classes not observed yet, as read
         self.costs = StepCostModel()
         # Exploring (see `_best`) spends measured time from a budget: each AR step the policy
         # chose earns 1/EXPLORE_EVERY of its measured seconds, each exploring step is charged
@@ -406,8 +432,7 @@ class DraftPolicy:
         is solved again only when they move)."""
         if shape is None:
             return 1.0
-        rates = tuple(round(r, 2) for r in self.estimate(cls).rates[:shape.length - 1])
-        return _expected_tokens_memo(rates, shape.length, shape.levels)
+        return _expected_tokens_memo(self.estimate(cls).rounded[:shape.length - 1], shape.length, shape.levels)
 
     def expects_drafts(self) -> bool:
         """Whether a prefill should draft its rows' first step: always when fixed; with auto,
@@ -473,9 +498,13 @@ class DraftPolicy:
             # every row).
             full = {(self._best_kind(cls), self.k - 1): n for cls, n in counts.items() if cls.startswith("lossless@")}
             ranked = self._rank(counts, len(params) - num_drafting, len(params), context)
-            decision = ranked + (max(self._lookup_rate(len(params), full, context)[1],
-                                     self._stacked_rate(counts, full, len(params) - num_drafting, len(params),
-                                                        context)[1]),)
+            # The bound is only compared with the best rate: a stacked step's is needed only
+            # where a lookup step's does not beat it (each costs ~1/3 of a ranking).
+            bound = self._lookup_rate(len(params), full, context)[1]
+            if bound <= ranked[-1]:
+                bound = max(bound, self._stacked_rate(counts, full, len(params) - num_drafting, len(params),
+                                                      context)[1])
+            decision = ranked + (bound,)
             if len(self._decisions) > 4096:
                 self._decisions.clear()
             self._decisions[key] = decision
@@ -553,13 +582,12 @@ class DraftPolicy:
 
     def _gains(self, cls: str) -> list[float]:
         """Expected accepted drafts of a class by drafts offered (0..k-1): the chained acceptance."""
-        chain, gain = 1.0, [0.0]
-        # Read without adding the class: only observed steps create estimates.
-        est = self.estimates.get(cls) or AcceptanceEstimate.prior_for(self.k, self.calibration.get(cls))
-        for r in est.rates:
-            chain *= r
-            gain.append(gain[-1] + chain)
-        return gain
+        est = self.estimates.get(cls)
+        if est is None:  # read without adding the class: only observed steps create estimates
+            est = self._priors.get(cls)
+            if est is None:
+                est = self._priors[cls] = AcceptanceEstimate.prior_for(self.k, self.calibration.get(cls))
+        return est.gains
 
     def _best_kind(self, cls: str) -> str:
         """The point-mass class of a row class with the most expected tokens at k - 1 drafts."""
@@ -600,13 +628,14 @@ class DraftPolicy:
             base = cls.split("+")[0]
             plain[base] = plain.get(base, 0) - n
         best, best_rate, scale = None, -1.0, self._point_mass_scale(rows, context)
+        prices = self._seconds(False, 0, 0, context), self._seconds(False, rows, rows, context)
         for shape in self.candidates[1:]:
             tokens = ar_rows + sum(n * self._expected_tokens(cls, shape) for cls, n in plain.items())
             for (cls, length), n in offered.items():
                 gain = self._gains(cls)[min(length, shape.length - 1)]
                 tokens += n * max(1.0 + gain, self._expected_tokens(cls.split("+")[0], shape))
             seconds = max(self._seconds(True, rows, rows * shape.tokens_per_row, context) * scale, 1e-12)
-            if not self._point_mass_gain(shape, rows, offered, seconds, context)[1]:
+            if not self._point_mass_gain(shape, rows, offered, seconds, prices)[1]:
                 continue
             rate = tokens / seconds
             if rate > best_rate:
@@ -647,9 +676,10 @@ class DraftPolicy:
         if not offered or not self.lookup_candidates:
             return None, -1.0
         best, best_rate, scale = None, -1.0, self._point_mass_scale(rows, context)
+        prices = self._seconds(False, 0, 0, context), self._seconds(False, rows, rows, context)
         for shape in self.lookup_candidates:
             seconds = max(self._seconds(True, rows, rows * shape.length, context) * scale, 1e-12)
-            extra, pays = self._point_mass_gain(shape, rows, offered, seconds, context)
+            extra, pays = self._point_mass_gain(shape, rows, offered, seconds, prices)
             if not explore and not pays:
                 continue
             if (rows + extra) / seconds > best_rate:
@@ -657,15 +687,15 @@ class DraftPolicy:
         return best, best_rate
 
     def _point_mass_gain(self, shape: DraftShape, rows: int, offered: dict[tuple[str, int], int], seconds: float,
-                         context: float) -> tuple[float, bool]:
+                         prices: tuple[float, float]) -> tuple[float, bool]:
         """The extra tokens the rows' point-mass drafts are expected to commit in a step of this
         shape (`offered` as in `_lookup_rate`), and whether that pays for the step against an AR
-        step in a batch that must finish as a whole (the rule in `_lookup_rate`)."""
+        step in a batch that must finish as a whole (the rule in `_lookup_rate`); `prices`: the
+        predicted seconds of a step's fixed part and of an AR step over the rows."""
         g = {key: self._gains(key[0])[min(key[1], shape.length - 1)] for key in offered}
         extra = sum(n * g[key] for key, n in offered.items())
         shortened = min(g.values()) if sum(offered.values()) == rows else 0.0
-        fixed = self._seconds(False, 0, 0, context)
-        ar = self._seconds(False, rows, rows, context)
+        fixed, ar = prices
         return extra, (ar - fixed) / rows * extra + fixed * shortened > LOOKUP_MARGIN * (seconds - ar)
 
     def _point_mass_scale(self, rows: int, context: float) -> float:
