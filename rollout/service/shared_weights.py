@@ -305,8 +305,11 @@ class KeptMapping:
 
     def drop_if_orphaned(self) -> bool:
         """Drops the mapping when its owner no longer holds the file at that descriptor (closed,
-        abandoned after a failed push, or the process gone). True when it did."""
-        with self._lock:
+        abandoned after a failed push, or the process gone). True when it did. Never waits: a
+        stage mapping a segment right now holds the lock (the engine loop looks again later)."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
             if self._file is None:
                 return False
             pid, fd, dev, ino = self._file
@@ -318,6 +321,8 @@ class KeptMapping:
                 pass
             self._file = self._data = None
             return True
+        finally:
+            self._lock.release()
 
 
 def segment_tensors(data: np.ndarray, entries: list[SharedEntry]) -> dict[str, torch.Tensor]:
