@@ -340,3 +340,20 @@ def test_a_replica_reset_to_its_base_weights_clears_the_history_a_push_keeps_it(
     replica.stage_from_disk(2, None)  # the base weights again
     replica.commit_weights(2)
     assert replica.engine.history.num_tokens == 0
+
+
+def test_a_history_kind_never_verified_is_priced_like_the_rows_best_known_point_mass_drafts():
+    """At the 0.5 prior a history draft lost every comparison with the seeded lookup drafts
+    (0.87-0.99 at T = 0) in `best_draft`, so on greedy re-rollouts history drafts were never
+    verified, never learned, never used. Until it is observed, a point-mass kind takes the rates
+    of the row class's best seeded or observed one: the history draft (listed first) is tried,
+    and what it then shows is learned (here it fails: lookup drafts win again)."""
+    policy = DraftPolicy(8, tuple(range(1, 9)), "auto", {"lossless@0+lookup": [0.9] * 7}, history=True)
+    params = SamplingParams(temperature=0)
+    history, lookup = RowDraft(tuple(range(2, 9)), "history/long"), RowDraft(tuple(range(2, 9)), "lookup")
+    assert policy.best_draft(params, [history, lookup]) is history
+    assert policy.best_draft(params, [RowDraft((2, 3), "history/long"), lookup]) is lookup  # longer: more expected
+    for _ in range(3 * 16):
+        policy.observe_step([params], DraftShape(8, (), lookup=True), [0], [7], 64, 1e-2, ["history/long"])
+    assert policy.best_draft(params, [history, lookup]) is lookup
+    assert policy.status()["acceptance"]["lossless@0+history/long"][0] < 0.2

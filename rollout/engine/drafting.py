@@ -95,6 +95,7 @@ LOOKUP_GATE = 1.5
 # every kind made the kinds that never ran look cheap (T = 0, batch 1: 1.74x -> 1.34x AR).
 PRICE_CONTEXT = 128     # context bucket of that correction (tokens)
 COST_MODELS = ("calibrated", "flat")
+POINT_MASS_KINDS = ("history/aligned", "history/long", "history/short", "lookup")
 
 
 @dataclass(frozen=True)
@@ -164,13 +165,14 @@ class AcceptanceEstimate:
     weight: float = 0.0                                 # the prior's attempts now (PRIOR_WEIGHT, faded)
 
     @classmethod
-    def prior_for(cls, k: int, rates: list[float] | None = None) -> AcceptanceEstimate:
+    def prior_for(cls, k: int, rates: list[float] | None = None, lifted: bool = False) -> AcceptanceEstimate:
         """The prior of a class: `rates` (seeded, e.g. from `tidar_config.json`) where given, else
-        PRIOR_ACCEPTANCE lifted as above."""
+        PRIOR_ACCEPTANCE, lifted as above (`lifted`: the given rates too: borrowed, not the
+        class's own seed)."""
         seeded = list(rates or [])[:k - 1]
         prior = seeded + [PRIOR_ACCEPTANCE] * (k - 1 - len(seeded))
         return cls([PRIOR_WEIGHT] * (k - 1), [PRIOR_WEIGHT * r for r in prior], prior,
-                   [False] * len(seeded) + [True] * (k - 1 - len(seeded)), PRIOR_WEIGHT)
+                   [lifted] * len(seeded) + [True] * (k - 1 - len(seeded)), PRIOR_WEIGHT)
 
     # (rates, the same rounded to 0.01, gains) until the next observe / decay: a ranking reads
     # them ~100 times, and computed each time they were most of its ~1 ms.
@@ -424,8 +426,27 @@ class DraftPolicy:
 
     def estimate(self, cls: str) -> AcceptanceEstimate:
         if cls not in self.estimates:
-            self.estimates[cls] = AcceptanceEstimate.prior_for(self.k, self.calibration.get(cls))
+            self.estimates[cls] = self._prior(cls)
         return self.estimates[cls]
+
+    def _prior(self, cls: str) -> AcceptanceEstimate:
+        """A class's estimate before it is observed: its seed (`tidar_config.json`), else for a
+        point-mass kind the rates of the row class's best point-mass kind that is seeded or
+        observed, else PRIOR_ACCEPTANCE. A row verifies the candidate its class expects most
+        of (`best_draft`): at the 0.5 prior, history drafts lost every such comparison with the
+        seeded lookup drafts (0.87-0.99) and were never verified, hence never learned, on
+        greedy re-rollouts whose history held every row's continuation."""
+        seed = self.calibration.get(cls)
+        base, _, kind = cls.partition("+")
+        if seed is not None or not kind:
+            return AcceptanceEstimate.prior_for(self.k, seed)
+        known = [c for c in (f"{base}+{k}" for k in POINT_MASS_KINDS if k != kind)
+                 if c in self.estimates or c in self.calibration]
+        if not known:
+            return AcceptanceEstimate.prior_for(self.k)
+        best = max((self.estimates.get(c) or AcceptanceEstimate.prior_for(self.k, self.calibration[c]) for c in known),
+                   key=lambda e: e.gains[-1])
+        return AcceptanceEstimate.prior_for(self.k, best.rates, lifted=True)
 
     def _expected_tokens(self, cls: str, shape: DraftShape | None) -> float:
         """From the class's rates rounded to 0.01 (memoised: rates move slowly, and the chain
@@ -586,7 +607,7 @@ class DraftPolicy:
         if est is None:  # read without adding the class: only observed steps create estimates
             est = self._priors.get(cls)
             if est is None:
-                est = self._priors[cls] = AcceptanceEstimate.prior_for(self.k, self.calibration.get(cls))
+                est = self._priors[cls] = self._prior(cls)
         return est.gains
 
     def _best_kind(self, cls: str) -> str:
@@ -789,6 +810,8 @@ class DraftPolicy:
             return
         if any(offered):
             self._taught += 1
+            if self._taught % REFIT_EVERY == 0:
+                self._priors.clear()  # an unobserved kind's prior follows the estimates it borrows from
         seen = set()
         for i, (p, a, n) in enumerate(zip(params, accepted, offered)):
             kind = kinds[i] if kinds else ""
