@@ -571,7 +571,8 @@ class Router:
         ref of the whole new state, or the front end's segment (None: a restarted replica copies
         a live one's weights). `everyone`: a replica that cannot stage fails the update (a
         broadcast needs all ranks). `segment`: kept for the next push once every replica that
-        staged from it has committed (each then dropped its mapping), else abandoned."""
+        staged from it has committed (each then done reading it: a replica's kept mapping is
+        read again only by the next push's stage), else abandoned."""
         committed = False
         try:
             check_swap_mode(mode)
