@@ -144,10 +144,14 @@ def step_cost(ctx) -> dict:
                    f"measured now) = {floor['floor_ms']:.3f} ms; the AR step ({floor['path']}, batch {floor['batch']}, "
                    f"context {floor['context']}) takes {floor['ar_step_ms']:.3f} ms = {floor['ar_over_floor']}x the floor"]
     if swap and floor:
-        swap["copy_floor_s"] = round(2 * swap["weight_mb"] / 1e3 / floor["copy_gb_s"], 4)  # read + write
+        copy_s = 2 * swap["weight_mb"] / 1e3 / floor["copy_gb_s"]  # a device copy of the same bytes: read + write
+        swap["copy_floor_s"] = round(copy_s, 6)
+        for w in ("device", "pinned host"):
+            if w in swap:
+                swap[w]["over_copy"] = round(swap[w]["seconds"] / copy_s, 2)
         md += ["", f"weight swap (`Engine.load_weights` of {swap['weight_mb']} MB, best of 3): " + "; ".join(
-            f"from {w} {swap[w]['gb_s']} GB/s ({swap[w]['seconds'] / swap['copy_floor_s']:.1f}x a device copy of "
-            f"the same bytes)" for w in ("device", "pinned host") if w in swap)]
+            f"from {w} {swap[w]['gb_s']} GB/s ({swap[w]['over_copy']}x a device copy of the same bytes)"
+            for w in ("device", "pinned host") if w in swap)]
     done = [r for r in rows if "AR ms" in r]
     summary = [f"{len(done)} cells, {len(rows) - len(done)} skipped"]
     for r in done:

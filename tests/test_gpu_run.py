@@ -87,7 +87,7 @@ def test_smoke_run_writes_every_part_and_every_check_passes(tmp_path):
     assert all(r[f"{n} ms"] > 0 for r in steps for n in result["parts"]["step_cost"]["shapes"])
     assert result["parts"]["step_cost"]["bandwidth_floor"]["ar_over_floor"] > 0
     swap = result["parts"]["step_cost"]["weight_swap"]
-    assert swap["device"]["gb_s"] > 0 and swap["device"]["equal"] and swap["copy_floor_s"] > 0
+    assert swap["device"]["gb_s"] > 0 and swap["device"]["equal"] and swap["device"]["over_copy"] > 0
     e2e = result["parts"]["end_to_end"]["rows"]
     assert [(r["model"], r["drafting"]) for r in e2e] == [("embedded", "auto"), ("embedded", "fixed"),
                                                           ("tiny", "auto"), ("tiny", "fixed")]
