@@ -10,7 +10,7 @@ import torch
 
 from rollout import Engine, SamplingParams
 from rollout.config import EngineConfig
-from rollout.engine.drafting import DraftPolicy, DraftShape, RowDraft
+from rollout.engine.drafting import PRIOR_ACCEPTANCE, DraftPolicy, DraftShape, RowDraft
 from rollout.engine.history import BYTES_PER_TOKEN, KEEP_VERSIONS, ROOT, HistoryStore
 from test_distribution import (  # noqa: F401 - the model_dir fixture
     ALPHA,
@@ -357,3 +357,17 @@ def test_a_history_kind_never_verified_is_priced_like_the_rows_best_known_point_
         policy.observe_step([params], DraftShape(8, (), lookup=True), [0], [7], 64, 1e-2, ["history/long"])
     assert policy.best_draft(params, [history, lookup]) is lookup
     assert policy.status()["acceptance"]["lossless@0+history/long"][0] < 0.2
+
+
+def test_an_unobserved_history_kind_never_borrows_a_prior_below_the_default():
+    """Borrowing the row class's best point-mass rates must only ever raise an unobserved kind's
+    prior: at T = 1 the embedded model's lookup seed is low (0.26-0.86), and a history kind that
+    took it was priced under the model's own drafts, never offered and never learned (the RL
+    run's history share fell from 19% to 0)."""
+    low = [0.255, 0.324, 0.5, 0.35, 0.857, 0.333, 0.5]
+    policy = DraftPolicy(8, tuple(range(1, 9)), "auto", {"lossless@1.1+lookup": low}, history=True)
+    rates = policy.estimate("lossless@1.1+history/aligned").rates
+    assert rates[0] == pytest.approx(PRIOR_ACCEPTANCE) and min(rates) >= PRIOR_ACCEPTANCE - 1e-9
+    assert rates[4] == pytest.approx(0.857)  # where the borrowed rate is higher, it is kept
+    fresh = DraftPolicy(8, tuple(range(1, 9)), "auto", {}, history=True)
+    assert policy._gains("lossless@1.1+history/aligned")[-1] >= fresh._gains("lossless@1.1+history/aligned")[-1]

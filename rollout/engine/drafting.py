@@ -431,11 +431,14 @@ class DraftPolicy:
 
     def _prior(self, cls: str) -> AcceptanceEstimate:
         """A class's estimate before it is observed: its seed (`tidar_config.json`), else for a
-        point-mass kind the rates of the row class's best point-mass kind that is seeded or
-        observed, else PRIOR_ACCEPTANCE. A row verifies the candidate its class expects most
-        of (`best_draft`): at the 0.5 prior, history drafts lost every such comparison with the
-        seeded lookup drafts (0.87-0.99) and were never verified, hence never learned, on
-        greedy re-rollouts whose history held every row's continuation."""
+        point-mass kind, position by position, the higher of PRIOR_ACCEPTANCE and the rate of
+        the row class's best point-mass kind that is seeded or observed. A row verifies the
+        candidate its class expects most of (`best_draft`): at the 0.5 prior, history drafts lost
+        every such comparison with the seeded lookup drafts (0.87-0.99) and were never verified,
+        hence never learned, on greedy re-rollouts whose history held every row's continuation.
+        Never below the 0.5 prior: borrowing the lookup seed of T = 1 (0.26-0.86) priced history
+        drafts under the model's, so they were never offered and the RL run lost them (history
+        19% of row-steps at acceptance 0.70 in its last 10 steps before, 0% after)."""
         seed = self.calibration.get(cls)
         base, _, kind = cls.partition("+")
         if seed is not None or not kind:
@@ -446,7 +449,7 @@ class DraftPolicy:
             return AcceptanceEstimate.prior_for(self.k)
         best = max((self.estimates.get(c) or AcceptanceEstimate.prior_for(self.k, self.calibration[c]) for c in known),
                    key=lambda e: e.gains[-1])
-        return AcceptanceEstimate.prior_for(self.k, best.rates, lifted=True)
+        return AcceptanceEstimate.prior_for(self.k, [max(r, PRIOR_ACCEPTANCE) for r in best.rates], lifted=True)
 
     def _expected_tokens(self, cls: str, shape: DraftShape | None) -> float:
         """From the class's rates rounded to 0.01 (memoised: rates move slowly, and the chain
