@@ -66,7 +66,7 @@ def swap_rates(engine, device: str, repeats: int) -> dict:
             for t in tensors.values():  # the next push differs from what is now served
                 t.neg_()
         state = engine.model.state_dict()
-        equal = all(torch.equal(state[n].cpu(), t.neg().cpu()) for n, t in tensors.items())
+        equal = all(torch.equal(state[n], t.to(state[n].device).neg()) for n, t in tensors.items())
         found[where] = dict(seconds=round(best, 4), gb_s=round(nbytes / best / 1e9, 2), equal=equal)
     del sources
     return dict(weight_mb=round(nbytes / 1e6, 1), **found)
