@@ -121,6 +121,30 @@ def test_max_tokens_is_exact_even_mid_block(engine):
         assert all(len(c.token_ids) == max_tokens and c.finish_reason == "length" for c in sum(outs, []))
 
 
+def test_a_one_token_request_prefills_without_a_mask_block(engine, monkeypatch):
+    """A request that stops at its first token (max_tokens 1: a probe, a prompt's log-probs)
+    forwards its prompt only, without the mask block that would draft a step it never takes,
+    and samples the same first token with the same log-prob as a longer request."""
+    widths = []
+    forward = engine.runner._forward_chunks
+
+    def spy(slots, tokens, starts, block, cache):
+        widths.append(max(map(len, tokens)) + block)
+        return forward(slots, tokens, starts, block, cache)
+
+    monkeypatch.setattr(engine.runner, "_forward_chunks", spy)
+    params = dict(seed=3, temperature=0.8, n=2)
+    one = engine.generate(PROMPTS, SamplingParams(max_tokens=1, **params))
+    longest = max(map(len, PROMPTS))
+    assert widths == [longest]
+    widths.clear()
+    more = engine.generate(PROMPTS, SamplingParams(max_tokens=3, **params))
+    assert widths[0] == longest + engine.tidar.block_size
+    for a, b in zip(sum(one, []), sum(more, [])):
+        assert a.token_ids == b.token_ids[:1]
+        assert abs(a.logprobs[0] - b.logprobs[0]) <= 1e-6
+
+
 @pytest.mark.parametrize("max_prefill_tokens", [1, 2, 5])
 def test_chunked_prefill_gives_the_same_samples(engine, max_prefill_tokens):
     """Prompts prefilled a few tokens per step (interleaved with other rows' decode steps)
