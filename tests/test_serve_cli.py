@@ -47,7 +47,7 @@ def test_serve_with_tls_answers_then_exits_cleanly_on_sigterm(tmp_path):
          "--host", "localhost", "--metrics-port", "0", "--auth-token-file", str(tmp_path / "token"),
          "--tls-cert", str(cert), "--tls-key", str(key), "--grace", "5", "--max-sequences-per-request", "3",
          "--weight-dtype-policy", "cast", "--calibration-seconds", "5",
-         "--calibration-cache", str(tmp_path / "step_costs.json")],
+         "--calibration-cache", str(tmp_path / "step_costs.json"), "--cpus-per-replica", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, RAY_DEDUP_LOGS="0"))
     try:
         creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
@@ -65,6 +65,8 @@ def test_serve_with_tls_answers_then_exits_cleanly_on_sigterm(tmp_path):
         resp = pb_grpc.RolloutServiceStub(channel).Generate(request([[2, 3]], max_tokens=6, seed=0),
                                                             timeout=CALL_TIMEOUT)
         assert len(resp.trajectories) == 1
+        status = pb_grpc.RolloutServiceStub(channel).GetStatus(pb.StatusRequest(), timeout=CALL_TIMEOUT)
+        assert status.replicas[0].threads == 2  # --cpus-per-replica: Ray's CPUs, so torch's threads
         costs = json.loads((tmp_path / "step_costs.json").read_text())  # the replica calibrated its step costs
         assert len(costs) == 1 and len(next(iter(costs.values()))) > 0
         with pytest.raises(grpc.RpcError) as refused:  # --max-sequences-per-request reaches the replicas' limits
@@ -106,3 +108,21 @@ def test_init_ray_starts_again_after_a_missed_start_window_and_gives_up_after_th
     with pytest.raises(Exception, match="timed out during startup"):
         serve.init_ray(attempts=2, namespace="x")
     assert [c[0] for c in calls] == ["init", "shutdown", "init", "shutdown"]
+
+
+def test_default_cpus_per_replica_shares_only_a_cpu_only_machine_that_serve_started(monkeypatch, tmp_path):
+    """`rollout serve` on its own CPU-only Ray instance shares the machine's CPUs among the
+    replicas; a cluster with GPUs, or one joined by --address, gives each replica one CPU."""
+    from rollout.service import serve
+    resources = {"CPU": 8.0}
+    monkeypatch.setattr(serve.ray, "cluster_resources", lambda: dict(resources))
+    assert serve.default_cpus_per_replica(1, own_cluster=True, gpus=None) == 8
+    assert serve.default_cpus_per_replica(3, own_cluster=True, gpus=None) == 2
+    assert serve.default_cpus_per_replica(16, own_cluster=True, gpus=None) == 1
+    assert serve.default_cpus_per_replica(2, own_cluster=False, gpus=None) == 1
+    assert serve.default_cpus_per_replica(2, own_cluster=True, gpus=1.0) == 1
+    resources["GPU"] = 2.0
+    assert serve.default_cpus_per_replica(2, own_cluster=True, gpus=None) == 1
+    assert serve.default_cpus_per_replica(2, own_cluster=True, gpus=0.0) == 4  # GPUs on the node, replicas on CPUs
+    with pytest.raises(ValueError, match="cpus_per_replica must be a whole number >= 1"):
+        serve.RolloutService(tmp_path, cpus_per_replica=0)

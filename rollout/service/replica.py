@@ -351,6 +351,7 @@ class GeneratorReplica:
                     **dataclasses.asdict(e.limits),
                     paused=until is not None and time.monotonic() < until, restarts=self.restarts,
                     metrics_address=self.metrics.address, device=self.device, host_id=host_id(), pid=os.getpid(),
+                    threads=torch.get_num_threads(),
                     block_size=e.tidar.block_size, levels=list(e.tidar.level_set))
 
     # ------------------------------------------------------------------ weights
@@ -667,9 +668,10 @@ def _actor_restarts() -> int:
             return 0
 
 
-def replica_actor_class(num_gpus: float, max_concurrency: int = 256):
+def replica_actor_class(num_gpus: float, num_cpus: int = 1, max_concurrency: int = 256):
     """GeneratorReplica as a Ray actor class: restarted by Ray when its process dies. Each
-    streaming request holds one of its `max_concurrency` threads while it waits for messages."""
+    streaming request holds one of its `max_concurrency` threads while it waits for messages.
+    `num_cpus` is also its torch threads (Ray sets OMP_NUM_THREADS to it)."""
     import ray
-    return ray.remote(num_gpus=num_gpus, num_cpus=1, max_restarts=-1, max_task_retries=0,
+    return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=-1, max_task_retries=0,
                       max_concurrency=max_concurrency)(GeneratorReplica)

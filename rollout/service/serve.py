@@ -58,6 +58,18 @@ def init_ray(attempts: int = RAY_START_ATTEMPTS, **kwargs) -> None:
             time.sleep(1.0)
 
 
+def default_cpus_per_replica(replicas: int, own_cluster: bool, gpus: float | None) -> int:
+    """On a CPU-only Ray instance this process started (`rollout serve` without --address: the
+    machine is the service's), each replica gets an equal share of its CPUs, so a replica's
+    forward and its weight copies use the machine (one CPU each, Ray's default, left a 2-core
+    machine's second core idle: a one-token step took 0.18 s on one thread, 0.10 on two).
+    Otherwise one: a GPU replica's host work is one thread, and a shared cluster's CPUs are
+    not ours to take."""
+    if not own_cluster or (gpus if gpus is not None else ray.cluster_resources().get("GPU", 0)) > 0:
+        return 1
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, replicas))
+
+
 class RolloutService:
     """Replicas + router + gRPC server, started and stopped as one unit (tests use it directly)."""
 
@@ -69,8 +81,11 @@ class RolloutService:
                  name: str = "rollout", dtype: str | None = None, engine_config: EngineConfig | None = None,
                  http_port: int | None = None, metrics_host: str | None = None,
                  require_auth_for_generate: bool = False, weight_dtype_policy: str = "strict",
-                 served_model_names: list[str] | None = None, trust_request_chat_template: bool = False):
+                 served_model_names: list[str] | None = None, trust_request_chat_template: bool = False,
+                 cpus_per_replica: int = 1):
         check_dtype_policy(weight_dtype_policy)
+        if not isinstance(cpus_per_replica, int) or cpus_per_replica < 1:
+            raise ValueError(f"cpus_per_replica must be a whole number >= 1, got {cpus_per_replica!r}")
         self.model_dir = str(Path(model_dir).resolve())
         _, hf_cfg, self.config = read_model_config(self.model_dir)
         self.tidar = load_tidar_config(Path(self.model_dir), hf_cfg, None, None)
@@ -78,6 +93,8 @@ class RolloutService:
         self.metrics_port, self.max_queue, self.request_timeout = metrics_port, max_queue, request_timeout
         self.ready_timeout, self.placement_strategy = ready_timeout, placement_strategy
         self.gpus_per_replica, self.replica_metrics_port = gpus_per_replica, replica_metrics_port
+        # Ray CPUs each replica holds; Ray sets a replica's OMP_NUM_THREADS, so torch's threads, to it.
+        self.cpus_per_replica = cpus_per_replica
         self.name = name  # prefix of the replica actor names (unique per Ray namespace)
         self.dtype = dtype  # replica weight dtype; None: bfloat16 on GPUs, float32 on CPUs
         self.engine_config = engine_config or EngineConfig()  # each replica's KV pool and scheduling
@@ -95,7 +112,7 @@ class RolloutService:
         gpus = self.gpus_per_replica
         if gpus is None:  # a cluster with GPUs gets one replica per GPU (placement waits for them)
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        bundle = {"CPU": 1.0, **({"GPU": gpus} if gpus else {})}
+        bundle = {"CPU": float(self.cpus_per_replica), **({"GPU": gpus} if gpus else {})}
         self.pg = placement_group([bundle] * self.num_replicas, strategy=self.placement_strategy)
         try:
             await asyncio.wait_for(self.pg.ready(), self.ready_timeout)
@@ -103,7 +120,7 @@ class RolloutService:
             raise TimeoutError(f"Ray could not place {self.num_replicas} replicas of {bundle} "
                                f"({self.placement_strategy}) within {self.ready_timeout:.0f} s") from None
         # Every streaming request holds an actor thread while it waits: room for what the router admits.
-        cls = replica_actor_class(gpus, max_concurrency=self.max_queue + 32)
+        cls = replica_actor_class(gpus, self.cpus_per_replica, max_concurrency=self.max_queue + 32)
         for i in range(self.num_replicas):
             name = f"{self.name}-replica-{i}"
             self.actors.append(cls.options(
@@ -289,6 +306,9 @@ def main_serve(argv: list[str]) -> int:
     p.add_argument("--weight-dtype-policy", default="strict", choices=list(DTYPE_POLICIES),
                    help="strict: pushed tensors must be in the served dtype or wider (float32 to a bfloat16 replica); "
                         "cast: any floating-point dtype is cast to the served one")
+    p.add_argument("--cpus-per-replica", type=int, default=None,
+                   help="Ray CPUs each replica holds, and its torch threads (default: 1 on a cluster with GPUs or one "
+                        "joined by --address; on this machine without GPUs, its CPUs shared among the replicas)")
     p.add_argument("--placement", default="SPREAD", choices=["SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK"],
                    help="placement-group strategy for the replicas")
     args = p.parse_args(argv)
@@ -304,6 +324,12 @@ def main_serve(argv: list[str]) -> int:
         # they got a sliver of the CPU (a push to them ran several times slower than in-process).
         os.environ.setdefault("RAY_worker_niceness", "0")
     init_ray(address=args.address, namespace="tidar-rollout")
+    cpus = args.cpus_per_replica
+    if cpus is None:
+        cpus = default_cpus_per_replica(args.replicas, own_cluster=args.address is None,
+                                        gpus=args.gpus_per_replica)
+    elif cpus < 1:
+        p.error(f"--cpus-per-replica must be >= 1, got {cpus}")
     service = RolloutService(args.model, args.replicas, args.port, args.host, token, tls, args.metrics_port,
                              args.max_queue, args.request_timeout, args.ready_timeout, args.placement,
                              gpus_per_replica=args.gpus_per_replica, replica_metrics_port=args.replica_metrics_port,
@@ -322,7 +348,9 @@ def main_serve(argv: list[str]) -> int:
                                  calibration_cache=args.calibration_cache or None), http_port=args.http_port,
                              metrics_host=args.metrics_host, require_auth_for_generate=args.require_auth_for_generate,
                              weight_dtype_policy=args.weight_dtype_policy, served_model_names=args.served_model_name,
-                             trust_request_chat_template=args.trust_request_chat_template)
+                             trust_request_chat_template=args.trust_request_chat_template,
+                             cpus_per_replica=cpus)
+    log.info("each replica holds %d CPU(s) (--cpus-per-replica)", cpus)
     try:
         asyncio.run(_serve_until_signal(service, args.grace))
     finally:

@@ -426,6 +426,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                                        running_sequences=r.get("running_sequences", 0),
                                        waiting_sequences=r.get("waiting_sequences", 0),
                                        catching_up=r.get("catching_up", False), host_id=r.get("host_id", ""),
+                                       threads=r.get("threads", 0),
                                        draft_sources=draft_source_messages(r.get("draft_sources", {})))
                       for r in replicas],
             queue_depth=self.router.waiting,
