@@ -375,18 +375,29 @@ def test_a_shared_segment_is_checked_whole_and_rewritten_in_place_for_the_next_p
         os.close(fd)
 
 
-def test_the_replica_keeps_its_mapping_for_the_next_push_from_the_same_file_only(replica):
+def _kept(replica) -> list:
+    """The replica's kept segment mappings, least recently staged from first."""
+    return list(replica._segment_map._files.values())
+
+
+def test_the_replica_keeps_its_mappings_for_the_next_pushes_from_the_same_files(replica):
     """The replica maps a segment once and stages the next push from the same file through the
     same mapping, still checking every byte (a NaN in the last tensor is refused, nothing
-    changes); a push from another file replaces the mapping, and one whose owner closed it is
-    dropped by the engine loop."""
-    from rollout.service.shared_weights import SharedSegment
+    changes); pushes from a second file (a trainer's segment and the gRPC front end's,
+    alternating) keep both mappings; a third file lets the least recently used one go, and the
+    engine loop unmaps it, as it drops those whose owner closed the file."""
+    from rollout.service.shared_weights import KEPT_FILES, SharedSegment
+    assert KEPT_FILES == 2
     first, second = perturbed(replica.engine, 6), perturbed(replica.engine, 7)
+
+    def push(seg, version):
+        replica.stage_shared(version, os.getpid(), seg.fd, seg.size, seg.entries, host_id())
+        assert replica.commit_weights(version) == version
+
     with SharedSegment(list(first.items())) as seg:
-        replica.stage_shared(1, os.getpid(), seg.fd, seg.size, seg.entries, host_id())
-        assert replica.commit_weights(1) == 1
-        kept = replica._segment_map._data
-        assert kept is not None and not replica._segment_map.drop_if_orphaned()  # the trainer still holds it
+        push(seg, 1)
+        [kept] = _kept(replica)
+        assert not replica._segment_map.drop_if_orphaned()  # the trainer still holds it
         last = list(second)[-1]
         second[last] = second[last].contiguous().clone()
         second[last].view(-1)[-1] = float("nan")
@@ -398,24 +409,38 @@ def test_the_replica_keeps_its_mapping_for_the_next_push_from_the_same_file_only
         assert all(torch.equal(served[k], v) for k, v in first.items())
         second[last].view(-1)[-1] = 0.25
         seg.write(list(second.items()))
-        replica.stage_shared(2, os.getpid(), seg.fd, seg.size, seg.entries, host_id())
-        kept = replica._segment_map._data
-        assert replica.commit_weights(2) == 2
+        push(seg, 2)
+        [kept] = _kept(replica)
         seg.write(list(first.items()))
-        replica.stage_shared(3, os.getpid(), seg.fd, seg.size, seg.entries, host_id())
-        assert replica._segment_map._data is kept  # the same mapping, no new one
-        assert replica.commit_weights(3) == 3
+        push(seg, 3)
+        assert _kept(replica) == [kept] and _kept(replica)[0] is kept  # the same mapping, no new one
         served = replica.engine.model.state_dict()
         assert all(torch.equal(served[k], v) for k, v in first.items())
         with SharedSegment(list(second.items())) as other:
-            replica.stage_shared(4, os.getpid(), other.fd, other.size, other.entries, host_id())
-            assert replica._segment_map._data is not kept and replica.commit_weights(4) == 4
-        # `other` closed: the engine loop lets the replica's mapping of it go (about once a second)
-        wait_until(lambda: not replica._segment_map.held, 30, "the orphaned mapping dropped")
+            push(other, 4)
+            assert len(_kept(replica)) == 2 and _kept(replica)[0] is kept  # both kept
+            other_kept = _kept(replica)[1]
+            push(seg, 5)  # alternating files: neither is mapped again
+            assert _kept(replica)[1] is kept and _kept(replica)[0] is other_kept
+            served = replica.engine.model.state_dict()
+            assert all(torch.equal(served[k], v) for k, v in first.items())
+            with SharedSegment(list(second.items())) as third:
+                push(third, 6)  # `other` was the least recently staged from: let go
+                assert _kept(replica)[0] is kept and len(_kept(replica)) == 2
+                del other_kept
+                assert _memfd_mappings() == 3 + 3  # each file's own mapping, the replica's of all three
+                assert replica._segment_map.drop_if_orphaned()  # the engine loop's look unmaps it
+                assert _memfd_mappings() == 3 + 2
+                push(seg, 7)
+                assert _kept(replica)[1] is kept
+        # `third` and `other` closed: the engine loop lets the replica's mapping of `third` go
+        wait_until(lambda: len(_kept(replica)) == 1, 30, "the orphaned mapping dropped")
         del kept
-        assert _memfd_mappings() == 1  # seg's own
+        assert _memfd_mappings() == 1 + 1  # seg's own and the replica's of it
+    wait_until(lambda: not replica._segment_map.held, 30, "the orphaned mapping dropped")
+    assert _memfd_mappings() == 0
     served = replica.engine.model.state_dict()
-    assert all(torch.equal(served[k], v) for k, v in second.items())
+    assert all(torch.equal(served[k], v) for k, v in first.items())
 
 
 def test_a_dropped_segment_closes_its_file_and_mapping():

@@ -51,6 +51,7 @@ ALIGN = 64
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL  # the size is fixed; see the docstring
 POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page in one call, not one fault per page
 FUSE_BYTES = 1 << 20  # a chunk copied (or read) and hashed while it is in the L2 cache
+KEPT_FILES = 2  # segment files a replica keeps mapped (KeptMapping): a trainer's and the gRPC front end's
 
 
 class SharedSegmentError(RuntimeError):
@@ -264,19 +265,23 @@ def _map(f: int, size: int) -> np.ndarray:
 
 
 class KeptMapping:
-    """A replica's read-only mapping of the last segment it staged from, kept for the next push
-    from the same file: mapping 1 GB (its page tables populated) and unmapping it took 0.04 and
-    0.05-0.09 s here, a quarter of a same-host push. The same file is the same (device, inode)
-    behind /proc/<pid>/fd/<fd>: while mapped here it cannot be freed, so its inode cannot name
-    another file. Between pushes the owner rewrites the file (the ownership rule); nothing here
-    reads it then, only the next push's stage does. `drop_if_orphaned` (the engine loop, about
-    once a second) lets it go once its owner has closed it or died, so a segment outlives a
-    crashed trainer by that second at most; a discarded push drops it at once."""
+    """A replica's read-only mappings of the segments it staged from, kept for the next push from
+    the same file: mapping 1 GB (its page tables populated) and unmapping it took 0.04 and
+    0.05-0.09 s here, a quarter of a same-host push. Up to `KEPT_FILES` files are kept (the
+    trainer's segment and the gRPC front end's, when a trainer uses both), the least recently
+    staged from let go first; a mapping let go is unmapped by the engine loop's next look, not on
+    a push's path. The same file is the same (device, inode) behind /proc/<pid>/fd/<fd>: while
+    mapped here it cannot be freed, so its inode cannot name another file. Between pushes the
+    owner rewrites the file (the ownership rule); nothing here reads it then, only the next
+    push's stage does. `drop_if_orphaned` (the engine loop, about once a second) lets a file go
+    once its owner has closed it or died, so a segment outlives a crashed trainer by that second
+    at most; a refused or discarded push drops them all at once."""
 
     def __init__(self):
         self._lock = threading.Lock()  # stages run on actor threads, the orphan check on the loop
-        self._file: tuple[int, int, int, int] | None = None  # (pid, fd, st_dev, st_ino)
-        self._data: np.ndarray | None = None
+        # (pid, fd, st_dev, st_ino) -> mapping, least recently staged from first
+        self._files: dict[tuple[int, int, int, int], np.ndarray] = {}
+        self._retired: list[np.ndarray] = []  # let go, unmapped by the next drop_if_orphaned
 
     def map(self, pid: int, fd: int, size: int, trainer_host: str) -> np.ndarray:
         """`size` bytes of the segment at /proc/<pid>/fd/<fd>, checked as `map_segment` does."""
@@ -285,44 +290,54 @@ class KeptMapping:
             try:
                 st = os.fstat(f)
                 key = (pid, fd, st.st_dev, st.st_ino)
-                if self._file == key and self._data.size >= size:
-                    return self._data[:size]
-                self._file = self._data = None
-                data = _map(f, size)
+                data = self._files.pop(key, None)
+                if data is not None and data.size < size:
+                    self._retired.append(data)
+                    data = None
+                if data is None:
+                    data = _map(f, size)
             finally:
                 os.close(f)
-            self._file, self._data = key, data
-            return data
+            self._files[key] = data  # the most recently staged from, last
+            while len(self._files) > KEPT_FILES:
+                self._retired.append(self._files.pop(next(iter(self._files))))
+            return data[:size]
 
     @property
     def held(self) -> bool:
-        return self._file is not None
+        return bool(self._files)
 
     def drop(self) -> None:
-        """Lets the mapping go (it ends once no staged view uses it)."""
+        """Lets every mapping go (each ends once no staged view uses it)."""
         with self._lock:
-            self._file = self._data = None
+            self._files.clear()
+            self._retired.clear()
 
     def drop_if_orphaned(self) -> bool:
-        """Drops the mapping when its owner no longer holds the file at that descriptor (closed,
-        abandoned after a failed push, or the process gone). True when it did. Never waits: a
-        stage mapping a segment right now holds the lock (the engine loop looks again later)."""
+        """Drops the mappings whose owner no longer holds the file at that descriptor (closed,
+        abandoned after a failed push, or the process gone), and those let go. True when it
+        dropped any. Never waits: a stage mapping a segment right now holds the lock (the engine
+        loop looks again later)."""
         if not self._lock.acquire(blocking=False):
             return False
         try:
-            if self._file is None:
-                return False
-            pid, fd, dev, ino = self._file
-            try:
-                st = os.stat(f"/proc/{pid}/fd/{fd}")
-                if (st.st_dev, st.st_ino) == (dev, ino):
-                    return False
-            except OSError:
-                pass
-            self._file = self._data = None
-            return True
+            gone = [key for key in self._files if not _still_open(key)]
+            for key in gone:
+                del self._files[key]
+            dropped = bool(gone or self._retired)
+            self._retired.clear()
+            return dropped
         finally:
             self._lock.release()
+
+
+def _still_open(key: tuple[int, int, int, int]) -> bool:
+    pid, fd, dev, ino = key
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
 
 
 def segment_tensors(data: np.ndarray, entries: list[SharedEntry]) -> dict[str, torch.Tensor]:
