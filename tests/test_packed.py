@@ -3,6 +3,8 @@ HF-named parameters being views of the packed tensors. The packed path must give
 path's numbers, see every write to the parameters (weight loads, optimizer steps) and fall back
 to the plain path, never to stale weights, once a parameter is moved or replaced."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -219,6 +221,27 @@ def test_the_engine_stores_weights_input_major_on_the_cpu_with_the_default_layou
     pointers = [w.data_ptr() for w in unpacked_weights()]
     model.pack_projections()  # repacking keeps the layout and copies nothing it need not
     assert not model.input_major and [w.data_ptr() for w in unpacked_weights()] == pointers
+
+
+def test_a_dense_bfloat16_engine_on_the_cpu_keeps_the_default_layout_and_moe_keeps_input_major(tmp_path):
+    """oneDNN reads bfloat16 weights faster in nn.Linear's layout, so a dense bfloat16 engine on
+    the CPU keeps it (and gives the float32-layout engine's greedy tokens); float32 engines and
+    MoE families (the native expert kernel walks input-major experts) are laid out input-major."""
+    from rollout.config import ModelConfig
+    from rollout.engine.engine import cpu_input_major
+    from rollout.model.layers import is_input_major
+
+    path = make_tiny_model(tmp_path / "dense", "qwen2", vocab_size=64, hidden_size=64, num_heads=4, num_kv_heads=2)
+    bf16 = Engine.from_pretrained(path, dtype=torch.bfloat16, config=EngineConfig(drafting="fixed"))
+    assert not bf16.model.input_major
+    assert all(w.is_contiguous() and not is_input_major(w) for w in _linear_weights(bf16.model))
+    assert Engine.from_pretrained(path, config=EngineConfig(drafting="fixed")).model.input_major
+    dense = ModelConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
+    moe = ModelConfig.from_hf_dict(dict(json.loads((path / "config.json").read_text()), model_type="qwen3_moe",
+                                        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32))
+    assert [cpu_input_major(dense, "cpu", d) for d in (torch.float32, torch.bfloat16, torch.float16)] == [
+        True, False, False]
+    assert cpu_input_major(moe, "cpu", torch.bfloat16) and not cpu_input_major(dense, "meta", torch.float32)
 
 
 def test_a_weight_push_lands_in_input_major_weights_in_place(tmp_path):

@@ -51,6 +51,18 @@ class LoadError(RuntimeError):
     """The request is valid but the replica cannot queue it now (resource exhausted)."""
 
 
+def cpu_input_major(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether the engine stores its weights input-major (`rollout.model.layers`): on the CPU in
+    float32, where MKL multiplies a decode step's rows by them 1.1-1.6x faster; and for the MoE
+    families, whose native expert kernel walks input-major experts. Not for dense models in
+    bfloat16 / float16 on the CPU: oneDNN reads the default [out, in] layout faster (the 0.5B
+    shape in bfloat16: one-token requests 0.78-0.83x the time, AR decode at batch 1 0.78x, at
+    batch 8 0.88x; benchmarks/RESULTS.md, issue 27's seventh pass), and a GPU's GEMMs take either."""
+    if torch.device(device).type != "cpu":
+        return False
+    return dtype == torch.float32 or cfg.family != "dense"
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """What one request may ask of this engine (derived from its pool)."""
@@ -113,12 +125,12 @@ class Engine:
                         block_size: int | None = None, levels: tuple[int, ...] | None = None,
                         config: EngineConfig | None = None) -> Engine:
         """Loads an HF directory (config.json, *.safetensors, TiDAR settings beside them). dtype
-        None: the dtype config.json declares (weights and KV cache alike; float32 if none). On the
-        CPU the weights are stored input-major (`rollout.model.layers`): MKL reads them faster."""
+        None: the dtype config.json declares (weights and KV cache alike; float32 if none). Weight
+        layout: `cpu_input_major`."""
         model_dir, hf_cfg, cfg = read_model_config(path)
         dtype = dtype or declared_dtype(hf_cfg)
         tidar = load_tidar_config(model_dir, hf_cfg, mask_token_id, block_size, levels)
-        model = load_decoder(model_dir, cfg, device, dtype, input_major=torch.device(device).type == "cpu")
+        model = load_decoder(model_dir, cfg, device, dtype, input_major=cpu_input_major(cfg, device, dtype))
         return cls(model, tidar, device, dtype, config)
 
     def _slots_from_memory(self, slot_len: int) -> int:

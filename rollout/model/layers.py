@@ -14,7 +14,8 @@ Design decisions (shared by every family, see `decoder.py` for the skeleton):
   and only while every parameter still lies where it was packed (`Packed.current`): a `.to()`,
   an FSDP wrap or a reassigned parameter silently falls back to the plain path, never to stale
   weights.
-- Input-major weights (`lay_out(..., input_major=True)`, asked for by the engine on the CPU):
+- Input-major weights (`lay_out(..., input_major=True)`, asked for by the engine on the CPU in
+  float32 and for MoE families, `engine.cpu_input_major`):
   every linear weight, the tied embedding included, keeps its [out, in] shape and HF name but
   is stored as its transpose, an [in, out] contiguous tensor (strides (1, out)). MKL runs a
   decode forward's matmuls over 1-16 rows 1.1-1.6x faster with weights stored so than with
