@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import grpc
 import pytest
@@ -126,3 +127,36 @@ def test_default_cpus_per_replica_shares_only_a_cpu_only_machine_that_serve_star
     assert serve.default_cpus_per_replica(2, own_cluster=True, gpus=0.0) == 4  # GPUs on the node, replicas on CPUs
     with pytest.raises(ValueError, match="cpus_per_replica must be a whole number >= 1"):
         serve.RolloutService(tmp_path, cpus_per_replica=0)
+
+
+def test_a_replica_in_its_own_process_runs_torch_threads_only_on_its_engine_loop(tmp_path):
+    """A replica that is its process's work (a Ray actor: OMP_NUM_THREADS = its CPUs) builds and
+    serves its engine on the loop thread with that many torch threads; every other thread runs
+    torch on one, so no second OpenMP team makes libgomp put the loop's workers to sleep."""
+    model_dir = make_tiny_model(tmp_path / "m", "qwen2", vocab_size=16, block_size=4)
+    script = f"""
+import threading, torch
+from rollout.service.replica import GeneratorReplica
+from rollout.config import EngineConfig
+r = GeneratorReplica({str(model_dir)!r}, "r0", metrics_port=None, own_process=True,
+                     engine_config=EngineConfig(drafting="fixed"))
+here = torch.get_num_threads()
+other = []
+t = threading.Thread(target=lambda: other.append(torch.get_num_threads())); t.start(); t.join()
+loop = r._call(torch.get_num_threads, "threads")
+print(here, other[0], loop, r.status()["threads"], r._loop.name)
+r.close()
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["1", "1", "2", "2", "engine-loop-r0"]
+
+
+def test_a_replica_whose_model_cannot_load_raises_and_leaves_no_thread(tmp_path):
+    from rollout.service.replica import GeneratorReplica
+    before = set(threading.enumerate())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        GeneratorReplica(str(tmp_path / "missing"), "gone", metrics_port=0)
+    left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert not left, left

@@ -127,7 +127,7 @@ class RolloutService:
                 name=name, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)
             ).remote(self.model_dir, name, dtype=self.dtype, metrics_port=self.replica_metrics_port,
                      engine_config=self.engine_config, metrics_host=self.metrics_host,
-                     weight_dtype_policy=self.weight_dtype_policy))
+                     weight_dtype_policy=self.weight_dtype_policy, own_process=True))
             self.router.add_replica(self.actors[-1], name)
 
     async def start(self) -> int:
