@@ -160,3 +160,27 @@ def test_a_replica_whose_model_cannot_load_raises_and_leaves_no_thread(tmp_path)
         GeneratorReplica(str(tmp_path / "missing"), "gone", metrics_port=0)
     left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
     assert not left, left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_the_front_end_reuses_freed_blocks_instead_of_mapping_fresh_pages(tmp_path):
+    """`keep_freed_memory` (the serve process's malloc settings): a 48 MiB block freed and taken
+    again (a received message, written as it is copied in) comes back from the heap, its pages
+    already there; glibc's default maps every block over 32 MiB afresh, and writing it faults
+    each page in again."""
+    script = """
+import resource, sys
+from rollout.service.serve import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+src = memoryview(bytearray(48 << 20))
+bytes(src)  # a received message: allocated, then written
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    bytes(src)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
+                                       timeout=120, check=True).stdout.split()[-1]) for mode in ("keep", "default")}
+    pages = 48 << 20 >> 12
+    assert faults["default"] > 10 * pages and faults["keep"] < pages, faults
