@@ -217,10 +217,10 @@ class ModelRunner:
         rows when `draft`, the drafts of its first step from a mask block; without them the
         first decode step has nothing to verify). Returns the first tokens."""
         K = self.tidar.block_size
-        # A group whose rows stop at their first token (max_tokens 1: a probe, a prompt's
-        # log-probs) would draft for nothing: a completing chunk of such groups only takes no mask block.
-        block = K if draft and K > 1 and any(c.last and c.group.sequences[0].drafts and c.group.sequences[0].params.max_tokens > 1
-                                             for c in chunks) else 0
+        # Rows that stop at their first token (max_tokens 1: a probe, a prompt's log-probs) would
+        # draft for nothing: completing chunks of only such groups take no mask block.
+        drafting = [c.group.sequences[0] for c in chunks if c.last and c.group.sequences[0].drafts]
+        block = K if draft and K > 1 and any(s.params.max_tokens > 1 for s in drafting) else 0
         hidden = self._forward_chunks([c.group.sequences[0].slot for c in chunks],
                                       [c.group.prompt[c.start:c.start + c.length] for c in chunks],
                                       [c.start for c in chunks], block, self.cache)

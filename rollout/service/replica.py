@@ -125,9 +125,10 @@ class GeneratorReplica:
         # times steps on the threads that will run them.
         built: Future = Future()
         self._started = threading.Event()  # set once __init__ is done: the loop then serves
-        self._loop = threading.Thread(target=self._run_loop, name=f"engine-loop-{name}", daemon=True,
-                                      args=(lambda: Engine.from_pretrained(model_dir, device=self.device, dtype=torch_dtype,
-                                                                           config=engine_config), built))
+        build = lambda: Engine.from_pretrained(model_dir, device=self.device, dtype=torch_dtype,  # noqa: E731
+                                               config=engine_config)
+        self._loop = threading.Thread(target=self._run_loop, args=(build, built), name=f"engine-loop-{name}",
+                                      daemon=True)
         self._loop.start()
         try:
             self.engine: Engine = built.result()  # a load error is raised here, the thread having ended

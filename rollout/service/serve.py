@@ -329,10 +329,12 @@ def main_serve(argv: list[str]) -> int:
     p.add_argument("--placement", default="SPREAD", choices=["SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK"],
                    help="placement-group strategy for the replicas")
     args = p.parse_args(argv)
-    if not os.environ.get("ROLLOUT_NO_MALLOPT"):
-        keep_freed_memory()
     if (args.tls_cert is None) != (args.tls_key is None):
         p.error("--tls-cert and --tls-key go together")
+    if args.cpus_per_replica is not None and args.cpus_per_replica < 1:
+        p.error(f"--cpus-per-replica must be >= 1, got {args.cpus_per_replica}")
+    if not os.environ.get("ROLLOUT_NO_MALLOPT"):
+        keep_freed_memory()
     token = args.auth_token_file.read_text().strip() if args.auth_token_file else None
     if token is None:
         log.warning("no --auth-token-file: weight updates and pause / resume will refuse every call")
@@ -347,8 +349,6 @@ def main_serve(argv: list[str]) -> int:
     if cpus is None:
         cpus = default_cpus_per_replica(args.replicas, own_cluster=args.address is None,
                                         gpus=args.gpus_per_replica)
-    elif cpus < 1:
-        p.error(f"--cpus-per-replica must be >= 1, got {cpus}")
     service = RolloutService(args.model, args.replicas, args.port, args.host, token, tls, args.metrics_port,
                              args.max_queue, args.request_timeout, args.ready_timeout, args.placement,
                              gpus_per_replica=args.gpus_per_replica, replica_metrics_port=args.replica_metrics_port,
