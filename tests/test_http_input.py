@@ -296,3 +296,12 @@ def test_reading_a_weight_bucket_does_not_hold_up_health(runner, monkeypatch):
         worker.join(CALL_TIMEOUT)
         post(runner, f"/v1/weights/{update}/abort", {}, headers=AUTH)
     assert result["resp"].status_code == 400 and "held bucket refused" in result["resp"].text
+
+
+def test_check_seconds_names_the_field_of_a_non_finite_json_number():
+    """A non-finite JSON number reaching the timeout check is refused naming the field (it
+    raised NameError, a 500, where a route passed it on unchecked)."""
+    from rollout.service import http_protocol
+    with pytest.raises(ValueError, match="timeout_seconds must be a finite number of seconds > 0, got NaN"):
+        http_protocol.check_seconds(http_protocol._NotANumber("NaN"), "timeout_seconds")
+    assert http_protocol.check_seconds("2.5", "timeout_seconds") == 2.5

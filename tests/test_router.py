@@ -352,3 +352,25 @@ def test_a_home_replica_dying_mid_request_re_dispatches_its_samples_elsewhere():
     got, home, other = asyncio.run(run())
     assert sorted((r["prompt_index"], r["sample_index"]) for r in got) == [(i, j) for i in range(3) for j in range(2)]
     assert len(home.actor.calls) == 1 and other.actor.calls and home.failures == 1
+
+
+def test_a_stopped_front_end_closes_its_shared_segments():
+    """The gRPC front end's kept segment (and the one a catch-up would read) are closed at
+    shutdown: the memory goes then, not whenever the garbage collector reaches the stopped
+    server's objects (a cycle through the servicer and the gRPC server kept one alive)."""
+    from rollout.service.shared_weights import ReceiveSegment
+
+    def mapped() -> int:
+        with open("/proc/self/maps") as f:
+            return sum("memfd:rollout-weights" in line for line in f)
+
+    before = mapped()
+    router = Router(FrontendMetrics(None))
+    kept, served = ReceiveSegment({"w": (64, 64)}, 2), ReceiveSegment({"w": (64, 64)}, 2)
+    router.keep_segment(kept)
+    router.weights_ref = served
+    assert mapped() == before + 2
+    router.close_segments()
+    assert kept.fd == served.fd == -1 and router.weights_ref is None
+    assert mapped() == before
+    assert asyncio.run(router.claim_segment(time.monotonic() + 1)) is None

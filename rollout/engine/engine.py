@@ -153,7 +153,7 @@ class Engine:
 
     # ---------------------------------------------------------------- step costs
     def cost_key(self) -> str:
-        """What step costs depend on: device, threads, torch, dtype, model family and shape (with
+        """What step costs depend on: device, threads, torch, dtype, weight layout, model family and shape (with
         MoE: experts, top-k, expert size), block length, attention path (the key of the
         calibration cache)."""
         if self.device.type == "cpu":
@@ -164,7 +164,8 @@ class Engine:
         # MoE: a step's cost depends on how many experts its tokens touch (experts, top-k, their size).
         moe = (f",moe_layers={len(c.moe_layers)},experts={c.num_experts}/top{c.num_experts_per_tok},"
                f"expert_intermediate={c.moe_intermediate_size}" if c.moe_layers else "")
-        return (f"{device}|torch={torch.__version__}|{self.dtype}|{c.family}|layers={c.num_layers},"
+        layout = "input-major" if getattr(self.model, "input_major", False) else "default"
+        return (f"{device}|torch={torch.__version__}|{self.dtype}|{layout}|{c.family}|layers={c.num_layers},"
                 f"hidden={c.hidden_size},intermediate={c.intermediate_size},heads={c.num_heads}/{c.num_kv_heads},"
                 f"vocab={c.vocab_size}{moe}|"
                 f"block={self.tidar.block_size}|{self.engine_config.attention}|compile={self.engine_config.compile}"

@@ -219,8 +219,8 @@ class ModelRunner:
         K = self.tidar.block_size
         # Rows that stop at their first token (max_tokens 1: a probe, a prompt's log-probs) would
         # draft for nothing: completing chunks of only such groups take no mask block.
-        drafting = [c.group.sequences[0] for c in chunks if c.last and c.group.sequences[0].drafts]
-        block = K if draft and K > 1 and any(s.params.max_tokens > 1 for s in drafting) else 0
+        completing = [c.group.sequences[0] for c in chunks if c.last and c.group.sequences[0].drafts]
+        block = K if draft and K > 1 and any(s.params.max_tokens > 1 for s in completing) else 0
         hidden = self._forward_chunks([c.group.sequences[0].slot for c in chunks],
                                       [c.group.prompt[c.start:c.start + c.length] for c in chunks],
                                       [c.start for c in chunks], block, self.cache)

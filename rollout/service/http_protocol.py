@@ -171,7 +171,7 @@ def check_text(value, where: str) -> None:
 def check_seconds(value, field: str) -> float:
     """A timeout a caller gave: a finite number > 0 (leave the field out for the default)."""
     if isinstance(value, _NotANumber):
-        raise ValueError(f"{where or 'body'} must be a finite number, got {value.text}")
+        raise ValueError(f"{field} must be a finite number of seconds > 0, got {value.text}")
     if isinstance(value, str):
         try:
             value = float(value)  # query parameters arrive as text

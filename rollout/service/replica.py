@@ -87,11 +87,11 @@ class GeneratorReplica:
     def __init__(self, model_dir: str, name: str, device: str | None = None, dtype: str | None = None,
                  metrics_port: int | None = None, lock_timeout: float = 600.0,
                  engine_config: EngineConfig | None = None, metrics_host: str = "0.0.0.0",
-                 weight_dtype_policy: str = "strict", own_process: bool = False):
+                 weight_dtype_policy: str = "strict", own_process: bool = False, threads: int | None = None):
         """`own_process`: the replica is its process's whole work (a Ray actor): only the engine
-        loop runs torch ops on several threads (see `_run_loop`)."""
-        # Ray sets OMP_NUM_THREADS to the replica's CPUs; the engine loop runs torch on that many.
-        self.threads, self._own_process = torch.get_num_threads(), own_process
+        loop runs torch ops on several threads, `threads` of them (its Ray CPUs; None: torch's
+        current count; see `_run_loop`)."""
+        self.threads, self._own_process = threads or torch.get_num_threads(), own_process
         if own_process:
             torch.set_num_threads(1)  # this thread (Ray's) never forms an OpenMP team
         on_gpu = torch.cuda.is_available()  # true on ROCm builds too (HIP devices)
@@ -137,6 +137,8 @@ class GeneratorReplica:
             self._publish_status()
         except BaseException:
             self._closing = True  # a loop that built its engine ends without serving
+            self._started.set()
+            self._loop.join(self.lock_timeout)
             self.metrics.close()
             raise
         finally:
@@ -167,10 +169,10 @@ class GeneratorReplica:
         team of Ray's main thread (the model load) beside this one, a one-token step of the 0.5B
         model on 2 CPUs took 0.094 s against 0.084 here (every parallel op waking its workers
         from sleep)."""
-        if self._own_process:
-            torch.get_num_threads()  # this thread's OpenMP settings taken from the default (one) now,
-            torch.set_num_threads(self.threads)  # then its own; __init__ puts the default back to one
         try:
+            if self._own_process:
+                torch.get_num_threads()  # this thread's OpenMP settings taken from the default (one) now,
+                torch.set_num_threads(self.threads)  # then its own; __init__ puts the default back to one
             engine = build()
         except BaseException as e:  # noqa: BLE001 - raised by __init__
             built.set_exception(e)

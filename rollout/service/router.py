@@ -509,6 +509,16 @@ class Router:
             self._segment.close()
         self._segment = segment
 
+    def close_segments(self) -> None:
+        """At shutdown, once no replica runs: the front end's segments are closed, so their memory
+        goes now, not whenever the garbage collector reaches the stopped server's objects."""
+        for segment in (self._segment, self.weights_ref):
+            if isinstance(segment, ReceiveSegment):
+                segment.close()
+        self._segment = None
+        if isinstance(self.weights_ref, ReceiveSegment):
+            self.weights_ref = None
+
     def _abandon_segment(self, segment: ReceiveSegment) -> None:
         """A replica may still read `segment` (a push or catch-up that failed): never written
         again. Closing the front end's descriptor frees it once the replicas drop their mappings."""

@@ -59,20 +59,25 @@ def init_ray(attempts: int = RAY_START_ATTEMPTS, **kwargs) -> None:
             time.sleep(1.0)
 
 
-def keep_freed_memory() -> bool:
-    """glibc malloc in the front end's process: blocks up to 64 MiB come from the heap, and up to
-    1 GiB freed at its top stays mapped (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD). A gRPC
-    weight push receives 1 GB as 2 MiB messages; with glibc's adaptive defaults each was at
-    times a fresh mmap (and the 512 page faults of zeroing it), so the same push took this
-    process 0.63-1.4 s of CPU. False where the C library is not glibc (nothing changes)."""
+MALLOC_OPTIONS = {  # glibc mallopt: option number, value
+    "M_MMAP_THRESHOLD": (-3, 32 << 20),  # glibc <= 2.34 refuses more than HEAP_MAX_SIZE / 2 (32 MiB)
+    "M_TRIM_THRESHOLD": (-1, 1 << 30),
+    "M_TOP_PAD": (-2, 32 << 20),
+}
+
+
+def keep_freed_memory() -> list[str]:
+    """glibc malloc in the front end's process: blocks up to 32 MiB come from the heap, and up to
+    1 GiB freed at its top stays mapped (MALLOC_OPTIONS). A gRPC weight push receives 1 GB as 2
+    MiB messages; with glibc's adaptive defaults each was at times a fresh mmap (and the 512
+    page faults of writing it), so the same push took this process 0.63-1.4 s of CPU. Returns
+    the options the C library refused, each option being set on its own (all of them where the C
+    library is not glibc: nothing changes)."""
     try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    return all(mallopt(option, value) == 1 for option, value in (
-        (M_MMAP_THRESHOLD, 64 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)))
+        return list(MALLOC_OPTIONS)
+    return [name for name, (option, value) in MALLOC_OPTIONS.items() if mallopt(option, value) != 1]
 
 
 def default_cpus_per_replica(replicas: int, own_cluster: bool, gpus: float | None) -> int:
@@ -144,7 +149,8 @@ class RolloutService:
                 name=name, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)
             ).remote(self.model_dir, name, dtype=self.dtype, metrics_port=self.replica_metrics_port,
                      engine_config=self.engine_config, metrics_host=self.metrics_host,
-                     weight_dtype_policy=self.weight_dtype_policy, own_process=True))
+                     weight_dtype_policy=self.weight_dtype_policy, own_process=True,
+                     threads=self.cpus_per_replica))
             self.router.add_replica(self.actors[-1], name)
 
     async def start(self) -> int:
@@ -193,6 +199,7 @@ class RolloutService:
             remove_placement_group(self.pg)
         self.actors, self.pg = [], None
         if self.router is not None:
+            self.router.close_segments()
             self.router.metrics.close()
 
 
@@ -333,8 +340,8 @@ def main_serve(argv: list[str]) -> int:
         p.error("--tls-cert and --tls-key go together")
     if args.cpus_per_replica is not None and args.cpus_per_replica < 1:
         p.error(f"--cpus-per-replica must be >= 1, got {args.cpus_per_replica}")
-    if not os.environ.get("ROLLOUT_NO_MALLOPT"):
-        keep_freed_memory()
+    if not os.environ.get("ROLLOUT_NO_MALLOPT") and (refused := keep_freed_memory()):
+        log.warning("malloc refused %s: gRPC weight pushes may fault in fresh pages", ", ".join(refused))
     token = args.auth_token_file.read_text().strip() if args.auth_token_file else None
     if token is None:
         log.warning("no --auth-token-file: weight updates and pause / resume will refuse every call")
