@@ -344,6 +344,26 @@ def test_strict_dtype_policy_takes_the_served_dtype_or_wider(tiny_dir, pushed, s
         assert all(t.dtype == served for t in staged.tensors.values())
 
 
+def test_owned_wider_tensors_are_cast_by_the_commits_copy_into_default_layout_weights(tiny_dir):
+    """Tensors nothing else can change (a segment's views) are staged as they are into a CPU
+    engine whose weights keep nn.Linear's layout (dense bfloat16), and the commit's copy rounds
+    them: no model-sized cast before it. Into input-major weights (float32 CPU engines) they
+    are cast while staging, so that the commit's copy is the native transpose."""
+    from rollout.service.weights import stage_weights
+    for served, pushed in ((torch.bfloat16, torch.float32), (torch.float32, torch.float64)):
+        engine = Engine.from_pretrained(tiny_dir, dtype=served, config=EngineConfig(drafting="fixed"))
+        assert engine.model.input_major == (served == torch.float32)
+        tensors = {k: v.to(pushed) for k, v in perturbed(engine, 5).items()}
+        staged = stage_weights(engine.model, 1, tensors, "cpu", owned=True)
+        params = engine.model.state_dict()
+        as_pushed = {k: staged.tensors[k] is t for k, t in tensors.items() if k in staged.tensors}
+        assert as_pushed == {k: params[k].is_contiguous() for k in as_pushed}
+        assert all(as_pushed.values()) == (served == torch.bfloat16) and any(as_pushed.values())
+        engine.load_weights(staged.tensors, 1)
+        served_now = engine.model.state_dict()
+        assert all(torch.equal(served_now[k], t.to(served)) for k, t in tensors.items() if k in staged.tensors)
+
+
 def test_replica_applies_its_dtype_policy_and_reset_casts_the_base(make_replica, tmp_path):
     strict = make_replica("strict")
     half = {k: v.half() for k, v in perturbed(strict.engine, 4).items()}
