@@ -113,7 +113,7 @@ class GeneratorReplica:
         # The broadcast's kept staging buffer; a receive into it and a swap copying from it never overlap.
         self._kept_receive: torch.Tensor | None = None
         self._receiving = threading.Lock()
-        self._segment_map = KeptMapping()  # the last same-host segment staged from, for the next push from it
+        self._segment_map = KeptMapping()  # the last segments staged from, for the next pushes from them
         self._orphan_check_at = 0.0  # time.monotonic() of the loop's last look at its owner
         self.restarts = _actor_restarts()
         port = metrics_port if metrics_port is not None else int(os.environ.get("ROLLOUT_REPLICA_METRICS_PORT", "0"))
@@ -713,7 +713,7 @@ def _actor_restarts() -> int:
 def replica_actor_class(num_gpus: float, num_cpus: int = 1, max_concurrency: int = 256):
     """GeneratorReplica as a Ray actor class: restarted by Ray when its process dies. Each
     streaming request holds one of its `max_concurrency` threads while it waits for messages.
-    `num_cpus` is also its torch threads (Ray sets OMP_NUM_THREADS to it)."""
+    `num_cpus`: the Ray CPUs it holds (RolloutService also passes them as its `threads`)."""
     import ray
     return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=-1, max_task_retries=0,
                       max_concurrency=max_concurrency)(GeneratorReplica)

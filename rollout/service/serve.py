@@ -115,7 +115,7 @@ class RolloutService:
         self.metrics_port, self.max_queue, self.request_timeout = metrics_port, max_queue, request_timeout
         self.ready_timeout, self.placement_strategy = ready_timeout, placement_strategy
         self.gpus_per_replica, self.replica_metrics_port = gpus_per_replica, replica_metrics_port
-        # Ray CPUs each replica holds; Ray sets a replica's OMP_NUM_THREADS, so torch's threads, to it.
+        # Ray CPUs each replica holds, and its engine loop's torch threads (GeneratorReplica `threads`).
         self.cpus_per_replica = cpus_per_replica
         self.name = name  # prefix of the replica actor names (unique per Ray namespace)
         self.dtype = dtype  # replica weight dtype; None: bfloat16 on GPUs, float32 on CPUs

@@ -270,10 +270,10 @@ class KeptMapping:
     0.05-0.09 s here, a quarter of a same-host push. Up to `KEPT_FILES` files are kept (the
     trainer's segment and the gRPC front end's, when a trainer uses both), the least recently
     staged from let go first; a mapping let go is unmapped by the engine loop's next look (or
-    later, once no staged view uses it), not on a push's path. The same file is the same (device, inode) behind /proc/<pid>/fd/<fd>: while
-    mapped here it cannot be freed, so its inode cannot name another file. Between pushes the
-    owner rewrites the file (the ownership rule); nothing here reads it then, only the next
-    push's stage does. `drop_if_orphaned` (the engine loop, about once a second) lets a file go
+    later, once no staged view uses it), not on a push's path. The same file is the same
+    (device, inode) behind /proc/<pid>/fd/<fd>: while mapped here it cannot be freed, so its
+    inode cannot name another file. Between pushes the owner rewrites the file (the ownership
+    rule); nothing here reads it then, only the next push's stage does. `drop_if_orphaned` (the engine loop, about once a second) lets a file go
     once its owner has closed it or died, so a segment outlives a crashed trainer by that second
     at most; a refused or discarded push drops them all at once."""
 
